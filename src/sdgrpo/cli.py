@@ -1,0 +1,129 @@
+"""The ``sdgrpo`` command: parses arguments and dispatches to each verb's ``main``; nothing heavy at import."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from sdgrpo.errors import UserError
+
+logger = logging.getLogger("sdgrpo")
+
+VERBS = {
+    "prepare": "turn raw text files into a prompt dataset",
+    "train": "self-distillation GRPO of LoRA adapters ([--config FILE] [--key value ...])",
+    "demo": "prepare the shipped demo text, train the shipped tiny model on CPU, write a report",
+    "pretrain": "pretrain the tiny default model (tokenizer + small Llama) on public-domain books",
+}
+
+
+def _prepare(argv: list[str]) -> int:
+    from sdgrpo.data import PrepareConfig
+
+    p = argparse.ArgumentParser(prog="sdgrpo prepare", description=VERBS["prepare"])
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="text files, folders (recursive) or saved datasets")
+    p.add_argument("--output", required=True, help="folder to save the dataset to")
+    p.add_argument("--model", default=None, help="model whose tokenizer counts tokens (default: shipped tiny model)")
+    defaults = PrepareConfig()
+    for name in ("text_field", "min_prompt_tokens", "max_prompt_tokens", "continuation_tokens",
+                 "min_continuation_tokens", "test_size", "max_prompts", "seed"):
+        value = getattr(defaults, name)
+        p.add_argument(f"--{name}", type=type(value) if value is not None else int, default=value)
+    args = p.parse_args(argv)
+    cfg = PrepareConfig(**vars(args))
+
+    from sdgrpo.config import TINY_MODEL
+    from sdgrpo.data import prepare
+    from sdgrpo.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model or TINY_MODEL)
+    summary = prepare(cfg, tokenizer)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="sdgrpo prepare", show_header=False)
+    for key in ("documents", "files_read", "windows", "dropped_near_empty", "dropped_duplicate", "prompts", "train",
+                "test"):
+        table.add_row(key, str(summary[key]))
+    for key in ("prompt_tokens", "continuation_tokens"):
+        table.add_row(key, json.dumps(summary[key]))
+    for skipped in summary["files_skipped"]:
+        table.add_row("skipped", skipped)
+    table.add_row("saved to", summary["config"]["output"])
+    Console(stderr=False).print(table)
+
+
+def _train(argv: list[str]) -> int:
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.train import main
+
+    if any(a in ("-h", "--help") for a in argv):
+        from trl import TrlParser
+
+        from sdgrpo.config import SDGRPOConfig, SDModelConfig
+
+        TrlParser((SDGRPOConfig, SDModelConfig), prog="sdgrpo train").print_help()
+        return 0
+    train_cfg, model_cfg = parse_train_args(argv)
+    out = main(train_cfg, model_cfg)
+    print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    from sdgrpo.demo import main, parse_demo_args
+
+    return main(parse_demo_args(argv))
+
+
+def _pretrain(argv: list[str]) -> int:
+    import dataclasses
+
+    from sdgrpo.pretrain import PretrainConfig, main
+
+    p = argparse.ArgumentParser(prog="sdgrpo pretrain", description=VERBS["pretrain"])
+    for f in dataclasses.fields(PretrainConfig):
+        if f.name == "extra":
+            continue
+        default = f.default
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
+        p.add_argument(f"--{f.name}", type=kind, default=default)
+    result = main(PretrainConfig(**vars(p.parse_args(argv))))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("history", "config")}, indent=2))
+    return 0
+
+
+HANDLERS = {"prepare": _prepare, "train": _train, "demo": _demo, "pretrain": _pretrain}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: sdgrpo {" + ",".join(VERBS) + "} ...\n")
+        for verb, text in VERBS.items():
+            print(f"  {verb:<9} {text}")
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in HANDLERS:
+        print(f"sdgrpo: error: unknown command {verb!r}; choose one of {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return HANDLERS[verb](rest)
+    except UserError as err:
+        print(f"sdgrpo {verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sdgrpo {verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Configuration: TRL's ``GRPOConfig`` and ``ModelConfig`` with sdgrpo's fields and defaults, YAML + CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from trl import GRPOConfig, ModelConfig
+
+from sdgrpo.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL = str(Path(__file__).parent / "assets" / "tiny-llama")
+BACKENDS = ("hf", "unsloth")
+
+
+@dataclass
+class SDGRPOConfig(GRPOConfig):
+    """GRPOConfig plus the data, reward and backend settings of sdgrpo. Defaults follow the original sketch."""
+
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "Folder written by `sdgrpo prepare` (a DatasetDict with a `prompt` column)."}
+    )
+    backend: str = field(default="hf", metadata={"help": f"Model backend, one of {BACKENDS}."})
+    reward: str = field(default="self_nll", metadata={"help": "Reward name from sdgrpo.rewards.REWARDS."})
+    reward_aggregation: str = field(
+        default="mean", metadata={"help": "How token log-probs make one reward: 'mean' or 'sum'."}
+    )
+    reward_token_budget: int = field(
+        default=16384, metadata={"help": "Padded tokens per micro-batch in the reward's own scoring pass."}
+    )
+    reuse_reference_logprobs: bool = field(
+        default=True,
+        metadata={"help": "With beta > 0 and temperature 1, take the reward from the KL term's reference pass "
+                  "instead of running a second forward pass."},
+    )
+    max_prompt_length: int | None = field(
+        default=512,
+        metadata={"help": "Keep only the last this-many prompt tokens (TRL 1.15 dropped this option; sdgrpo "
+                  "enforces it)."},
+    )
+    max_train_prompts: int | None = field(
+        default=None, metadata={"help": "Use only the first N training prompts (quick runs)."}
+    )
+    # Defaults that differ from TRL's:
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient to the frozen base (TRL's default is 0)."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate for the LoRA weights."})
+    max_completion_length: int | None = field(default=128, metadata={"help": "Maximum completion tokens."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Loggers (TRL's report_to)."})
+    output_dir: str | None = field(default="outputs/sdgrpo", metadata={"help": "Where adapters and logs go."})
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"backend {self.backend!r} is not one of {list(BACKENDS)}")
+        if self.reward_aggregation not in ("mean", "sum"):
+            raise UserError(f"reward_aggregation {self.reward_aggregation!r} is not one of ['mean', 'sum']")
+        if self.num_generations is not None and self.num_generations < 2:
+            raise UserError(f"num_generations {self.num_generations}: GRPO needs at least 2 completions per prompt "
+                            "to compare; set --num_generations 2 or more")
+        if self.generation_batch_size is None and self.steps_per_generation is None and self.num_generations:
+            self._fit_generation_batch()
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise UserError(f"config: {err}") from None
+
+    def _fit_generation_batch(self):
+        """Make the generation batch hold whole groups of ``num_generations`` completions.
+
+        TRL's generation batch is ``per_device_train_batch_size x processes x steps_per_generation`` (by default
+        ``gradient_accumulation_steps``). The sketch's 1 x 4 with 8 generations would not divide; then one
+        generation batch is spread over several optimizer steps instead of failing.
+        """
+        # The distributed state does not exist yet here; accelerate and torchrun set WORLD_SIZE.
+        per_step = self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+        steps = self.gradient_accumulation_steps
+        if (per_step * steps) % self.num_generations == 0:
+            return
+        lcm = math.lcm(per_step * steps, self.num_generations)
+        self.steps_per_generation = lcm // per_step
+        logger.info(
+            "num_generations %d does not divide the batch %d x %d; steps_per_generation set to %d "
+            "(one generation batch of %d completions serves %d optimizer steps)",
+            self.num_generations, per_step, steps, self.steps_per_generation, lcm, lcm // (per_step * steps),
+        )
+
+
+@dataclass
+class SDModelConfig(ModelConfig):
+    """TRL's ModelConfig with LoRA on by default (r 16, all linear projections) and the shipped tiny model."""
+
+    model_name_or_path: str | None = field(
+        default=TINY_MODEL, metadata={"help": "Hub name or local folder of the base model (default: shipped tiny)."}
+    )
+    use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (sdgrpo always does)."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "LoRA target modules; 'all-linear' = every linear."}
+    )
+
+
+def _field_types(*classes) -> dict[str, dataclasses.Field]:
+    return {f.name: f for cls in classes for f in dataclasses.fields(cls) if f.init}
+
+
+def parse_train_args(argv: list[str]) -> tuple[SDGRPOConfig, SDModelConfig]:
+    """``[--config FILE] [--key value ...]``: YAML values replace defaults, command-line values replace YAML."""
+    from trl import TrlParser
+
+    parser = TrlParser((SDGRPOConfig, SDModelConfig), prog="sdgrpo train")
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a YAML file path")
+        path = Path(argv[i + 1])
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: must be a YAML mapping of option: value")
+        known = _field_types(SDGRPOConfig, SDModelConfig)
+        unknown = sorted(set(data) - set(known) - {"env"})
+        if unknown:
+            import difflib
+
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+                     for k in unknown]
+            raise UserError(f"{path}: unknown option(s) {', '.join(hints)}")
+    try:
+        train_cfg, model_cfg = parser.parse_args_and_config(argv)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return train_cfg, model_cfg
+
+
+def config_to_dict(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> dict:
+    """The resolved configuration as plain YAML-able values (what ``resolved_config.yaml`` holds)."""
+    out = {}
+    for cfg in (model_cfg, train_cfg):
+        for f in dataclasses.fields(cfg):
+            if not f.init:
+                continue
+            value = getattr(cfg, f.name)
+            if hasattr(value, "value"):  # enums
+                value = value.value
+            if isinstance(value, (str, int, float, bool, type(None), list, dict)):
+                out[f.name] = value
+    return out

@@ -1,0 +1,178 @@
+"""Raw documents -> prompts: passages cut by token count into a ``prompt`` and its true ``continuation``.
+
+Each document is tokenized once with offsets. Windows of ``prompt_tokens + continuation_tokens`` tokens start at
+paragraph starts (else sentence starts) and never overlap, so a held-out prompt's continuation is never a training
+prompt. ``prompt`` and ``continuation`` are exact substrings of the source text, split at a token boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import statistics
+from bisect import bisect_left
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sdgrpo.errors import UserError
+from sdgrpo.sources import Document, ReadReport, read_documents
+
+logger = logging.getLogger(__name__)
+
+_PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
+_SENTENCE = re.compile(r"[.!?;:][\"')\]]*\s+|\n")
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str] = field(default_factory=list)
+    output: str = "data/prepared"
+    model: str | None = None  # tokenizer to count tokens with; None: the shipped tiny model
+    text_field: str = "text"
+    min_prompt_tokens: int = 16
+    max_prompt_tokens: int = 64
+    continuation_tokens: int = 64
+    min_continuation_tokens: int = 8
+    test_size: float = 0.05
+    max_prompts: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.min_prompt_tokens <= self.max_prompt_tokens:
+            raise UserError(f"--min_prompt_tokens {self.min_prompt_tokens} / --max_prompt_tokens "
+                            f"{self.max_prompt_tokens}: need 1 <= min <= max")
+        if self.continuation_tokens < 1:
+            raise UserError("--continuation_tokens must be at least 1")
+        if not 0 <= self.test_size < 1:
+            raise UserError(f"--test_size {self.test_size}: must be a fraction in [0, 1)")
+
+
+def _boundaries(text: str) -> tuple[list[int], list[int]]:
+    """Char offsets where a paragraph or a sentence starts (first non-space character)."""
+    para = [0] + [m.end() for m in _PARAGRAPH.finditer(text)]
+    sent = sorted(set(para) | {m.end() for m in _SENTENCE.finditer(text)})
+    return para, sent
+
+
+def _next_start(para: list[int], sent: list[int], char: int, window_chars: int) -> int | None:
+    i = bisect_left(para, char)
+    if i < len(para) and para[i] - char <= 2 * window_chars:
+        return para[i]
+    j = bisect_left(sent, char)
+    return sent[j] if j < len(sent) else None
+
+
+def cut_document(text: str, tokenizer, cfg: PrepareConfig, rng: random.Random) -> list[dict]:
+    """Cut one document into prompt/continuation pairs (exact substrings split at token boundaries)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    offsets = enc["offset_mapping"]
+    if len(offsets) < cfg.min_prompt_tokens + cfg.min_continuation_tokens:
+        return []
+    token_starts = [s for s, _ in offsets]
+    para, sent = _boundaries(text)
+    out = []
+    char = 0
+    while True:
+        tok = bisect_left(token_starts, char)
+        if tok >= len(offsets):
+            break
+        prompt_len = rng.randint(cfg.min_prompt_tokens, cfg.max_prompt_tokens)
+        end_prompt = tok + prompt_len
+        # Don't end a prompt inside a word: step back while the cut falls between two letters or digits.
+        while (end_prompt - tok > cfg.min_prompt_tokens and end_prompt < len(offsets)
+               and text[offsets[end_prompt - 1][1] - 1].isalnum() and text[offsets[end_prompt][0]].isalnum()):
+            end_prompt -= 1
+        prompt_len = end_prompt - tok
+        end_cont = min(end_prompt + cfg.continuation_tokens, len(offsets))
+        if end_cont - end_prompt < cfg.min_continuation_tokens:
+            break
+        start_char = max(char, offsets[tok][0])
+        cut = offsets[end_prompt - 1][1]
+        prompt, continuation = text[start_char:cut], text[cut : offsets[end_cont - 1][1]]
+        out.append({"prompt": prompt, "continuation": continuation, "prompt_tokens": prompt_len})
+        window_chars = offsets[end_cont - 1][1] - start_char
+        nxt = _next_start(para, sent, offsets[end_cont - 1][1], window_chars)
+        if nxt is None:
+            break
+        char = nxt
+    return out
+
+
+def _usable(prompt: str) -> bool:
+    letters = sum(ch.isalpha() for ch in prompt)
+    return letters >= 8 and letters >= 0.4 * len(prompt.strip())
+
+
+def _key(prompt: str) -> str:
+    return hashlib.sha1(" ".join(prompt.lower().split()).encode()).hexdigest()
+
+
+def build_examples(docs: list[Document], tokenizer, cfg: PrepareConfig) -> tuple[list[dict], dict]:
+    """All prompts from ``docs``, with near-empty and duplicate prompts dropped; returns (examples, counts)."""
+    rng = random.Random(cfg.seed)
+    seen: set[str] = set()
+    examples: list[dict] = []
+    counts = {"windows": 0, "dropped_near_empty": 0, "dropped_duplicate": 0}
+    for doc in docs:
+        for ex in cut_document(doc.text, tokenizer, cfg, rng):
+            counts["windows"] += 1
+            if not _usable(ex["prompt"]):
+                counts["dropped_near_empty"] += 1
+                continue
+            key = _key(ex["prompt"])
+            if key in seen:
+                counts["dropped_duplicate"] += 1
+                continue
+            seen.add(key)
+            examples.append({**ex, "source": doc.source})
+    return examples, counts
+
+
+def _stats(values: list[int]) -> dict:
+    if not values:
+        return {}
+    return {"min": min(values), "mean": round(statistics.fmean(values), 1), "max": max(values)}
+
+
+def prepare(cfg: PrepareConfig, tokenizer) -> dict:
+    """Read, cut, split and save; returns the summary that is also written to ``prepare.json``."""
+    from datasets import Dataset, DatasetDict
+
+    report = ReadReport()
+    docs = read_documents(cfg.inputs, cfg.text_field, report)
+    examples, counts = build_examples(docs, tokenizer, cfg)
+    if not examples:
+        raise UserError(f"{', '.join(cfg.inputs)}: the text is too short to make any prompt of "
+                        f"{cfg.min_prompt_tokens}+{cfg.min_continuation_tokens} tokens; lower --min_prompt_tokens")
+    rng = random.Random(cfg.seed)
+    rng.shuffle(examples)
+    if cfg.max_prompts is not None:
+        examples = examples[: cfg.max_prompts]
+    n_test = round(len(examples) * cfg.test_size)
+    if cfg.test_size > 0 and len(examples) >= 2:
+        n_test = max(1, n_test)
+    splits = {"train": examples[n_test:], "test": examples[:n_test]}
+    if not splits["train"]:
+        raise UserError(f"only {len(examples)} prompt(s): nothing left to train on; lower --test_size")
+    out = Path(cfg.output)
+    DatasetDict({k: Dataset.from_list(v) if v else Dataset.from_dict(
+        {"prompt": [], "continuation": [], "prompt_tokens": [], "source": []}) for k, v in splits.items()}
+    ).save_to_disk(str(out))
+    cont_tokens = [len(tokenizer(e["continuation"], add_special_tokens=False)["input_ids"]) for e in examples[:2000]]
+    summary = {
+        "documents": len(docs),
+        "files_read": report.files_read,
+        "files_skipped": report.skipped,
+        **counts,
+        "prompts": len(examples),
+        "train": len(splits["train"]),
+        "test": len(splits["test"]),
+        "prompt_tokens": _stats([e["prompt_tokens"] for e in examples]),
+        "continuation_tokens": _stats(cont_tokens),
+        "config": asdict(cfg),
+    }
+    (out / "prepare.json").write_text(json.dumps(summary, indent=2))
+    return summary

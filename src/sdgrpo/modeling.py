@@ -1,0 +1,73 @@
+"""Loading a causal LM and its tokenizer safely (transformers + PEFT backend).
+
+Safe by default: ``trust_remote_code`` only when asked, safetensors only. A hub name or a local folder both work;
+with ``HF_HUB_OFFLINE=1`` only the local cache is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from sdgrpo.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    """``auto``/None: bf16 on a GPU that supports it, else fp32."""
+    if name in (None, "auto"):
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r} is not one of {['auto', *DTYPES]}")
+    return DTYPES[name]
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A local path must be a model folder; anything else is taken as a hub name."""
+    path = Path(name_or_path)
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise UserError(f"{name_or_path}: no such model folder")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name_or_path}: not a model folder (no config.json); pass a folder saved with "
+                            "save_pretrained or a hub name")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    check_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{name_or_path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
+    """A causal LM from safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            attn_implementation=attn_implementation,
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"{name_or_path}: cannot load the model ({str(err).splitlines()[0]})") from None
+    return model.to(device)

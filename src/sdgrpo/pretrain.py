@@ -1,0 +1,271 @@
+"""Pretrain the tiny default model: a BPE tokenizer and a small Llama on public-domain books.
+
+The recipe behind the model shipped in ``sdgrpo/assets/tiny-llama``. Every text is split into its first 95%
+(training) and last 5% (held out); held-out bits per byte are reported with a unigram baseline on the same slice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sdgrpo.textio import read_text_file
+
+logger = logging.getLogger(__name__)
+
+EOS = "<|endoftext|>"
+PAD = "<pad>"
+# The sub-corpora of ../shared/data that the model is trained on (WikiText is left out: it is a tokenized variant).
+CORPORA = ("tinyshakespeare", "gutenberg", "gutenberg-more")
+
+
+@dataclass
+class PretrainConfig:
+    data_dir: str = "../shared/data"
+    output_dir: str = "outputs/tiny-llama"
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    intermediate_size: int = 688
+    seq_len: int = 256
+    batch_size: int = 64
+    max_steps: int = 3000
+    learning_rate: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    heldout_fraction: float = 0.05
+    eval_every: int = 500
+    seed: int = 0
+    compile: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def split_text(text: str, heldout_fraction: float) -> tuple[str, str]:
+    """Split ``text`` at the line break nearest to ``1 - heldout_fraction`` of its length."""
+    cut = int(len(text) * (1 - heldout_fraction))
+    nl = text.rfind("\n", 0, cut)
+    cut = nl + 1 if nl > 0 else cut
+    return text[:cut], text[cut:]
+
+
+def load_corpus(data_dir: str | Path, heldout_fraction: float = 0.05) -> list[tuple[str, str, str]]:
+    """Return ``(name, train_text, heldout_text)`` for every book under the corpora folders, sorted by path."""
+    root = Path(data_dir)
+    out = []
+    for sub in CORPORA:
+        for path in sorted((root / sub).glob("*.txt")):
+            if path.name == "SOURCE.txt":
+                continue
+            train, held = split_text(read_text_file(path), heldout_fraction)
+            out.append((f"{sub}/{path.name}", train, held))
+    if not out:
+        raise FileNotFoundError(f"no training texts under {root}/{{{','.join(CORPORA)}}}")
+    return out
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer; ``<|endoftext|>`` is BOS and EOS, ``<pad>`` pads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    eos_id = tok.token_to_id(EOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", special_tokens=[(EOS, eos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD)
+
+
+def build_model(cfg: PretrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=1024,
+        attention_dropout=cfg.attention_dropout,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def add_hidden_dropout(model, p: float) -> list:
+    """Dropout on each attention and MLP output while training (Llama has none); returns the hook handles.
+
+    With ~4M training tokens and ~6M parameters the model overfits within two epochs; this is the regulariser.
+    Hooks leave the saved model a plain Llama.
+    """
+    if p <= 0:
+        return []
+
+    def hook(module, args, output):
+        if not module.training:
+            return output
+        if isinstance(output, tuple):
+            return (torch.nn.functional.dropout(output[0], p, True),) + output[1:]
+        return torch.nn.functional.dropout(output, p, True)
+
+    handles = []
+    for layer in model.model.layers:
+        handles.append(layer.self_attn.register_forward_hook(hook))
+        handles.append(layer.mlp.register_forward_hook(hook))
+    return handles
+
+
+def encode_documents(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One flat stream: each text's ids preceded by ``<|endoftext|>``, as the tokenizer adds it."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def heldout_nll(model, ids: torch.Tensor, seq_len: int, device, batch_size: int = 32) -> float:
+    """Summed NLL in nats of every token of ``ids`` after the first, each predicted exactly once.
+
+    Chunk ``i`` is ``ids[i*(T-1) : i*(T-1)+T]`` and scores its tokens 1..T-1, so the targets tile the stream.
+    """
+    model.eval()
+    step = seq_len - 1
+    starts = list(range(0, len(ids) - 1, step))
+    total = 0.0
+    for b in range(0, len(starts), batch_size):
+        chunk = [ids[s : s + seq_len] for s in starts[b : b + batch_size]]
+        lengths = [len(c) for c in chunk]
+        width = max(lengths)
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, c in enumerate(chunk):
+            x[i, : len(c)] = c
+            mask[i, : len(c)] = 1
+        x, mask = x.to(device), mask.to(device)
+        logits = model(input_ids=x, attention_mask=mask).logits.float()  # [B, T, V]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+        total -= (logp * mask[:, 1:]).sum().item()
+    return total
+
+
+def unigram_nll(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: int) -> float:
+    """Summed NLL in nats of ``eval_ids[1:]`` under add-one-smoothed unigram counts of ``train_ids``."""
+    counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1.0
+    logp = torch.log(counts / counts.sum())
+    return -logp[eval_ids[1:]].sum().item()
+
+
+def evaluate_bpb(model, tokenizer, heldout: list[str], seq_len: int, device) -> tuple[float, int]:
+    """Held-out bits per UTF-8 byte over ``heldout`` texts; returns ``(bpb, bytes)``."""
+    nll, nbytes = 0.0, 0
+    for text in heldout:
+        ids = torch.tensor(tokenizer(text)["input_ids"])
+        nll += heldout_nll(model, ids, seq_len, device)
+        nbytes += len(text.encode("utf-8"))
+    return nll / math.log(2) / nbytes, nbytes
+
+
+def _lr_at(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def main(cfg: PretrainConfig) -> dict:
+    """Train tokenizer and model, evaluate held-out bits per byte, save a `from_pretrained` folder."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    corpus = load_corpus(cfg.data_dir, cfg.heldout_fraction)
+    train_texts = [t for _, t, _ in corpus]
+    heldout_texts = [h for _, _, h in corpus]
+    t0 = time.time()
+    tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
+    train_ids = encode_documents(tokenizer, train_texts)
+    model = build_model(cfg, tokenizer).to(device)
+    hooks = add_hidden_dropout(model, cfg.hidden_dropout)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("tokenizer %.1fs; %d training tokens; %d parameters", time.time() - t0, len(train_ids), n_params)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+    step_fn = torch.compile(model) if cfg.compile else model
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t0 = time.time()
+    for step in range(cfg.max_steps):
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        starts = torch.randint(0, len(train_ids) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
+        batch = torch.stack([train_ids[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)
+        with amp:
+            loss = step_fn(input_ids=batch, labels=batch).loss  # labels are shifted inside the model
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            with amp:
+                bpb, _ = evaluate_bpb(model, tokenizer, heldout_texts, cfg.seq_len, device)
+            history.append({"step": step + 1, "train_loss": loss.item(), "heldout_bpb": bpb,
+                            "elapsed_s": time.time() - t0})
+            logger.info("step %d loss %.3f held-out bpb %.4f (%.0fs)", step + 1, loss.item(), bpb, time.time() - t0)
+    train_seconds = time.time() - t0
+    for handle in hooks:
+        handle.remove()
+
+    # Ship bf16 weights; the figures are those of the shipped weights, evaluated in fp32.
+    model = model.to(torch.bfloat16).to(torch.float32)
+    bpb, nbytes = evaluate_bpb(model, tokenizer, heldout_texts, cfg.seq_len, device)
+    uni = sum(unigram_nll(train_ids, torch.tensor(tokenizer(h)["input_ids"]), len(tokenizer)) for h in heldout_texts)
+    uni_bpb = uni / math.log(2) / nbytes
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    result = {
+        "config": asdict(cfg),
+        "parameters": n_params,
+        "training_tokens": len(train_ids),
+        "heldout_bytes": nbytes,
+        "heldout_bpb": bpb,
+        "unigram_bpb": uni_bpb,
+        "ratio_to_unigram": bpb / uni_bpb,
+        "train_seconds": train_seconds,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "history": history,
+    }
+    (out / "pretrain_result.json").write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,178 @@
+"""Find and read raw documents: text and Markdown files, JSON/JSONL/CSV/Parquet records, saved datasets."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdgrpo.errors import UserError
+from sdgrpo.textio import TextDecodeError, decode_text
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".text"}
+RECORD_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+
+
+@dataclass
+class Document:
+    text: str
+    source: str  # file path, with ":line" or "#row" for records
+
+
+@dataclass
+class ReadReport:
+    files_read: int = 0
+    skipped: list[str] = field(default_factory=list)  # "path: reason"
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def _records_text(records: Iterator[tuple[str, dict]], text_field: str, where: str) -> Iterator[Document]:
+    for loc, rec in records:
+        if not isinstance(rec, dict) or text_field not in rec:
+            keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise UserError(f"{loc}: no field {text_field!r} (found {keys}); pass --text_field NAME")
+        value = rec[text_field]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise UserError(f"{loc}: field {text_field!r} is {type(value).__name__}, not text")
+        yield Document(value.replace("\r\n", "\n"), loc)
+
+
+def _read_jsonl(path: Path, text: str, text_field: str) -> Iterator[Document]:
+    def records():
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{n}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{n}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+
+    yield from _records_text(records(), text_field, str(path))
+
+
+def _read_json(path: Path, text: str, text_field: str) -> Iterator[Document]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if isinstance(data, dict) and text_field not in data:
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else [data]
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a list of objects with a {text_field!r} field")
+    yield from _records_text(((f"{path}#{i}", r) for i, r in enumerate(data)), text_field, str(path))
+
+
+def _read_csv(path: Path, text: str, text_field: str) -> Iterator[Document]:
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or text_field not in reader.fieldnames:
+        raise UserError(f"{path}: no column {text_field!r} (columns: {reader.fieldnames}); pass --text_field NAME")
+    yield from _records_text(((f"{path}:{i + 2}", r) for i, r in enumerate(reader)), text_field, str(path))
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"{path}: not a readable Parquet file ({err})") from None
+    if text_field not in schema.names:
+        raise UserError(f"{path}: no column {text_field!r} (columns: {schema.names}); pass --text_field NAME")
+    column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    yield from _records_text(((f"{path}#{i}", {text_field: v}) for i, v in enumerate(column)), text_field, str(path))
+
+
+def _read_saved_dataset(path: Path, text_field: str) -> Iterator[Document]:
+    from datasets import DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    splits = ds.items() if isinstance(ds, DatasetDict) else [("", ds)]
+    for name, split in splits:
+        if text_field not in split.column_names:
+            raise UserError(f"{path}: dataset has no column {text_field!r} (columns: {split.column_names}); "
+                            "pass --text_field NAME")
+        for i, value in enumerate(split[text_field]):
+            if value:
+                yield Document(value.replace("\r\n", "\n"), f"{path}[{name}]#{i}")
+
+
+def _read_file(path: Path, text_field: str) -> Iterator[Document]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _read_parquet(path, text_field)
+        return
+    text = decode_text(path.read_bytes(), str(path))
+    if suffix in TEXT_SUFFIXES:
+        yield Document(text, str(path))
+    elif suffix == ".jsonl":
+        yield from _read_jsonl(path, text, text_field)
+    elif suffix == ".json":
+        yield from _read_json(path, text, text_field)
+    elif suffix == ".csv":
+        yield from _read_csv(path, text, text_field)
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise UserError(f"{raw}: no such file or directory")
+        if is_saved_dataset(path) or path.is_file():
+            files.append(path)
+        else:
+            for child in sorted(path.rglob("*")):
+                if any(part.startswith(".") for part in child.relative_to(path).parts):
+                    continue
+                if is_saved_dataset(child):
+                    files.append(child)
+                elif child.is_file() and child.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES:
+                    if not any(is_saved_dataset(p) for p in child.parents):
+                        files.append(child)
+    return files
+
+
+def read_documents(paths: list[str], text_field: str = "text", report: ReadReport | None = None) -> list[Document]:
+    """Read every usable document under ``paths`` (files or directories, recursively).
+
+    A file that is not UTF-8 is skipped with a warning while other files are usable; a directory with no usable
+    text raises :class:`UserError`.
+    """
+    report = report if report is not None else ReadReport()
+    docs: list[Document] = []
+    files = _expand(paths)
+    for path in files:
+        if path.is_file() and path.suffix.lower() not in TEXT_SUFFIXES | RECORD_SUFFIXES:
+            raise UserError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .md, .jsonl, .json, .csv, "
+                            ".parquet or a dataset folder saved with save_to_disk")
+        try:
+            found = list(_read_saved_dataset(path, text_field) if path.is_dir() else _read_file(path, text_field))
+        except TextDecodeError as err:
+            if len(files) == 1:
+                raise UserError(str(err)) from None
+            logger.warning("skipping %s", err)
+            report.skipped.append(str(err))
+            continue
+        except PermissionError:
+            raise UserError(f"{path}: permission denied; make the file readable") from None
+        report.files_read += 1
+        docs.extend(d for d in found if d.text.strip())
+    if not docs:
+        where = ", ".join(paths)
+        raise UserError(f"{where}: no usable text found (looked for .txt, .md, .jsonl, .json, .csv, .parquet "
+                        "and saved datasets, with non-empty text)")
+    return docs

@@ -1,0 +1,106 @@
+"""``sdgrpo train``: self-distillation GRPO of LoRA adapters on prompts from ``sdgrpo prepare``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from sdgrpo.config import SDGRPOConfig, SDModelConfig, config_to_dict
+from sdgrpo.errors import UserError
+from sdgrpo.rewards import build_reward
+from sdgrpo.trainer import MetricsFileCallback, SelfDistillGRPOTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def load_prompts(path: str | None, split: str = "train", limit: int | None = None):
+    """The ``split`` of a dataset saved by ``sdgrpo prepare`` (any saved dataset with a ``prompt`` column)."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    if not path:
+        raise UserError("no prompts: pass --dataset_path DIR (a folder written by `sdgrpo prepare`)")
+    if not Path(path).is_dir():
+        raise UserError(f"{path}: no such dataset folder; create it with `sdgrpo prepare TEXT --output {path}`")
+    try:
+        ds = load_from_disk(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"{path}: not a saved dataset ({err}); create it with `sdgrpo prepare`") from None
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise UserError(f"{path}: has no {split!r} split (splits: {list(ds)})")
+        ds = ds[split]
+    assert isinstance(ds, Dataset)
+    if "prompt" not in ds.column_names:
+        raise UserError(f"{path}: dataset has no 'prompt' column (columns: {ds.column_names}); "
+                        "make one with `sdgrpo prepare`")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+def build_policy(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig):
+    """Base model, tokenizer and LoRA config for the chosen backend; returns (model, tokenizer, peft_config).
+
+    For the hf backend the model is the plain base and TRL wraps it with a fresh adapter, so its reference pass
+    disables the adapter instead of keeping a "ref" copy of an existing one.
+    """
+    if train_cfg.backend == "unsloth":
+        from sdgrpo.backends.unsloth import build_unsloth_policy
+
+        return build_unsloth_policy(train_cfg, model_cfg)
+    from trl import get_peft_config
+
+    from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
+
+    device = "cpu" if train_cfg.use_cpu else ("cuda" if _cuda() else "cpu")
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    tokenizer = load_tokenizer(model_cfg.model_name_or_path, train_cfg.trust_remote_code)
+    model = load_model(model_cfg.model_name_or_path, dtype, device, train_cfg.trust_remote_code,
+                       model_cfg.attn_implementation)
+    return model, tokenizer, get_peft_config(model_cfg)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
+    """Train and save adapters, resolved config and metrics under ``output_dir``; returns that folder."""
+    from sdgrpo.compat import ensure_trl_runs_without_triton
+
+    ensure_trl_runs_without_triton()
+    out = Path(train_cfg.output_dir)
+    dataset = load_prompts(train_cfg.dataset_path, "train", train_cfg.max_train_prompts)
+    model, tokenizer, peft_config = build_policy(train_cfg, model_cfg)
+    # The reward scores with the trainer's PEFT model (adapters disabled); it is bound once the trainer made it.
+    reward = build_reward(train_cfg.reward, None, tokenizer, aggregation=train_cfg.reward_aggregation,
+                          token_budget=train_cfg.reward_token_budget)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "resolved_config.yaml").write_text(yaml.safe_dump(config_to_dict(train_cfg, model_cfg), sort_keys=True))
+    try:
+        trainer = SelfDistillGRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=train_cfg,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            max_prompt_length=train_cfg.max_prompt_length,
+            reuse_reference_logprobs=train_cfg.reuse_reference_logprobs,
+            callbacks=[MetricsFileCallback(out / "metrics.jsonl")],
+        )
+    except ValueError as err:
+        if "target module" in str(err).lower():
+            raise UserError(f"LoRA: {str(err).splitlines()[0]} (set --lora_target_modules to names of modules "
+                            "that exist, or all-linear)") from None
+        raise
+    reward.model = trainer.model
+    trainer.train(resume_from_checkpoint=train_cfg.resume_from_checkpoint)
+    trainer.save_model(str(out))
+    logger.info("adapter saved to %s (reward reused from the KL pass in %d of the reward calls)",
+                out, trainer.reference_reuses)
+    return out

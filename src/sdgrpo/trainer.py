@@ -1,0 +1,106 @@
+"""TRL's GRPOTrainer with the few hooks self-distillation needs.
+
+- ``max_prompt_length`` (dropped by TRL 1.15) keeps the last N prompt tokens.
+- Reward functions receive ``prompt_ids``: the prompt token ids exactly as the trainer tokenized them.
+- With beta > 0 and temperature 1 they also receive ``ref_per_token_logps``: the reference (adapter-disabled) log-probs
+  that TRL computes for the KL term before it calls the rewards, so the self-NLL reward costs no extra forward pass.
+  At another temperature TRL's reference log-probs are of ``logits / T``, which is not the temperature-1
+  likelihood, so the reward runs its own pass instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def _lora_layers(model) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class SelfDistillGRPOTrainer(GRPOTrainer):
+    def __init__(self, *args, max_prompt_length: int | None = None, reuse_reference_logprobs: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_prompt_length = max_prompt_length
+        self.reuse_reference_logprobs = reuse_reference_logprobs and self.beta != 0.0 and self.temperature == 1.0
+        self._lora = _lora_layers(self.accelerator.unwrap_model(self.model))
+        self._prompt_ids: list[list[int]] | None = None
+        self._ref_logps: torch.Tensor | None = None
+        self.reference_reuses = 0  # reward batches served from the KL pass
+
+    # --- prompts -------------------------------------------------------------------------------------------
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, *rest = super()._tokenize_prompts(prompts)
+        if self.max_prompt_length is not None:
+            prompt_ids = [ids[-self.max_prompt_length :] for ids in prompt_ids]
+        return (prompt_ids, *rest)
+
+    def _generate(self, prompts: list):
+        out = super()._generate(prompts)
+        self._prompt_ids = [list(ids) for ids in out[0]]
+        return out
+
+    # --- reference log-probs -------------------------------------------------------------------------------
+    def _is_reference_pass(self, model) -> bool:
+        if self.ref_model is not None:
+            return model is self.ref_model
+        return bool(self._lora) and all(layer.disable_adapters for layer in self._lora)
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if self.reuse_reference_logprobs and self._is_reference_pass(model):
+            self._ref_logps = out[0]
+        return out
+
+    def _generate_and_score_completions(self, inputs):
+        self._ref_logps = None
+        self._prompt_ids = None
+        return super()._generate_and_score_completions(inputs)
+
+    # --- rewards -------------------------------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        extra: dict[str, list] = {}
+        if self._prompt_ids is not None and len(self._prompt_ids) == len(inputs):
+            extra["prompt_ids"] = self._prompt_ids
+        if self._ref_logps is not None and self._ref_logps.size(0) == len(inputs):
+            extra["ref_per_token_logps"] = list(self._ref_logps.detach())
+            self.reference_reuses += 1
+        if extra:
+            inputs = [{**x, **{k: v[i] for k, v in extra.items()}} for i, x in enumerate(inputs)]
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Append every log record (with its step) to ``metrics.jsonl`` on the main process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step}
+        for key, value in logs.items():
+            if isinstance(value, (int, float)):
+                record[key] = value if math.isfinite(value) else None
+            elif isinstance(value, str):
+                record[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The training-step records of a ``metrics.jsonl`` (records with a reward), in order."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if "reward" in r]
