@@ -51,5 +51,6 @@ if __name__ == "__main__":
     (Path(out_dir) / "sweep.json").write_text(json.dumps({"best": best, "runs": results}, indent=2))
     shutil.copytree(work / best, Path(out_dir) / "best", dirs_exist_ok=True)
     for n, r in results.items():
-        print(n, {k: r.get(k) for k in ("parameters", "heldout_bpb", "unigram_bpb", "ratio_to_unigram", "train_seconds", "error")})
+        keys = ("parameters", "heldout_bpb", "unigram_bpb", "ratio_to_unigram", "train_seconds", "error")
+        print(n, {k: r.get(k) for k in keys})
     print("best:", best)

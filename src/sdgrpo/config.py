@@ -67,6 +67,11 @@ class SDGRPOConfig(GRPOConfig):
                             "to compare; set --num_generations 2 or more")
         if self.generation_batch_size is None and self.steps_per_generation is None and self.num_generations:
             self._fit_generation_batch()
+        if not _has_cuda():
+            # Without a GPU, train on CPU in fp32 instead of failing on TRL's bf16 default.
+            self.use_cpu = True
+            self.bf16 = False
+            self.fp16 = False
         try:
             super().__post_init__()
         except ValueError as err:
@@ -97,6 +102,11 @@ class SDGRPOConfig(GRPOConfig):
 class SDModelConfig(ModelConfig):
     """TRL's ModelConfig with LoRA on by default (r 16, all linear projections) and the shipped tiny model."""
 
+    def __post_init__(self):
+        if self.model_name_or_path in (None, "", "tiny"):
+            self.model_name_or_path = TINY_MODEL
+        super().__post_init__()
+
     model_name_or_path: str | None = field(
         default=TINY_MODEL, metadata={"help": "Hub name or local folder of the base model (default: shipped tiny)."}
     )
@@ -104,6 +114,12 @@ class SDModelConfig(ModelConfig):
     lora_target_modules: list[str] | None = field(
         default_factory=lambda: ["all-linear"], metadata={"help": "LoRA target modules; 'all-linear' = every linear."}
     )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _field_types(*classes) -> dict[str, dataclasses.Field]:

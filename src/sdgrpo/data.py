@@ -65,6 +65,21 @@ def _next_start(para: list[int], sent: list[int], char: int, window_chars: int) 
     return sent[j] if j < len(sent) else None
 
 
+def _word_boundary(text: str, offsets, first: int, end: int, cfg: PrepareConfig) -> int:
+    """Move a prompt's end token so the cut does not fall inside a word: back to the minimum, else forward."""
+
+    def inside(e: int) -> bool:
+        return e < len(offsets) and text[offsets[e - 1][1] - 1].isalnum() and text[offsets[e][0]].isalnum()
+
+    for e in range(end, first + cfg.min_prompt_tokens - 1, -1):
+        if not inside(e):
+            return e
+    for e in range(end + 1, min(first + cfg.max_prompt_tokens, len(offsets)) + 1):
+        if not inside(e):
+            return e
+    return end
+
+
 def cut_document(text: str, tokenizer, cfg: PrepareConfig, rng: random.Random) -> list[dict]:
     """Cut one document into prompt/continuation pairs (exact substrings split at token boundaries)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
@@ -80,11 +95,7 @@ def cut_document(text: str, tokenizer, cfg: PrepareConfig, rng: random.Random) -
         if tok >= len(offsets):
             break
         prompt_len = rng.randint(cfg.min_prompt_tokens, cfg.max_prompt_tokens)
-        end_prompt = tok + prompt_len
-        # Don't end a prompt inside a word: step back while the cut falls between two letters or digits.
-        while (end_prompt - tok > cfg.min_prompt_tokens and end_prompt < len(offsets)
-               and text[offsets[end_prompt - 1][1] - 1].isalnum() and text[offsets[end_prompt][0]].isalnum()):
-            end_prompt -= 1
+        end_prompt = _word_boundary(text, offsets, tok, tok + prompt_len, cfg)
         prompt_len = end_prompt - tok
         end_cont = min(end_prompt + cfg.continuation_tokens, len(offsets))
         if end_cont - end_prompt < cfg.min_continuation_tokens:
@@ -112,11 +123,13 @@ def _key(prompt: str) -> str:
 
 def build_examples(docs: list[Document], tokenizer, cfg: PrepareConfig) -> tuple[list[dict], dict]:
     """All prompts from ``docs``, with near-empty and duplicate prompts dropped; returns (examples, counts)."""
-    rng = random.Random(cfg.seed)
     seen: set[str] = set()
     examples: list[dict] = []
     counts = {"windows": 0, "dropped_near_empty": 0, "dropped_duplicate": 0}
     for doc in docs:
+        # One generator per document, seeded by its content: the same text always gets the same cuts, whatever
+        # the file order, so a copied document yields exact duplicate prompts that are then dropped.
+        rng = random.Random(f"{cfg.seed}:{_key(doc.text)}")
         for ex in cut_document(doc.text, tokenizer, cfg, rng):
             counts["windows"] += 1
             if not _usable(ex["prompt"]):

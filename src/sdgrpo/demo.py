@@ -1,0 +1,168 @@
+"""``sdgrpo demo``: the whole loop on the shipped tiny model and demo text, offline on CPU, with a report.
+
+prepare the demo openings -> sample the base model on held-out prompts -> self-distillation GRPO -> sample the
+trained adapters on the same prompts with the same seed -> report (rewards before/after, curves, samples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdgrpo.config import TINY_MODEL, parse_train_args
+from sdgrpo.metrics import collapse_metrics
+
+logger = logging.getLogger(__name__)
+
+DEMO_TEXT = Path(__file__).parent / "assets" / "demo" / "openings.txt"
+
+
+@dataclass
+class DemoConfig:
+    output: str = "outputs/demo"
+    max_steps: int = 80
+    learning_rate: float = 3e-4
+    beta: float = 0.04
+    num_generations: int = 8
+    prompts_per_step: int = 2
+    max_completion_length: int = 32
+    eval_samples: int = 8  # per held-out prompt
+    baseline_temperatures: str = "0.85,0.7"  # the base sampled colder: what plain sharpening gives
+    seed: int = 0
+
+
+def parse_demo_args(argv: list[str]) -> DemoConfig:
+    p = argparse.ArgumentParser(prog="sdgrpo demo", description="self-distillation GRPO on the shipped tiny model")
+    for f in dataclasses.fields(DemoConfig):
+        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    return DemoConfig(**vars(p.parse_args(argv)))
+
+
+def _summary(rewards, samples, eos_ids) -> dict:
+    vals = [r for r in rewards if r is not None]
+    return {"reward_mean": statistics.fmean(vals), "reward_std": statistics.pstdev(vals),
+            **collapse_metrics(samples.completion_ids, samples.texts, eos_ids, group_size=samples.k)}
+
+
+def verdict(trained: dict, baselines: dict) -> str:
+    """One honest sentence: is the trained model dominated by the base sampled at some temperature?
+
+    A baseline dominates when its reward and its distinct-2 are both at least the trained model's.
+    """
+    dominating = [(t, v) for t, v in baselines.items()
+                  if v["reward_mean"] >= trained["reward_mean"] and v["distinct_2"] >= trained["distinct_2"]]
+    if dominating:
+        t, v = max(dominating, key=lambda tv: tv[1]["reward_mean"])
+        return (f"Training did not beat the temperature frontier: the base model sampled at T={t} has a higher "
+                f"reward ({v['reward_mean']:.3f} vs {trained['reward_mean']:.3f}) and more diversity (distinct-2 "
+                f"{v['distinct_2']:.3f} vs {trained['distinct_2']:.3f}); this run only sharpened the base.")
+    return ("Training beat the temperature frontier: no temperature tried gives the base model both the trained "
+            f"model's reward ({trained['reward_mean']:.3f}) and its diversity (distinct-2 "
+            f"{trained['distinct_2']:.3f}).")
+
+
+def main(cfg: DemoConfig) -> int:
+    import torch
+    from datasets import load_from_disk
+    from peft import PeftModel
+    from rich.console import Console
+
+    from sdgrpo.data import PrepareConfig, prepare
+    from sdgrpo.modeling import load_model, load_tokenizer
+    from sdgrpo.report import fmt, markdown_table, plot_before_after, plot_curves, samples_table
+    from sdgrpo.sampling import base_rewards, sample
+    from sdgrpo.train import main as train_main
+    from sdgrpo.trainer import read_metrics
+
+    console = Console()
+    t0 = time.time()
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tokenizer = load_tokenizer(TINY_MODEL)
+
+    console.rule("[bold]1/4 prepare the demo text")
+    summary = prepare(PrepareConfig(inputs=[str(DEMO_TEXT)], output=str(out / "data"), min_prompt_tokens=8,
+                                    max_prompt_tokens=20, continuation_tokens=32, test_size=0.2, seed=cfg.seed),
+                      tokenizer)
+    console.print(f"{summary['prompts']} prompts: {summary['train']} to train on, {summary['test']} held out")
+    held_out = list(load_from_disk(str(out / "data"))["test"]["prompt"])
+
+    console.rule("[bold]2/4 sample the base model on held-out prompts")
+    base = load_model(TINY_MODEL, torch.float32, "cpu")
+    eos_ids = {tokenizer.eos_token_id}
+    before = sample(base, tokenizer, held_out, cfg.eval_samples, cfg.max_completion_length, seed=cfg.seed)
+    r_before = base_rewards(base, tokenizer, before)
+
+    console.rule("[bold]3/4 self-distillation GRPO (LoRA, KL to the base)")
+    train_cfg, model_cfg = parse_train_args([
+        "--dataset_path", str(out / "data"), "--output_dir", str(out / "adapter"),
+        "--max_steps", str(cfg.max_steps), "--learning_rate", str(cfg.learning_rate), "--beta", str(cfg.beta),
+        "--num_generations", str(cfg.num_generations),
+        "--per_device_train_batch_size", str(cfg.num_generations * cfg.prompts_per_step),
+        "--max_completion_length", str(cfg.max_completion_length), "--save_strategy", "no",
+        "--lr_scheduler_type", "constant", "--seed", str(cfg.seed), "--report_to", "tensorboard",
+    ])
+    train_main(train_cfg, model_cfg)
+    rows = read_metrics(out / "adapter" / "metrics.jsonl")
+
+    console.rule("[bold]4/4 sample the trained adapters on the same prompts")
+    trained = PeftModel.from_pretrained(load_model(TINY_MODEL, torch.float32, "cpu"), str(out / "adapter"))
+    after = sample(trained, tokenizer, held_out, cfg.eval_samples, cfg.max_completion_length, seed=cfg.seed)
+    r_after = base_rewards(trained, tokenizer, after)
+
+    s_before, s_after = _summary(r_before, before, eos_ids), _summary(r_after, after, eos_ids)
+    colder = {}
+    for t in [float(x) for x in cfg.baseline_temperatures.split(",") if x.strip()]:
+        cold = sample(base, tokenizer, held_out, cfg.eval_samples, cfg.max_completion_length, temperature=t,
+                      seed=cfg.seed)
+        colder[t] = _summary(base_rewards(base, tokenizer, cold), cold, eos_ids)
+    sentence = verdict(s_after, {1.0: s_before, **colder})
+    plot_curves(rows, out / "curves.png")
+    plot_before_after([r for r in r_before if r is not None], [r for r in r_after if r is not None],
+                      out / "rewards.png")
+    elapsed = time.time() - t0
+    result = {"config": dataclasses.asdict(cfg), "before": s_before, "after": s_after,
+              "base_colder": {str(t): v for t, v in colder.items()},
+              "verdict": sentence, "steps": rows,
+              "held_out_prompts": len(held_out), "seconds": elapsed}
+    (out / "demo.json").write_text(json.dumps(result, indent=2))
+    keys = ["reward_mean", "reward_std", "length", "eos_rate", "distinct_2", "seq_rep_4", "compression_ratio"]
+    table = markdown_table(["", *keys], [["base, T=1", *(fmt(s_before[k]) for k in keys)],
+                                         *[[f"base, T={t}", *(fmt(v[k]) for k in keys)] for t, v in colder.items()],
+                                         ["trained, T=1", *(fmt(s_after[k]) for k in keys)]])
+    firsts = slice(0, None, cfg.eval_samples)  # the first sample of each prompt
+    report = f"""# sdgrpo demo
+
+The shipped tiny model ({TINY_MODEL.rsplit('/', 1)[-1]}) trained for {cfg.max_steps} steps of self-distillation GRPO
+on {summary['train']} prompts from the demo text; evaluated on {len(held_out)} held-out prompts,
+{cfg.eval_samples} samples each at temperature 1, same seed before and after. Reward = mean log-prob of the sample
+under the frozen base model. Took {elapsed:.0f} s.
+
+{table}
+
+{sentence}
+
+A higher reward with seq-rep-4 and distinct-2 near the base's means sharper text without collapse; a higher reward
+bought with repetition is the known failure of this reward. The colder rows are the base model sampled at a lower
+temperature: the sharpening that needs no training at all.
+
+![training curves](curves.png)
+
+![rewards before and after](rewards.png)
+
+## Samples (first sample per held-out prompt)
+
+{samples_table(held_out, before.texts[firsts], after.texts[firsts])}
+"""
+    (out / "report.md").write_text(report)
+    console.print(table)
+    console.print(f"reward {s_before['reward_mean']:.3f} -> {s_after['reward_mean']:.3f}; report in "
+                  f"{out / 'report.md'} ({elapsed:.0f} s)")
+    return 0

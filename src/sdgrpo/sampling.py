@@ -1,0 +1,64 @@
+"""Sampling K continuations per prompt and scoring them, for the demo and the evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sdgrpo.rewards import aggregate
+from sdgrpo.scoring import adapters_disabled, completion_logprobs
+
+
+@dataclass
+class Samples:
+    prompts: list[str]
+    prompt_ids: list[list[int]]  # one per completion (repeated K times)
+    completion_ids: list[list[int]]  # EOS included when sampled, nothing after it
+    texts: list[str]
+    k: int
+
+
+def trim_after_eos(ids: list[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
+    out = []
+    for t in ids:
+        out.append(t)
+        if t in eos_ids:
+            break
+    while out and pad_id is not None and out[-1] == pad_id and pad_id not in eos_ids:
+        out.pop()
+    return out
+
+
+@torch.inference_mode()
+def sample(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, temperature: float = 1.0,
+           seed: int = 0, batch_size: int = 32) -> Samples:
+    """K samples per prompt with plain ancestral sampling (top-k and top-p off, as in TRL's defaults)."""
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    eos_ids = {eos} if eos is not None else set()
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    all_prompt_ids, all_completions = [], []
+    expanded = [p for p in prompts for _ in range(k)]
+    for start in range(0, len(expanded), batch_size):
+        chunk = expanded[start : start + batch_size]
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(device)
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+        width = enc["input_ids"].size(1)
+        for row, mask in zip(out, enc["attention_mask"]):
+            all_prompt_ids.append(row[:width][mask.bool()].tolist())
+            all_completions.append(trim_after_eos(row[width:].tolist(), eos_ids, tokenizer.pad_token_id))
+    model.train(was_training)
+    texts = tokenizer.batch_decode(all_completions, skip_special_tokens=True)
+    return Samples(prompts, all_prompt_ids, all_completions, texts, k)
+
+
+def base_rewards(model, tokenizer, samples: Samples, token_budget: int = 16384) -> list[float | None]:
+    """The self-NLL reward of each sample: mean log-prob under the adapter-disabled model."""
+    with adapters_disabled(model):
+        logps = completion_logprobs(model, samples.prompt_ids, samples.completion_ids,
+                                    pad_token_id=tokenizer.pad_token_id, token_budget=token_budget)
+    return [aggregate(lp, "mean") for lp in logps]

@@ -1,0 +1,62 @@
+"""Every shipped YAML parses; YAML then command line; sdgrpo's defaults; the sketch's batch settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sdgrpo.config import TINY_MODEL, parse_train_args
+from sdgrpo.errors import UserError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_yaml_parses(path):
+    import yaml
+
+    train_cfg, model_cfg = parse_train_args(["--config", str(path)])
+    data = yaml.safe_load(path.read_text())
+    for key, value in data.items():
+        target = model_cfg if hasattr(model_cfg, key) and not hasattr(train_cfg, key) else train_cfg
+        if key == "model_name_or_path" and value is None:
+            assert model_cfg.model_name_or_path == TINY_MODEL
+        elif key == "lora_target_modules":
+            assert model_cfg.lora_target_modules in (value, value[0])
+        elif key == "report_to":
+            assert train_cfg.report_to == value
+        else:
+            assert getattr(target, key) == value, key
+
+
+def test_defaults_and_overrides(tmp_path):
+    train_cfg, model_cfg = parse_train_args([])
+    assert train_cfg.beta == 0.04 and train_cfg.num_generations == 8 and train_cfg.max_prompt_length == 512
+    assert model_cfg.lora_r == 16 and model_cfg.use_peft and model_cfg.model_name_or_path == TINY_MODEL
+    assert train_cfg.trust_remote_code is False
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("learning_rate: 3.0e-4\nbeta: 0.1\nlora_r: 8\n")
+    train_cfg, model_cfg = parse_train_args(["--config", str(cfg), "--learning_rate", "1e-5"])
+    assert train_cfg.learning_rate == 1e-5 and train_cfg.beta == 0.1 and model_cfg.lora_r == 8
+
+
+def test_sketch_batch_settings_work():
+    train_cfg, _ = parse_train_args(["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
+                                     "--num_generations", "8"])
+    assert train_cfg.generation_batch_size == 8 and train_cfg.steps_per_generation == 8
+    assert train_cfg.generation_batch_size % train_cfg.num_generations == 0
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("learning_rat: 1e-5\n", r"unknown option\(s\) learning_rat \(did you mean learning_rate\?\)"),
+    ("- a\n- b\n", "must be a YAML mapping"),
+    ("a: [\n", "not valid YAML"),
+    ("num_generations: 1\n", "at least 2 completions"),
+    ("backend: tpu\n", "backend 'tpu' is not one of"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, yaml_text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(UserError, match=message):
+        parse_train_args(["--config", str(cfg)])

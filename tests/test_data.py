@@ -1,0 +1,140 @@
+"""Data preparation on real files from ../shared/data and on tricky inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from datasets import Dataset, load_from_disk
+
+from sdgrpo.data import PrepareConfig, cut_document, prepare
+from sdgrpo.errors import UserError
+from sdgrpo.sources import read_documents
+from sdgrpo.textio import decode_text
+
+
+def run(tmp_path, tok, inputs, **kw):
+    cfg = PrepareConfig(inputs=[str(p) for p in inputs], output=str(tmp_path / "out"), **kw)
+    return prepare(cfg, tok), load_from_disk(str(tmp_path / "out"))
+
+
+def test_bom_crlf_gutenberg_books(tmp_path, tiny_tokenizer, shared_data):
+    book = shared_data / "gutenberg" / "alice.txt"
+    raw = book.read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw  # the fixture really is BOM + CRLF
+    summary, ds = run(tmp_path, tiny_tokenizer, [book])
+    text = decode_text(raw, "alice")
+    for row in ds["train"]:
+        assert "\r" not in row["prompt"] + row["continuation"] and "\ufeff" not in row["prompt"]
+        # prompt and continuation are adjacent exact substrings of the source
+        assert row["prompt"] + row["continuation"] in text
+    assert summary["documents"] == 1 and summary["prompts"] == summary["train"] + summary["test"]
+    assert summary["test"] == round(summary["prompts"] * 0.05)
+
+
+def test_every_shared_file_and_determinism(tmp_path, tiny_tokenizer, shared_data):
+    cfg = dict(max_prompts=None, seed=3)
+    s1, d1 = run(tmp_path / "a", tiny_tokenizer, [shared_data], **cfg)
+    s2, d2 = run(tmp_path / "b", tiny_tokenizer, [shared_data], **cfg)
+    assert list(d1["train"]["prompt"]) == list(d2["train"]["prompt"])
+    sources = {src.split("/")[-1] for src in list(d1["train"]["source"]) + list(d1["test"]["source"])}
+    books = {p.name for p in shared_data.rglob("*.txt") if p.name != "SOURCE.txt"}
+    assert books <= sources
+    lengths = [len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in list(d1["train"]["prompt"])[:300]]
+    assert min(lengths) >= 12 and max(lengths) <= 72  # cut at 16..64 tokens; boundaries may merge a few
+    assert s1["prompt_tokens"]["min"] >= 16 and s1["prompt_tokens"]["max"] <= 64
+
+
+def test_prompts_do_not_end_inside_a_word(tmp_path, tiny_tokenizer, shared_data):
+    _, ds = run(tmp_path, tiny_tokenizer, [shared_data / "gutenberg" / "pg1342.txt"])
+    mid_word = sum(r["prompt"][-1].isalnum() and r["continuation"][:1].isalnum() for r in ds["train"])
+    assert mid_word <= 0.02 * len(ds["train"])
+
+
+def test_record_formats(tmp_path, tiny_tokenizer, shared_data):
+    paras = [p for p in (shared_data / "tinyshakespeare" / "input.txt").read_text()[:60_000].split("\n\n") if p]
+    doc = "\n\n".join(paras[:40])
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "a.jsonl", "w") as fh:
+        fh.write(json.dumps({"body": doc}) + "\n\n")
+    (tmp_path / "in" / "b.json").write_text(json.dumps({"rows": [{"body": doc.upper()}]}))
+    with open(tmp_path / "in" / "c.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "body"])
+        w.writerow([1, doc.lower()])
+    pq.write_table(pa.table({"body": [doc[::-1]]}), tmp_path / "in" / "d.parquet")
+    Dataset.from_dict({"body": [doc.swapcase()]}).save_to_disk(str(tmp_path / "in" / "saved"))
+    (tmp_path / "in" / "ignored.bin").write_bytes(b"\x00\x01")
+    docs = read_documents([str(tmp_path / "in")], text_field="body")
+    assert sorted(d.text for d in docs) == sorted([doc, doc.upper(), doc.lower(), doc[::-1], doc.swapcase()])
+    summary, _ = run(tmp_path, tiny_tokenizer, [tmp_path / "in"], text_field="body")
+    assert summary["documents"] == 5 and summary["prompts"] > 10
+
+
+def test_duplicates_and_near_empty_dropped(tmp_path, tiny_tokenizer, shared_data):
+    para = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:3000]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(para)
+    (tmp_path / "in" / "b.txt").write_text(para)  # same text twice
+    (tmp_path / "in" / "c.txt").write_text("   \n\n\t\n")
+    (tmp_path / "in" / "d.txt").write_text(" ".join(str(i) for i in range(1, 28)) * 5)
+    summary, ds = run(tmp_path, tiny_tokenizer, [tmp_path / "in"])
+    assert summary["dropped_duplicate"] == summary["prompts"]  # every prompt of b.txt duplicates one of a.txt
+    assert summary["dropped_near_empty"] >= 1
+    prompts = list(ds["train"]["prompt"]) + list(ds["test"]["prompt"])
+    assert len(prompts) == len(set(prompts))
+
+
+def test_cut_respects_token_counts(tiny_tokenizer, shared_data):
+    import random
+
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:20_000]
+    cfg = PrepareConfig(min_prompt_tokens=10, max_prompt_tokens=10, continuation_tokens=20)
+    pieces = cut_document(text, tiny_tokenizer, cfg, random.Random(0))
+    assert len(pieces) > 10
+    for p in pieces:
+        assert p["prompt_tokens"] == 10
+        n = len(tiny_tokenizer(p["continuation"], add_special_tokens=False)["input_ids"])
+        assert 17 <= n <= 23
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("\ufeffhi".encode("utf-16"), "UTF-16"),
+        (b"caf\xe9 au lait, " * 20, "not valid UTF-8"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "NUL bytes"),
+    ],
+)
+def test_bad_encodings_are_named(tmp_path, tiny_tokenizer, content, message):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    with pytest.raises(UserError, match=message) as err:
+        run(tmp_path, tiny_tokenizer, [bad])
+    assert "bad.txt" in str(err.value)
+
+
+def test_bad_file_skipped_when_others_usable(tmp_path, tiny_tokenizer, shared_data):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.txt").write_bytes(b"\xff\xfeh\x00i\x00")
+    (tmp_path / "in" / "good.txt").write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:5000])
+    summary, _ = run(tmp_path, tiny_tokenizer, [tmp_path / "in"])
+    assert summary["files_read"] == 1 and "bad.txt" in summary["files_skipped"][0]
+
+
+def test_empty_inputs_raise(tmp_path, tiny_tokenizer):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("  \n ")
+    with pytest.raises(UserError, match="no usable text"):
+        run(tmp_path, tiny_tokenizer, [tmp_path / "empty"])
+    with pytest.raises(UserError, match="no such file"):
+        run(tmp_path, tiny_tokenizer, [tmp_path / "missing"])
+    (tmp_path / "r.jsonl").write_text('{"text": "a"}\nnot json\n')
+    with pytest.raises(UserError, match=r"r.jsonl:2: not valid JSON"):
+        run(tmp_path, tiny_tokenizer, [tmp_path / "r.jsonl"])
+    (tmp_path / "s.jsonl").write_text('{"body": "a"}\n')
+    with pytest.raises(UserError, match="no field 'text'"):
+        run(tmp_path, tiny_tokenizer, [tmp_path / "s.jsonl"])

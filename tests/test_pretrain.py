@@ -1,0 +1,73 @@
+"""The shipped tiny model loads offline through from_pretrained and keeps its model card's held-out figure."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdgrpo.config import TINY_MODEL
+from sdgrpo.pretrain import PretrainConfig, evaluate_bpb, load_corpus, main, split_text, unigram_nll
+
+CARD = Path(TINY_MODEL) / "README.md"
+
+
+def card_figure(name: str) -> float:
+    match = re.search(rf"\*\*{name}\*\* \| \*\*([0-9.]+)\*\*", CARD.read_text())
+    assert match, name
+    return float(match.group(1))
+
+
+def test_shipped_files_are_safe_and_small():
+    files = {p.name for p in Path(TINY_MODEL).iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert (Path(TINY_MODEL) / "model.safetensors").stat().st_size <= 12_000_000
+    assert json.loads((Path(TINY_MODEL) / "config.json").read_text())["attention_dropout"] == 0.0
+
+
+def test_heldout_bits_per_byte_match_model_card(shared_data, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+    corpus = load_corpus(shared_data)
+    assert len(corpus) == 26
+    bpb, nbytes = evaluate_bpb(model, tok, [h for _, _, h in corpus], 256, "cpu")
+    assert nbytes == 733_709
+    assert bpb == pytest.approx(card_figure("held-out bits per byte"), rel=0.02)
+    assert bpb / 2.8612 <= 0.52
+
+
+def test_split_and_unigram_by_hand():
+    train, held = split_text("aaaa\nbbbb\ncccc\ndddd\n", 0.25)
+    assert train == "aaaa\nbbbb\ncccc\n" and held == "dddd\n"
+    counts = torch.tensor([0, 0, 1])  # token 0 twice, token 1 once; vocab 3 -> add-one: 3/6, 2/6, 1/6
+    nll = unigram_nll(counts, torch.tensor([9, 1, 2]), 3)  # the first id (BOS) is not predicted
+    assert nll == pytest.approx(-math.log(2 / 6) - math.log(1 / 6))
+
+
+def test_pretrain_recipe_runs_and_saves_a_loadable_model(tmp_path, shared_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = tmp_path / "data" / "tinyshakespeare"
+    data.mkdir(parents=True)
+    (data / "input.txt").write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:100_000])
+    cfg = PretrainConfig(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"), vocab_size=300,
+                         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         seq_len=64, batch_size=8, max_steps=30, eval_every=15, hidden_dropout=0.1,
+                         learning_rate=3e-3, warmup_steps=5)
+    result = main(cfg)
+    assert [h["step"] for h in result["history"]] == [15, 30]
+    assert result["history"][-1]["heldout_bpb"] < result["history"][0]["heldout_bpb"]
+    assert result["heldout_bytes"] == len(split_text(
+        (data / "input.txt").read_text(), 0.05)[1].encode())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok("hello")["input_ids"][0] == tok.bos_token_id == model.config.bos_token_id
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -1,0 +1,135 @@
+"""The self-NLL reward against an independent computation: one unpadded forward per sequence, log_softmax, gather."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from conftest import make_llama
+from sdgrpo.rewards import SelfNLLReward, self_nll
+from sdgrpo.scoring import completion_logprobs, micro_batches
+
+
+def reference_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log p(completion[t] | prompt + completion[:t]) from one full forward of the sequence alone."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    return torch.stack([logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(completion)])
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_tokenizer):
+    """Prompts and completions of different lengths; some completions end with EOS, one is EOS alone."""
+    eos = tiny_tokenizer.eos_token_id
+    g = torch.Generator().manual_seed(1)
+    prompts, completions = [], []
+    for n_prompt, n_comp, with_eos in [(3, 5, False), (11, 1, True), (1, 17, True), (7, 9, False), (20, 2, False),
+                                       (5, 30, True), (2, 0, True)]:
+        prompt = [tiny_tokenizer.bos_token_id] + torch.randint(2, 512, (n_prompt,), generator=g).tolist()
+        comp = torch.randint(2, 512, (n_comp,), generator=g).tolist() + ([eos] if with_eos else [])
+        prompts.append(prompt)
+        completions.append(comp)
+    return prompts, completions
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_tokenizer):
+    """A PEFT model whose adapters are non-zero, so scoring with them enabled would give other numbers."""
+    base = make_llama(tiny_tokenizer, seed=3)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def test_completion_logprobs_match_reference_in_padded_batches(tiny_tokenizer, cases):
+    model = make_llama(tiny_tokenizer, seed=2)
+    prompts, completions = cases
+    for budget in (10_000, 40, 1):  # one batch, several micro-batches, one sequence each
+        got = completion_logprobs(model, prompts, completions, pad_token_id=tiny_tokenizer.pad_token_id,
+                                  token_budget=budget, chunk_rows=2)
+        for p, c, lp in zip(prompts, completions, got):
+            assert lp.shape == (len(c),)
+            torch.testing.assert_close(lp.double(), reference_logps(model, p, c), atol=1e-5, rtol=0)
+
+
+def test_reward_disables_adapters_and_scores_eos(tiny_tokenizer, cases, lora_model):
+    prompts, completions = cases
+    reward = self_nll(lora_model, tiny_tokenizer, token_budget=64)
+    got = reward(prompts=["unused"] * len(prompts), completions=["unused"] * len(prompts),
+                 completion_ids=completions, prompt_ids=prompts)
+    with lora_model.disable_adapter():
+        want = [reference_logps(lora_model, p, c).mean().item() if c else None for p, c in zip(prompts, completions)]
+    with_adapters = [reference_logps(lora_model, p, c).mean().item() for p, c in zip(prompts[:3], completions[:3])]
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            assert g == pytest.approx(w, abs=1e-5)
+    # The adapters change the numbers, so a reward that forgot to disable them would fail above.
+    assert all(abs(a - b) > 1e-3 for a, b in zip(got[:3], with_adapters))
+    # The EOS-only completion is scored: log p(EOS | prompt).
+    assert completions[1] == [completions[1][0], tiny_tokenizer.eos_token_id]
+
+
+def test_sum_aggregation_and_empty_completion(tiny_tokenizer, cases):
+    model = make_llama(tiny_tokenizer, seed=2)
+    prompts, completions = cases
+    reward = SelfNLLReward(model, tiny_tokenizer, aggregation="sum")
+    got = reward(prompts=[""] * len(prompts), completions=[""] * len(prompts), completion_ids=completions,
+                 prompt_ids=prompts)
+    for p, c, g in zip(prompts, completions, got):
+        if not c:
+            assert g is None  # TRL makes it NaN: excluded from the group baseline, never the best reward
+        else:
+            assert g == pytest.approx(reference_logps(model, p, c).sum().item(), abs=1e-4)
+    assert max(g for g in got if g is not None) < 0
+
+
+def test_plain_model_and_text_prompts_tokenized_like_trl(tiny_tokenizer):
+    model = make_llama(tiny_tokenizer, seed=4)
+    prompts = ["First Citizen:\nBefore we proceed", "All:\nSpeak, speak."]
+    comp = [tiny_tokenizer(" any further, hear me", add_special_tokens=False)["input_ids"],
+            tiny_tokenizer(" Resolved.", add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]]
+    reward = SelfNLLReward(model, tiny_tokenizer)
+    got = reward(prompts=prompts, completions=["", ""], completion_ids=comp)
+    for text, c, g in zip(prompts, comp, got):
+        ids = tiny_tokenizer(text)["input_ids"]
+        assert ids[0] == tiny_tokenizer.bos_token_id
+        assert g == pytest.approx(reference_logps(model, ids, c).mean().item(), abs=1e-5)
+    assert reward.forward_passes == 1
+
+
+def test_reuse_path_runs_no_forward(tiny_tokenizer):
+    class NoForward(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise AssertionError("the reuse path must not run the model")
+
+    reward = SelfNLLReward(NoForward(), tiny_tokenizer)
+    ref = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-0.5, 0.0, 0.0, 0.0]])  # right-padded like TRL's
+    got = reward(prompts=["", ""], completions=["", ""], completion_ids=[[5, 6, 7], [0]], ref_per_token_logps=ref)
+    assert got == [pytest.approx(-2.0), pytest.approx(-0.5)]
+    assert reward.forward_passes == 0
+
+
+def test_non_finite_reward_is_none(tiny_tokenizer):
+    reward = SelfNLLReward(None, tiny_tokenizer)
+    ref = torch.tensor([[-math.inf, -1.0], [float("nan"), 0.0]])
+    assert reward(prompts=["", ""], completions=["", ""], completion_ids=[[1, 2], [3]],
+                  ref_per_token_logps=ref) == [None, None]
+
+
+def test_micro_batches_respect_budget():
+    lengths = [5, 50, 7, 20, 20, 3, 100]
+    groups = micro_batches(lengths, token_budget=60)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 60
