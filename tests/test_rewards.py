@@ -53,12 +53,26 @@ def lora_model(tiny_tokenizer):
 def test_completion_logprobs_match_reference_in_padded_batches(tiny_tokenizer, cases):
     model = make_llama(tiny_tokenizer, seed=2)
     prompts, completions = cases
-    for budget in (10_000, 40, 1):  # one batch, several micro-batches, one sequence each
+    for budget, logits_bytes in ((10_000, 2**30), (40, 512 * 4 * 7), (1, 1)):
+        # one batch, several micro-batches with 7-token logit chunks, one sequence and one token at a time
         got = completion_logprobs(model, prompts, completions, pad_token_id=tiny_tokenizer.pad_token_id,
-                                  token_budget=budget, chunk_rows=2)
+                                  token_budget=budget, logits_bytes=logits_bytes)
         for p, c, lp in zip(prompts, completions, got):
             assert lp.shape == (len(c),)
             torch.testing.assert_close(lp.double(), reference_logps(model, p, c), atol=1e-5, rtol=0)
+
+
+def test_softcapped_model_takes_the_full_logits_path(tiny_tokenizer, cases):
+    from sdgrpo.scoring import _split_head
+
+    model = make_llama(tiny_tokenizer, seed=2)
+    assert _split_head(model) is not None
+    model.config.logit_scale = 0.5  # a config the hidden-state path must not take; Llama ignores it
+    assert _split_head(model) is None
+    prompts, completions = cases
+    got = completion_logprobs(model, prompts, completions, pad_token_id=tiny_tokenizer.pad_token_id)
+    for p, c, lp in zip(prompts, completions, got):
+        torch.testing.assert_close(lp.double(), reference_logps(model, p, c), atol=1e-5, rtol=0)
 
 
 def test_reward_disables_adapters_and_scores_eos(tiny_tokenizer, cases, lora_model):

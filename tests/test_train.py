@@ -16,7 +16,10 @@ from sdgrpo.rewards import SelfNLLReward
 from sdgrpo.scoring import adapters_disabled, completion_logprobs
 from sdgrpo.trainer import SelfDistillGRPOTrainer, read_metrics
 
-EXPECTED_KEYS = {"reward", "reward_std", "kl", "loss", "completions/mean_length", "rewards/self_nll/mean"}
+EXPECTED_KEYS = {"reward", "reward_std", "kl", "loss", "completions/mean_length", "rewards/self_nll/mean",
+                 "collapse/distinct_1", "collapse/distinct_2", "collapse/group_distinct_2", "collapse/seq_rep_4",
+                 "collapse/compression_ratio", "collapse/length", "collapse/eos_rate", "collapse/unscored_rate",
+                 "frac_reward_zero_std"}
 
 
 def sdgrpo(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -46,6 +49,8 @@ def test_cli_prepare_then_two_training_steps(tmp_path, prepared, tiny_model_dir)
         assert EXPECTED_KEYS <= set(row)
         assert all(row[k] is not None and math.isfinite(row[k]) for k in EXPECTED_KEYS)
         assert row["reward"] < 0
+        assert row["collapse/length"] == pytest.approx(row["completions/mean_length"])
+        assert 0 <= row["collapse/seq_rep_4"] <= 1 and 0 < row["collapse/distinct_2"] <= 1
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert "learning_rate: 0.001" in (out / "resolved_config.yaml").read_text()
     assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard events missing"
@@ -137,3 +142,12 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir):
         lines = [line for line in r.stderr.splitlines() if "error" in line]
         assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr
+
+
+def test_unsloth_backend_without_gpu_is_one_line(tmp_path, prepared):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = sdgrpo("train", "--backend", "unsloth", "--dataset_path", prepared, "--output_dir", tmp_path / "u")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("sdgrpo train: error: --backend unsloth needs a CUDA GPU")
+    assert "Traceback" not in r.stderr and "unsloth" not in sys.modules

@@ -50,19 +50,41 @@ def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     return groups
 
 
-def _chunked_token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """log_softmax(logits)[target] in fp32, a few rows at a time so fp32 logits never span the whole batch."""
-    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    for start in range(0, logits.size(0), chunk_rows):
-        chunk = logits[start : start + chunk_rows].float()  # [b, K, V]
-        logz = torch.logsumexp(chunk, dim=-1)
-        picked = chunk.gather(-1, targets[start : start + chunk_rows, :, None]).squeeze(-1)
-        out[start : start + chunk_rows] = picked - logz
+def _split_head(model):
+    """(backbone, lm_head) when logits are a plain ``lm_head(hidden)``, else None (scaled or soft-capped logits)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                 "logits_scaling"):
+        if getattr(text_config, attr, None) not in (None, 1, 1.0):
+            return None
+    try:
+        backbone, head = base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if backbone is None or head is None or backbone is base:
+        return None
+    return backbone, head
+
+
+def _token_logps_from_hidden(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """log_softmax(head(hidden))[target] for rows of ``hidden`` [N, H], ``chunk_tokens`` rows at a time in fp32."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.size(0), chunk_tokens):
+        logits = head(hidden[start : start + chunk_tokens]).float()  # [n, V]
+        picked = logits.gather(-1, targets[start : start + chunk_tokens, None]).squeeze(-1)
+        out[start : start + chunk_tokens] = picked - torch.logsumexp(logits, dim=-1)
+        del logits
     return out
 
 
-def _forward_group(model, prompts, completions, pad_id: int, device, chunk_rows: int) -> list[torch.Tensor]:
-    """Right-padded forward of one micro-batch; returns each completion's token log-probs (CPU, fp32)."""
+def _forward_group(model, prompts, completions, pad_id: int, device, logits_bytes: int) -> list[torch.Tensor]:
+    """Right-padded forward of one micro-batch; returns each completion's token log-probs (CPU, fp32).
+
+    Only the hidden states of completion positions go through the LM head, a bounded number of tokens at a time,
+    so fp32 logits never exist for more than ``logits_bytes`` at once.
+    """
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -70,19 +92,29 @@ def _forward_group(model, prompts, completions, pad_id: int, device, chunk_rows:
     for r, s in enumerate(seqs):
         ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[r, : len(s)] = 1
-    # Logits are needed from the position before the earliest completion start to the end.
-    first = min(len(p) for p in prompts) - 1
-    keep = width - first
     ids, mask = ids.to(device), mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits  # [B, keep, V]
-    logits = logits[:, :-1]  # the last position predicts past the end
-    targets = ids[:, first + 1 :]  # [B, keep-1]
-    logps = _chunked_token_logps(logits, targets, chunk_rows)
-    out = []
-    for r, (p, c) in enumerate(zip(prompts, completions)):
-        start = len(p) - 1 - first  # logits index predicting completion token 0
-        out.append(logps[r, start : start + len(c)].cpu())
-    return out
+    # Row r predicts completion token t at position len(prompt_r) - 1 + t.
+    rows = torch.cat([torch.full((len(c),), r, dtype=torch.long) for r, c in enumerate(completions)])
+    cols = torch.cat([torch.arange(len(p) - 1, len(p) - 1 + len(c)) for p, c in zip(prompts, completions)])
+    rows, cols = rows.to(device), cols.to(device)
+    targets = ids[rows, cols + 1]
+    split = _split_head(model)
+    if split is not None:
+        backbone, head = split
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, H]
+        vocab = head.weight.size(0)
+        chunk = max(1, logits_bytes // (vocab * 4))
+        logps = _token_logps_from_hidden(hidden[rows, cols], head, targets, chunk)
+    else:
+        first = min(len(p) for p in prompts) - 1
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=width - first).logits
+        logps = torch.empty(targets.shape, dtype=torch.float32, device=device)
+        for start in range(0, len(targets), 256):
+            sl = slice(start, start + 256)
+            z = logits[rows[sl], cols[sl] - first].float()  # [n, V]
+            logps[sl] = z.gather(-1, targets[sl, None]).squeeze(-1) - torch.logsumexp(z, -1)
+    logps = logps.cpu()
+    return list(torch.split(logps, [len(c) for c in completions]))
 
 
 def completion_logprobs(
@@ -92,13 +124,13 @@ def completion_logprobs(
     *,
     pad_token_id: int,
     token_budget: int = 16384,
-    chunk_rows: int = 4,
+    logits_bytes: int = 256 * 2**20,
 ) -> list[torch.Tensor]:
     """Per-token log p(completion_ids[i][t] | prompt_ids[i], completion_ids[i][:t]) at temperature 1.
 
     Runs ``model`` as is (wrap it in :func:`adapters_disabled` to score with the base), in eval mode and inference
-    mode, in micro-batches of at most ``token_budget`` padded tokens. On CUDA out-of-memory a micro-batch is halved
-    and retried. Empty completions get an empty tensor. Returns fp32 CPU tensors.
+    mode, in micro-batches of at most ``token_budget`` padded tokens, with at most ``logits_bytes`` of fp32 logits
+    alive at once. On CUDA out-of-memory a micro-batch is halved and retried. Empty completions get an empty tensor. Returns fp32 CPU tensors.
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
@@ -118,7 +150,7 @@ def completion_logprobs(
             group = pending.pop()
             try:
                 scored = _forward_group(model, [prompt_ids[i] for i in group], [completion_ids[i] for i in group],
-                                        pad_token_id, device, chunk_rows)
+                                        pad_token_id, device, logits_bytes)
             except torch.cuda.OutOfMemoryError:
                 if len(group) == 1:
                     raise

@@ -10,7 +10,7 @@ import yaml
 from sdgrpo.config import SDGRPOConfig, SDModelConfig, config_to_dict
 from sdgrpo.errors import UserError
 from sdgrpo.rewards import build_reward
-from sdgrpo.trainer import MetricsFileCallback, SelfDistillGRPOTrainer
+from sdgrpo.trainer import MetricsFileCallback, trainer_class
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def build_policy(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig):
     disables the adapter instead of keeping a "ref" copy of an existing one.
     """
     if train_cfg.backend == "unsloth":
-        from sdgrpo.backends.unsloth import build_unsloth_policy
+        from sdgrpo.backends.unsloth import build_unsloth_policy  # the only path that imports unsloth
 
         return build_unsloth_policy(train_cfg, model_cfg)
     from trl import get_peft_config
@@ -81,8 +81,17 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
                           token_budget=train_cfg.reward_token_budget)
     out.mkdir(parents=True, exist_ok=True)
     (out / "resolved_config.yaml").write_text(yaml.safe_dump(config_to_dict(train_cfg, model_cfg), sort_keys=True))
+    if train_cfg.backend == "unsloth":
+        from sdgrpo.backends.unsloth import unsloth_trainer_class
+
+        trainer_cls = unsloth_trainer_class()
+        # Unsloth's patched trainer packs its log-prob tensors differently ((B, C + max_left_pad)); until that
+        # layout is verified on a GPU, the reward runs its own exact pass there.
+        reuse = False
+    else:
+        trainer_cls, reuse = trainer_class(), train_cfg.reuse_reference_logprobs
     try:
-        trainer = SelfDistillGRPOTrainer(
+        trainer = trainer_cls(
             model=model,
             reward_funcs=[reward],
             args=train_cfg,
@@ -90,7 +99,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
             processing_class=tokenizer,
             peft_config=peft_config,
             max_prompt_length=train_cfg.max_prompt_length,
-            reuse_reference_logprobs=train_cfg.reuse_reference_logprobs,
+            reuse_reference_logprobs=reuse,
             callbacks=[MetricsFileCallback(out / "metrics.jsonl")],
         )
     except ValueError as err:

@@ -19,6 +19,8 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+from sdgrpo.metrics import collapse_metrics
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,7 +30,9 @@ def _lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
-class SelfDistillGRPOTrainer(GRPOTrainer):
+class SelfDistillMixin:
+    """The overrides, as a mixin so they also apply on top of Unsloth's patched GRPOTrainer."""
+
     def __init__(self, *args, max_prompt_length: int | None = None, reuse_reference_logprobs: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_prompt_length = max_prompt_length
@@ -77,7 +81,34 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             self.reference_reuses += 1
         if extra:
             inputs = [{**x, **{k: v[i] for k, v in extra.items()}} for i, x in enumerate(inputs)]
-        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._log_collapse_metrics(completions, completion_ids_list, rewards)
+        return rewards
+
+    def _log_collapse_metrics(self, completions, completion_ids_list, rewards: torch.Tensor) -> None:
+        """Diversity, repetition, length and EOS rate of this batch's completions, logged as ``collapse/*``.
+
+        Computed on this process's completions (whole groups: TRL gives each process complete groups).
+        """
+        mode = "train" if self.model.training else "eval"
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        metrics = collapse_metrics(completion_ids_list, texts, set(self.eos_token_ids), self.num_generations)
+        non_finite = (~torch.isfinite(rewards)).all(dim=1).float().mean().item() if rewards.numel() else 0.0
+        metrics["unscored_rate"] = non_finite
+        for key, value in metrics.items():
+            if value is not None:
+                self._metrics[mode][f"collapse/{key}"].append(value)
+
+
+class SelfDistillGRPOTrainer(SelfDistillMixin, GRPOTrainer):
+    """TRL's GRPOTrainer with sdgrpo's hooks (transformers + PEFT backend)."""
+
+
+def trainer_class(base: type | None = None) -> type:
+    """The self-distillation trainer on top of ``base`` (e.g. the GRPOTrainer that Unsloth patched on import)."""
+    if base is None or base is GRPOTrainer:
+        return SelfDistillGRPOTrainer
+    return type(f"SelfDistill{base.__name__}", (SelfDistillMixin, base), {})
 
 
 class MetricsFileCallback(TrainerCallback):

@@ -1,0 +1,69 @@
+"""Shared helpers for the GPU benchmarks: environment facts, real-shape random models, timing."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+# Real shapes (random weights): public configs of Qwen2.5-0.5B and -1.5B.
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def environment() -> dict:
+    out = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "unsloth"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def random_model(shape: str, dtype=torch.bfloat16, vocab_size: int | None = None, device: str = "cuda"):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    kw = dict(SHAPES[shape])
+    if vocab_size:
+        kw["vocab_size"] = vocab_size
+    config = Qwen2Config(**kw, max_position_embeddings=8192, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def cuda_time(fn, repeats: int = 5, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of ``fn()`` and peak memory in GiB above what was allocated before it."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return statistics.median(times), peak
+
+
+def save(name: str, payload: dict, out_dir: str | Path = Path(__file__).parent / "results") -> Path:
+    path = Path(out_dir) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    print(json.dumps(payload, indent=2))
+    return path

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One GPU-machine session: install the wheelhouse, run the reward benchmark and the GPU tests, results to $OUT.
+# Run from the project root on the device machine, with .whl (and .gpu_data for the tests' text) carried.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && tar xzf .whl/unsloth_pkg.tgz -C /tmp/site || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" ../shared
+[ -e ../shared/data ] || ln -s "$PWD/.gpu_data" ../shared/data
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 benchmarks/bench_reward.py "$OUT" 2>&1 | tail -40
+python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40

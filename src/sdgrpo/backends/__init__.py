@@ -1,0 +1,1 @@
+"""Model backends other than plain transformers + PEFT. Each is imported only when chosen."""

@@ -1,0 +1,68 @@
+"""The Unsloth backend: the only module that imports ``unsloth``, and only inside functions.
+
+Unsloth refuses to import without a GPU and patches TRL's trainer classes on import, so nothing here runs unless
+``--backend unsloth`` was asked for, and the trainer class is built after the import, on top of the patched one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sdgrpo.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def require_gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("--backend unsloth needs a CUDA GPU and none is visible; use --backend hf (the default) "
+                        "on this machine")
+
+
+def import_unsloth():
+    require_gpu()
+    try:
+        import unsloth  # noqa: F401  (must come before trl is used: it patches TRL's classes)
+        from unsloth import FastLanguageModel
+    except ImportError as err:
+        raise UserError(f"--backend unsloth: cannot import unsloth ({err}); pip install 'sdgrpo[unsloth]'") from None
+    return FastLanguageModel
+
+
+def build_unsloth_policy(train_cfg, model_cfg):
+    """Unsloth model with LoRA adapters (same options as the hf backend); returns (peft_model, tokenizer, None)."""
+    FastLanguageModel = import_unsloth()
+    from sdgrpo.modeling import check_model_path, resolve_dtype
+
+    check_model_path(model_cfg.model_name_or_path)
+    load_in_4bit = bool(model_cfg.load_in_4bit)
+    max_len = (train_cfg.max_prompt_length or 512) + (train_cfg.max_completion_length or 256)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_cfg.model_name_or_path,
+        max_seq_length=max_len,
+        dtype=None if load_in_4bit else resolve_dtype(model_cfg.dtype, "cuda"),
+        load_in_4bit=load_in_4bit,
+        trust_remote_code=train_cfg.trust_remote_code,
+    )
+    targets = model_cfg.lora_target_modules
+    if targets in ("all-linear", ["all-linear"], None):
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = FastLanguageModel.get_peft_model(
+        model, r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
+        target_modules=targets, bias="none", use_gradient_checkpointing="unsloth", random_state=train_cfg.seed,
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, None
+
+
+def unsloth_trainer_class():
+    """sdgrpo's trainer mixin on top of the GRPOTrainer that Unsloth patched."""
+    import_unsloth()
+    import trl
+
+    from sdgrpo.trainer import trainer_class
+
+    return trainer_class(trl.GRPOTrainer)
