@@ -130,7 +130,8 @@ def completion_logprobs(
 
     Runs ``model`` as is (wrap it in :func:`adapters_disabled` to score with the base), in eval mode and inference
     mode, in micro-batches of at most ``token_budget`` padded tokens, with at most ``logits_bytes`` of fp32 logits
-    alive at once. On CUDA out-of-memory a micro-batch is halved and retried. Empty completions get an empty tensor. Returns fp32 CPU tensors.
+    alive at once. On CUDA out-of-memory a micro-batch is halved and retried. Empty completions get an empty
+    tensor. Returns fp32 CPU tensors.
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
