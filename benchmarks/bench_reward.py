@@ -44,6 +44,8 @@ def main(out_dir: str | None = None):
         completions = [torch.randint(3, 150000, (comp_len,), generator=g).tolist() for _ in range(8)]
         t_loop, m_loop = cuda_time(lambda: sketch_loop(model, prompts, completions))
         t_own, m_own = cuda_time(lambda: completion_logprobs(model, prompts, completions, pad_token_id=2))
+        t_own1g, m_own1g = cuda_time(lambda: completion_logprobs(model, prompts, completions, pad_token_id=2,
+                                                                 logits_bytes=2**30, token_budget=65536))
         ref = torch.randn(8, comp_len, device="cuda").clamp(max=0)  # what TRL's KL pass hands over
         reward = SelfNLLReward(None, _Tok())
         t_reuse, m_reuse = cuda_time(lambda: reward(prompts=[""] * 8, completions=[""] * 8,
@@ -53,6 +55,7 @@ def main(out_dir: str | None = None):
         row = {"prompt_tokens": prompt_len, "completion_tokens": comp_len, "G": 8,
                "sketch_loop_s": t_loop, "sketch_loop_peak_gib": m_loop,
                "own_pass_s": t_own, "own_pass_peak_gib": m_own,
+               "own_pass_1gib_logits_64k_budget_s": t_own1g, "own_pass_1gib_logits_64k_budget_peak_gib": m_own1g,
                "reuse_s": t_reuse, "reuse_peak_gib": m_reuse,
                "own_speedup_vs_loop": t_loop / t_own,
                "max_abs_diff_own_vs_loop": max(abs(a - b) for a, b in zip(own, loop))}

@@ -10,4 +10,4 @@ mkdir -p "$OUT" ../shared
 [ -e ../shared/data ] || ln -s "$PWD/.gpu_data" ../shared/data
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 benchmarks/bench_reward.py "$OUT" 2>&1 | tail -40
-python3 -m pytest -m gpu -x -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+python3 -m pytest -m gpu -q ${PYTEST_K:-} -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40

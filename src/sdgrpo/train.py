@@ -82,9 +82,10 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "resolved_config.yaml").write_text(yaml.safe_dump(config_to_dict(train_cfg, model_cfg), sort_keys=True))
     if train_cfg.backend == "unsloth":
-        from sdgrpo.backends.unsloth import unsloth_trainer_class
+        from sdgrpo.backends.unsloth import adapt_config, unsloth_trainer_class
 
         trainer_cls = unsloth_trainer_class()
+        adapt_config(train_cfg)
         # Unsloth's patched trainer packs its log-prob tensors differently ((B, C + max_left_pad)); until that
         # layout is verified on a GPU, the reward runs its own exact pass there.
         reuse = False

@@ -58,6 +58,28 @@ def build_unsloth_policy(train_cfg, model_cfg):
     return model, tokenizer, None
 
 
+def adapt_config(train_cfg) -> None:
+    """Give sdgrpo's config the extra fields of Unsloth's patched GRPOConfig, at their defaults.
+
+    sdgrpo's config subclasses TRL's GRPOConfig as imported before Unsloth patched it; the patched trainer reads
+    options (e.g. ``unsloth_grpo_mini_batch``) that only the patched config class declares.
+    """
+    import dataclasses
+
+    import trl
+
+    for f in dataclasses.fields(trl.GRPOConfig):
+        if hasattr(train_cfg, f.name):
+            continue
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = None
+        setattr(train_cfg, f.name, value)
+
+
 def unsloth_trainer_class():
     """sdgrpo's trainer mixin on top of the GRPOTrainer that Unsloth patched."""
     import_unsloth()
