@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from sdgrpo.demo import verdict
+from sdgrpo.evaluate import verdict
 
 
 def test_short_demo_writes_report(tmp_path):

@@ -14,6 +14,7 @@ logger = logging.getLogger("sdgrpo")
 VERBS = {
     "prepare": "turn raw text files into a prompt dataset",
     "train": "self-distillation GRPO of LoRA adapters ([--config FILE] [--key value ...])",
+    "eval": "compare a trained adapter with its base and with the base sampled colder (--adapter DIR --data DIR)",
     "demo": "prepare the shipped demo text, train the shipped tiny model on CPU, write a report",
     "pretrain": "pretrain the tiny default model (tokenizer + small Llama) on public-domain books",
 }
@@ -77,6 +78,15 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _eval(argv: list[str]) -> int:
+    from sdgrpo.evaluate import main, parse_eval_args
+
+    result = main(parse_eval_args(argv))
+    print(result.get("verdict", "base model evaluated"))
+    print(f"eval.json, frontier.png and report.md in {result['config']['output']}")
+    return 0
+
+
 def _demo(argv: list[str]) -> int:
     from sdgrpo.demo import main, parse_demo_args
 
@@ -100,7 +110,7 @@ def _pretrain(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"prepare": _prepare, "train": _train, "demo": _demo, "pretrain": _pretrain}
+HANDLERS = {"prepare": _prepare, "train": _train, "eval": _eval, "demo": _demo, "pretrain": _pretrain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,23 @@ class SDGRPOConfig(GRPOConfig):
         metadata={"help": "Keep only the last this-many prompt tokens (TRL 1.15 dropped this option; sdgrpo "
                   "enforces it)."},
     )
+    score_with: str = field(
+        default="base",
+        metadata={"help": "'base': the frozen base scores (adapters disabled). 'policy': the live policy scores "
+                  "itself, the failure mode the original sketch warned about (for experiments only)."},
+    )
+    collapse_guard: str = field(
+        default="restore",
+        metadata={"help": "On collapse: 'warn', 'stop', 'restore' (stop and keep the last checkpoint within "
+                  "limits as the final adapter) or 'off'."},
+    )
+    guard_max_seq_rep_increase: float = field(
+        default=0.1, metadata={"help": "Guard limit: seq-rep-4 may rise at most this much over its start value."}
+    )
+    guard_max_distinct2_drop: float = field(
+        default=0.3, metadata={"help": "Guard limit: distinct-2 may fall at most this fraction of its start value."}
+    )
+    guard_patience: int = field(default=2, metadata={"help": "Logged steps out of limits in a row before acting."})
     max_train_prompts: int | None = field(
         default=None, metadata={"help": "Use only the first N training prompts (quick runs)."}
     )
@@ -60,6 +77,10 @@ class SDGRPOConfig(GRPOConfig):
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise UserError(f"backend {self.backend!r} is not one of {list(BACKENDS)}")
+        if self.score_with not in ("base", "policy"):
+            raise UserError(f"score_with {self.score_with!r} is not one of ['base', 'policy']")
+        if self.collapse_guard not in ("off", "warn", "stop", "restore"):
+            raise UserError(f"collapse_guard {self.collapse_guard!r} is not one of ['off', 'warn', 'stop', 'restore']")
         if self.reward_aggregation not in ("mean", "sum"):
             raise UserError(f"reward_aggregation {self.reward_aggregation!r} is not one of ['mean', 'sum']")
         if self.num_generations is not None and self.num_generations < 2:

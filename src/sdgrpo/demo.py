@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdgrpo.config import TINY_MODEL, parse_train_args
+from sdgrpo.evaluate import verdict
 from sdgrpo.metrics import collapse_metrics
 
 logger = logging.getLogger(__name__)
@@ -48,23 +49,6 @@ def _summary(rewards, samples, eos_ids) -> dict:
     vals = [r for r in rewards if r is not None]
     return {"reward_mean": statistics.fmean(vals), "reward_std": statistics.pstdev(vals),
             **collapse_metrics(samples.completion_ids, samples.texts, eos_ids, group_size=samples.k)}
-
-
-def verdict(trained: dict, baselines: dict) -> str:
-    """One honest sentence: is the trained model dominated by the base sampled at some temperature?
-
-    A baseline dominates when its reward and its distinct-2 are both at least the trained model's.
-    """
-    dominating = [(t, v) for t, v in baselines.items()
-                  if v["reward_mean"] >= trained["reward_mean"] and v["distinct_2"] >= trained["distinct_2"]]
-    if dominating:
-        t, v = max(dominating, key=lambda tv: tv[1]["reward_mean"])
-        return (f"Training did not beat the temperature frontier: the base model sampled at T={t} has a higher "
-                f"reward ({v['reward_mean']:.3f} vs {trained['reward_mean']:.3f}) and more diversity (distinct-2 "
-                f"{v['distinct_2']:.3f} vs {trained['distinct_2']:.3f}); this run only sharpened the base.")
-    return ("Training beat the temperature frontier: no temperature tried gives the base model both the trained "
-            f"model's reward ({trained['reward_mean']:.3f}) and its diversity (distinct-2 "
-            f"{trained['distinct_2']:.3f}).")
 
 
 def main(cfg: DemoConfig) -> int:

@@ -10,6 +10,7 @@ like any other: log p(EOS | prompt).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -43,13 +44,15 @@ class SelfNLLReward:
 
     __name__ = "self_nll"
 
-    def __init__(self, model, tokenizer, aggregation: str = "mean", token_budget: int = 16384):
+    def __init__(self, model, tokenizer, aggregation: str = "mean", token_budget: int = 16384,
+                 score_with: str = "base"):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.aggregation = aggregation
         self.token_budget = token_budget
+        self.score_with = score_with  # "policy" keeps the adapters on: the self-rewarding failure mode
         self.forward_passes = 0  # own scoring passes run; stays 0 on the reuse path
 
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
@@ -58,12 +61,13 @@ class SelfNLLReward:
     def token_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]:
         self.forward_passes += 1
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        with adapters_disabled(self.model):
+        context = adapters_disabled(self.model) if self.score_with == "base" else contextlib.nullcontext()
+        with context:
             return completion_logprobs(self.model, prompt_ids, completion_ids, pad_token_id=pad,
                                        token_budget=self.token_budget)
 
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, ref_per_token_logps=None, **kwargs):
-        if ref_per_token_logps is not None:
+        if ref_per_token_logps is not None and self.score_with == "base":
             token_logps = [ref_per_token_logps[i][: len(c)] for i, c in enumerate(completion_ids)]
         else:
             if prompt_ids is None:

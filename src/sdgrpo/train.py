@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import yaml
 
 from sdgrpo.config import SDGRPOConfig, SDModelConfig, config_to_dict
 from sdgrpo.errors import UserError
+from sdgrpo.guard import CollapseGuard
 from sdgrpo.rewards import build_reward
 from sdgrpo.trainer import MetricsFileCallback, trainer_class
 
@@ -68,6 +70,26 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def finish(trainer, guard: CollapseGuard, out: Path) -> None:
+    """Save the final adapter; after a collapse-guard stop, the last adapter within limits where there is one."""
+    if guard.state.tripped_at is None:
+        trainer.save_model(str(out))
+        return
+    trainer.save_model(str(out / "collapsed"))
+    good = guard.good_checkpoint() if guard.action == "restore" else None
+    if good is not None:
+        step, path = good
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(Path(path) / name, out / name)
+        where = f"the last adapter within limits (step {step}) is in {out}"
+    else:
+        trainer.save_model(str(out))
+        where = f"no checkpoint within limits was saved, so {out} holds the adapter of step {guard.state.tripped_at}"
+    guard.write(out / "collapse_guard.json")
+    logger.warning("collapse guard stopped training at step %d: %s; %s (the collapsed one is in %s)",
+                   guard.state.tripped_at, guard.state.reason, where, out / "collapsed")
+
+
 def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
     """Train and save adapters, resolved config and metrics under ``output_dir``; returns that folder."""
     from sdgrpo.compat import ensure_trl_runs_without_triton
@@ -78,7 +100,9 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
     model, tokenizer, peft_config = build_policy(train_cfg, model_cfg)
     # The reward scores with the trainer's PEFT model (adapters disabled); it is bound once the trainer made it.
     reward = build_reward(train_cfg.reward, None, tokenizer, aggregation=train_cfg.reward_aggregation,
-                          token_budget=train_cfg.reward_token_budget)
+                          token_budget=train_cfg.reward_token_budget, score_with=train_cfg.score_with)
+    guard = CollapseGuard(train_cfg.collapse_guard, train_cfg.guard_max_seq_rep_increase,
+                          train_cfg.guard_max_distinct2_drop, train_cfg.guard_patience)
     out.mkdir(parents=True, exist_ok=True)
     (out / "resolved_config.yaml").write_text(yaml.safe_dump(config_to_dict(train_cfg, model_cfg), sort_keys=True))
     if train_cfg.backend == "unsloth":
@@ -90,7 +114,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
         # layout is verified on a GPU, the reward runs its own exact pass there.
         reuse = False
     else:
-        trainer_cls, reuse = trainer_class(), train_cfg.reuse_reference_logprobs
+        trainer_cls, reuse = trainer_class(), train_cfg.reuse_reference_logprobs and train_cfg.score_with == "base"
     try:
         trainer = trainer_cls(
             model=model,
@@ -101,7 +125,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
             peft_config=peft_config,
             max_prompt_length=train_cfg.max_prompt_length,
             reuse_reference_logprobs=reuse,
-            callbacks=[MetricsFileCallback(out / "metrics.jsonl")],
+            callbacks=[MetricsFileCallback(out / "metrics.jsonl"), guard],
         )
     except ValueError as err:
         if "target module" in str(err).lower():
@@ -110,7 +134,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
         raise
     reward.model = trainer.model
     trainer.train(resume_from_checkpoint=train_cfg.resume_from_checkpoint)
-    trainer.save_model(str(out))
+    finish(trainer, guard, out)
     logger.info("adapter saved to %s (reward reused from the KL pass in %d of the reward calls)",
                 out, trainer.reference_reuses)
     return out
