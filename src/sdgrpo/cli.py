@@ -63,7 +63,7 @@ def _print_summary(summary: dict) -> None:
 
 def _train(argv: list[str]) -> int:
     from sdgrpo.config import parse_train_args
-    from sdgrpo.train import main
+    from sdgrpo.train import Interrupted, main
 
     if any(a in ("-h", "--help") for a in argv):
         from trl import TrlParser
@@ -72,8 +72,13 @@ def _train(argv: list[str]) -> int:
 
         TrlParser((SDGRPOConfig, SDModelConfig), prog="sdgrpo train").print_help()
         return 0
-    train_cfg, model_cfg = parse_train_args(argv)
-    out = main(train_cfg, model_cfg)
+    resume = "--resume" in argv
+    train_cfg, model_cfg = parse_train_args([a for a in argv if a != "--resume"])
+    try:
+        out = main(train_cfg, model_cfg, resume=resume)
+    except Interrupted as stop:
+        print(f"sdgrpo train: {stop}", file=sys.stderr)
+        return 130
     print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
     return 0
 

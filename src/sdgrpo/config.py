@@ -147,37 +147,81 @@ def _field_types(*classes) -> dict[str, dataclasses.Field]:
     return {f.name: f for cls in classes for f in dataclasses.fields(cls) if f.init}
 
 
-def parse_train_args(argv: list[str]) -> tuple[SDGRPOConfig, SDModelConfig]:
-    """``[--config FILE] [--key value ...]``: YAML values replace defaults, command-line values replace YAML."""
-    from trl import TrlParser
+def _yaml_to_argv(data: dict) -> list[str]:
+    """YAML values as command-line tokens, so that argparse checks their types like typed options."""
+    import json
 
-    parser = TrlParser((SDGRPOConfig, SDModelConfig), prog="sdgrpo train")
+    argv: list[str] = []
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        elif isinstance(value, list):
+            argv += [f"--{key}", *(str(v) for v in value)]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _unknown(keys, where: str) -> None:
+    import difflib
+
+    known = _field_types(SDGRPOConfig, SDModelConfig)
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+                 for k in unknown]
+        raise UserError(f"{where}: unknown option(s) {', '.join(hints)}; `sdgrpo train --help` lists them")
+
+
+def _load_yaml(path_text: str) -> dict:
+    path = Path(path_text)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must be a YAML mapping of option: value")
+    for key, value in (data.pop("env", None) or {}).items():
+        os.environ[key] = str(value)
+    _unknown(data, str(path))
+    return data
+
+
+def parse_train_args(argv: list[str]) -> tuple[SDGRPOConfig, SDModelConfig]:
+    """``[--config FILE] [--key value ...]``: YAML values replace defaults, command-line values replace YAML.
+
+    Every value, from the file or the command line, goes through argparse, so a mistyped value is refused with
+    the option's name (and its allowed values where it has a fixed set).
+    """
+    from transformers import HfArgumentParser
+
     argv = list(argv)
+    yaml_argv: list[str] = []
+    source = "command line"
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise UserError("--config needs a YAML file path")
-        path = Path(argv[i + 1])
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: must be a YAML mapping of option: value")
-        known = _field_types(SDGRPOConfig, SDModelConfig)
-        unknown = sorted(set(data) - set(known) - {"env"})
-        if unknown:
-            import difflib
+        source = argv[i + 1]
+        yaml_argv = _yaml_to_argv(_load_yaml(argv[i + 1]))
+        del argv[i : i + 2]
+    _unknown([a[2:].split("=")[0] for a in argv if a.startswith("--")], "command line")
+    parser = HfArgumentParser((SDGRPOConfig, SDModelConfig), prog="sdgrpo train")
 
-            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
-                     for k in unknown]
-            raise UserError(f"{path}: unknown option(s) {', '.join(hints)}")
+    def error(message: str):
+        raise UserError(f"{source if yaml_argv else 'command line'}: {message}")
+
+    parser.error = error  # one line instead of argparse's usage text and exit
     try:
-        train_cfg, model_cfg = parser.parse_args_and_config(argv)
+        train_cfg, model_cfg = parser.parse_args_into_dataclasses(args=yaml_argv + argv)
     except ValueError as err:
-        raise UserError(str(err)) from None
+        raise UserError(str(err).splitlines()[0]) from None
     return train_cfg, model_cfg
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import signal
 from pathlib import Path
 
 import yaml
@@ -12,7 +14,7 @@ from sdgrpo.config import SDGRPOConfig, SDModelConfig, config_to_dict
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.rewards import build_reward
-from sdgrpo.trainer import MetricsFileCallback, trainer_class
+from sdgrpo.trainer import MetricsFileCallback, StopRequest, last_complete_checkpoint, trainer_class
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +72,59 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def finish(trainer, guard: CollapseGuard, out: Path) -> None:
-    """Save the final adapter; after a collapse-guard stop, the last adapter within limits where there is one."""
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C after saving; the message says where and how to continue."""
+
+
+# Options that may differ between a run and its --resume: they do not change what is being trained.
+RESUME_MAY_DIFFER = {"max_steps", "num_train_epochs", "resume_from_checkpoint", "logging_dir", "save_steps",
+                     "logging_steps", "report_to", "save_total_limit", "dataloader_num_workers"}
+
+
+def check_resume(out: Path, current: dict) -> Path:
+    """The checkpoint to resume from, after refusing a config that differs from the interrupted run's."""
+    saved_path = out / "resolved_config.yaml"
+    checkpoint = last_complete_checkpoint(out)
+    if checkpoint is None or not saved_path.is_file():
+        raise UserError(f"{out}: no complete checkpoint to resume from; run without --resume to start afresh")
+    saved = yaml.safe_load(saved_path.read_text())
+    diffs = [f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in sorted(set(saved) | set(current))
+             if k not in RESUME_MAY_DIFFER and saved.get(k) != current.get(k)]
+    if diffs:
+        raise UserError(f"{out} was trained with other settings ({'; '.join(diffs[:3])}); resume with the same "
+                        "config, or give a new --output_dir")
+    return checkpoint
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric records past ``step``: a resumed run logs those steps again."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _save_final(trainer, out: Path) -> None:
+    trainer.save_model(str(out))
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml holds the same
+
+
+def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
+    """Save the final adapter; after a guard stop or a NaN loss, the last adapter within limits where there is one."""
+    if stop.fatal:
+        good = last_complete_checkpoint(out)
+        if good is not None:
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                shutil.copy2(good / name, out / name)
+        raise UserError(f"training stopped: {stop.reason}; "
+                        + (f"the last good adapter ({good.name}) is in {out}" if good else "no checkpoint was saved")
+                        + "; lower --learning_rate or check the data")
     if guard.state.tripped_at is None:
-        trainer.save_model(str(out))
+        _save_final(trainer, out)
+        if stop.reason:
+            raise Interrupted(f"{stop.reason} at step {trainer.state.global_step}: adapter and trainer state saved "
+                              f"in {out}; continue with the same command and --resume")
         return
-    trainer.save_model(str(out / "collapsed"))
+    _save_final(trainer, out / "collapsed")
     good = guard.good_checkpoint() if guard.action == "restore" else None
     if good is not None:
         step, path = good
@@ -83,19 +132,25 @@ def finish(trainer, guard: CollapseGuard, out: Path) -> None:
             shutil.copy2(Path(path) / name, out / name)
         where = f"the last adapter within limits (step {step}) is in {out}"
     else:
-        trainer.save_model(str(out))
+        _save_final(trainer, out)
         where = f"no checkpoint within limits was saved, so {out} holds the adapter of step {guard.state.tripped_at}"
     guard.write(out / "collapse_guard.json")
     logger.warning("collapse guard stopped training at step %d: %s; %s (the collapsed one is in %s)",
                    guard.state.tripped_at, guard.state.reason, where, out / "collapsed")
 
 
-def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
-    """Train and save adapters, resolved config and metrics under ``output_dir``; returns that folder."""
+def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False) -> Path:
+    """Train and save adapters, resolved config and metrics under ``output_dir``; returns that folder.
+
+    Ctrl-C finishes the current step, saves a checkpoint and the adapter, and raises :class:`Interrupted`.
+    With ``resume``, training continues from the last complete checkpoint of ``output_dir``.
+    """
     from sdgrpo.compat import ensure_trl_runs_without_triton
 
     ensure_trl_runs_without_triton()
     out = Path(train_cfg.output_dir)
+    resolved = config_to_dict(train_cfg, model_cfg)
+    checkpoint = check_resume(out, resolved) if resume else None
     dataset = load_prompts(train_cfg.dataset_path, "train", train_cfg.max_train_prompts)
     model, tokenizer, peft_config = build_policy(train_cfg, model_cfg)
     # The reward scores with the trainer's PEFT model (adapters disabled); it is bound once the trainer made it.
@@ -103,8 +158,13 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
                           token_budget=train_cfg.reward_token_budget, score_with=train_cfg.score_with)
     guard = CollapseGuard(train_cfg.collapse_guard, train_cfg.guard_max_seq_rep_increase,
                           train_cfg.guard_max_distinct2_drop, train_cfg.guard_patience)
+    stop = StopRequest()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "resolved_config.yaml").write_text(yaml.safe_dump(config_to_dict(train_cfg, model_cfg), sort_keys=True))
+    if checkpoint is not None:
+        _truncate_metrics(out / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "resolved_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
     if train_cfg.backend == "unsloth":
         from sdgrpo.backends.unsloth import adapt_config, unsloth_trainer_class
 
@@ -125,7 +185,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
             peft_config=peft_config,
             max_prompt_length=train_cfg.max_prompt_length,
             reuse_reference_logprobs=reuse,
-            callbacks=[MetricsFileCallback(out / "metrics.jsonl"), guard],
+            callbacks=[MetricsFileCallback(out / "metrics.jsonl"), guard, stop],
         )
     except ValueError as err:
         if "target module" in str(err).lower():
@@ -133,8 +193,19 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> Path:
                             "that exist, or all-linear)") from None
         raise
     reward.model = trainer.model
-    trainer.train(resume_from_checkpoint=train_cfg.resume_from_checkpoint)
-    finish(trainer, guard, out)
+
+    def on_sigint(signum, frame):
+        if stop.reason:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        logger.warning("Ctrl-C: finishing this step, then saving (press again to stop at once)")
+        stop.request("interrupted by Ctrl-C")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    finish(trainer, guard, stop, out)
     logger.info("adapter saved to %s (reward reused from the KL pass in %d of the reward calls)",
                 out, trainer.reference_reuses)
     return out

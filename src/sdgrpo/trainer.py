@@ -23,6 +23,18 @@ from sdgrpo.metrics import collapse_metrics
 
 logger = logging.getLogger(__name__)
 
+COMPLETE_MARKER = "sdgrpo_complete.json"
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The highest-step ``checkpoint-N`` folder that was fully written (has sdgrpo's completion marker)."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        step = path.name.split("-")[-1]
+        if step.isdigit() and (path / COMPLETE_MARKER).is_file():
+            found.append((int(step), path))
+    return max(found)[1] if found else None
+
 
 def _lora_layers(model) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -41,6 +53,16 @@ class SelfDistillMixin:
         self._prompt_ids: list[list[int]] | None = None
         self._ref_logps: torch.Tensor | None = None
         self.reference_reuses = 0  # reward batches served from the KL pass
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        """Save as TRL/transformers do, then mark the folder complete (atomically): resume only trusts marked ones."""
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            tmp = folder / (COMPLETE_MARKER + ".tmp")
+            tmp.write_text(json.dumps({"step": self.state.global_step}))
+            tmp.replace(folder / COMPLETE_MARKER)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def _tokenize_prompts(self, prompts: list):
@@ -109,6 +131,34 @@ def trainer_class(base: type | None = None) -> type:
     if base is None or base is GRPOTrainer:
         return SelfDistillGRPOTrainer
     return type(f"SelfDistill{base.__name__}", (SelfDistillMixin, base), {})
+
+
+class StopRequest(TrainerCallback):
+    """Stops training cleanly at the end of the current step, saving a checkpoint: for Ctrl-C and NaN losses."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self.fatal = False  # the model itself is broken (non-finite): keep no checkpoint of it
+
+    def request(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Trainer's logging_nan_inf_filter hides a NaN loss from the logs; the gradient norm still shows it.
+        for name in ("loss", "grad_norm"):
+            value = (logs or {}).get(name)
+            if isinstance(value, float) and not math.isfinite(value):
+                self.request(f"the loss became non-finite ({name} {value}) at step {state.global_step}")
+                self.fatal = True
+                break
+        if self.fatal:
+            control.should_training_stop = True
+            control.should_save = False  # no checkpoint of a non-finite model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.reason and not self.fatal:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 class MetricsFileCallback(TrainerCallback):

@@ -1,0 +1,136 @@
+"""Interruption, resume, NaN losses and bad config values: nothing lost, one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sdgrpo.trainer import COMPLETE_MARKER, last_complete_checkpoint
+
+
+def cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "sdgrpo.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_model_dir, shared_data):
+    out = tmp_path_factory.mktemp("prepared")
+    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "prepare", shared_data / "gutenberg" / "alice.txt",
+                        "--output", out, "--model", tiny_model_dir, "--max_prompt_tokens", "24"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def train_args(model, data, out, *extra):
+    return ["train", "--model_name_or_path", model, "--dataset_path", data, "--output_dir", out,
+            "--per_device_train_batch_size", 4, "--num_generations", 4, "--max_completion_length", 8,
+            "--report_to", "none", "--collapse_guard", "off", *extra]
+
+
+def steps_logged(out) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x)["step"] for x in path.read_text().splitlines() if '"reward"' in x]
+
+
+def wait_for(cond, proc, timeout=300):
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.2)
+
+
+def test_ctrl_c_saves_adapter_and_state(tmp_path, prepared, tiny_model_dir):
+    out = tmp_path / "run"
+    proc = cli(*train_args(tiny_model_dir, prepared, out, "--max_steps", 500, "--save_steps", 1000))
+    wait_for(lambda: len(steps_logged(out)) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "continue with the same command and --resume" in err.splitlines()[-1]
+    assert (out / "adapter_model.safetensors").is_file()
+    ckpt = last_complete_checkpoint(out)
+    assert ckpt is not None and (ckpt / "trainer_state.json").is_file() and (ckpt / "optimizer.pt").is_file()
+    assert int(ckpt.name.split("-")[1]) == json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+
+
+def test_kill_9_then_resume_reaches_the_same_step_count(tmp_path, prepared, tiny_model_dir):
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, prepared, out, "--max_steps", 6, "--save_steps", 2)
+    proc = cli(*args)
+    wait_for(lambda: (out / "checkpoint-2" / COMPLETE_MARKER).exists(), proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    # A half-written checkpoint (no completion marker) must never be picked up.
+    (out / "checkpoint-9").mkdir()
+    (out / "checkpoint-9" / "trainer_state.json").write_text("{")
+    resumed = subprocess.run([sys.executable, "-m", "sdgrpo.cli", *map(str, args), "--resume"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert not (out / "training_args.bin").exists()  # no pickle in the final output
+
+    changed = subprocess.run([sys.executable, "-m", "sdgrpo.cli", *map(str, args), "--learning_rate", "0.5",
+                              "--resume"], capture_output=True, text=True)
+    assert changed.returncode == 2
+    assert "was trained with other settings (learning_rate" in changed.stderr.splitlines()[-1]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_adapter(tmp_path, prepared, tiny_model_dir, monkeypatch):
+    import torch
+
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.errors import UserError
+    from sdgrpo.train import main
+    from sdgrpo.trainer import SelfDistillGRPOTrainer
+
+    original = SelfDistillGRPOTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *a, **k):
+        loss = original(self, model, inputs, *a, **k)
+        return loss * torch.nan if self.state.global_step >= 2 else loss
+
+    monkeypatch.setattr(SelfDistillGRPOTrainer, "compute_loss", compute_loss)
+    out = tmp_path / "nan"
+    train_cfg, model_cfg = parse_train_args([str(a) for a in train_args(
+        tiny_model_dir, prepared, out, "--max_steps", 6, "--save_steps", 1)[1:]])
+    message = r"the loss became non-finite \(grad_norm nan\) at step 3; the last good adapter \(checkpoint-2\)"
+    with pytest.raises(UserError, match=message):
+        main(train_cfg, model_cfg)
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "adapter_model.safetensors")
+    good = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(torch.equal(saved[k], good[k]) for k in good)
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert not (out / "checkpoint-3").exists()
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("learning_rate: abc\n", "argument --learning_rate/--learning-rate: invalid float value: 'abc'"),
+    ("lr_scheduler_type: cosinus\n", "invalid choice: 'cosinus' (choose from 'linear', 'cosine'"),
+    ("use_cpu: perhaps\n", "Truthy value expected"),
+    ("num_generations: 3\nper_device_train_batch_size: 4\ngeneration_batch_size: 4\n",
+     "generation_batch_size (4) must be divisible by num_generations (3)"),
+])
+def test_mistyped_config_values_name_the_option(tmp_path, yaml_text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "train", "--config", cfg], capture_output=True,
+                       text=True)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("sdgrpo train: error:") and message in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
