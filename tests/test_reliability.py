@@ -134,3 +134,69 @@ def test_mistyped_config_values_name_the_option(tmp_path, yaml_text, message):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("sdgrpo train: error:") and message in last, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_more_bad_inputs_are_one_line(tmp_path, prepared, tiny_model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    (tmp_path / "a.csv").write_text("id,body\n1,hello there\n")
+    pq.write_table(pa.table({"body": ["hello"]}), tmp_path / "b.parquet")
+    Dataset.from_dict({"text": ["x"]}).save_to_disk(str(tmp_path / "noprompt"))
+    cases = [
+        (["prepare", tmp_path / "a.csv", "--output", tmp_path / "o"], "a.csv: no column 'text'"),
+        (["prepare", tmp_path / "b.parquet", "--output", tmp_path / "o"], "b.parquet: no column 'text'"),
+        (train_args(tiny_model_dir, tmp_path / "noprompt", tmp_path / "x"), "dataset has no 'prompt' column"),
+        (["eval", "--data", prepared, "--adapter", tmp_path, "--output", tmp_path / "e",
+          "--model_name_or_path", tiny_model_dir], "no adapter_config.json"),
+        (["pretrain", "--data_dir", tmp_path / "nothing"], "no training texts under"),
+        (["prepare", prepared, "--output", tmp_path / "o"], "dataset has no column 'text'"),
+    ]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", *map(str, args)], capture_output=True, text=True)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("sdgrpo ") and message in last, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr
+
+
+def test_nan_and_none_rewards_are_excluded_not_best(tmp_path, prepared, tiny_model_dir):
+    """TRL excludes a NaN/None reward from the group baseline and gives it zero advantage; we count it."""
+    import math
+
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig
+
+    from sdgrpo.compat import ensure_trl_runs_without_triton
+    from sdgrpo.trainer import SelfDistillGRPOTrainer
+
+    ensure_trl_runs_without_triton()
+    seen = {}
+
+    def reward(prompts, completions, completion_ids, **kw):
+        out = [float(-len(c)) for c in completions]
+        out[0], out[1] = math.nan, None
+        return out
+
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=6, report_to="none", use_cpu=True, bf16=False, save_strategy="no")
+    trainer = SelfDistillGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[reward], args=args,
+        train_dataset=load_from_disk(str(prepared))["train"].select(range(4)),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    original = trainer._generate_and_score_completions
+
+    def capture(inputs):
+        out = original(inputs)
+        seen.update(out)
+        return out
+
+    trainer._generate_and_score_completions = capture
+    trainer.train()
+    adv = seen["advantages"]
+    assert adv[0] == 0 and adv[1] == 0  # unscorable: no push either way
+    assert torch.isfinite(adv).all()
+    assert trainer._metrics["train"]["collapse/unscored_rate"][0] == pytest.approx(0.5)

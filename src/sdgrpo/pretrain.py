@@ -69,7 +69,9 @@ def load_corpus(data_dir: str | Path, heldout_fraction: float = 0.05) -> list[tu
             train, held = split_text(read_text_file(path), heldout_fraction)
             out.append((f"{sub}/{path.name}", train, held))
     if not out:
-        raise FileNotFoundError(f"no training texts under {root}/{{{','.join(CORPORA)}}}")
+        from sdgrpo.errors import UserError
+
+        raise UserError(f"{root}: no training texts under {'/, '.join(CORPORA)}/; pass --data_dir with those folders")
     return out
 
 
