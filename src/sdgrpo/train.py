@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -139,6 +140,15 @@ def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
                    guard.state.tripped_at, guard.state.reason, where, out / "collapsed")
 
 
+def _end_distributed() -> None:
+    """Tear the process group down before exit: a live gloo group aborts the process at interpreter shutdown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False) -> Path:
     """Train and save adapters, resolved config and metrics under ``output_dir``; returns that folder.
 
@@ -160,11 +170,13 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
                           train_cfg.guard_max_distinct2_drop, train_cfg.guard_patience)
     stop = StopRequest()
     out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None:
-        _truncate_metrics(out / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
-    else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "resolved_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
+    if int(os.environ.get("RANK", "0")) == 0:
+        if checkpoint is not None:
+            _truncate_metrics(out / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
+        else:
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer under accelerate/torchrun
+        (out / "resolved_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
     if train_cfg.backend == "unsloth":
         from sdgrpo.backends.unsloth import adapt_config, unsloth_trainer_class
 
@@ -205,7 +217,10 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         signal.signal(signal.SIGINT, previous)
-    finish(trainer, guard, stop, out)
+    try:
+        finish(trainer, guard, stop, out)
+    finally:
+        _end_distributed()
     logger.info("adapter saved to %s (reward reused from the KL pass in %d of the reward calls)",
                 out, trainer.reference_reuses)
     return out

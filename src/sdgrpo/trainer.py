@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -108,18 +109,29 @@ class SelfDistillMixin:
         return rewards
 
     def _log_collapse_metrics(self, completions, completion_ids_list, rewards: torch.Tensor) -> None:
-        """Diversity, repetition, length and EOS rate of this batch's completions, logged as ``collapse/*``.
+        """Diversity, repetition, length and EOS rate of the whole generation batch, logged as ``collapse/*``.
 
-        Computed on this process's completions (whole groups: TRL gives each process complete groups).
+        With several processes the completions of every process are gathered first, so the figures (and the
+        guard's decisions, taken on every process) describe the whole batch, not one rank's share. ``rewards``
+        is already gathered by TRL.
         """
+        from accelerate.utils import gather_object
+
         mode = "train" if self.model.training else "eval"
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-        metrics = collapse_metrics(completion_ids_list, texts, set(self.eos_token_ids), self.num_generations)
-        non_finite = (~torch.isfinite(rewards)).all(dim=1).float().mean().item() if rewards.numel() else 0.0
-        metrics["unscored_rate"] = non_finite
+        ids = [list(map(int, c)) for c in completion_ids_list]
+        if self.accelerator.num_processes > 1:
+            ids, texts = gather_object(ids), gather_object(texts)
+        metrics = collapse_metrics(ids, texts, set(self.eos_token_ids), self.num_generations)
+        metrics["unscored_rate"] = (~torch.isfinite(rewards)).all(dim=1).float().mean().item()
         for key, value in metrics.items():
             if value is not None:
                 self._metrics[mode][f"collapse/{key}"].append(value)
+        debug_dir = os.environ.get("SDGRPO_DEBUG_REWARDS_DIR")
+        if debug_dir:  # for tests: what each process saw
+            record = {"step": self.state.global_step, "rewards": rewards[:, 0].tolist(), "collapse": metrics}
+            with open(Path(debug_dir) / f"rank{self.accelerator.process_index}.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
 
 
 class SelfDistillGRPOTrainer(SelfDistillMixin, GRPOTrainer):
