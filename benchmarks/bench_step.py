@@ -1,0 +1,203 @@
+"""Time per GRPO step on the GPU, split into generation, reward scoring and the rest (policy/reference passes).
+
+Variants (each in its own process, since importing Unsloth patches TRL for the whole process):
+  trl_plain         bare TRL GRPOTrainer + PEFT LoRA, TRL's defaults, the sketch's reward (one forward per completion)
+  sdgrpo_hf         `sdgrpo train --backend hf` with its defaults
+  sdgrpo_hf_static  the same with cache_implementation=static
+  unsloth_bare      Unsloth model + Unsloth-patched GRPOTrainer, the sketch's reward
+  sdgrpo_unsloth    `sdgrpo train --backend unsloth`
+Model: Qwen2.5 shapes with a 32k vocabulary and random bf16 weights; G=8 completions of 512 tokens, prompts of
+~128 tokens, LoRA r 16 on all linear projections, beta 0.04. 1 warm-up step, then 3 timed steps (medians).
+Usage: python benchmarks/bench_step.py OUT_DIR [shape] [variant ...]
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_static", "unsloth_bare", "sdgrpo_unsloth"]
+STEPS, WARMUP, G, COMPLETION, PROMPT = 4, 1, 8, 512, 128
+
+
+def make_assets(work: Path, shape: str) -> tuple[Path, Path]:
+    """A random model folder of the shape (32k vocab) and a prompt dataset, made once."""
+    import torch
+    from datasets import Dataset, DatasetDict
+
+    sys.path.insert(0, str(HERE))
+    from common import random_model
+
+    from sdgrpo.config import TINY_MODEL
+    from sdgrpo.modeling import load_tokenizer
+
+    model_dir, data_dir = work / f"{shape}-32k", work / "prompts"
+    tok = load_tokenizer(TINY_MODEL)
+    if not model_dir.exists():
+        model = random_model(shape, vocab_size=32768)
+        model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+        model.config.pad_token_id = tok.pad_token_id
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        del model
+        torch.cuda.empty_cache()
+    if not data_dir.exists():
+        text = (HERE.parent / ".gpu_data" / "gutenberg" / "alice.txt").read_text(encoding="utf-8-sig")
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        prompts = [tok.decode(ids[i : i + PROMPT]) for i in range(0, PROMPT * 64, PROMPT)]
+        DatasetDict({"train": Dataset.from_dict({"prompt": prompts})}).save_to_disk(str(data_dir))
+    return model_dir, data_dir
+
+
+class Timer:
+    """Wraps trainer methods at class level and records wall time per call (CUDA-synchronised)."""
+
+    def __init__(self):
+        self.records: dict[str, list[float]] = {}
+
+    def wrap(self, cls, name: str, label: str):
+        import torch
+
+        original = getattr(cls, name)
+        if getattr(original, "_bench_wrapped", False):
+            return
+
+        @functools.wraps(original)
+        def timed(obj, *args, **kwargs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = original(obj, *args, **kwargs)
+            torch.cuda.synchronize()
+            self.records.setdefault(label, []).append(time.perf_counter() - t0)
+            return out
+
+        timed._bench_wrapped = True
+        setattr(cls, name, timed)
+
+
+def sketch_reward(model, tokenizer):
+    """The original sketch: re-tokenize prompt + completion, one forward each (kept for the baseline only)."""
+    import torch
+
+    def reward(prompts, completions, **kwargs):
+        out = []
+        with torch.no_grad():
+            for p, c in zip(prompts, completions):
+                ids = tokenizer(p + c, return_tensors="pt").input_ids.to(model.device)
+                n = len(tokenizer(p).input_ids)
+                logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0, n - 1 : -1]
+                picked = logp.gather(-1, ids[0, n:, None])
+                out.append(picked.mean().item() if picked.numel() else 0.0)
+        return out
+
+    reward.__name__ = "sketch_nll"
+    return reward
+
+
+def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dict:
+    import torch
+
+    unsloth = "unsloth" in variant
+    if unsloth:
+        import unsloth  # noqa: F401  (before trl)
+    import trl
+    from datasets import load_from_disk
+
+    timer = Timer()
+    timer.wrap(trl.GRPOTrainer, "_generate", "generation")
+    timer.wrap(trl.GRPOTrainer, "_calculate_rewards", "scoring")
+    timer.wrap(trl.GRPOTrainer, "training_step", "step")
+    common = dict(max_steps=STEPS, per_device_train_batch_size=G, num_generations=G, max_completion_length=COMPLETION,
+                  beta=0.04, learning_rate=1e-5, bf16=True, report_to="none", save_strategy="no", logging_steps=1)
+    torch.cuda.reset_peak_memory_stats()
+    if variant.startswith("sdgrpo"):
+        from sdgrpo.config import parse_train_args
+        from sdgrpo.train import main
+
+        argv = ["--model_name_or_path", str(model_dir), "--dataset_path", str(data_dir), "--output_dir",
+                str(out / variant), "--collapse_guard", "off", "--backend", "unsloth" if unsloth else "hf"]
+        for k, v in common.items():
+            argv += [f"--{k}", str(v)]
+        if variant == "sdgrpo_hf_static":
+            argv += ["--cache_implementation", "static"]
+        train_cfg, model_cfg = parse_train_args(argv)
+        main(train_cfg, model_cfg)
+    else:
+        from peft import LoraConfig
+
+        lora = dict(r=16, lora_alpha=32, lora_dropout=0.05)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        if unsloth:
+            from unsloth import FastLanguageModel
+
+            model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=PROMPT + COMPLETION + 64,
+                                                           load_in_4bit=False, dtype=torch.bfloat16)
+            model = FastLanguageModel.get_peft_model(model, target_modules=targets, bias="none", **lora,
+                                                     use_gradient_checkpointing="unsloth")
+            peft_config = None
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda()
+            tok = AutoTokenizer.from_pretrained(model_dir)
+            peft_config = LoraConfig(target_modules=targets, task_type="CAUSAL_LM", **lora)
+        from sdgrpo.compat import ensure_trl_runs_without_triton
+
+        ensure_trl_runs_without_triton()
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[sketch_reward(model, tok)],
+                                  args=trl.GRPOConfig(output_dir=str(out / variant), **common),
+                                  train_dataset=load_from_disk(str(data_dir))["train"], processing_class=tok,
+                                  peft_config=peft_config)
+        trainer.train()
+    timed = {k: v[WARMUP:] for k, v in timer.records.items()}
+    med = {k: statistics.median(v) for k, v in timed.items() if v}
+    step = med.get("step", float("nan"))
+    return {
+        "variant": variant, "steps_timed": len(timed.get("step", [])),
+        "step_s": step, "generation_s": med.get("generation"), "scoring_s": med.get("scoring"),
+        "policy_and_reference_s": step - med.get("generation", 0) - med.get("scoring", 0),
+        "completion_tokens_per_s": G * COMPLETION / step,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def main():
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "results")
+    shape = sys.argv[2] if len(sys.argv) > 2 else "qwen2.5-1.5b"
+    variants = sys.argv[3:] or VARIANTS
+    work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_step"))
+    if os.environ.get("BENCH_CHILD"):
+        model_dir, data_dir = make_assets(work, shape)
+        print("RESULT " + json.dumps(run_variant(variants[0], model_dir, data_dir, work)), flush=True)
+        return
+    sys.path.insert(0, str(HERE))
+    from common import environment, save
+
+    work.mkdir(parents=True, exist_ok=True)
+    make_assets(work, shape)
+    results = []
+    for variant in variants:
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, __file__, str(out), shape, variant], capture_output=True, text=True,
+                              env={**os.environ, "BENCH_CHILD": "1"})
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        row = json.loads(lines[-1][7:]) if lines else {"variant": variant, "error": proc.stderr[-1500:]}
+        row["wall_s"] = time.time() - t0
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    payload = {"benchmark": "grpo_step", "shape": f"{shape}, 32k vocab, random bf16 weights",
+               "config": {"G": G, "completion_tokens": COMPLETION, "prompt_tokens": PROMPT, "lora_r": 16,
+                          "beta": 0.04, "steps_timed": STEPS - WARMUP},
+               **environment(), "results": results}
+    save(f"bench_step_{shape}", payload, out)
+
+
+if __name__ == "__main__":
+    main()
