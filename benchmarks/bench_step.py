@@ -7,7 +7,8 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
   unsloth_bare      Unsloth model + Unsloth-patched GRPOTrainer, the sketch's reward
   sdgrpo_unsloth    `sdgrpo train --backend unsloth`
 Model: Qwen2.5 shapes with a 32k vocabulary and random bf16 weights; G=8 completions of 512 tokens, prompts of
-~128 tokens, LoRA r 16 on all linear projections, beta 0.04. 1 warm-up step, then 3 timed steps (medians).
+~128 tokens, LoRA r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3)
+timed steps (medians).
 Usage: python benchmarks/bench_step.py OUT_DIR [shape] [variant ...]
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_static", "unsloth_bare", "sdgrpo_unsloth"]
-STEPS, WARMUP, G, COMPLETION, PROMPT = 4, 1, 8, 512, 128
+STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
 
 
 def make_assets(work: Path, shape: str) -> tuple[Path, Path]:
@@ -192,6 +193,7 @@ def main():
         row["wall_s"] = time.time() - t0
         results.append(row)
         print(json.dumps(row), flush=True)
+        (out / f"bench_step_partial_{variant}.json").write_text(json.dumps(row))  # survives a time-out
     payload = {"benchmark": "grpo_step", "shape": f"{shape}, 32k vocab, random bf16 weights",
                "config": {"G": G, "completion_tokens": COMPLETION, "prompt_tokens": PROMPT, "lora_r": 16,
                           "beta": 0.04, "steps_timed": STEPS - WARMUP},

@@ -199,4 +199,4 @@ def test_nan_and_none_rewards_are_excluded_not_best(tmp_path, prepared, tiny_mod
     adv = seen["advantages"]
     assert adv[0] == 0 and adv[1] == 0  # unscorable: no push either way
     assert torch.isfinite(adv).all()
-    assert trainer._metrics["train"]["collapse/unscored_rate"][0] == pytest.approx(0.5)
+    assert trainer.state.log_history[0]["collapse/unscored_rate"] == pytest.approx(0.5)
