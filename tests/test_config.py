@@ -9,7 +9,7 @@ import pytest
 from sdgrpo.config import TINY_MODEL, parse_train_args
 from sdgrpo.errors import UserError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))  # training configs
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -60,3 +60,15 @@ def test_bad_config_is_one_clear_error(tmp_path, yaml_text, message):
     cfg.write_text(yaml_text)
     with pytest.raises(UserError, match=message):
         parse_train_args(["--config", str(cfg)])
+
+
+ACCELERATE = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_shipped_accelerate_configs_parse(path):
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["distributed_type"] in {"MULTI_GPU", "FSDP"} and cfg["num_processes"] >= 2
+    assert cfg["mixed_precision"] == "bf16" and cfg["use_cpu"] is False
