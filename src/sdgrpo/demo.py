@@ -10,14 +10,12 @@ import argparse
 import dataclasses
 import json
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdgrpo.config import TINY_MODEL, parse_train_args
 from sdgrpo.evaluate import verdict
-from sdgrpo.metrics import collapse_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +43,6 @@ def parse_demo_args(argv: list[str]) -> DemoConfig:
     return DemoConfig(**vars(p.parse_args(argv)))
 
 
-def _summary(rewards, samples, eos_ids) -> dict:
-    vals = [r for r in rewards if r is not None]
-    return {"reward_mean": statistics.fmean(vals), "reward_std": statistics.pstdev(vals),
-            **collapse_metrics(samples.completion_ids, samples.texts, eos_ids, group_size=samples.k)}
-
-
 def main(cfg: DemoConfig) -> int:
     import torch
     from datasets import load_from_disk
@@ -58,9 +50,9 @@ def main(cfg: DemoConfig) -> int:
     from rich.console import Console
 
     from sdgrpo.data import PrepareConfig, prepare
+    from sdgrpo.evaluate import summarize
     from sdgrpo.modeling import load_model, load_tokenizer
     from sdgrpo.report import fmt, markdown_table, plot_before_after, plot_curves, samples_table
-    from sdgrpo.sampling import base_rewards, sample
     from sdgrpo.train import main as train_main
     from sdgrpo.trainer import read_metrics
 
@@ -80,9 +72,8 @@ def main(cfg: DemoConfig) -> int:
 
     console.rule("[bold]2/4 sample the base model on held-out prompts")
     base = load_model(TINY_MODEL, torch.float32, "cpu")
-    eos_ids = {tokenizer.eos_token_id}
-    before = sample(base, tokenizer, held_out, cfg.eval_samples, cfg.max_completion_length, seed=cfg.seed)
-    r_before = base_rewards(base, tokenizer, before)
+    s_before, before = summarize(base, tokenizer, base, held_out, cfg.eval_samples, cfg.max_completion_length, 1.0,
+                                 cfg.seed, keep_rewards=True)
 
     console.rule("[bold]3/4 self-distillation GRPO (LoRA, KL to the base)")
     train_cfg, model_cfg = parse_train_args([
@@ -98,19 +89,15 @@ def main(cfg: DemoConfig) -> int:
 
     console.rule("[bold]4/4 sample the trained adapters on the same prompts")
     trained = PeftModel.from_pretrained(load_model(TINY_MODEL, torch.float32, "cpu"), str(out / "adapter"))
-    after = sample(trained, tokenizer, held_out, cfg.eval_samples, cfg.max_completion_length, seed=cfg.seed)
-    r_after = base_rewards(trained, tokenizer, after)
+    s_after, after = summarize(trained, tokenizer, trained, held_out, cfg.eval_samples, cfg.max_completion_length,
+                               1.0, cfg.seed, keep_rewards=True)
 
-    s_before, s_after = _summary(r_before, before, eos_ids), _summary(r_after, after, eos_ids)
-    colder = {}
-    for t in [float(x) for x in cfg.baseline_temperatures.split(",") if x.strip()]:
-        cold = sample(base, tokenizer, held_out, cfg.eval_samples, cfg.max_completion_length, temperature=t,
-                      seed=cfg.seed)
-        colder[t] = _summary(base_rewards(base, tokenizer, cold), cold, eos_ids)
+    colder = {t: summarize(base, tokenizer, base, held_out, cfg.eval_samples, cfg.max_completion_length, t,
+                           cfg.seed)[0]
+              for t in [float(x) for x in cfg.baseline_temperatures.split(",") if x.strip()]}
     sentence = verdict(s_after, {1.0: s_before, **colder})
     plot_curves(rows, out / "curves.png")
-    plot_before_after([r for r in r_before if r is not None], [r for r in r_after if r is not None],
-                      out / "rewards.png")
+    plot_before_after(s_before.pop("rewards"), s_after.pop("rewards"), out / "rewards.png")
     elapsed = time.time() - t0
     result = {"config": dataclasses.asdict(cfg), "before": s_before, "after": s_after,
               "base_colder": {str(t): v for t, v in colder.items()},

@@ -38,16 +38,23 @@ class EvalConfig:
     trust_remote_code: bool = False
 
 
-def summarize(model, tokenizer, base_scorer, prompts, k, max_new_tokens, temperature, seed) -> tuple[dict, object]:
-    """Sample K per prompt and summarise: reward under the base, collapse metrics."""
+def summarize(model, tokenizer, base_scorer, prompts, k, max_new_tokens, temperature, seed,
+              keep_rewards: bool = False) -> tuple[dict, object]:
+    """Sample K per prompt and summarise: reward under the base (``base_scorer`` with adapters off), collapse metrics.
+
+    With ``keep_rewards`` the per-sample rewards are included under ``rewards``.
+    """
     from sdgrpo.sampling import base_rewards, sample
 
     samples = sample(model, tokenizer, prompts, k, max_new_tokens, temperature=temperature, seed=seed)
     rewards = [r for r in base_rewards(base_scorer, tokenizer, samples) if r is not None]
     eos_ids = {tokenizer.eos_token_id}
-    return {"temperature": temperature, "reward_mean": statistics.fmean(rewards),
-            "reward_std": statistics.pstdev(rewards), "unscored": len(samples.texts) - len(rewards),
-            **collapse_metrics(samples.completion_ids, samples.texts, eos_ids, group_size=k)}, samples
+    out = {"temperature": temperature, "reward_mean": statistics.fmean(rewards),
+           "reward_std": statistics.pstdev(rewards), "unscored": len(samples.texts) - len(rewards),
+           **collapse_metrics(samples.completion_ids, samples.texts, eos_ids, group_size=k)}
+    if keep_rewards:
+        out["rewards"] = rewards
+    return out, samples
 
 
 def continuation_nll(model, tokenizer, prompts: list[str], continuations: list[str]) -> dict:

@@ -104,6 +104,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
+def _copy_adapter(checkpoint: Path, out: Path) -> None:
+    """Make a checkpoint's adapter the final one in ``out``."""
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy2(checkpoint / name, out / name)
+
+
 def _save_final(trainer, out: Path) -> None:
     trainer.save_model(str(out))
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml holds the same
@@ -114,8 +120,7 @@ def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
     if stop.fatal:
         good = last_complete_checkpoint(out)
         if good is not None:
-            for name in ("adapter_model.safetensors", "adapter_config.json"):
-                shutil.copy2(good / name, out / name)
+            _copy_adapter(good, out)
         raise UserError(f"training stopped: {stop.reason}; "
                         + (f"the last good adapter ({good.name}) is in {out}" if good else "no checkpoint was saved")
                         + "; lower --learning_rate or check the data")
@@ -129,8 +134,7 @@ def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
     good = guard.good_checkpoint() if guard.action == "restore" else None
     if good is not None:
         step, path = good
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
-            shutil.copy2(Path(path) / name, out / name)
+        _copy_adapter(Path(path), out)
         where = f"the last adapter within limits (step {step}) is in {out}"
     else:
         _save_final(trainer, out)
