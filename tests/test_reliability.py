@@ -200,3 +200,37 @@ def test_nan_and_none_rewards_are_excluded_not_best(tmp_path, prepared, tiny_mod
     assert adv[0] == 0 and adv[1] == 0  # unscorable: no push either way
     assert torch.isfinite(adv).all()
     assert trainer.state.log_history[0]["collapse/unscored_rate"] == pytest.approx(0.5)
+
+
+def test_unreadable_file_is_one_clear_error(tmp_path, tiny_tokenizer, monkeypatch):
+    from pathlib import Path
+
+    from sdgrpo.errors import UserError
+    from sdgrpo.sources import read_documents
+
+    (tmp_path / "a.txt").write_text("some text " * 50)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # as root, chmod 000 would not stop the read
+    with pytest.raises(UserError, match=r"a.txt: permission denied; make the file readable"):
+        read_documents([str(tmp_path / "a.txt")])
+
+
+def test_safe_loading_refuses_pickled_weights(tmp_path, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.errors import UserError
+    from sdgrpo.modeling import load_model
+
+    train_cfg, _ = parse_train_args([])
+    assert train_cfg.trust_remote_code is False
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.save_pretrained(tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")  # weights only as a pickle
+    with pytest.raises(UserError, match="cannot load the model"):
+        load_model(str(tmp_path / "pickled"), torch.float32, "cpu")

@@ -61,6 +61,7 @@ class SelfDistillMixin:
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle that resuming does not read
             tmp = folder / (COMPLETE_MARKER + ".tmp")
             tmp.write_text(json.dumps({"step": self.state.global_step}))
             tmp.replace(folder / COMPLETE_MARKER)
