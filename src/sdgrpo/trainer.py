@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
+from sdgrpo import checkpoint_state
 from sdgrpo.metrics import collapse_metrics
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,33 @@ class SelfDistillMixin:
             tmp = folder / (COMPLETE_MARKER + ".tmp")
             tmp.write_text(json.dumps({"step": self.state.global_step}))
             tmp.replace(folder / COMPLETE_MARKER)
+
+    # Optimizer, scheduler and RNG state as safetensors + JSON (transformers pickles them). DeepSpeed and FSDP keep
+    # their own formats.
+    def _plain_state(self) -> bool:
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not self._plain_state():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            checkpoint_state.save_optimizer(self.optimizer.state_dict(), output_dir)
+            checkpoint_state.save_scheduler(self.lr_scheduler.state_dict(), output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or not (Path(checkpoint) / "optimizer.safetensors").is_file():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.optimizer.load_state_dict(checkpoint_state.load_optimizer(checkpoint))
+        self.lr_scheduler.load_state_dict(checkpoint_state.load_scheduler(checkpoint))
+
+    def _save_rng_state(self, output_dir):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        checkpoint_state.save_rng(output_dir, self.args.process_index if self.args.world_size > 1 else None)
+
+    def _load_rng_state(self, checkpoint):
+        rank = self.args.process_index if self.args.world_size > 1 else None
+        if checkpoint is None or not checkpoint_state.load_rng(checkpoint, rank):
+            return super()._load_rng_state(checkpoint)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def _tokenize_prompts(self, prompts: list):
