@@ -45,6 +45,15 @@ class SDGRPOConfig(GRPOConfig):
         metadata={"help": "Keep only the last this-many prompt tokens (TRL 1.15 dropped this option; sdgrpo "
                   "enforces it)."},
     )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A separate frozen model that scores completions (rewards 'teacher_nll' and 'distill')."},
+    )
+    teacher_retokenize: bool = field(
+        default=False,
+        metadata={"help": "Allow a teacher with another tokenizer (teacher_nll only): decoded text is re-tokenized, "
+                  "prompt and completion separately; approximate at the boundary."},
+    )
     score_with: str = field(
         default="base",
         metadata={"help": "'base': the frozen base scores (adapters disabled). 'policy': the live policy scores "

@@ -76,8 +76,83 @@ class SelfNLLReward:
         return [aggregate(lp.float(), self.aggregation) for lp in token_logps]
 
 
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (then sampled ids can be scored directly)."""
+    return a.get_vocab() == b.get_vocab()
+
+
+class TeacherNLLReward:
+    """TRL reward: mean (or summed) log-probability of each completion under a separate frozen teacher.
+
+    ``r = (1/T) sum_t log q(y_t | x, y_<t)``. Fixed point: the mode-seeking sharpening of the *teacher*.
+    With the student's tokenizer, the sampled ids are scored directly. With another tokenizer the call is refused
+    unless ``retokenize=True``: then the prompt text and the completion text are tokenized separately by the
+    teacher's tokenizer (EOS appended when one was sampled), an approximation at the boundary.
+    """
+
+    __name__ = "teacher_nll"
+
+    def __init__(self, teacher, tokenizer, teacher_tokenizer=None, aggregation: str = "mean",
+                 token_budget: int = 16384, retokenize: bool = False, **_):
+        from sdgrpo.errors import UserError
+
+        self.teacher, self.tokenizer = teacher, tokenizer
+        self.teacher_tokenizer = teacher_tokenizer or tokenizer
+        self.aggregation, self.token_budget = aggregation, token_budget
+        self.direct = same_vocabulary(self.tokenizer, self.teacher_tokenizer)
+        if not self.direct and not retokenize:
+            raise UserError("the teacher's tokenizer differs from the student's; pass --teacher_retokenize true to "
+                            "score the decoded text with the teacher's tokenizer (approximate at the boundary)")
+
+    def _teacher_ids(self, prompts, completion_ids, prompt_ids):
+        if self.direct:
+            return (prompt_ids if prompt_ids is not None else self.tokenizer(text=prompts)["input_ids"]), completion_ids
+        eos = self.tokenizer.eos_token_id
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        t_prompts = self.teacher_tokenizer(text=list(prompts))["input_ids"]
+        t_comps = self.teacher_tokenizer(text=texts, add_special_tokens=False)["input_ids"]
+        t_eos = self.teacher_tokenizer.eos_token_id
+        t_comps = [c + ([t_eos] if ids and ids[-1] == eos else []) for c, ids in zip(t_comps, completion_ids)]
+        return t_prompts, t_comps
+
+    def teacher_logprobs(self, prompts, completion_ids, prompt_ids=None) -> list[torch.Tensor]:
+        t_prompts, t_comps = self._teacher_ids(prompts, completion_ids, prompt_ids)
+        pad = self.teacher_tokenizer.pad_token_id if self.teacher_tokenizer.pad_token_id is not None else 0
+        return completion_logprobs(self.teacher, t_prompts, t_comps, pad_token_id=pad, token_budget=self.token_budget)
+
+    def __call__(self, prompts, completions, completion_ids, prompt_ids=None, **kwargs):
+        return [aggregate(lp, self.aggregation) for lp in self.teacher_logprobs(prompts, completion_ids, prompt_ids)]
+
+
+class DistillReward(TeacherNLLReward):
+    """TRL reward: ``r = (1/T) sum_t [log q_teacher(y_t) - log p_policy(y_t)]``, on-policy reverse-KL distillation.
+
+    Maximising its expectation minimises KL(p_policy || q_teacher): the fixed point is the teacher itself, not a
+    sharpened copy. Needs the teacher's tokenizer (no re-tokenization: the per-token difference needs the same ids).
+    The policy's log-probs come from a pass of the live policy (adapters on) at temperature 1.
+    """
+
+    __name__ = "distill"
+
+    def __init__(self, teacher, tokenizer, teacher_tokenizer=None, policy=None, **options):
+        options.pop("retokenize", None)
+        super().__init__(teacher, tokenizer, teacher_tokenizer, retokenize=False, **options)
+        self.model = policy  # bound to the trainer's model once it exists
+
+    def __call__(self, prompts, completions, completion_ids, prompt_ids=None, **kwargs):
+        if prompt_ids is None:
+            prompt_ids = self.tokenizer(text=prompts)["input_ids"]
+        teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        policy = completion_logprobs(self.model, prompt_ids, completion_ids, pad_token_id=pad,
+                                     token_budget=self.token_budget)
+        return [aggregate(q - p, "mean") for q, p in zip(teacher, policy)]
+
+
 REWARDS: dict[str, Callable[..., Callable]] = {
     "self_nll": SelfNLLReward,
+    "teacher_nll": TeacherNLLReward,
+    "distill": DistillReward,
 }
 
 
@@ -86,7 +161,20 @@ def self_nll(model, tokenizer, **options) -> SelfNLLReward:
     return SelfNLLReward(model, tokenizer, **options)
 
 
-def build_reward(name: str, model, tokenizer, **options):
+def build_reward(name: str, model, tokenizer, teacher=None, teacher_tokenizer=None, **options):
+    """A reward by registry name; ``teacher_nll`` and ``distill`` need a ``teacher``."""
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
-    return REWARDS[name](model, tokenizer, **options)
+        from sdgrpo.errors import UserError
+
+        raise UserError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
+    if name == "self_nll":
+        options.pop("retokenize", None)
+        return SelfNLLReward(model, tokenizer, **options)
+    if teacher is None:
+        from sdgrpo.errors import UserError
+
+        raise UserError(f"reward {name!r} needs --teacher_model_name_or_path")
+    options.pop("score_with", None)
+    if name == "distill":
+        return DistillReward(teacher, tokenizer, teacher_tokenizer, policy=model, **options)
+    return TeacherNLLReward(teacher, tokenizer, teacher_tokenizer, **options)

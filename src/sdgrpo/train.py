@@ -67,6 +67,25 @@ def build_policy(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig):
     return model, tokenizer, get_peft_config(model_cfg)
 
 
+def load_teacher(train_cfg: SDGRPOConfig):
+    """The frozen teacher and its tokenizer, or (None, None); its memory use is logged."""
+    if not train_cfg.teacher_model_name_or_path:
+        if train_cfg.reward != "self_nll":
+            raise UserError(f"reward {train_cfg.reward!r} needs --teacher_model_name_or_path")
+        return None, None
+    from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
+
+    device = "cpu" if train_cfg.use_cpu else ("cuda" if _cuda() else "cpu")
+    path = train_cfg.teacher_model_name_or_path
+    tokenizer = load_tokenizer(path, train_cfg.trust_remote_code)
+    teacher = load_model(path, resolve_dtype(None, device), device, train_cfg.trust_remote_code).eval()
+    teacher.requires_grad_(False)
+    size = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    logger.info("teacher %s: %.1fM parameters, %.1f MiB on %s", path,
+                sum(p.numel() for p in teacher.parameters()) / 1e6, size / 2**20, device)
+    return teacher, tokenizer
+
+
 def _cuda() -> bool:
     import torch
 
@@ -168,8 +187,10 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
     dataset = load_prompts(train_cfg.dataset_path, "train", train_cfg.max_train_prompts)
     model, tokenizer, peft_config = build_policy(train_cfg, model_cfg)
     # The reward scores with the trainer's PEFT model (adapters disabled); it is bound once the trainer made it.
-    reward = build_reward(train_cfg.reward, None, tokenizer, aggregation=train_cfg.reward_aggregation,
-                          token_budget=train_cfg.reward_token_budget, score_with=train_cfg.score_with)
+    teacher, teacher_tokenizer = load_teacher(train_cfg)
+    reward = build_reward(train_cfg.reward, None, tokenizer, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
+                          aggregation=train_cfg.reward_aggregation, token_budget=train_cfg.reward_token_budget,
+                          score_with=train_cfg.score_with, retokenize=train_cfg.teacher_retokenize)
     guard = CollapseGuard(train_cfg.collapse_guard, train_cfg.guard_max_seq_rep_increase,
                           train_cfg.guard_max_distinct2_drop, train_cfg.guard_patience)
     stop = StopRequest()
@@ -190,7 +211,9 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
         # layout is verified on a GPU, the reward runs its own exact pass there.
         reuse = False
     else:
-        trainer_cls, reuse = trainer_class(), train_cfg.reuse_reference_logprobs and train_cfg.score_with == "base"
+        trainer_cls = trainer_class()
+        reuse = (train_cfg.reuse_reference_logprobs and train_cfg.score_with == "base"
+                 and train_cfg.reward == "self_nll")
     try:
         trainer = trainer_cls(
             model=model,

@@ -1,0 +1,93 @@
+"""Teacher rewards against an independent computation: `teacher_nll` and `distill`, same and other tokenizers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_llama
+from sdgrpo.errors import UserError
+from sdgrpo.rewards import DistillReward, TeacherNLLReward, build_reward
+from test_rewards import reference_logps
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_tokenizer):
+    teacher, student = make_llama(tiny_tokenizer, seed=11, layers=3), make_llama(tiny_tokenizer, seed=12)
+    g = torch.Generator().manual_seed(0)
+    prompts = [[tiny_tokenizer.bos_token_id] + torch.randint(2, 512, (n,), generator=g).tolist() for n in (4, 9, 2)]
+    comps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (6, 1, 12)]
+    comps[1].append(tiny_tokenizer.eos_token_id)
+    return teacher, student, prompts, comps
+
+
+def test_teacher_nll_scores_sampled_ids_directly(tiny_tokenizer, setup):
+    teacher, _, prompts, comps = setup
+    reward = TeacherNLLReward(teacher, tiny_tokenizer)
+    got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts)
+    want = [reference_logps(teacher, p, c).mean().item() for p, c in zip(prompts, comps)]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_distill_is_teacher_minus_policy_per_token(tiny_tokenizer, setup):
+    teacher, student, prompts, comps = setup
+    reward = DistillReward(teacher, tiny_tokenizer, policy=student)
+    got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts)
+    want = [(reference_logps(teacher, p, c) - reference_logps(student, p, c)).mean().item()
+            for p, c in zip(prompts, comps)]
+    assert got == pytest.approx(want, abs=1e-5)
+    # At the fixed point (policy == teacher) the reward is exactly zero.
+    same = DistillReward(teacher, tiny_tokenizer, policy=teacher)
+    assert same(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts) == pytest.approx(
+        [0.0] * 3, abs=1e-6)
+
+
+def test_other_tokenizer_refused_unless_retokenizing(tiny_tokenizer, shared_data):
+    from sdgrpo.pretrain import train_tokenizer
+
+    other = train_tokenizer([(shared_data / "gutenberg" / "alice.txt").read_text(encoding="utf-8-sig")], 400)
+    teacher = make_llama(other, seed=5)
+    with pytest.raises(UserError, match="teacher's tokenizer differs"):
+        TeacherNLLReward(teacher, tiny_tokenizer, other)
+    with pytest.raises(UserError, match="teacher's tokenizer differs"):
+        DistillReward(teacher, tiny_tokenizer, other, policy=teacher, retokenize=True)
+    reward = TeacherNLLReward(teacher, tiny_tokenizer, other, retokenize=True)
+    prompt, text = "Alice was beginning", " to get very tired"
+    comp = tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    got = reward(prompts=[prompt], completions=[text], completion_ids=[comp])
+    t_prompt = other(prompt)["input_ids"]
+    t_comp = other(text, add_special_tokens=False)["input_ids"] + [other.eos_token_id]
+    assert got[0] == pytest.approx(reference_logps(teacher, t_prompt, t_comp).mean().item(), abs=1e-5)
+
+
+def test_registry_needs_a_teacher(tiny_tokenizer):
+    with pytest.raises(UserError, match="needs --teacher_model_name_or_path"):
+        build_reward("distill", None, tiny_tokenizer)
+    with pytest.raises(UserError, match="unknown reward"):
+        build_reward("nope", None, tiny_tokenizer)
+
+
+def test_cli_trains_with_a_teacher(tmp_path, tiny_model_dir, tiny_tokenizer, shared_data):
+    import json
+    import subprocess
+    import sys
+
+    teacher_dir = tmp_path / "teacher"
+    make_llama(tiny_tokenizer, seed=21, layers=3).save_pretrained(teacher_dir)
+    tiny_tokenizer.save_pretrained(teacher_dir)
+    data = tmp_path / "data"
+    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "prepare", shared_data / "gutenberg" / "alice.txt",
+                        "--output", data, "--model", tiny_model_dir, "--max_prompts", "40"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for reward in ("teacher_nll", "distill"):
+        out = tmp_path / reward
+        r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "train", "--model_name_or_path", tiny_model_dir,
+                            "--teacher_model_name_or_path", teacher_dir, "--reward", reward, "--dataset_path", data,
+                            "--output_dir", out, "--max_steps", "1", "--per_device_train_batch_size", "4",
+                            "--num_generations", "4", "--max_completion_length", "8", "--report_to", "none"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "teacher" in r.stderr and "MiB on cpu" in r.stderr
+        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert f"rewards/{reward}/mean" in row
