@@ -70,5 +70,7 @@ def test_shipped_accelerate_configs_parse(path):
     import yaml
 
     cfg = yaml.safe_load(path.read_text())
-    assert cfg["distributed_type"] in {"MULTI_GPU", "FSDP"} and cfg["num_processes"] >= 2
+    assert cfg["distributed_type"] in {"MULTI_GPU", "FSDP", "DEEPSPEED"} and cfg["num_processes"] >= 2
+    if cfg["distributed_type"] == "DEEPSPEED":
+        assert cfg["deepspeed_config"]["zero_stage"] in (2, 3)
     assert cfg["mixed_precision"] == "bf16" and cfg["use_cpu"] is False
