@@ -91,3 +91,46 @@ def test_cli_trains_with_a_teacher(tmp_path, tiny_model_dir, tiny_tokenizer, sha
         assert "teacher" in r.stderr and "MiB on cpu" in r.stderr
         row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         assert f"rewards/{reward}/mean" in row
+
+
+def test_distill_reuses_the_trainers_policy_pass(tmp_path, tiny_model_dir, tiny_tokenizer, shared_data):
+    """With steps_per_generation > gradient_accumulation_steps TRL computes the policy's log-probs before the
+    rewards; distill takes them instead of running its own pass, and they equal that pass (LoRA dropout 0)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import get_peft_config
+
+    from sdgrpo.compat import ensure_trl_runs_without_triton
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.scoring import completion_logprobs
+    from sdgrpo.trainer import SelfDistillGRPOTrainer
+
+    ensure_trl_runs_without_triton()
+    teacher = make_llama(tiny_tokenizer, seed=31, layers=3)
+    train_cfg, model_cfg = parse_train_args([
+        "--output_dir", str(tmp_path), "--max_steps", "1", "--per_device_train_batch_size", "4",
+        "--num_generations", "4", "--steps_per_generation", "2", "--max_completion_length", "6",
+        "--report_to", "none", "--save_strategy", "no", "--lora_dropout", "0", "--reward", "distill"])
+    seen = []
+
+    class Recording(DistillReward):
+        def __call__(self, *a, **kw):
+            out = super().__call__(*a, **kw)
+            seen.append((kw["prompt_ids"], kw["completion_ids"], out, kw.get("policy_per_token_logps")))
+            return out
+
+    reward = Recording(teacher, tiny_tokenizer, policy=None)
+    text = (shared_data / "gutenberg" / "alice.txt").read_text(encoding="utf-8-sig")[1000:3000]
+    data = Dataset.from_dict({"prompt": [text[i : i + 60] for i in range(0, 1600, 200)]})
+    trainer = SelfDistillGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                     reward_funcs=[reward], args=train_cfg, train_dataset=data,
+                                     processing_class=tiny_tokenizer, peft_config=get_peft_config(model_cfg))
+    reward.model = trainer.model
+    policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora" in k}
+    trainer.train()
+    assert seen and seen[0][3] is not None and reward.policy_passes == 0
+    prompt_ids, completion_ids, out, _ = seen[0]
+    trainer.model.load_state_dict(policy_before, strict=False)  # the policy as it was when it sampled
+    own_policy = completion_logprobs(trainer.model, prompt_ids, completion_ids, pad_token_id=1)
+    own_teacher = completion_logprobs(teacher, prompt_ids, completion_ids, pad_token_id=1)
+    assert out == pytest.approx([(q - p).mean().item() for q, p in zip(own_teacher, own_policy)], abs=1e-4)

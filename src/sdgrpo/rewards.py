@@ -129,7 +129,9 @@ class DistillReward(TeacherNLLReward):
 
     Maximising its expectation minimises KL(p_policy || q_teacher): the fixed point is the teacher itself, not a
     sharpened copy. Needs the teacher's tokenizer (no re-tokenization: the per-token difference needs the same ids).
-    The policy's log-probs come from a pass of the live policy (adapters on) at temperature 1.
+    The policy's log-probs come from the trainer's own policy pass when TRL made one before the rewards (its "old"
+    log-probs, when generation and optimisation steps are misaligned, at temperature 1; with LoRA dropout > 0 that
+    pass is in training mode), else from a pass of the live policy (adapters on, eval mode) at temperature 1.
     """
 
     __name__ = "distill"
@@ -138,14 +140,20 @@ class DistillReward(TeacherNLLReward):
         options.pop("retokenize", None)
         super().__init__(teacher, tokenizer, teacher_tokenizer, retokenize=False, **options)
         self.model = policy  # bound to the trainer's model once it exists
+        self.policy_passes = 0  # own policy passes; 0 when the trainer's pass was reused
 
-    def __call__(self, prompts, completions, completion_ids, prompt_ids=None, **kwargs):
+    def __call__(self, prompts, completions, completion_ids, prompt_ids=None, policy_per_token_logps=None,
+                 **kwargs):
         if prompt_ids is None:
             prompt_ids = self.tokenizer(text=prompts)["input_ids"]
         teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        policy = completion_logprobs(self.model, prompt_ids, completion_ids, pad_token_id=pad,
-                                     token_budget=self.token_budget)
+        if policy_per_token_logps is not None:  # the pass the trainer already made (temperature 1)
+            policy = [policy_per_token_logps[i][: len(c)].float().cpu() for i, c in enumerate(completion_ids)]
+        else:
+            self.policy_passes += 1
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            policy = completion_logprobs(self.model, prompt_ids, completion_ids, pad_token_id=pad,
+                                         token_budget=self.token_budget)
         return [aggregate(q - p, "mean") for q, p in zip(teacher, policy)]
 
 

@@ -54,6 +54,8 @@ class SelfDistillMixin:
         self._lora = _lora_layers(self.accelerator.unwrap_model(self.model))
         self._prompt_ids: list[list[int]] | None = None
         self._ref_logps: torch.Tensor | None = None
+        self._policy_logps: torch.Tensor | None = None
+        self._scoring = False
         self.reference_reuses = 0  # reward batches served from the KL pass
 
     # --- checkpoints ---------------------------------------------------------------------------------------
@@ -114,23 +116,35 @@ class SelfDistillMixin:
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-        if self.reuse_reference_logprobs and self._is_reference_pass(model):
-            self._ref_logps = out[0]
+        if getattr(self, "_scoring", False):  # passes made between generation and the rewards
+            if self._is_reference_pass(model):
+                if self.reuse_reference_logprobs:
+                    self._ref_logps = out[0]
+            elif self.temperature == 1.0:
+                # TRL's "old" policy log-probs (made when generation and optimisation steps are misaligned)
+                self._policy_logps = out[0]
         return out
 
     def _generate_and_score_completions(self, inputs):
-        self._ref_logps = None
+        self._ref_logps = self._policy_logps = None
         self._prompt_ids = None
-        return super()._generate_and_score_completions(inputs)
+        self._scoring = True
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._scoring = False
 
     # --- rewards -------------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         extra: dict[str, list] = {}
         if self._prompt_ids is not None and len(self._prompt_ids) == len(inputs):
             extra["prompt_ids"] = self._prompt_ids
+        self._scoring = False
         if self._ref_logps is not None and self._ref_logps.size(0) == len(inputs):
             extra["ref_per_token_logps"] = list(self._ref_logps.detach())
             self.reference_reuses += 1
+        if self._policy_logps is not None and self._policy_logps.size(0) == len(inputs):
+            extra["policy_per_token_logps"] = list(self._policy_logps.detach())
         if extra:
             inputs = [{**x, **{k: v[i] for k, v in extra.items()}} for i, x in enumerate(inputs)]
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
