@@ -237,3 +237,16 @@ def test_safe_loading_refuses_pickled_weights(tmp_path, tiny_model_dir):
     torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")  # weights only as a pickle
     with pytest.raises(UserError, match="cannot load the model"):
         load_model(str(tmp_path / "pickled"), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prepare"], "the following arguments are required: PATH, --output"),
+    (["demo", "--max_steps", "x"], "argument --max_steps: invalid int value: 'x'"),
+    (["eval", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["pretrain", "--max_steps"], "argument --max_steps: expected one argument"),
+])
+def test_every_verb_answers_bad_arguments_in_one_line(args, message):
+    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", *args], capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith(f"sdgrpo {args[0]}: error:")

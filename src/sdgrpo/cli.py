@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 
-from sdgrpo.errors import UserError
+from sdgrpo.errors import ArgumentParser, UserError
 
 logger = logging.getLogger("sdgrpo")
 
@@ -23,7 +22,7 @@ VERBS = {
 def _prepare(argv: list[str]) -> int:
     from sdgrpo.data import PrepareConfig
 
-    p = argparse.ArgumentParser(prog="sdgrpo prepare", description=VERBS["prepare"])
+    p = ArgumentParser(prog="sdgrpo prepare", description=VERBS["prepare"])
     p.add_argument("inputs", nargs="+", metavar="PATH", help="text files, folders (recursive) or saved datasets")
     p.add_argument("--output", required=True, help="folder to save the dataset to")
     p.add_argument("--model", default=None, help="model whose tokenizer counts tokens (default: shipped tiny model)")
@@ -103,7 +102,7 @@ def _pretrain(argv: list[str]) -> int:
 
     from sdgrpo.pretrain import PretrainConfig, main
 
-    p = argparse.ArgumentParser(prog="sdgrpo pretrain", description=VERBS["pretrain"])
+    p = ArgumentParser(prog="sdgrpo pretrain", description=VERBS["pretrain"])
     for f in dataclasses.fields(PretrainConfig):
         if f.name == "extra":
             continue

@@ -6,7 +6,6 @@ trained adapters on the same prompts with the same seed -> report (rewards befor
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdgrpo.config import TINY_MODEL, parse_train_args
+from sdgrpo.errors import ArgumentParser
 from sdgrpo.evaluate import verdict
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class DemoConfig:
 
 
 def parse_demo_args(argv: list[str]) -> DemoConfig:
-    p = argparse.ArgumentParser(prog="sdgrpo demo", description="self-distillation GRPO on the shipped tiny model")
+    p = ArgumentParser(prog="sdgrpo demo", description="self-distillation GRPO on the shipped tiny model")
     for f in dataclasses.fields(DemoConfig):
         p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     return DemoConfig(**vars(p.parse_args(argv)))

@@ -9,7 +9,6 @@ sharpening reaches without training; one sentence says whether the training beat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -18,6 +17,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdgrpo.errors import ArgumentParser
 from sdgrpo.metrics import collapse_metrics
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def plot_frontier(baselines: dict, trained: dict | None, path: str | Path) -> Pa
 
 
 def parse_eval_args(argv: list[str]) -> EvalConfig:
-    p = argparse.ArgumentParser(prog="sdgrpo eval", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="sdgrpo eval", description=__doc__.splitlines()[0])
     for f in dataclasses.fields(EvalConfig):
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type == "bool" else (
             int if f.type == "int" else str)
