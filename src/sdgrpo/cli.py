@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from sdgrpo.errors import ArgumentParser, UserError
+from sdgrpo.errors import UserError, parser_from_dataclass
 
 logger = logging.getLogger("sdgrpo")
 
@@ -22,15 +22,10 @@ VERBS = {
 def _prepare(argv: list[str]) -> int:
     from sdgrpo.data import PrepareConfig
 
-    p = ArgumentParser(prog="sdgrpo prepare", description=VERBS["prepare"])
+    p = parser_from_dataclass(PrepareConfig, "sdgrpo prepare", VERBS["prepare"], skip=("inputs", "output", "model"))
     p.add_argument("inputs", nargs="+", metavar="PATH", help="text files, folders (recursive) or saved datasets")
     p.add_argument("--output", required=True, help="folder to save the dataset to")
     p.add_argument("--model", default=None, help="model whose tokenizer counts tokens (default: shipped tiny model)")
-    defaults = PrepareConfig()
-    for name in ("text_field", "min_prompt_tokens", "max_prompt_tokens", "continuation_tokens",
-                 "min_continuation_tokens", "test_size", "max_prompts", "seed"):
-        value = getattr(defaults, name)
-        p.add_argument(f"--{name}", type=type(value) if value is not None else int, default=value)
     args = p.parse_args(argv)
     cfg = PrepareConfig(**vars(args))
 
@@ -98,17 +93,9 @@ def _demo(argv: list[str]) -> int:
 
 
 def _pretrain(argv: list[str]) -> int:
-    import dataclasses
-
     from sdgrpo.pretrain import PretrainConfig, main
 
-    p = ArgumentParser(prog="sdgrpo pretrain", description=VERBS["pretrain"])
-    for f in dataclasses.fields(PretrainConfig):
-        if f.name == "extra":
-            continue
-        default = f.default
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)
-        p.add_argument(f"--{f.name}", type=kind, default=default)
+    p = parser_from_dataclass(PretrainConfig, "sdgrpo pretrain", VERBS["pretrain"])
     result = main(PretrainConfig(**vars(p.parse_args(argv))))
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "config")}, indent=2))
     return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdgrpo.config import TINY_MODEL, parse_train_args
-from sdgrpo.errors import ArgumentParser
+from sdgrpo.errors import parser_from_dataclass
 from sdgrpo.evaluate import verdict
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,7 @@ class DemoConfig:
 
 
 def parse_demo_args(argv: list[str]) -> DemoConfig:
-    p = ArgumentParser(prog="sdgrpo demo", description="self-distillation GRPO on the shipped tiny model")
-    for f in dataclasses.fields(DemoConfig):
-        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    p = parser_from_dataclass(DemoConfig, "sdgrpo demo", "self-distillation GRPO on the shipped tiny model")
     return DemoConfig(**vars(p.parse_args(argv)))
 
 

@@ -17,7 +17,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdgrpo.errors import ArgumentParser
+from sdgrpo.errors import parser_from_dataclass
 from sdgrpo.metrics import collapse_metrics
 
 logger = logging.getLogger(__name__)
@@ -114,11 +114,7 @@ def plot_frontier(baselines: dict, trained: dict | None, path: str | Path) -> Pa
 
 
 def parse_eval_args(argv: list[str]) -> EvalConfig:
-    p = ArgumentParser(prog="sdgrpo eval", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(EvalConfig):
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type == "bool" else (
-            int if f.type == "int" else str)
-        p.add_argument(f"--{f.name}", type=kind, default=f.default)
+    p = parser_from_dataclass(EvalConfig, "sdgrpo eval", __doc__.splitlines()[0])
     return EvalConfig(**vars(p.parse_args(argv)))
 
 
