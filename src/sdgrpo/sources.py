@@ -35,7 +35,7 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
 
 
-def _records_text(records: Iterator[tuple[str, dict]], text_field: str, where: str) -> Iterator[Document]:
+def _records_text(records: Iterator[tuple[str, dict]], text_field: str) -> Iterator[Document]:
     for loc, rec in records:
         if not isinstance(rec, dict) or text_field not in rec:
             keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
@@ -58,7 +58,7 @@ def _read_jsonl(path: Path, text: str, text_field: str) -> Iterator[Document]:
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{n}: not valid JSON ({err.msg}); each line must be one JSON object") from None
 
-    yield from _records_text(records(), text_field, str(path))
+    yield from _records_text(records(), text_field)
 
 
 def _read_json(path: Path, text: str, text_field: str) -> Iterator[Document]:
@@ -73,14 +73,14 @@ def _read_json(path: Path, text: str, text_field: str) -> Iterator[Document]:
         data = [data]
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a list of objects with a {text_field!r} field")
-    yield from _records_text(((f"{path}#{i}", r) for i, r in enumerate(data)), text_field, str(path))
+    yield from _records_text(((f"{path}#{i}", r) for i, r in enumerate(data)), text_field)
 
 
 def _read_csv(path: Path, text: str, text_field: str) -> Iterator[Document]:
     reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is None or text_field not in reader.fieldnames:
         raise UserError(f"{path}: no column {text_field!r} (columns: {reader.fieldnames}); pass --text_field NAME")
-    yield from _records_text(((f"{path}:{i + 2}", r) for i, r in enumerate(reader)), text_field, str(path))
+    yield from _records_text(((f"{path}:{i + 2}", r) for i, r in enumerate(reader)), text_field)
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
@@ -93,7 +93,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
     if text_field not in schema.names:
         raise UserError(f"{path}: no column {text_field!r} (columns: {schema.names}); pass --text_field NAME")
     column = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
-    yield from _records_text(((f"{path}#{i}", {text_field: v}) for i, v in enumerate(column)), text_field, str(path))
+    yield from _records_text(((f"{path}#{i}", {text_field: v}) for i, v in enumerate(column)), text_field)
 
 
 def _read_saved_dataset(path: Path, text_field: str) -> Iterator[Document]:
