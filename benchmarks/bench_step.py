@@ -4,11 +4,14 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
   trl_plain         bare TRL GRPOTrainer + PEFT LoRA, TRL's defaults, the sketch's reward (one forward per completion)
   sdgrpo_hf         `sdgrpo train --backend hf` with its defaults
   sdgrpo_hf_static  the same with cache_implementation=static
+  sdgrpo_hf_compile static cache with transformers' compiled decoding (--generation_compile true)
+  sdgrpo_hf_cb      TRL's transformers continuous batching (use_transformers_continuous_batching)
   unsloth_bare      Unsloth model + Unsloth-patched GRPOTrainer, the sketch's reward
   sdgrpo_unsloth    `sdgrpo train --backend unsloth`
 Model: Qwen2.5 shapes with a 32k vocabulary and random bf16 weights; G=8 completions of 512 tokens, prompts of
 ~128 tokens, LoRA r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3)
-timed steps (medians).
+timed steps (medians). A step's time is the wall time between consecutive optimizer-step ends (CUDA-synchronised),
+so it includes generation wherever a trainer does it.
 Usage: python benchmarks/bench_step.py OUT_DIR [shape] [variant ...]
 """
 
@@ -24,7 +27,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_static", "unsloth_bare", "sdgrpo_unsloth"]
+VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb", "unsloth_bare",
+            "sdgrpo_unsloth"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
 
 
@@ -83,6 +87,29 @@ class Timer:
         setattr(cls, name, timed)
 
 
+def StepClock():
+    """A TrainerCallback recording the wall time of each optimizer step (end to end, CUDA-synchronised)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class _Clock(TrainerCallback):
+        def __init__(self):
+            self.durations: list[float] = []
+            self._last = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self._last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.durations.append(now - self._last)
+            self._last = now
+
+    return _Clock()
+
+
 def sketch_reward(model, tokenizer):
     """The original sketch: re-tokenize prompt + completion, one forward each (kept for the baseline only)."""
     import torch
@@ -114,7 +141,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     timer = Timer()
     timer.wrap(trl.GRPOTrainer, "_generate", "generation")
     timer.wrap(trl.GRPOTrainer, "_calculate_rewards", "scoring")
-    timer.wrap(trl.GRPOTrainer, "training_step", "step")
+    step_clock = StepClock()
     common = dict(max_steps=STEPS, per_device_train_batch_size=G, num_generations=G, max_completion_length=COMPLETION,
                   beta=0.04, learning_rate=1e-5, bf16=True, report_to="none", save_strategy="no", logging_steps=1)
     torch.cuda.reset_peak_memory_stats()
@@ -126,10 +153,14 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
                 str(out / variant), "--collapse_guard", "off", "--backend", "unsloth" if unsloth else "hf"]
         for k, v in common.items():
             argv += [f"--{k}", str(v)]
-        if variant == "sdgrpo_hf_static":
+        if variant in ("sdgrpo_hf_static", "sdgrpo_hf_compile"):
             argv += ["--cache_implementation", "static"]
+        if variant == "sdgrpo_hf_compile":
+            argv += ["--generation_compile", "true"]
+        if variant == "sdgrpo_hf_cb":
+            argv += ["--use_transformers_continuous_batching", "true"]
         train_cfg, model_cfg = parse_train_args(argv)
-        main(train_cfg, model_cfg)
+        main(train_cfg, model_cfg, callbacks=[step_clock])
     else:
         from peft import LoraConfig
 
@@ -155,13 +186,14 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         trainer = trl.GRPOTrainer(model=model, reward_funcs=[sketch_reward(model, tok)],
                                   args=trl.GRPOConfig(output_dir=str(out / variant), **common),
                                   train_dataset=load_from_disk(str(data_dir))["train"], processing_class=tok,
-                                  peft_config=peft_config)
+                                  peft_config=peft_config, callbacks=[step_clock])
         trainer.train()
     timed = {k: v[WARMUP:] for k, v in timer.records.items()}
+    timed["step"] = step_clock.durations[WARMUP:]
     med = {k: statistics.median(v) for k, v in timed.items() if v}
     step = med.get("step", float("nan"))
     return {
-        "variant": variant, "steps_timed": len(timed.get("step", [])),
+        "variant": variant, "steps_timed": len(timed["step"]), "step_times_s": timed["step"],
         "step_s": step, "generation_s": med.get("generation"), "scoring_s": med.get("scoring"),
         "policy_and_reference_s": step - med.get("generation", 0) - med.get("scoring", 0),
         "completion_tokens_per_s": G * COMPLETION / step,

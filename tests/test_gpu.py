@@ -47,12 +47,14 @@ def prepared(tmp_path_factory, shared_data):
     return out
 
 
-def _train(model_dir, prepared, out, backend):
+def _train(model_dir, prepared, out, backend, *extra, env=None):
     r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "train", "--backend", backend, "--model_name_or_path",
                         str(model_dir), "--dataset_path", str(prepared), "--output_dir", str(out), "--max_steps", "3",
                         "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length",
-                        "32", "--learning_rate", "1e-4", "--save_strategy", "no"], capture_output=True, text=True)
+                        "32", "--learning_rate", "1e-4", "--save_strategy", "no", *map(str, extra)],
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
+    (out / "stderr.log").write_text(r.stderr)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in rows if "reward" in x]
     assert len(steps) == 3
@@ -79,3 +81,54 @@ def test_unsloth_backend_trains(model, qwen_dir, prepared, tmp_path):
     from sdgrpo.config import TINY_MODEL
 
     _train(TINY_MODEL if model == "tiny" else qwen_dir, prepared, tmp_path / "unsloth", "unsloth")
+
+
+@pytest.mark.skipif(not _unsloth_available(), reason="unsloth is not installed (see make-wheelhouse.sh)")
+@pytest.mark.parametrize("model", ["tiny", "qwen"])
+def test_unsloth_reward_reuses_the_left_packed_reference_pass(model, qwen_dir, prepared, tmp_path):
+    """Under Unsloth the reward is read from the KL pass's (B, C + max_left_pad) log-probs, equal to an own pass.
+
+    Also checks that Unsloth's trainer goes through sdgrpo's prompt hooks: max_prompt_length holds.
+    """
+    import os
+
+    from sdgrpo.config import TINY_MODEL
+
+    env = {**os.environ, "SDGRPO_CHECK_REUSE_DIR": str(tmp_path), "SDGRPO_DEBUG_REWARDS_DIR": str(tmp_path)}
+    out = tmp_path / "run"
+    _train(TINY_MODEL if model == "tiny" else qwen_dir, prepared, out, "unsloth", "--max_prompt_length", 24,
+           env=env)
+    log = (out / "stderr.log").read_text()
+    assert "reward reused from the KL pass in 3 of the reward calls" in log, log[-3000:]
+    checks = [json.loads(x) for f in tmp_path.glob("reuse_check_*.jsonl") for x in f.read_text().splitlines()]
+    assert len(checks) == 3
+    for c in checks:
+        reused, own = zip(*c["rewards"])
+        assert reused == pytest.approx(own, abs=0.02), c  # bf16 forward of the same weights, different kernels
+        assert c["max_token_diff"] < 0.25, c
+    spread = max(r for c in checks for r, _ in c["rewards"]) - min(r for c in checks for r, _ in c["rewards"])
+    assert spread > 0.05  # the rewards differ between completions, so a misaligned column would show
+    seen = [json.loads(x) for f in tmp_path.glob("rank*.jsonl") for x in f.read_text().splitlines()]
+    assert seen and all(0 < s["prompt_tokens_max"] <= 24 for s in seen), seen
+
+
+@pytest.mark.skipif(not _unsloth_available(), reason="unsloth is not installed (see make-wheelhouse.sh)")
+@pytest.mark.parametrize("model", ["tiny", "qwen"])
+def test_backends_give_the_same_rewards_for_the_same_completions(model, qwen_dir, tmp_path):
+    """16-bit weights, fixed prompt and completion ids: the hf and unsloth policies score them alike."""
+    from pathlib import Path
+
+    from sdgrpo.config import TINY_MODEL
+
+    script = Path(__file__).with_name("gpu_score.py")
+    scores = {}
+    for backend in ("hf", "unsloth"):
+        path = tmp_path / f"{backend}.json"
+        r = subprocess.run([sys.executable, str(script), backend, str(TINY_MODEL if model == "tiny" else qwen_dir),
+                            str(path)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        scores[backend] = json.loads(path.read_text())
+        assert scores[backend]["dtype"] == "torch.bfloat16"
+    hf, us = scores["hf"]["rewards"], scores["unsloth"]["rewards"]
+    assert len(hf) == 16 and all(math.isfinite(x) for x in hf + us)
+    assert us == pytest.approx(hf, abs=0.03), (hf, us)

@@ -147,3 +147,35 @@ def test_micro_batches_respect_budget():
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for g in groups:
         assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 60
+
+
+def test_unsloth_left_packed_layout_maps_back_to_completion_columns(tiny_tokenizer, cases):
+    """Unsloth's log-prob tensors are of left-packed rows, (B, C + max_left_pad); completion_columns undoes that.
+
+    The packed tensor is built the way Unsloth builds it (pads of each row moved to its end, a right-padded forward,
+    the last C + max_left_pad target positions); the result must equal one unpadded forward per sequence.
+    """
+    from sdgrpo.trainer import completion_columns
+
+    model = make_llama(tiny_tokenizer, seed=5).double()
+    pad = tiny_tokenizer.pad_token_id
+    prompts, completions = cases
+    P, C = max(map(len, prompts)), max(map(len, completions))
+    rows = [[pad] * (P - len(p)) + p + c + [pad] * (C - len(c)) for p, c in zip(prompts, completions)]
+    ids = torch.tensor(rows)  # TRL's layout: left-padded prompts, right-padded completions
+    packed = torch.gather(ids, 1, torch.argsort(ids != pad, dim=1, descending=True, stable=True))
+    max_left_pad = int((ids[:, :P] == pad).sum(1).max())
+    W = C + max_left_pad
+    with torch.no_grad():
+        logits = model(input_ids=packed, attention_mask=(packed != pad).long()).logits
+    logps = torch.log_softmax(logits[:, -(W + 1) : -1], dim=-1).gather(-1, packed[:, -W:, None]).squeeze(-1)
+    assert logps.shape == (len(rows), C + max_left_pad) and max_left_pad > 0
+
+    columns = completion_columns(logps, ids, C, pad)
+    assert columns.shape == (len(rows), C)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        want = reference_logps(model, p, c)
+        assert columns[i, : len(c)].tolist() == pytest.approx(want.tolist(), abs=1e-9)
+    # TRL's own layout passes through unchanged; an unknown width is refused.
+    assert torch.equal(completion_columns(logps[:, :C], ids, C, pad), logps[:, :C])
+    assert completion_columns(logps[:, :-1], ids, C, pad) is None

@@ -35,6 +35,11 @@ class SDGRPOConfig(GRPOConfig):
     reward_token_budget: int = field(
         default=16384, metadata={"help": "Padded tokens per micro-batch in the reward's own scoring pass."}
     )
+    generation_compile: bool = field(
+        default=False,
+        metadata={"help": "With cache_implementation=static on a GPU, let transformers compile the decoding step "
+                  "(TRL turns generate's auto-compile off)."},
+    )
     reuse_reference_logprobs: bool = field(
         default=True,
         metadata={"help": "With beta > 0 and temperature 1, take the reward from the KL term's reference pass "

@@ -47,6 +47,10 @@ class PretrainConfig:
     eval_every: int = 500
     seed: int = 0
     compile: bool = False
+    # A tokenizer folder to reuse instead of training one (a teacher for the shipped model must share its vocabulary).
+    tokenizer_path: str = ""
+    # Stop training after this many seconds (0: no limit); the model is still evaluated and saved.
+    max_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -205,7 +209,12 @@ def main(cfg: PretrainConfig) -> dict:
     train_texts = [t for _, t, _ in corpus]
     heldout_texts = [h for _, _, h in corpus]
     t0 = time.time()
-    tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
+    if cfg.tokenizer_path:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+    else:
+        tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
     train_ids = encode_documents(tokenizer, train_texts)
     model = build_model(cfg, tokenizer).to(device)
     hooks = add_hidden_dropout(model, cfg.hidden_dropout)
@@ -243,6 +252,11 @@ def main(cfg: PretrainConfig) -> dict:
             history.append({"step": step + 1, "train_loss": loss.item(), "heldout_bpb": bpb,
                             "elapsed_s": time.time() - t0})
             logger.info("step %d loss %.3f held-out bpb %.4f (%.0fs)", step + 1, loss.item(), bpb, time.time() - t0)
+        if cfg.max_seconds and time.time() - t0 > cfg.max_seconds:
+            logger.warning("time budget of %.0f s reached at step %d: stopping", cfg.max_seconds, step + 1)
+            history.append({"step": step + 1, "train_loss": loss.item(), "stopped_by_time": True,
+                            "elapsed_s": time.time() - t0})
+            break
     train_seconds = time.time() - t0
     for handle in hooks:
         handle.remove()

@@ -11,9 +11,12 @@ like any other: log p(EOS | prompt).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -69,11 +72,25 @@ class SelfNLLReward:
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, ref_per_token_logps=None, **kwargs):
         if ref_per_token_logps is not None and self.score_with == "base":
             token_logps = [ref_per_token_logps[i][: len(c)] for i, c in enumerate(completion_ids)]
+            if os.environ.get("SDGRPO_CHECK_REUSE_DIR") and prompt_ids is not None:
+                self._check_reuse(token_logps, prompt_ids, completion_ids)
         else:
             if prompt_ids is None:
                 prompt_ids = self._prompt_ids(prompts)
             token_logps = self.token_logprobs(prompt_ids, completion_ids)
         return [aggregate(lp.float(), self.aggregation) for lp in token_logps]
+
+    def _check_reuse(self, reused, prompt_ids, completion_ids) -> None:
+        """For tests on the GPU machine: append how far the reused log-probs are from an own pass."""
+        own = self.token_logprobs(prompt_ids, completion_ids)
+        self.forward_passes -= 1  # a check, not a scoring pass
+        diffs = [(a.float().cpu() - b.float().cpu()).abs().max().item() for a, b in zip(reused, own) if len(a)]
+        rewards = [(aggregate(a.float(), self.aggregation), aggregate(b.float(), self.aggregation))
+                   for a, b in zip(reused, own)]
+        record = {"max_token_diff": max(diffs, default=0.0), "rewards": rewards}
+        path = Path(os.environ["SDGRPO_CHECK_REUSE_DIR"]) / f"reuse_check_{os.getpid()}.jsonl"
+        with path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
 
 def same_vocabulary(a, b) -> bool:

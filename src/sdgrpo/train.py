@@ -172,7 +172,8 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
-def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False) -> Path:
+def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False,
+         callbacks: list | None = None) -> Path:
     """Train and save adapters, resolved config and metrics under ``output_dir``; returns that folder.
 
     Ctrl-C finishes the current step, saves a checkpoint and the adapter, and raises :class:`Interrupted`.
@@ -207,13 +208,9 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
 
         trainer_cls = unsloth_trainer_class()
         adapt_config(train_cfg)
-        # Unsloth's patched trainer packs its log-prob tensors differently ((B, C + max_left_pad)); until that
-        # layout is verified on a GPU, the reward runs its own exact pass there.
-        reuse = False
     else:
         trainer_cls = trainer_class()
-        reuse = (train_cfg.reuse_reference_logprobs and train_cfg.score_with == "base"
-                 and train_cfg.reward == "self_nll")
+    reuse = train_cfg.reuse_reference_logprobs and train_cfg.score_with == "base" and train_cfg.reward == "self_nll"
     try:
         trainer = trainer_cls(
             model=model,
@@ -224,7 +221,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
             peft_config=peft_config,
             max_prompt_length=train_cfg.max_prompt_length,
             reuse_reference_logprobs=reuse,
-            callbacks=[MetricsFileCallback(out / "metrics.jsonl"), guard, stop],
+            callbacks=[MetricsFileCallback(out / "metrics.jsonl"), guard, stop, *(callbacks or [])],
         )
     except ValueError as err:
         if "target module" in str(err).lower():

@@ -4,6 +4,7 @@
 - Reward functions receive ``prompt_ids``: the prompt token ids exactly as the trainer tokenized them.
 - With beta > 0 and temperature 1 they also receive ``ref_per_token_logps``: the reference (adapter-disabled) log-probs
   that TRL computes for the KL term before it calls the rewards, so the self-NLL reward costs no extra forward pass.
+  Unsloth's left-packed ``(B, C + max_left_pad)`` tensors are first put back in TRL's ``(B, C)`` layout.
   At another temperature TRL's reference log-probs are of ``logits / T``, which is not the temperature-1
   likelihood, so the reward runs its own pass instead.
 """
@@ -44,6 +45,27 @@ def _lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def completion_columns(logps: torch.Tensor, input_ids: torch.Tensor, logits_to_keep: int,
+                       pad_token_id: int | None) -> torch.Tensor | None:
+    """Per-token log-probs of the completion tokens, ``(B, C)`` with ``C = logits_to_keep``.
+
+    TRL returns that layout already. Unsloth's patched trainer first moves each row's left padding to its end
+    ("left-packs" the rows) and returns the last ``C + max_left_pad`` positions of the packed rows, ``(B, C +
+    max_left_pad)``: there, row ``i`` (with ``pad_i`` pad tokens in its prompt part) has its completion at columns
+    ``max_left_pad - pad_i ... max_left_pad - pad_i + C - 1``. Returns None for any other shape.
+    """
+    extra = logps.size(1) - logits_to_keep
+    if extra == 0:
+        return logps
+    if extra < 0 or pad_token_id is None:
+        return None
+    pads = (input_ids[:, :-logits_to_keep] == pad_token_id).sum(dim=1)
+    if int(pads.max()) != extra:
+        return None
+    index = (extra - pads)[:, None] + torch.arange(logits_to_keep, device=logps.device)[None, :]
+    return logps.gather(1, index.to(logps.device))
+
+
 class SelfDistillMixin:
     """The overrides, as a mixin so they also apply on top of Unsloth's patched GRPOTrainer."""
 
@@ -57,6 +79,8 @@ class SelfDistillMixin:
         self._policy_logps: torch.Tensor | None = None
         self._scoring = False
         self.reference_reuses = 0  # reward batches served from the KL pass
+        if getattr(self.args, "generation_compile", False) and getattr(self, "generation_config", None) is not None:
+            self.generation_config.disable_compile = False  # TRL sets it; transformers compiles static-cache decoding
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
@@ -114,15 +138,24 @@ class SelfDistillMixin:
             return model is self.ref_model
         return bool(self._lora) and all(layer.disable_adapters for layer in self._lora)
 
-    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-        if getattr(self, "_scoring", False):  # passes made between generation and the rewards
-            if self._is_reference_pass(model):
-                if self.reuse_reference_logprobs:
-                    self._ref_logps = out[0]
-            elif self.temperature == 1.0:
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                         *args, **kwargs)
+        if getattr(self, "_scoring", False) and out[0] is not None:  # passes between generation and the rewards
+            is_reference = self._is_reference_pass(model)
+            if is_reference and not self.reuse_reference_logprobs:
+                return out
+            if not is_reference and self.temperature != 1.0:
+                return out
+            logps = completion_columns(out[0], input_ids, logits_to_keep, self.processing_class.pad_token_id)
+            if logps is None:
+                logger.warning("log-prob tensor of unknown layout %s; the reward runs its own pass",
+                               tuple(out[0].shape))
+            elif is_reference:
+                self._ref_logps = logps
+            else:
                 # TRL's "old" policy log-probs (made when generation and optimisation steps are misaligned)
-                self._policy_logps = out[0]
+                self._policy_logps = logps
         return out
 
     def _generate_and_score_completions(self, inputs):
@@ -172,7 +205,8 @@ class SelfDistillMixin:
                 self._metrics[mode][f"collapse/{key}"].append(value)
         debug_dir = os.environ.get("SDGRPO_DEBUG_REWARDS_DIR")
         if debug_dir:  # for tests: what each process saw
-            record = {"step": self.state.global_step, "rewards": rewards[:, 0].tolist(), "collapse": metrics}
+            record = {"step": self.state.global_step, "rewards": rewards[:, 0].tolist(), "collapse": metrics,
+                      "prompt_tokens_max": max(map(len, self._prompt_ids or [[]]))}
             with open(Path(debug_dir) / f"rank{self.accelerator.process_index}.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
