@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 ( python3 benchmarks/pretrain_teacher.py .device_data /tmp/teacher_out > "$OUT/teacher.log" 2>&1
   cp /tmp/teacher_out/teacher_sweep.json "$OUT/"
   tar cf - -C /tmp/teacher_out teacher | split -b 15M - "$OUT/teacher.tar.part-" ) &
-timeout "${TEST_SECONDS:-480}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_K:-} tests/test_gpu.py 2>&1 \
+timeout "${TEST_SECONDS:-470}" python3 -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} tests/test_gpu.py 2>&1 \
   | tee "$OUT/pytest_gpu.log" | tail -40
 wait
 tail -5 "$OUT/teacher.log"

@@ -106,8 +106,9 @@ def test_unsloth_reward_reuses_the_left_packed_reference_pass(model, qwen_dir, p
         reused, own = zip(*c["rewards"])
         assert reused == pytest.approx(own, abs=0.02), c  # bf16 forward of the same weights, different kernels
         assert c["max_token_diff"] < 0.25, c
-    spread = max(r for c in checks for r, _ in c["rewards"]) - min(r for c in checks for r, _ in c["rewards"])
-    assert spread > 0.05  # the rewards differ between completions, so a misaligned column would show
+    if model == "tiny":  # a trained model: rewards differ between completions, so a misaligned column would show
+        spread = max(r for c in checks for r, _ in c["rewards"]) - min(r for c in checks for r, _ in c["rewards"])
+        assert spread > 0.05, checks
     seen = [json.loads(x) for f in tmp_path.glob("rank*.jsonl") for x in f.read_text().splitlines()]
     assert seen and all(0 < s["prompt_tokens_max"] <= 24 for s in seen), seen
 
@@ -132,3 +133,14 @@ def test_backends_give_the_same_rewards_for_the_same_completions(model, qwen_dir
     hf, us = scores["hf"]["rewards"], scores["unsloth"]["rewards"]
     assert len(hf) == 16 and all(math.isfinite(x) for x in hf + us)
     assert us == pytest.approx(hf, abs=0.03), (hf, us)
+
+
+def test_four_bit_teacher(prepared, tmp_path):
+    """teacher_nll with the shipped model as a 4-bit NF4 teacher: trains, and the teacher takes less memory."""
+    from sdgrpo.config import TINY_MODEL
+
+    out = tmp_path / "q4"
+    _train(TINY_MODEL, prepared, out, "hf", "--reward", "teacher_nll", "--teacher_model_name_or_path", TINY_MODEL,
+           "--teacher_load_in_4bit", "true")
+    log = (out / "stderr.log").read_text()
+    assert "4-bit NF4" in log, log[-3000:]

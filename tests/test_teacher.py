@@ -91,6 +91,14 @@ def test_cli_trains_with_a_teacher(tmp_path, tiny_model_dir, tiny_tokenizer, sha
         assert "teacher" in r.stderr and "MiB on cpu" in r.stderr
         row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         assert f"rewards/{reward}/mean" in row
+    if not torch.cuda.is_available():  # a 4-bit teacher needs a GPU: one line, exit 2
+        r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "train", "--model_name_or_path", tiny_model_dir,
+                            "--teacher_model_name_or_path", teacher_dir, "--teacher_load_in_4bit", "true",
+                            "--reward", "teacher_nll", "--dataset_path", data, "--output_dir", tmp_path / "q4"],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.strip().splitlines()[-1].endswith("4-bit loading needs a CUDA GPU (bitsandbytes); drop the "
+                                                          "4-bit option")
 
 
 def test_distill_reuses_the_trainers_policy_pass(tmp_path, tiny_model_dir, tiny_tokenizer, shared_data):

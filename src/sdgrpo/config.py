@@ -54,6 +54,10 @@ class SDGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "A separate frozen model that scores completions (rewards 'teacher_nll' and 'distill')."},
     )
+    teacher_load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Load the teacher quantised to 4-bit NF4 (bitsandbytes, CUDA GPU only) to save memory."},
+    )
     teacher_retokenize: bool = field(
         default=False,
         metadata={"help": "Allow a teacher with another tokenizer (teacher_nll only): decoded text is re-tokenized, "

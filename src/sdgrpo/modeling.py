@@ -55,11 +55,24 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False,
-               attn_implementation: str | None = None):
-    """A causal LM from safetensors weights only."""
+               attn_implementation: str | None = None, load_in_4bit: bool = False):
+    """A causal LM from safetensors weights only; ``load_in_4bit`` quantises it to NF4 (bitsandbytes, CUDA only)."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(name_or_path)
+    extra = {}
+    if load_in_4bit:
+        if device != "cuda":
+            raise UserError(f"{name_or_path}: 4-bit loading needs a CUDA GPU (bitsandbytes); drop the 4-bit option")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError("4-bit loading needs bitsandbytes: pip install bitsandbytes") from None
+        from transformers import BitsAndBytesConfig
+
+        extra = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=dtype),
+                 "device_map": {"": torch.cuda.current_device()}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
@@ -67,7 +80,8 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: str, trust_remote_
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             attn_implementation=attn_implementation,
+            **extra,
         )
     except (OSError, ValueError) as err:
         raise UserError(f"{name_or_path}: cannot load the model ({str(err).splitlines()[0]})") from None
-    return model.to(device)
+    return model if load_in_4bit else model.to(device)

@@ -193,10 +193,14 @@ def evaluate_bpb(model, tokenizer, heldout: list[str], seq_len: int, device) -> 
     return nll / math.log(2) / nbytes, nbytes
 
 
-def _lr_at(step: int, cfg: PretrainConfig) -> float:
+def _lr_at(step: int, cfg: PretrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``, paced by steps or, with a time budget, by whichever of
+    steps and seconds runs out first (so a run stopped by ``max_seconds`` still ends at the low learning rate)."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.max_seconds:
+        progress = max(progress, elapsed / cfg.max_seconds)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
@@ -237,7 +241,7 @@ def main(cfg: PretrainConfig) -> dict:
     for step in range(cfg.max_steps):
         model.train()
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = _lr_at(step, cfg, time.time() - t0)
         starts = torch.randint(0, len(train_ids) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
         batch = torch.stack([train_ids[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)
         with amp:

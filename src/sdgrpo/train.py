@@ -78,11 +78,12 @@ def load_teacher(train_cfg: SDGRPOConfig):
     device = "cpu" if train_cfg.use_cpu else ("cuda" if _cuda() else "cpu")
     path = train_cfg.teacher_model_name_or_path
     tokenizer = load_tokenizer(path, train_cfg.trust_remote_code)
-    teacher = load_model(path, resolve_dtype(None, device), device, train_cfg.trust_remote_code).eval()
+    teacher = load_model(path, resolve_dtype(None, device), device, train_cfg.trust_remote_code,
+                         load_in_4bit=train_cfg.teacher_load_in_4bit).eval()
     teacher.requires_grad_(False)
-    size = sum(p.numel() * p.element_size() for p in teacher.parameters())
-    logger.info("teacher %s: %.1fM parameters, %.1f MiB on %s", path,
-                sum(p.numel() for p in teacher.parameters()) / 1e6, size / 2**20, device)
+    size = teacher.get_memory_footprint()
+    logger.info("teacher %s: %s, %.1f MiB on %s", path, "4-bit NF4" if train_cfg.teacher_load_in_4bit else
+                str(next(teacher.parameters()).dtype), size / 2**20, device)
     return teacher, tokenizer
 
 
