@@ -152,16 +152,21 @@ def test_micro_batches_respect_budget():
 def test_unsloth_left_packed_layout_maps_back_to_completion_columns(tiny_tokenizer, cases):
     """Unsloth's log-prob tensors are of left-packed rows, (B, C + max_left_pad); completion_columns undoes that.
 
-    The packed tensor is built the way Unsloth builds it (pads of each row moved to its end, a right-padded forward,
-    the last C + max_left_pad target positions); the result must equal one unpadded forward per sequence.
+    The packed tensor is built the way Unsloth builds it (every pad-id token of a row moved to its end, a
+    right-padded forward, the last C + max_left_pad target positions); the result must equal one unpadded forward
+    per sequence. A row whose completion holds a sampled pad token cannot be mapped back and is marked.
     """
     from sdgrpo.trainer import completion_columns
 
     model = make_llama(tiny_tokenizer, seed=5).double()
     pad = tiny_tokenizer.pad_token_id
     prompts, completions = cases
+    completions = [list(c) for c in completions]
+    completions[3][4] = pad  # a pad token sampled inside a completion
     P, C = max(map(len, prompts)), max(map(len, completions))
     rows = [[pad] * (P - len(p)) + p + c + [pad] * (C - len(c)) for p, c in zip(prompts, completions)]
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c))
+                         for p, c in zip(prompts, completions)])
     ids = torch.tensor(rows)  # TRL's layout: left-padded prompts, right-padded completions
     packed = torch.gather(ids, 1, torch.argsort(ids != pad, dim=1, descending=True, stable=True))
     max_left_pad = int((ids[:, :P] == pad).sum(1).max())
@@ -171,11 +176,34 @@ def test_unsloth_left_packed_layout_maps_back_to_completion_columns(tiny_tokeniz
     logps = torch.log_softmax(logits[:, -(W + 1) : -1], dim=-1).gather(-1, packed[:, -W:, None]).squeeze(-1)
     assert logps.shape == (len(rows), C + max_left_pad) and max_left_pad > 0
 
-    columns = completion_columns(logps, ids, C, pad)
+    columns, ok = completion_columns(logps, ids, mask, C, pad, left_packed=True)
     assert columns.shape == (len(rows), C)
+    assert ok.tolist() == [i != 3 for i in range(len(rows))]
     for i, (p, c) in enumerate(zip(prompts, completions)):
         want = reference_logps(model, p, c)
-        assert columns[i, : len(c)].tolist() == pytest.approx(want.tolist(), abs=1e-9)
+        if i != 3:
+            assert columns[i, : len(c)].tolist() == pytest.approx(want.tolist(), abs=1e-9)
+        else:  # the packed row is another sequence: its values are wrong from the pad on
+            assert columns[i, 4 : len(c)].tolist() != pytest.approx(want[4:].tolist(), abs=1e-3)
     # TRL's own layout passes through unchanged; an unknown width is refused.
-    assert torch.equal(completion_columns(logps[:, :C], ids, C, pad), logps[:, :C])
-    assert completion_columns(logps[:, :-1], ids, C, pad) is None
+    same, ok = completion_columns(logps[:, :C], ids, mask, C, pad)
+    assert torch.equal(same, logps[:, :C]) and ok.all()
+    assert completion_columns(logps[:, :-1], ids, mask, C, pad) == (None, None)
+    assert completion_columns(logps[:, :-1], ids, mask, C, pad, left_packed=True) == (None, None)
+
+
+def test_rows_the_trainer_could_not_score_are_scored_by_the_reward(tiny_tokenizer, cases):
+    """ref_per_token_logps with None rows: those rows get the reward's own pass, the others are taken as given."""
+    model = make_llama(tiny_tokenizer, seed=6)
+    prompts, completions = cases
+    reward = SelfNLLReward(model, tiny_tokenizer)
+    given = [torch.full((len(c),), -1.0) if i % 2 else None for i, c in enumerate(completions)]
+    got = reward(prompts=None, completions=None, completion_ids=completions, prompt_ids=prompts,
+                 ref_per_token_logps=given)
+    assert reward.forward_passes == 1
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if i % 2:
+            assert got[i] == (-1.0 if c else None)
+        else:
+            want = reference_logps(model, p, c).mean().item() if c else None
+            assert got[i] == (pytest.approx(want, abs=1e-5) if c else None)

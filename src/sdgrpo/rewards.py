@@ -70,13 +70,15 @@ class SelfNLLReward:
                                        token_budget=self.token_budget)
 
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, ref_per_token_logps=None, **kwargs):
+        if prompt_ids is None:
+            prompt_ids = self._prompt_ids(prompts)
         if ref_per_token_logps is not None and self.score_with == "base":
-            token_logps = [ref_per_token_logps[i][: len(c)] for i, c in enumerate(completion_ids)]
-            if os.environ.get("SDGRPO_CHECK_REUSE_DIR") and prompt_ids is not None:
-                self._check_reuse(token_logps, prompt_ids, completion_ids)
+            reused = [None if r is None else r[: len(c)] for r, c in zip(ref_per_token_logps, completion_ids)]
+            token_logps = fill_rows(reused, lambda rows: self.token_logprobs([prompt_ids[i] for i in rows],
+                                                                             [completion_ids[i] for i in rows]))
+            if os.environ.get("SDGRPO_CHECK_REUSE_DIR"):
+                self._check_reuse(reused, prompt_ids, completion_ids)
         else:
-            if prompt_ids is None:
-                prompt_ids = self._prompt_ids(prompts)
             token_logps = self.token_logprobs(prompt_ids, completion_ids)
         return [aggregate(lp.float(), self.aggregation) for lp in token_logps]
 
@@ -84,10 +86,11 @@ class SelfNLLReward:
         """For tests on the GPU machine: append how far the reused log-probs are from an own pass."""
         own = self.token_logprobs(prompt_ids, completion_ids)
         self.forward_passes -= 1  # a check, not a scoring pass
-        diffs = [(a.float().cpu() - b.float().cpu()).abs().max().item() for a, b in zip(reused, own) if len(a)]
-        rewards = [(aggregate(a.float(), self.aggregation), aggregate(b.float(), self.aggregation))
-                   for a, b in zip(reused, own)]
-        record = {"max_token_diff": max(diffs, default=0.0), "rewards": rewards}
+        pairs = [(a, b) for a, b in zip(reused, own) if a is not None]
+        diffs = [(a.float().cpu() - b.float().cpu()).abs().max().item() for a, b in pairs if len(a)]
+        rewards = [(aggregate(a.float(), self.aggregation), aggregate(b.float(), self.aggregation)) for a, b in pairs]
+        record = {"max_token_diff": max(diffs, default=0.0), "rewards": rewards, "rows": len(reused),
+                  "rows_rescored": len(reused) - len(pairs)}
         path = Path(os.environ["SDGRPO_CHECK_REUSE_DIR"]) / f"reuse_check_{os.getpid()}.jsonl"
         with path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -164,14 +167,29 @@ class DistillReward(TeacherNLLReward):
         if prompt_ids is None:
             prompt_ids = self.tokenizer(text=prompts)["input_ids"]
         teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids)
-        if policy_per_token_logps is not None:  # the pass the trainer already made (temperature 1)
-            policy = [policy_per_token_logps[i][: len(c)].float().cpu() for i, c in enumerate(completion_ids)]
-        else:
-            self.policy_passes += 1
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            policy = completion_logprobs(self.model, prompt_ids, completion_ids, pad_token_id=pad,
-                                         token_budget=self.token_budget)
+        given = policy_per_token_logps or [None] * len(completion_ids)  # the trainer's pass (temperature 1)
+        given = [None if r is None else r[: len(c)].float().cpu() for r, c in zip(given, completion_ids)]
+        policy = fill_rows(given, lambda rows: self._policy_pass([prompt_ids[i] for i in rows],
+                                                                 [completion_ids[i] for i in rows]))
         return [aggregate(q - p, "mean") for q, p in zip(teacher, policy)]
+
+
+    def _policy_pass(self, prompt_ids, completion_ids):
+        self.policy_passes += 1
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return completion_logprobs(self.model, prompt_ids, completion_ids, pad_token_id=pad,
+                                   token_budget=self.token_budget)
+
+
+def fill_rows(given: list, score: Callable[[list[int]], list]) -> list:
+    """``given`` with its None rows replaced by ``score(indices of those rows)`` (one call, or none if none)."""
+    missing = [i for i, row in enumerate(given) if row is None]
+    if not missing:
+        return given
+    out = list(given)
+    for i, row in zip(missing, score(missing)):
+        out[i] = row
+    return out
 
 
 REWARDS: dict[str, Callable[..., Callable]] = {

@@ -45,29 +45,37 @@ def _lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def completion_columns(logps: torch.Tensor, input_ids: torch.Tensor, logits_to_keep: int,
-                       pad_token_id: int | None) -> torch.Tensor | None:
-    """Per-token log-probs of the completion tokens, ``(B, C)`` with ``C = logits_to_keep``.
+def completion_columns(logps: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       logits_to_keep: int, pad_token_id: int | None, left_packed: bool = False):
+    """Per-token log-probs of the completion tokens in TRL's ``(B, C)`` layout (``C = logits_to_keep``), and which
+    rows hold the log-probs of the sequence as sampled; ``(None, None)`` for a layout it does not know.
 
-    TRL returns that layout already. Unsloth's patched trainer first moves each row's left padding to its end
-    ("left-packs" the rows) and returns the last ``C + max_left_pad`` positions of the packed rows, ``(B, C +
-    max_left_pad)``: there, row ``i`` (with ``pad_i`` pad tokens in its prompt part) has its completion at columns
-    ``max_left_pad - pad_i ... max_left_pad - pad_i + C - 1``. Returns None for any other shape.
+    TRL returns ``(B, C)`` already. Unsloth's patched trainer first moves every pad-id token of each row to its end
+    ("left-packs" the rows) and returns the last ``C + max_left_pad`` positions, ``(B, C + max_left_pad)``: row ``i``
+    (``pad_i`` pad tokens in its prompt part) has its completion at columns ``max_left_pad - pad_i`` onwards. A row
+    in which a real token (attention mask 1) has the pad id, e.g. a sampled pad token or an EOS that doubles as pad,
+    was scored by Unsloth as a different sequence: it is marked False and must be scored by another pass.
     """
+    rows = logps.size(0)
+    if not left_packed:
+        if logps.size(1) != logits_to_keep:
+            return None, None
+        return logps, torch.ones(rows, dtype=torch.bool)
     extra = logps.size(1) - logits_to_keep
-    if extra == 0:
-        return logps
     if extra < 0 or pad_token_id is None:
-        return None
+        return None, None
     pads = (input_ids[:, :-logits_to_keep] == pad_token_id).sum(dim=1)
     if int(pads.max()) != extra:
-        return None
-    index = (extra - pads)[:, None] + torch.arange(logits_to_keep, device=logps.device)[None, :]
-    return logps.gather(1, index.to(logps.device))
+        return None, None
+    ok = ~((input_ids == pad_token_id) & attention_mask.bool()).any(dim=1)
+    index = (extra - pads)[:, None] + torch.arange(logits_to_keep, device=pads.device)[None, :]
+    return logps.gather(1, index.to(logps.device)), ok.cpu()
 
 
 class SelfDistillMixin:
     """The overrides, as a mixin so they also apply on top of Unsloth's patched GRPOTrainer."""
+
+    left_packed_logps = False  # True on top of Unsloth's trainer: its log-prob tensors are of left-packed rows
 
     def __init__(self, *args, max_prompt_length: int | None = None, reuse_reference_logprobs: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -147,15 +155,16 @@ class SelfDistillMixin:
                 return out
             if not is_reference and self.temperature != 1.0:
                 return out
-            logps = completion_columns(out[0], input_ids, logits_to_keep, self.processing_class.pad_token_id)
+            logps, ok = completion_columns(out[0], input_ids, attention_mask, logits_to_keep,
+                                           self.processing_class.pad_token_id, self.left_packed_logps)
             if logps is None:
                 logger.warning("log-prob tensor of unknown layout %s; the reward runs its own pass",
                                tuple(out[0].shape))
             elif is_reference:
-                self._ref_logps = logps
+                self._ref_logps = (logps, ok)
             else:
                 # TRL's "old" policy log-probs (made when generation and optimisation steps are misaligned)
-                self._policy_logps = logps
+                self._policy_logps = (logps, ok)
         return out
 
     def _generate_and_score_completions(self, inputs):
@@ -173,11 +182,13 @@ class SelfDistillMixin:
         if self._prompt_ids is not None and len(self._prompt_ids) == len(inputs):
             extra["prompt_ids"] = self._prompt_ids
         self._scoring = False
-        if self._ref_logps is not None and self._ref_logps.size(0) == len(inputs):
-            extra["ref_per_token_logps"] = list(self._ref_logps.detach())
-            self.reference_reuses += 1
-        if self._policy_logps is not None and self._policy_logps.size(0) == len(inputs):
-            extra["policy_per_token_logps"] = list(self._policy_logps.detach())
+        for key, captured in (("ref_per_token_logps", self._ref_logps), ("policy_per_token_logps", self._policy_logps)):
+            if captured is not None and captured[0].size(0) == len(inputs):
+                logps, ok = captured
+                # Rows that the pass could not score as sampled go as None: the reward scores those itself.
+                extra[key] = [row if good else None for row, good in zip(logps.detach(), ok.tolist())]
+                if key == "ref_per_token_logps":
+                    self.reference_reuses += 1
         if extra:
             inputs = [{**x, **{k: v[i] for k, v in extra.items()}} for i, x in enumerate(inputs)]
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -215,11 +226,11 @@ class SelfDistillGRPOTrainer(SelfDistillMixin, GRPOTrainer):
     """TRL's GRPOTrainer with sdgrpo's hooks (transformers + PEFT backend)."""
 
 
-def trainer_class(base: type | None = None) -> type:
+def trainer_class(base: type | None = None, left_packed_logps: bool = False) -> type:
     """The self-distillation trainer on top of ``base`` (e.g. the GRPOTrainer that Unsloth patched on import)."""
     if base is None or base is GRPOTrainer:
         return SelfDistillGRPOTrainer
-    return type(f"SelfDistill{base.__name__}", (SelfDistillMixin, base), {})
+    return type(f"SelfDistill{base.__name__}", (SelfDistillMixin, base), {"left_packed_logps": left_packed_logps})
 
 
 class StopRequest(TrainerCallback):

@@ -87,4 +87,4 @@ def unsloth_trainer_class():
 
     from sdgrpo.trainer import trainer_class
 
-    return trainer_class(trl.GRPOTrainer)
+    return trainer_class(trl.GRPOTrainer, left_packed_logps=True)

@@ -1,0 +1,150 @@
+"""Completion tokens per second of `sdgrpo train` on one GPU and on two (DDP and FSDP), same per-GPU batch.
+
+Each configuration is its own launch: one GPU runs the training in one plain process; two GPUs run it under
+`accelerate launch --config_file configs/accelerate/{ddp,fsdp}.yaml --num_processes 2`. The model is a
+Qwen2.5-1.5B shape (32k vocabulary, random bf16 weights), the transformers+PEFT backend with sdgrpo's defaults
+(LoRA r 16 on all linear layers, beta 0.04, reward from the KL pass), 8 prompts x 8 completions per GPU per step.
+Random weights rarely sample EOS, so completions run to max_completion_length: throughput is not flattered by
+early stops. Per step: wall time between optimizer-step ends on rank 0 (CUDA-synchronised); completion tokens from
+TRL's logged mean length x the global batch. 1 warm-up step, then the median of the rest.
+Usage: python benchmarks/bench_multigpu.py OUT_DIR [shape] [completion_tokens] [steps]
+NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the GPU machine requires.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PER_GPU_PROMPTS, G = 8, 8
+RUNS = [("1gpu", None, 1), ("ddp_2gpu", "ddp.yaml", 2), ("fsdp_2gpu", "fsdp.yaml", 2)]
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def child(model_dir: str, data_dir: str, out: str, completion: int, steps: int) -> None:
+    """One training run (one process of it); rank 0 appends each step's time to OUT/steps.jsonl."""
+    import torch
+    from transformers import TrainerCallback
+
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.train import main
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class Clock(TrainerCallback):
+        last = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync()
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            now = time.perf_counter()
+            if state.is_world_process_zero:
+                with open(Path(out) / "steps.jsonl", "a") as fh:
+                    fh.write(json.dumps({"step": state.global_step, "seconds": now - self.last,
+                                         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
+                                         if torch.cuda.is_available() else None}) + "\n")
+            self.last = now
+
+    argv = ["--model_name_or_path", model_dir, "--dataset_path", data_dir, "--output_dir", str(Path(out) / "run"),
+            "--per_device_train_batch_size", str(PER_GPU_PROMPTS * G), "--num_generations", str(G),
+            "--max_completion_length", str(completion), "--max_steps", str(steps), "--save_strategy", "no",
+            "--report_to", "none", "--logging_steps", "1", "--collapse_guard", "off", "--learning_rate", "1e-5"]
+    train_cfg, model_cfg = parse_train_args(argv)
+    main(train_cfg, model_cfg, callbacks=[Clock()])
+
+
+def summarize(out: Path, world: int) -> dict:
+    steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    lengths = {m["step"]: m["completions/mean_length"] for m in metrics if "completions/mean_length" in m}
+    timed = steps[1:]  # the first step warms up
+    per_step = [lengths[s["step"]] * PER_GPU_PROMPTS * G * world / s["seconds"] for s in timed if s["step"] in lengths]
+    return {"processes": world, "steps_timed": len(timed), "step_s": statistics.median(s["seconds"] for s in timed),
+            "completion_tokens_per_s": statistics.median(per_step) if per_step else None,
+            "mean_completion_length": statistics.mean(lengths.values()) if lengths else None,
+            "peak_gpu_gib_rank0": max(s["peak_gpu_gib"] or 0 for s in steps),
+            "step_times_s": [s["seconds"] for s in steps]}
+
+
+def main() -> None:
+    out_root = Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "results")
+    shape = sys.argv[2] if len(sys.argv) > 2 else "qwen2.5-1.5b"
+    completion = int(sys.argv[3]) if len(sys.argv) > 3 else 256
+    steps = int(sys.argv[4]) if len(sys.argv) > 4 else 4
+    runs = os.environ.get("BENCH_RUNS", ",".join(r[0] for r in RUNS)).split(",")
+    sys.path.insert(0, str(HERE))
+    from bench_step import make_assets
+    from common import environment, save
+
+    work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_multigpu"))
+    if os.environ.get("BENCH_MODEL"):  # a smoke run (e.g. on CPU) with a given model and prompt set
+        model_dir, data_dir = Path(os.environ["BENCH_MODEL"]), Path(os.environ["BENCH_DATA"])
+    else:
+        model_dir, data_dir = make_assets(work, shape)
+    env = {**os.environ, **SAFE_ENV, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH",
+                                                                                                   "")])}
+    results = {}
+    out_root.mkdir(parents=True, exist_ok=True)
+    for name, config, world in RUNS:
+        if name not in runs:
+            continue
+        out = work / name
+        subprocess.run(["rm", "-rf", str(out)])
+        out.mkdir(parents=True)
+        args = [str(HERE / "bench_multigpu.py"), "--child", str(model_dir), str(data_dir), str(out), str(completion),
+                str(steps)]
+        if config is None:
+            cmd = [sys.executable, *args]
+        else:
+            launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / config)]
+            if os.environ.get("BENCH_CPU"):  # CPU smoke: gloo processes
+                launcher = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            cmd = ["accelerate", "launch", *launcher, "--num_processes", str(world), "--num_machines", "1", *args]
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=int(os.environ.get(
+            "BENCH_TIMEOUT", 900)))
+        (out_root / f"bench_multigpu_{name}.log").write_text(proc.stderr[-20000:])
+        try:
+            row = summarize(out, world)
+            if proc.returncode != 0:
+                row["error_after_timing"] = proc.stderr.strip().splitlines()[-1][-500:]
+        except (FileNotFoundError, KeyError, ValueError, statistics.StatisticsError) as err:
+            row = {"processes": world, "error": f"{err!r}; {proc.stderr[-1500:]}"}
+        row["wall_s"] = time.time() - t0
+        results[name] = row
+        print(name, json.dumps(row), flush=True)
+    base = results.get("1gpu", {}).get("completion_tokens_per_s")
+    for row in results.values():
+        if base and row.get("completion_tokens_per_s"):
+            row["speedup_vs_1gpu"] = row["completion_tokens_per_s"] / base
+    payload = {"benchmark": "multigpu_throughput", "shape": f"{shape}, 32k vocab, random bf16 weights",
+               "config": {"per_gpu_prompts": PER_GPU_PROMPTS, "num_generations": G, "completion_tokens": completion,
+                          "steps": steps, "warmup_steps": 1, "backend": "hf", "lora_r": 16, "beta": 0.04,
+                          "nccl_nvls": "off"},
+               **environment(), "gpus": _gpu_count(), "results": results}
+    save(f"bench_multigpu_{shape}", payload, out_root)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+    else:
+        main()
