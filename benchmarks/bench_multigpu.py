@@ -111,7 +111,7 @@ def main() -> None:
             launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / config)]
             if os.environ.get("BENCH_CPU"):  # CPU smoke: gloo processes
                 launcher = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            cmd = ["accelerate", "launch", *launcher, "--num_processes", str(world), "--num_machines", "1", *args]
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(world), "--num_machines", "1", *args]
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=int(os.environ.get(
             "BENCH_TIMEOUT", 900)))
