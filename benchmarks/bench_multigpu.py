@@ -61,6 +61,7 @@ def child(model_dir: str, data_dir: str, out: str, completion: int, steps: int) 
             "--per_device_train_batch_size", str(PER_GPU_PROMPTS * G), "--num_generations", str(G),
             "--max_completion_length", str(completion), "--max_steps", str(steps), "--save_strategy", "no",
             "--report_to", "none", "--logging_steps", "1", "--collapse_guard", "off", "--learning_rate", "1e-5"]
+    argv += os.environ.get("BENCH_EXTRA_ARGS", "").split()
     train_cfg, model_cfg = parse_train_args(argv)
     main(train_cfg, model_cfg, callbacks=[Clock()])
 
@@ -105,15 +106,18 @@ def main() -> None:
         out.mkdir(parents=True)
         args = [str(HERE / "bench_multigpu.py"), "--child", str(model_dir), str(data_dir), str(out), str(completion),
                 str(steps)]
-        if config is None:
+        run_env = env
+        if config is None:  # one process sees one GPU (with several visible, Trainer would use nn.DataParallel)
             cmd = [sys.executable, *args]
+            run_env = {**env, "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
         else:
             launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / config)]
             if os.environ.get("BENCH_CPU"):  # CPU smoke: gloo processes
                 launcher = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(world), "--num_machines", "1", *args]
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(world),
+                   "--num_machines", "1", *args]
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=int(os.environ.get(
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=int(os.environ.get(
             "BENCH_TIMEOUT", 900)))
         (out_root / f"bench_multigpu_{name}.log").write_text(proc.stderr[-20000:])
         try:

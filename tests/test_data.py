@@ -138,3 +138,16 @@ def test_empty_inputs_raise(tmp_path, tiny_tokenizer):
     (tmp_path / "s.jsonl").write_text('{"body": "a"}\n')
     with pytest.raises(UserError, match="no field 'text'"):
         run(tmp_path, tiny_tokenizer, [tmp_path / "s.jsonl"])
+
+
+def test_no_test_split_still_loads(tmp_path, tiny_tokenizer, shared_data):
+    """--test_size 0 writes only a train split, and the folder loads back for training."""
+    from sdgrpo.train import load_prompts
+
+    out = tmp_path / "p"
+    summary = prepare(PrepareConfig(inputs=[str(shared_data / "gutenberg" / "alice.txt")], output=str(out),
+                                    test_size=0.0, max_prompts=30), tiny_tokenizer)
+    assert summary["train"] == 30 and summary["test"] == 0
+    assert len(load_prompts(str(out), "train")) == 30
+    with pytest.raises(UserError, match="has no 'test' split"):
+        load_prompts(str(out), "test")

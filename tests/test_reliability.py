@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from sdgrpo.trainer import COMPLETE_MARKER, last_complete_checkpoint
 
@@ -250,3 +251,20 @@ def test_every_verb_answers_bad_arguments_in_one_line(args, message):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith(f"sdgrpo {args[0]}: error:")
+
+
+def test_several_gpus_in_one_process_is_one_clear_line(monkeypatch):
+    """Trainer would wrap the model in nn.DataParallel, which TRL refuses with a traceback: say what to do instead."""
+    from sdgrpo.errors import UserError
+    from sdgrpo.train import check_one_gpu_per_process
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="2 GPUs are visible to this one process; use them all with `accelerate launch"):
+        check_one_gpu_per_process()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate/torchrun each process has its own GPU
+    check_one_gpu_per_process()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_one_gpu_per_process()

@@ -159,6 +159,11 @@ class SDModelConfig(ModelConfig):
         default=TINY_MODEL, metadata={"help": "Hub name or local folder of the base model (default: shipped tiny)."}
     )
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (sdgrpo always does)."})
+    dtype: str | None = field(
+        default="auto",
+        metadata={"help": "Base weights dtype: auto (bf16 on a GPU that has it, else fp32), bfloat16, float16, "
+                  "float32. TRL's default, float32, doubles the frozen base's memory on a GPU."},
+    )
     lora_target_modules: list[str] | None = field(
         default_factory=lambda: ["all-linear"], metadata={"help": "LoRA target modules; 'all-linear' = every linear."}
     )

@@ -171,9 +171,8 @@ def prepare(cfg: PrepareConfig, tokenizer) -> dict:
     if not splits["train"]:
         raise UserError(f"only {len(examples)} prompt(s): nothing left to train on; lower --test_size")
     out = Path(cfg.output)
-    DatasetDict({k: Dataset.from_list(v) if v else Dataset.from_dict(
-        {"prompt": [], "continuation": [], "prompt_tokens": [], "source": []}) for k, v in splits.items()}
-    ).save_to_disk(str(out))
+    # An empty split is left out: datasets saves it with no shards and then cannot load the folder back.
+    DatasetDict({k: Dataset.from_list(v) for k, v in splits.items() if v}).save_to_disk(str(out))
     cont_tokens = [len(tokenizer(e["continuation"], add_special_tokens=False)["input_ids"]) for e in examples[:2000]]
     summary = {
         "documents": len(docs),

@@ -87,6 +87,19 @@ def load_teacher(train_cfg: SDGRPOConfig):
     return teacher, tokenizer
 
 
+def check_one_gpu_per_process() -> None:
+    """Refuse one process with several GPUs: TRL's GRPOTrainer cannot run under the nn.DataParallel it would get."""
+    import torch
+
+    if not torch.cuda.is_available() or "WORLD_SIZE" in os.environ:
+        return
+    n = torch.cuda.device_count()
+    if n > 1:
+        raise UserError(f"{n} GPUs are visible to this one process; use them all with `accelerate launch "
+                        "--config_file configs/accelerate/ddp.yaml --num_processes "
+                        f"{n} -m sdgrpo.cli train ...`, or pick one with CUDA_VISIBLE_DEVICES=0")
+
+
 def _cuda() -> bool:
     import torch
 
@@ -183,6 +196,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
     from sdgrpo.compat import ensure_trl_runs_without_triton
 
     ensure_trl_runs_without_triton()
+    check_one_gpu_per_process()
     out = Path(train_cfg.output_dir)
     resolved = config_to_dict(train_cfg, model_cfg)
     checkpoint = check_resume(out, resolved) if resume else None

@@ -1,0 +1,127 @@
+"""Distil a larger teacher into the shipped tiny model (issue #8) and measure what it does, on CPU or GPU.
+
+Runs `sdgrpo train` on the shipped 5.8M model with three rewards (self_nll: the base scores; teacher_nll: the teacher's
+mean log-likelihood; distill: mean log q_teacher - log p_policy), then measures for the base student, the teacher
+and each trained student: held-out bits per byte on the last 5% of every training book (the figure the tiny models
+were selected by; the prompts come from the first 95% only) and, on samples at T=1 from held-out prompts, the
+diversity metrics (distinct-2, seq-rep-4, length, EOS rate) and the teacher's mean log-likelihood of the samples.
+Usage: python benchmarks/distill_study.py TEACHER_DIR OUT_DIR [steps] [data_dir]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+# Rewards and the settings that differ between them. distill carries its own KL (to the teacher): no KL to the base.
+RUNS = {
+    "self_nll": dict(reward="self_nll", beta=0.04),
+    "teacher_nll": dict(reward="teacher_nll", beta=0.04),
+    "distill": dict(reward="distill", beta=0.0),
+}
+COMMON = dict(learning_rate=3e-4, num_generations=8, per_device_train_batch_size=32, max_completion_length=48,
+              lr_scheduler_type="constant", save_strategy="no", report_to="none", seed=0, collapse_guard="warn")
+
+
+def prepare_prompts(data_dir: Path, work: Path) -> Path:
+    """Prompts from the training part (first 95%) of every book; held-out prompts from the last 5%."""
+    from sdgrpo.config import TINY_MODEL
+    from sdgrpo.data import PrepareConfig, prepare
+    from sdgrpo.modeling import load_tokenizer
+    from sdgrpo.pretrain import load_corpus
+
+    train_dir, held_dir = work / "train_text", work / "heldout_text"
+    for d in (train_dir, held_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    for name, train, held in load_corpus(data_dir):
+        stem = name.replace("/", "__")
+        (train_dir / stem).write_text(train)
+        (held_dir / stem).write_text(held)
+    tok = load_tokenizer(str(TINY_MODEL))
+    prepare(PrepareConfig(inputs=[str(train_dir)], output=str(work / "prompts"), max_prompts=2000, seed=0), tok)
+    prepare(PrepareConfig(inputs=[str(held_dir)], output=str(work / "heldout_prompts"), max_prompts=64, seed=0,
+                          test_size=0.0), tok)
+    return work / "prompts"
+
+
+def measure(model, tokenizer, teacher, heldout_texts, prompts, device) -> dict:
+    """Held-out bits per byte, and diversity + teacher log-likelihood of T=1 samples from held-out prompts."""
+    import torch
+
+    from sdgrpo.metrics import collapse_metrics
+    from sdgrpo.pretrain import evaluate_bpb
+    from sdgrpo.sampling import base_rewards, sample
+
+    t0 = time.time()
+    with torch.no_grad():
+        bpb, _ = evaluate_bpb(model, tokenizer, heldout_texts, 256, device)
+    samples = sample(model, tokenizer, prompts, 4, 48, temperature=1.0, seed=0)
+    teacher_ll = [r for r in base_rewards(teacher, tokenizer, samples) if r is not None]
+    metrics = collapse_metrics(samples.completion_ids, samples.texts, {tokenizer.eos_token_id}, group_size=4)
+    return {"heldout_bpb": bpb, "teacher_loglik_of_samples": statistics.fmean(teacher_ll),
+            **{k: metrics[k] for k in ("distinct_2", "seq_rep_4", "length", "eos_rate")},
+            "seconds": time.time() - t0}
+
+
+def main() -> None:
+    import torch
+    from common import environment
+    from peft import PeftModel
+
+    from sdgrpo.config import TINY_MODEL, parse_train_args
+    from sdgrpo.modeling import load_model, load_tokenizer
+    from sdgrpo.pretrain import load_corpus
+    from sdgrpo.train import load_prompts
+    from sdgrpo.train import main as train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    teacher_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    steps = int(sys.argv[3]) if len(sys.argv) > 3 else 150
+    data_dir = Path(sys.argv[4]) if len(sys.argv) > 4 else HERE.parent.parent / "shared" / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompts_dir = prepare_prompts(data_dir, out / "work")
+    held_prompts = list(load_prompts(str(out / "work" / "heldout_prompts"), "train", 48)["prompt"])
+    heldout_texts = [h for _, _, h in load_corpus(data_dir)]
+    tokenizer = load_tokenizer(str(TINY_MODEL))
+    teacher = load_model(str(teacher_dir), torch.float32, device).eval()
+    student = load_model(str(TINY_MODEL), torch.float32, device).eval()
+    results = {"teacher": measure(teacher, tokenizer, teacher, heldout_texts, held_prompts, device),
+               "base_student": measure(student, tokenizer, teacher, heldout_texts, held_prompts, device)}
+    print(json.dumps(results, indent=1), flush=True)
+    for name, settings in RUNS.items():
+        argv = ["--dataset_path", str(prompts_dir), "--output_dir", str(out / name), "--max_steps", str(steps),
+                "--teacher_model_name_or_path", str(teacher_dir)]
+        for k, v in {**COMMON, **settings}.items():
+            argv += [f"--{k}", str(v)]
+        t0 = time.time()
+        train(*parse_train_args(argv))
+        trained = PeftModel.from_pretrained(load_model(str(TINY_MODEL), torch.float32, device), str(out / name))
+        trained = trained.merge_and_unload().eval()
+        rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        rewards = [r["reward"] for r in rows if "reward" in r]
+        results[name] = {**measure(trained, tokenizer, teacher, heldout_texts, held_prompts, device),
+                         "train_seconds": time.time() - t0, "steps": len(rewards),
+                         "reward_first10": statistics.fmean(rewards[:10]),
+                         "reward_last10": statistics.fmean(rewards[-10:])}
+        print(name, json.dumps(results[name]), flush=True)
+        (out / "distill_study.json").write_text(json.dumps(results, indent=2))
+    base = results["base_student"]["heldout_bpb"]
+    for row in results.values():
+        row["bpb_change_vs_base_pct"] = 100 * (row["heldout_bpb"] - base) / base
+    payload = {"benchmark": "distill_study", "teacher": str(teacher_dir), "student": "sdgrpo/assets/tiny-llama",
+               "config": {"steps": steps, **COMMON, "runs": RUNS}, **environment(), "results": results}
+    (out / "distill_study.json").write_text(json.dumps(payload, indent=2))
+    print(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
