@@ -27,7 +27,7 @@ RUNS = {
     "teacher_nll": dict(reward="teacher_nll", beta=0.04),
     "distill": dict(reward="distill", beta=0.0),
 }
-COMMON = dict(learning_rate=3e-4, num_generations=8, per_device_train_batch_size=32, max_completion_length=48,
+COMMON = dict(learning_rate=3e-4, num_generations=8, per_device_train_batch_size=16, max_completion_length=48,
               lr_scheduler_type="constant", save_strategy="no", report_to="none", seed=0, collapse_guard="warn")
 
 

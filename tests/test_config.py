@@ -74,3 +74,19 @@ def test_shipped_accelerate_configs_parse(path):
     if cfg["distributed_type"] == "DEEPSPEED":
         assert cfg["deepspeed_config"]["zero_stage"] in (2, 3)
     assert cfg["mixed_precision"] == "bf16" and cfg["use_cpu"] is False
+
+
+def test_compiled_generation_default():
+    """On for --backend hf on a GPU (one process or DDP), with a static cache; off on CPU, Unsloth, FSDP, DeepSpeed."""
+    from sdgrpo.config import default_generation_compile as default
+
+    cpu, model = parse_train_args([])  # this machine has no GPU
+    assert cpu.generation_compile is False and cpu.cache_implementation is None and model.dtype == "auto"
+    assert default("hf", True, False, False, None) is True
+    assert default("hf", False, False, False, None) is False
+    assert default("unsloth", True, False, False, None) is False
+    assert default("hf", True, True, False, None) is False  # FSDP / DeepSpeed
+    assert default("hf", True, False, True, None) is False  # vLLM
+    assert default("hf", True, False, False, "dynamic") is False
+    on, _ = parse_train_args(["--generation_compile", "true"])
+    assert on.generation_compile is True and on.cache_implementation == "static"

@@ -71,3 +71,28 @@ def test_pretrain_recipe_runs_and_saves_a_loadable_model(tmp_path, shared_data):
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tok("hello")["input_ids"][0] == tok.bos_token_id == model.config.bos_token_id
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_given_tokenizer_and_time_budget(tmp_path, shared_data):
+    """A teacher reuses the shipped tokenizer (same ids as the student); a time budget stops it, still saved, with
+    the learning rate paced to end decayed."""
+    from transformers import AutoTokenizer
+
+    from sdgrpo.pretrain import _lr_at
+
+    data = tmp_path / "data" / "tinyshakespeare"
+    data.mkdir(parents=True)
+    (data / "input.txt").write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:50_000])
+    cfg = PretrainConfig(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"),
+                         tokenizer_path=str(TINY_MODEL), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, seq_len=32, batch_size=4, max_steps=10**6, eval_every=10**6,
+                         max_seconds=2.0, warmup_steps=5)
+    result = main(cfg)
+    last = result["history"][-1]
+    assert last["stopped_by_time"] and 2.0 < last["elapsed_s"] < 10 and last["step"] < 10**6
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == AutoTokenizer.from_pretrained(
+        TINY_MODEL).get_vocab()
+    # Paced by time: half the budget gone is half the cosine, whatever the step count says.
+    lr = _lr_at(100, cfg, elapsed=1.0)
+    assert lr == pytest.approx(cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5))
+    assert _lr_at(100, cfg, elapsed=2.0) == pytest.approx(cfg.learning_rate * cfg.min_lr_ratio)

@@ -151,3 +151,16 @@ def test_unsloth_backend_without_gpu_is_one_line(tmp_path, prepared):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("sdgrpo train: error: --backend unsloth needs a CUDA GPU")
     assert "Traceback" not in r.stderr and "unsloth" not in sys.modules
+
+
+def test_generation_compile_turns_trl_auto_compile_back_on(tmp_path, prepared, tiny_model_dir):
+    """TRL builds its GenerationConfig with disable_compile=True; --generation_compile true undoes that (with a static
+    cache transformers then compiles the decoding step on a GPU; on CPU it runs uncompiled) and a step trains."""
+    trainer, _, _ = _trainer(tiny_model_dir, prepared, tmp_path, "--generation_compile", "true",
+                             "--cache_implementation", "static")
+    assert trainer.generation_config.disable_compile is False
+    assert trainer.generation_config.cache_implementation == "static"
+    trainer.train()
+    assert trainer.state.global_step == 1
+    plain, _, _ = _trainer(tiny_model_dir, prepared, tmp_path / "plain")
+    assert plain.generation_config.disable_compile is True
