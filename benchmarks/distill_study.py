@@ -6,6 +6,7 @@ and each trained student: held-out bits per byte on the last 5% of every trainin
 were selected by; the prompts come from the first 95% only) and, on samples at T=1 from held-out prompts, the
 diversity metrics (distinct-2, seq-rep-4, length, EOS rate) and the teacher's mean log-likelihood of the samples.
 Usage: python benchmarks/distill_study.py TEACHER_DIR OUT_DIR [steps] [data_dir]
+       python benchmarks/distill_study.py --plot RESULT.json OUT.png
 """
 
 from __future__ import annotations
@@ -120,7 +121,34 @@ def main() -> None:
     payload = {"benchmark": "distill_study", "teacher": str(teacher_dir), "student": "sdgrpo/assets/tiny-llama",
                "config": {"steps": steps, **COMMON, "runs": RUNS}, **environment(), "results": results}
     (out / "distill_study.json").write_text(json.dumps(payload, indent=2))
+    plot(results, out / "distill_study.png")
     print(json.dumps(payload, indent=2))
+
+
+def plot(results: dict, path: Path) -> None:
+    """Held-out bits per byte and distinct-2 of the samples, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((axes[0], "heldout_bpb", "held-out bits per byte (lower is better)"),
+                           (axes[1], "distinct_2", "distinct-2 of T=1 samples (higher is more diverse)")):
+        values = [results[n][key] for n in names]
+        ax.bar(names, values, color=["#777", "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c"][: len(names)])
+        ax.set_title(label, fontsize=10)
+        ax.set_ylim(min(values) * 0.97, max(values) * 1.01)
+        ax.tick_params(axis="x", rotation=20, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--plot":  # replot a saved result
+    plot(json.loads(Path(sys.argv[2]).read_text())["results"], Path(sys.argv[3]))
+    sys.exit(0)
 
 
 if __name__ == "__main__":

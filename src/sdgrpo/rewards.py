@@ -173,7 +173,6 @@ class DistillReward(TeacherNLLReward):
                                                                  [completion_ids[i] for i in rows]))
         return [aggregate(q - p, "mean") for q, p in zip(teacher, policy)]
 
-
     def _policy_pass(self, prompt_ids, completion_ids):
         self.policy_passes += 1
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -83,8 +83,8 @@ class SelfDistillMixin:
         self.reuse_reference_logprobs = reuse_reference_logprobs and self.beta != 0.0 and self.temperature == 1.0
         self._lora = _lora_layers(self.accelerator.unwrap_model(self.model))
         self._prompt_ids: list[list[int]] | None = None
-        self._ref_logps: torch.Tensor | None = None
-        self._policy_logps: torch.Tensor | None = None
+        self._ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None  # (log-probs, rows scored as sampled)
+        self._policy_logps: tuple[torch.Tensor, torch.Tensor] | None = None
         self._scoring = False
         self.reference_reuses = 0  # reward batches served from the KL pass
         if getattr(self.args, "generation_compile", False) and getattr(self, "generation_config", None) is not None:
