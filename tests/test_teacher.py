@@ -42,6 +42,21 @@ def test_distill_is_teacher_minus_policy_per_token(tiny_tokenizer, setup):
         [0.0] * 3, abs=1e-6)
 
 
+def test_distill_scores_only_the_rows_the_trainer_could_not(tiny_tokenizer, setup):
+    """policy_per_token_logps with a None row (Unsloth's packing could not score it): that row gets the reward's own
+    policy pass, the others are taken as given."""
+    teacher, student, prompts, comps = setup
+    reward = DistillReward(teacher, tiny_tokenizer, policy=student)
+    given = [torch.zeros(len(comps[0])), None, torch.zeros(len(comps[2]))]
+    got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts,
+                 policy_per_token_logps=given)
+    assert reward.policy_passes == 1
+    t = [reference_logps(teacher, p, c) for p, c in zip(prompts, comps)]
+    want = [t[0].mean().item(), (t[1] - reference_logps(student, prompts[1], comps[1])).mean().item(),
+            t[2].mean().item()]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
 def test_other_tokenizer_refused_unless_retokenizing(tiny_tokenizer, shared_data):
     from sdgrpo.pretrain import train_tokenizer
 
