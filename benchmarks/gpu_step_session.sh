@@ -2,13 +2,7 @@
 # GPU machine, one call: rerun the Unsloth reuse test on the real-shape model, then the step benchmark (0.5B shape).
 # Carry .whl and .device_pack. Results to $OUT.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && tar xzf .whl/unsloth_pkg.tgz -C /tmp/site || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" .device_data ../shared && tar xJf .device_pack/corpus.tar.xz -C .device_data
-ln -sfn "$PWD/.device_data" ../shared/data && ln -sfn "$PWD/.device_data" .gpu_data
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/gpu_env.sh
 timeout "${TEST_SECONDS:-150}" python3 -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider \
   -k "${PYTEST_K:-reuse and qwen}" tests/test_gpu.py > "$OUT/pytest_gpu.log" 2>&1
 tail -25 "$OUT/pytest_gpu.log"

@@ -1,0 +1,12 @@
+# Sourced by the gpu_*.sh scripts on the GPU machine, from the project root with .whl (make-wheelhouse.sh) and
+# .device_pack carried (.device_pack/corpus.tar.xz: a tar of ../shared/data's tinyshakespeare, gutenberg and
+# gutenberg-more folders). Installs the wheelhouse into /tmp/site, sets the environment (NVLink multicast off, as
+# the machine requires), unpacks the corpus as ../shared/data and .gpu_data, and sets OUT (default /tmp/out).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && tar xzf .whl/unsloth_pkg.tgz -C /tmp/site || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PATH=/tmp/site/bin:$PATH NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" .device_data ../shared && tar xJf .device_pack/corpus.tar.xz -C .device_data || exit 1
+ln -sfn "$PWD/.device_data" ../shared/data && ln -sfn "$PWD/.device_data" .gpu_data
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
