@@ -39,18 +39,24 @@ def _run(args):
         return name, {"error": repr(err)}
 
 
-if __name__ == "__main__":
-    data_dir, out_dir = sys.argv[1], sys.argv[2]
-    names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(CANDIDATES)
-    work = Path("/tmp/sweep")
+def sweep(candidates: dict, names: list[str], data_dir: str, out_dir: Path, work: Path, key: str,
+          json_name: str, best_name: str) -> tuple[str, dict]:
+    """Train ``names`` at once (one process each), keep the lowest ``key``: OUT/json_name and OUT/best_name/."""
     with mp.get_context("spawn").Pool(len(names)) as pool:
-        results = dict(pool.map(_run, [(n, data_dir, str(work), CANDIDATES[n]) for n in names]))
+        results = dict(pool.map(_run, [(n, data_dir, str(work), candidates[n]) for n in names]))
     ok = {n: r for n, r in results.items() if "error" not in r}
-    best = min(ok, key=lambda n: ok[n]["ratio_to_unigram"])
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "sweep.json").write_text(json.dumps({"best": best, "runs": results}, indent=2))
-    shutil.copytree(work / best, Path(out_dir) / "best", dirs_exist_ok=True)
+    best = min(ok, key=lambda n: ok[n][key])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / json_name).write_text(json.dumps({"best": best, "runs": results}, indent=2))
+    shutil.copytree(work / best, out_dir / best_name, dirs_exist_ok=True)
     for n, r in results.items():
         keys = ("parameters", "heldout_bpb", "unigram_bpb", "ratio_to_unigram", "train_seconds", "error")
         print(n, {k: r.get(k) for k in keys})
     print("best:", best)
+    return best, results
+
+
+if __name__ == "__main__":
+    names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(CANDIDATES)
+    sweep(CANDIDATES, names, sys.argv[1], Path(sys.argv[2]), Path("/tmp/sweep"), "ratio_to_unigram", "sweep.json",
+          "best")

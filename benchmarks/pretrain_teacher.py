@@ -8,15 +8,13 @@ Writes OUT_DIR/teacher_sweep.json and OUT_DIR/teacher/ (a from_pretrained folder
 """
 
 import json
-import multiprocessing as mp
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pretrain_sweep import _run  # noqa: E402
+from pretrain_sweep import sweep  # noqa: E402
 
 from sdgrpo.config import TINY_MODEL  # noqa: E402
 
@@ -38,19 +36,10 @@ CANDIDATES = {
 }
 
 if __name__ == "__main__":
-    data_dir, out_dir = sys.argv[1], Path(sys.argv[2])
+    out_dir = Path(sys.argv[2])
     names = sys.argv[3].split(",") if len(sys.argv) > 3 else list(CANDIDATES)
-    work = Path("/tmp/teacher_sweep")
-    with mp.get_context("spawn").Pool(len(names)) as pool:
-        results = dict(pool.map(_run, [(n, data_dir, str(work), CANDIDATES[n]) for n in names]))
-    ok = {n: r for n, r in results.items() if "error" not in r}
-    best = min(ok, key=lambda n: ok[n]["heldout_bpb"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "teacher_sweep.json").write_text(json.dumps({"best": best, "runs": results}, indent=2))
-    shutil.copytree(work / best, out_dir / "teacher", dirs_exist_ok=True)
+    sweep(CANDIDATES, names, sys.argv[1], out_dir, Path("/tmp/teacher_sweep"), "heldout_bpb", "teacher_sweep.json",
+          "teacher")
     config = json.loads((out_dir / "teacher" / "config.json").read_text())
     config["attention_dropout"] = 0.0  # a frozen scorer: no dropout even if someone puts it in train mode
     (out_dir / "teacher" / "config.json").write_text(json.dumps(config, indent=2))
-    for n, r in results.items():
-        print(n, {k: r.get(k) for k in ("parameters", "heldout_bpb", "ratio_to_unigram", "train_seconds", "error")})
-    print("best:", best)
