@@ -30,32 +30,10 @@ SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 
 def child(model_dir: str, data_dir: str, out: str, completion: int, steps: int) -> None:
     """One training run (one process of it); rank 0 appends each step's time to OUT/steps.jsonl."""
-    import torch
-    from transformers import TrainerCallback
+    from common import StepClock
 
     from sdgrpo.config import parse_train_args
     from sdgrpo.train import main
-
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    class Clock(TrainerCallback):
-        last = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            sync()
-            self.last = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            now = time.perf_counter()
-            if state.is_world_process_zero:
-                with open(Path(out) / "steps.jsonl", "a") as fh:
-                    fh.write(json.dumps({"step": state.global_step, "seconds": now - self.last,
-                                         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
-                                         if torch.cuda.is_available() else None}) + "\n")
-            self.last = now
 
     argv = ["--model_name_or_path", model_dir, "--dataset_path", data_dir, "--output_dir", str(Path(out) / "run"),
             "--per_device_train_batch_size", str(PER_GPU_PROMPTS * G), "--num_generations", str(G),
@@ -63,7 +41,7 @@ def child(model_dir: str, data_dir: str, out: str, completion: int, steps: int) 
             "--report_to", "none", "--logging_steps", "1", "--collapse_guard", "off", "--learning_rate", "1e-5"]
     argv += os.environ.get("BENCH_EXTRA_ARGS", "").split()
     train_cfg, model_cfg = parse_train_args(argv)
-    main(train_cfg, model_cfg, callbacks=[Clock()])
+    main(train_cfg, model_cfg, callbacks=[StepClock(Path(out) / "steps.jsonl")])
 
 
 def summarize(out: Path, world: int) -> dict:

@@ -87,29 +87,6 @@ class Timer:
         setattr(cls, name, timed)
 
 
-def StepClock():
-    """A TrainerCallback recording the wall time of each optimizer step (end to end, CUDA-synchronised)."""
-    import torch
-    from transformers import TrainerCallback
-
-    class _Clock(TrainerCallback):
-        def __init__(self):
-            self.durations: list[float] = []
-            self._last = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            self._last = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            torch.cuda.synchronize()
-            now = time.perf_counter()
-            self.durations.append(now - self._last)
-            self._last = now
-
-    return _Clock()
-
-
 def sketch_reward(model, tokenizer):
     """The original sketch: re-tokenize prompt + completion, one forward each (kept for the baseline only)."""
     import torch
@@ -141,6 +118,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     timer = Timer()
     timer.wrap(trl.GRPOTrainer, "_generate", "generation")
     timer.wrap(trl.GRPOTrainer, "_calculate_rewards", "scoring")
+    from common import StepClock
+
     step_clock = StepClock()
     common = dict(max_steps=STEPS, per_device_train_batch_size=G, num_generations=G, max_completion_length=COMPLETION,
                   beta=0.04, learning_rate=1e-5, bf16=True, report_to="none", save_strategy="no", logging_steps=1)

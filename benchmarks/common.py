@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 # Real shapes (random weights): public configs of Qwen2.5-0.5B and -1.5B.
 SHAPES = {
@@ -67,3 +68,33 @@ def save(name: str, payload: dict, out_dir: str | Path = Path(__file__).parent /
     path.write_text(json.dumps(payload, indent=2))
     print(json.dumps(payload, indent=2))
     return path
+
+
+class StepClock(TrainerCallback):
+    """Records the wall time of each optimizer step (end to end, CUDA-synchronised) in ``durations``; with ``path``,
+    the main process also appends each step as a JSON line there (one line per step, so it survives a crash)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.durations: list[float] = []
+        self.path = Path(path) if path else None
+        self._last = None
+
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        now = time.perf_counter()
+        self.durations.append(now - self._last)
+        if self.path is not None and state.is_world_process_zero:
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({"step": state.global_step, "seconds": now - self._last,
+                                     "peak_gpu_gib": peak}) + "\n")
+        self._last = now
