@@ -57,18 +57,15 @@ def measure(model, tokenizer, teacher, heldout_texts, prompts, device) -> dict:
     """Held-out bits per byte, and diversity + teacher log-likelihood of T=1 samples from held-out prompts."""
     import torch
 
-    from sdgrpo.metrics import collapse_metrics
+    from sdgrpo.evaluate import summarize
     from sdgrpo.pretrain import evaluate_bpb
-    from sdgrpo.sampling import base_rewards, sample
 
     t0 = time.time()
     with torch.no_grad():
         bpb, _ = evaluate_bpb(model, tokenizer, heldout_texts, 256, device)
-    samples = sample(model, tokenizer, prompts, 4, 48, temperature=1.0, seed=0)
-    teacher_ll = [r for r in base_rewards(teacher, tokenizer, samples) if r is not None]
-    metrics = collapse_metrics(samples.completion_ids, samples.texts, {tokenizer.eos_token_id}, group_size=4)
-    return {"heldout_bpb": bpb, "teacher_loglik_of_samples": statistics.fmean(teacher_ll),
-            **{k: metrics[k] for k in ("distinct_2", "seq_rep_4", "length", "eos_rate")},
+    samples, _ = summarize(model, tokenizer, teacher, prompts, 4, 48, 1.0, 0)  # rewards scored by the teacher
+    return {"heldout_bpb": bpb, "teacher_loglik_of_samples": samples["reward_mean"],
+            **{k: samples[k] for k in ("distinct_2", "seq_rep_4", "length", "eos_rate")},
             "seconds": time.time() - t0}
 
 
