@@ -7,6 +7,7 @@ Qwen2.5-1.5B shape (32k vocabulary, random bf16 weights), the transformers+PEFT 
 Random weights rarely sample EOS, so completions run to max_completion_length: throughput is not flattered by
 early stops. Per step: wall time between optimizer-step ends on rank 0 (CUDA-synchronised); completion tokens from
 TRL's logged mean length x the global batch. 1 warm-up step, then the median of the rest.
+Runs (BENCH_RUNS, comma-separated; default 1gpu,ddp_2gpu,1gpu_nocompile,fsdp_2gpu): see RUNS below.
 Usage: python benchmarks/bench_multigpu.py OUT_DIR [shape] [completion_tokens] [steps]
 NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the GPU machine requires.
 """
@@ -24,7 +25,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PER_GPU_PROMPTS, G = 8, 8
-RUNS = [("1gpu", None, 1), ("ddp_2gpu", "ddp.yaml", 2), ("fsdp_2gpu", "fsdp.yaml", 2)]
+# (name, accelerate config, processes, extra `sdgrpo train` arguments, the 1-GPU run it is compared with). sdgrpo's
+# defaults compile generation for one process and DDP but not under FSDP (its weights are re-gathered), so each
+# two-GPU run is compared with the one-GPU run of the same generation settings.
+RUNS = [("1gpu", None, 1, [], None),
+        ("ddp_2gpu", "ddp.yaml", 2, [], "1gpu"),
+        ("1gpu_nocompile", None, 1, ["--generation_compile", "false"], None),
+        ("fsdp_2gpu", "fsdp.yaml", 2, [], "1gpu_nocompile"),
+        ("fsdp_2gpu_pergather", "fsdp.yaml", 2, ["--fsdp_gather_for_generation", "false"], "1gpu_nocompile")]
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -62,7 +70,7 @@ def main() -> None:
     shape = sys.argv[2] if len(sys.argv) > 2 else "qwen2.5-1.5b"
     completion = int(sys.argv[3]) if len(sys.argv) > 3 else 256
     steps = int(sys.argv[4]) if len(sys.argv) > 4 else 4
-    runs = os.environ.get("BENCH_RUNS", ",".join(r[0] for r in RUNS)).split(",")
+    runs = os.environ.get("BENCH_RUNS", "1gpu,ddp_2gpu,1gpu_nocompile,fsdp_2gpu").split(",")
     sys.path.insert(0, str(HERE))
     from bench_step import make_assets
     from common import environment, save
@@ -76,7 +84,7 @@ def main() -> None:
                                                                                                    "")])}
     results = {}
     out_root.mkdir(parents=True, exist_ok=True)
-    for name, config, world in RUNS:
+    for name, config, world, extra, _ in RUNS:
         if name not in runs:
             continue
         out = work / name
@@ -84,10 +92,10 @@ def main() -> None:
         out.mkdir(parents=True)
         args = [str(HERE / "bench_multigpu.py"), "--child", str(model_dir), str(data_dir), str(out), str(completion),
                 str(steps)]
-        run_env = env
+        run_env = {**env, "BENCH_EXTRA_ARGS": " ".join([os.environ.get("BENCH_EXTRA_ARGS", ""), *extra])}
         if config is None:  # one process sees one GPU (with several visible, Trainer would use nn.DataParallel)
             cmd = [sys.executable, *args]
-            run_env = {**env, "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
+            run_env = {**run_env, "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
         else:
             launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / config)]
             if os.environ.get("BENCH_CPU"):  # CPU smoke: gloo processes
@@ -107,16 +115,19 @@ def main() -> None:
         row["wall_s"] = time.time() - t0
         results[name] = row
         print(name, json.dumps(row), flush=True)
-    base = results.get("1gpu", {}).get("completion_tokens_per_s")
-    for row in results.values():
+    for name, _, _, extra, baseline in RUNS:
+        if name not in results:
+            continue
+        row, base = results[name], results.get(baseline, {}).get("completion_tokens_per_s")
+        row["extra_args"] = extra
         if base and row.get("completion_tokens_per_s"):
-            row["speedup_vs_1gpu"] = row["completion_tokens_per_s"] / base
+            row[f"speedup_vs_{baseline}"] = row["completion_tokens_per_s"] / base
     payload = {"benchmark": "multigpu_throughput", "shape": f"{shape}, 32k vocab, random bf16 weights",
                "config": {"per_gpu_prompts": PER_GPU_PROMPTS, "num_generations": G, "completion_tokens": completion,
                           "steps": steps, "warmup_steps": 1, "backend": "hf", "lora_r": 16, "beta": 0.04,
                           "nccl_nvls": "off"},
                **environment(), "gpus": _gpu_count(), "results": results}
-    save(f"bench_multigpu_{shape}", payload, out_root)
+    save(f"bench_multigpu_{shape}{os.environ.get('BENCH_SUFFIX', '')}", payload, out_root)
 
 
 def _gpu_count() -> int:

@@ -25,6 +25,9 @@ COMMON = dict(tokenizer_path=str(TINY_MODEL), max_steps=20000, eval_every=2000, 
               attention_dropout=0.1, weight_decay=0.3)
 H384 = dict(hidden_size=384, num_hidden_layers=8, num_attention_heads=6, intermediate_size=1024)
 H512 = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1376)
+# Round 3: one H100 call, two runs at once beside the GPU tests, each compiled (torch.compile: the step is
+# launch-bound at this size) and paced by a 450 s budget.
+ROUND3 = dict(COMMON, **H384, compile=True, max_steps=60000, max_seconds=450, eval_every=4000)
 CANDIDATES = {
     # Round 1's best, the teacher of benchmarks/results/distill_study_cpu.json (1.4853 bits/byte after 7,265 steps;
     # round 1 used a step-paced schedule with max_steps 8000 and a 400 s budget).
@@ -33,6 +36,8 @@ CANDIDATES = {
     "teacher-h384-l8-drop0.4-b128": dict(COMMON, **H384, hidden_dropout=0.4, batch_size=128, learning_rate=2e-3),
     "teacher-h384-l8-drop0.35-b64": dict(COMMON, **H384, hidden_dropout=0.35, batch_size=64, learning_rate=2e-3),
     "teacher-h512-l8-drop0.4-b128": dict(COMMON, **H512, hidden_dropout=0.4, batch_size=128, learning_rate=1.5e-3),
+    "r3-h384-l8-drop0.35-b64-compiled": dict(ROUND3, hidden_dropout=0.35, batch_size=64, learning_rate=2e-3),
+    "r3-h384-l8-drop0.4-b128-compiled": dict(ROUND3, hidden_dropout=0.4, batch_size=128, learning_rate=2e-3),
 }
 
 if __name__ == "__main__":

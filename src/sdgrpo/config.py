@@ -41,6 +41,11 @@ class SDGRPOConfig(GRPOConfig):
                   "which TRL turns off. Default: on for --backend hf on a GPU (one process or DDP); off on CPU, "
                   "with Unsloth, FSDP and DeepSpeed (their weights are re-gathered for generation)."},
     )
+    fsdp_gather_for_generation: bool = field(
+        default=True,
+        metadata={"help": "Under FSDP2, keep the all-gathered weights for the whole of generation instead of "
+                  "gathering every layer again at each decoding step (costs one unsharded copy of the model)."},
+    )
     reuse_reference_logprobs: bool = field(
         default=True,
         metadata={"help": "With beta > 0 and temperature 1, take the reward from the KL term's reference pass "
