@@ -73,6 +73,16 @@ def completion_columns(logps: torch.Tensor, input_ids: torch.Tensor, attention_m
     return logps.gather(1, index.to(logps.device)), ok.cpu()
 
 
+def _fsdp_param_groups(module) -> list:
+    """The parameter groups of one FSDP2 module (torch <= 2.11 keeps one, later versions a list)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
 @contextmanager
 def gathered_weights(model):
     """Keep FSDP2-sharded parameters all-gathered while the block runs (generation), then shard them again.
@@ -85,7 +95,7 @@ def gathered_weights(model):
     from torch.distributed.fsdp import FSDPModule
 
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    before = [all(g._reshard_after_forward for g in m._get_fsdp_state()._fsdp_param_groups) for m in modules]
+    before = [all(g.post_forward_mesh_info is not None for g in _fsdp_param_groups(m)) for m in modules]
     for module in modules:
         module.set_reshard_after_forward(False, recurse=False)
     try:
