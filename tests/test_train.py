@@ -164,3 +164,29 @@ def test_generation_compile_turns_trl_auto_compile_back_on(tmp_path, prepared, t
     assert trainer.state.global_step == 1
     plain, _, _ = _trainer(tiny_model_dir, prepared, tmp_path / "plain")
     assert plain.generation_config.disable_compile is True
+
+
+def test_generation_under_fsdp_runs_with_the_weights_gathered(tmp_path, prepared, tiny_model_dir, monkeypatch):
+    """Under FSDP the trainer generates inside `gathered_weights(model_wrapped)` (tests/test_fsdp.py shows what that
+    does to the all-gathers), unless --fsdp_gather_for_generation false; without FSDP it never does."""
+    from contextlib import contextmanager
+
+    import sdgrpo.trainer as trainer_module
+
+    entered = []
+
+    @contextmanager
+    def recording(model):
+        entered.append(model)
+        yield
+
+    monkeypatch.setattr(trainer_module, "gathered_weights", recording)
+    prompts = ["The cat sat", "on the mat"]
+    for extra, fsdp, expected in [((), False, 0), ((), True, 1),
+                                  (("--fsdp_gather_for_generation", "false"), True, 0)]:
+        entered.clear()
+        trainer, _, _ = _trainer(tiny_model_dir, prepared, tmp_path / f"{fsdp}{len(extra)}", *extra)
+        trainer.is_fsdp_enabled = fsdp
+        completion_ids = trainer._generate(prompts)[1]
+        assert len(completion_ids) == 2 and all(len(c) > 0 for c in completion_ids)
+        assert entered == [trainer.model_wrapped] * expected
