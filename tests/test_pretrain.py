@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -96,3 +97,39 @@ def test_given_tokenizer_and_time_budget(tmp_path, shared_data):
     lr = _lr_at(100, cfg, elapsed=1.0)
     assert lr == pytest.approx(cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5))
     assert _lr_at(100, cfg, elapsed=2.0) == pytest.approx(cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def test_a_run_split_over_calls_equals_one_run(tmp_path, shared_data):
+    """--resume_dir: 6 steps, then the same run continued to 12, ends with the same weights (bit for bit, CPU) and
+    held-out figure as 12 steps in one call; the state is safetensors + JSON; another model shape is refused."""
+    from safetensors.torch import load_file
+
+    from sdgrpo.errors import UserError
+
+    data = tmp_path / "data" / "tinyshakespeare"
+    data.mkdir(parents=True)
+    (data / "input.txt").write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:50_000])
+
+    def cfg(name, steps, **kw):
+        # min_lr_ratio 1: a constant rate after warm-up, so stopping at 6 of 12 leaves the schedule unchanged.
+        return PretrainConfig(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / name),
+                              tokenizer_path=str(TINY_MODEL), hidden_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, intermediate_size=64, seq_len=32, batch_size=4,
+                              max_steps=steps, eval_every=4, warmup_steps=3, min_lr_ratio=1.0, hidden_dropout=0.1,
+                              resume_dir=str(tmp_path / f"{name}-state"), **kw)
+
+    whole = main(cfg("whole", 12))
+    first = main(cfg("split", 6))
+    assert first["steps"] == 6 and [h["step"] for h in first["history"]] == [4, 6]
+    second = main(cfg("split", 12))
+    assert second["steps"] == 12
+    assert [h["step"] for h in second["history"]] == [4, 6, 8, 12]
+    assert second["heldout_bpb"] == whole["heldout_bpb"]
+    a = load_file(str(tmp_path / "whole-state" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split-state" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = tmp_path / "split-state"
+    assert sorted(p.suffix for p in state.iterdir() if p.is_file()) == [".json"] * 3 + [".safetensors"] * 4
+    assert json.loads((state / "train_state.json").read_text())["step"] == 12
+    with pytest.raises(UserError, match="differs in hidden_size"):
+        main(dataclasses.replace(cfg("split", 14), hidden_size=64))

@@ -49,8 +49,15 @@ class PretrainConfig:
     compile: bool = False
     # A tokenizer folder to reuse instead of training one (a teacher for the shipped model must share its vocabulary).
     tokenizer_path: str = ""
-    # Stop training after this many seconds (0: no limit); the model is still evaluated and saved.
+    # Stop training after this many seconds (0: no limit); the model is still evaluated and saved. With resume_dir,
+    # the seconds of earlier calls count too (the learning-rate schedule spans the whole run).
     max_seconds: float = 0.0
+    # Keep the training state (weights, optimizer, samplers, step, seconds, history; safetensors + JSON) in this
+    # folder, and continue from it when it is there: a run split over several calls, e.g. on a machine whose commands
+    # have a time limit.
+    resume_dir: str = ""
+    # Stop this call after this many seconds (0: no limit), saving the state for the next call.
+    session_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -205,6 +212,53 @@ def _lr_at(step: int, cfg: PretrainConfig, elapsed: float = 0.0) -> float:
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
+# Settings that may change between the calls of one resumed run; any other difference is refused.
+_RESUMABLE = {"output_dir", "data_dir", "max_steps", "max_seconds", "session_seconds", "eval_every", "resume_dir"}
+
+
+def _save_train_state(folder: Path, model, opt, gen: torch.Generator, tokenizer, cfg: PretrainConfig, step: int,
+                      elapsed: float, history: list) -> None:
+    """Write the state to ``folder`` as a whole: into ``folder.tmp`` first, then swapped in."""
+    import shutil
+
+    from safetensors.torch import save_file, save_model
+
+    from sdgrpo import checkpoint_state
+
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))  # fp32, tied weights once
+    checkpoint_state.save_optimizer(opt.state_dict(), tmp)
+    checkpoint_state.save_rng(tmp)
+    save_file({"sampler": gen.get_state()}, str(tmp / "sampler.safetensors"))
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    (tmp / "train_state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed, "history": history,
+                                                      "config": asdict(cfg)}, indent=2))
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _state_folder(folder: Path) -> Path | None:
+    for candidate in (folder, folder.with_name(folder.name + ".old")):  # .old: a swap cut short
+        if (candidate / "train_state.json").is_file():
+            return candidate
+    return None
+
+
+def _check_resumable(saved: dict, cfg: PretrainConfig, folder: Path) -> None:
+    from sdgrpo.errors import UserError
+
+    now = asdict(cfg)
+    changed = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k])
+    if changed:
+        raise UserError(f"{folder}: the saved run differs in {', '.join(changed)}; continue it with the same "
+                        "settings or pass another --resume_dir")
+
+
 def main(cfg: PretrainConfig) -> dict:
     """Train tokenizer and model, evaluate held-out bits per byte, save a `from_pretrained` folder."""
     torch.manual_seed(cfg.seed)
@@ -213,7 +267,15 @@ def main(cfg: PretrainConfig) -> dict:
     train_texts = [t for _, t, _ in corpus]
     heldout_texts = [h for _, _, h in corpus]
     t0 = time.time()
-    if cfg.tokenizer_path:
+    state = _state_folder(Path(cfg.resume_dir)) if cfg.resume_dir else None
+    saved = json.loads((state / "train_state.json").read_text()) if state else None
+    if saved:
+        _check_resumable(saved["config"], cfg, state)
+    if saved:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(state / "tokenizer")
+    elif cfg.tokenizer_path:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
@@ -233,15 +295,33 @@ def main(cfg: PretrainConfig) -> dict:
         betas=(0.9, 0.95),
         fused=device.type == "cuda",
     )
-    step_fn = torch.compile(model) if cfg.compile else model
     gen = torch.Generator().manual_seed(cfg.seed)
-    history = []
+    history, start_step, elapsed_before = [], 0, 0.0
+    if saved:
+        from safetensors.torch import load_file, load_model
+
+        from sdgrpo import checkpoint_state
+
+        load_model(model, str(state / "model.safetensors"), device=str(device))
+        opt.load_state_dict(checkpoint_state.load_optimizer(state))
+        checkpoint_state.load_rng(state)
+        gen.set_state(load_file(str(state / "sampler.safetensors"))["sampler"])
+        history, start_step, elapsed_before = saved["history"], saved["step"], saved["elapsed_s"]
+        logger.info("continuing %s from step %d (%.0f s trained)", state, start_step, elapsed_before)
+    step_fn = torch.compile(model) if cfg.compile else model
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     t0 = time.time()
-    for step in range(cfg.max_steps):
+    steps_done = start_step
+
+    def save_state():
+        if cfg.resume_dir:
+            _save_train_state(Path(cfg.resume_dir), model, opt, gen, tokenizer, cfg, steps_done,
+                              elapsed_before + time.time() - t0, history)
+
+    for step in range(start_step, cfg.max_steps):
         model.train()
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg, time.time() - t0)
+            group["lr"] = _lr_at(step, cfg, elapsed_before + time.time() - t0)
         starts = torch.randint(0, len(train_ids) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
         batch = torch.stack([train_ids[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)
         with amp:
@@ -250,18 +330,28 @@ def main(cfg: PretrainConfig) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        steps_done = step + 1
+        elapsed = elapsed_before + time.time() - t0
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             with amp:
                 bpb, _ = evaluate_bpb(model, tokenizer, heldout_texts, cfg.seq_len, device)
-            history.append({"step": step + 1, "train_loss": loss.item(), "heldout_bpb": bpb,
-                            "elapsed_s": time.time() - t0})
-            logger.info("step %d loss %.3f held-out bpb %.4f (%.0fs)", step + 1, loss.item(), bpb, time.time() - t0)
-        if cfg.max_seconds and time.time() - t0 > cfg.max_seconds:
+            history.append({"step": step + 1, "train_loss": loss.item(), "heldout_bpb": bpb, "elapsed_s": elapsed})
+            logger.info("step %d loss %.3f held-out bpb %.4f (%.0fs)", step + 1, loss.item(), bpb, elapsed)
+            if step + 1 < cfg.max_steps:
+                save_state()
+        if cfg.max_seconds and elapsed > cfg.max_seconds:
             logger.warning("time budget of %.0f s reached at step %d: stopping", cfg.max_seconds, step + 1)
             history.append({"step": step + 1, "train_loss": loss.item(), "stopped_by_time": True,
-                            "elapsed_s": time.time() - t0})
+                            "elapsed_s": elapsed})
             break
-    train_seconds = time.time() - t0
+        if cfg.session_seconds and time.time() - t0 > cfg.session_seconds:
+            logger.warning("this call's %.0f s reached at step %d: stopping; continue with the same --resume_dir",
+                           cfg.session_seconds, step + 1)
+            history.append({"step": step + 1, "train_loss": loss.item(), "stopped_for_this_call": True,
+                            "elapsed_s": elapsed})
+            break
+    save_state()
+    train_seconds = elapsed_before + time.time() - t0
     for handle in hooks:
         handle.remove()
 
@@ -282,6 +372,7 @@ def main(cfg: PretrainConfig) -> dict:
         "heldout_bpb": bpb,
         "unigram_bpb": uni_bpb,
         "ratio_to_unigram": bpb / uni_bpb,
+        "steps": steps_done,
         "train_seconds": train_seconds,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
