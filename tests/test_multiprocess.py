@@ -1,4 +1,5 @@
-"""Two processes under `accelerate launch` on CPU: same rewards and metrics on both ranks, one writer.
+"""Two processes under `accelerate launch` on CPU (DDP, and DeepSpeed ZeRO-2/3 where the extra is installed): same
+rewards and metrics on both ranks, one writer, resume.
 
 `accelerate launch --cpu` starts a single process unless an MPI set-up is configured; `--multi_gpu` uses torch's
 elastic launcher, which on a machine without GPUs runs the processes on CPU with the gloo backend.
@@ -6,35 +7,50 @@ elastic launcher, which on a machine without GPUs runs the processes on CPU with
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not on PATH")
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU multi-process path; GPUs take another")
-def test_two_processes_train_and_agree(tmp_path, tiny_model_dir, shared_data):
+ROOT = Path(__file__).resolve().parents[1]
+needs_launcher = pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not on PATH")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(),
+                              reason="the CPU multi-process path; GPUs take another")
+
+
+def _prepare(tmp_path, tiny_model_dir, shared_data) -> Path:
     data = tmp_path / "data"
     r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "prepare", shared_data / "gutenberg" / "alice.txt",
                         "--output", data, "--model", tiny_model_dir, "--max_prompt_tokens", "24"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    out, debug = tmp_path / "run", tmp_path / "debug"
-    debug.mkdir()
+    return data
+
+
+def _launcher(launch_args, tiny_model_dir, data, out, debug):
     env = {**os.environ, "SDGRPO_DEBUG_REWARDS_DIR": str(debug)}
 
     def launch(*extra):
-        return subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sdgrpo.cli", "train",
+        return subprocess.run(["accelerate", "launch", *launch_args, "--num_processes", "2", "--num_machines", "1",
+                               "--mixed_precision", "no", "-m", "sdgrpo.cli", "train",
                                "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(data),
                                "--output_dir", str(out), "--per_device_train_batch_size", "4",
                                "--num_generations", "4", "--max_completion_length", "8", "--report_to", "none",
                                "--save_steps", "2", *extra], capture_output=True, text=True, env=env, timeout=900)
 
+    return launch
+
+
+def _check_two_steps_and_resume(launch, out, debug):
+    """2 steps: both ranks saw the same rewards for the whole generation batch; the main process alone wrote metrics,
+    one checkpoint and the adapter. Then resume with the same number of processes to 4 steps."""
     r = launch("--max_steps", "2")
     assert r.returncode == 0, r.stderr[-4000:]
     ranks = [[json.loads(x) for x in (debug / f"rank{i}.jsonl").read_text().splitlines()] for i in (0, 1)]
@@ -49,9 +65,40 @@ def test_two_processes_train_and_agree(tmp_path, tiny_model_dir, shared_data):
     ckpt = out / "checkpoint-2"
     assert (ckpt / "rng_state_0.safetensors").is_file() and (ckpt / "rng_state_1.safetensors").is_file()
 
-    # Resume with the same number of processes and a longer schedule.
     r = launch("--max_steps", "4", "--resume")
     assert r.returncode == 0, r.stderr[-4000:]
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
     assert steps == [1, 2, 3, 4]
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    return ranks
+
+
+@needs_launcher
+@cpu_only
+def test_two_processes_train_and_agree(tmp_path, tiny_model_dir, shared_data):
+    data, out, debug = _prepare(tmp_path, tiny_model_dir, shared_data), tmp_path / "run", tmp_path / "debug"
+    debug.mkdir()
+    launch = _launcher(["--multi_gpu", "--dynamo_backend", "no"], tiny_model_dir, data, out, debug)
+    _check_two_steps_and_resume(launch, out, debug)
+
+
+@needs_launcher
+@cpu_only
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the deepspeed extra is not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_on_two_processes(stage, tmp_path, tiny_model_dir, shared_data):
+    """The shipped DeepSpeed configs (ZeRO-2, ZeRO-3) on two CPU processes (DeepSpeed's CPU accelerator, gloo): the
+    same checks as DDP, DeepSpeed's own checkpoint format, and under ZeRO-3 (parameters partitioned across ranks) an
+    adapter saved whole: every LoRA matrix r x d or d x r, none empty."""
+    from safetensors.torch import load_file
+
+    data, out, debug = _prepare(tmp_path, tiny_model_dir, shared_data), tmp_path / "run", tmp_path / "debug"
+    debug.mkdir()
+    config = ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"
+    launch = _launcher(["--config_file", str(config)], tiny_model_dir, data, out, debug)
+    _check_two_steps_and_resume(launch, out, debug)
+    assert (out / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's engine saved its state
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
+    assert len(adapter) == layers * 7 * 2  # every linear projection of every layer, A and B
+    assert all(16 in t.shape and t.numel() > 16 and torch.isfinite(t).all() for t in adapter.values())
