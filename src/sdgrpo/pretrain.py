@@ -309,6 +309,7 @@ def main(cfg: PretrainConfig) -> dict:
         history, start_step, elapsed_before = saved["history"], saved["step"], saved["elapsed_s"]
         logger.info("continuing %s from step %d (%.0f s trained)", state, start_step, elapsed_before)
     step_fn = torch.compile(model) if cfg.compile else model
+    device_ids, window = train_ids.to(device), torch.arange(cfg.seq_len + 1, device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     t0 = time.time()
     steps_done = start_step
@@ -323,7 +324,7 @@ def main(cfg: PretrainConfig) -> dict:
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg, elapsed_before + time.time() - t0)
         starts = torch.randint(0, len(train_ids) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
-        batch = torch.stack([train_ids[s : s + cfg.seq_len + 1] for s in starts.tolist()]).to(device)
+        batch = device_ids[starts.to(device)[:, None] + window]  # rows train_ids[s : s + seq_len + 1]
         with amp:
             loss = step_fn(input_ids=batch, labels=batch).loss  # labels are shifted inside the model
         loss.backward()
