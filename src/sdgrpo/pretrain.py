@@ -213,7 +213,8 @@ def _lr_at(step: int, cfg: PretrainConfig, elapsed: float = 0.0) -> float:
 
 
 # Settings that may change between the calls of one resumed run; any other difference is refused.
-_RESUMABLE = {"output_dir", "data_dir", "max_steps", "max_seconds", "session_seconds", "eval_every", "resume_dir"}
+_RESUMABLE = {"output_dir", "data_dir", "max_steps", "max_seconds", "session_seconds", "eval_every", "resume_dir",
+              "compile"}
 
 
 def _save_train_state(folder: Path, model, opt, gen: torch.Generator, tokenizer, cfg: PretrainConfig, step: int,
@@ -270,10 +271,9 @@ def main(cfg: PretrainConfig) -> dict:
     state = _state_folder(Path(cfg.resume_dir)) if cfg.resume_dir else None
     saved = json.loads((state / "train_state.json").read_text()) if state else None
     if saved:
-        _check_resumable(saved["config"], cfg, state)
-    if saved:
         from transformers import AutoTokenizer
 
+        _check_resumable(saved["config"], cfg, state)
         tokenizer = AutoTokenizer.from_pretrained(state / "tokenizer")
     elif cfg.tokenizer_path:
         from transformers import AutoTokenizer
