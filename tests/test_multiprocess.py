@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 ROOT = Path(__file__).resolve().parents[1]
 needs_launcher = pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not on PATH")
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(),
