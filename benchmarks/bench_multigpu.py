@@ -32,7 +32,10 @@ RUNS = [("1gpu", None, 1, [], None),
         ("ddp_2gpu", "ddp.yaml", 2, [], "1gpu"),
         ("1gpu_nocompile", None, 1, ["--generation_compile", "false"], None),
         ("fsdp_2gpu", "fsdp.yaml", 2, [], "1gpu_nocompile"),
-        ("fsdp_2gpu_pergather", "fsdp.yaml", 2, ["--fsdp_gather_for_generation", "false"], "1gpu_nocompile")]
+        ("fsdp_2gpu_pergather", "fsdp.yaml", 2, ["--fsdp_gather_for_generation", "false"], "1gpu_nocompile"),
+        # Need deepspeed on the machine (benchmarks/add_deepspeed_wheels.sh); not in the default set.
+        ("zero2_2gpu", "deepspeed_zero2.yaml", 2, [], "1gpu_nocompile"),
+        ("zero3_2gpu", "deepspeed_zero3.yaml", 2, [], "1gpu_nocompile")]
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -98,8 +101,9 @@ def main() -> None:
             run_env = {**run_env, "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
         else:
             launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / config)]
-            if os.environ.get("BENCH_CPU"):  # CPU smoke: gloo processes
-                launcher = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            if os.environ.get("BENCH_CPU"):  # CPU smoke: gloo processes (DeepSpeed's CPU accelerator takes its config)
+                launcher = (launcher if config.startswith("deepspeed") else ["--multi_gpu", "--dynamo_backend", "no"])
+                launcher += ["--mixed_precision", "no"]
             cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(world),
                    "--num_machines", "1", *args]
         t0 = time.time()
