@@ -90,3 +90,10 @@ def test_compiled_generation_default():
     assert default("hf", True, False, False, "dynamic") is False
     on, _ = parse_train_args(["--generation_compile", "true"])
     assert on.generation_compile is True and on.cache_implementation == "static"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the no-GPU fallback")
+def test_without_a_gpu_mixed_precision_is_turned_off():
+    """Without a GPU sdgrpo trains on CPU in fp32: neither TRL's bf16 default nor a requested fp16 survives."""
+    train_cfg, _ = parse_train_args(["--output_dir", "/tmp/unused", "--fp16", "true"])
+    assert train_cfg.use_cpu and not train_cfg.bf16 and not train_cfg.fp16

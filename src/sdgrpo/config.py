@@ -116,6 +116,7 @@ class SDGRPOConfig(GRPOConfig):
             # Without a GPU, train on CPU in fp32 instead of failing on TRL's bf16 default.
             self.use_cpu = True
             self.bf16 = False
+            self.fp16 = False
         if self.generation_compile is None:
             sharded = bool(self.fsdp or self.deepspeed) or any(
                 os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
@@ -123,7 +124,6 @@ class SDGRPOConfig(GRPOConfig):
                                                                  self.use_vllm, self.cache_implementation)
         if self.generation_compile and self.cache_implementation is None:
             self.cache_implementation = "static"
-            self.fp16 = False
         try:
             super().__post_init__()
         except ValueError as err:
