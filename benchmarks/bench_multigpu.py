@@ -7,7 +7,8 @@ Qwen2.5-1.5B shape (32k vocabulary, random bf16 weights), the transformers+PEFT 
 Random weights rarely sample EOS, so completions run to max_completion_length: throughput is not flattered by
 early stops. Per step: wall time between optimizer-step ends on rank 0 (CUDA-synchronised); completion tokens from
 TRL's logged mean length x the global batch. 1 warm-up step, then the median of the rest.
-Runs (BENCH_RUNS, comma-separated; default 1gpu,ddp_2gpu,1gpu_nocompile,fsdp_2gpu): see RUNS below.
+Runs (BENCH_RUNS, comma-separated; default 1gpu,ddp_2gpu,1gpu_nocompile,fsdp_2gpu): see RUNS below. One-process
+runs go first, side by side, one per GPU (CUDA_VISIBLE_DEVICES); each launch of several processes runs alone.
 Usage: python benchmarks/bench_multigpu.py OUT_DIR [shape] [completion_tokens] [steps]
 NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the GPU machine requires.
 """
@@ -33,6 +34,10 @@ RUNS = [("1gpu", None, 1, [], None),
         ("1gpu_nocompile", None, 1, ["--generation_compile", "false"], None),
         ("fsdp_2gpu", "fsdp.yaml", 2, [], "1gpu_nocompile"),
         ("fsdp_2gpu_pergather", "fsdp.yaml", 2, ["--fsdp_gather_for_generation", "false"], "1gpu_nocompile"),
+        ("fsdp_2gpu_hooks", "fsdp.yaml", 2, ["--fsdp_skip_hooks_in_generation", "false"], "1gpu_nocompile"),
+        # Compiled generation under FSDP2 (not the default): the weights are gathered and the hooks gone for the
+        # decoding steps, but the gathered tensors may sit at new addresses each step (CUDA graphs re-record).
+        ("fsdp_2gpu_compile", "fsdp.yaml", 2, ["--generation_compile", "true"], "1gpu"),
         # Need deepspeed on the machine (benchmarks/add_deepspeed_wheels.sh); not in the default set.
         ("zero2_2gpu", "deepspeed_zero2.yaml", 2, [], "1gpu_nocompile"),
         ("zero3_2gpu", "deepspeed_zero3.yaml", 2, [], "1gpu_nocompile")]
@@ -63,6 +68,7 @@ def summarize(out: Path, world: int) -> dict:
     per_step = [lengths[s["step"]] * PER_GPU_PROMPTS * G * world / s["seconds"] for s in timed if s["step"] in lengths]
     return {"processes": world, "steps_timed": len(timed), "step_s": statistics.median(s["seconds"] for s in timed),
             "completion_tokens_per_s": statistics.median(per_step) if per_step else None,
+            "completion_tokens_per_s_mean": statistics.mean(per_step) if per_step else None,
             "mean_completion_length": statistics.mean(lengths.values()) if lengths else None,
             "peak_gpu_gib_rank0": max(s["peak_gpu_gib"] or 0 for s in steps),
             "step_times_s": [s["seconds"] for s in steps]}
@@ -76,7 +82,6 @@ def main() -> None:
     runs = os.environ.get("BENCH_RUNS", "1gpu,ddp_2gpu,1gpu_nocompile,fsdp_2gpu").split(",")
     sys.path.insert(0, str(HERE))
     from bench_step import make_assets
-    from common import environment, save
 
     work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_multigpu"))
     if os.environ.get("BENCH_MODEL"):  # a smoke run (e.g. on CPU) with a given model and prompt set
@@ -87,38 +92,60 @@ def main() -> None:
                                                                                                    "")])}
     results = {}
     out_root.mkdir(parents=True, exist_ok=True)
-    for name, config, world, extra, _ in RUNS:
-        if name not in runs:
-            continue
-        out = work / name
-        subprocess.run(["rm", "-rf", str(out)])
-        out.mkdir(parents=True)
-        args = [str(HERE / "bench_multigpu.py"), "--child", str(model_dir), str(data_dir), str(out), str(completion),
-                str(steps)]
-        run_env = {**env, "BENCH_EXTRA_ARGS": " ".join([os.environ.get("BENCH_EXTRA_ARGS", ""), *extra])}
-        if config is None:  # one process sees one GPU (with several visible, Trainer would use nn.DataParallel)
-            cmd = [sys.executable, *args]
-            run_env = {**run_env, "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}
-        else:
-            launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / config)]
-            if os.environ.get("BENCH_CPU"):  # CPU smoke: gloo processes (DeepSpeed's CPU accelerator takes its config)
-                launcher = (launcher if config.startswith("deepspeed") else ["--multi_gpu", "--dynamo_backend", "no"])
-                launcher += ["--mixed_precision", "no"]
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(world),
-                   "--num_machines", "1", *args]
-        t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=int(os.environ.get(
-            "BENCH_TIMEOUT", 900)))
-        (out_root / f"bench_multigpu_{name}.log").write_text(proc.stderr[-20000:])
-        try:
-            row = summarize(out, world)
-            if proc.returncode != 0:
-                row["error_after_timing"] = proc.stderr.strip().splitlines()[-1][-500:]
-        except (FileNotFoundError, KeyError, ValueError, statistics.StatisticsError) as err:
-            row = {"processes": world, "error": f"{err!r}; {proc.stderr[-1500:]}"}
-        row["wall_s"] = time.time() - t0
-        results[name] = row
-        print(name, json.dumps(row), flush=True)
+    todo = [run for run in RUNS if run[0] in runs]
+    gpus = max(_gpu_count(), 1)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus)))).split(",")
+    # One-process runs go first, as many at once as there are GPUs (each sees its own GPU); then the launches.
+    singles = [run for run in todo if run[1] is None]
+    waves = [singles[i:i + gpus] for i in range(0, len(singles), gpus)] + [[run] for run in todo if run[1]]
+    for wave in waves:
+        started = []
+        for slot, (name, config, world, extra, _) in enumerate(wave):
+            out = work / name
+            subprocess.run(["rm", "-rf", str(out)])
+            out.mkdir(parents=True)
+            args = [str(HERE / "bench_multigpu.py"), "--child", str(model_dir), str(data_dir), str(out),
+                    str(completion), str(steps)]
+            run_env = {**env, "BENCH_EXTRA_ARGS": " ".join([os.environ.get("BENCH_EXTRA_ARGS", ""), *extra])}
+            if config is None:  # one process sees one GPU (with several visible, Trainer would use nn.DataParallel)
+                cmd = [sys.executable, *args]
+                run_env = {**run_env, "CUDA_VISIBLE_DEVICES": visible[slot]}
+            else:
+                launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / config)]
+                if os.environ.get("BENCH_CPU"):  # CPU smoke: gloo (DeepSpeed's CPU accelerator takes its config)
+                    launcher = (launcher if config.startswith("deepspeed") else ["--multi_gpu", "--dynamo_backend",
+                                                                                 "no"])
+                    launcher += ["--mixed_precision", "no"]
+                cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(world),
+                       "--num_machines", "1", *args]
+            log = open(out_root / f"bench_multigpu_{name}.log", "w")
+            started.append((name, world, out, log, time.time(),
+                            subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=run_env)))
+        for name, world, out, log, t0, proc in started:
+            try:
+                proc.wait(timeout=max(1, int(os.environ.get("BENCH_TIMEOUT", 900)) - (time.time() - t0)))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+            stderr = (out_root / f"bench_multigpu_{name}.log").read_text()[-20000:]
+            (out_root / f"bench_multigpu_{name}.log").write_text(stderr)
+            try:
+                row = summarize(out, world)
+                if proc.returncode != 0:
+                    row["error_after_timing"] = (stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1][-500:]
+            except (FileNotFoundError, KeyError, ValueError, statistics.StatisticsError) as err:
+                row = {"processes": world, "error": f"{err!r} (exit {proc.returncode}); {stderr[-1500:]}"}
+            row["wall_s"] = time.time() - t0
+            row["ran_beside"] = [other for other, *_ in started if other != name]
+            results[name] = row
+            print(name, json.dumps(row), flush=True)
+        _save(results, shape, completion, steps, out_root)  # after every wave: a run cut short keeps the others
+
+
+def _save(results: dict, shape: str, completion: int, steps: int, out_root: Path) -> None:
+    from common import environment, save
+
     for name, _, _, extra, baseline in RUNS:
         if name not in results:
             continue

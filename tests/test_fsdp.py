@@ -1,4 +1,5 @@
-"""FSDP2 generation: the weights are all-gathered once per generation, not once per decoding step.
+"""FSDP2 generation: the weights are all-gathered once per generation, not once per decoding step, and the
+decoding steps run without FSDP's per-module hooks.
 
 Runs in a child process with a one-process gloo group on CPU (FSDP2's ``fully_shard`` works there), so the test
 process keeps no process group.
@@ -11,41 +12,63 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, os, sys
+import functools, json, os, sys
 import torch, torch.distributed as dist
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
 dist.init_process_group("gloo")
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 from transformers import LlamaConfig, LlamaForCausalLM
 from sdgrpo.trainer import gathered_weights
+
+calls = {"gathers": 0, "pre_forward": 0}
+unshard = FSDPParamGroup.unshard
+def counting_unshard(self, *args, **kwargs):
+    if not self.is_unsharded and self._all_gather_result is None:
+        calls["gathers"] += 1
+    return unshard(self, *args, **kwargs)
+FSDPParamGroup.unshard = counting_unshard
+pre_forward = FSDPState._pre_forward
+@functools.wraps(pre_forward)  # keeps __module__: still one of FSDP's hooks
+def counting_pre_forward(self, *args, **kwargs):
+    calls["pre_forward"] += 1
+    return pre_forward(self, *args, **kwargs)
+FSDPState._pre_forward = counting_pre_forward
 
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
-                                     bos_token_id=2))
+                                     bos_token_id=2, tie_word_embeddings=False))
+# As accelerate shards a model: each layer, the embeddings, [final norm, head] as one group, then the root.
 for layer in model.model.layers:
     fully_shard(layer, reshard_after_forward=True)
+fully_shard(model.model.embed_tokens, reshard_after_forward=True)
+fully_shard([model.model.norm, model.lm_head], reshard_after_forward=False)
 fully_shard(model, reshard_after_forward=True)
-gathers = []
-unshard = FSDPParamGroup.unshard
-def counting_unshard(self, *args, **kwargs):
-    if not self.is_unsharded and self._all_gather_result is None:
-        gathers.append(1)
-    return unshard(self, *args, **kwargs)
-FSDPParamGroup.unshard = counting_unshard
+hooks = lambda: [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in model.modules()]
 prompt = torch.tensor([[3, 4, 5]])
 kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
-with torch.no_grad():
-    plain = model.generate(prompt, **kw)
-plain_gathers = len(gathers)
-gathers.clear()
-with torch.no_grad(), gathered_weights(model):
-    held = model.generate(prompt, **kw)
 modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+def run(context):
+    calls.update(gathers=0, pre_forward=0)
+    with torch.no_grad(), context:
+        tokens = model.generate(prompt, **kw)
+    return tokens, dict(calls)
+import contextlib
+hooks_before = hooks()
+plain, plain_calls = run(contextlib.nullcontext())
+held, held_calls = run(gathered_weights(model, skip_hooks=False))
+sharded_after_held = [not g.is_unsharded for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+skipped, skipped_calls = run(gathered_weights(model))
+hooks_after = hooks()
+again, again_calls = run(contextlib.nullcontext())
 print(json.dumps({
-    "plain_gathers": plain_gathers, "held_gathers": len(gathers), "same": torch.equal(plain, held),
-    "sharded_after": [not g.is_unsharded for m in modules for g in m._get_fsdp_state()._fsdp_param_groups],
+    "plain": plain_calls, "held": held_calls, "skipped": skipped_calls, "again": again_calls,
+    "same": [torch.equal(plain, t) for t in (held, skipped, again)],
+    "hooks_restored": hooks_after == hooks_before,
+    "sharded_after": [sharded_after_held,
+                      [not g.is_unsharded for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]],
     "reshard_after": [g._reshard_after_forward for m in modules for g in m._get_fsdp_state()._fsdp_param_groups],
 }))
 dist.destroy_process_group()
@@ -61,8 +84,18 @@ def test_fsdp2_weights_are_gathered_once_per_generation(tmp_path):
     r = subprocess.run([sys.executable, "-c", CHILD, str(port)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    # 4 shard groups (3 layers + the root's embeddings/norm/head), 10 forwards (prompt + 9 decoding steps).
-    assert got["plain_gathers"] == 4 * 10
-    assert got["held_gathers"] == 4
-    assert got["same"]  # the same greedy tokens
-    assert got["sharded_after"] == [True] * 4 and got["reshard_after"] == [True] * 4  # as before the block
+    # 5 shard groups (3 layers, the embeddings, [norm, head]; the root holds none), 10 forwards (prompt + 9 steps).
+    # Plain FSDP2 gathers again at each forward except [norm, head] (not resharded after forward).
+    # FSDP's pre-forward runs 7 times a forward: the root, the embeddings, 3 layers, norm and head (a group's hook
+    # fires for each of its modules).
+    assert got["plain"] == {"gathers": 4 * 10 + 1, "pre_forward": 7 * 10}
+    # Weights held: one gather for each resharded group ([norm, head] is still gathered), hooks still run...
+    assert got["held"] == {"gathers": 4, "pre_forward": 7 * 10}
+    assert got["skipped"] == {"gathers": 4, "pre_forward": 7}  # ... or only in the first forward
+    assert got["again"] == {"gathers": 4 * 10, "pre_forward": 7 * 10}  # the hooks are back and do their work
+    assert got["same"] == [True, True, True]  # the same greedy tokens every way
+    assert got["hooks_restored"]  # same hooks, same order
+    # Sharded again after each block, resharding as configured before it ([norm, head] keeps False).
+    # Per FSDP module: 3 layers, the embeddings, then norm and head (one group, listed for each).
+    assert got["sharded_after"] == [[True] * 4 + [False] * 2] * 2
+    assert got["reshard_after"] == [True] * 4 + [False] * 2

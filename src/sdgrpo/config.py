@@ -46,6 +46,11 @@ class SDGRPOConfig(GRPOConfig):
         metadata={"help": "Under FSDP2, keep the all-gathered weights for the whole of generation instead of "
                   "gathering every layer again at each decoding step (costs one unsharded copy of the model)."},
     )
+    fsdp_skip_hooks_in_generation: bool = field(
+        default=True,
+        metadata={"help": "With --fsdp_gather_for_generation, run decoding steps without FSDP's per-module forward "
+                  "hooks once the weights are gathered (they are put back before training)."},
+    )
     reuse_reference_logprobs: bool = field(
         default=True,
         metadata={"help": "With beta > 0 and temperature 1, take the reward from the KL term's reference pass "
