@@ -168,7 +168,8 @@ def test_generation_compile_turns_trl_auto_compile_back_on(tmp_path, prepared, t
 
 def test_generation_under_fsdp_runs_with_the_weights_gathered(tmp_path, prepared, tiny_model_dir, monkeypatch):
     """Under FSDP the trainer generates inside `gathered_weights(model_wrapped)` (tests/test_fsdp.py shows what that
-    does to the all-gathers), unless --fsdp_gather_for_generation false; without FSDP it never does."""
+    does to the all-gathers and the hooks), unless --fsdp_gather_for_generation false; without FSDP it never does.
+    The hooks are skipped unless --fsdp_skip_hooks_in_generation false."""
     from contextlib import contextmanager
 
     import sdgrpo.trainer as trainer_module
@@ -176,17 +177,18 @@ def test_generation_under_fsdp_runs_with_the_weights_gathered(tmp_path, prepared
     entered = []
 
     @contextmanager
-    def recording(model):
-        entered.append(model)
+    def recording(model, skip_hooks):
+        entered.append((model, skip_hooks))
         yield
 
     monkeypatch.setattr(trainer_module, "gathered_weights", recording)
     prompts = ["The cat sat", "on the mat"]
-    for extra, fsdp, expected in [((), False, 0), ((), True, 1),
-                                  (("--fsdp_gather_for_generation", "false"), True, 0)]:
+    for extra, fsdp, expected in [((), False, []), ((), True, [True]),
+                                  (("--fsdp_skip_hooks_in_generation", "false"), True, [False]),
+                                  (("--fsdp_gather_for_generation", "false"), True, [])]:
         entered.clear()
-        trainer, _, _ = _trainer(tiny_model_dir, prepared, tmp_path / f"{fsdp}{len(extra)}", *extra)
+        trainer, _, _ = _trainer(tiny_model_dir, prepared, tmp_path / f"{fsdp}{'-'.join(extra)}", *extra)
         trainer.is_fsdp_enabled = fsdp
         completion_ids = trainer._generate(prompts)[1]
         assert len(completion_ids) == 2 and all(len(c) > 0 for c in completion_ids)
-        assert entered == [trainer.model_wrapped] * expected
+        assert entered == [(trainer.model_wrapped, skip) for skip in expected]
