@@ -7,7 +7,7 @@ Qwen2.5-1.5B shape (32k vocabulary, random bf16 weights), the transformers+PEFT 
 Random weights rarely sample EOS, so completions run to max_completion_length: throughput is not flattered by
 early stops. Per step: wall time between optimizer-step ends on rank 0 (CUDA-synchronised); completion tokens from
 TRL's logged mean length x the global batch. 1 warm-up step, then the median of the rest.
-Runs (BENCH_RUNS, comma-separated; default 1gpu,ddp_2gpu,1gpu_nocompile,fsdp_2gpu): see RUNS below. One-process
+Runs (BENCH_RUNS, comma-separated; default 1gpu,ddp_2gpu,fsdp_2gpu): see RUNS below. One-process
 runs go first, side by side, one per GPU (CUDA_VISIBLE_DEVICES); each launch of several processes runs alone.
 Usage: python benchmarks/bench_multigpu.py OUT_DIR [shape] [completion_tokens] [steps]
 NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the GPU machine requires.
@@ -26,18 +26,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PER_GPU_PROMPTS, G = 8, 8
-# (name, accelerate config, processes, extra `sdgrpo train` arguments, the 1-GPU run it is compared with). sdgrpo's
-# defaults compile generation for one process and DDP but not under FSDP (its weights are re-gathered), so each
-# two-GPU run is compared with the one-GPU run of the same generation settings.
+# (name, accelerate config, processes, extra `sdgrpo train` arguments, the 1-GPU run it is compared with). Each
+# two-GPU run is compared with the one-GPU run of the same generation settings: sdgrpo's defaults compile generation
+# for one process, DDP and FSDP2 (weights held gathered and FSDP's hooks off for generation), not for DeepSpeed.
 RUNS = [("1gpu", None, 1, [], None),
         ("ddp_2gpu", "ddp.yaml", 2, [], "1gpu"),
+        ("fsdp_2gpu", "fsdp.yaml", 2, [], "1gpu"),
         ("1gpu_nocompile", None, 1, ["--generation_compile", "false"], None),
-        ("fsdp_2gpu", "fsdp.yaml", 2, [], "1gpu_nocompile"),
-        ("fsdp_2gpu_pergather", "fsdp.yaml", 2, ["--fsdp_gather_for_generation", "false"], "1gpu_nocompile"),
+        ("fsdp_2gpu_nocompile", "fsdp.yaml", 2, ["--generation_compile", "false"], "1gpu_nocompile"),
+        # FSDP's hooks kept for generation (compiled generation then defaults off: a graph break at every module).
         ("fsdp_2gpu_hooks", "fsdp.yaml", 2, ["--fsdp_skip_hooks_in_generation", "false"], "1gpu_nocompile"),
-        # Compiled generation under FSDP2 (not the default): the weights are gathered and the hooks gone for the
-        # decoding steps, but the gathered tensors may sit at new addresses each step (CUDA graphs re-record).
-        ("fsdp_2gpu_compile", "fsdp.yaml", 2, ["--generation_compile", "true"], "1gpu"),
+        # Every layer re-gathered at every decoding step, as TRL 1.15 does it.
+        ("fsdp_2gpu_pergather", "fsdp.yaml", 2, ["--fsdp_gather_for_generation", "false"], "1gpu_nocompile"),
         # Need deepspeed on the machine (benchmarks/add_deepspeed_wheels.sh); not in the default set.
         ("zero2_2gpu", "deepspeed_zero2.yaml", 2, [], "1gpu_nocompile"),
         ("zero3_2gpu", "deepspeed_zero3.yaml", 2, [], "1gpu_nocompile")]
@@ -79,7 +79,7 @@ def main() -> None:
     shape = sys.argv[2] if len(sys.argv) > 2 else "qwen2.5-1.5b"
     completion = int(sys.argv[3]) if len(sys.argv) > 3 else 256
     steps = int(sys.argv[4]) if len(sys.argv) > 4 else 4
-    runs = os.environ.get("BENCH_RUNS", "1gpu,ddp_2gpu,1gpu_nocompile,fsdp_2gpu").split(",")
+    runs = os.environ.get("BENCH_RUNS", "1gpu,ddp_2gpu,fsdp_2gpu").split(",")
     sys.path.insert(0, str(HERE))
     from bench_step import make_assets
 

@@ -45,7 +45,7 @@ def make_assets(work: Path, shape: str) -> tuple[Path, Path]:
 
     model_dir, data_dir = work / f"{shape}-32k", work / "prompts"
     tok = load_tokenizer(TINY_MODEL)
-    if not model_dir.exists():
+    if not (model_dir / "config.json").exists():  # a folder left by a save that failed is made again
         model = random_model(shape, vocab_size=32768)
         model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
         model.config.pad_token_id = tok.pad_token_id

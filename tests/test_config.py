@@ -76,8 +76,9 @@ def test_shipped_accelerate_configs_parse(path):
     assert cfg["mixed_precision"] == "bf16" and cfg["use_cpu"] is False
 
 
-def test_compiled_generation_default():
-    """On for --backend hf on a GPU (one process or DDP), with a static cache; off on CPU, Unsloth, FSDP, DeepSpeed."""
+def test_compiled_generation_default(monkeypatch):
+    """On for --backend hf on a GPU (one process, DDP, FSDP2 with the weights held and FSDP's hooks off for
+    generation), with a static cache; off on CPU, Unsloth, vLLM, DeepSpeed and FSDP re-gathering the weights."""
     from sdgrpo.config import default_generation_compile as default
 
     cpu, model = parse_train_args([])  # this machine has no GPU
@@ -85,11 +86,28 @@ def test_compiled_generation_default():
     assert default("hf", True, False, False, None) is True
     assert default("hf", False, False, False, None) is False
     assert default("unsloth", True, False, False, None) is False
-    assert default("hf", True, True, False, None) is False  # FSDP / DeepSpeed
+    assert default("hf", True, True, False, None) is False  # weights re-gathered (DeepSpeed, FSDP per step)
     assert default("hf", True, False, True, None) is False  # vLLM
     assert default("hf", True, False, False, "dynamic") is False
     on, _ = parse_train_args(["--generation_compile", "true"])
     assert on.generation_compile is True and on.cache_implementation == "static"
+
+    # The whole config on a (pretended) GPU, launched the way accelerate launch marks FSDP and DeepSpeed.
+    import sdgrpo.config
+
+    monkeypatch.setattr(sdgrpo.config, "_has_cuda", lambda: True)
+    gpu = ["--output_dir", "/tmp/unused", "--bf16", "false"]
+    for env, extra, expected in [({}, [], True), ({"ACCELERATE_USE_FSDP": "true"}, [], True),
+                                 ({"ACCELERATE_USE_FSDP": "true"}, ["--fsdp_skip_hooks_in_generation", "false"], False),
+                                 ({"ACCELERATE_USE_FSDP": "true"}, ["--fsdp_gather_for_generation", "false"], False),
+                                 ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], False)]:
+        for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        cfg, _ = parse_train_args(gpu + extra)
+        assert not cfg.use_cpu and cfg.generation_compile is expected, (env, extra)
+        assert cfg.cache_implementation == ("static" if expected else None)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the no-GPU fallback")
