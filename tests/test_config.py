@@ -97,11 +97,13 @@ def test_compiled_generation_default(monkeypatch):
 
     monkeypatch.setattr(sdgrpo.config, "_has_cuda", lambda: True)
     gpu = ["--output_dir", "/tmp/unused", "--bf16", "false"]
-    for env, extra, expected in [({}, [], True), ({"ACCELERATE_USE_FSDP": "true"}, [], True),
-                                 ({"ACCELERATE_USE_FSDP": "true"}, ["--fsdp_skip_hooks_in_generation", "false"], False),
-                                 ({"ACCELERATE_USE_FSDP": "true"}, ["--fsdp_gather_for_generation", "false"], False),
+    fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    for env, extra, expected in [({}, [], True), (fsdp2, [], True),
+                                 (fsdp2, ["--fsdp_skip_hooks_in_generation", "false"], False),
+                                 (fsdp2, ["--fsdp_gather_for_generation", "false"], False),
+                                 ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, [], False),
                                  ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], False)]:
-        for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED"):
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)

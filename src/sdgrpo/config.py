@@ -125,7 +125,9 @@ class SDGRPOConfig(GRPOConfig):
         if self.generation_compile is None:
             fsdp = bool(self.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
             deepspeed = bool(self.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-            held = self.fsdp_gather_for_generation and self.fsdp_skip_hooks_in_generation
+            # Held weights, hook-free decoding: FSDP2 only (accelerate launch exports FSDP_VERSION); FSDP1 unmeasured.
+            held = (os.environ.get("FSDP_VERSION") == "2" and self.fsdp_gather_for_generation
+                    and self.fsdp_skip_hooks_in_generation)
             self.generation_compile = default_generation_compile(self.backend, not self.use_cpu,
                                                                  deepspeed or (fsdp and not held),
                                                                  self.use_vllm, self.cache_implementation)
