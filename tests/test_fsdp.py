@@ -11,12 +11,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 CHILD = r"""
 import functools, json, os, sys
 import torch, torch.distributed as dist
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1")
 dist.init_process_group("gloo")
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -40,21 +42,24 @@ torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                      num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
                                      bos_token_id=2, tie_word_embeddings=False))
-# As accelerate shards a model: each layer, the embeddings, [final norm, head] as one group, then the root.
+# As accelerate shards a model: each layer, the embeddings, [final norm, head] as one group, then the root; with
+# "bf16", accelerate's mixed precision (fp32 shards, bf16 compute: FSDP's hooks cast the inputs).
+mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if sys.argv[2] == "bf16" else None
+kw_mp = {"mp_policy": mp} if mp else {}
 for layer in model.model.layers:
-    fully_shard(layer, reshard_after_forward=True)
-fully_shard(model.model.embed_tokens, reshard_after_forward=True)
-fully_shard([model.model.norm, model.lm_head], reshard_after_forward=False)
-fully_shard(model, reshard_after_forward=True)
+    fully_shard(layer, reshard_after_forward=True, **kw_mp)
+fully_shard(model.model.embed_tokens, reshard_after_forward=True, **kw_mp)
+fully_shard([model.model.norm, model.lm_head], reshard_after_forward=False, **kw_mp)
+fully_shard(model, reshard_after_forward=True, **kw_mp)
 hooks = lambda: [(list(m._forward_pre_hooks), list(m._forward_hooks)) for m in model.modules()]
 prompt = torch.tensor([[3, 4, 5]])
-kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, output_scores=True, return_dict_in_generate=True)
 modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
 def run(context):
     calls.update(gathers=0, pre_forward=0)
     with torch.no_grad(), context:
-        tokens = model.generate(prompt, **kw)
-    return tokens, dict(calls)
+        out = model.generate(prompt, **kw)
+    return (out.sequences, torch.stack(out.scores)), dict(calls)
 import contextlib
 hooks_before = hooks()
 plain, plain_calls = run(contextlib.nullcontext())
@@ -65,7 +70,8 @@ hooks_after = hooks()
 again, again_calls = run(contextlib.nullcontext())
 print(json.dumps({
     "plain": plain_calls, "held": held_calls, "skipped": skipped_calls, "again": again_calls,
-    "same": [torch.equal(plain, t) for t in (held, skipped, again)],
+    "same": [torch.equal(plain[0], t[0]) and torch.equal(plain[1], t[1]) for t in (held, skipped, again)],
+    "score_dtype": str(plain[1].dtype),
     "hooks_restored": hooks_after == hooks_before,
     "sharded_after": [sharded_after_held,
                       [not g.is_unsharded for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]],
@@ -75,13 +81,15 @@ dist.destroy_process_group()
 """
 
 
-def test_fsdp2_weights_are_gathered_once_per_generation(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp2_weights_are_gathered_once_per_generation(tmp_path, precision):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-c", CHILD, str(port)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", CHILD, str(port), precision], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     # 5 shard groups (3 layers, the embeddings, [norm, head]; the root holds none), 10 forwards (prompt + 9 steps).
@@ -93,7 +101,7 @@ def test_fsdp2_weights_are_gathered_once_per_generation(tmp_path):
     assert got["held"] == {"gathers": 4, "pre_forward": 7 * 10}
     assert got["skipped"] == {"gathers": 4, "pre_forward": 7}  # ... or only in the first forward
     assert got["again"] == {"gathers": 4 * 10, "pre_forward": 7 * 10}  # the hooks are back and do their work
-    assert got["same"] == [True, True, True]  # the same greedy tokens every way
+    assert got["same"] == [True, True, True]  # the same greedy tokens and the same logits, bit for bit, every way
     assert got["hooks_restored"]  # same hooks, same order
     # Sharded again after each block, resharding as configured before it ([norm, head] keeps False).
     # Per FSDP module: 3 layers, the embeddings, then norm and head (one group, listed for each).
