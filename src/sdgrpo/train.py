@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from sdgrpo.config import SDGRPOConfig, SDModelConfig, config_to_dict
+from sdgrpo.config import SDGRPOConfig, SDModelConfig, _has_cuda, config_to_dict
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.rewards import build_reward
@@ -59,7 +59,7 @@ def build_policy(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig):
 
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
 
-    device = "cpu" if train_cfg.use_cpu else ("cuda" if _cuda() else "cpu")
+    device = "cpu" if train_cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
     dtype = resolve_dtype(model_cfg.dtype, device)
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, train_cfg.trust_remote_code)
     model = load_model(model_cfg.model_name_or_path, dtype, device, train_cfg.trust_remote_code,
@@ -75,7 +75,7 @@ def load_teacher(train_cfg: SDGRPOConfig):
         return None, None
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
 
-    device = "cpu" if train_cfg.use_cpu else ("cuda" if _cuda() else "cpu")
+    device = "cpu" if train_cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
     path = train_cfg.teacher_model_name_or_path
     tokenizer = load_tokenizer(path, train_cfg.trust_remote_code)
     teacher = load_model(path, resolve_dtype(None, device), device, train_cfg.trust_remote_code,
@@ -98,12 +98,6 @@ def check_one_gpu_per_process() -> None:
         raise UserError(f"{n} GPUs are visible to this one process; use them all with `accelerate launch "
                         "--config_file configs/accelerate/ddp.yaml --num_processes "
                         f"{n} -m sdgrpo.cli train ...`, or pick one with CUDA_VISIBLE_DEVICES=0")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 class Interrupted(Exception):
