@@ -271,14 +271,12 @@ def main(cfg: PretrainConfig) -> dict:
     state = _state_folder(Path(cfg.resume_dir)) if cfg.resume_dir else None
     saved = json.loads((state / "train_state.json").read_text()) if state else None
     if saved:
-        from transformers import AutoTokenizer
-
         _check_resumable(saved["config"], cfg, state)
-        tokenizer = AutoTokenizer.from_pretrained(state / "tokenizer")
-    elif cfg.tokenizer_path:
+    tokenizer_path = state / "tokenizer" if saved else cfg.tokenizer_path
+    if tokenizer_path:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     else:
         tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
     train_ids = encode_documents(tokenizer, train_texts)
