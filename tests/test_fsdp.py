@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 from transformers import LlamaConfig, LlamaForCausalLM
-from sdgrpo.trainer import gathered_weights
+from sdgrpo.trainer import _fsdp_param_groups, gathered_weights
 
 calls = {"gathers": 0, "pre_forward": 0}
 unshard = FSDPParamGroup.unshard
@@ -64,7 +64,7 @@ import contextlib
 hooks_before = hooks()
 plain, plain_calls = run(contextlib.nullcontext())
 held, held_calls = run(gathered_weights(model, skip_hooks=False))
-sharded_after_held = [not g.is_unsharded for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+sharded_after_held = [not g.is_unsharded for m in modules for g in _fsdp_param_groups(m)]
 skipped, skipped_calls = run(gathered_weights(model))
 hooks_after = hooks()
 again, again_calls = run(contextlib.nullcontext())
@@ -74,8 +74,8 @@ print(json.dumps({
     "score_dtype": str(plain[1].dtype),
     "hooks_restored": hooks_after == hooks_before,
     "sharded_after": [sharded_after_held,
-                      [not g.is_unsharded for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]],
-    "reshard_after": [g._reshard_after_forward for m in modules for g in m._get_fsdp_state()._fsdp_param_groups],
+                      [not g.is_unsharded for m in modules for g in _fsdp_param_groups(m)]],
+    "reshard_after": [g._reshard_after_forward for m in modules for g in _fsdp_param_groups(m)],
 }))
 dist.destroy_process_group()
 """
