@@ -1,14 +1,16 @@
-"""Shared fixtures: tiny models built on the spot, the shipped tiny model, and ../shared/data."""
+"""Shared fixtures: the test corpus (tests/data), tiny models built on the spot, the CLI, a prepared dataset."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CORPUS = Path(__file__).resolve().parent / "data" / "kjv"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -22,23 +24,41 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not found")
-    return SHARED_DATA
+def run_cli(*args, env: dict | None = None, timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:
+    """``python -m sdgrpo.cli ARGS`` in a subprocess, output captured as text."""
+    return subprocess.run([sys.executable, "-m", "sdgrpo.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=None if env is None else {**os.environ, **env})
+
+
+def reference_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log p(completion[t] | prompt + completion[:t]) from one unpadded forward of the sequence alone (fp64
+    log-softmax): the independent computation every scoring path is checked against."""
+    ids = torch.tensor([list(prompt) + list(completion)], device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double().cpu()
+    model.train(was_training)
+    logp = torch.log_softmax(logits, dim=-1)
+    return torch.stack([logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(completion)])
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(shared_data):
+def corpus() -> Path:
+    """The shipped test corpus: six public-domain books (tests/data/SOURCE.md); ruth.txt is BOM + CRLF."""
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(corpus):
     """A 512-token byte-level BPE trained on the spot, with BOS added like Llama's."""
     from sdgrpo.pretrain import train_tokenizer
 
-    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:200_000]
+    text = (corpus / "genesis.txt").read_text()[:200_000]
     return train_tokenizer([text], 512)
 
 
-def make_llama(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64):
+def make_llama(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -46,7 +66,7 @@ def make_llama(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64):
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=tokenizer.pad_token_id, **config,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -58,3 +78,14 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     make_llama(tiny_tokenizer).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, tiny_model_dir, corpus) -> Path:
+    """`sdgrpo prepare` of one book with the random model's tokenizer (prompts of 16-24 tokens)."""
+    out = tmp_path_factory.mktemp("prepared")
+    r = run_cli("prepare", corpus / "exodus.txt", "--output", out, "--model", tiny_model_dir,
+                "--max_prompt_tokens", "24")
+    assert r.returncode == 0, r.stderr
+    assert "prompts" in r.stdout
+    return out

@@ -21,8 +21,8 @@ def run(tmp_path, tok, inputs, **kw):
     return prepare(cfg, tok), load_from_disk(str(tmp_path / "out"))
 
 
-def test_bom_crlf_gutenberg_books(tmp_path, tiny_tokenizer, shared_data):
-    book = shared_data / "gutenberg" / "alice.txt"
+def test_bom_crlf_gutenberg_books(tmp_path, tiny_tokenizer, corpus):
+    book = corpus / "ruth.txt"
     raw = book.read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf") and b"\r\n" in raw  # the fixture really is BOM + CRLF
     summary, ds = run(tmp_path, tiny_tokenizer, [book])
@@ -35,27 +35,27 @@ def test_bom_crlf_gutenberg_books(tmp_path, tiny_tokenizer, shared_data):
     assert summary["test"] == round(summary["prompts"] * 0.05)
 
 
-def test_every_shared_file_and_determinism(tmp_path, tiny_tokenizer, shared_data):
+def test_every_shared_file_and_determinism(tmp_path, tiny_tokenizer, corpus):
     cfg = dict(max_prompts=None, seed=3)
-    s1, d1 = run(tmp_path / "a", tiny_tokenizer, [shared_data], **cfg)
-    s2, d2 = run(tmp_path / "b", tiny_tokenizer, [shared_data], **cfg)
+    s1, d1 = run(tmp_path / "a", tiny_tokenizer, [corpus], **cfg)
+    s2, d2 = run(tmp_path / "b", tiny_tokenizer, [corpus], **cfg)
     assert list(d1["train"]["prompt"]) == list(d2["train"]["prompt"])
     sources = {src.split("/")[-1] for src in list(d1["train"]["source"]) + list(d1["test"]["source"])}
-    books = {p.name for p in shared_data.rglob("*.txt") if p.name != "SOURCE.txt"}
+    books = {p.name for p in corpus.rglob("*.txt") if p.name != "SOURCE.txt"}
     assert books <= sources
     lengths = [len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in list(d1["train"]["prompt"])[:300]]
     assert min(lengths) >= 12 and max(lengths) <= 72  # cut at 16..64 tokens; boundaries may merge a few
     assert s1["prompt_tokens"]["min"] >= 16 and s1["prompt_tokens"]["max"] <= 64
 
 
-def test_prompts_do_not_end_inside_a_word(tmp_path, tiny_tokenizer, shared_data):
-    _, ds = run(tmp_path, tiny_tokenizer, [shared_data / "gutenberg" / "pg1342.txt"])
+def test_prompts_do_not_end_inside_a_word(tmp_path, tiny_tokenizer, corpus):
+    _, ds = run(tmp_path, tiny_tokenizer, [corpus / "genesis.txt"])
     mid_word = sum(r["prompt"][-1].isalnum() and r["continuation"][:1].isalnum() for r in ds["train"])
     assert mid_word <= 0.02 * len(ds["train"])
 
 
-def test_record_formats(tmp_path, tiny_tokenizer, shared_data):
-    paras = [p for p in (shared_data / "tinyshakespeare" / "input.txt").read_text()[:60_000].split("\n\n") if p]
+def test_record_formats(tmp_path, tiny_tokenizer, corpus):
+    paras = [p for p in (corpus / "genesis.txt").read_text()[:60_000].split("\n\n") if p]
     doc = "\n\n".join(paras[:40])
     (tmp_path / "in").mkdir()
     with open(tmp_path / "in" / "a.jsonl", "w") as fh:
@@ -74,8 +74,8 @@ def test_record_formats(tmp_path, tiny_tokenizer, shared_data):
     assert summary["documents"] == 5 and summary["prompts"] > 10
 
 
-def test_duplicates_and_near_empty_dropped(tmp_path, tiny_tokenizer, shared_data):
-    para = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:3000]
+def test_duplicates_and_near_empty_dropped(tmp_path, tiny_tokenizer, corpus):
+    para = (corpus / "genesis.txt").read_text()[:3000]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text(para)
     (tmp_path / "in" / "b.txt").write_text(para)  # same text twice
@@ -88,10 +88,10 @@ def test_duplicates_and_near_empty_dropped(tmp_path, tiny_tokenizer, shared_data
     assert len(prompts) == len(set(prompts))
 
 
-def test_cut_respects_token_counts(tiny_tokenizer, shared_data):
+def test_cut_respects_token_counts(tiny_tokenizer, corpus):
     import random
 
-    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:20_000]
+    text = (corpus / "genesis.txt").read_text()[:20_000]
     cfg = PrepareConfig(min_prompt_tokens=10, max_prompt_tokens=10, continuation_tokens=20)
     pieces = cut_document(text, tiny_tokenizer, cfg, random.Random(0))
     assert len(pieces) > 10
@@ -117,10 +117,10 @@ def test_bad_encodings_are_named(tmp_path, tiny_tokenizer, content, message):
     assert "bad.txt" in str(err.value)
 
 
-def test_bad_file_skipped_when_others_usable(tmp_path, tiny_tokenizer, shared_data):
+def test_bad_file_skipped_when_others_usable(tmp_path, tiny_tokenizer, corpus):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "bad.txt").write_bytes(b"\xff\xfeh\x00i\x00")
-    (tmp_path / "in" / "good.txt").write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:5000])
+    (tmp_path / "in" / "good.txt").write_text((corpus / "genesis.txt").read_text()[:5000])
     summary, _ = run(tmp_path, tiny_tokenizer, [tmp_path / "in"])
     assert summary["files_read"] == 1 and "bad.txt" in summary["files_skipped"][0]
 
@@ -140,12 +140,12 @@ def test_empty_inputs_raise(tmp_path, tiny_tokenizer):
         run(tmp_path, tiny_tokenizer, [tmp_path / "s.jsonl"])
 
 
-def test_no_test_split_still_loads(tmp_path, tiny_tokenizer, shared_data):
+def test_no_test_split_still_loads(tmp_path, tiny_tokenizer, corpus):
     """--test_size 0 writes only a train split, and the folder loads back for training."""
     from sdgrpo.train import load_prompts
 
     out = tmp_path / "p"
-    summary = prepare(PrepareConfig(inputs=[str(shared_data / "gutenberg" / "alice.txt")], output=str(out),
+    summary = prepare(PrepareConfig(inputs=[str(corpus / "ruth.txt")], output=str(out),
                                     test_size=0.0, max_prompts=30), tiny_tokenizer)
     assert summary["train"] == 30 and summary["test"] == 0
     assert len(load_prompts(str(out), "train")) == 30

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,20 +40,26 @@ def qwen_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, shared_data):
+def prepared(tmp_path_factory, corpus):
+    """Prompts tokenized by the shipped model's tokenizer (both GPU models use it)."""
+    from conftest import run_cli
+
     out = tmp_path_factory.mktemp("prepared")
-    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "prepare", str(shared_data / "gutenberg" / "alice.txt"),
-                        "--output", str(out)], capture_output=True, text=True)
+    r = run_cli("prepare", corpus / "exodus.txt", "--output", out)
     assert r.returncode == 0, r.stderr
     return out
 
 
-def _train(model_dir, prepared, out, backend, *extra, env=None):
-    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "train", "--backend", backend, "--model_name_or_path",
+PROBE = Path(__file__).resolve().parent / "probes" / "train_probe.py"
+
+
+def _train(model_dir, prepared, out, backend, *extra, probe=None):
+    entry = [str(PROBE), str(probe)] if probe else ["-m", "sdgrpo.cli", "train"]
+    r = subprocess.run([sys.executable, *entry, "--backend", backend, "--model_name_or_path",
                         str(model_dir), "--dataset_path", str(prepared), "--output_dir", str(out), "--max_steps", "3",
                         "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length",
                         "32", "--learning_rate", "1e-4", "--save_strategy", "no", *map(str, extra)],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     (out / "stderr.log").write_text(r.stderr)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -90,14 +97,11 @@ def test_unsloth_reward_reuses_the_left_packed_reference_pass(model, qwen_dir, p
 
     Also checks that Unsloth's trainer goes through sdgrpo's prompt hooks: max_prompt_length holds.
     """
-    import os
-
     from sdgrpo.config import TINY_MODEL
 
-    env = {**os.environ, "SDGRPO_CHECK_REUSE_DIR": str(tmp_path), "SDGRPO_DEBUG_REWARDS_DIR": str(tmp_path)}
     out = tmp_path / "run"
     _train(TINY_MODEL if model == "tiny" else qwen_dir, prepared, out, "unsloth", "--max_prompt_length", 24,
-           env=env)
+           probe=tmp_path)
     log = (out / "stderr.log").read_text()
     assert "reward reused from the KL pass in 3 of the reward calls" in log, log[-3000:]
     checks = [json.loads(x) for f in tmp_path.glob("reuse_check_*.jsonl") for x in f.read_text().splitlines()]

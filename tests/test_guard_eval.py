@@ -67,3 +67,55 @@ def test_eval_base_only_writes_report(tmp_path, prepared_demo):
     assert ppl["perplexity"] == pytest.approx(2.718281828 ** ppl["nll_per_token"])
     assert (tmp_path / "e" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "| base, T=0.5 |" in (tmp_path / "e" / "report.md").read_text()
+
+
+def feed_logs(guard, rows, tmp_path, start: int = 1):
+    """Feed log records (dicts of collapse metrics, without the prefix) as consecutive steps."""
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    state, control = TrainerState(), TrainerControl()
+    for step, row in enumerate(rows, start):
+        state.global_step = step
+        guard.on_log(args, state, control, logs={f"collapse/{k}": v for k, v in row.items()})
+        if control.should_training_stop:
+            break
+    return control
+
+
+def test_guard_copes_with_missing_metrics_and_sees_a_collapse_to_eos_only(tmp_path):
+    guard = CollapseGuard("stop", patience=2)
+    # Step 1: no completion had two content tokens, so distinct-2 is missing; the baseline forms from what exists.
+    rows = [{"seq_rep_4": 0.0, "length": 12.0}, {"seq_rep_4": 0.0, "distinct_2": 0.9, "length": 11.0},
+            {"seq_rep_4": 0.0, "distinct_2": 0.88, "length": 2.5}, {"seq_rep_4": 0.0, "length": 1.0}]
+    control = feed_logs(guard, rows, tmp_path)
+    assert guard.state.baseline == {"seq_rep_4": 0.0, "length": 12.0, "distinct_2": 0.9}
+    assert control.should_training_stop and guard.state.tripped_at == 4
+    assert guard.state.reason == "mean completion length fell from 12.0 to 1.0 tokens (limit 25% of the start)"
+
+
+def test_guard_state_survives_a_resume(tmp_path):
+    drifting = [{"seq_rep_4": 0.0, "distinct_2": 0.9, "length": 10.0}, {"seq_rep_4": 0.05, "distinct_2": 0.8,
+                "length": 10.0}, {"seq_rep_4": 0.12, "distinct_2": 0.7, "length": 10.0},
+                {"seq_rep_4": 0.14, "distinct_2": 0.66, "length": 10.0}]
+    first = CollapseGuard("restore", patience=2)
+    feed_logs(first, drifting[:2], tmp_path)
+    (tmp_path / "checkpoint-2").mkdir()
+    first.save_state(tmp_path / "checkpoint-2")
+    resumed, fresh = CollapseGuard("restore", patience=2), CollapseGuard("restore", patience=2)
+    assert resumed.load_state(tmp_path / "checkpoint-2") and not fresh.load_state(tmp_path)
+    assert feed_logs(resumed, drifting[2:], tmp_path, start=3).should_training_stop
+    assert resumed.state.reason.startswith("seq_rep_4 rose from 0.000 to 0.140")
+    # Without the saved state the resumed run would take the drifted step 3 as its baseline and never trip.
+    assert not feed_logs(fresh, drifting[2:], tmp_path, start=3).should_training_stop
+
+
+def test_guard_does_not_crash_on_one_token_completions(tmp_path, prepared, tiny_model_dir):
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
+                "--max_steps", 2, "--per_device_train_batch_size", 4, "--num_generations", 4,
+                "--max_completion_length", 1, "--report_to", "none", "--save_steps", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    saved = json.loads((out / "checkpoint-2" / "guard_state.json").read_text())
+    assert saved["baseline"]["length"] == 1.0 and "distinct_2" not in saved["baseline"]

@@ -31,13 +31,13 @@ def test_shipped_files_are_safe_and_small():
     assert json.loads((Path(TINY_MODEL) / "config.json").read_text())["attention_dropout"] == 0.0
 
 
-def test_heldout_bits_per_byte_match_model_card(shared_data, monkeypatch):
+def test_heldout_bits_per_byte_match_model_card(corpus, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = AutoTokenizer.from_pretrained(TINY_MODEL)
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
-    corpus = load_corpus(shared_data)
+    corpus = load_corpus(corpus)
     assert len(corpus) == 26
     bpb, nbytes = evaluate_bpb(model, tok, [h for _, _, h in corpus], 256, "cpu")
     assert nbytes == 733_709
@@ -53,12 +53,12 @@ def test_split_and_unigram_by_hand():
     assert nll == pytest.approx(-math.log(2 / 6) - math.log(1 / 6))
 
 
-def test_pretrain_recipe_runs_and_saves_a_loadable_model(tmp_path, shared_data):
+def test_pretrain_recipe_runs_and_saves_a_loadable_model(tmp_path, corpus):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = tmp_path / "data" / "tinyshakespeare"
     data.mkdir(parents=True)
-    (data / "input.txt").write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:100_000])
+    (data / "input.txt").write_text((corpus / "genesis.txt").read_text()[:100_000])
     cfg = PretrainConfig(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"), vocab_size=300,
                          hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                          seq_len=64, batch_size=8, max_steps=30, eval_every=15, hidden_dropout=0.1,
@@ -74,7 +74,7 @@ def test_pretrain_recipe_runs_and_saves_a_loadable_model(tmp_path, shared_data):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
-def test_given_tokenizer_and_time_budget(tmp_path, shared_data):
+def test_given_tokenizer_and_time_budget(tmp_path, corpus):
     """A teacher reuses the shipped tokenizer (same ids as the student); a time budget stops it, still saved, with
     the learning rate paced to end decayed."""
     from transformers import AutoTokenizer
@@ -83,7 +83,7 @@ def test_given_tokenizer_and_time_budget(tmp_path, shared_data):
 
     data = tmp_path / "data" / "tinyshakespeare"
     data.mkdir(parents=True)
-    (data / "input.txt").write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:50_000])
+    (data / "input.txt").write_text((corpus / "genesis.txt").read_text()[:50_000])
     cfg = PretrainConfig(data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"),
                          tokenizer_path=str(TINY_MODEL), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64, seq_len=32, batch_size=4, max_steps=10**6, eval_every=10**6,
@@ -99,7 +99,7 @@ def test_given_tokenizer_and_time_budget(tmp_path, shared_data):
     assert _lr_at(100, cfg, elapsed=2.0) == pytest.approx(cfg.learning_rate * cfg.min_lr_ratio)
 
 
-def test_a_run_split_over_calls_equals_one_run(tmp_path, shared_data):
+def test_a_run_split_over_calls_equals_one_run(tmp_path, corpus):
     """--resume_dir: 6 steps, then the same run continued to 12, ends with the same weights (bit for bit, CPU) and
     held-out figure as 12 steps in one call; the state is safetensors + JSON; another model shape is refused."""
     from safetensors.torch import load_file
@@ -108,7 +108,7 @@ def test_a_run_split_over_calls_equals_one_run(tmp_path, shared_data):
 
     data = tmp_path / "data" / "tinyshakespeare"
     data.mkdir(parents=True)
-    (data / "input.txt").write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:50_000])
+    (data / "input.txt").write_text((corpus / "genesis.txt").read_text()[:50_000])
 
     def cfg(name, steps, **kw):
         # min_lr_ratio 1: a constant rate after warm-up, so stopping at 6 of 12 leaves the schedule unchanged.

@@ -20,16 +20,6 @@ def cli(*args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_model_dir, shared_data):
-    out = tmp_path_factory.mktemp("prepared")
-    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "prepare", shared_data / "gutenberg" / "alice.txt",
-                        "--output", out, "--model", tiny_model_dir, "--max_prompt_tokens", "24"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 def train_args(model, data, out, *extra):
     return ["train", "--model_name_or_path", model, "--dataset_path", data, "--output_dir", out,
             "--per_device_train_batch_size", 4, "--num_generations", 4, "--max_completion_length", 8,

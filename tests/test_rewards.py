@@ -8,18 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from conftest import make_llama
+from conftest import make_llama, reference_logps
 from sdgrpo.rewards import SelfNLLReward, self_nll
 from sdgrpo.scoring import completion_logprobs, micro_batches
-
-
-def reference_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
-    """log p(completion[t] | prompt + completion[:t]) from one full forward of the sequence alone."""
-    ids = torch.tensor([prompt + completion])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].double()
-    logp = torch.log_softmax(logits, dim=-1)
-    return torch.stack([logp[len(prompt) - 1 + t, tok] for t, tok in enumerate(completion)])
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +54,32 @@ def test_completion_logprobs_match_reference_in_padded_batches(tiny_tokenizer, c
 
 
 def test_softcapped_model_takes_the_full_logits_path(tiny_tokenizer, cases):
+    """A model whose logits are not a plain ``lm_head(hidden)`` (Gemma-2's soft cap) is scored from its own logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
     from sdgrpo.scoring import _split_head
 
-    model = make_llama(tiny_tokenizer, seed=2)
-    assert _split_head(model) is not None
-    model.config.logit_scale = 0.5  # a config the hidden-state path must not take; Llama ignores it
+    assert _split_head(make_llama(tiny_tokenizer, seed=2)) is not None
+    torch.manual_seed(2)
+    config = Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, intermediate_size=128, final_logit_softcapping=0.5,
+                          pad_token_id=tiny_tokenizer.pad_token_id, bos_token_id=tiny_tokenizer.bos_token_id,
+                          eos_token_id=tiny_tokenizer.eos_token_id)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)  # logits far beyond the cap, so capping changes every number
     assert _split_head(model) is None
     prompts, completions = cases
     got = completion_logprobs(model, prompts, completions, pad_token_id=tiny_tokenizer.pad_token_id)
     for p, c, lp in zip(prompts, completions, got):
         torch.testing.assert_close(lp.double(), reference_logps(model, p, c), atol=1e-5, rtol=0)
+    # The cap matters here: the uncapped head's log-probs are far from the capped ones.
+    ids = torch.tensor([prompts[0] + completions[0]])
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+        raw = torch.log_softmax(model.lm_head(hidden)[0].double(), -1)
+    uncapped = raw[len(prompts[0]) - 1, completions[0][0]].item()
+    assert abs(uncapped - got[0][0].item()) > 0.5
 
 
 def test_reward_disables_adapters_and_scores_eos(tiny_tokenizer, cases, lora_model):
@@ -90,16 +97,21 @@ def test_reward_disables_adapters_and_scores_eos(tiny_tokenizer, cases, lora_mod
             assert g == pytest.approx(w, abs=1e-5)
     # The adapters change the numbers, so a reward that forgot to disable them would fail above.
     assert all(abs(a - b) > 1e-3 for a, b in zip(got[:3], with_adapters))
-    # The EOS-only completion is scored: log p(EOS | prompt).
-    assert completions[1] == [completions[1][0], tiny_tokenizer.eos_token_id]
+    # The EOS-only completion is scored like any other: its reward is log p(EOS | prompt) under the base.
+    assert completions[6] == [tiny_tokenizer.eos_token_id]
+    with lora_model.disable_adapter(), torch.no_grad():
+        logits = lora_model(input_ids=torch.tensor([prompts[6]])).logits[0, -1].double()
+    assert got[6] == pytest.approx(torch.log_softmax(logits, -1)[tiny_tokenizer.eos_token_id].item(), abs=1e-5)
 
 
 def test_sum_aggregation_and_empty_completion(tiny_tokenizer, cases):
     model = make_llama(tiny_tokenizer, seed=2)
     prompts, completions = cases
+    prompts, completions = prompts + [prompts[0]], completions + [[]]  # and a completion with no token at all
     reward = SelfNLLReward(model, tiny_tokenizer, aggregation="sum")
     got = reward(prompts=[""] * len(prompts), completions=[""] * len(prompts), completion_ids=completions,
                  prompt_ids=prompts)
+    assert got[-1] is None
     for p, c, g in zip(prompts, completions, got):
         if not c:
             assert g is None  # TRL makes it NaN: excluded from the group baseline, never the best reward

@@ -57,10 +57,10 @@ def test_distill_scores_only_the_rows_the_trainer_could_not(tiny_tokenizer, setu
     assert got == pytest.approx(want, abs=1e-5)
 
 
-def test_other_tokenizer_refused_unless_retokenizing(tiny_tokenizer, shared_data):
+def test_other_tokenizer_refused_unless_retokenizing(tiny_tokenizer, corpus):
     from sdgrpo.pretrain import train_tokenizer
 
-    other = train_tokenizer([(shared_data / "gutenberg" / "alice.txt").read_text(encoding="utf-8-sig")], 400)
+    other = train_tokenizer([(corpus / "ruth.txt").read_text(encoding="utf-8-sig")], 400)
     teacher = make_llama(other, seed=5)
     with pytest.raises(UserError, match="teacher's tokenizer differs"):
         TeacherNLLReward(teacher, tiny_tokenizer, other)
@@ -82,7 +82,7 @@ def test_registry_needs_a_teacher(tiny_tokenizer):
         build_reward("nope", None, tiny_tokenizer)
 
 
-def test_cli_trains_with_a_teacher(tmp_path, tiny_model_dir, tiny_tokenizer, shared_data):
+def test_cli_trains_with_a_teacher(tmp_path, tiny_model_dir, tiny_tokenizer, corpus):
     import json
     import subprocess
     import sys
@@ -91,7 +91,7 @@ def test_cli_trains_with_a_teacher(tmp_path, tiny_model_dir, tiny_tokenizer, sha
     make_llama(tiny_tokenizer, seed=21, layers=3).save_pretrained(teacher_dir)
     tiny_tokenizer.save_pretrained(teacher_dir)
     data = tmp_path / "data"
-    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "prepare", shared_data / "gutenberg" / "alice.txt",
+    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "prepare", corpus / "ruth.txt",
                         "--output", data, "--model", tiny_model_dir, "--max_prompts", "40"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -116,7 +116,7 @@ def test_cli_trains_with_a_teacher(tmp_path, tiny_model_dir, tiny_tokenizer, sha
                                                           "4-bit option")
 
 
-def test_distill_reuses_the_trainers_policy_pass(tmp_path, tiny_model_dir, tiny_tokenizer, shared_data):
+def test_distill_reuses_the_trainers_policy_pass(tmp_path, tiny_model_dir, tiny_tokenizer, corpus):
     """With steps_per_generation > gradient_accumulation_steps TRL computes the policy's log-probs before the
     rewards; distill takes them instead of running its own pass, and they equal that pass (LoRA dropout 0)."""
     from datasets import Dataset
@@ -143,7 +143,7 @@ def test_distill_reuses_the_trainers_policy_pass(tmp_path, tiny_model_dir, tiny_
             return out
 
     reward = Recording(teacher, tiny_tokenizer, policy=None)
-    text = (shared_data / "gutenberg" / "alice.txt").read_text(encoding="utf-8-sig")[1000:3000]
+    text = (corpus / "ruth.txt").read_text(encoding="utf-8-sig")[1000:3000]
     data = Dataset.from_dict({"prompt": [text[i : i + 60] for i in range(0, 1600, 200)]})
     trainer = SelfDistillGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                      reward_funcs=[reward], args=train_cfg, train_dataset=data,

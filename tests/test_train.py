@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import run_cli
 from sdgrpo.compat import ensure_trl_runs_without_triton
 from sdgrpo.config import parse_train_args
 from sdgrpo.rewards import SelfNLLReward
@@ -22,24 +22,9 @@ EXPECTED_KEYS = {"reward", "reward_std", "kl", "loss", "completions/mean_length"
                  "frac_reward_zero_std"}
 
 
-def sdgrpo(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdgrpo.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, tiny_model_dir, shared_data):
-    out = tmp_path_factory.mktemp("prepared")
-    r = sdgrpo("prepare", shared_data / "gutenberg" / "alice.txt", "--output", out, "--model", tiny_model_dir,
-               "--max_prompt_tokens", "24")
-    assert r.returncode == 0, r.stderr
-    assert "prompts" in r.stdout
-    return out
-
-
 def test_cli_prepare_then_two_training_steps(tmp_path, prepared, tiny_model_dir):
     out = tmp_path / "run"
-    r = sdgrpo("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
+    r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
                "--max_steps", 2, "--per_device_train_batch_size", 4, "--num_generations", 4,
                "--max_completion_length", 12, "--learning_rate", "1e-3", "--save_steps", 100)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -62,7 +47,7 @@ def test_cli_prepare_then_two_training_steps(tmp_path, prepared, tiny_model_dir)
 
 def test_cli_sketch_batch_settings_run(tmp_path, prepared, tiny_model_dir):
     out = tmp_path / "sketch"
-    r = sdgrpo("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
+    r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
                "--max_steps", 1, "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 4,
                "--num_generations", 8, "--max_completion_length", 8, "--max_prompt_length", 10)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -137,7 +122,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir):
         (["frobnicate"], "unknown command"),
     ]
     for args, message in cases:
-        r = sdgrpo(*args)
+        r = run_cli(*args)
         assert r.returncode == 2, (args, r.stderr[-2000:])
         lines = [line for line in r.stderr.splitlines() if "error" in line]
         assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
@@ -147,7 +132,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir):
 def test_unsloth_backend_without_gpu_is_one_line(tmp_path, prepared):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    r = sdgrpo("train", "--backend", "unsloth", "--dataset_path", prepared, "--output_dir", tmp_path / "u")
+    r = run_cli("train", "--backend", "unsloth", "--dataset_path", prepared, "--output_dir", tmp_path / "u")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("sdgrpo train: error: --backend unsloth needs a CUDA GPU")
     assert "Traceback" not in r.stderr and "unsloth" not in sys.modules

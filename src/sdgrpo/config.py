@@ -90,11 +90,27 @@ class SDGRPOConfig(GRPOConfig):
     guard_max_distinct2_drop: float = field(
         default=0.3, metadata={"help": "Guard limit: distinct-2 may fall at most this fraction of its start value."}
     )
+    guard_min_length_fraction: float = field(
+        default=0.25,
+        metadata={"help": "Guard limit: the mean completion length may fall to this fraction of its start value "
+                  "(catches a collapse to empty or EOS-only completions; 0 turns it off)."},
+    )
+    min_completion_length: int = field(
+        default=0,
+        metadata={"help": "Sample at least this many tokens before EOS may end a completion (transformers' "
+                  "min_new_tokens). The mean log-prob reward favours short and EOS-only completions; this rules "
+                  "them out. 0: off."},
+    )
     guard_patience: int = field(default=2, metadata={"help": "Logged steps out of limits in a row before acting."})
     max_train_prompts: int | None = field(
         default=None, metadata={"help": "Use only the first N training prompts (quick runs)."}
     )
     # Defaults that differ from TRL's:
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Turn off dropout in the model (TRL's default is off). TRL runs the reference pass of the "
+                  "KL term in train mode, so with dropout the KL and the reused reward would carry dropout noise."},
+    )
     beta: float = field(default=0.04, metadata={"help": "KL coefficient to the frozen base (TRL's default is 0)."})
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate for the LoRA weights."})
     max_completion_length: int | None = field(default=128, metadata={"help": "Maximum completion tokens."})
@@ -115,6 +131,13 @@ class SDGRPOConfig(GRPOConfig):
         if self.num_generations is not None and self.num_generations < 2:
             raise UserError(f"num_generations {self.num_generations}: GRPO needs at least 2 completions per prompt "
                             "to compare; set --num_generations 2 or more")
+        if self.min_completion_length < 0:
+            raise UserError(f"min_completion_length {self.min_completion_length}: must be 0 or more")
+        if self.min_completion_length:
+            if self.max_completion_length is not None and self.min_completion_length > self.max_completion_length:
+                raise UserError(f"min_completion_length {self.min_completion_length} is above max_completion_length "
+                                f"{self.max_completion_length}; lower it")
+            self.generation_kwargs = {**(self.generation_kwargs or {}), "min_new_tokens": self.min_completion_length}
         if self.generation_batch_size is None and self.steps_per_generation is None and self.num_generations:
             self._fit_generation_batch()
         if not _has_cuda():

@@ -14,11 +14,12 @@ import random
 import re
 import statistics
 from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdgrpo.errors import UserError
-from sdgrpo.sources import Document, ReadReport, read_documents
+from sdgrpo.sources import Document, ReadReport, iter_documents
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,30 @@ def cut_document(text: str, tokenizer, cfg: PrepareConfig, rng: random.Random) -
     return out
 
 
+BLOCK_CHARS = 1_000_000
+
+
+def blocks(text: str, max_chars: int = BLOCK_CHARS) -> Iterator[str]:
+    """A long document in blocks of at most ``max_chars`` characters, cut at paragraph starts (else at a line
+    start, else at a space): the unit that is tokenized at once, so memory stays bounded on a single huge file.
+    Windows never cross a block boundary. A document that fits is one block, itself."""
+    start = 0
+    while len(text) - start > max_chars:
+        limit = start + max_chars
+        cut = -1
+        for m in _PARAGRAPH.finditer(text, start + 1, limit):
+            cut = m.end()
+        if cut <= start:
+            cut = text.rfind("\n", start + 1, limit) + 1
+        if cut <= start:
+            cut = text.rfind(" ", start + 1, limit) + 1
+        if cut <= start:
+            cut = limit
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def _usable(prompt: str) -> bool:
     letters = sum(ch.isalpha() for ch in prompt)
     return letters >= 8 and letters >= 0.4 * len(prompt.strip())
@@ -121,26 +146,28 @@ def _key(prompt: str) -> str:
     return hashlib.sha1(" ".join(prompt.lower().split()).encode()).hexdigest()
 
 
-def build_examples(docs: list[Document], tokenizer, cfg: PrepareConfig) -> tuple[list[dict], dict]:
+def build_examples(docs: Iterable[Document], tokenizer, cfg: PrepareConfig) -> tuple[list[dict], dict]:
     """All prompts from ``docs``, with near-empty and duplicate prompts dropped; returns (examples, counts)."""
     seen: set[str] = set()
     examples: list[dict] = []
-    counts = {"windows": 0, "dropped_near_empty": 0, "dropped_duplicate": 0}
+    counts = {"documents": 0, "windows": 0, "dropped_near_empty": 0, "dropped_duplicate": 0}
     for doc in docs:
-        # One generator per document, seeded by its content: the same text always gets the same cuts, whatever
-        # the file order, so a copied document yields exact duplicate prompts that are then dropped.
-        rng = random.Random(f"{cfg.seed}:{_key(doc.text)}")
-        for ex in cut_document(doc.text, tokenizer, cfg, rng):
-            counts["windows"] += 1
-            if not _usable(ex["prompt"]):
-                counts["dropped_near_empty"] += 1
-                continue
-            key = _key(ex["prompt"])
-            if key in seen:
-                counts["dropped_duplicate"] += 1
-                continue
-            seen.add(key)
-            examples.append({**ex, "source": doc.source})
+        counts["documents"] += 1
+        for block in blocks(doc.text):
+            # One generator per block, seeded by its content: the same text always gets the same cuts, whatever
+            # the file order, so a copied document yields exact duplicate prompts that are then dropped.
+            rng = random.Random(f"{cfg.seed}:{_key(block)}")
+            for ex in cut_document(block, tokenizer, cfg, rng):
+                counts["windows"] += 1
+                if not _usable(ex["prompt"]):
+                    counts["dropped_near_empty"] += 1
+                    continue
+                key = _key(ex["prompt"])
+                if key in seen:
+                    counts["dropped_duplicate"] += 1
+                    continue
+                seen.add(key)
+                examples.append({**ex, "source": doc.source})
     return examples, counts
 
 
@@ -155,8 +182,7 @@ def prepare(cfg: PrepareConfig, tokenizer) -> dict:
     from datasets import Dataset, DatasetDict
 
     report = ReadReport()
-    docs = read_documents(cfg.inputs, cfg.text_field, report)
-    examples, counts = build_examples(docs, tokenizer, cfg)
+    examples, counts = build_examples(iter_documents(cfg.inputs, cfg.text_field, report), tokenizer, cfg)
     if not examples:
         raise UserError(f"{', '.join(cfg.inputs)}: the text is too short to make any prompt of "
                         f"{cfg.min_prompt_tokens}+{cfg.min_continuation_tokens} tokens; lower --min_prompt_tokens")
@@ -175,7 +201,6 @@ def prepare(cfg: PrepareConfig, tokenizer) -> dict:
     DatasetDict({k: Dataset.from_list(v) for k, v in splits.items() if v}).save_to_disk(str(out))
     cont_tokens = [len(tokenizer(e["continuation"], add_special_tokens=False)["input_ids"]) for e in examples[:2000]]
     summary = {
-        "documents": len(docs),
         "files_read": report.files_read,
         "files_skipped": report.skipped,
         **counts,

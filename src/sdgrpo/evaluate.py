@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sdgrpo.errors import parser_from_dataclass
 from sdgrpo.metrics import collapse_metrics
+from sdgrpo.sampling import stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def summarize(model, tokenizer, base_scorer, prompts, k, max_new_tokens, tempera
 
     samples = sample(model, tokenizer, prompts, k, max_new_tokens, temperature=temperature, seed=seed)
     rewards = [r for r in base_rewards(base_scorer, tokenizer, samples) if r is not None]
-    eos_ids = {tokenizer.eos_token_id}
+    eos_ids = samples.eos_ids
     out = {"temperature": temperature, "reward_mean": statistics.fmean(rewards),
            "reward_std": statistics.pstdev(rewards), "unscored": len(samples.texts) - len(rewards),
            **collapse_metrics(samples.completion_ids, samples.texts, eos_ids, group_size=k)}
@@ -139,7 +140,7 @@ def main(cfg: EvalConfig) -> dict:
     temps = [float(t) for t in cfg.temperatures.split(",") if t.strip()]
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    eos_ids = {tokenizer.eos_token_id}
+    eos_ids = set(stop_token_ids(base, tokenizer))
     true_ids = tokenizer(conts, add_special_tokens=False)["input_ids"]
     result = {"config": dataclasses.asdict(cfg), "prompts": len(prompts),
               "true_continuations": collapse_metrics(true_ids, conts, eos_ids),

@@ -1,8 +1,11 @@
 """Collapse guard: a trainer callback that compares the collapse metrics with their values at the start of the run.
 
-Trips when seq-rep-4 rises by more than ``max_seq_rep_increase`` (absolute) or distinct-2 falls by more than
-``max_distinct2_drop`` (relative), ``patience`` logged steps in a row. Actions: ``warn``; ``stop``; ``restore`` (stop,
-and the run's final adapter is the last checkpoint saved while the metrics were within limits).
+Trips when seq-rep-4 rises by more than ``max_seq_rep_increase`` (absolute), distinct-2 falls by more than
+``max_distinct2_drop`` (relative), or the mean completion length falls below ``min_length_fraction`` of its start value
+(a collapse to empty or EOS-only completions, which the text metrics cannot see), ``patience`` logged steps in a row.
+A metric missing from a step (e.g. distinct-2 when no completion has two content tokens) is not judged that step.
+Actions: ``warn``; ``stop``; ``restore`` (stop, and the run's final adapter is the last checkpoint saved while the
+metrics were within limits). Its state is saved in every checkpoint (``guard_state.json``) and reloaded on resume.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
+STATE_FILE = "guard_state.json"
+METRICS = ("seq_rep_4", "distinct_2", "length")
+
 ACTIONS = ("off", "warn", "stop", "restore")
 
 
 @dataclass
 class GuardState:
-    baseline: dict = field(default_factory=dict)
+    baseline: dict = field(default_factory=dict)  # metric -> mean over the first baseline_steps steps that had it
+    baseline_counts: dict = field(default_factory=dict)  # metric -> steps averaged into baseline
     strikes: int = 0
     tripped_at: int | None = None
     reason: str | None = None
@@ -31,20 +38,20 @@ class GuardState:
 
 class CollapseGuard(TrainerCallback):
     def __init__(self, action: str = "restore", max_seq_rep_increase: float = 0.1, max_distinct2_drop: float = 0.3,
-                 patience: int = 2, baseline_steps: int = 1):
+                 patience: int = 2, baseline_steps: int = 1, min_length_fraction: float = 0.25):
         if action not in ACTIONS:
             raise ValueError(f"collapse_guard must be one of {ACTIONS}, not {action!r}")
         self.action = action
         self.max_seq_rep_increase = max_seq_rep_increase
         self.max_distinct2_drop = max_distinct2_drop
+        self.min_length_fraction = min_length_fraction
         self.patience = patience
         self.baseline_steps = baseline_steps
         self.state = GuardState()
-        self._seen: list[dict] = []
 
     def check(self, logs: dict) -> str | None:
-        """The reason the metrics in ``logs`` are out of limits, or None."""
-        rep, d2 = logs.get("collapse/seq_rep_4"), logs.get("collapse/distinct_2")
+        """The reason the metrics in ``logs`` are out of limits, or None (metrics missing from either side pass)."""
+        rep, d2, length = (logs.get(f"collapse/{k}") for k in METRICS)
         base = self.state.baseline
         if rep is not None and "seq_rep_4" in base and rep - base["seq_rep_4"] > self.max_seq_rep_increase:
             return (f"seq_rep_4 rose from {base['seq_rep_4']:.3f} to {rep:.3f} "
@@ -52,15 +59,28 @@ class CollapseGuard(TrainerCallback):
         if d2 is not None and base.get("distinct_2") and d2 < base["distinct_2"] * (1 - self.max_distinct2_drop):
             return (f"distinct_2 fell from {base['distinct_2']:.3f} to {d2:.3f} "
                     f"(limit -{self.max_distinct2_drop:.0%})")
+        if length is not None and base.get("length") and length < base["length"] * self.min_length_fraction:
+            return (f"mean completion length fell from {base['length']:.1f} to {length:.1f} tokens "
+                    f"(limit {self.min_length_fraction:.0%} of the start)")
         return None
 
+    def _add_to_baseline(self, logs: dict) -> bool:
+        """Average this step into the baseline of each metric that has fewer than ``baseline_steps`` values;
+        True while any metric's baseline is still being formed from this step."""
+        used = False
+        for key in METRICS:
+            value, n = logs.get(f"collapse/{key}"), self.state.baseline_counts.get(key, 0)
+            if value is None or n >= self.baseline_steps:
+                continue
+            self.state.baseline[key] = (self.state.baseline.get(key, 0.0) * n + value) / (n + 1)
+            self.state.baseline_counts[key] = n + 1
+            used = True
+        return used
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.action == "off" or not logs or "collapse/seq_rep_4" not in logs:
+        if self.action == "off" or not logs or not any(f"collapse/{k}" in logs for k in METRICS):
             return
-        if len(self._seen) < self.baseline_steps:
-            self._seen.append(logs)
-            keys = ("seq_rep_4", "distinct_2")
-            self.state.baseline = {k: sum(s[f"collapse/{k}"] for s in self._seen) / len(self._seen) for k in keys}
+        if self._add_to_baseline(logs) and self.check(logs) is None:
             self.state.last_good_step = state.global_step
             return
         reason = self.check(logs)
@@ -82,6 +102,20 @@ class CollapseGuard(TrainerCallback):
     def good_checkpoint(self) -> tuple[int, str] | None:
         existing = [(s, p) for s, p in self.state.good_checkpoints if Path(p).is_dir()]
         return existing[-1] if existing else None
+
+    def save_state(self, folder: str | Path) -> None:
+        """Write the guard's state into a checkpoint folder (plain JSON)."""
+        (Path(folder) / STATE_FILE).write_text(json.dumps(asdict(self.state), indent=2))
+
+    def load_state(self, folder: str | Path) -> bool:
+        """Restore the state saved in a checkpoint folder; False when it holds none (a checkpoint of an older run)."""
+        path = Path(folder) / STATE_FILE
+        if not path.is_file():
+            return False
+        data = json.loads(path.read_text())
+        data["good_checkpoints"] = [tuple(x) for x in data.get("good_checkpoints", [])]
+        self.state = GuardState(**data)
+        return True
 
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"action": self.action, **asdict(self.state)}, indent=2))

@@ -11,16 +11,13 @@ like any other: log p(EOS | prompt).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from sdgrpo.scoring import adapters_disabled, completion_logprobs
+from sdgrpo.scoring import adapters_disabled, completion_logprobs, truncate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +30,20 @@ def aggregate(token_logps: torch.Tensor, aggregation: str) -> float | None:
         return None
     value = token_logps.sum().item() if aggregation == "sum" else token_logps.mean().item()
     return value if math.isfinite(value) else None
+
+
+def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None) -> list[list[int]]:
+    """Prompt ids as sdgrpo's trainer makes them from plain-text prompts (special tokens added, then the last
+    ``max_prompt_length`` kept after the leading special tokens): the fallback when the trainer passes no
+    ``prompt_ids``. Chat prompts are refused rather than scored as other ids."""
+    if any(not isinstance(p, str) for p in prompts):
+        raise ValueError("chat-format prompts need the trainer's prompt_ids (sdgrpo's trainer passes them); "
+                         "this reward cannot re-create the chat template's ids")
+    ids = tokenizer(text=list(prompts), add_special_tokens=True)["input_ids"]
+    if max_prompt_length is None:
+        return ids
+    special = set(tokenizer.all_special_ids)
+    return [truncate_prompt(x, max_prompt_length, special) for x in ids]
 
 
 class SelfNLLReward:
@@ -48,7 +59,7 @@ class SelfNLLReward:
     __name__ = "self_nll"
 
     def __init__(self, model, tokenizer, aggregation: str = "mean", token_budget: int = 16384,
-                 score_with: str = "base"):
+                 score_with: str = "base", max_prompt_length: int | None = None):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
         self.model = model
@@ -56,10 +67,11 @@ class SelfNLLReward:
         self.aggregation = aggregation
         self.token_budget = token_budget
         self.score_with = score_with  # "policy" keeps the adapters on: the self-rewarding failure mode
+        self.max_prompt_length = max_prompt_length
         self.forward_passes = 0  # own scoring passes run; stays 0 on the reuse path
 
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        return self.tokenizer(text=prompts, add_special_tokens=True)["input_ids"]
+        return tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
 
     def token_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]:
         self.forward_passes += 1
@@ -76,24 +88,9 @@ class SelfNLLReward:
             reused = [None if r is None else r[: len(c)] for r, c in zip(ref_per_token_logps, completion_ids)]
             token_logps = fill_rows(reused, lambda rows: self.token_logprobs([prompt_ids[i] for i in rows],
                                                                              [completion_ids[i] for i in rows]))
-            if os.environ.get("SDGRPO_CHECK_REUSE_DIR"):
-                self._check_reuse(reused, prompt_ids, completion_ids)
         else:
             token_logps = self.token_logprobs(prompt_ids, completion_ids)
         return [aggregate(lp.float(), self.aggregation) for lp in token_logps]
-
-    def _check_reuse(self, reused, prompt_ids, completion_ids) -> None:
-        """For tests on the GPU machine: append how far the reused log-probs are from an own pass."""
-        own = self.token_logprobs(prompt_ids, completion_ids)
-        self.forward_passes -= 1  # a check, not a scoring pass
-        pairs = [(a, b) for a, b in zip(reused, own) if a is not None]
-        diffs = [(a.float().cpu() - b.float().cpu()).abs().max().item() for a, b in pairs if len(a)]
-        rewards = [(aggregate(a.float(), self.aggregation), aggregate(b.float(), self.aggregation)) for a, b in pairs]
-        record = {"max_token_diff": max(diffs, default=0.0), "rewards": rewards, "rows": len(reused),
-                  "rows_rescored": len(reused) - len(pairs)}
-        path = Path(os.environ["SDGRPO_CHECK_REUSE_DIR"]) / f"reuse_check_{os.getpid()}.jsonl"
-        with path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
 
 
 def same_vocabulary(a, b) -> bool:
@@ -113,12 +110,13 @@ class TeacherNLLReward:
     __name__ = "teacher_nll"
 
     def __init__(self, teacher, tokenizer, teacher_tokenizer=None, aggregation: str = "mean",
-                 token_budget: int = 16384, retokenize: bool = False, **_):
+                 token_budget: int = 16384, retokenize: bool = False, max_prompt_length: int | None = None, **_):
         from sdgrpo.errors import UserError
 
         self.teacher, self.tokenizer = teacher, tokenizer
         self.teacher_tokenizer = teacher_tokenizer or tokenizer
         self.aggregation, self.token_budget = aggregation, token_budget
+        self.max_prompt_length = max_prompt_length
         self.direct = same_vocabulary(self.tokenizer, self.teacher_tokenizer)
         if not self.direct and not retokenize:
             raise UserError("the teacher's tokenizer differs from the student's; pass --teacher_retokenize true to "
@@ -126,10 +124,12 @@ class TeacherNLLReward:
 
     def _teacher_ids(self, prompts, completion_ids, prompt_ids):
         if self.direct:
-            return (prompt_ids if prompt_ids is not None else self.tokenizer(text=prompts)["input_ids"]), completion_ids
+            if prompt_ids is None:
+                prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
+            return prompt_ids, completion_ids
         eos = self.tokenizer.eos_token_id
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        t_prompts = self.teacher_tokenizer(text=list(prompts))["input_ids"]
+        t_prompts = tokenize_prompts(self.teacher_tokenizer, prompts, self.max_prompt_length)
         t_comps = self.teacher_tokenizer(text=texts, add_special_tokens=False)["input_ids"]
         t_eos = self.teacher_tokenizer.eos_token_id
         t_comps = [c + ([t_eos] if ids and ids[-1] == eos else []) for c, ids in zip(t_comps, completion_ids)]
@@ -165,7 +165,7 @@ class DistillReward(TeacherNLLReward):
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, policy_per_token_logps=None,
                  **kwargs):
         if prompt_ids is None:
-            prompt_ids = self.tokenizer(text=prompts)["input_ids"]
+            prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
         teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids)
         given = policy_per_token_logps or [None] * len(completion_ids)  # the trainer's pass (temperature 1)
         given = [None if r is None else r[: len(c)].float().cpu() for r, c in zip(given, completion_ids)]

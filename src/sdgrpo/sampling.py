@@ -17,6 +17,16 @@ class Samples:
     completion_ids: list[list[int]]  # EOS included when sampled, nothing after it
     texts: list[str]
     k: int
+    eos_ids: set[int]  # the stop set the samples were drawn with
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's (an instruct model's
+    end-of-turn token), the same set TRL stops training rollouts on."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    first = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return list(dict.fromkeys(first + declared))
 
 
 def trim_after_eos(ids: list[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
@@ -35,8 +45,8 @@ def sample(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, te
            seed: int = 0, batch_size: int = 32) -> Samples:
     """K samples per prompt with plain ancestral sampling (top-k and top-p off, as in TRL's defaults)."""
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    eos_ids = {eos} if eos is not None else set()
+    stop = stop_token_ids(model, tokenizer)
+    eos_ids = set(stop)
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -46,14 +56,15 @@ def sample(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, te
         chunk = expanded[start : start + batch_size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(device)
         out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stop or None)
         width = enc["input_ids"].size(1)
         for row, mask in zip(out, enc["attention_mask"]):
             all_prompt_ids.append(row[:width][mask.bool()].tolist())
             all_completions.append(trim_after_eos(row[width:].tolist(), eos_ids, tokenizer.pad_token_id))
     model.train(was_training)
     texts = tokenizer.batch_decode(all_completions, skip_special_tokens=True)
-    return Samples(prompts, all_prompt_ids, all_completions, texts, k)
+    return Samples(prompts, all_prompt_ids, all_completions, texts, k, eos_ids)
 
 
 def base_rewards(model, tokenizer, samples: Samples, token_budget: int = 16384) -> list[float | None]:

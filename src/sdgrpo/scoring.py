@@ -32,6 +32,22 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def truncate_prompt(ids: list[int], max_tokens: int, special_ids: set[int]) -> list[int]:
+    """The last ``max_tokens`` ids of a prompt, keeping its leading special tokens (BOS, a chat template's start).
+
+    The kept special tokens count towards ``max_tokens``; if they alone reach it, only they are kept.
+    """
+    ids = list(ids)
+    if len(ids) <= max_tokens:
+        return ids
+    lead = 0
+    while lead < len(ids) and ids[lead] in special_ids:
+        lead += 1
+    lead = min(lead, max_tokens)
+    rest = max_tokens - lead
+    return ids[:lead] + (ids[len(ids) - rest :] if rest else [])
+
+
 def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     """Group indices, sorted by length, so each group's padded size (rows x longest) stays within the budget.
 

@@ -146,15 +146,15 @@ def _expand(paths: list[str]) -> list[Path]:
     return files
 
 
-def read_documents(paths: list[str], text_field: str = "text", report: ReadReport | None = None) -> list[Document]:
-    """Read every usable document under ``paths`` (files or directories, recursively).
+def iter_documents(paths: list[str], text_field: str = "text", report: ReadReport | None = None) -> Iterator[Document]:
+    """Yield every usable document under ``paths`` (files or directories, recursively), one file at a time.
 
-    A file that is not UTF-8 is skipped with a warning while other files are usable; a directory with no usable
-    text raises :class:`UserError`.
+    A file that is not UTF-8 is skipped with a warning while other files are usable; if nothing usable was found,
+    :class:`UserError` is raised once the walk is done.
     """
     report = report if report is not None else ReadReport()
-    docs: list[Document] = []
     files = _expand(paths)
+    found_any = False
     for path in files:
         if path.is_file() and path.suffix.lower() not in TEXT_SUFFIXES | RECORD_SUFFIXES:
             raise UserError(f"{path}: unsupported file type {path.suffix!r}; use .txt, .md, .jsonl, .json, .csv, "
@@ -170,9 +170,17 @@ def read_documents(paths: list[str], text_field: str = "text", report: ReadRepor
         except PermissionError:
             raise UserError(f"{path}: permission denied; make the file readable") from None
         report.files_read += 1
-        docs.extend(d for d in found if d.text.strip())
-    if not docs:
+        for doc in found:
+            if doc.text.strip():
+                found_any = True
+                yield doc
+        del found
+    if not found_any:
         where = ", ".join(paths)
         raise UserError(f"{where}: no usable text found (looked for .txt, .md, .jsonl, .json, .csv, .parquet "
                         "and saved datasets, with non-empty text)")
-    return docs
+
+
+def read_documents(paths: list[str], text_field: str = "text", report: ReadReport | None = None) -> list[Document]:
+    """Every usable document under ``paths`` as a list (see :func:`iter_documents`)."""
+    return list(iter_documents(paths, text_field, report))

@@ -200,9 +200,13 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
     teacher, teacher_tokenizer = load_teacher(train_cfg)
     reward = build_reward(train_cfg.reward, None, tokenizer, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
                           aggregation=train_cfg.reward_aggregation, token_budget=train_cfg.reward_token_budget,
-                          score_with=train_cfg.score_with, retokenize=train_cfg.teacher_retokenize)
+                          score_with=train_cfg.score_with, retokenize=train_cfg.teacher_retokenize,
+                          max_prompt_length=train_cfg.max_prompt_length)
     guard = CollapseGuard(train_cfg.collapse_guard, train_cfg.guard_max_seq_rep_increase,
-                          train_cfg.guard_max_distinct2_drop, train_cfg.guard_patience)
+                          train_cfg.guard_max_distinct2_drop, train_cfg.guard_patience,
+                          min_length_fraction=train_cfg.guard_min_length_fraction)
+    if checkpoint is not None and not guard.load_state(checkpoint):
+        logger.warning("%s holds no collapse-guard state; the guard takes a new baseline", checkpoint)
     stop = StopRequest()
     out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:

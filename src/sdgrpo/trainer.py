@@ -24,6 +24,7 @@ from trl import GRPOTrainer
 
 from sdgrpo import checkpoint_state
 from sdgrpo.metrics import collapse_metrics
+from sdgrpo.scoring import truncate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +41,53 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def write_marker(folder: Path, content: dict) -> None:
+    """Write the completion marker durably: the temporary file is flushed to disk before the atomic rename, and
+    the folder after it, so a crash leaves either no marker or a whole one over complete files."""
+    tmp = folder / (COMPLETE_MARKER + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(content))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / COMPLETE_MARKER)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _lora_layers(model) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_p", "hidden_dropout")
+
+
+def active_dropout(model) -> list[str]:
+    """Names of the modules of ``model`` that drop out in train mode: ``nn.Dropout`` with p > 0, and attention
+    modules that pass a float rate to the attention function (Llama's ``attention_dropout``)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            if "lora_dropout" not in name:  # the reference pass runs with the adapters, and so their dropout, off
+                found.append(name)
+        elif any(isinstance(getattr(module, a, None), float) and getattr(module, a) > 0 for a in DROPOUT_ATTRIBUTES):
+            found.append(name)
+    return found
+
+
+def disable_dropout(model) -> None:
+    """Turn off every dropout of ``model`` (TRL's ``disable_dropout_in_model`` sets only ``nn.Dropout`` to 0 and
+    misses the float rates that attention modules pass to the attention function)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
 
 
 def completion_columns(logps: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -158,11 +202,19 @@ class SelfDistillMixin:
     def __init__(self, *args, max_prompt_length: int | None = None, reuse_reference_logprobs: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_prompt_length = max_prompt_length
-        self.reuse_reference_logprobs = reuse_reference_logprobs and self.beta != 0.0 and self.temperature == 1.0
+        if self.args.disable_dropout:
+            disable_dropout(self.model)
+        # TRL runs the reference pass in train mode: with dropout left on, its log-probs are noisy, not the base's.
+        dropout = active_dropout(self.model)
+        if reuse_reference_logprobs and dropout:
+            logger.warning("dropout is on (%s, ...; --disable_dropout false): the reward runs its own pass in eval "
+                           "mode instead of reusing the KL term's reference pass", dropout[0])
+        self.reuse_reference_logprobs = (reuse_reference_logprobs and self.beta != 0.0 and self.temperature == 1.0
+                                         and not dropout)
         self._lora = _lora_layers(self.accelerator.unwrap_model(self.model))
         self._prompt_ids: list[list[int]] | None = None
-        self._ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None  # (log-probs, rows scored as sampled)
-        self._policy_logps: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._ref_logps: tuple | None = None  # (log-probs, rows scored as sampled, completion tokens attended)
+        self._policy_logps: tuple | None = None
         self._scoring = False
         self.reference_reuses = 0  # reward batches served from the KL pass
         if getattr(self.args, "generation_compile", False) and getattr(self, "generation_config", None) is not None:
@@ -170,14 +222,19 @@ class SelfDistillMixin:
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
-        """Save as TRL/transformers do, then mark the folder complete (atomically): resume only trusts marked ones."""
+        """Save as TRL/transformers do, add the state of callbacks that keep one (the collapse guard), then, once
+        every process has written its files, mark the folder complete (fsync, atomic rename): resume only trusts
+        marked folders."""
         super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle that resuming does not read
-            tmp = folder / (COMPLETE_MARKER + ".tmp")
-            tmp.write_text(json.dumps({"step": self.state.global_step}))
-            tmp.replace(folder / COMPLETE_MARKER)
+            for callback in self.callback_handler.callbacks:
+                if hasattr(callback, "save_state"):
+                    callback.save_state(folder)
+        self.accelerator.wait_for_everyone()  # the other ranks' RNG and optimizer shards are on disk
+        if self.args.should_save:
+            write_marker(folder, {"step": self.state.global_step})
 
     # Optimizer, scheduler and RNG state as safetensors + JSON (transformers pickles them). DeepSpeed and FSDP keep
     # their own formats.
@@ -192,10 +249,12 @@ class SelfDistillMixin:
             checkpoint_state.save_scheduler(self.lr_scheduler.state_dict(), output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        if checkpoint is None or not (Path(checkpoint) / "optimizer.safetensors").is_file():
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        self.optimizer.load_state_dict(checkpoint_state.load_optimizer(checkpoint))
-        self.lr_scheduler.load_state_dict(checkpoint_state.load_scheduler(checkpoint))
+        # TRL's own loader runs first (it restores its adaptive-entropy state; transformers' part finds no pickled
+        # optimizer in a plain checkpoint and loads nothing), then the safetensors state.
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and (Path(checkpoint) / "optimizer.safetensors").is_file():
+            self.optimizer.load_state_dict(checkpoint_state.load_optimizer(checkpoint))
+            self.lr_scheduler.load_state_dict(checkpoint_state.load_scheduler(checkpoint))
 
     def _save_rng_state(self, output_dir):
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -210,7 +269,8 @@ class SelfDistillMixin:
     def _tokenize_prompts(self, prompts: list):
         prompt_ids, *rest = super()._tokenize_prompts(prompts)
         if self.max_prompt_length is not None:
-            prompt_ids = [ids[-self.max_prompt_length :] for ids in prompt_ids]
+            special = set(self.processing_class.all_special_ids)
+            prompt_ids = [truncate_prompt(ids, self.max_prompt_length, special) for ids in prompt_ids]
         return (prompt_ids, *rest)
 
     def _generate(self, prompts: list):
@@ -239,14 +299,17 @@ class SelfDistillMixin:
                 return out
             logps, ok = completion_columns(out[0], input_ids, attention_mask, logits_to_keep,
                                            self.processing_class.pad_token_id, self.left_packed_logps)
+            # Completion tokens the pass attended to: TRL's mask_truncated_completions zeroes the whole completion
+            # mask of a truncated row, and the fused head then writes log-prob 0 at every masked label.
+            covered = attention_mask[:, -logits_to_keep:].sum(dim=1).cpu()
             if logps is None:
                 logger.warning("log-prob tensor of unknown layout %s; the reward runs its own pass",
                                tuple(out[0].shape))
             elif is_reference:
-                self._ref_logps = (logps, ok)
+                self._ref_logps = (logps, ok, covered)
             else:
                 # TRL's "old" policy log-probs (made when generation and optimisation steps are misaligned)
-                self._policy_logps = (logps, ok)
+                self._policy_logps = (logps, ok, covered)
         return out
 
     def _generate_and_score_completions(self, inputs):
@@ -266,9 +329,12 @@ class SelfDistillMixin:
         self._scoring = False
         for key, captured in (("ref_per_token_logps", self._ref_logps), ("policy_per_token_logps", self._policy_logps)):
             if captured is not None and captured[0].size(0) == len(inputs):
-                logps, ok = captured
-                # Rows that the pass could not score as sampled go as None: the reward scores those itself.
-                extra[key] = [row if good else None for row, good in zip(logps.detach(), ok.tolist())]
+                logps, ok, covered = captured
+                # Rows that the pass did not score as sampled (a layout it cannot map, or completion tokens masked
+                # out of attention) go as None: the reward scores those itself.
+                usable = [good and int(n) >= len(ids)
+                          for good, n, ids in zip(ok.tolist(), covered, completion_ids_list)]
+                extra[key] = [row if good else None for row, good in zip(logps.detach(), usable)]
                 if key == "ref_per_token_logps":
                     self.reference_reuses += 1
         if extra:
@@ -296,12 +362,6 @@ class SelfDistillMixin:
         for key, value in metrics.items():
             if value is not None:
                 self._metrics[mode][f"collapse/{key}"].append(value)
-        debug_dir = os.environ.get("SDGRPO_DEBUG_REWARDS_DIR")
-        if debug_dir:  # for tests: what each process saw
-            record = {"step": self.state.global_step, "rewards": rewards[:, 0].tolist(), "collapse": metrics,
-                      "prompt_tokens_max": max(map(len, self._prompt_ids or [[]]))}
-            with open(Path(debug_dir) / f"rank{self.accelerator.process_index}.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
 
 
 class SelfDistillGRPOTrainer(SelfDistillMixin, GRPOTrainer):

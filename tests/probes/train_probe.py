@@ -1,0 +1,76 @@
+"""`sdgrpo train` with test probes attached, for tests that run training in other processes (accelerate launch,
+the GPU machine). Library code carries no test hooks; this script adds them from outside.
+
+    python tests/probes/train_probe.py PROBE_DIR [--resume] TRAIN_ARGS...
+
+- Every process appends its logged collapse metrics and the longest prompt it saw to PROBE_DIR/rank{i}.jsonl
+  (a callback), so a test can check that all ranks judged the same, whole batch.
+- Every self-NLL reward call that was served from the KL pass is also scored by the reward's own pass, and both are
+  appended to PROBE_DIR/reuse_check_{pid}.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class RankLog(TrainerCallback):
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "collapse/length" in logs:
+            record = {"step": state.global_step, **{k: v for k, v in logs.items() if k.startswith("collapse/")},
+                      "prompt_tokens_max": PROMPT_MAX.pop() if PROMPT_MAX else None}
+            with open(self.folder / f"rank{args.process_index}.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+PROMPT_MAX: list[int] = []
+
+
+def patch_reward(folder: Path) -> None:
+    from sdgrpo.rewards import SelfNLLReward, aggregate
+
+    original = SelfNLLReward.__call__
+
+    def call(self, prompts, completions, completion_ids, prompt_ids=None, ref_per_token_logps=None, **kwargs):
+        if prompt_ids is not None:
+            PROMPT_MAX.append(max(map(len, prompt_ids)))
+        out = original(self, prompts, completions, completion_ids, prompt_ids=prompt_ids,
+                       ref_per_token_logps=ref_per_token_logps, **kwargs)
+        if ref_per_token_logps is not None:
+            passes = self.forward_passes
+            own = self.token_logprobs(prompt_ids, completion_ids)
+            self.forward_passes = passes  # a check, not a scoring pass
+            pairs = [(r[: len(c)].float().cpu(), o) for r, o, c in zip(ref_per_token_logps, own, completion_ids)
+                     if r is not None and len(c)]
+            record = {"rows": len(completion_ids), "rows_reused": len(pairs),
+                      "max_token_diff": max(((a - b).abs().max().item() for a, b in pairs), default=0.0),
+                      "rewards": [(aggregate(a, "mean"), aggregate(b, "mean")) for a, b in pairs]}
+            with open(folder / f"reuse_check_{os.getpid()}.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        return out
+
+    SelfNLLReward.__call__ = call
+
+
+def main(argv: list[str]) -> None:
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.train import main as train
+
+    folder, argv = Path(argv[0]), argv[1:]
+    folder.mkdir(parents=True, exist_ok=True)
+    patch_reward(folder)
+    resume = "--resume" in argv
+    train_cfg, model_cfg = parse_train_args([a for a in argv if a != "--resume"])
+    train(train_cfg, model_cfg, resume=resume, callbacks=[RankLog(folder)])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
