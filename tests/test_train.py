@@ -151,7 +151,8 @@ def test_generation_compile_turns_trl_auto_compile_back_on(tmp_path, prepared, t
     assert plain.generation_config.disable_compile is True
 
 
-def test_generation_under_fsdp_runs_with_the_weights_gathered(tmp_path, prepared, tiny_model_dir, monkeypatch):
+def test_trainer_asks_for_gathered_weights_only_under_fsdp_with_the_option(tmp_path, prepared, tiny_model_dir,
+                                                                           monkeypatch):
     """Under FSDP the trainer generates inside `gathered_weights(model_wrapped)` (tests/test_fsdp.py shows what that
     does to the all-gathers and the hooks), unless --fsdp_gather_for_generation false; without FSDP it never does.
     The hooks are skipped unless --fsdp_skip_hooks_in_generation false."""

@@ -1,7 +1,12 @@
 """Pretrain the tiny default model: a BPE tokenizer and a small Llama on public-domain books.
 
 The recipe behind the model shipped in ``sdgrpo/assets/tiny-llama``. Every text is split into its first 95%
-(training) and last 5% (held out); held-out bits per byte are reported with a unigram baseline on the same slice.
+(training) and last 5% (held out); held-out bits per byte are reported with a unigram baseline on the same slice,
+and the in-context copying probes of :mod:`sdgrpo.incontext` (induction score, context gain) at the end.
+
+``repeat_fraction`` of the training rows get a span of ``repeat_min_tokens``-``repeat_max_tokens`` tokens copied to
+a later place in the same row: prose rarely repeats itself within a window, and without such repeats a model this
+small never learns to copy from its context (no induction heads).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sdgrpo.incontext import induction_score, probe
 from sdgrpo.textio import read_text_file
 
 logger = logging.getLogger(__name__)
@@ -27,7 +33,7 @@ CORPORA = ("tinyshakespeare", "gutenberg", "gutenberg-more")
 
 @dataclass
 class PretrainConfig:
-    data_dir: str = "../shared/data"
+    data_dir: str = ""  # required: a folder of .txt files (or of the shipped model's corpus folders)
     output_dir: str = "outputs/tiny-llama"
     vocab_size: int = 4096
     hidden_size: int = 256
@@ -47,6 +53,12 @@ class PretrainConfig:
     eval_every: int = 500
     seed: int = 0
     compile: bool = False
+    repeat_fraction: float = 0.0  # training rows with a span copied to a later place in the row
+    repeat_min_tokens: int = 16
+    repeat_max_tokens: int = 128
+    # Text the model never trained on, for the context gain (default: data_dir/wikitext-2/valid.txt if there, else
+    # the held-out slices).
+    unseen_path: str = ""
     # A tokenizer folder to reuse instead of training one (a teacher for the shipped model must share its vocabulary).
     tokenizer_path: str = ""
     # Stop training after this many seconds (0: no limit); the model is still evaluated and saved. With resume_dir,
@@ -70,20 +82,45 @@ def split_text(text: str, heldout_fraction: float) -> tuple[str, str]:
 
 
 def load_corpus(data_dir: str | Path, heldout_fraction: float = 0.05) -> list[tuple[str, str, str]]:
-    """Return ``(name, train_text, heldout_text)`` for every book under the corpora folders, sorted by path."""
-    root = Path(data_dir)
-    out = []
-    for sub in CORPORA:
-        for path in sorted((root / sub).glob("*.txt")):
-            if path.name == "SOURCE.txt":
-                continue
-            train, held = split_text(read_text_file(path), heldout_fraction)
-            out.append((f"{sub}/{path.name}", train, held))
-    if not out:
-        from sdgrpo.errors import UserError
+    """Return ``(name, train_text, heldout_text)`` for every text, sorted by path: the books under the shipped
+    model's corpus folders (``CORPORA``) where ``data_dir`` has them, else every ``.txt`` file under it."""
+    from sdgrpo.errors import UserError
 
-        raise UserError(f"{root}: no training texts under {'/, '.join(CORPORA)}/; pass --data_dir with those folders")
+    if not data_dir:
+        raise UserError("pretrain needs --data_dir: a folder of .txt files")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder; pass --data_dir with .txt files")
+    paths = [p for sub in CORPORA for p in sorted((root / sub).glob("*.txt"))]
+    if not paths:
+        paths = sorted(root.rglob("*.txt"))
+    out = []
+    for path in paths:
+        if path.name == "SOURCE.txt":
+            continue
+        train, held = split_text(read_text_file(path), heldout_fraction)
+        out.append((str(path.relative_to(root)), train, held))
+    if not out:
+        raise UserError(f"{root}: no .txt files to train on; pass --data_dir with text files")
     return out
+
+
+def add_repeats(batch: torch.Tensor, cfg: PretrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Copy a random span of each selected row to a later, non-overlapping place in the same row (in place).
+
+    Rows are selected with probability ``repeat_fraction``; span lengths are uniform in
+    [``repeat_min_tokens``, ``repeat_max_tokens``] (capped at half the row). Random numbers come from ``gen``, so a
+    resumed run draws the same spans.
+    """
+    rows, width = batch.shape
+    picked = torch.rand(rows, generator=gen) < cfg.repeat_fraction
+    high = min(cfg.repeat_max_tokens, width // 2)
+    for r in picked.nonzero().flatten().tolist():
+        length = int(torch.randint(min(cfg.repeat_min_tokens, high), high + 1, (1,), generator=gen))
+        src = int(torch.randint(0, width - 2 * length + 1, (1,), generator=gen))
+        dst = int(torch.randint(src + length, width - length + 1, (1,), generator=gen))
+        batch[r, dst : dst + length] = batch[r, src : src + length].clone()
+    return batch
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -200,6 +237,16 @@ def evaluate_bpb(model, tokenizer, heldout: list[str], seq_len: int, device) -> 
     return nll / math.log(2) / nbytes, nbytes
 
 
+def _unseen_texts(cfg: PretrainConfig, heldout: list[str]) -> list[str]:
+    """Text for the context gain: --unseen_path, else WikiText-2 valid beside the corpus, else the held-out slices
+    (cut into 2,000-character pieces either way, so windows come from many places)."""
+    path = Path(cfg.unseen_path) if cfg.unseen_path else Path(cfg.data_dir) / "wikitext-2" / "valid.txt"
+    if not path.is_file():
+        return heldout
+    text = read_text_file(path)
+    return [text[i : i + 2000] for i in range(0, len(text), 2000)]
+
+
 def _lr_at(step: int, cfg: PretrainConfig, elapsed: float = 0.0) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio``, paced by steps or, with a time budget, by whichever of
     steps and seconds runs out first (so a run stopped by ``max_seconds`` still ends at the low learning rate)."""
@@ -214,7 +261,7 @@ def _lr_at(step: int, cfg: PretrainConfig, elapsed: float = 0.0) -> float:
 
 # Settings that may change between the calls of one resumed run; any other difference is refused.
 _RESUMABLE = {"output_dir", "data_dir", "max_steps", "max_seconds", "session_seconds", "eval_every", "resume_dir",
-              "compile"}
+              "compile", "unseen_path"}
 
 
 def _save_train_state(folder: Path, model, opt, gen: torch.Generator, tokenizer, cfg: PretrainConfig, step: int,
@@ -323,6 +370,8 @@ def main(cfg: PretrainConfig) -> dict:
             group["lr"] = _lr_at(step, cfg, elapsed_before + time.time() - t0)
         starts = torch.randint(0, len(train_ids) - cfg.seq_len - 1, (cfg.batch_size,), generator=gen)
         batch = device_ids[starts.to(device)[:, None] + window]  # rows train_ids[s : s + seq_len + 1]
+        if cfg.repeat_fraction > 0:
+            batch = add_repeats(batch, cfg, gen)
         with amp:
             loss = step_fn(input_ids=batch, labels=batch).loss  # labels are shifted inside the model
         loss.backward()
@@ -334,8 +383,11 @@ def main(cfg: PretrainConfig) -> dict:
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             with amp:
                 bpb, _ = evaluate_bpb(model, tokenizer, heldout_texts, cfg.seq_len, device)
-            history.append({"step": step + 1, "train_loss": loss.item(), "heldout_bpb": bpb, "elapsed_s": elapsed})
-            logger.info("step %d loss %.3f held-out bpb %.4f (%.0fs)", step + 1, loss.item(), bpb, elapsed)
+            induction = induction_score(model, tokenizer, heldout_texts, 60, 16)
+            history.append({"step": step + 1, "train_loss": loss.item(), "heldout_bpb": bpb, "elapsed_s": elapsed,
+                            "induction_60": induction})
+            logger.info("step %d loss %.3f held-out bpb %.4f induction %.2f (%.0fs)", step + 1, loss.item(), bpb,
+                        induction, elapsed)
             if step + 1 < cfg.max_steps:
                 save_state()
         if cfg.max_seconds and elapsed > cfg.max_seconds:
@@ -359,6 +411,10 @@ def main(cfg: PretrainConfig) -> dict:
     bpb, nbytes = evaluate_bpb(model, tokenizer, heldout_texts, cfg.seq_len, device)
     uni = sum(unigram_nll(train_ids, torch.tensor(tokenizer(h)["input_ids"]), len(tokenizer)) for h in heldout_texts)
     uni_bpb = uni / math.log(2) / nbytes
+    unseen = _unseen_texts(cfg, heldout_texts)
+    probes = probe(model, tokenizer, heldout_texts, unseen)
+    logger.info("induction score %s, context gain %.3f nats/token", probes["induction_score"],
+                probes["context_gain"])
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
@@ -371,6 +427,8 @@ def main(cfg: PretrainConfig) -> dict:
         "heldout_bpb": bpb,
         "unigram_bpb": uni_bpb,
         "ratio_to_unigram": bpb / uni_bpb,
+        **probes,
+        "unseen_text": cfg.unseen_path or ("wikitext-2/valid.txt" if unseen is not heldout_texts else "held-out"),
         "steps": steps_done,
         "train_seconds": train_seconds,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
