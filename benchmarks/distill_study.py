@@ -75,9 +75,9 @@ def main() -> None:
     from peft import PeftModel
 
     from sdgrpo.config import TINY_MODEL, parse_train_args
+    from sdgrpo.data import load_prompts
     from sdgrpo.modeling import load_model, load_tokenizer
     from sdgrpo.pretrain import load_corpus
-    from sdgrpo.train import load_prompts
     from sdgrpo.train import main as train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -142,7 +142,7 @@ def test_empty_inputs_raise(tmp_path, tiny_tokenizer):
 
 def test_no_test_split_still_loads(tmp_path, tiny_tokenizer, corpus):
     """--test_size 0 writes only a train split, and the folder loads back for training."""
-    from sdgrpo.train import load_prompts
+    from sdgrpo.data import load_prompts
 
     out = tmp_path / "p"
     summary = prepare(PrepareConfig(inputs=[str(corpus / "ruth.txt")], output=str(out),
@@ -158,10 +158,9 @@ def test_output_is_unchanged_on_the_test_corpus(tmp_path):
     order as before the change (hash recorded from the earlier, whole-document implementation)."""
     import hashlib
 
+    from conftest import CORPUS
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.modeling import load_tokenizer
-
-    from conftest import CORPUS
 
     summary, ds = run(tmp_path, load_tokenizer(TINY_MODEL, False), [CORPUS])
     digest = hashlib.sha256()

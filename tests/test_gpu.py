@@ -54,7 +54,7 @@ PROBE = Path(__file__).resolve().parent / "probes" / "train_probe.py"
 
 
 def _train(model_dir, prepared, out, backend, *extra, probe=None):
-    entry = [str(PROBE), str(probe)] if probe else ["-m", "sdgrpo.cli", "train"]
+    entry = [str(PROBE), str(probe), "--check_reuse"] if probe else ["-m", "sdgrpo.cli", "train"]
     r = subprocess.run([sys.executable, *entry, "--backend", backend, "--model_name_or_path",
                         str(model_dir), "--dataset_path", str(prepared), "--output_dir", str(out), "--max_steps", "3",
                         "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length",

@@ -84,7 +84,10 @@ def test_deepspeed_zero_on_two_processes(stage, tmp_path, tiny_model_dir, prepar
     debug.mkdir()
     config = ROOT / "configs" / "accelerate" / f"deepspeed_zero{stage}.yaml"
     launch = _launcher(["--config_file", str(config)], tiny_model_dir, data, out, debug)
-    _check_two_steps_and_resume(launch, out, debug)
+    if stage == 3:  # at temperature 0.9 the reward runs its own pass, over parameters that ZeRO-3 partitions
+        _check_two_steps_and_resume(lambda *a: launch(*a, "--temperature", "0.9"), out, debug)
+    else:
+        _check_two_steps_and_resume(launch, out, debug)
     assert (out / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's engine saved its state
     adapter = load_file(str(out / "adapter_model.safetensors"))
     layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]

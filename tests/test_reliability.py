@@ -144,7 +144,8 @@ def test_more_bad_inputs_are_one_line(tmp_path, prepared, tiny_model_dir):
         (train_args(tiny_model_dir, tmp_path / "noprompt", tmp_path / "x"), "dataset has no 'prompt' column"),
         (["eval", "--data", prepared, "--adapter", tmp_path, "--output", tmp_path / "e",
           "--model_name_or_path", tiny_model_dir], "no adapter_config.json"),
-        (["pretrain", "--data_dir", tmp_path / "nothing"], "no training texts under"),
+        (["pretrain", "--data_dir", tmp_path / "nothing"], "nothing: no such folder; pass --data_dir"),
+        (["pretrain"], "pretrain needs --data_dir"),
         (["prepare", prepared, "--output", tmp_path / "o"], "dataset has no column 'text'"),
     ]
     for args, message in cases:

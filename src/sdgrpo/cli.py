@@ -13,6 +13,7 @@ logger = logging.getLogger("sdgrpo")
 VERBS = {
     "prepare": "turn raw text files into a prompt dataset",
     "train": "self-distillation GRPO of LoRA adapters ([--config FILE] [--key value ...])",
+    "sft": "plain LoRA fine-tuning on the prepared text, the control to compare with ([--config FILE] ...)",
     "eval": "compare a trained adapter with its base and with the base sampled colder (--adapter DIR --data DIR)",
     "demo": "prepare the shipped demo text, train the shipped tiny model on CPU, write a report",
     "pretrain": "pretrain the tiny default model (tokenizer + small Llama) on public-domain books",
@@ -77,6 +78,23 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _sft(argv: list[str]) -> int:
+    from sdgrpo.config import parse_sft_args
+    from sdgrpo.sft import main
+
+    if any(a in ("-h", "--help") for a in argv):
+        from transformers import HfArgumentParser
+
+        from sdgrpo.config import SDModelConfig, SDSFTConfig
+
+        HfArgumentParser((SDSFTConfig, SDModelConfig), prog="sdgrpo sft").print_help()
+        return 0
+    cfg, model_cfg = parse_sft_args(argv)
+    out = main(cfg, model_cfg)
+    print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
+    return 0
+
+
 def _eval(argv: list[str]) -> int:
     from sdgrpo.evaluate import main, parse_eval_args
 
@@ -101,7 +119,7 @@ def _pretrain(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"prepare": _prepare, "train": _train, "eval": _eval, "demo": _demo, "pretrain": _pretrain}
+HANDLERS = {"prepare": _prepare, "train": _train, "sft": _sft, "eval": _eval, "demo": _demo, "pretrain": _pretrain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from trl import GRPOConfig, ModelConfig
+from trl import GRPOConfig, ModelConfig, SFTConfig
 
 from sdgrpo.errors import UserError
 
@@ -64,6 +64,27 @@ class SDGRPOConfig(GRPOConfig):
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A separate frozen model that scores completions (rewards 'teacher_nll' and 'distill')."},
+    )
+    teacher_adapter: str | None = field(
+        default=None,
+        metadata={"help": "A LoRA adapter folder (e.g. from `sdgrpo sft` on the same text) merged into a frozen copy "
+                  "of the teacher model (default: the base model itself): the teacher of 'teacher_nll' and 'distill'."},
+    )
+    heldout_eval_steps: int = field(
+        default=0,
+        metadata={"help": "Every N steps, log the policy's bits per byte on the true continuations of the prepared "
+                  "'test' split (heldout/bpb). 0: off."},
+    )
+    heldout_eval_prompts: int = field(default=64, metadata={"help": "Test prompts used by the held-out evaluation."})
+    keep_best_heldout: bool = field(
+        default=False,
+        metadata={"help": "Make the adapter with the lowest held-out bits per byte the final one (needs "
+                  "--heldout_eval_steps)."},
+    )
+    guard_max_heldout_increase: float = field(
+        default=0.0,
+        metadata={"help": "Guard limit: held-out bits per byte may rise at most this fraction above its first "
+                  "value (0: not judged)."},
     )
     teacher_load_in_4bit: bool = field(
         default=False,
@@ -205,6 +226,40 @@ class SDModelConfig(ModelConfig):
     )
 
 
+@dataclass
+class SDSFTConfig(SFTConfig):
+    """TRL's SFTConfig for ``sdgrpo sft``: LoRA fine-tuning on the prepared text (prompt + true continuation), the
+    control every GRPO recipe is compared with."""
+
+    dataset_path: str | None = field(
+        default=None, metadata={"help": "Folder written by `sdgrpo prepare` (prompt and continuation columns)."}
+    )
+    max_train_prompts: int | None = field(
+        default=None, metadata={"help": "Use only the first N training examples (quick runs)."}
+    )
+    heldout_eval_steps: int = field(
+        default=0, metadata={"help": "Every N steps, log held-out bits per byte of the test split (heldout/bpb)."}
+    )
+    heldout_eval_prompts: int = field(default=64, metadata={"help": "Test prompts used by the held-out evaluation."})
+    keep_best_heldout: bool = field(
+        default=False, metadata={"help": "End with the adapter of the lowest held-out bits per byte."}
+    )
+    learning_rate: float = field(default=2e-4, metadata={"help": "AdamW learning rate for the LoRA weights."})
+    max_length: int | None = field(default=512, metadata={"help": "Longest training sequence in tokens."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Loggers."})
+    output_dir: str | None = field(default="outputs/sft", metadata={"help": "Where the adapter and logs go."})
+
+    def __post_init__(self):
+        if not _has_cuda():
+            self.use_cpu, self.bf16, self.fp16 = True, False, False
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise UserError(f"config: {err}") from None
+
+
 def default_generation_compile(backend: str, on_gpu: bool, regathered: bool, use_vllm: bool,
                                cache_implementation: str | None) -> bool:
     """Compiled static-cache decoding by default where it was measured to help.
@@ -249,18 +304,19 @@ def _yaml_to_argv(data: dict) -> list[str]:
     return argv
 
 
-def _unknown(keys, where: str) -> None:
+def _unknown(keys, where: str, classes: tuple = ()) -> None:
     import difflib
 
-    known = _field_types(SDGRPOConfig, SDModelConfig)
+    known = _field_types(*(classes or (SDGRPOConfig, SDModelConfig)))
     unknown = [k for k in keys if k not in known]
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
                  for k in unknown]
-        raise UserError(f"{where}: unknown option(s) {', '.join(hints)}; `sdgrpo train --help` lists them")
+        verb = "sft" if classes and classes[0] is SDSFTConfig else "train"
+        raise UserError(f"{where}: unknown option(s) {', '.join(hints)}; `sdgrpo {verb} --help` lists them")
 
 
-def _load_yaml(path_text: str) -> dict:
+def _load_yaml(path_text: str, classes: tuple = ()) -> dict:
     path = Path(path_text)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
@@ -272,12 +328,13 @@ def _load_yaml(path_text: str) -> dict:
         raise UserError(f"{path}: must be a YAML mapping of option: value")
     for key, value in (data.pop("env", None) or {}).items():
         os.environ[key] = str(value)
-    _unknown(data, str(path))
+    _unknown(data, str(path), classes)
     return data
 
 
-def parse_train_args(argv: list[str]) -> tuple[SDGRPOConfig, SDModelConfig]:
-    """``[--config FILE] [--key value ...]``: YAML values replace defaults, command-line values replace YAML.
+def parse_args(argv: list[str], classes: tuple, prog: str) -> tuple:
+    """``[--config FILE] [--key value ...]`` into the dataclasses ``classes``: YAML values replace defaults,
+    command-line values replace YAML. The one parser of every training verb.
 
     Every value, from the file or the command line, goes through argparse, so a mistyped value is refused with
     the option's name (and its allowed values where it has a fixed set).
@@ -292,20 +349,29 @@ def parse_train_args(argv: list[str]) -> tuple[SDGRPOConfig, SDModelConfig]:
         if i + 1 >= len(argv):
             raise UserError("--config needs a YAML file path")
         source = argv[i + 1]
-        yaml_argv = _yaml_to_argv(_load_yaml(argv[i + 1]))
+        yaml_argv = _yaml_to_argv(_load_yaml(argv[i + 1], classes))
         del argv[i : i + 2]
-    _unknown([a[2:].split("=")[0] for a in argv if a.startswith("--")], "command line")
-    parser = HfArgumentParser((SDGRPOConfig, SDModelConfig), prog="sdgrpo train")
+    _unknown([a[2:].split("=")[0] for a in argv if a.startswith("--")], "command line", classes)
+    parser = HfArgumentParser(classes, prog=prog)
 
     def error(message: str):
         raise UserError(f"{source if yaml_argv else 'command line'}: {message}")
 
     parser.error = error  # one line instead of argparse's usage text and exit
     try:
-        train_cfg, model_cfg = parser.parse_args_into_dataclasses(args=yaml_argv + argv)
+        return tuple(parser.parse_args_into_dataclasses(args=yaml_argv + argv))
     except ValueError as err:
         raise UserError(str(err).splitlines()[0]) from None
-    return train_cfg, model_cfg
+
+
+def parse_train_args(argv: list[str]) -> tuple[SDGRPOConfig, SDModelConfig]:
+    """The GRPO verb's configuration (see :func:`parse_args`)."""
+    return parse_args(argv, (SDGRPOConfig, SDModelConfig), "sdgrpo train")
+
+
+def parse_sft_args(argv: list[str]) -> tuple[SDSFTConfig, SDModelConfig]:
+    """The SFT verb's configuration (see :func:`parse_args`)."""
+    return parse_args(argv, (SDSFTConfig, SDModelConfig), "sdgrpo sft")
 
 
 def config_to_dict(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> dict:

@@ -113,7 +113,7 @@ def cut_document(text: str, tokenizer, cfg: PrepareConfig, rng: random.Random) -
     return out
 
 
-BLOCK_CHARS = 1_000_000
+BLOCK_CHARS = 250_000
 
 
 def blocks(text: str, max_chars: int = BLOCK_CHARS) -> Iterator[str]:
@@ -213,3 +213,28 @@ def prepare(cfg: PrepareConfig, tokenizer) -> dict:
     }
     (out / "prepare.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def load_prompts(path: str | None, split: str = "train", limit: int | None = None):
+    """The ``split`` of a dataset saved by ``sdgrpo prepare`` (any saved dataset with a ``prompt`` column)."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    if not path:
+        raise UserError("no prompts: pass --dataset_path DIR (a folder written by `sdgrpo prepare`)")
+    if not Path(path).is_dir():
+        raise UserError(f"{path}: no such dataset folder; create it with `sdgrpo prepare TEXT --output {path}`")
+    try:
+        ds = load_from_disk(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"{path}: not a saved dataset ({err}); create it with `sdgrpo prepare`") from None
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise UserError(f"{path}: has no {split!r} split (splits: {list(ds)})")
+        ds = ds[split]
+    assert isinstance(ds, Dataset)
+    if "prompt" not in ds.column_names:
+        raise UserError(f"{path}: dataset has no 'prompt' column (columns: {ds.column_names}); "
+                        "make one with `sdgrpo prepare`")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds

@@ -124,10 +124,10 @@ def main(cfg: EvalConfig) -> dict:
     from peft import PeftModel
 
     from sdgrpo.config import TINY_MODEL
+    from sdgrpo.data import load_prompts
     from sdgrpo.errors import UserError
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
     from sdgrpo.report import fmt, markdown_table, samples_table
-    from sdgrpo.train import load_prompts
 
     name = cfg.model_name_or_path or TINY_MODEL
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,7 +2,9 @@
 
 Trips when seq-rep-4 rises by more than ``max_seq_rep_increase`` (absolute), distinct-2 falls by more than
 ``max_distinct2_drop`` (relative), or the mean completion length falls below ``min_length_fraction`` of its start value
-(a collapse to empty or EOS-only completions, which the text metrics cannot see), ``patience`` logged steps in a row.
+(a collapse to empty or EOS-only completions, which the text metrics cannot see), or, with ``max_heldout_increase``,
+the held-out bits per byte (``heldout/bpb``) rise by more than that fraction of their first value, ``patience`` logged
+steps in a row.
 A metric missing from a step (e.g. distinct-2 when no completion has two content tokens) is not judged that step.
 Actions: ``warn``; ``stop``; ``restore`` (stop, and the run's final adapter is the last checkpoint saved while the
 metrics were within limits). Its state is saved in every checkpoint (``guard_state.json``) and reloaded on resume.
@@ -38,13 +40,15 @@ class GuardState:
 
 class CollapseGuard(TrainerCallback):
     def __init__(self, action: str = "restore", max_seq_rep_increase: float = 0.1, max_distinct2_drop: float = 0.3,
-                 patience: int = 2, baseline_steps: int = 1, min_length_fraction: float = 0.25):
+                 patience: int = 2, baseline_steps: int = 1, min_length_fraction: float = 0.25,
+                 max_heldout_increase: float = 0.0):
         if action not in ACTIONS:
             raise ValueError(f"collapse_guard must be one of {ACTIONS}, not {action!r}")
         self.action = action
         self.max_seq_rep_increase = max_seq_rep_increase
         self.max_distinct2_drop = max_distinct2_drop
         self.min_length_fraction = min_length_fraction
+        self.max_heldout_increase = max_heldout_increase
         self.patience = patience
         self.baseline_steps = baseline_steps
         self.state = GuardState()
@@ -62,14 +66,20 @@ class CollapseGuard(TrainerCallback):
         if length is not None and base.get("length") and length < base["length"] * self.min_length_fraction:
             return (f"mean completion length fell from {base['length']:.1f} to {length:.1f} tokens "
                     f"(limit {self.min_length_fraction:.0%} of the start)")
+        held = logs.get("heldout/bpb")
+        if (self.max_heldout_increase and held is not None and "heldout_bpb" in base
+                and held > base["heldout_bpb"] * (1 + self.max_heldout_increase)):
+            return (f"held-out bits per byte rose from {base['heldout_bpb']:.4f} to {held:.4f} "
+                    f"(limit +{self.max_heldout_increase:.0%})")
         return None
 
     def _add_to_baseline(self, logs: dict) -> bool:
         """Average this step into the baseline of each metric that has fewer than ``baseline_steps`` values;
         True while any metric's baseline is still being formed from this step."""
         used = False
-        for key in METRICS:
-            value, n = logs.get(f"collapse/{key}"), self.state.baseline_counts.get(key, 0)
+        for key in (*METRICS, "heldout_bpb"):
+            name = "heldout/bpb" if key == "heldout_bpb" else f"collapse/{key}"
+            value, n = logs.get(name), self.state.baseline_counts.get(key, 0)
             if value is None or n >= self.baseline_steps:
                 continue
             self.state.baseline[key] = (self.state.baseline.get(key, 0.0) * n + value) / (n + 1)
@@ -78,7 +88,8 @@ class CollapseGuard(TrainerCallback):
         return used
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.action == "off" or not logs or not any(f"collapse/{k}" in logs for k in METRICS):
+        watched = [f"collapse/{k}" for k in METRICS] + ["heldout/bpb"]
+        if self.action == "off" or not logs or not any(k in logs for k in watched):
             return
         if self._add_to_baseline(logs) and self.check(logs) is None:
             self.state.last_good_step = state.global_step

@@ -167,17 +167,75 @@ class DistillReward(TeacherNLLReward):
         if prompt_ids is None:
             prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
         teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids)
-        given = policy_per_token_logps or [None] * len(completion_ids)  # the trainer's pass (temperature 1)
-        given = [None if r is None else r[: len(c)].float().cpu() for r, c in zip(given, completion_ids)]
-        policy = fill_rows(given, lambda rows: self._policy_pass([prompt_ids[i] for i in rows],
-                                                                 [completion_ids[i] for i in rows]))
+        policy = policy_logprobs(self, prompt_ids, completion_ids, policy_per_token_logps)
         return [aggregate(q - p, "mean") for q, p in zip(teacher, policy)]
 
-    def _policy_pass(self, prompt_ids, completion_ids):
-        self.policy_passes += 1
+
+class ContextDistillReward:
+    """TRL reward: self-distillation with the true text as privileged context.
+
+    The teacher is the frozen base (the policy with its adapters disabled) shown the prompt's true continuation first,
+    as if it had just read the passage: ``[BOS] continuation "\n\n" prompt``. The student is the policy, shown the
+    prompt alone. ``r = (1/T) sum_t [log q_base(y_t | continuation, prompt, y_<t) - log p_policy(y_t | prompt, y_<t)]``:
+    maximising it minimises KL(p_policy || q_base(. | continuation)), so the fixed point is the base that has read the
+    text, without the text. It reads the ``continuation`` column that ``sdgrpo prepare`` writes (TRL passes dataset
+    columns to rewards). It needs a model that uses its context (in-context copying); the policy's log-probs come from
+    the trainer's pass where TRL made one, else from an own pass.
+    """
+
+    __name__ = "context_distill"
+
+    def __init__(self, model, tokenizer, aggregation: str = "mean", token_budget: int = 16384,
+                 max_prompt_length: int | None = None, separator: str = "\n\n", **_):
+        self.model, self.tokenizer = model, tokenizer
+        self.aggregation, self.token_budget = aggregation, token_budget
+        self.max_prompt_length = max_prompt_length
+        self.separator = separator
+        self.teacher_passes = self.policy_passes = 0
+
+    def teacher_prompts(self, prompt_ids: list[list[int]], continuations: list[str]) -> list[list[int]]:
+        """Each prompt's ids with its continuation (and the separator) placed after its leading special tokens."""
+        special = set(self.tokenizer.all_special_ids)
+        context = self.tokenizer([c + self.separator for c in continuations], add_special_tokens=False)["input_ids"]
+        out = []
+        for ids, ctx in zip(prompt_ids, context):
+            lead = 0
+            while lead < len(ids) and ids[lead] in special:
+                lead += 1
+            out.append(list(ids[:lead]) + ctx + list(ids[lead:]))
+        return out
+
+    def __call__(self, prompts, completions, completion_ids, prompt_ids=None, policy_per_token_logps=None,
+                 continuation=None, **kwargs):
+        if continuation is None:
+            from sdgrpo.errors import UserError
+
+            raise UserError("reward 'context_distill' needs the dataset's 'continuation' column (the true text after "
+                            "each prompt); make the data with `sdgrpo prepare`")
+        if prompt_ids is None:
+            prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return completion_logprobs(self.model, prompt_ids, completion_ids, pad_token_id=pad,
-                                   token_budget=self.token_budget)
+        self.teacher_passes += 1
+        with adapters_disabled(self.model):
+            teacher = completion_logprobs(self.model, self.teacher_prompts(prompt_ids, continuation), completion_ids,
+                                          pad_token_id=pad, token_budget=self.token_budget)
+        policy = policy_logprobs(self, prompt_ids, completion_ids, policy_per_token_logps)
+        return [aggregate(q - p, self.aggregation) for q, p in zip(teacher, policy)]
+
+
+def policy_logprobs(reward, prompt_ids, completion_ids, given) -> list[torch.Tensor]:
+    """The policy's per-token log-probs: the trainer's pass where it passed one (``given``, temperature 1), else an
+    own pass of ``reward.model`` with its adapters on (eval mode, temperature 1)."""
+    given = given or [None] * len(completion_ids)
+    given = [None if r is None else r[: len(c)].float().cpu() for r, c in zip(given, completion_ids)]
+    pad = reward.tokenizer.pad_token_id if reward.tokenizer.pad_token_id is not None else 0
+
+    def own(rows):
+        reward.policy_passes += 1
+        return completion_logprobs(reward.model, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows],
+                                   pad_token_id=pad, token_budget=reward.token_budget)
+
+    return fill_rows(given, own)
 
 
 def fill_rows(given: list, score: Callable[[list[int]], list]) -> list:
@@ -195,6 +253,7 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "self_nll": SelfNLLReward,
     "teacher_nll": TeacherNLLReward,
     "distill": DistillReward,
+    "context_distill": ContextDistillReward,
 }
 
 
@@ -212,6 +271,9 @@ def build_reward(name: str, model, tokenizer, teacher=None, teacher_tokenizer=No
     if name == "self_nll":
         options.pop("retokenize", None)
         return SelfNLLReward(model, tokenizer, **options)
+    if name == "context_distill":
+        options.pop("score_with", None)
+        return ContextDistillReward(model, tokenizer, **options)
     if teacher is None:
         from sdgrpo.errors import UserError
 

@@ -81,6 +81,8 @@ def _split_head(model):
         return None
     if backbone is None or head is None or backbone is base:
         return None
+    if head.weight.numel() == 0 or hasattr(head.weight, "ds_id"):
+        return None  # a DeepSpeed ZeRO-3 partition: only the module's own forward gathers it
     return backbone, head
 
 

@@ -12,37 +12,13 @@ from pathlib import Path
 import yaml
 
 from sdgrpo.config import SDGRPOConfig, SDModelConfig, _has_cuda, config_to_dict
+from sdgrpo.data import load_prompts
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.rewards import build_reward
 from sdgrpo.trainer import MetricsFileCallback, StopRequest, last_complete_checkpoint, trainer_class
 
 logger = logging.getLogger(__name__)
-
-
-def load_prompts(path: str | None, split: str = "train", limit: int | None = None):
-    """The ``split`` of a dataset saved by ``sdgrpo prepare`` (any saved dataset with a ``prompt`` column)."""
-    from datasets import Dataset, DatasetDict, load_from_disk
-
-    if not path:
-        raise UserError("no prompts: pass --dataset_path DIR (a folder written by `sdgrpo prepare`)")
-    if not Path(path).is_dir():
-        raise UserError(f"{path}: no such dataset folder; create it with `sdgrpo prepare TEXT --output {path}`")
-    try:
-        ds = load_from_disk(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(f"{path}: not a saved dataset ({err}); create it with `sdgrpo prepare`") from None
-    if isinstance(ds, DatasetDict):
-        if split not in ds:
-            raise UserError(f"{path}: has no {split!r} split (splits: {list(ds)})")
-        ds = ds[split]
-    assert isinstance(ds, Dataset)
-    if "prompt" not in ds.column_names:
-        raise UserError(f"{path}: dataset has no 'prompt' column (columns: {ds.column_names}); "
-                        "make one with `sdgrpo prepare`")
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return ds
 
 
 def build_policy(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig):
@@ -67,24 +43,37 @@ def build_policy(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig):
     return model, tokenizer, get_peft_config(model_cfg)
 
 
-def load_teacher(train_cfg: SDGRPOConfig):
+def load_teacher(train_cfg: SDGRPOConfig, model_path: str | None = None):
     """The frozen teacher and its tokenizer, or (None, None); its memory use is logged."""
-    if not train_cfg.teacher_model_name_or_path:
-        if train_cfg.reward != "self_nll":
-            raise UserError(f"reward {train_cfg.reward!r} needs --teacher_model_name_or_path")
+    if not (train_cfg.teacher_model_name_or_path or train_cfg.teacher_adapter):
+        if train_cfg.reward in ("teacher_nll", "distill"):
+            raise UserError(f"reward {train_cfg.reward!r} needs --teacher_model_name_or_path or --teacher_adapter")
         return None, None
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
 
     device = "cpu" if train_cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
-    path = train_cfg.teacher_model_name_or_path
+    path = train_cfg.teacher_model_name_or_path or model_path
     tokenizer = load_tokenizer(path, train_cfg.trust_remote_code)
     teacher = load_model(path, resolve_dtype(None, device), device, train_cfg.trust_remote_code,
-                         load_in_4bit=train_cfg.teacher_load_in_4bit).eval()
-    teacher.requires_grad_(False)
+                         load_in_4bit=train_cfg.teacher_load_in_4bit and not train_cfg.teacher_adapter)
+    if train_cfg.teacher_adapter:
+        teacher = merge_adapter(teacher, train_cfg.teacher_adapter)
+        path = f"{path} + adapter {train_cfg.teacher_adapter}"
+    teacher.eval().requires_grad_(False)
     size = teacher.get_memory_footprint()
     logger.info("teacher %s: %s, %.1f MiB on %s", path, "4-bit NF4" if train_cfg.teacher_load_in_4bit else
                 str(next(teacher.parameters()).dtype), size / 2**20, device)
     return teacher, tokenizer
+
+
+def merge_adapter(model, adapter_dir: str):
+    """``model`` with a saved LoRA adapter folded into its weights (a frozen teacher: base + what it learned)."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter_dir}: no adapter_config.json; pass a folder written by `sdgrpo train` or "
+                        "`sdgrpo sft`")
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
 
 
 def check_one_gpu_per_process() -> None:
@@ -171,6 +160,33 @@ def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
                    guard.state.tripped_at, guard.state.reason, where, out / "collapsed")
 
 
+def heldout_callback(cfg, tokenizer, out: Path):
+    """The held-out evaluation callback (``--heldout_eval_steps``) on the prepared test split, or None."""
+    if not cfg.heldout_eval_steps:
+        if cfg.keep_best_heldout:
+            raise UserError("--keep_best_heldout needs --heldout_eval_steps N")
+        return None
+    from sdgrpo.callbacks import HeldoutEval
+
+    test = load_prompts(cfg.dataset_path, "test")
+    if "continuation" not in test.column_names:
+        raise UserError(f"{cfg.dataset_path}: the held-out evaluation needs a 'continuation' column; make the data "
+                        "with `sdgrpo prepare`")
+    return HeldoutEval(test, tokenizer, cfg.heldout_eval_steps, out, cfg.keep_best_heldout, cfg.heldout_eval_prompts)
+
+
+def keep_best_heldout(heldout, out: Path, trainer) -> None:
+    """Write heldout.json; with --keep_best_heldout, make the best adapter by held-out bits per byte the final one."""
+    from sdgrpo.callbacks import BEST_DIR
+
+    if not trainer.args.should_save:
+        return
+    heldout.write(out / "heldout.json")
+    if heldout.keep_best and heldout.best and (out / BEST_DIR / "adapter_model.safetensors").is_file():
+        _copy_adapter(out / BEST_DIR, out)
+        logger.info("final adapter: the one of step %d, lowest held-out bits per byte (%.4f)", *heldout.best)
+
+
 def _end_distributed() -> None:
     """Tear the process group down before exit: a live gloo group aborts the process at interpreter shutdown."""
     import torch.distributed as dist
@@ -195,16 +211,21 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
     resolved = config_to_dict(train_cfg, model_cfg)
     checkpoint = check_resume(out, resolved) if resume else None
     dataset = load_prompts(train_cfg.dataset_path, "train", train_cfg.max_train_prompts)
+    if train_cfg.reward == "context_distill" and "continuation" not in dataset.column_names:
+        raise UserError(f"{train_cfg.dataset_path}: reward 'context_distill' needs a 'continuation' column (the true "
+                        "text after each prompt); make the data with `sdgrpo prepare`")
     model, tokenizer, peft_config = build_policy(train_cfg, model_cfg)
     # The reward scores with the trainer's PEFT model (adapters disabled); it is bound once the trainer made it.
-    teacher, teacher_tokenizer = load_teacher(train_cfg)
+    teacher, teacher_tokenizer = load_teacher(train_cfg, model_cfg.model_name_or_path)
     reward = build_reward(train_cfg.reward, None, tokenizer, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
                           aggregation=train_cfg.reward_aggregation, token_budget=train_cfg.reward_token_budget,
                           score_with=train_cfg.score_with, retokenize=train_cfg.teacher_retokenize,
                           max_prompt_length=train_cfg.max_prompt_length)
     guard = CollapseGuard(train_cfg.collapse_guard, train_cfg.guard_max_seq_rep_increase,
                           train_cfg.guard_max_distinct2_drop, train_cfg.guard_patience,
-                          min_length_fraction=train_cfg.guard_min_length_fraction)
+                          min_length_fraction=train_cfg.guard_min_length_fraction,
+                          max_heldout_increase=train_cfg.guard_max_heldout_increase)
+    heldout = heldout_callback(train_cfg, tokenizer, out)
     if checkpoint is not None and not guard.load_state(checkpoint):
         logger.warning("%s holds no collapse-guard state; the guard takes a new baseline", checkpoint)
     stop = StopRequest()
@@ -234,7 +255,8 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
             peft_config=peft_config,
             max_prompt_length=train_cfg.max_prompt_length,
             reuse_reference_logprobs=reuse,
-            callbacks=[MetricsFileCallback(out / "metrics.jsonl"), guard, stop, *(callbacks or [])],
+            callbacks=[MetricsFileCallback(out / "metrics.jsonl"), *([heldout] if heldout else []), guard, stop,
+                       *(callbacks or [])],
         )
     except ValueError as err:
         if "target module" in str(err).lower():
@@ -242,6 +264,8 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
                             "that exist, or all-linear)") from None
         raise
     reward.model = trainer.model
+    if heldout:
+        heldout.trainer = trainer
 
     def on_sigint(signum, frame):
         if stop.reason:  # a second Ctrl-C: stop now
@@ -256,6 +280,8 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
         signal.signal(signal.SIGINT, previous)
     try:
         finish(trainer, guard, stop, out)
+        if heldout:
+            keep_best_heldout(heldout, out, trainer)
     finally:
         _end_distributed()
     logger.info("adapter saved to %s (reward reused from the KL pass in %d of the reward calls)",

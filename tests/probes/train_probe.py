@@ -1,12 +1,12 @@
 """`sdgrpo train` with test probes attached, for tests that run training in other processes (accelerate launch,
 the GPU machine). Library code carries no test hooks; this script adds them from outside.
 
-    python tests/probes/train_probe.py PROBE_DIR [--resume] TRAIN_ARGS...
+    python tests/probes/train_probe.py PROBE_DIR [--check_reuse] [--resume] TRAIN_ARGS...
 
 - Every process appends its logged collapse metrics and the longest prompt it saw to PROBE_DIR/rank{i}.jsonl
   (a callback), so a test can check that all ranks judged the same, whole batch.
-- Every self-NLL reward call that was served from the KL pass is also scored by the reward's own pass, and both are
-  appended to PROBE_DIR/reuse_check_{pid}.jsonl.
+- With --check_reuse, every self-NLL reward call that was served from the KL pass is also scored by the reward's own
+  pass, and both are appended to PROBE_DIR/reuse_check_{pid}.jsonl.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class RankLog(TrainerCallback):
 PROMPT_MAX: list[int] = []
 
 
-def patch_reward(folder: Path) -> None:
+def patch_reward(folder: Path, check_reuse: bool) -> None:
     from sdgrpo.rewards import SelfNLLReward, aggregate
 
     original = SelfNLLReward.__call__
@@ -44,7 +44,7 @@ def patch_reward(folder: Path) -> None:
             PROMPT_MAX.append(max(map(len, prompt_ids)))
         out = original(self, prompts, completions, completion_ids, prompt_ids=prompt_ids,
                        ref_per_token_logps=ref_per_token_logps, **kwargs)
-        if ref_per_token_logps is not None:
+        if check_reuse and ref_per_token_logps is not None:
             passes = self.forward_passes
             own = self.token_logprobs(prompt_ids, completion_ids)
             self.forward_passes = passes  # a check, not a scoring pass
@@ -66,9 +66,9 @@ def main(argv: list[str]) -> None:
 
     folder, argv = Path(argv[0]), argv[1:]
     folder.mkdir(parents=True, exist_ok=True)
-    patch_reward(folder)
+    patch_reward(folder, "--check_reuse" in argv)
     resume = "--resume" in argv
-    train_cfg, model_cfg = parse_train_args([a for a in argv if a != "--resume"])
+    train_cfg, model_cfg = parse_train_args([a for a in argv if a not in ("--resume", "--check_reuse")])
     train(train_cfg, model_cfg, resume=resume, callbacks=[RankLog(folder)])
 
 

@@ -1,0 +1,75 @@
+"""Trainer callbacks shared by ``train`` and ``sft``: the held-out evaluation during training.
+
+``HeldoutEval`` scores the true continuations of the prepared ``test`` split under the policy (adapters on) every
+N steps and reports bits per UTF-8 byte of continuation text as ``heldout/bpb`` (into TRL's metrics, so it reaches
+metrics.jsonl and TensorBoard with the step's other figures). It also scores the model before the first step, and
+can keep the adapter with the lowest figure (``best_heldout/``) for the run to end with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from sdgrpo.scoring import completion_logprobs
+
+logger = logging.getLogger(__name__)
+
+BEST_DIR = "best_heldout"
+
+
+def continuation_bits_per_byte(model, tokenizer, prompt_ids: list[list[int]], cont_ids: list[list[int]],
+                               nbytes: int) -> float:
+    """Summed NLL (bits) of the continuation ids given their prompts, per UTF-8 byte of continuation text."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logps = completion_logprobs(model, prompt_ids, cont_ids, pad_token_id=pad)
+    return -sum(lp.sum().item() for lp in logps) / math.log(2) / nbytes
+
+
+class HeldoutEval(TrainerCallback):
+    def __init__(self, dataset, tokenizer, every: int, output_dir: str | Path, keep_best: bool = False,
+                 prompts: int = 64):
+        rows = dataset.select(range(min(prompts, len(dataset))))
+        self.tokenizer = tokenizer
+        self.prompt_ids = tokenizer(list(rows["prompt"]))["input_ids"]
+        # The continuation is tokenized on its own, after the prompt's ids (as `sdgrpo eval` scores it).
+        self.cont_ids = tokenizer(list(rows["continuation"]), add_special_tokens=False)["input_ids"]
+        self.nbytes = sum(len(c.encode("utf-8")) for c in rows["continuation"])
+        self.every, self.keep_best = every, keep_best
+        self.output_dir = Path(output_dir)
+        self.trainer = None  # set once the trainer exists: metrics go into its TRL metric store
+        self.history: list[dict] = []
+        self.best: tuple[int, float] | None = None
+
+    def evaluate(self, model) -> float:
+        return continuation_bits_per_byte(model, self.tokenizer, self.prompt_ids, self.cont_ids, self.nbytes)
+
+    def _record(self, args, state, model) -> float:
+        value = self.evaluate(model)
+        self.history.append({"step": state.global_step, "heldout_bpb": value})
+        if self.keep_best and (self.best is None or value < self.best[1]):
+            self.best = (state.global_step, value)
+            if args.should_save:
+                model.save_pretrained(self.output_dir / BEST_DIR)
+        logger.info("step %d: held-out %.4f bits per byte", state.global_step, value)
+        return value
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.every and not self.history:
+            self._record(args, state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self.every or state.global_step % self.every:
+            return
+        value = self._record(args, state, model)
+        if self.trainer is not None:
+            self.trainer._metrics["train"]["heldout/bpb"].append(value)
+            control.should_log = True
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"history": self.history, "best": self.best, "prompts": len(self.prompt_ids),
+                                          "continuation_bytes": self.nbytes}, indent=2))
