@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_llama
+from conftest import make_llama, reference_logps
 from sdgrpo.errors import UserError
 from sdgrpo.rewards import DistillReward, TeacherNLLReward, build_reward
-from test_rewards import reference_logps
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +156,63 @@ def test_distill_reuses_the_trainers_policy_pass(tmp_path, tiny_model_dir, tiny_
     own_policy = completion_logprobs(trainer.model, prompt_ids, completion_ids, pad_token_id=1)
     own_teacher = completion_logprobs(teacher, prompt_ids, completion_ids, pad_token_id=1)
     assert out == pytest.approx([(q - p).mean().item() for q, p in zip(own_teacher, own_policy)], abs=1e-4)
+
+
+def test_context_distill_is_base_shown_the_text_minus_policy(tiny_tokenizer, setup):
+    """Teacher: the base (adapters off) after BOS + continuation + blank line + the prompt's tokens; student: the
+    policy (adapters on) after the prompt. Checked against one unpadded forward per sequence, built by hand."""
+    from peft import LoraConfig, get_peft_model
+
+    from sdgrpo.rewards import ContextDistillReward
+
+    _, student, prompts, comps = setup
+    policy = get_peft_model(make_llama(tiny_tokenizer, seed=12), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    texts = ["And God said, Let there be light", "In the beginning", "Jonah rose up"]
+    reward = ContextDistillReward(policy, tiny_tokenizer)
+    got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts, continuation=texts)
+    bos = tiny_tokenizer.bos_token_id
+    want = []
+    for p, c, text in zip(prompts, comps, texts):
+        shown = [bos] + tiny_tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"] + p[1:]
+        with policy.disable_adapter():
+            q = reference_logps(policy, shown, c)
+        want.append((q - reference_logps(policy, p, c)).mean().item())
+    assert got == pytest.approx(want, abs=1e-5)
+    assert reward.teacher_passes == 1 and reward.policy_passes == 1
+    # The context matters: the base without it (plain self-distillation) gives other numbers.
+    with policy.disable_adapter():
+        plain = [reference_logps(policy, p, c).mean().item()
+                 for p, c in zip(prompts, comps)]
+    student_logps = [reference_logps(policy, p, c).mean().item() for p, c in zip(prompts, comps)]
+    assert all(abs(g - (b - s)) > 1e-3 for g, b, s in zip(got, plain, student_logps))
+    with pytest.raises(UserError, match="needs the dataset's 'continuation' column"):
+        reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts)
+
+
+def test_teacher_adapter_is_merged_into_a_frozen_copy(tmp_path, tiny_model_dir, tiny_tokenizer, setup):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.train import load_teacher
+
+    _, _, prompts, comps = setup
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    peft.save_pretrained(tmp_path / "adapter")
+    cfg, _ = parse_train_args(["--reward", "distill", "--teacher_adapter", str(tmp_path / "adapter")])
+    teacher, _ = load_teacher(cfg, str(tiny_model_dir))
+    assert not any(p.requires_grad for p in teacher.parameters()) and not hasattr(teacher, "peft_config")
+    for p, c in zip(prompts, comps):  # the merged teacher scores as base + adapter does
+        torch.testing.assert_close(reference_logps(teacher, p, c), reference_logps(peft, p, c), atol=1e-5, rtol=0)
+    cfg, _ = parse_train_args(["--reward", "distill", "--teacher_adapter", str(tmp_path)])
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        load_teacher(cfg, str(tiny_model_dir))
