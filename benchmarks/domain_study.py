@@ -226,7 +226,8 @@ def main() -> None:
     plot(result, out / "domain_study.png")
     save()
     base = result["arms"]["base"]
-    print(f"{'arm':18s} {'domain bpb':>10s} {'gain %':>7s} {'general bpb':>11s} {'forget %':>8s} {'d2':>6s} {'rep4':>6s}")
+    print(f"{'arm':18s} {'domain bpb':>10s} {'gain %':>7s} {'general bpb':>11s} {'forget %':>8s} {'d2':>6s} "
+          f"{'rep4':>6s}")
     for name, a in result["arms"].items():
         s = a["samples"]["1.0"]
         print(f"{name:18s} {a['domain_bpb']:10.4f} {100 * (1 - a['domain_bpb'] / base['domain_bpb']):7.2f} "

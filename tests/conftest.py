@@ -89,3 +89,14 @@ def prepared(tmp_path_factory, tiny_model_dir, corpus) -> Path:
     assert r.returncode == 0, r.stderr
     assert "prompts" in r.stdout
     return out
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """The shipped tiny model (fp32) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sdgrpo.config import TINY_MODEL
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    return AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval(), tok

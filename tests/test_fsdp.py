@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 from transformers import LlamaConfig, LlamaForCausalLM
-from sdgrpo.trainer import _fsdp_param_groups, gathered_weights
+from sdgrpo.fsdp import _fsdp_param_groups, gathered_weights
 
 calls = {"gathers": 0, "pre_forward": 0}
 unshard = FSDPParamGroup.unshard

@@ -9,7 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from conftest import make_llama, reference_logps
-from sdgrpo.rewards import SelfNLLReward, self_nll
+from sdgrpo.errors import UserError
+from sdgrpo.rewards import DistillReward, SelfNLLReward, TeacherNLLReward, build_reward, self_nll
 from sdgrpo.scoring import completion_logprobs, micro_batches
 
 
@@ -219,3 +220,109 @@ def test_rows_the_trainer_could_not_score_are_scored_by_the_reward(tiny_tokenize
         else:
             want = reference_logps(model, p, c).mean().item() if c else None
             assert got[i] == (pytest.approx(want, abs=1e-5) if c else None)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_tokenizer):
+    teacher, student = make_llama(tiny_tokenizer, seed=11, layers=3), make_llama(tiny_tokenizer, seed=12)
+    g = torch.Generator().manual_seed(0)
+    prompts = [[tiny_tokenizer.bos_token_id] + torch.randint(2, 512, (n,), generator=g).tolist() for n in (4, 9, 2)]
+    comps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (6, 1, 12)]
+    comps[1].append(tiny_tokenizer.eos_token_id)
+    return teacher, student, prompts, comps
+
+
+def test_teacher_nll_scores_sampled_ids_directly(tiny_tokenizer, setup):
+    teacher, _, prompts, comps = setup
+    reward = TeacherNLLReward(teacher, tiny_tokenizer)
+    got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts)
+    want = [reference_logps(teacher, p, c).mean().item() for p, c in zip(prompts, comps)]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_distill_is_teacher_minus_policy_per_token(tiny_tokenizer, setup):
+    teacher, student, prompts, comps = setup
+    reward = DistillReward(teacher, tiny_tokenizer, policy=student)
+    got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts)
+    want = [(reference_logps(teacher, p, c) - reference_logps(student, p, c)).mean().item()
+            for p, c in zip(prompts, comps)]
+    assert got == pytest.approx(want, abs=1e-5)
+    # At the fixed point (policy == teacher) the reward is exactly zero.
+    same = DistillReward(teacher, tiny_tokenizer, policy=teacher)
+    assert same(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts) == pytest.approx(
+        [0.0] * 3, abs=1e-6)
+
+
+def test_distill_scores_only_the_rows_the_trainer_could_not(tiny_tokenizer, setup):
+    """policy_per_token_logps with a None row (Unsloth's packing could not score it): that row gets the reward's own
+    policy pass, the others are taken as given."""
+    teacher, student, prompts, comps = setup
+    reward = DistillReward(teacher, tiny_tokenizer, policy=student)
+    given = [torch.zeros(len(comps[0])), None, torch.zeros(len(comps[2]))]
+    got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts,
+                 policy_per_token_logps=given)
+    assert reward.policy_passes == 1
+    t = [reference_logps(teacher, p, c) for p, c in zip(prompts, comps)]
+    want = [t[0].mean().item(), (t[1] - reference_logps(student, prompts[1], comps[1])).mean().item(),
+            t[2].mean().item()]
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_other_tokenizer_refused_unless_retokenizing(tiny_tokenizer, corpus):
+    from sdgrpo.pretrain import train_tokenizer
+
+    other = train_tokenizer([(corpus / "ruth.txt").read_text(encoding="utf-8-sig")], 400)
+    teacher = make_llama(other, seed=5)
+    with pytest.raises(UserError, match="teacher's tokenizer differs"):
+        TeacherNLLReward(teacher, tiny_tokenizer, other)
+    with pytest.raises(UserError, match="teacher's tokenizer differs"):
+        DistillReward(teacher, tiny_tokenizer, other, policy=teacher, retokenize=True)
+    reward = TeacherNLLReward(teacher, tiny_tokenizer, other, retokenize=True)
+    prompt, text = "Alice was beginning", " to get very tired"
+    comp = tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    got = reward(prompts=[prompt], completions=[text], completion_ids=[comp])
+    t_prompt = other(prompt)["input_ids"]
+    t_comp = other(text, add_special_tokens=False)["input_ids"] + [other.eos_token_id]
+    assert got[0] == pytest.approx(reference_logps(teacher, t_prompt, t_comp).mean().item(), abs=1e-5)
+
+
+def test_registry_needs_a_teacher(tiny_tokenizer):
+    with pytest.raises(UserError, match="needs --teacher_model_name_or_path"):
+        build_reward("distill", None, tiny_tokenizer)
+    with pytest.raises(UserError, match="unknown reward"):
+        build_reward("nope", None, tiny_tokenizer)
+
+
+def test_context_distill_is_base_shown_the_text_minus_policy(tiny_tokenizer, setup):
+    """Teacher: the base (adapters off) after BOS + continuation + blank line + the prompt's tokens; student: the
+    policy (adapters on) after the prompt. Checked against one unpadded forward per sequence, built by hand."""
+    from peft import LoraConfig, get_peft_model
+
+    from sdgrpo.rewards import ContextDistillReward
+
+    _, student, prompts, comps = setup
+    policy = get_peft_model(make_llama(tiny_tokenizer, seed=12), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    texts = ["And God said, Let there be light", "In the beginning", "Jonah rose up"]
+    reward = ContextDistillReward(policy, tiny_tokenizer)
+    got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts, continuation=texts)
+    bos = tiny_tokenizer.bos_token_id
+    want = []
+    for p, c, text in zip(prompts, comps, texts):
+        shown = [bos] + tiny_tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"] + p[1:]
+        with policy.disable_adapter():
+            q = reference_logps(policy, shown, c)
+        want.append((q - reference_logps(policy, p, c)).mean().item())
+    assert got == pytest.approx(want, abs=1e-5)
+    assert reward.teacher_passes == 1 and reward.policy_passes == 1
+    # The context matters: the base without it (plain self-distillation) gives other numbers.
+    with policy.disable_adapter():
+        plain = [reference_logps(policy, p, c).mean().item()
+                 for p, c in zip(prompts, comps)]
+    student_logps = [reference_logps(policy, p, c).mean().item() for p, c in zip(prompts, comps)]
+    assert all(abs(g - (b - s)) > 1e-3 for g, b, s in zip(got, plain, student_logps))
+    with pytest.raises(UserError, match="needs the dataset's 'continuation' column"):
+        reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts)

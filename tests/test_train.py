@@ -1,57 +1,18 @@
-"""Training end to end: the CLI runs prepare then 2 GRPO steps; the KL-pass reuse equals the reward's own pass."""
+"""The training pipeline as `sdgrpo train` builds it: KL-pass reuse, temperature fallback, compiled generation,
+FSDP gathering, teachers."""
 
 from __future__ import annotations
-
-import json
-import math
-import sys
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import make_llama, reference_logps
 from sdgrpo.compat import ensure_trl_runs_without_triton
 from sdgrpo.config import parse_train_args
-from sdgrpo.rewards import SelfNLLReward
+from sdgrpo.errors import UserError
+from sdgrpo.rewards import DistillReward, SelfNLLReward
 from sdgrpo.scoring import adapters_disabled, completion_logprobs
-from sdgrpo.trainer import SelfDistillGRPOTrainer, read_metrics
-
-EXPECTED_KEYS = {"reward", "reward_std", "kl", "loss", "completions/mean_length", "rewards/self_nll/mean",
-                 "collapse/distinct_1", "collapse/distinct_2", "collapse/group_distinct_2", "collapse/seq_rep_4",
-                 "collapse/compression_ratio", "collapse/length", "collapse/eos_rate", "collapse/unscored_rate",
-                 "frac_reward_zero_std"}
-
-
-def test_cli_prepare_then_two_training_steps(tmp_path, prepared, tiny_model_dir):
-    out = tmp_path / "run"
-    r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
-               "--max_steps", 2, "--per_device_train_batch_size", 4, "--num_generations", 4,
-               "--max_completion_length", 12, "--learning_rate", "1e-3", "--save_steps", 100)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_metrics(out / "metrics.jsonl")
-    assert [row["step"] for row in rows] == [1, 2]
-    for row in rows:
-        assert EXPECTED_KEYS <= set(row)
-        assert all(row[k] is not None and math.isfinite(row[k]) for k in EXPECTED_KEYS)
-        assert row["reward"] < 0
-        assert row["collapse/length"] == pytest.approx(row["completions/mean_length"])
-        assert 0 <= row["collapse/seq_rep_4"] <= 1 and 0 < row["collapse/distinct_2"] <= 1
-    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
-    assert "learning_rate: 0.001" in (out / "resolved_config.yaml").read_text()
-    assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard events missing"
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["r"] == 16
-    assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                                   "gate_proj", "up_proj", "down_proj"}
-
-
-def test_cli_sketch_batch_settings_run(tmp_path, prepared, tiny_model_dir):
-    out = tmp_path / "sketch"
-    r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
-               "--max_steps", 1, "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 4,
-               "--num_generations", 8, "--max_completion_length", 8, "--max_prompt_length", 10)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert len(read_metrics(out / "metrics.jsonl")) == 1
+from sdgrpo.trainer import SelfDistillGRPOTrainer
 
 
 class RecordingReward(SelfNLLReward):
@@ -112,32 +73,6 @@ def test_temperature_not_one_falls_back_to_own_pass(tmp_path, prepared, tiny_mod
     assert all(len(p) <= 12 for p in prompt_ids)
 
 
-def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir):
-    cases = [
-        (["prepare", tmp_path / "missing", "--output", tmp_path / "o"], "no such file or directory"),
-        (["train", "--dataset_path", tmp_path / "nothing"], "no such dataset folder"),
-        (["train", "--dataset_path", prepared, "--model_name_or_path", tmp_path], "not a model folder"),
-        (["train", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
-          tmp_path / "x", "--lora_target_modules", "nope_proj", "--max_steps", 1], "LoRA: Target modules"),
-        (["frobnicate"], "unknown command"),
-    ]
-    for args, message in cases:
-        r = run_cli(*args)
-        assert r.returncode == 2, (args, r.stderr[-2000:])
-        lines = [line for line in r.stderr.splitlines() if "error" in line]
-        assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
-        assert "Traceback" not in r.stderr
-
-
-def test_unsloth_backend_without_gpu_is_one_line(tmp_path, prepared):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    r = run_cli("train", "--backend", "unsloth", "--dataset_path", prepared, "--output_dir", tmp_path / "u")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith("sdgrpo train: error: --backend unsloth needs a CUDA GPU")
-    assert "Traceback" not in r.stderr and "unsloth" not in sys.modules
-
-
 def test_generation_compile_turns_trl_auto_compile_back_on(tmp_path, prepared, tiny_model_dir):
     """TRL builds its GenerationConfig with disable_compile=True; --generation_compile true undoes that (with a static
     cache transformers then compiles the decoding step on a GPU; on CPU it runs uncompiled) and a step trains."""
@@ -178,3 +113,81 @@ def test_trainer_asks_for_gathered_weights_only_under_fsdp_with_the_option(tmp_p
         completion_ids = trainer._generate(prompts)[1]
         assert len(completion_ids) == 2 and all(len(c) > 0 for c in completion_ids)
         assert entered == [(trainer.model_wrapped, skip) for skip in expected]
+
+
+def test_distill_reuses_the_trainers_policy_pass(tmp_path, tiny_model_dir, tiny_tokenizer, corpus):
+    """With steps_per_generation > gradient_accumulation_steps TRL computes the policy's log-probs before the
+    rewards; distill takes them instead of running its own pass, and they equal that pass (LoRA dropout 0)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import get_peft_config
+
+    from sdgrpo.compat import ensure_trl_runs_without_triton
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.scoring import completion_logprobs
+    from sdgrpo.trainer import SelfDistillGRPOTrainer
+
+    ensure_trl_runs_without_triton()
+    teacher = make_llama(tiny_tokenizer, seed=31, layers=3)
+    train_cfg, model_cfg = parse_train_args([
+        "--output_dir", str(tmp_path), "--max_steps", "1", "--per_device_train_batch_size", "4",
+        "--num_generations", "4", "--steps_per_generation", "2", "--max_completion_length", "6",
+        "--report_to", "none", "--save_strategy", "no", "--lora_dropout", "0", "--reward", "distill"])
+    seen = []
+
+    class Recording(DistillReward):
+        def __call__(self, *a, **kw):
+            out = super().__call__(*a, **kw)
+            seen.append((kw["prompt_ids"], kw["completion_ids"], out, kw.get("policy_per_token_logps")))
+            return out
+
+    reward = Recording(teacher, tiny_tokenizer, policy=None)
+    text = (corpus / "ruth.txt").read_text(encoding="utf-8-sig")[1000:3000]
+    data = Dataset.from_dict({"prompt": [text[i : i + 60] for i in range(0, 1600, 200)]})
+    trainer = SelfDistillGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                     reward_funcs=[reward], args=train_cfg, train_dataset=data,
+                                     processing_class=tiny_tokenizer, peft_config=get_peft_config(model_cfg))
+    reward.model = trainer.model
+    policy_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora" in k}
+    trainer.train()
+    assert seen and seen[0][3] is not None and reward.policy_passes == 0
+    prompt_ids, completion_ids, out, _ = seen[0]
+    trainer.model.load_state_dict(policy_before, strict=False)  # the policy as it was when it sampled
+    own_policy = completion_logprobs(trainer.model, prompt_ids, completion_ids, pad_token_id=1)
+    own_teacher = completion_logprobs(teacher, prompt_ids, completion_ids, pad_token_id=1)
+    assert out == pytest.approx([(q - p).mean().item() for q, p in zip(own_teacher, own_policy)], abs=1e-4)
+
+
+def test_teacher_adapter_is_merged_into_a_frozen_copy(tmp_path, tiny_model_dir, tiny_tokenizer, setup):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.train import load_teacher
+
+    _, _, prompts, comps = setup
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                          LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    peft.save_pretrained(tmp_path / "adapter")
+    cfg, _ = parse_train_args(["--reward", "distill", "--teacher_adapter", str(tmp_path / "adapter")])
+    teacher, _ = load_teacher(cfg, str(tiny_model_dir))
+    assert not any(p.requires_grad for p in teacher.parameters()) and not hasattr(teacher, "peft_config")
+    for p, c in zip(prompts, comps):  # the merged teacher scores as base + adapter does
+        torch.testing.assert_close(reference_logps(teacher, p, c), reference_logps(peft, p, c), atol=1e-5, rtol=0)
+    cfg, _ = parse_train_args(["--reward", "distill", "--teacher_adapter", str(tmp_path)])
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        load_teacher(cfg, str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_tokenizer):
+    teacher, student = make_llama(tiny_tokenizer, seed=11, layers=3), make_llama(tiny_tokenizer, seed=12)
+    g = torch.Generator().manual_seed(0)
+    prompts = [[tiny_tokenizer.bos_token_id] + torch.randint(2, 512, (n,), generator=g).tolist() for n in (4, 9, 2)]
+    comps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (6, 1, 12)]
+    comps[1].append(tiny_tokenizer.eos_token_id)
+    return teacher, student, prompts, comps

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from conftest import make_llama, reference_logps
+from sdgrpo.checkpointing import COMPLETE_MARKER
 from sdgrpo.compat import ensure_trl_runs_without_triton
 from sdgrpo.config import parse_train_args
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.rewards import SelfNLLReward
 from sdgrpo.scoring import truncate_prompt
-from sdgrpo.trainer import COMPLETE_MARKER, SelfDistillGRPOTrainer, active_dropout
+from sdgrpo.trainer import SelfDistillGRPOTrainer, active_dropout
 
 
 class RecordingReward(SelfNLLReward):
@@ -172,7 +173,7 @@ def test_sampling_stops_on_the_generation_configs_eos_too(tiny_tokenizer, corpus
 def test_checkpoint_marker_written_after_every_rank_and_fsynced(tmp_path, tiny_tokenizer, dataset, monkeypatch):
     import os
 
-    import sdgrpo.trainer as trainer_module
+    import sdgrpo.checkpointing as trainer_module
 
     trainer, _ = build_trainer(make_llama(tiny_tokenizer, seed=1), tiny_tokenizer, dataset, tmp_path,
                                "--save_strategy", "steps", "--save_steps", "1")

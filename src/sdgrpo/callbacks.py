@@ -1,4 +1,5 @@
-"""Trainer callbacks shared by ``train`` and ``sft``: the held-out evaluation during training.
+"""Trainer callbacks shared by ``train`` and ``sft``: stop requests (Ctrl-C, non-finite loss), the metrics file, and
+the held-out evaluation during training (the collapse guard is in ``guard.py``).
 
 ``HeldoutEval`` scores the true continuations of the prepared ``test`` split under the policy (adapters on) every
 N steps and reports bits per UTF-8 byte of continuation text as ``heldout/bpb`` (into TRL's metrics, so it reaches
@@ -73,3 +74,57 @@ class HeldoutEval(TrainerCallback):
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"history": self.history, "best": self.best, "prompts": len(self.prompt_ids),
                                           "continuation_bytes": self.nbytes}, indent=2))
+
+
+class StopRequest(TrainerCallback):
+    """Stops training cleanly at the end of the current step, saving a checkpoint: for Ctrl-C and NaN losses."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self.fatal = False  # the model itself is broken (non-finite): keep no checkpoint of it
+
+    def request(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Trainer's logging_nan_inf_filter hides a NaN loss from the logs; the gradient norm still shows it.
+        for name in ("loss", "grad_norm"):
+            value = (logs or {}).get(name)
+            if isinstance(value, float) and not math.isfinite(value):
+                self.request(f"the loss became non-finite ({name} {value}) at step {state.global_step}")
+                self.fatal = True
+                break
+        if self.fatal:
+            control.should_training_stop = True
+            control.should_save = False  # no checkpoint of a non-finite model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.reason and not self.fatal:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Append every log record (with its step) to ``metrics.jsonl`` on the main process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step}
+        for key, value in logs.items():
+            if isinstance(value, (int, float)):
+                record[key] = value if math.isfinite(value) else None
+            elif isinstance(value, str):
+                record[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The training-step records of a ``metrics.jsonl`` (records with a reward), in order."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if "reward" in r]

@@ -47,12 +47,12 @@ def main(cfg: DemoConfig) -> int:
     from peft import PeftModel
     from rich.console import Console
 
+    from sdgrpo.callbacks import read_metrics
     from sdgrpo.data import PrepareConfig, prepare
     from sdgrpo.evaluate import summarize
     from sdgrpo.modeling import load_model, load_tokenizer
     from sdgrpo.report import fmt, markdown_table, plot_before_after, plot_curves, samples_table
     from sdgrpo.train import main as train_main
-    from sdgrpo.trainer import read_metrics
 
     console = Console()
     t0 = time.time()

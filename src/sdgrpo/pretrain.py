@@ -271,7 +271,7 @@ def _save_train_state(folder: Path, model, opt, gen: torch.Generator, tokenizer,
 
     from safetensors.torch import save_file, save_model
 
-    from sdgrpo import checkpoint_state
+    from sdgrpo import checkpointing as checkpoint_state
 
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -345,7 +345,7 @@ def main(cfg: PretrainConfig) -> dict:
     if saved:
         from safetensors.torch import load_file, load_model
 
-        from sdgrpo import checkpoint_state
+        from sdgrpo import checkpointing as checkpoint_state
 
         load_model(model, str(state / "model.safetensors"), device=str(device))
         opt.load_state_dict(checkpoint_state.load_optimizer(state))

@@ -34,9 +34,10 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     """Fine-tune a LoRA adapter on the prepared text; returns the output folder."""
     from trl import SFTTrainer, get_peft_config
 
+    from sdgrpo.callbacks import MetricsFileCallback
     from sdgrpo.compat import ensure_trl_runs_without_triton
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
-    from sdgrpo.train import MetricsFileCallback, heldout_callback, keep_best_heldout
+    from sdgrpo.train import heldout_callback, keep_best_heldout
 
     ensure_trl_runs_without_triton()
     if not cfg.dataset_path:

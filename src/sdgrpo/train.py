@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -11,36 +10,25 @@ from pathlib import Path
 
 import yaml
 
+from sdgrpo.callbacks import MetricsFileCallback, StopRequest
+from sdgrpo.checkpointing import check_resume, last_complete_checkpoint, truncate_metrics
 from sdgrpo.config import SDGRPOConfig, SDModelConfig, _has_cuda, config_to_dict
 from sdgrpo.data import load_prompts
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.rewards import build_reward
-from sdgrpo.trainer import MetricsFileCallback, StopRequest, last_complete_checkpoint, trainer_class
 
 logger = logging.getLogger(__name__)
 
 
-def build_policy(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig):
-    """Base model, tokenizer and LoRA config for the chosen backend; returns (model, tokenizer, peft_config).
-
-    For the hf backend the model is the plain base and TRL wraps it with a fresh adapter, so its reference pass
-    disables the adapter instead of keeping a "ref" copy of an existing one.
-    """
+def load_backend(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig):
+    """(model, tokenizer, peft_config, trainer class) from ``backends/<backend>.py``; Unsloth is imported only when
+    chosen."""
     if train_cfg.backend == "unsloth":
-        from sdgrpo.backends.unsloth import build_unsloth_policy  # the only path that imports unsloth
-
-        return build_unsloth_policy(train_cfg, model_cfg)
-    from trl import get_peft_config
-
-    from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
-
-    device = "cpu" if train_cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
-    dtype = resolve_dtype(model_cfg.dtype, device)
-    tokenizer = load_tokenizer(model_cfg.model_name_or_path, train_cfg.trust_remote_code)
-    model = load_model(model_cfg.model_name_or_path, dtype, device, train_cfg.trust_remote_code,
-                       model_cfg.attn_implementation)
-    return model, tokenizer, get_peft_config(model_cfg)
+        from sdgrpo.backends import unsloth as backend
+    else:
+        from sdgrpo.backends import hf as backend
+    return backend.load(train_cfg, model_cfg)
 
 
 def load_teacher(train_cfg: SDGRPOConfig, model_path: str | None = None):
@@ -91,33 +79,6 @@ def check_one_gpu_per_process() -> None:
 
 class Interrupted(Exception):
     """Training stopped on Ctrl-C after saving; the message says where and how to continue."""
-
-
-# Options that may differ between a run and its --resume: they do not change what is being trained.
-RESUME_MAY_DIFFER = {"max_steps", "num_train_epochs", "resume_from_checkpoint", "logging_dir", "save_steps",
-                     "logging_steps", "report_to", "save_total_limit", "dataloader_num_workers"}
-
-
-def check_resume(out: Path, current: dict) -> Path:
-    """The checkpoint to resume from, after refusing a config that differs from the interrupted run's."""
-    saved_path = out / "resolved_config.yaml"
-    checkpoint = last_complete_checkpoint(out)
-    if checkpoint is None or not saved_path.is_file():
-        raise UserError(f"{out}: no complete checkpoint to resume from; run without --resume to start afresh")
-    saved = yaml.safe_load(saved_path.read_text())
-    diffs = [f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in sorted(set(saved) | set(current))
-             if k not in RESUME_MAY_DIFFER and saved.get(k) != current.get(k)]
-    if diffs:
-        raise UserError(f"{out} was trained with other settings ({'; '.join(diffs[:3])}); resume with the same "
-                        "config, or give a new --output_dir")
-    return checkpoint
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric records past ``step``: a resumed run logs those steps again."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
 
 
 def _copy_adapter(checkpoint: Path, out: Path) -> None:
@@ -196,79 +157,61 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
-def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False,
-         callbacks: list | None = None) -> Path:
-    """Train and save adapters, resolved config and metrics under ``output_dir``; returns that folder.
-
-    Ctrl-C finishes the current step, saves a checkpoint and the adapter, and raises :class:`Interrupted`.
-    With ``resume``, training continues from the last complete checkpoint of ``output_dir``.
-    """
+def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> tuple[Path, dict, Path | None]:
+    """Check the runtime, resolve the configuration; with ``resume`` the checkpoint to continue from."""
     from sdgrpo.compat import ensure_trl_runs_without_triton
 
     ensure_trl_runs_without_triton()
     check_one_gpu_per_process()
     out = Path(train_cfg.output_dir)
     resolved = config_to_dict(train_cfg, model_cfg)
-    checkpoint = check_resume(out, resolved) if resume else None
+    return out, resolved, (check_resume(out, resolved) if resume else None)
+
+
+def load_data(train_cfg: SDGRPOConfig):
     dataset = load_prompts(train_cfg.dataset_path, "train", train_cfg.max_train_prompts)
     if train_cfg.reward == "context_distill" and "continuation" not in dataset.column_names:
         raise UserError(f"{train_cfg.dataset_path}: reward 'context_distill' needs a 'continuation' column (the true "
                         "text after each prompt); make the data with `sdgrpo prepare`")
-    model, tokenizer, peft_config = build_policy(train_cfg, model_cfg)
-    # The reward scores with the trainer's PEFT model (adapters disabled); it is bound once the trainer made it.
-    teacher, teacher_tokenizer = load_teacher(train_cfg, model_cfg.model_name_or_path)
-    reward = build_reward(train_cfg.reward, None, tokenizer, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
-                          aggregation=train_cfg.reward_aggregation, token_budget=train_cfg.reward_token_budget,
-                          score_with=train_cfg.score_with, retokenize=train_cfg.teacher_retokenize,
-                          max_prompt_length=train_cfg.max_prompt_length)
-    guard = CollapseGuard(train_cfg.collapse_guard, train_cfg.guard_max_seq_rep_increase,
-                          train_cfg.guard_max_distinct2_drop, train_cfg.guard_patience,
-                          min_length_fraction=train_cfg.guard_min_length_fraction,
-                          max_heldout_increase=train_cfg.guard_max_heldout_increase)
-    heldout = heldout_callback(train_cfg, tokenizer, out)
-    if checkpoint is not None and not guard.load_state(checkpoint):
-        logger.warning("%s holds no collapse-guard state; the guard takes a new baseline", checkpoint)
-    stop = StopRequest()
-    out.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        if checkpoint is not None:
-            _truncate_metrics(out / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
-        else:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer under accelerate/torchrun
-        (out / "resolved_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
-    if train_cfg.backend == "unsloth":
-        from sdgrpo.backends.unsloth import adapt_config, unsloth_trainer_class
+    return dataset
 
-        trainer_cls = unsloth_trainer_class()
-        adapt_config(train_cfg)
+
+def start_output(out: Path, resolved: dict, checkpoint: Path | None) -> None:
+    """One writer (rank 0 under accelerate/torchrun): metrics cut back to the checkpoint, the resolved config."""
+    out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if checkpoint is not None:
+        truncate_metrics(out / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
     else:
-        trainer_cls = trainer_class()
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "resolved_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
+
+
+def build_trainer(trainer_cls, train_cfg, model, tokenizer, peft_config, dataset, reward, callbacks: list):
     reuse = train_cfg.reuse_reference_logprobs and train_cfg.score_with == "base" and train_cfg.reward == "self_nll"
     try:
-        trainer = trainer_cls(
-            model=model,
-            reward_funcs=[reward],
-            args=train_cfg,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            max_prompt_length=train_cfg.max_prompt_length,
-            reuse_reference_logprobs=reuse,
-            callbacks=[MetricsFileCallback(out / "metrics.jsonl"), *([heldout] if heldout else []), guard, stop,
-                       *(callbacks or [])],
-        )
+        trainer = trainer_cls(model=model, reward_funcs=[reward], args=train_cfg, train_dataset=dataset,
+                              processing_class=tokenizer, peft_config=peft_config,
+                              max_prompt_length=train_cfg.max_prompt_length, reuse_reference_logprobs=reuse,
+                              callbacks=callbacks)
     except ValueError as err:
         if "target module" in str(err).lower():
             raise UserError(f"LoRA: {str(err).splitlines()[0]} (set --lora_target_modules to names of modules "
                             "that exist, or all-linear)") from None
         raise
-    reward.model = trainer.model
-    if heldout:
-        heldout.trainer = trainer
+    reward.model = trainer.model  # the reward scores with the trainer's PEFT model (adapters off for the base)
+    for callback in callbacks:
+        if hasattr(callback, "trainer"):
+            callback.trainer = trainer
+    return trainer
+
+
+def run(trainer, stop: StopRequest, checkpoint: Path | None) -> None:
+    """Train; the first Ctrl-C finishes the step and saves, a second one stops at once."""
 
     def on_sigint(signum, frame):
-        if stop.reason:  # a second Ctrl-C: stop now
+        if stop.reason:
             raise KeyboardInterrupt
         logger.warning("Ctrl-C: finishing this step, then saving (press again to stop at once)")
         stop.request("interrupted by Ctrl-C")
@@ -278,6 +221,35 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False,
+         callbacks: list | None = None) -> Path:
+    """Train and save adapters, resolved config and metrics under ``output_dir``; returns that folder.
+
+    Ctrl-C finishes the current step, saves a checkpoint and the adapter, and raises :class:`Interrupted`.
+    With ``resume``, training continues from the last complete checkpoint of ``output_dir``.
+    """
+    out, resolved, checkpoint = resolve(train_cfg, model_cfg, resume)
+    dataset = load_data(train_cfg)
+    model, tokenizer, peft_config, trainer_cls = load_backend(train_cfg, model_cfg)
+    teacher, teacher_tokenizer = load_teacher(train_cfg, model_cfg.model_name_or_path)
+    reward = build_reward(train_cfg.reward, None, tokenizer, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
+                          aggregation=train_cfg.reward_aggregation, token_budget=train_cfg.reward_token_budget,
+                          score_with=train_cfg.score_with, retokenize=train_cfg.teacher_retokenize,
+                          max_prompt_length=train_cfg.max_prompt_length)
+    guard = CollapseGuard(train_cfg.collapse_guard, train_cfg.guard_max_seq_rep_increase,
+                          train_cfg.guard_max_distinct2_drop, train_cfg.guard_patience,
+                          min_length_fraction=train_cfg.guard_min_length_fraction,
+                          max_heldout_increase=train_cfg.guard_max_heldout_increase)
+    if checkpoint is not None and not guard.load_state(checkpoint):
+        logger.warning("%s holds no collapse-guard state; the guard takes a new baseline", checkpoint)
+    heldout, stop = heldout_callback(train_cfg, tokenizer, out), StopRequest()
+    start_output(out, resolved, checkpoint)
+    trainer = build_trainer(trainer_cls, train_cfg, model, tokenizer, peft_config, dataset, reward,
+                            [MetricsFileCallback(out / "metrics.jsonl"), *([heldout] if heldout else []), guard, stop,
+                             *(callbacks or [])])
+    run(trainer, stop, checkpoint)
     try:
         finish(trainer, guard, stop, out)
         if heldout:

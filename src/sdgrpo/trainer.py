@@ -11,51 +11,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
+from contextlib import nullcontext
 
 import torch
-from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from sdgrpo import checkpoint_state
+from sdgrpo.checkpointing import CheckpointMixin
+from sdgrpo.fsdp import gathered_weights
 from sdgrpo.metrics import collapse_metrics
 from sdgrpo.scoring import truncate_prompt
 
 logger = logging.getLogger(__name__)
-
-COMPLETE_MARKER = "sdgrpo_complete.json"
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The highest-step ``checkpoint-N`` folder that was fully written (has sdgrpo's completion marker)."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        step = path.name.split("-")[-1]
-        if step.isdigit() and (path / COMPLETE_MARKER).is_file():
-            found.append((int(step), path))
-    return max(found)[1] if found else None
-
-
-def write_marker(folder: Path, content: dict) -> None:
-    """Write the completion marker durably: the temporary file is flushed to disk before the atomic rename, and
-    the folder after it, so a crash leaves either no marker or a whole one over complete files."""
-    tmp = folder / (COMPLETE_MARKER + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(content))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / COMPLETE_MARKER)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _lora_layers(model) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -117,84 +84,7 @@ def completion_columns(logps: torch.Tensor, input_ids: torch.Tensor, attention_m
     return logps.gather(1, index.to(logps.device)), ok.cpu()
 
 
-def _fsdp_param_groups(module) -> list:
-    """The parameter groups of one FSDP2 module (torch <= 2.11 keeps one, later versions a list)."""
-    state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:
-        group = getattr(state, "_fsdp_param_group", None)
-        groups = [] if group is None else [group]
-    return list(groups)
-
-
-def _is_fsdp_hook(hook) -> bool:
-    """A forward (pre-)hook that FSDP2's ``fully_shard`` registered (bound method or closure of its state module)."""
-    return getattr(hook, "__module__", "").startswith("torch.distributed.fsdp")
-
-
-class _HookStrip:
-    """Take FSDP2's forward hooks off one module and put them back where they were (order kept)."""
-
-    def __init__(self, module):
-        self.saved = [(d, list(d.items())) for d in (module._forward_pre_hooks, module._forward_hooks)]
-        for hooks, items in self.saved:
-            for key, hook in items:
-                if _is_fsdp_hook(hook):
-                    del hooks[key]
-
-    def restore(self):
-        for hooks, items in self.saved:
-            now = dict(hooks)
-            hooks.clear()
-            for key, hook in items:  # FSDP's own, and the others that are still registered, in their old order
-                if _is_fsdp_hook(hook) or key in now:
-                    hooks[key] = hook
-            for key, hook in now.items():  # registered during the block
-                hooks.setdefault(key, hook)
-
-
-@contextmanager
-def gathered_weights(model, skip_hooks: bool = True):
-    """Keep FSDP2-sharded parameters all-gathered while the block runs (generation), then shard them again.
-
-    FSDP2 all-gathers a layer before each forward and frees it after; HF ``generate`` runs one forward per token, so a
-    completion of C tokens costs C all-gathers of every layer (TRL 1.15 does nothing about it for FSDP2). Setting
-    ``reshard_after_forward`` off for the duration (the use PyTorch documents for evaluation) gathers each layer once.
-
-    With ``skip_hooks``, each FSDP module also drops FSDP's forward hooks once its first forward inside the block has
-    gathered it: the hooks then only re-check state and cast inputs that already have the compute dtype, Python
-    work at every module of every decoding step. Modules that have not run keep their hooks; all are put back (in
-    their order) before the weights are sharded again. A no-op for a model without FSDP2 modules.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    before = [all(g.post_forward_mesh_info is not None for g in _fsdp_param_groups(m)) for m in modules]
-    strips, triggers = [], {}
-
-    def strip_after_first_forward(module, _args, _output):
-        if all(g.is_unsharded for g in _fsdp_param_groups(module)):
-            strips.append(_HookStrip(module))
-            triggers.pop(module).remove()  # and this hook: with none left, the module takes nn.Module's fast path
-
-    for module in modules:
-        module.set_reshard_after_forward(False, recurse=False)
-        if skip_hooks:  # appended: runs after FSDP's own post-forward hook
-            triggers[module] = module.register_forward_hook(strip_after_first_forward)
-    try:
-        yield
-    finally:
-        for handle in triggers.values():
-            handle.remove()
-        for strip in reversed(strips):
-            strip.restore()
-        for module, reshard in zip(modules, before):
-            module.set_reshard_after_forward(reshard, recurse=False)
-            if reshard:
-                module.reshard()
-
-
-class SelfDistillMixin:
+class SelfDistillMixin(CheckpointMixin):
     """The overrides, as a mixin so they also apply on top of Unsloth's patched GRPOTrainer."""
 
     left_packed_logps = False  # True on top of Unsloth's trainer: its log-prob tensors are of left-packed rows
@@ -219,51 +109,6 @@ class SelfDistillMixin:
         self.reference_reuses = 0  # reward batches served from the KL pass
         if getattr(self.args, "generation_compile", False) and getattr(self, "generation_config", None) is not None:
             self.generation_config.disable_compile = False  # TRL sets it; transformers compiles static-cache decoding
-
-    # --- checkpoints ---------------------------------------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        """Save as TRL/transformers do, add the state of callbacks that keep one (the collapse guard), then, once
-        every process has written its files, mark the folder complete (fsync, atomic rename): resume only trusts
-        marked folders."""
-        super()._save_checkpoint(model, trial)
-        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        if self.args.should_save:
-            (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle that resuming does not read
-            for callback in self.callback_handler.callbacks:
-                if hasattr(callback, "save_state"):
-                    callback.save_state(folder)
-        self.accelerator.wait_for_everyone()  # the other ranks' RNG and optimizer shards are on disk
-        if self.args.should_save:
-            write_marker(folder, {"step": self.state.global_step})
-
-    # Optimizer, scheduler and RNG state as safetensors + JSON (transformers pickles them). DeepSpeed and FSDP keep
-    # their own formats.
-    def _plain_state(self) -> bool:
-        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        if not self._plain_state():
-            return super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            checkpoint_state.save_optimizer(self.optimizer.state_dict(), output_dir)
-            checkpoint_state.save_scheduler(self.lr_scheduler.state_dict(), output_dir)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        # TRL's own loader runs first (it restores its adaptive-entropy state; transformers' part finds no pickled
-        # optimizer in a plain checkpoint and loads nothing), then the safetensors state.
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and (Path(checkpoint) / "optimizer.safetensors").is_file():
-            self.optimizer.load_state_dict(checkpoint_state.load_optimizer(checkpoint))
-            self.lr_scheduler.load_state_dict(checkpoint_state.load_scheduler(checkpoint))
-
-    def _save_rng_state(self, output_dir):
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        checkpoint_state.save_rng(output_dir, self.args.process_index if self.args.world_size > 1 else None)
-
-    def _load_rng_state(self, checkpoint):
-        rank = self.args.process_index if self.args.world_size > 1 else None
-        if checkpoint is None or not checkpoint_state.load_rng(checkpoint, rank):
-            return super()._load_rng_state(checkpoint)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def _tokenize_prompts(self, prompts: list):
@@ -373,57 +218,3 @@ def trainer_class(base: type | None = None, left_packed_logps: bool = False) -> 
     if base is None or base is GRPOTrainer:
         return SelfDistillGRPOTrainer
     return type(f"SelfDistill{base.__name__}", (SelfDistillMixin, base), {"left_packed_logps": left_packed_logps})
-
-
-class StopRequest(TrainerCallback):
-    """Stops training cleanly at the end of the current step, saving a checkpoint: for Ctrl-C and NaN losses."""
-
-    def __init__(self):
-        self.reason: str | None = None
-        self.fatal = False  # the model itself is broken (non-finite): keep no checkpoint of it
-
-    def request(self, reason: str) -> None:
-        self.reason = self.reason or reason
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        # Trainer's logging_nan_inf_filter hides a NaN loss from the logs; the gradient norm still shows it.
-        for name in ("loss", "grad_norm"):
-            value = (logs or {}).get(name)
-            if isinstance(value, float) and not math.isfinite(value):
-                self.request(f"the loss became non-finite ({name} {value}) at step {state.global_step}")
-                self.fatal = True
-                break
-        if self.fatal:
-            control.should_training_stop = True
-            control.should_save = False  # no checkpoint of a non-finite model
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.reason and not self.fatal:
-            control.should_save = True
-            control.should_training_stop = True
-
-
-class MetricsFileCallback(TrainerCallback):
-    """Append every log record (with its step) to ``metrics.jsonl`` on the main process."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        record = {"step": state.global_step}
-        for key, value in logs.items():
-            if isinstance(value, (int, float)):
-                record[key] = value if math.isfinite(value) else None
-            elif isinstance(value, str):
-                record[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The training-step records of a ``metrics.jsonl`` (records with a reward), in order."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in rows if "reward" in r]

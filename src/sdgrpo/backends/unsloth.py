@@ -88,3 +88,12 @@ def unsloth_trainer_class():
     from sdgrpo.trainer import trainer_class
 
     return trainer_class(trl.GRPOTrainer, left_packed_logps=True)
+
+
+def load(train_cfg, model_cfg):
+    """(model, tokenizer, peft_config, trainer class) for ``sdgrpo train``, as ``backends/hf.py`` gives them: the
+    model comes with its LoRA already added (peft_config None), the trainer class on top of Unsloth's patched one."""
+    model, tokenizer, peft_config = build_unsloth_policy(train_cfg, model_cfg)
+    trainer_cls = unsloth_trainer_class()
+    adapt_config(train_cfg)
+    return model, tokenizer, peft_config, trainer_cls

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-PROBE = Path(__file__).resolve().parent / "probes" / "train_probe.py"
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = Path(__file__).resolve().parents[1] / "probes" / "train_probe.py"
 needs_launcher = pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not on PATH")
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(),
                               reason="the CPU multi-process path; GPUs take another")

@@ -50,7 +50,7 @@ def prepared(tmp_path_factory, corpus):
     return out
 
 
-PROBE = Path(__file__).resolve().parent / "probes" / "train_probe.py"
+PROBE = Path(__file__).resolve().parents[1] / "probes" / "train_probe.py"
 
 
 def _train(model_dir, prepared, out, backend, *extra, probe=None):

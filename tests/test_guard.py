@@ -1,12 +1,7 @@
-"""The collapse guard's decisions, and `sdgrpo eval` end to end on the shipped tiny model."""
+"""The collapse guard's decisions, its missing-metric handling and its state across a resume."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
-import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from sdgrpo.guard import CollapseGuard
@@ -40,33 +35,6 @@ def test_guard_trips_on_diversity_and_warn_only_warns(tmp_path):
     assert "distinct_2 fell from 0.900 to 0.500 (limit -30%)" == guard.state.reason
     warn = CollapseGuard("warn", patience=1)
     assert not feed(warn, rows, tmp_path / "b").should_training_stop and warn.state.tripped_at is None
-
-
-@pytest.fixture
-def prepared_demo(tmp_path):
-    from sdgrpo.demo import DEMO_TEXT
-
-    out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "prepare", DEMO_TEXT, "--output", out,
-                        "--min_prompt_tokens", "8", "--max_prompt_tokens", "20", "--continuation_tokens", "16",
-                        "--test_size", "0.2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
-def test_eval_base_only_writes_report(tmp_path, prepared_demo):
-    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", "eval", "--data", prepared_demo, "--output",
-                        tmp_path / "e", "--samples", "2", "--max_new_tokens", "8", "--temperatures", "1.0,0.5"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads((tmp_path / "e" / "eval.json").read_text())
-    temps = result["base"]["temperatures"]
-    assert set(temps) == {"1.0", "0.5"}
-    assert temps["0.5"]["reward_mean"] > temps["1.0"]["reward_mean"]  # colder sampling: more likely text
-    ppl = result["base"]["continuation_nll"]
-    assert ppl["perplexity"] == pytest.approx(2.718281828 ** ppl["nll_per_token"])
-    assert (tmp_path / "e" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| base, T=0.5 |" in (tmp_path / "e" / "report.md").read_text()
 
 
 def feed_logs(guard, rows, tmp_path, start: int = 1):
@@ -106,16 +74,3 @@ def test_guard_state_survives_a_resume(tmp_path):
     assert resumed.state.reason.startswith("seq_rep_4 rose from 0.000 to 0.140")
     # Without the saved state the resumed run would take the drifted step 3 as its baseline and never trip.
     assert not feed_logs(fresh, drifting[2:], tmp_path, start=3).should_training_stop
-
-
-def test_guard_does_not_crash_on_one_token_completions(tmp_path, prepared, tiny_model_dir):
-    from conftest import run_cli
-
-    out = tmp_path / "run"
-    r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
-                "--max_steps", 2, "--per_device_train_batch_size", 4, "--num_generations", 4,
-                "--max_completion_length", 1, "--report_to", "none", "--save_steps", 1)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    saved = json.loads((out / "checkpoint-2" / "guard_state.json").read_text())
-    assert saved["baseline"]["length"] == 1.0 and "distinct_2" not in saved["baseline"]

@@ -12,7 +12,7 @@ import torch
 
 from sdgrpo.config import parse_train_args
 from sdgrpo.rewards import SelfNLLReward
-from sdgrpo.train import build_policy
+from sdgrpo.train import load_backend
 
 
 def fixed_batch(vocab: int, eos: int, n: int = 16):
@@ -30,7 +30,7 @@ if __name__ == "__main__":
     backend, model_dir, out = sys.argv[1:4]
     train_cfg, model_cfg = parse_train_args(["--backend", backend, "--model_name_or_path", model_dir,
                                              "--dtype", "bfloat16"])
-    model, tokenizer, peft_config = build_policy(train_cfg, model_cfg)
+    model, tokenizer, peft_config, _ = load_backend(train_cfg, model_cfg)
     if peft_config is not None:  # the hf backend: TRL would wrap it so
         from peft import get_peft_model
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from sdgrpo.trainer import COMPLETE_MARKER, last_complete_checkpoint
+from sdgrpo.checkpointing import COMPLETE_MARKER, last_complete_checkpoint
 
 
 def cli(*args, **kw):

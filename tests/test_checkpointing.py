@@ -5,7 +5,7 @@ import random
 import numpy as np
 import torch
 
-from sdgrpo import checkpoint_state
+from sdgrpo import checkpointing as checkpoint_state
 
 
 def test_optimizer_and_scheduler_round_trip(tmp_path):

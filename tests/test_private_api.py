@@ -1,0 +1,94 @@
+"""The private TRL, transformers and torch names sdgrpo overrides or calls, checked against the installed versions.
+
+sdgrpo pins trl 1.15.0 and transformers <= 5.17.0 (Unsloth's range). An upgrade that renames, removes or re-orders
+any of these fails here, in CI, instead of silently changing what a run computes. Where each is used:
+``trainer.py`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the Triton stand-in),
+``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+# (module, class, method): the parameter names sdgrpo's override relies on, in order (a prefix where it passes the
+# rest on with *args/**kwargs).
+PINNED = {
+    ("trl", "GRPOTrainer", "_tokenize_prompts"): ["self", "prompts"],
+    ("trl", "GRPOTrainer", "_generate"): ["self", "prompts"],
+    ("trl", "GRPOTrainer", "_get_per_token_logps_and_entropies"):
+        ["self", "model", "input_ids", "attention_mask", "logits_to_keep"],
+    ("trl", "GRPOTrainer", "_generate_and_score_completions"): ["self", "inputs"],
+    ("trl", "GRPOTrainer", "_calculate_rewards"): ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+    ("trl", "GRPOTrainer", "_save_checkpoint"): ["self", "model", "trial"],
+    ("trl", "GRPOTrainer", "_load_optimizer_and_scheduler"): ["self", "checkpoint"],
+    ("transformers", "Trainer", "_save_checkpoint"): ["self", "model", "trial"],
+    ("transformers", "Trainer", "_save_optimizer_and_scheduler"): ["self", "output_dir"],
+    ("transformers", "Trainer", "_load_optimizer_and_scheduler"): ["self", "checkpoint"],
+    ("transformers", "Trainer", "_save_rng_state"): ["self", "output_dir"],
+    ("transformers", "Trainer", "_load_rng_state"): ["self", "checkpoint"],
+    ("transformers", "Trainer", "_get_output_dir"): ["self", "trial"],
+    ("torch.distributed.fsdp", "FSDPModule", "set_reshard_after_forward"): ["self", "reshard_after_forward", "recurse"],
+    ("torch.distributed.fsdp", "FSDPModule", "reshard"): ["self"],
+    ("torch.distributed.fsdp", "FSDPModule", "_get_fsdp_state"): ["self"],
+}
+
+# Attributes that GRPOTrainer.__init__ / SFTTrainer.__init__ must still set, read by sdgrpo.
+INIT_ATTRIBUTES = {
+    ("trl", "GRPOTrainer"): ["self.eos_token_ids", "self._metrics", "self.beta", "self.temperature",
+                             "self.ref_model", "self.mask_truncated_completions"],
+    ("trl", "SFTTrainer"): ["self._metrics"],
+}
+
+
+def parameter_names(module: str, cls: str, method: str) -> list[str]:
+    import importlib
+
+    return list(inspect.signature(getattr(getattr(importlib.import_module(module), cls), method)).parameters)
+
+
+def mismatch(module: str, cls: str, method: str, expected: list[str]) -> str | None:
+    """Why the installed method does not match the pinned names, or None."""
+    try:
+        names = parameter_names(module, cls, method)
+    except AttributeError:
+        return f"{module}.{cls}.{method} no longer exists"
+    if names[: len(expected)] != expected:
+        return f"{module}.{cls}.{method}{tuple(names)}: sdgrpo relies on {tuple(expected)}"
+    return None
+
+
+@pytest.mark.parametrize("key", list(PINNED), ids=[".".join(k[1:]) for k in PINNED])
+def test_pinned_private_signatures(key):
+    assert mismatch(*key, PINNED[key]) is None
+
+
+@pytest.mark.parametrize("key", list(INIT_ATTRIBUTES), ids=[k[1] for k in INIT_ATTRIBUTES])
+def test_attributes_set_in_init(key):
+    import importlib
+
+    source = inspect.getsource(getattr(importlib.import_module(key[0]), key[1]).__init__)
+    assert [a for a in INIT_ATTRIBUTES[key] if f"{a} =" not in source] == []
+
+
+def test_trl_fused_logprob_hook_point_exists():
+    """compat.py swaps this name when Triton is missing; a rename would leave CPU training broken."""
+    import trl.trainer.utils as trl_utils
+
+    assert hasattr(trl_utils, "_ChunkedLogProbFunction")
+    assert "_ChunkedLogProbFunction.apply(" in inspect.getsource(trl_utils)
+
+
+def test_the_check_catches_a_changed_signature(monkeypatch):
+    """Edit a copy of a pinned method (an extra leading parameter, as an upgrade might add): the check fails."""
+    import trl
+
+    def changed(self, mode, inputs, prompts, completions, completion_ids_list):
+        return None
+
+    monkeypatch.setattr(trl.GRPOTrainer, "_calculate_rewards", changed)
+    key = ("trl", "GRPOTrainer", "_calculate_rewards")
+    assert "sdgrpo relies on ('self', 'inputs', 'prompts'" in mismatch(*key, PINNED[key])
+    monkeypatch.delattr(trl.GRPOTrainer, "_calculate_rewards")
+    assert "no longer exists" in mismatch(*key, PINNED[key])
