@@ -1,6 +1,6 @@
-"""Score fixed completions with one backend's policy (adapters disabled), for tests/test_gpu.py.
+"""Score fixed completions with one backend's policy (adapters disabled), for tests/gpu/test_gpu.py.
 
-Usage: python tests/gpu_score.py {hf,unsloth} MODEL_DIR OUT.json
+Usage: python tests/gpu/gpu_score.py {hf,unsloth} MODEL_DIR OUT.json
 Each backend runs in its own process: Unsloth patches transformers' model classes when it loads a model.
 The prompts and completions are drawn from a fixed seed, so both processes score the same token ids.
 """
