@@ -1,4 +1,4 @@
-"""Make TRL 1.15's GRPOTrainer run where Triton is missing (CPU builds of torch).
+"""Make TRL 1.15's trainers run on CPU, with or without Triton installed.
 
 TRL 1.15 computes per-token log-probs through a fused LM head whose kernel is written in Triton; when Triton cannot
 be imported it leaves ``trl.trainer.utils._ChunkedLogProbFunction = None`` and training fails on the first forward.
@@ -44,12 +44,29 @@ class _PlainChunkedLogProb:
     apply = staticmethod(_plain_chunked_logprob)
 
 
+class _DeviceDispatch:
+    """TRL's Triton kernel for CUDA tensors, the plain version for any other device (a GPU machine's Triton cannot
+    run on CPU tensors: training on the CPU of a machine with Triton installed failed with '0 active drivers')."""
+
+    triton = None
+
+    @classmethod
+    def apply(cls, hidden, *args, **kwargs):
+        if hidden.is_cuda and cls.triton is not None:
+            return cls.triton.apply(hidden, *args, **kwargs)
+        return _plain_chunked_logprob(hidden, *args, **kwargs)
+
+
 def ensure_trl_runs_without_triton() -> bool:
-    """Install the plain-PyTorch log-prob function if TRL's Triton one is unavailable; returns True if installed."""
+    """Route TRL's fused log-prob function by device: Triton's where it exists and the tensors are on CUDA, the
+    plain-PyTorch one otherwise. Returns True if it installed the router now (False if it was already there)."""
     import trl.trainer.utils as trl_utils
 
-    if getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None:
+    current = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+    if current is _DeviceDispatch:
         return False
-    trl_utils._ChunkedLogProbFunction = _PlainChunkedLogProb
-    logger.info("Triton is not available: TRL's fused log-prob kernel replaced by a plain PyTorch version")
+    _DeviceDispatch.triton = current if current is not _PlainChunkedLogProb else None
+    trl_utils._ChunkedLogProbFunction = _DeviceDispatch
+    if current is None:
+        logger.info("Triton is not available: TRL's fused log-prob kernel runs as plain PyTorch")
     return True
