@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# GPU machine, one call: the whole CPU test suite with the GPUs hidden (as CI runs it, but on 16 cores with
-# pytest-xdist), then the GPU tests. Carry .whl (../shared/device/make-wheelhouse.sh). Logs to $OUT.
+# GPU machine, one call: the GPU tests, then the whole CPU test suite with the GPUs hidden (as CI runs it, but on 16
+# cores with pytest-xdist). Carry .whl (../shared/device/make-wheelhouse.sh). Logs to $OUT.
 # CPU_ONLY=1: the CPU suite alone; GPU_ONLY=1: the GPU tests alone.
 set -u
 source benchmarks/device/env.sh
-if [ "${GPU_ONLY:-0}" != 1 ]; then
-  CUDA_VISIBLE_DEVICES= timeout "${CPU_SECONDS:-420}" python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-12}" \
-    --durations=15 -m "not gpu" tests 2>&1 | tee "$OUT/pytest_cpu.log" | tail -45
-fi
 if [ "${CPU_ONLY:-0}" != 1 ]; then
   timeout "${GPU_SECONDS:-400}" python3 -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider \
-    ${PYTEST_K:+-k "$PYTEST_K"} tests/gpu 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+    ${PYTEST_K:+-k "$PYTEST_K"} tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
+fi
+if [ "${GPU_ONLY:-0}" != 1 ]; then
+  CUDA_VISIBLE_DEVICES= timeout "${CPU_SECONDS:-420}" python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-12}" \
+    --durations=10 -m "not gpu" tests 2>&1 | tee "$OUT/pytest_cpu.log" | tail -30
 fi
