@@ -1,4 +1,4 @@
-"""Reward cost on the GPU: the sketch's loop, sdgrpo's own batched pass, and the reuse of TRL's reference pass.
+"""Reward cost on the GPU: the original recipe's loop, sdgrpo's own batched pass, and the reuse of TRL's reference pass.
 
 Shapes: Qwen2.5-1.5B (random weights, bf16), one group of G=8 completions, 128 prompt tokens + 512 or 4096
 completion tokens. Time is the median of 5 runs after 2 warm-ups; memory is the peak allocated above the model.
@@ -19,8 +19,8 @@ from sdgrpo.rewards import SelfNLLReward  # noqa: E402
 from sdgrpo.scoring import completion_logprobs  # noqa: E402
 
 
-def sketch_loop(model, prompts, completions):
-    """The original sketch: one forward per completion over its full sequence, fp32 log-softmax of all logits."""
+def original_recipe_loop(model, prompts, completions):
+    """The original recipe: one forward per completion over its full sequence, fp32 log-softmax of all logits."""
     out = []
     with torch.no_grad():
         for p, c in zip(prompts, completions):
@@ -42,7 +42,7 @@ def main(out_dir: str | None = None):
     for prompt_len, comp_len in ((128, 512), (128, 4096)):
         prompts = [torch.randint(3, 150000, (prompt_len,), generator=g).tolist()] * 8
         completions = [torch.randint(3, 150000, (comp_len,), generator=g).tolist() for _ in range(8)]
-        t_loop, m_loop = cuda_time(lambda: sketch_loop(model, prompts, completions))
+        t_loop, m_loop = cuda_time(lambda: original_recipe_loop(model, prompts, completions))
         t_own, m_own = cuda_time(lambda: completion_logprobs(model, prompts, completions, pad_token_id=2))
         t_own1g, m_own1g = cuda_time(lambda: completion_logprobs(model, prompts, completions, pad_token_id=2,
                                                                  logits_bytes=2**30, token_budget=65536))
@@ -51,9 +51,9 @@ def main(out_dir: str | None = None):
         t_reuse, m_reuse = cuda_time(lambda: reward(prompts=[""] * 8, completions=[""] * 8,
                                                     completion_ids=completions, ref_per_token_logps=ref), repeats=20)
         own = [lp.mean().item() for lp in completion_logprobs(model, prompts, completions, pad_token_id=2)]
-        loop = sketch_loop(model, prompts, completions)
+        loop = original_recipe_loop(model, prompts, completions)
         row = {"prompt_tokens": prompt_len, "completion_tokens": comp_len, "G": 8,
-               "sketch_loop_s": t_loop, "sketch_loop_peak_gib": m_loop,
+               "original_recipe_loop_s": t_loop, "original_recipe_loop_peak_gib": m_loop,
                "own_pass_s": t_own, "own_pass_peak_gib": m_own,
                "own_pass_1gib_logits_64k_budget_s": t_own1g, "own_pass_1gib_logits_64k_budget_peak_gib": m_own1g,
                "reuse_s": t_reuse, "reuse_peak_gib": m_reuse,

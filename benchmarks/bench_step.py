@@ -1,12 +1,12 @@
 """Time per GRPO step on the GPU, split into generation, reward scoring and the rest (policy/reference passes).
 
 Variants (each in its own process, since importing Unsloth patches TRL for the whole process):
-  trl_plain         bare TRL GRPOTrainer + PEFT LoRA, TRL's defaults, the sketch's reward (one forward per completion)
+  trl_plain         bare TRL GRPOTrainer + PEFT LoRA, TRL's defaults, the original recipe's reward (one forward per completion)
   sdgrpo_hf         `sdgrpo train --backend hf` with its defaults
   sdgrpo_hf_static  the same with cache_implementation=static
   sdgrpo_hf_compile static cache with transformers' compiled decoding (--generation_compile true)
   sdgrpo_hf_cb      TRL's transformers continuous batching (use_transformers_continuous_batching)
-  unsloth_bare      Unsloth model + Unsloth-patched GRPOTrainer, the sketch's reward
+  unsloth_bare      Unsloth model + Unsloth-patched GRPOTrainer, the original recipe's reward
   sdgrpo_unsloth    `sdgrpo train --backend unsloth`
 Model: Qwen2.5 shapes with a 32k vocabulary and random bf16 weights; G=8 completions of 512 tokens, prompts of
 ~128 tokens, LoRA r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3)
@@ -87,8 +87,8 @@ class Timer:
         setattr(cls, name, timed)
 
 
-def sketch_reward(model, tokenizer):
-    """The original sketch: re-tokenize prompt + completion, one forward each (kept for the baseline only)."""
+def original_recipe_reward(model, tokenizer):
+    """The original recipe: re-tokenize prompt + completion, one forward each (kept for the baseline only)."""
     import torch
 
     def reward(prompts, completions, **kwargs):
@@ -102,7 +102,7 @@ def sketch_reward(model, tokenizer):
                 out.append(picked.mean().item() if picked.numel() else 0.0)
         return out
 
-    reward.__name__ = "sketch_nll"
+    reward.__name__ = "original_recipe_nll"
     return reward
 
 
@@ -162,7 +162,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         from sdgrpo.compat import ensure_trl_runs_without_triton
 
         ensure_trl_runs_without_triton()
-        trainer = trl.GRPOTrainer(model=model, reward_funcs=[sketch_reward(model, tok)],
+        trainer = trl.GRPOTrainer(model=model, reward_funcs=[original_recipe_reward(model, tok)],
                                   args=trl.GRPOConfig(output_dir=str(out / variant), **common),
                                   train_dataset=load_from_disk(str(data_dir))["train"], processing_class=tok,
                                   peft_config=peft_config, callbacks=[step_clock])

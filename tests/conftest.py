@@ -100,3 +100,14 @@ def shipped():
 
     tok = AutoTokenizer.from_pretrained(TINY_MODEL)
     return AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval(), tok
+
+
+@pytest.fixture(scope="session")
+def teacher_student_batch(tiny_tokenizer):
+    """Two random Llamas (a 3-layer teacher, a 2-layer student) and prompt/completion ids of different lengths."""
+    teacher, student = make_llama(tiny_tokenizer, seed=11, layers=3), make_llama(tiny_tokenizer, seed=12)
+    g = torch.Generator().manual_seed(0)
+    prompts = [[tiny_tokenizer.bos_token_id] + torch.randint(2, 512, (n,), generator=g).tolist() for n in (4, 9, 2)]
+    comps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (6, 1, 12)]
+    comps[1].append(tiny_tokenizer.eos_token_id)
+    return teacher, student, prompts, comps

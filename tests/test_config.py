@@ -1,4 +1,4 @@
-"""Every shipped YAML parses; YAML then command line; sdgrpo's defaults; the sketch's batch settings."""
+"""Every shipped YAML parses; YAML then command line; sdgrpo's defaults; the original recipe's batch settings."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_defaults_and_overrides(tmp_path):
     assert train_cfg.learning_rate == 1e-5 and train_cfg.beta == 0.1 and model_cfg.lora_r == 8
 
 
-def test_sketch_batch_settings_work():
+def test_original_recipe_batch_settings_work():
     train_cfg, _ = parse_train_args(["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
                                      "--num_generations", "8"])
     assert train_cfg.generation_batch_size == 8 and train_cfg.steps_per_generation == 8

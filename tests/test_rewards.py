@@ -222,26 +222,16 @@ def test_rows_the_trainer_could_not_score_are_scored_by_the_reward(tiny_tokenize
             assert got[i] == (pytest.approx(want, abs=1e-5) if c else None)
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_tokenizer):
-    teacher, student = make_llama(tiny_tokenizer, seed=11, layers=3), make_llama(tiny_tokenizer, seed=12)
-    g = torch.Generator().manual_seed(0)
-    prompts = [[tiny_tokenizer.bos_token_id] + torch.randint(2, 512, (n,), generator=g).tolist() for n in (4, 9, 2)]
-    comps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (6, 1, 12)]
-    comps[1].append(tiny_tokenizer.eos_token_id)
-    return teacher, student, prompts, comps
-
-
-def test_teacher_nll_scores_sampled_ids_directly(tiny_tokenizer, setup):
-    teacher, _, prompts, comps = setup
+def test_teacher_nll_scores_sampled_ids_directly(tiny_tokenizer, teacher_student_batch):
+    teacher, _, prompts, comps = teacher_student_batch
     reward = TeacherNLLReward(teacher, tiny_tokenizer)
     got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts)
     want = [reference_logps(teacher, p, c).mean().item() for p, c in zip(prompts, comps)]
     assert got == pytest.approx(want, abs=1e-5)
 
 
-def test_distill_is_teacher_minus_policy_per_token(tiny_tokenizer, setup):
-    teacher, student, prompts, comps = setup
+def test_distill_is_teacher_minus_policy_per_token(tiny_tokenizer, teacher_student_batch):
+    teacher, student, prompts, comps = teacher_student_batch
     reward = DistillReward(teacher, tiny_tokenizer, policy=student)
     got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts)
     want = [(reference_logps(teacher, p, c) - reference_logps(student, p, c)).mean().item()
@@ -253,10 +243,10 @@ def test_distill_is_teacher_minus_policy_per_token(tiny_tokenizer, setup):
         [0.0] * 3, abs=1e-6)
 
 
-def test_distill_scores_only_the_rows_the_trainer_could_not(tiny_tokenizer, setup):
+def test_distill_scores_only_the_rows_the_trainer_could_not(tiny_tokenizer, teacher_student_batch):
     """policy_per_token_logps with a None row (Unsloth's packing could not score it): that row gets the reward's own
     policy pass, the others are taken as given."""
-    teacher, student, prompts, comps = setup
+    teacher, student, prompts, comps = teacher_student_batch
     reward = DistillReward(teacher, tiny_tokenizer, policy=student)
     given = [torch.zeros(len(comps[0])), None, torch.zeros(len(comps[2]))]
     got = reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts,
@@ -293,14 +283,14 @@ def test_registry_needs_a_teacher(tiny_tokenizer):
         build_reward("nope", None, tiny_tokenizer)
 
 
-def test_context_distill_is_base_shown_the_text_minus_policy(tiny_tokenizer, setup):
+def test_context_distill_is_base_shown_the_text_minus_policy(tiny_tokenizer, teacher_student_batch):
     """Teacher: the base (adapters off) after BOS + continuation + blank line + the prompt's tokens; student: the
     policy (adapters on) after the prompt. Checked against one unpadded forward per sequence, built by hand."""
     from peft import LoraConfig, get_peft_model
 
     from sdgrpo.rewards import ContextDistillReward
 
-    _, student, prompts, comps = setup
+    _, student, prompts, comps = teacher_student_batch
     policy = get_peft_model(make_llama(tiny_tokenizer, seed=12), LoraConfig(r=4, target_modules="all-linear"))
     with torch.no_grad():
         for name, p in policy.named_parameters():

@@ -158,14 +158,14 @@ def test_distill_reuses_the_trainers_policy_pass(tmp_path, tiny_model_dir, tiny_
     assert out == pytest.approx([(q - p).mean().item() for q, p in zip(own_teacher, own_policy)], abs=1e-4)
 
 
-def test_teacher_adapter_is_merged_into_a_frozen_copy(tmp_path, tiny_model_dir, tiny_tokenizer, setup):
+def test_teacher_adapter_is_merged_into_a_frozen_copy(tmp_path, tiny_model_dir, tiny_tokenizer, teacher_student_batch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from sdgrpo.config import parse_train_args
     from sdgrpo.train import load_teacher
 
-    _, _, prompts, comps = setup
+    _, _, prompts, comps = teacher_student_batch
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                           LoraConfig(r=4, target_modules="all-linear"))
     with torch.no_grad():
@@ -183,11 +183,3 @@ def test_teacher_adapter_is_merged_into_a_frozen_copy(tmp_path, tiny_model_dir, 
         load_teacher(cfg, str(tiny_model_dir))
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_tokenizer):
-    teacher, student = make_llama(tiny_tokenizer, seed=11, layers=3), make_llama(tiny_tokenizer, seed=12)
-    g = torch.Generator().manual_seed(0)
-    prompts = [[tiny_tokenizer.bos_token_id] + torch.randint(2, 512, (n,), generator=g).tolist() for n in (4, 9, 2)]
-    comps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (6, 1, 12)]
-    comps[1].append(tiny_tokenizer.eos_token_id)
-    return teacher, student, prompts, comps

@@ -3,7 +3,7 @@
 # ../shared/device/make-wheelhouse.sh), for Python 3.12 / x86_64: about 3 MB. deepspeed ships only an sdist; it is
 # built here without its CUDA ops (they are compiled on first use where needed) into a py3-none-any wheel.
 # pydantic (which deepspeed imports) needs annotated-types, typing-inspection and a newer typing-extensions than the
-# GPU image may have (the first two it lacks; session 4 saw `No module named typing_inspection` there): without
+# GPU image may have (the first two it lacks; an earlier run saw `No module named typing_inspection` there): without
 # them, importing deepspeed fails there, and accelerate and transformers import it whenever it is installed.
 # Then e.g.: WITH_DEEPSPEED=1 BENCH_RUNS=1gpu_nocompile,zero2_2gpu,zero3_2gpu bash benchmarks/device/multigpu.sh (device kind
 # nvidia-h100-x2; device/env.sh leaves deepspeed out unless WITH_DEEPSPEED=1).

@@ -3,7 +3,7 @@
 # gutenberg-more folders). Installs the wheelhouse into /tmp/site, sets the environment (NVLink multicast off, as
 # the machine requires), unpacks the corpus as ../shared/data and .gpu_data, and sets OUT (default /tmp/out).
 # deepspeed (benchmarks/device/add_deepspeed_wheels.sh) only with WITH_DEEPSPEED=1: once installed, accelerate and
-# transformers import it on every save, and any import failure of it stops runs that never use it (session 4).
+# transformers import it on every save, and any import failure of it stops runs that never use it.
 wheels=$(ls .whl/*.whl | { if [ "${WITH_DEEPSPEED:-0}" = 1 ]; then cat; else grep -v '/deepspeed-'; fi; })
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
   && tar xzf .whl/unsloth_pkg.tgz -C /tmp/site || exit 1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU-machine session: the reward benchmark and the GPU tests, results to $OUT. Carry .whl and .device_pack.
+# One GPU-machine call: the reward benchmark and the GPU tests, results to $OUT. Carry .whl and .device_pack.
 set -u
 source benchmarks/device/env.sh
 python3 benchmarks/bench_reward.py "$OUT" 2>&1 | tail -40

@@ -22,7 +22,7 @@ BACKENDS = ("hf", "unsloth")
 
 @dataclass
 class SDGRPOConfig(GRPOConfig):
-    """GRPOConfig plus the data, reward and backend settings of sdgrpo. Defaults follow the original sketch."""
+    """GRPOConfig plus the data, reward and backend settings of sdgrpo. Defaults follow the original GRPO recipe where it was sound."""
 
     dataset_path: str | None = field(
         default=None, metadata={"help": "Folder written by `sdgrpo prepare` (a DatasetDict with a `prompt` column)."}
@@ -98,7 +98,7 @@ class SDGRPOConfig(GRPOConfig):
     score_with: str = field(
         default="base",
         metadata={"help": "'base': the frozen base scores (adapters disabled). 'policy': the live policy scores "
-                  "itself, the failure mode the original sketch warned about (for experiments only)."},
+                  "itself, the failure mode the original recipe warned about (for experiments only)."},
     )
     collapse_guard: str = field(
         default="restore",
@@ -186,7 +186,7 @@ class SDGRPOConfig(GRPOConfig):
         """Make the generation batch hold whole groups of ``num_generations`` completions.
 
         TRL's generation batch is ``per_device_train_batch_size x processes x steps_per_generation`` (by default
-        ``gradient_accumulation_steps``). The sketch's 1 x 4 with 8 generations would not divide; then one
+        ``gradient_accumulation_steps``). The original recipe's 1 x 4 with 8 generations would not divide; then one
         generation batch is spread over several optimizer steps instead of failing.
         """
         # The distributed state does not exist yet here; accelerate and torchrun set WORLD_SIZE.
@@ -265,9 +265,9 @@ def default_generation_compile(backend: str, on_gpu: bool, regathered: bool, use
     """Compiled static-cache decoding by default where it was measured to help.
 
     Measured on H100s: 2.9x faster GRPO steps than the dynamic cache on one GPU
-    (benchmarks/results/bench_step_qwen2.5-0.5b_h100.json), and under FSDP2 with the weights held gathered and
+    (benchmarks/results/bench_step_qwen2.5-0.5b_h100_2026-11-26.json), and under FSDP2 with the weights held gathered and
     FSDP's hooks off for generation, 5,840 against 2,136 completion tokens/s on two GPUs
-    (bench_multigpu_qwen2.5-1.5b_h100x2_session4*.json). Off on CPU (not compiled there), with Unsloth and vLLM
+    (bench_multigpu_qwen2.5-1.5b_h100x2_2026-11-26_hookless*.json). Off on CPU (not compiled there), with Unsloth and vLLM
     (their own generation), and where the weights are ``regathered`` during generation: DeepSpeed (not measured) and
     FSDP with --fsdp_gather_for_generation or --fsdp_skip_hooks_in_generation off (a graph break at every module).
     """

@@ -42,8 +42,8 @@ def test_cli_prepare_then_two_training_steps(tmp_path, prepared, tiny_model_dir)
                                                                    "gate_proj", "up_proj", "down_proj"}
 
 
-def test_cli_sketch_batch_settings_run(tmp_path, prepared, tiny_model_dir):
-    out = tmp_path / "sketch"
+def test_cli_original_recipe_batch_settings_run(tmp_path, prepared, tiny_model_dir):
+    out = tmp_path / "original-recipe"
     r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
                "--max_steps", 1, "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 4,
                "--num_generations", 8, "--max_completion_length", 8, "--max_prompt_length", 10)
@@ -58,6 +58,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir):
         (["train", "--dataset_path", prepared, "--model_name_or_path", tmp_path], "not a model folder"),
         (["train", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
           tmp_path / "x", "--lora_target_modules", "nope_proj", "--max_steps", 1], "LoRA: Target modules"),
+        (["train", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
+          tmp_path / "q", "--load_in_4bit", "true"], "--backend hf loads the policy in 16 or 32 bits"),
         (["frobnicate"], "unknown command"),
     ]
     for args, message in cases:
@@ -111,8 +113,6 @@ def test_cli_trains_with_a_teacher(tmp_path, tiny_model_dir, tiny_tokenizer, cor
 
 
 def test_guard_does_not_crash_on_one_token_completions(tmp_path, prepared, tiny_model_dir):
-    from conftest import run_cli
-
     out = tmp_path / "run"
     r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
                 "--max_steps", 2, "--per_device_train_batch_size", 4, "--num_generations", 4,
