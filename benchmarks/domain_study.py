@@ -138,10 +138,12 @@ def plot(result: dict, path: Path) -> None:
     for (x, y), name in sft:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="gray")
     markers = {"self_nll": ("s", "tab:red"), "context_distill": ("D", "tab:blue"), "distill<-sft": ("^", "tab:green")}
-    for name, (marker, color) in markers.items():
-        if name in result["arms"]:
-            x, y = point(result["arms"][name])
-            ax.plot([x], [y], marker, color=color, markersize=9, label=name)
+    for name, arm in result["arms"].items():
+        kind = name.split("@")[0]
+        if kind in markers:
+            marker, color = markers[kind]
+            x, y = point(arm)
+            ax.plot([x], [y], marker, color=color, markersize=9 if kind == name else 6, label=name)
     ax.plot([0], [0], "k*", markersize=10, label="base")
     ax.axhline(0, color="black", lw=0.5)
     ax.axvline(0, color="black", lw=0.5)
@@ -163,6 +165,8 @@ def main() -> None:
     ap.add_argument("--general_data", default=str(ROOT.parent / "shared" / "data"),
                     help="the pretraining corpus whose held-out slice measures forgetting")
     ap.add_argument("--sft_lrs", default="1e-4,3e-4,1e-3")
+    ap.add_argument("--context_distill_lrs", default="3e-4",
+                    help="learning rates of the context_distill arm (the first is named context_distill)")
     ap.add_argument("--arms", default="base,sft,self_nll,context_distill,distill")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -213,8 +217,10 @@ def main() -> None:
         arm("self_nll", lambda: (run_grpo(grpo_args(data, work / "self_nll", model, "self_nll", 3e-4, 0.04), budget),
                                  work / "self_nll"))
     if "context_distill" in arms:
-        arm("context_distill", lambda: (run_grpo(grpo_args(data, work / "context_distill", model, "context_distill",
-                                                           3e-4, 0.0), budget), work / "context_distill"))
+        for i, lr in enumerate(args.context_distill_lrs.split(",")):
+            name = "context_distill" if i == 0 else f"context_distill@{lr}"
+            arm(name, lambda lr=lr, name=name: (
+                run_grpo(grpo_args(data, work / name, model, "context_distill", float(lr), 0.0), budget), work / name))
     if "distill" in arms:
         def distill():
             teacher = run_sft(data, work / "distill_teacher", model, 1e-3, budget / 2)
