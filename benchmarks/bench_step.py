@@ -1,7 +1,8 @@
 """Time per GRPO step on the GPU, split into generation, reward scoring and the rest (policy/reference passes).
 
 Variants (each in its own process, since importing Unsloth patches TRL for the whole process):
-  trl_plain         bare TRL GRPOTrainer + PEFT LoRA, TRL's defaults, the original recipe's reward (one forward per completion)
+  trl_plain         bare TRL GRPOTrainer + PEFT LoRA, TRL's defaults, the original recipe's reward (one forward
+                    per completion)
   sdgrpo_hf         `sdgrpo train --backend hf` with its defaults
   sdgrpo_hf_static  the same with cache_implementation=static
   sdgrpo_hf_compile static cache with transformers' compiled decoding (--generation_compile true)
