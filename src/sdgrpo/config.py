@@ -22,7 +22,7 @@ BACKENDS = ("hf", "unsloth")
 
 @dataclass
 class SDGRPOConfig(GRPOConfig):
-    """GRPOConfig plus the data, reward and backend settings of sdgrpo. Defaults follow the original GRPO recipe where it was sound."""
+    """GRPOConfig plus the data, reward and backend settings of sdgrpo; defaults that differ from TRL's at the end."""
 
     dataset_path: str | None = field(
         default=None, metadata={"help": "Folder written by `sdgrpo prepare` (a DatasetDict with a `prompt` column)."}
@@ -265,10 +265,10 @@ def default_generation_compile(backend: str, on_gpu: bool, regathered: bool, use
     """Compiled static-cache decoding by default where it was measured to help.
 
     Measured on H100s: 2.9x faster GRPO steps than the dynamic cache on one GPU
-    (benchmarks/results/bench_step_qwen2.5-0.5b_h100_2026-11-26.json), and under FSDP2 with the weights held gathered and
-    FSDP's hooks off for generation, 5,840 against 2,136 completion tokens/s on two GPUs
-    (bench_multigpu_qwen2.5-1.5b_h100x2_2026-11-26_hookless*.json). Off on CPU (not compiled there), with Unsloth and vLLM
-    (their own generation), and where the weights are ``regathered`` during generation: DeepSpeed (not measured) and
+    (benchmarks/results/bench_step_qwen2.5-0.5b_h100_2026-11-26.json), and under FSDP2 with the weights held gathered
+    and FSDP's hooks off for generation, 5,840 against 2,136 completion tokens/s on two GPUs
+    (bench_multigpu_qwen2.5-1.5b_h100x2_2026-11-26_hookless*.json). Off on CPU (not compiled there), with Unsloth and
+    vLLM (their own generation), and where the weights are ``regathered`` during generation: DeepSpeed (not measured) and
     FSDP with --fsdp_gather_for_generation or --fsdp_skip_hooks_in_generation off (a graph break at every module).
     """
     return (backend == "hf" and on_gpu and not regathered and not use_vllm
