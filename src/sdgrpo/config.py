@@ -269,8 +269,7 @@ def default_generation_compile(backend: str, on_gpu: bool, regathered: bool, use
     and FSDP's hooks off for generation, 5,840 against 2,136 completion tokens/s on two GPUs
     (bench_multigpu_qwen2.5-1.5b_h100x2_2026-11-26_hookless*.json). Off on CPU (not compiled there), with Unsloth and
     vLLM (their own generation), and where the weights are ``regathered`` during generation: DeepSpeed (not measured)
-    and
-    FSDP with --fsdp_gather_for_generation or --fsdp_skip_hooks_in_generation off (a graph break at every module).
+    and FSDP with --fsdp_gather_for_generation or --fsdp_skip_hooks_in_generation off (a graph break at every module).
     """
     return (backend == "hf" and on_gpu and not regathered and not use_vllm
             and cache_implementation in (None, "static"))
