@@ -15,6 +15,8 @@ VERBS = {
     "train": "self-distillation GRPO of LoRA adapters ([--config FILE] [--key value ...])",
     "sft": "plain LoRA fine-tuning on the prepared text, the control to compare with ([--config FILE] ...)",
     "eval": "compare a trained adapter with its base and with the base sampled colder (--adapter DIR --data DIR)",
+    "export": "merge an adapter into its base and save a plain model folder, parity-checked (--adapter --output)",
+    "generate": "sample from a base, a base + adapter (--adapter) or an exported folder (--prompt TEXT ...)",
     "demo": "prepare the shipped demo text, train the shipped tiny model on CPU, write a report",
     "pretrain": "pretrain the tiny default model (tokenizer + small Llama) on public-domain books",
 }
@@ -95,6 +97,23 @@ def _sft(argv: list[str]) -> int:
     return 0
 
 
+def _export(argv: list[str]) -> int:
+    from sdgrpo.export import ExportConfig, main
+
+    p = parser_from_dataclass(ExportConfig, "sdgrpo export", VERBS["export"])
+    result = main(ExportConfig(**vars(p.parse_args(argv))))
+    print(f"exported to {result['output']} ({result['bytes'] / 2**20:.1f} MiB, {result['seconds']} s); parity on "
+          f"{result['prompts_from']}: max |delta logit| {result['max_abs_logit_delta']:.3g} (tolerance "
+          f"{result['tolerance']:g}), greedy agreement {result['greedy_token_agreement']:.1%}")
+    return 0
+
+
+def _generate(argv: list[str]) -> int:
+    from sdgrpo.generate import main
+
+    return main(argv)
+
+
 def _eval(argv: list[str]) -> int:
     from sdgrpo.evaluate import main, parse_eval_args
 
@@ -119,7 +138,8 @@ def _pretrain(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"prepare": _prepare, "train": _train, "sft": _sft, "eval": _eval, "demo": _demo, "pretrain": _pretrain}
+HANDLERS = {"prepare": _prepare, "train": _train, "sft": _sft, "eval": _eval, "export": _export,
+            "generate": _generate, "demo": _demo, "pretrain": _pretrain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -238,3 +238,55 @@ def load_prompts(path: str | None, split: str = "train", limit: int | None = Non
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return ds
+
+
+def prepared_or_raw(path: str | None, output_dir: str, model: str) -> str | None:
+    """``path`` itself when it is a dataset saved by ``prepare``; raw text files or folders are prepared with the
+    default options into ``output_dir/data`` (reused while the inputs and tokenizer are unchanged, rebuilt
+    otherwise) and that folder is returned. With several processes, rank 0 prepares and the others wait for it."""
+    import os
+    import time
+
+    from sdgrpo.sources import is_saved_dataset
+
+    if not path or is_saved_dataset(Path(path)) or not Path(path).exists():
+        return path
+    target = Path(output_dir) / "data"
+    fingerprint = _fingerprint(path, model)
+    summary = target / "prepare.json"
+
+    def ready() -> bool:
+        return summary.is_file() and json.loads(summary.read_text()).get("fingerprint") == fingerprint
+
+    if ready():
+        logger.info("raw text %s: using the prepared data in %s (inputs unchanged)", path, target)
+        return str(target)
+    if int(os.environ.get("RANK", "0")) != 0:
+        deadline = time.time() + 1800
+        while not ready():
+            if time.time() > deadline:
+                raise UserError(f"{target}: rank 0 did not finish preparing {path} in 30 minutes")
+            time.sleep(2)
+        return str(target)
+    import shutil
+
+    from sdgrpo.modeling import load_tokenizer
+
+    shutil.rmtree(target, ignore_errors=True)
+    cfg = PrepareConfig(inputs=[path], output=str(target), model=model)
+    result = prepare(cfg, load_tokenizer(model))
+    summary.write_text(json.dumps({**result, "fingerprint": fingerprint}, indent=2))
+    logger.warning("raw text %s: prepared with the default options into %s (%d prompts: %d train, %d test)", path,
+                   target, result["prompts"], result["train"], result["test"])
+    return str(target)
+
+
+def _fingerprint(path: str, model: str) -> str:
+    """Names, sizes and modification times of every file under ``path``, and the tokenizer's model."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha1(str(model).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()

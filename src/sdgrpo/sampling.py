@@ -42,8 +42,8 @@ def trim_after_eos(ids: list[int], eos_ids: set[int], pad_id: int | None) -> lis
 
 @torch.inference_mode()
 def sample(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, temperature: float = 1.0,
-           seed: int = 0, batch_size: int = 32) -> Samples:
-    """K samples per prompt with plain ancestral sampling (top-k and top-p off, as in TRL's defaults)."""
+           seed: int = 0, batch_size: int = 32, top_p: float = 1.0) -> Samples:
+    """K samples per prompt with ancestral sampling (top-k off; top-p off unless given, as in TRL's defaults)."""
     device = next(model.parameters()).device
     stop = stop_token_ids(model, tokenizer)
     eos_ids = set(stop)
@@ -55,7 +55,7 @@ def sample(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, te
     for start in range(0, len(expanded), batch_size):
         chunk = expanded[start : start + batch_size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(device)
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=top_p,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=stop or None)
         width = enc["input_ids"].size(1)

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from sdgrpo.config import SDModelConfig, SDSFTConfig, _has_cuda, config_to_dict
-from sdgrpo.data import load_prompts
+from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,12 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     from sdgrpo.callbacks import MetricsFileCallback
     from sdgrpo.compat import ensure_trl_runs_without_triton
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
-    from sdgrpo.train import heldout_callback, keep_best_heldout
+    from sdgrpo.train import heldout_callback, keep_best_heldout, write_card
 
     ensure_trl_runs_without_triton()
     if not cfg.dataset_path:
-        raise UserError("no text: pass --dataset_path DIR (a folder written by `sdgrpo prepare`)")
+        raise UserError("no text: pass --dataset_path DIR (raw text, or a folder written by `sdgrpo prepare`)")
+    cfg.dataset_path = prepared_or_raw(cfg.dataset_path, cfg.output_dir, model_cfg.model_name_or_path)
     out = Path(cfg.output_dir)
     device = "cpu" if cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, cfg.trust_remote_code)
@@ -66,5 +67,6 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
         (ckpt / "training_args.bin").unlink(missing_ok=True)
     if heldout:
         keep_best_heldout(heldout, out, trainer)
+    write_card(trainer, out, model_cfg.model_name_or_path, "sft")
     logger.info("adapter saved to %s", out)
     return out

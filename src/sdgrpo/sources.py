@@ -126,7 +126,8 @@ def _read_file(path: Path, text_field: str) -> Iterator[Document]:
         yield from _read_csv(path, text, text_field)
 
 
-def _expand(paths: list[str]) -> list[Path]:
+def _expand(paths: list[str], ignored: list[str] | None = None) -> list[Path]:
+    """The files (and saved-dataset folders) under ``paths``; files of other types go to ``ignored``."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -140,9 +141,11 @@ def _expand(paths: list[str]) -> list[Path]:
                     continue
                 if is_saved_dataset(child):
                     files.append(child)
-                elif child.is_file() and child.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES:
-                    if not any(is_saved_dataset(p) for p in child.parents):
+                elif child.is_file() and not any(is_saved_dataset(p) for p in child.parents):
+                    if child.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES:
                         files.append(child)
+                    elif ignored is not None:
+                        ignored.append(str(child))
     return files
 
 
@@ -153,7 +156,13 @@ def iter_documents(paths: list[str], text_field: str = "text", report: ReadRepor
     :class:`UserError` is raised once the walk is done.
     """
     report = report if report is not None else ReadReport()
-    files = _expand(paths)
+    ignored: list[str] = []
+    files = _expand(paths, ignored)
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        logger.warning("skipping %d file(s) of a type sdgrpo does not read (.txt .md .jsonl .json .csv .parquet): %s",
+                       len(ignored), shown)
+        report.skipped.extend(f"{f}: not a text or record file" for f in ignored)
     found_any = False
     for path in files:
         if path.is_file() and path.suffix.lower() not in TEXT_SUFFIXES | RECORD_SUFFIXES:

@@ -13,7 +13,7 @@ import yaml
 from sdgrpo.callbacks import MetricsFileCallback, StopRequest
 from sdgrpo.checkpointing import check_resume, last_complete_checkpoint, truncate_metrics
 from sdgrpo.config import SDGRPOConfig, SDModelConfig, _has_cuda, config_to_dict
-from sdgrpo.data import load_prompts
+from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.rewards import build_reward
@@ -148,6 +148,14 @@ def keep_best_heldout(heldout, out: Path, trainer) -> None:
         logger.info("final adapter: the one of step %d, lowest held-out bits per byte (%.4f)", *heldout.best)
 
 
+def write_card(trainer, out: Path, base: str, verb: str) -> None:
+    """The adapter folder's model card (README.md), on the main process."""
+    from sdgrpo.cards import adapter_card
+
+    if trainer.args.should_save:
+        (out / "README.md").write_text(adapter_card(out, base, verb))
+
+
 def _end_distributed() -> None:
     """Tear the process group down before exit: a live gloo group aborts the process at interpreter shutdown."""
     import torch.distributed as dist
@@ -163,6 +171,7 @@ def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> 
 
     ensure_trl_runs_without_triton()
     check_one_gpu_per_process()
+    train_cfg.dataset_path = prepared_or_raw(train_cfg.dataset_path, train_cfg.output_dir, model_cfg.model_name_or_path)
     out = Path(train_cfg.output_dir)
     resolved = config_to_dict(train_cfg, model_cfg)
     return out, resolved, (check_resume(out, resolved) if resume else None)
@@ -254,6 +263,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
         finish(trainer, guard, stop, out)
         if heldout:
             keep_best_heldout(heldout, out, trainer)
+        write_card(trainer, out, model_cfg.model_name_or_path, "train")
     finally:
         _end_distributed()
     logger.info("adapter saved to %s (reward reused from the KL pass in %d of the reward calls)",

@@ -1,0 +1,147 @@
+"""``sdgrpo export``: the base with a trained adapter merged in, saved as a plain model folder, with a parity check.
+
+The merged folder loads with plain ``transformers.AutoModelForCausalLM`` (no PEFT), vLLM or conversion tools. The
+parity check always runs: on held-out prompts (the adapter's prepared test split when its resolved config names one,
+else a few built-in lines), the merged model's logits against base + adapter (max |delta logit|) and greedy-token
+agreement. Outside tolerance the export fails with one line and leaves nothing: the folder is written under a
+temporary name and renamed only after the check passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from sdgrpo.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Max |delta logit| accepted per dtype: fp32 merges are exact up to summation order; 16-bit weights round.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
+BUILTIN_PROMPTS = ["The morning was cold, and", "In the beginning", "She opened the letter and read", "It is a truth"]
+
+
+@dataclass
+class ExportConfig:
+    adapter: str = ""
+    output: str = ""
+    model_name_or_path: str = ""  # default: the adapter's base_model_name_or_path
+    dtype: str = "float32"
+    max_delta: float = 0.0  # 0: TOLERANCE[dtype]
+    push_to_hub: str = ""
+    trust_remote_code: bool = False
+
+
+def adapter_base(adapter: Path) -> str:
+    path = adapter / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"{adapter}: no adapter_config.json; pass a folder written by `sdgrpo train` or `sdgrpo sft`")
+    return json.loads(path.read_text()).get("base_model_name_or_path") or ""
+
+
+def parity_prompts(adapter: Path, tokenizer, limit: int = 8) -> tuple[list[list[int]], str]:
+    """Token ids of held-out prompts: the adapter's prepared test split when known, else built-in lines."""
+    resolved = adapter / "resolved_config.yaml"
+    data = yaml.safe_load(resolved.read_text()).get("dataset_path") if resolved.is_file() else None
+    if data and Path(data).is_dir():
+        from sdgrpo.data import load_prompts
+
+        try:
+            texts = list(load_prompts(data, "test", limit)["prompt"])
+            return tokenizer(texts)["input_ids"], f"{data} (test split, {len(texts)} prompts)"
+        except UserError:
+            pass
+    return tokenizer(BUILTIN_PROMPTS)["input_ids"], f"{len(BUILTIN_PROMPTS)} built-in lines"
+
+
+@torch.no_grad()
+def parity(merged, reference, prompts: list[list[int]], new_tokens: int = 16) -> dict:
+    """Max |delta logit| over every position of the prompts, and greedy agreement over ``new_tokens`` tokens."""
+    max_delta, agree, total = 0.0, 0, 0
+    for ids in prompts:
+        x = torch.tensor([ids])
+        a, b = merged(input_ids=x).logits.float(), reference(input_ids=x).logits.float()
+        max_delta = max(max_delta, (a - b).abs().max().item())
+        ga = merged.generate(x, max_new_tokens=new_tokens, do_sample=False)[0, len(ids):]
+        gb = reference.generate(x, max_new_tokens=new_tokens, do_sample=False)[0, len(ids):]
+        n = min(len(ga), len(gb))
+        agree += int((ga[:n] == gb[:n]).sum())
+        total += max(len(ga), len(gb))
+    return {"max_abs_logit_delta": max_delta, "greedy_token_agreement": agree / max(1, total), "prompts": len(prompts)}
+
+
+def main(cfg: ExportConfig) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sdgrpo.modeling import DTYPES, check_model_path, load_tokenizer
+
+    adapter, out = Path(cfg.adapter), Path(cfg.output)
+    if not cfg.adapter or not cfg.output:
+        raise UserError("export needs --adapter DIR and --output DIR")
+    if cfg.dtype not in TOLERANCE:
+        raise UserError(f"--dtype {cfg.dtype!r} is not one of {list(TOLERANCE)}")
+    base = cfg.model_name_or_path or adapter_base(adapter)
+    if not base:
+        raise UserError(f"{adapter}: adapter_config.json names no base model; pass --model_name_or_path")
+    if out.exists():
+        raise UserError(f"{out}: already exists; pass a new --output folder")
+    check_model_path(base)
+    t0 = time.perf_counter()
+    quantised = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_quantization")
+    if quantised:
+        logger.warning("the adapter was trained on a quantised base: merging into a %s copy", cfg.dtype)
+    tokenizer = load_tokenizer(base, cfg.trust_remote_code)
+    dtype = DTYPES[cfg.dtype]
+    load = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
+    try:
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **load), str(adapter)).eval()
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(f"{adapter}: cannot load this adapter onto {base} ({str(err).splitlines()[0][:200]}); "
+                        "export refused") from None
+    weights = [p for n, p in reference.named_parameters() if "lora_" in n]
+    if not weights or not all(torch.isfinite(p).all() for p in weights):
+        raise UserError(f"{adapter}: the adapter holds non-finite weights (NaN or inf); export refused")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **load), str(adapter))
+    merged = merged.merge_and_unload().eval()
+    prompts, source = parity_prompts(adapter, tokenizer)
+    check = {**parity(merged, reference, prompts), "prompts_from": source, "dtype": cfg.dtype,
+             "tolerance": cfg.max_delta or TOLERANCE[cfg.dtype]}
+    check["passed"] = check["max_abs_logit_delta"] <= check["tolerance"]
+    if not check["passed"]:
+        raise UserError(f"{adapter}: merged model differs from base + adapter by {check['max_abs_logit_delta']:.3g} "
+                        f"in the logits (tolerance {check['tolerance']:g}, {cfg.dtype}); nothing was written")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        (tmp / "parity.json").write_text(json.dumps(check, indent=2))
+        from sdgrpo.cards import export_card
+
+        (tmp / "README.md").write_text(export_card(adapter, base, check))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    result = {**check, "output": str(out), "seconds": round(time.perf_counter() - t0, 2), "bytes": size}
+    if cfg.push_to_hub:
+        push(out, cfg.push_to_hub)
+    return result
+
+
+def push(folder: Path, repo_id: str) -> None:
+    """Upload with huggingface_hub (needs the hub and a token; not exercised by the offline tests)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id)
