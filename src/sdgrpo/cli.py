@@ -63,11 +63,11 @@ def _train(argv: list[str]) -> int:
     from sdgrpo.train import Interrupted, main
 
     if any(a in ("-h", "--help") for a in argv):
-        from trl import TrlParser
+        from transformers import HfArgumentParser
 
         from sdgrpo.config import SDGRPOConfig, SDModelConfig
 
-        TrlParser((SDGRPOConfig, SDModelConfig), prog="sdgrpo train").print_help()
+        HfArgumentParser((SDGRPOConfig, SDModelConfig), prog="sdgrpo train").print_help()
         return 0
     resume = "--resume" in argv
     train_cfg, model_cfg = parse_train_args([a for a in argv if a != "--resume"])

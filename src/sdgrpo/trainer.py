@@ -1,12 +1,23 @@
 """TRL's GRPOTrainer with the few hooks self-distillation needs.
 
-- ``max_prompt_length`` (dropped by TRL 1.15) keeps the last N prompt tokens.
+- ``max_prompt_length`` (dropped by TRL 1.15) keeps the last N prompt tokens after the leading special tokens.
 - Reward functions receive ``prompt_ids``: the prompt token ids exactly as the trainer tokenized them.
 - With beta > 0 and temperature 1 they also receive ``ref_per_token_logps``: the reference (adapter-disabled) log-probs
   that TRL computes for the KL term before it calls the rewards, so the self-NLL reward costs no extra forward pass.
-  Unsloth's left-packed ``(B, C + max_left_pad)`` tensors are first put back in TRL's ``(B, C)`` layout.
-  At another temperature TRL's reference log-probs are of ``logits / T``, which is not the temperature-1
-  likelihood, so the reward runs its own pass instead.
+  Unsloth's left-packed ``(B, C + max_left_pad)`` tensors are first put back in TRL's ``(B, C)`` layout. A row is
+  handed over only if that pass scored every one of its sampled tokens (not masked by ``mask_truncated_completions``),
+  and only with dropout off (TRL runs the pass in train mode). At another temperature TRL's reference log-probs are of
+  ``logits / T``, which is not the temperature-1 likelihood, so the reward runs its own pass instead.
+
+The hand-off relies on TRL 1.15's order inside ``_generate_and_score_completions``: ``_generate`` (prompt ids), then
+``_get_per_token_logps_and_entropies`` for the old policy (when steps are misaligned) and for the reference, then
+``_calculate_rewards``; and on the ``(B, C)`` layout of those log-probs. tests/test_trainer.py fails if either
+changes (the reward must be served from the KL pass, and must equal an independent forward pass).
+
+Private TRL methods overridden here (pinned: trl 1.15.0; signatures checked by tests/test_private_api.py):
+``_tokenize_prompts``, ``_generate``, ``_get_per_token_logps_and_entropies``, ``_generate_and_score_completions``,
+``_calculate_rewards``; attributes read: ``_metrics``, ``eos_token_ids``, ``beta``, ``temperature``, ``ref_model``.
+Checkpoint overrides are in ``checkpointing.py``, FSDP2 internals in ``fsdp.py``.
 """
 
 from __future__ import annotations
