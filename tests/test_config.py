@@ -80,8 +80,11 @@ def test_compiled_generation_default(monkeypatch):
     """On for --backend hf on a GPU (one process, DDP, FSDP2 with the weights held and FSDP's hooks off for
     generation), with a static cache; off on CPU, Unsloth, vLLM, DeepSpeed and FSDP re-gathering the weights."""
     from sdgrpo.config import default_generation_compile as default
+    from sdgrpo.config import resolve_runtime
 
     cpu, model = parse_train_args([])  # this machine has no GPU
+    assert cpu.generation_compile is None  # left open until the runtime is known
+    resolve_runtime(cpu)
     assert cpu.generation_compile is False and cpu.cache_implementation is None and model.dtype == "auto"
     assert default("hf", True, False, False, None) is True
     assert default("hf", False, False, False, None) is False
@@ -89,7 +92,7 @@ def test_compiled_generation_default(monkeypatch):
     assert default("hf", True, True, False, None) is False  # weights re-gathered (DeepSpeed, FSDP per step)
     assert default("hf", True, False, True, None) is False  # vLLM
     assert default("hf", True, False, False, "dynamic") is False
-    on, _ = parse_train_args(["--generation_compile", "true"])
+    on = resolve_runtime(parse_train_args(["--generation_compile", "true"])[0])
     assert on.generation_compile is True and on.cache_implementation == "static"
 
     # The whole config on a (pretended) GPU, launched the way accelerate launch marks FSDP and DeepSpeed.
@@ -107,7 +110,7 @@ def test_compiled_generation_default(monkeypatch):
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        cfg, _ = parse_train_args(gpu + extra)
+        cfg = resolve_runtime(parse_train_args(gpu + extra)[0])
         assert not cfg.use_cpu and cfg.generation_compile is expected, (env, extra)
         assert cfg.cache_implementation == ("static" if expected else None)
 

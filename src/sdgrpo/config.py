@@ -161,22 +161,14 @@ class SDGRPOConfig(GRPOConfig):
             self.generation_kwargs = {**(self.generation_kwargs or {}), "min_new_tokens": self.min_completion_length}
         if self.generation_batch_size is None and self.steps_per_generation is None and self.num_generations:
             self._fit_generation_batch()
+        # Two facts about the machine are needed here, before TRL's and transformers' own checks in
+        # super().__post_init__ (they reject bf16 without a GPU, and a generation batch that does not divide): the rest
+        # of the runtime detection is resolve_runtime's, the first step of `sdgrpo train`.
         if not _has_cuda():
             # Without a GPU, train on CPU in fp32 instead of failing on TRL's bf16 default.
             self.use_cpu = True
             self.bf16 = False
             self.fp16 = False
-        if self.generation_compile is None:
-            fsdp = bool(self.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-            deepspeed = bool(self.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-            # Held weights, hook-free decoding: FSDP2 only (accelerate launch exports FSDP_VERSION); FSDP1 unmeasured.
-            held = (os.environ.get("FSDP_VERSION") == "2" and self.fsdp_gather_for_generation
-                    and self.fsdp_skip_hooks_in_generation)
-            self.generation_compile = default_generation_compile(self.backend, not self.use_cpu,
-                                                                 deepspeed or (fsdp and not held),
-                                                                 self.use_vllm, self.cache_implementation)
-        if self.generation_compile and self.cache_implementation is None:
-            self.cache_implementation = "static"
         try:
             super().__post_init__()
         except ValueError as err:
@@ -258,6 +250,25 @@ class SDSFTConfig(SFTConfig):
             super().__post_init__()
         except ValueError as err:
             raise UserError(f"config: {err}") from None
+
+
+def resolve_runtime(cfg: SDGRPOConfig) -> SDGRPOConfig:
+    """Runtime detection, the first step of ``sdgrpo train``: how the run is launched (one process, DDP, FSDP1/2,
+    DeepSpeed: accelerate exports ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``ACCELERATE_USE_DEEPSPEED``) and on
+    what (GPU or CPU) decide the generation defaults that were left open: compiled static-cache decoding
+    (``--generation_compile``) and, with it, the static cache. Returns ``cfg``, changed in place."""
+    if cfg.generation_compile is None:
+        fsdp = bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        deepspeed = bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        # Held weights, hook-free decoding: FSDP2 only (accelerate launch exports FSDP_VERSION); FSDP1 unmeasured.
+        held = (os.environ.get("FSDP_VERSION") == "2" and cfg.fsdp_gather_for_generation
+                and cfg.fsdp_skip_hooks_in_generation)
+        cfg.generation_compile = default_generation_compile(cfg.backend, not cfg.use_cpu and _has_cuda(),
+                                                            deepspeed or (fsdp and not held), cfg.use_vllm,
+                                                            cfg.cache_implementation)
+    if cfg.generation_compile and cfg.cache_implementation is None:
+        cfg.cache_implementation = "static"
+    return cfg
 
 
 def default_generation_compile(backend: str, on_gpu: bool, regathered: bool, use_vllm: bool,

@@ -12,7 +12,7 @@ import yaml
 
 from sdgrpo.callbacks import MetricsFileCallback, StopRequest
 from sdgrpo.checkpointing import check_resume, last_complete_checkpoint, truncate_metrics
-from sdgrpo.config import SDGRPOConfig, SDModelConfig, _has_cuda, config_to_dict
+from sdgrpo.config import SDGRPOConfig, SDModelConfig, _has_cuda, config_to_dict, resolve_runtime
 from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
@@ -171,6 +171,7 @@ def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> 
 
     ensure_trl_runs_without_triton()
     check_one_gpu_per_process()
+    resolve_runtime(train_cfg)
     train_cfg.dataset_path = prepared_or_raw(train_cfg.dataset_path, train_cfg.output_dir, model_cfg.model_name_or_path)
     out = Path(train_cfg.output_dir)
     resolved = config_to_dict(train_cfg, model_cfg)
