@@ -146,8 +146,8 @@ def completion_logprobs(
 ) -> list[torch.Tensor]:
     """Per-token log p(completion_ids[i][t] | prompt_ids[i], completion_ids[i][:t]) at temperature 1.
 
-    Runs ``model`` as is (wrap it in :func:`adapters_disabled` to score with the base), in eval mode and inference
-    mode, in micro-batches of at most ``token_budget`` padded tokens, with at most ``logits_bytes`` of fp32 logits
+    Runs ``model`` as is (wrap it in :func:`adapters_disabled` to score with the base), in eval mode without
+    gradients, in micro-batches of at most ``token_budget`` padded tokens, with at most ``logits_bytes`` of fp32 logits
     alive at once. On CUDA out-of-memory a micro-batch is halved and retried. Empty completions get an empty
     tensor. Returns fp32 CPU tensors.
     """
@@ -164,7 +164,9 @@ def completion_logprobs(
     device = next(model.parameters()).device
     lengths = [len(prompt_ids[i]) + len(completion_ids[i]) for i in live]
     pending = [[live[j] for j in group] for group in micro_batches(lengths, token_budget)]
-    with eval_mode(model), torch.inference_mode():
+    # no_grad, not inference_mode: under DeepSpeed ZeRO-3 the parameters gathered for this pass would become inference
+    # tensors, which the next training step cannot save for backward.
+    with eval_mode(model), torch.no_grad():
         while pending:
             group = pending.pop()
             try:
