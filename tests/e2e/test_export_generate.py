@@ -85,7 +85,8 @@ def test_export_reproduces_base_plus_adapter(trained, tiny_model_dir, tiny_token
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(input_ids=torch.tensor([ids]))
     assert (base.logits[0] - want).abs().max().item() > 1e-3
     card = (merged / "README.md").read_text()
-    assert "library_name: transformers" in card and "## Merge check" in card and str(tiny_model_dir) in card
+    assert card.startswith("---\nbase_model: " + str(tiny_model_dir)) and "library_name: transformers" in card
+    assert "## Merge check" in card and "GRPO with the `self_nll` reward" in card and "for 4 steps" in card
 
 
 def test_export_bf16_within_its_stated_tolerance(trained, tmp_path):
