@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from sdgrpo.scoring import adapters_disabled, completion_logprobs, truncate_prompt
+from sdgrpo.scoring import adapters_disabled, completion_logprobs, leading_special, truncate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -199,9 +199,7 @@ class ContextDistillReward:
         context = self.tokenizer([c + self.separator for c in continuations], add_special_tokens=False)["input_ids"]
         out = []
         for ids, ctx in zip(prompt_ids, context):
-            lead = 0
-            while lead < len(ids) and ids[lead] in special:
-                lead += 1
+            lead = leading_special(ids, special)
             out.append(list(ids[:lead]) + ctx + list(ids[lead:]))
         return out
 

@@ -32,6 +32,14 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def leading_special(ids: list[int], special_ids: set[int]) -> int:
+    """How many of the first ids are special tokens (BOS, a chat template's start)."""
+    lead = 0
+    while lead < len(ids) and ids[lead] in special_ids:
+        lead += 1
+    return lead
+
+
 def truncate_prompt(ids: list[int], max_tokens: int, special_ids: set[int]) -> list[int]:
     """The last ``max_tokens`` ids of a prompt, keeping its leading special tokens (BOS, a chat template's start).
 
@@ -40,10 +48,7 @@ def truncate_prompt(ids: list[int], max_tokens: int, special_ids: set[int]) -> l
     ids = list(ids)
     if len(ids) <= max_tokens:
         return ids
-    lead = 0
-    while lead < len(ids) and ids[lead] in special_ids:
-        lead += 1
-    lead = min(lead, max_tokens)
+    lead = min(leading_special(ids, special_ids), max_tokens)
     rest = max_tokens - lead
     return ids[:lead] + (ids[len(ids) - rest :] if rest else [])
 
