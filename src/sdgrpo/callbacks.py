@@ -1,5 +1,6 @@
 """Trainer callbacks shared by ``train`` and ``sft``: stop requests (Ctrl-C, non-finite loss), the metrics file, and
-the held-out evaluation during training (the collapse guard is in ``guard.py``).
+the held-out evaluation during training and the two helpers that set it up and finish it (the collapse guard is in
+``guard.py``).
 
 ``HeldoutEval`` scores the true continuations of the prepared ``test`` split under the policy (adapters on) every
 N steps and reports bits per UTF-8 byte of continuation text as ``heldout/bpb`` (into TRL's metrics, so it reaches
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from sdgrpo.checkpointing import copy_adapter
+from sdgrpo.errors import UserError
 from sdgrpo.scoring import completion_logprobs
 
 logger = logging.getLogger(__name__)
@@ -128,3 +131,28 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The training-step records of a ``metrics.jsonl`` (records with a reward), in order."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [r for r in rows if "reward" in r]
+
+
+def heldout_callback(cfg, tokenizer, out: Path):
+    """The held-out evaluation callback (``--heldout_eval_steps``) on the prepared test split, or None."""
+    if not cfg.heldout_eval_steps:
+        if cfg.keep_best_heldout:
+            raise UserError("--keep_best_heldout needs --heldout_eval_steps N")
+        return None
+    from sdgrpo.data import load_prompts
+
+    test = load_prompts(cfg.dataset_path, "test")
+    if "continuation" not in test.column_names:
+        raise UserError(f"{cfg.dataset_path}: the held-out evaluation needs a 'continuation' column; make the data "
+                        "with `sdgrpo prepare`")
+    return HeldoutEval(test, tokenizer, cfg.heldout_eval_steps, out, cfg.keep_best_heldout, cfg.heldout_eval_prompts)
+
+
+def keep_best_heldout(heldout, out: Path, trainer) -> None:
+    """Write heldout.json; with --keep_best_heldout, make the best adapter by held-out bits per byte the final one."""
+    if not trainer.args.should_save:
+        return
+    heldout.write(out / "heldout.json")
+    if heldout.keep_best and heldout.best and (out / BEST_DIR / "adapter_model.safetensors").is_file():
+        copy_adapter(out / BEST_DIR, out)
+        logger.info("final adapter: the one of step %d, lowest held-out bits per byte (%.4f)", *heldout.best)

@@ -57,11 +57,13 @@ def _last_metrics(folder: Path) -> tuple[int | None, dict]:
     return last["step"], keep
 
 
-def adapter_card(folder: str | Path, base: str, verb: str) -> str:
-    """The README.md of an adapter folder written by ``sdgrpo train`` (verb "train") or ``sdgrpo sft``."""
+def adapter_card(folder: str | Path, base: str, verb: str | None = None) -> str:
+    """The README.md of an adapter folder written by ``sdgrpo train`` (verb "train") or ``sdgrpo sft`` ("sft"); with
+    no verb, the resolved config tells (only GRPO configs have a reward)."""
     folder = Path(folder)
     cfg = yaml.safe_load((folder / "resolved_config.yaml").read_text()) if (folder / "resolved_config.yaml").is_file() \
         else {}
+    verb = verb or ("train" if "reward" in cfg else "sft")
     steps, final = _last_metrics(folder)
     data = cfg.get("dataset_path")
     prepared = Path(data) / "prepare.json" if data else None
@@ -108,8 +110,7 @@ def adapter_card(folder: str | Path, base: str, verb: str) -> str:
 
 def export_card(adapter: Path, base: str, check: dict) -> str:
     """The README.md of an exported (merged) folder: the adapter's card, re-headed, with the parity check."""
-    card = adapter_card(adapter, base, "train" if (adapter / "metrics.jsonl").is_file() and
-                        "reward" in (adapter / "metrics.jsonl").read_text() else "sft")
+    card = adapter_card(adapter, base)
     card = card.replace("library_name: peft", "library_name: transformers", 1)
     card = card.replace(f"# LoRA adapter for {base}", f"# {base} with an sdgrpo adapter merged in", 1)
     parity = ["## Merge check", "",
@@ -118,3 +119,9 @@ def export_card(adapter: Path, base: str, check: dict) -> str:
               f"agreement {check['greedy_token_agreement']:.1%}.", ""]
     head, _, rest = card.partition("## Training text")
     return head + "\n".join(parity) + "\n## Training text" + rest
+
+
+def write_card(trainer, out: Path, base: str, verb: str) -> None:
+    """The adapter folder's model card (README.md), on the main process."""
+    if trainer.args.should_save:
+        (out / "README.md").write_text(adapter_card(out, base, verb))

@@ -159,6 +159,14 @@ def truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
+def copy_adapter(src: Path, dst: Path) -> None:
+    """Make the adapter saved in ``src`` (a checkpoint, or the best held-out one) the final one in ``dst``."""
+    import shutil
+
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
 class CheckpointMixin:
     """The Trainer's checkpoint methods, writing and reading sdgrpo's pickle-free state."""
 

@@ -21,9 +21,8 @@ from sdgrpo.errors import UserError
 logger = logging.getLogger(__name__)
 
 
-def sft_dataset(path: str, limit: int | None, eos_token: str | None):
-    """The prepared train split as one ``text`` per example: prompt + continuation (+ EOS when the tokenizer has one,
-    as SFTTrainer appends it to plain text)."""
+def sft_dataset(path: str, limit: int | None):
+    """The prepared train split as one ``text`` per example: prompt + continuation (SFTTrainer appends the EOS)."""
     ds = load_prompts(path, "train", limit)
     if "continuation" not in ds.column_names:
         raise UserError(f"{path}: no 'continuation' column; make the data with `sdgrpo prepare`")
@@ -34,10 +33,10 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     """Fine-tune a LoRA adapter on the prepared text; returns the output folder."""
     from trl import SFTTrainer, get_peft_config
 
-    from sdgrpo.callbacks import MetricsFileCallback
+    from sdgrpo.callbacks import MetricsFileCallback, heldout_callback, keep_best_heldout
+    from sdgrpo.cards import write_card
     from sdgrpo.compat import ensure_trl_runs_without_triton
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
-    from sdgrpo.train import heldout_callback, keep_best_heldout, write_card
 
     ensure_trl_runs_without_triton()
     if not cfg.dataset_path:
@@ -46,7 +45,7 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     out = Path(cfg.output_dir)
     device = "cpu" if cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, cfg.trust_remote_code)
-    dataset = sft_dataset(cfg.dataset_path, cfg.max_train_prompts, tokenizer.eos_token)
+    dataset = sft_dataset(cfg.dataset_path, cfg.max_train_prompts)
     model = load_model(model_cfg.model_name_or_path, resolve_dtype(model_cfg.dtype, device), device,
                        cfg.trust_remote_code, model_cfg.attn_implementation)
     heldout = heldout_callback(cfg, tokenizer, out)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 from pathlib import Path
 
 import yaml
 
-from sdgrpo.callbacks import MetricsFileCallback, StopRequest
-from sdgrpo.checkpointing import check_resume, last_complete_checkpoint, truncate_metrics
+from sdgrpo.callbacks import MetricsFileCallback, StopRequest, heldout_callback, keep_best_heldout
+from sdgrpo.cards import write_card
+from sdgrpo.checkpointing import check_resume, copy_adapter, last_complete_checkpoint, truncate_metrics
 from sdgrpo.config import SDGRPOConfig, SDModelConfig, _has_cuda, config_to_dict, resolve_runtime
 from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
@@ -81,12 +81,6 @@ class Interrupted(Exception):
     """Training stopped on Ctrl-C after saving; the message says where and how to continue."""
 
 
-def _copy_adapter(checkpoint: Path, out: Path) -> None:
-    """Make a checkpoint's adapter the final one in ``out``."""
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        shutil.copy2(checkpoint / name, out / name)
-
-
 def _save_final(trainer, out: Path) -> None:
     trainer.save_model(str(out))
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml holds the same
@@ -97,7 +91,7 @@ def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
     if stop.fatal:
         good = last_complete_checkpoint(out)
         if good is not None:
-            _copy_adapter(good, out)
+            copy_adapter(good, out)
         raise UserError(f"training stopped: {stop.reason}; "
                         + (f"the last good adapter ({good.name}) is in {out}" if good else "no checkpoint was saved")
                         + "; lower --learning_rate or check the data")
@@ -111,7 +105,7 @@ def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
     good = guard.good_checkpoint() if guard.action == "restore" else None
     if good is not None:
         step, path = good
-        _copy_adapter(Path(path), out)
+        copy_adapter(Path(path), out)
         where = f"the last adapter within limits (step {step}) is in {out}"
     else:
         _save_final(trainer, out)
@@ -119,41 +113,6 @@ def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
     guard.write(out / "collapse_guard.json")
     logger.warning("collapse guard stopped training at step %d: %s; %s (the collapsed one is in %s)",
                    guard.state.tripped_at, guard.state.reason, where, out / "collapsed")
-
-
-def heldout_callback(cfg, tokenizer, out: Path):
-    """The held-out evaluation callback (``--heldout_eval_steps``) on the prepared test split, or None."""
-    if not cfg.heldout_eval_steps:
-        if cfg.keep_best_heldout:
-            raise UserError("--keep_best_heldout needs --heldout_eval_steps N")
-        return None
-    from sdgrpo.callbacks import HeldoutEval
-
-    test = load_prompts(cfg.dataset_path, "test")
-    if "continuation" not in test.column_names:
-        raise UserError(f"{cfg.dataset_path}: the held-out evaluation needs a 'continuation' column; make the data "
-                        "with `sdgrpo prepare`")
-    return HeldoutEval(test, tokenizer, cfg.heldout_eval_steps, out, cfg.keep_best_heldout, cfg.heldout_eval_prompts)
-
-
-def keep_best_heldout(heldout, out: Path, trainer) -> None:
-    """Write heldout.json; with --keep_best_heldout, make the best adapter by held-out bits per byte the final one."""
-    from sdgrpo.callbacks import BEST_DIR
-
-    if not trainer.args.should_save:
-        return
-    heldout.write(out / "heldout.json")
-    if heldout.keep_best and heldout.best and (out / BEST_DIR / "adapter_model.safetensors").is_file():
-        _copy_adapter(out / BEST_DIR, out)
-        logger.info("final adapter: the one of step %d, lowest held-out bits per byte (%.4f)", *heldout.best)
-
-
-def write_card(trainer, out: Path, base: str, verb: str) -> None:
-    """The adapter folder's model card (README.md), on the main process."""
-    from sdgrpo.cards import adapter_card
-
-    if trainer.args.should_save:
-        (out / "README.md").write_text(adapter_card(out, base, verb))
 
 
 def _end_distributed() -> None:
