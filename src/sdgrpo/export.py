@@ -46,10 +46,15 @@ def adapter_base(adapter: Path) -> str:
     return json.loads(path.read_text()).get("base_model_name_or_path") or ""
 
 
+def training_config(adapter: Path) -> dict:
+    """The ``resolved_config.yaml`` that ``train``/``sft`` wrote beside the adapter, or {}."""
+    resolved = adapter / "resolved_config.yaml"
+    return yaml.safe_load(resolved.read_text()) or {} if resolved.is_file() else {}
+
+
 def parity_prompts(adapter: Path, tokenizer, limit: int = 8) -> tuple[list[list[int]], str]:
     """Token ids of held-out prompts: the adapter's prepared test split when known, else built-in lines."""
-    resolved = adapter / "resolved_config.yaml"
-    data = yaml.safe_load(resolved.read_text()).get("dataset_path") if resolved.is_file() else None
+    data = training_config(adapter).get("dataset_path")
     if data and Path(data).is_dir():
         from sdgrpo.data import load_prompts
 
@@ -95,9 +100,14 @@ def main(cfg: ExportConfig) -> dict:
         raise UserError(f"{out}: already exists; pass a new --output folder")
     check_model_path(base)
     t0 = time.perf_counter()
-    quantised = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_quantization")
-    if quantised:
-        logger.warning("the adapter was trained on a quantised base: merging into a %s copy", cfg.dtype)
+    # PEFT's adapter_config records no quantisation: the training config says whether the base ran in 4 bits, and a
+    # base folder saved quantised says so in its config.json (it cannot be merged into without its 16-bit weights).
+    if training_config(adapter).get("load_in_4bit"):
+        logger.warning("the adapter was trained on a 4-bit base: %s is loaded in %s for the merge", base, cfg.dtype)
+    base_config = Path(base) / "config.json"
+    if base_config.is_file() and json.loads(base_config.read_text()).get("quantization_config"):
+        raise UserError(f"{base}: a quantised checkpoint; pass --model_name_or_path with its 16-bit weights to merge "
+                        "into")
     tokenizer = load_tokenizer(base, cfg.trust_remote_code)
     dtype = DTYPES[cfg.dtype]
     load = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)

@@ -36,14 +36,14 @@ def load(model_name_or_path: str, adapter: str, trust_remote_code: bool = False)
     from sdgrpo.export import adapter_base
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
 
-    base = model_name_or_path or (adapter_base(Path(adapter)) if adapter else "") or TINY_MODEL
+    named = adapter_base(Path(adapter)) if adapter else ""  # refuses a folder without adapter_config.json
+    base = model_name_or_path or named or TINY_MODEL
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(base, trust_remote_code)
     model = load_model(base, resolve_dtype(None, device), device, trust_remote_code)
     if adapter:
         from peft import PeftModel
 
-        adapter_base(Path(adapter))  # refuses a folder without adapter_config.json
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), tokenizer
 

@@ -35,6 +35,7 @@ from sdgrpo.scoring import truncate_prompt
 
 logger = logging.getLogger(__name__)
 
+
 def _lora_layers(model) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 

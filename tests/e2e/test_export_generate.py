@@ -90,9 +90,16 @@ def test_export_reproduces_base_plus_adapter(trained, tiny_model_dir, tiny_token
 
 
 def test_export_bf16_within_its_stated_tolerance(trained, tmp_path):
+    import shutil
+
     _, _, out, _, _ = trained
-    r = run_cli("export", "--adapter", out, "--output", tmp_path / "bf16", "--dtype", "bfloat16")
+    adapter = tmp_path / "adapter"  # as if trained on a 4-bit base (--load_in_4bit true)
+    shutil.copytree(out, adapter, ignore=shutil.ignore_patterns("checkpoint-*", "data"))
+    resolved = adapter / "resolved_config.yaml"
+    resolved.write_text(resolved.read_text().replace("load_in_4bit: false", "load_in_4bit: true"))
+    r = run_cli("export", "--adapter", adapter, "--output", tmp_path / "bf16", "--dtype", "bfloat16")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "the adapter was trained on a 4-bit base" in r.stderr and "is loaded in bfloat16 for the merge" in r.stderr
     parity = json.loads((tmp_path / "bf16" / "parity.json").read_text())
     assert parity["tolerance"] == 0.25 and parity["max_abs_logit_delta"] <= 0.25 and parity["dtype"] == "bfloat16"
     weights = load_file(str(next((tmp_path / "bf16").glob("*.safetensors"))))
