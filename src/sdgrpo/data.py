@@ -177,8 +177,8 @@ def _stats(values: list[int]) -> dict:
     return {"min": min(values), "mean": round(statistics.fmean(values), 1), "max": max(values)}
 
 
-def prepare(cfg: PrepareConfig, tokenizer) -> dict:
-    """Read, cut, split and save; returns the summary that is also written to ``prepare.json``."""
+def prepare(cfg: PrepareConfig, tokenizer, extra: dict | None = None) -> dict:
+    """Read, cut, split and save; returns the summary that is also written to ``prepare.json`` (with ``extra``)."""
     from datasets import Dataset, DatasetDict
 
     report = ReadReport()
@@ -210,6 +210,7 @@ def prepare(cfg: PrepareConfig, tokenizer) -> dict:
         "prompt_tokens": _stats([e["prompt_tokens"] for e in examples]),
         "continuation_tokens": _stats(cont_tokens),
         "config": asdict(cfg),
+        **(extra or {}),
     }
     (out / "prepare.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -274,8 +275,7 @@ def prepared_or_raw(path: str | None, output_dir: str, model: str) -> str | None
 
     shutil.rmtree(target, ignore_errors=True)
     cfg = PrepareConfig(inputs=[path], output=str(target), model=model)
-    result = prepare(cfg, load_tokenizer(model))
-    summary.write_text(json.dumps({**result, "fingerprint": fingerprint}, indent=2))
+    result = prepare(cfg, load_tokenizer(model), extra={"fingerprint": fingerprint})
     logger.warning("raw text %s: prepared with the default options into %s (%d prompts: %d train, %d test)", path,
                    target, result["prompts"], result["train"], result["test"])
     return str(target)
