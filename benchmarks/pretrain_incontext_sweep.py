@@ -5,7 +5,7 @@
 Each candidate runs `sdgrpo pretrain` in its own process on its own GPU (CUDA_VISIBLE_DEVICES), all at once. Best:
 among the runs that reach the targets (induction score >= 2.0 nats/token at 60 tokens, context gain >= 1.0), the
 lowest held-out bits per byte; if none does, the highest induction score. Writes OUT_DIR/incontext_sweep.json (every
-run's figures and curve) and OUT_DIR/best.tar (the best model folder).
+run's figures and curve), OUT_DIR/best.tar (the best model folder) and OUT_DIR/NAME.tar for every run.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ CANDIDATES = {
     "s512-rep0.25": dict(repeat_fraction=0.25),
     "s512-rep0.5": dict(repeat_fraction=0.5),
     "s512-rep0.25-adrop0": dict(repeat_fraction=0.25, attention_dropout=0.0),
+    # Students for the distillation study: about a quarter of the shipped model's parameters (1.3M against 5.8M),
+    # the shipped model's tokenizer, so that the shipped model can teach them.
+    "student-h128-l4": dict(repeat_fraction=0.5, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
+                            intermediate_size=344, tokenizer_path="src/sdgrpo/assets/tiny-llama", max_seconds=400),
+    "student-h128-l4-drop0.1": dict(repeat_fraction=0.5, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
+                                    intermediate_size=344, tokenizer_path="src/sdgrpo/assets/tiny-llama",
+                                    hidden_dropout=0.1, attention_dropout=0.0, max_seconds=400),
 }
 TARGETS = {"induction_60": 2.0, "context_gain": 1.0}
 
@@ -60,6 +67,9 @@ def main(data_dir: str, out_dir: str, names: list[str]) -> None:
                                                           "candidates": CANDIDATES, "runs": results}, indent=2))
     with tarfile.open(out / "best.tar", "w") as tar:
         tar.add(work / best, arcname="model")
+    for name in ok:
+        with tarfile.open(out / f"{name}.tar", "w") as tar:
+            tar.add(work / name, arcname="model")
     for n, r in results.items():
         print(n, {k: r.get(k) for k in ("heldout_bpb", "ratio_to_unigram", "induction_score", "context_gain",
                                         "steps", "train_seconds", "error")})
