@@ -111,3 +111,28 @@ def teacher_student_batch(tiny_tokenizer):
     comps = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (6, 1, 12)]
     comps[1].append(tiny_tokenizer.eos_token_id)
     return teacher, student, prompts, comps
+
+
+@pytest.fixture(scope="module")
+def cases(tiny_tokenizer):
+    """Prompts and completions of different lengths; some completions end with EOS, one is EOS alone."""
+    eos = tiny_tokenizer.eos_token_id
+    g = torch.Generator().manual_seed(1)
+    prompts, completions = [], []
+    for n_prompt, n_comp, with_eos in [(3, 5, False), (11, 1, True), (1, 17, True), (7, 9, False), (20, 2, False),
+                                       (5, 30, True), (2, 0, True)]:
+        prompt = [tiny_tokenizer.bos_token_id] + torch.randint(2, 512, (n_prompt,), generator=g).tolist()
+        comp = torch.randint(2, 512, (n_comp,), generator=g).tolist() + ([eos] if with_eos else [])
+        prompts.append(prompt)
+        completions.append(comp)
+    return prompts, completions
+
+
+def boost(model, token: int, logit: float, tokenizer, text: str) -> None:
+    """Make ``token`` likely after any context (logit about ``logit`` above a near-uniform rest): random models
+    would otherwise almost never end a completion."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state[0]  # [T, H] after the final norm
+        direction = hidden.mean(0)
+        model.lm_head.weight[token] = logit * direction / direction.norm() ** 2

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from datasets import Dataset, load_from_disk
+from datasets import load_from_disk
 
 from sdgrpo.data import PrepareConfig, cut_document, prepare
 from sdgrpo.errors import UserError
@@ -54,26 +51,6 @@ def test_prompts_do_not_end_inside_a_word(tmp_path, tiny_tokenizer, corpus):
     assert mid_word <= 0.02 * len(ds["train"])
 
 
-def test_record_formats(tmp_path, tiny_tokenizer, corpus):
-    paras = [p for p in (corpus / "genesis.txt").read_text()[:60_000].split("\n\n") if p]
-    doc = "\n\n".join(paras[:40])
-    (tmp_path / "in").mkdir()
-    with open(tmp_path / "in" / "a.jsonl", "w") as fh:
-        fh.write(json.dumps({"body": doc}) + "\n\n")
-    (tmp_path / "in" / "b.json").write_text(json.dumps({"rows": [{"body": doc.upper()}]}))
-    with open(tmp_path / "in" / "c.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "body"])
-        w.writerow([1, doc.lower()])
-    pq.write_table(pa.table({"body": [doc[::-1]]}), tmp_path / "in" / "d.parquet")
-    Dataset.from_dict({"body": [doc.swapcase()]}).save_to_disk(str(tmp_path / "in" / "saved"))
-    (tmp_path / "in" / "ignored.bin").write_bytes(b"\x00\x01")
-    docs = read_documents([str(tmp_path / "in")], text_field="body")
-    assert sorted(d.text for d in docs) == sorted([doc, doc.upper(), doc.lower(), doc[::-1], doc.swapcase()])
-    summary, _ = run(tmp_path, tiny_tokenizer, [tmp_path / "in"], text_field="body")
-    assert summary["documents"] == 5 and summary["prompts"] > 10
-
-
 def test_duplicates_and_near_empty_dropped(tmp_path, tiny_tokenizer, corpus):
     para = (corpus / "genesis.txt").read_text()[:3000]
     (tmp_path / "in").mkdir()
@@ -99,22 +76,6 @@ def test_cut_respects_token_counts(tiny_tokenizer, corpus):
         assert p["prompt_tokens"] == 10
         n = len(tiny_tokenizer(p["continuation"], add_special_tokens=False)["input_ids"])
         assert 17 <= n <= 23
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [
-        ("\ufeffhi".encode("utf-16"), "UTF-16"),
-        (b"caf\xe9 au lait, " * 20, "not valid UTF-8"),
-        (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "NUL bytes"),
-    ],
-)
-def test_bad_encodings_are_named(tmp_path, tiny_tokenizer, content, message):
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(content)
-    with pytest.raises(UserError, match=message) as err:
-        run(tmp_path, tiny_tokenizer, [bad])
-    assert "bad.txt" in str(err.value)
 
 
 def test_bad_file_skipped_when_others_usable(tmp_path, tiny_tokenizer, corpus):

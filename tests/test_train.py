@@ -183,3 +183,18 @@ def test_teacher_adapter_is_merged_into_a_frozen_copy(tmp_path, tiny_model_dir, 
         load_teacher(cfg, str(tiny_model_dir))
 
 
+def test_several_gpus_in_one_process_is_one_clear_line(monkeypatch):
+    """Trainer would wrap the model in nn.DataParallel, which TRL refuses with a traceback: say what to do instead."""
+    from sdgrpo.errors import UserError
+    from sdgrpo.train import check_one_gpu_per_process
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="2 GPUs are visible to this one process; use them all with `accelerate launch"):
+        check_one_gpu_per_process()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under accelerate/torchrun each process has its own GPU
+    check_one_gpu_per_process()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_one_gpu_per_process()

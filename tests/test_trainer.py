@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_llama, reference_logps
+from conftest import boost, make_llama, reference_logps
 from sdgrpo.checkpointing import COMPLETE_MARKER
 from sdgrpo.compat import ensure_trl_runs_without_triton
 from sdgrpo.config import parse_train_args
@@ -32,16 +32,6 @@ class RecordingReward(SelfNLLReward):
     def token_logprobs(self, prompt_ids, completion_ids):
         self.rows_rescored = getattr(self, "rows_rescored", 0) + len(completion_ids)
         return super().token_logprobs(prompt_ids, completion_ids)
-
-
-def boost(model, token: int, logit: float, tokenizer, text: str) -> None:
-    """Make ``token`` likely after any context (logit about ``logit`` above a near-uniform rest): random models
-    would otherwise almost never end a completion."""
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        hidden = model.model(input_ids=ids).last_hidden_state[0]  # [T, H] after the final norm
-        direction = hidden.mean(0)
-        model.lm_head.weight[token] = logit * direction / direction.norm() ** 2
 
 
 def build_trainer(model, tokenizer, dataset, tmp_path, *options, lora_scale: float = 0.03):
@@ -153,21 +143,6 @@ def test_truncated_prompts_keep_bos_in_the_trainer_and_the_reward_fallback(tmp_p
     assert fallback == call["prompt_ids"]
     with pytest.raises(ValueError, match="chat-format prompts"):
         reward._prompt_ids([[{"role": "user", "content": "hi"}]])
-
-
-def test_sampling_stops_on_the_generation_configs_eos_too(tiny_tokenizer, corpus):
-    from sdgrpo.sampling import sample, stop_token_ids
-
-    model = make_llama(tiny_tokenizer, seed=9)
-    turn_end = 300  # stands for an instruct model's end-of-turn token
-    boost(model, turn_end, 4.0, tiny_tokenizer, (corpus / "jonah.txt").read_text()[:2000])
-    model.generation_config.eos_token_id = [tiny_tokenizer.eos_token_id, turn_end]
-    assert stop_token_ids(model, tiny_tokenizer) == [tiny_tokenizer.eos_token_id, turn_end]
-    samples = sample(model, tiny_tokenizer, ["And the LORD said", "Then Jonah prayed"], k=6, max_new_tokens=20)
-    ends = [c[-1] for c in samples.completion_ids if c]
-    assert turn_end in ends
-    for c in samples.completion_ids:
-        assert turn_end not in c[:-1] and tiny_tokenizer.eos_token_id not in c[:-1]
 
 
 def test_checkpoint_marker_written_after_every_rank_and_fsynced(tmp_path, tiny_tokenizer, dataset, monkeypatch):

@@ -6,7 +6,8 @@ import json
 import logging
 import sys
 
-from sdgrpo.errors import UserError, parser_from_dataclass
+from sdgrpo.args import parse_args
+from sdgrpo.errors import UserError
 
 logger = logging.getLogger("sdgrpo")
 
@@ -25,12 +26,10 @@ VERBS = {
 def _prepare(argv: list[str]) -> int:
     from sdgrpo.data import PrepareConfig
 
-    p = parser_from_dataclass(PrepareConfig, "sdgrpo prepare", VERBS["prepare"], skip=("inputs", "output", "model"))
-    p.add_argument("inputs", nargs="+", metavar="PATH", help="text files, folders (recursive) or saved datasets")
-    p.add_argument("--output", required=True, help="folder to save the dataset to")
-    p.add_argument("--model", default=None, help="model whose tokenizer counts tokens (default: shipped tiny model)")
-    args = p.parse_args(argv)
-    cfg = PrepareConfig(**vars(args))
+    (cfg,) = parse_args(argv, (PrepareConfig,), "sdgrpo prepare", VERBS["prepare"], positional="inputs")
+    if not cfg.inputs or not cfg.output:
+        raise UserError("need PATH... and --output FOLDER: text files, folders (recursive) or saved datasets, and the "
+                        "folder to save the dataset to")
 
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.data import prepare
@@ -62,13 +61,6 @@ def _train(argv: list[str]) -> int:
     from sdgrpo.config import parse_train_args
     from sdgrpo.train import Interrupted, main
 
-    if any(a in ("-h", "--help") for a in argv):
-        from transformers import HfArgumentParser
-
-        from sdgrpo.config import SDGRPOConfig, SDModelConfig
-
-        HfArgumentParser((SDGRPOConfig, SDModelConfig), prog="sdgrpo train").print_help()
-        return 0
     resume = "--resume" in argv
     train_cfg, model_cfg = parse_train_args([a for a in argv if a != "--resume"])
     try:
@@ -84,13 +76,6 @@ def _sft(argv: list[str]) -> int:
     from sdgrpo.config import parse_sft_args
     from sdgrpo.sft import main
 
-    if any(a in ("-h", "--help") for a in argv):
-        from transformers import HfArgumentParser
-
-        from sdgrpo.config import SDModelConfig, SDSFTConfig
-
-        HfArgumentParser((SDSFTConfig, SDModelConfig), prog="sdgrpo sft").print_help()
-        return 0
     cfg, model_cfg = parse_sft_args(argv)
     out = main(cfg, model_cfg)
     print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
@@ -100,8 +85,8 @@ def _sft(argv: list[str]) -> int:
 def _export(argv: list[str]) -> int:
     from sdgrpo.export import ExportConfig, main
 
-    p = parser_from_dataclass(ExportConfig, "sdgrpo export", VERBS["export"])
-    result = main(ExportConfig(**vars(p.parse_args(argv))))
+    (cfg,) = parse_args(argv, (ExportConfig,), "sdgrpo export", VERBS["export"])
+    result = main(cfg)
     print(f"exported to {result['output']} ({result['bytes'] / 2**20:.1f} MiB, {result['seconds']} s); parity on "
           f"{result['prompts_from']}: max |delta logit| {result['max_abs_logit_delta']:.3g} (tolerance "
           f"{result['tolerance']:g}), greedy agreement {result['greedy_token_agreement']:.1%}")
@@ -109,31 +94,34 @@ def _export(argv: list[str]) -> int:
 
 
 def _generate(argv: list[str]) -> int:
-    from sdgrpo.generate import main
+    from sdgrpo.generate import GenerateConfig, main
 
-    return main(argv)
+    (cfg,) = parse_args(argv, (GenerateConfig,), "sdgrpo generate", VERBS["generate"])
+    return main(cfg)
 
 
 def _eval(argv: list[str]) -> int:
-    from sdgrpo.evaluate import main, parse_eval_args
+    from sdgrpo.evaluate import EvalConfig, main
 
-    result = main(parse_eval_args(argv))
+    (cfg,) = parse_args(argv, (EvalConfig,), "sdgrpo eval", VERBS["eval"])
+    result = main(cfg)
     print(result.get("verdict", "base model evaluated"))
     print(f"eval.json, frontier.png and report.md in {result['config']['output']}")
     return 0
 
 
 def _demo(argv: list[str]) -> int:
-    from sdgrpo.demo import main, parse_demo_args
+    from sdgrpo.demo import DemoConfig, main
 
-    return main(parse_demo_args(argv))
+    (cfg,) = parse_args(argv, (DemoConfig,), "sdgrpo demo", VERBS["demo"])
+    return main(cfg)
 
 
 def _pretrain(argv: list[str]) -> int:
     from sdgrpo.pretrain import PretrainConfig, main
 
-    p = parser_from_dataclass(PretrainConfig, "sdgrpo pretrain", VERBS["pretrain"])
-    result = main(PretrainConfig(**vars(p.parse_args(argv))))
+    (cfg,) = parse_args(argv, (PretrainConfig,), "sdgrpo pretrain", VERBS["pretrain"])
+    result = main(cfg)
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "config")}, indent=2))
     return 0
 
@@ -159,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"sdgrpo {verb}: error: {err}", file=sys.stderr)
         return 2
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
     except KeyboardInterrupt:
         print(f"sdgrpo {verb}: interrupted", file=sys.stderr)
         return 130

@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from trl import GRPOConfig, ModelConfig, SFTConfig
 
+from sdgrpo.args import parse_args
 from sdgrpo.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -161,14 +161,6 @@ class SDGRPOConfig(GRPOConfig):
             self.generation_kwargs = {**(self.generation_kwargs or {}), "min_new_tokens": self.min_completion_length}
         if self.generation_batch_size is None and self.steps_per_generation is None and self.num_generations:
             self._fit_generation_batch()
-        # Two facts about the machine are needed here, before TRL's and transformers' own checks in
-        # super().__post_init__ (they reject bf16 without a GPU, and a generation batch that does not divide): the rest
-        # of the runtime detection is resolve_runtime's, the first step of `sdgrpo train`.
-        if not _has_cuda():
-            # Without a GPU, train on CPU in fp32 instead of failing on TRL's bf16 default.
-            self.use_cpu = True
-            self.bf16 = False
-            self.fp16 = False
         try:
             super().__post_init__()
         except ValueError as err:
@@ -244,12 +236,18 @@ class SDSFTConfig(SFTConfig):
     output_dir: str | None = field(default="outputs/sft", metadata={"help": "Where the adapter and logs go."})
 
     def __post_init__(self):
-        if not _has_cuda():
-            self.use_cpu, self.bf16, self.fp16 = True, False, False
         try:
             super().__post_init__()
         except ValueError as err:
             raise UserError(f"config: {err}") from None
+
+
+def machine_settings() -> dict:
+    """What the machine decides before a training config is built (TRL's and transformers' checks in
+    ``__post_init__`` refuse bf16 without a GPU): without one, train on CPU in fp32, whatever was asked. The parsers
+    apply these over the parsed values. The rest of the runtime detection is :func:`resolve_runtime`'s, the first step
+    of ``sdgrpo train``."""
+    return {} if _has_cuda() else {"use_cpu": True, "bf16": False, "fp16": False}
 
 
 def resolve_runtime(cfg: SDGRPOConfig) -> SDGRPOConfig:
@@ -292,97 +290,16 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _field_types(*classes) -> dict[str, dataclasses.Field]:
-    return {f.name: f for cls in classes for f in dataclasses.fields(cls) if f.init}
-
-
-def _yaml_to_argv(data: dict) -> list[str]:
-    """YAML values as command-line tokens, so that argparse checks their types like typed options."""
-    import json
-
-    argv: list[str] = []
-    for key, value in data.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            argv += [f"--{key}", str(value).lower()]
-        elif isinstance(value, list):
-            argv += [f"--{key}", *(str(v) for v in value)]
-        elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def _unknown(keys, where: str, classes: tuple = ()) -> None:
-    import difflib
-
-    known = _field_types(*(classes or (SDGRPOConfig, SDModelConfig)))
-    unknown = [k for k in keys if k not in known]
-    if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
-                 for k in unknown]
-        verb = "sft" if classes and classes[0] is SDSFTConfig else "train"
-        raise UserError(f"{where}: unknown option(s) {', '.join(hints)}; `sdgrpo {verb} --help` lists them")
-
-
-def _load_yaml(path_text: str, classes: tuple = ()) -> dict:
-    path = Path(path_text)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: must be a YAML mapping of option: value")
-    for key, value in (data.pop("env", None) or {}).items():
-        os.environ[key] = str(value)
-    _unknown(data, str(path), classes)
-    return data
-
-
-def parse_args(argv: list[str], classes: tuple, prog: str) -> tuple:
-    """``[--config FILE] [--key value ...]`` into the dataclasses ``classes``: YAML values replace defaults,
-    command-line values replace YAML. The one parser of every training verb.
-
-    Every value, from the file or the command line, goes through argparse, so a mistyped value is refused with
-    the option's name (and its allowed values where it has a fixed set).
-    """
-    from transformers import HfArgumentParser
-
-    argv = list(argv)
-    yaml_argv: list[str] = []
-    source = "command line"
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise UserError("--config needs a YAML file path")
-        source = argv[i + 1]
-        yaml_argv = _yaml_to_argv(_load_yaml(argv[i + 1], classes))
-        del argv[i : i + 2]
-    _unknown([a[2:].split("=")[0] for a in argv if a.startswith("--")], "command line", classes)
-    parser = HfArgumentParser(classes, prog=prog)
-
-    def error(message: str):
-        raise UserError(f"{source if yaml_argv else 'command line'}: {message}")
-
-    parser.error = error  # one line instead of argparse's usage text and exit
-    try:
-        return tuple(parser.parse_args_into_dataclasses(args=yaml_argv + argv))
-    except ValueError as err:
-        raise UserError(str(err).splitlines()[0]) from None
-
-
 def parse_train_args(argv: list[str]) -> tuple[SDGRPOConfig, SDModelConfig]:
-    """The GRPO verb's configuration (see :func:`parse_args`)."""
-    return parse_args(argv, (SDGRPOConfig, SDModelConfig), "sdgrpo train")
+    """The GRPO verb's configuration (see :func:`sdgrpo.args.parse_args`)."""
+    return parse_args(argv, (SDGRPOConfig, SDModelConfig), "sdgrpo train", "self-distillation GRPO of LoRA adapters",
+                      machine=machine_settings())
 
 
 def parse_sft_args(argv: list[str]) -> tuple[SDSFTConfig, SDModelConfig]:
-    """The SFT verb's configuration (see :func:`parse_args`)."""
-    return parse_args(argv, (SDSFTConfig, SDModelConfig), "sdgrpo sft")
+    """The SFT verb's configuration (see :func:`sdgrpo.args.parse_args`)."""
+    return parse_args(argv, (SDSFTConfig, SDModelConfig), "sdgrpo sft", "plain LoRA fine-tuning, the control",
+                      machine=machine_settings())
 
 
 def config_to_dict(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> dict:

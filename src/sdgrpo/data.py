@@ -30,7 +30,7 @@ _SENTENCE = re.compile(r"[.!?;:][\"')\]]*\s+|\n")
 @dataclass
 class PrepareConfig:
     inputs: list[str] = field(default_factory=list)
-    output: str = "data/prepared"
+    output: str = ""  # folder to save the dataset to (required by the verb)
     model: str | None = None  # tokenizer to count tokens with; None: the shipped tiny model
     text_field: str = "text"
     min_prompt_tokens: int = 16

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdgrpo.config import TINY_MODEL, parse_train_args
-from sdgrpo.errors import parser_from_dataclass
 from sdgrpo.evaluate import verdict
 
 logger = logging.getLogger(__name__)
@@ -34,11 +33,6 @@ class DemoConfig:
     eval_samples: int = 8  # per held-out prompt
     baseline_temperatures: str = "0.85,0.7"  # the base sampled colder: what plain sharpening gives
     seed: int = 0
-
-
-def parse_demo_args(argv: list[str]) -> DemoConfig:
-    p = parser_from_dataclass(DemoConfig, "sdgrpo demo", "self-distillation GRPO on the shipped tiny model")
-    return DemoConfig(**vars(p.parse_args(argv)))
 
 
 def main(cfg: DemoConfig) -> int:

@@ -17,7 +17,6 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdgrpo.errors import parser_from_dataclass
 from sdgrpo.metrics import collapse_metrics
 from sdgrpo.sampling import stop_token_ids
 
@@ -112,11 +111,6 @@ def plot_frontier(baselines: dict, trained: dict | None, path: str | Path) -> Pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
-
-
-def parse_eval_args(argv: list[str]) -> EvalConfig:
-    p = parser_from_dataclass(EvalConfig, "sdgrpo eval", __doc__.splitlines()[0])
-    return EvalConfig(**vars(p.parse_args(argv)))
 
 
 def main(cfg: EvalConfig) -> dict:

@@ -6,26 +6,27 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdgrpo.errors import ArgumentParser, UserError
+from sdgrpo.errors import UserError
 
 
-def parse_args(argv: list[str]):
-    p = ArgumentParser(prog="sdgrpo generate", description=__doc__.splitlines()[0])
-    p.add_argument("--model_name_or_path", default="", help="base model or exported folder (default: the adapter's "
-                   "base, else the shipped tiny model)")
-    p.add_argument("--adapter", default="", help="a LoRA adapter folder written by `sdgrpo train` or `sdgrpo sft`")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", default="", help="a text file with one prompt per line")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="", help="also write a JSONL file: prompt, sample, mean_logprob")
-    p.add_argument("--trust_remote_code", type=lambda t: t.lower() in ("1", "true", "yes"), default=False)
-    return p.parse_args(argv)
+@dataclass
+class GenerateConfig:
+    model_name_or_path: str = field(default="", metadata={
+        "help": "Base model or exported folder (default: the adapter's base, else the shipped tiny model)."})
+    adapter: str = field(default="", metadata={"help": "A LoRA adapter folder written by `sdgrpo train` or `sft`."})
+    prompt: list[str] = field(default_factory=list, metadata={"help": "Prompts (`--prompt A --prompt B` or "
+                                                                      "`--prompt A B`)."})
+    prompts: str = field(default="", metadata={"help": "A text file with one prompt per line."})
+    num_samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+    output: str = field(default="", metadata={"help": "Also write a JSONL file: prompt, sample, mean_logprob."})
+    trust_remote_code: bool = False
 
 
 def load(model_name_or_path: str, adapter: str, trust_remote_code: bool = False):
@@ -48,12 +49,11 @@ def load(model_name_or_path: str, adapter: str, trust_remote_code: bool = False)
     return model.eval(), tokenizer
 
 
-def main(argv: list[str]) -> int:
+def main(args: GenerateConfig) -> int:
     from sdgrpo.rewards import aggregate
     from sdgrpo.sampling import sample
     from sdgrpo.scoring import completion_logprobs
 
-    args = parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts:
         path = Path(args.prompts)

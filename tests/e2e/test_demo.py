@@ -6,8 +6,6 @@ import json
 import subprocess
 import sys
 
-from sdgrpo.evaluate import verdict
-
 
 def test_short_demo_writes_report(tmp_path):
     out = tmp_path / "demo"
@@ -27,11 +25,3 @@ def test_short_demo_writes_report(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_verdict_sentences():
-    trained = {"reward_mean": -2.5, "distinct_2": 0.7}
-    dominated = verdict(trained, {1.0: {"reward_mean": -3.0, "distinct_2": 0.9},
-                                  0.7: {"reward_mean": -2.3, "distinct_2": 0.75}})
-    assert dominated.startswith("Training did not beat") and "T=0.7" in dominated
-    beat = verdict(trained, {1.0: {"reward_mean": -3.0, "distinct_2": 0.9},
-                             0.5: {"reward_mean": -2.0, "distinct_2": 0.5}})
-    assert beat.startswith("Training beat")

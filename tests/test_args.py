@@ -1,0 +1,73 @@
+"""The one parser of every verb (sdgrpo.args): YAML under the command line, positional and repeated lists, one-line
+errors, help."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdgrpo.args import parse_args
+from sdgrpo.cli import VERBS
+from sdgrpo.cli import main as cli_main
+from sdgrpo.data import PrepareConfig
+from sdgrpo.errors import UserError
+from sdgrpo.generate import GenerateConfig
+from sdgrpo.pretrain import PretrainConfig
+
+
+def test_yaml_replaces_defaults_and_the_command_line_replaces_yaml(tmp_path):
+    (tmp_path / "p.yaml").write_text("data_dir: books\nmax_steps: 7\nlearning_rate: 0.01\ncompile: true\n")
+    (cfg,) = parse_args(["--config", str(tmp_path / "p.yaml"), "--max_steps", "9"], (PretrainConfig,), "p")
+    assert (cfg.data_dir, cfg.max_steps, cfg.learning_rate, cfg.compile, cfg.seq_len) == ("books", 9, 0.01, True, 256)
+
+
+def test_what_the_machine_decides_wins_and_a_refused_wish_is_logged(tmp_path, caplog):
+    (tmp_path / "p.yaml").write_text("compile: true\n")
+    machine = {"compile": False, "batch_size": 8, "not_a_field_here": 1}
+    (cfg,) = parse_args(["--seed", "4"], (PretrainConfig,), "p", machine=machine)
+    assert (cfg.compile, cfg.batch_size, cfg.seed) == (False, 8, 4) and not caplog.records
+    (cfg,) = parse_args(["--config", str(tmp_path / "p.yaml")], (PretrainConfig,), "p", machine=machine)
+    assert cfg.compile is False
+    assert [r.getMessage() for r in caplog.records] == ["compile True is not possible on this machine: using False"]
+
+
+def test_positional_words_anywhere_and_repeated_list_options():
+    (cfg,) = parse_args(["a.txt", "books", "--output", "out", "c.txt", "--max_prompts", "5"], (PrepareConfig,),
+                        "sdgrpo prepare", positional="inputs")
+    assert (cfg.inputs, cfg.output, cfg.max_prompts) == (["a.txt", "books", "c.txt"], "out", 5)
+    (cfg,) = parse_args(["--prompt", "In the beginning", "--seed", "2", "--prompt", "And", "Then"], (GenerateConfig,),
+                        "sdgrpo generate")
+    assert (cfg.prompt, cfg.seed) == (["In the beginning", "And", "Then"], 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_step", "3"], "command line: unknown option(s) max_step (did you mean max_steps?)"),
+    (["--max_steps", "three"], "argument --max_steps/--max-steps: invalid int value: 'three'"),
+    (["--config"], "--config needs a YAML file path"),
+    (["--config", "missing.yaml"], "missing.yaml: config file not found"),
+    (["--seq_len", "64", "stray"], "unexpected argument(s) stray"),
+])
+def test_bad_arguments_are_one_user_error(argv, message):
+    with pytest.raises(UserError) as err:
+        parse_args(argv, (PretrainConfig,), "sdgrpo pretrain")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    (tmp_path / "p.yaml").write_text("seq_len: [1, 2\n")
+    with pytest.raises(UserError, match="p.yaml: not valid YAML"):
+        parse_args(["--config", str(tmp_path / "p.yaml")], (PretrainConfig,), "p")
+    (tmp_path / "p.yaml").write_text("seq_lenn: 64\n")
+    with pytest.raises(UserError, match=r"p.yaml: unknown option\(s\) seq_lenn \(did you mean seq_len\?\)"):
+        parse_args(["--config", str(tmp_path / "p.yaml")], (PretrainConfig,), "p")
+
+
+OPTION = {"prepare": "--max_prompts", "train": "--beta", "sft": "--heldout_eval_steps", "eval": "--temperatures",
+          "export": "--max_delta", "generate": "--num_samples", "demo": "--baseline_temperatures",
+          "pretrain": "--repeat_fraction"}
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_every_verb_prints_its_options(verb, capsys):
+    assert cli_main([verb, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"usage: sdgrpo {verb}" in out and OPTION[verb] in out
