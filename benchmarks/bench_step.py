@@ -3,9 +3,11 @@
 Variants (each in its own process, since importing Unsloth patches TRL for the whole process):
   trl_plain         bare TRL GRPOTrainer + PEFT LoRA, TRL's defaults, the original recipe's reward (one forward
                     per completion)
-  sdgrpo_hf         `sdgrpo train --backend hf` with its defaults
-  sdgrpo_hf_static  the same with cache_implementation=static
-  sdgrpo_hf_compile static cache with transformers' compiled decoding (--generation_compile true)
+  sdgrpo_hf         `sdgrpo train --backend hf` with its defaults: rollouts by sdgrpo's decoding engine
+  sdgrpo_hf_generate  the same with transformers' generate instead (--generation_engine false; on a GPU that is
+                    a static cache and transformers' compiled decoding step, the default before the engine)
+  sdgrpo_hf_static  generate with cache_implementation=static, not compiled
+  sdgrpo_hf_compile generate with a static cache and transformers' compiled decoding (--generation_compile true)
   sdgrpo_hf_cb      TRL's transformers continuous batching (use_transformers_continuous_batching)
   unsloth_bare      Unsloth model + Unsloth-patched GRPOTrainer, the original recipe's reward
   sdgrpo_unsloth    `sdgrpo train --backend unsloth`
@@ -28,8 +30,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb", "unsloth_bare",
-            "sdgrpo_unsloth"]
+VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb",
+            "unsloth_bare", "sdgrpo_unsloth"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
 
 
@@ -133,8 +135,12 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
                 str(out / variant), "--collapse_guard", "off", "--backend", "unsloth" if unsloth else "hf"]
         for k, v in common.items():
             argv += [f"--{k}", str(v)]
+        if variant in ("sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb"):
+            argv += ["--generation_engine", "false"]
         if variant in ("sdgrpo_hf_static", "sdgrpo_hf_compile"):
             argv += ["--cache_implementation", "static"]
+        if variant == "sdgrpo_hf_static":
+            argv += ["--generation_compile", "false"]
         if variant == "sdgrpo_hf_compile":
             argv += ["--generation_compile", "true"]
         if variant == "sdgrpo_hf_cb":

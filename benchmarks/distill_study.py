@@ -1,12 +1,18 @@
-"""Distil a larger teacher into the shipped tiny model (issue #8) and measure what it does, on CPU or GPU.
+"""Distil a teacher into a smaller student with sdgrpo's rewards and measure what it does, on CPU or GPU.
 
-Runs `sdgrpo train` on the shipped 5.8M model with three rewards (self_nll: the base scores; teacher_nll: the teacher's
-mean log-likelihood; distill: mean log q_teacher - log p_policy), then measures for the base student, the teacher
-and each trained student: held-out bits per byte on the last 5% of every training book (the figure the tiny models
-were selected by; the prompts come from the first 95% only) and, on samples at T=1 from held-out prompts, the
-diversity metrics (distinct-2, seq-rep-4, length, EOS rate) and the teacher's mean log-likelihood of the samples.
-Usage: python benchmarks/distill_study.py TEACHER_DIR OUT_DIR [steps] [data_dir]
-       python benchmarks/distill_study.py --plot RESULT.json OUT.png
+Runs `sdgrpo train` on the student with three rewards (self_nll: the student's own base scores; teacher_nll: the
+teacher's mean log-likelihood; distill: mean log q_teacher - log p_policy) and, as the control a user would pick
+instead, `sdgrpo sft` on the same prompts' true continuations for the same number of steps. Then measures, for the
+teacher, the base student and each trained student: held-out bits per byte on the last 5% of every training book
+(the prompts come from the first 95% only) and, on samples at T=1 from held-out prompts, the diversity metrics
+(distinct-2, seq-rep-4, length, EOS rate) and the teacher's mean log-likelihood of the samples; the base student is
+also sampled at T=0.85 and 0.7 (what plain sharpening gives).
+
+    python benchmarks/distill_study.py --teacher DIR --student DIR --out DIR [--steps N] [--data_dir DIR]
+    python benchmarks/distill_study.py --plot RESULT.json OUT.png
+
+The defaults: the shipped model teaches a student of about a quarter of its size, pretrained with the same recipe
+and tokenizer by `benchmarks/pretrain_incontext_sweep.py` (candidate student-h128-l4).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ RUNS = {
     "teacher_nll": dict(reward="teacher_nll", beta=0.04),
     "distill": dict(reward="distill", beta=0.0),
 }
+# The control: LoRA SFT on the prompts + true continuations, 16 sequences a step, the same number of steps.
+SFT = dict(learning_rate=3e-4, per_device_train_batch_size=16, lr_scheduler_type="constant", save_strategy="no",
+           report_to="none")
 COMMON = dict(learning_rate=3e-4, num_generations=8, per_device_train_batch_size=16, max_completion_length=48,
               lr_scheduler_type="constant", save_strategy="no", report_to="none", seed=0, collapse_guard="warn")
 
@@ -53,8 +62,8 @@ def prepare_prompts(data_dir: Path, work: Path) -> Path:
     return work / "prompts"
 
 
-def measure(model, tokenizer, teacher, heldout_texts, prompts, device) -> dict:
-    """Held-out bits per byte, and diversity + teacher log-likelihood of T=1 samples from held-out prompts."""
+def measure(model, tokenizer, teacher, heldout_texts, prompts, device, temperature: float = 1.0) -> dict:
+    """Held-out bits per byte, and diversity + teacher log-likelihood of samples from held-out prompts."""
     import torch
 
     from sdgrpo.evaluate import summarize
@@ -63,60 +72,83 @@ def measure(model, tokenizer, teacher, heldout_texts, prompts, device) -> dict:
     t0 = time.time()
     with torch.no_grad():
         bpb, _ = evaluate_bpb(model, tokenizer, heldout_texts, 256, device)
-    samples, _ = summarize(model, tokenizer, teacher, prompts, 4, 48, 1.0, 0)  # rewards scored by the teacher
+    samples, _ = summarize(model, tokenizer, teacher, prompts, 4, 48, temperature, 0)  # scored by the teacher
     return {"heldout_bpb": bpb, "teacher_loglik_of_samples": samples["reward_mean"],
             **{k: samples[k] for k in ("distinct_2", "seq_rep_4", "length", "eos_rate")},
             "seconds": time.time() - t0}
 
 
 def main() -> None:
+    import argparse
+
     import torch
     from common import environment
     from peft import PeftModel
 
-    from sdgrpo.config import TINY_MODEL, parse_train_args
+    from sdgrpo.config import TINY_MODEL, parse_sft_args, parse_train_args
     from sdgrpo.data import load_prompts
     from sdgrpo.modeling import load_model, load_tokenizer
     from sdgrpo.pretrain import load_corpus
+    from sdgrpo.sft import main as sft
     from sdgrpo.train import main as train
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", default=TINY_MODEL)
+    ap.add_argument("--student", required=True, help="a model folder with the teacher's tokenizer")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--data_dir", default=str(HERE.parent.parent / "shared" / "data"))
+    ap.add_argument("--runs", default=",".join([*RUNS, "sft"]), help="comma-separated arms")
+    args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    teacher_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
-    steps = int(sys.argv[3]) if len(sys.argv) > 3 else 150
-    data_dir = Path(sys.argv[4]) if len(sys.argv) > 4 else HERE.parent.parent / "shared" / "data"
+    teacher_dir, student_dir, out, steps, data_dir = args.teacher, args.student, Path(args.out), args.steps, \
+        Path(args.data_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prompts_dir = prepare_prompts(data_dir, out / "work")
     held_prompts = list(load_prompts(str(out / "work" / "heldout_prompts"), "train", 48)["prompt"])
     heldout_texts = [h for _, _, h in load_corpus(data_dir)]
     tokenizer = load_tokenizer(str(TINY_MODEL))
+    if load_tokenizer(student_dir).get_vocab() != tokenizer.get_vocab():
+        sys.exit(f"{student_dir}: the student must share the teacher's tokenizer")
     teacher = load_model(str(teacher_dir), torch.float32, device).eval()
-    student = load_model(str(TINY_MODEL), torch.float32, device).eval()
+    student = load_model(str(student_dir), torch.float32, device).eval()
     results = {"teacher": measure(teacher, tokenizer, teacher, heldout_texts, held_prompts, device),
                "base_student": measure(student, tokenizer, teacher, heldout_texts, held_prompts, device)}
+    for t in (0.85, 0.7):
+        results[f"base_student_T{t}"] = measure(student, tokenizer, teacher, heldout_texts, held_prompts, device, t)
     print(json.dumps(results, indent=1), flush=True)
-    for name, settings in RUNS.items():
-        argv = ["--dataset_path", str(prompts_dir), "--output_dir", str(out / name), "--max_steps", str(steps),
-                "--teacher_model_name_or_path", str(teacher_dir)]
-        for k, v in {**COMMON, **settings}.items():
-            argv += [f"--{k}", str(v)]
+    for name in args.runs.split(","):
         t0 = time.time()
-        train(*parse_train_args(argv))
-        trained = PeftModel.from_pretrained(load_model(str(TINY_MODEL), torch.float32, device), str(out / name))
+        if name == "sft":
+            argv = ["--dataset_path", str(prompts_dir), "--output_dir", str(out / name), "--max_steps", str(steps),
+                    "--model_name_or_path", str(student_dir)]
+            for k, v in {**SFT, "seed": 0}.items():
+                argv += [f"--{k}", str(v)]
+            sft(*parse_sft_args(argv))
+        else:
+            argv = ["--dataset_path", str(prompts_dir), "--output_dir", str(out / name), "--max_steps", str(steps),
+                    "--teacher_model_name_or_path", str(teacher_dir), "--model_name_or_path", str(student_dir)]
+            for k, v in {**COMMON, **RUNS[name]}.items():
+                argv += [f"--{k}", str(v)]
+            train(*parse_train_args(argv))
+        trained = PeftModel.from_pretrained(load_model(str(student_dir), torch.float32, device), str(out / name))
         trained = trained.merge_and_unload().eval()
         rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         rewards = [r["reward"] for r in rows if "reward" in r]
         results[name] = {**measure(trained, tokenizer, teacher, heldout_texts, held_prompts, device),
-                         "train_seconds": time.time() - t0, "steps": len(rewards),
-                         "reward_first10": statistics.fmean(rewards[:10]),
-                         "reward_last10": statistics.fmean(rewards[-10:])}
+                         "train_seconds": time.time() - t0, "steps": steps}
+        if rewards:
+            results[name].update(reward_first10=statistics.fmean(rewards[:10]),
+                                 reward_last10=statistics.fmean(rewards[-10:]))
         print(name, json.dumps(results[name]), flush=True)
         (out / "distill_study.json").write_text(json.dumps(results, indent=2))
-    base = results["base_student"]["heldout_bpb"]
+    base = results["base_student"]
     for row in results.values():
-        row["bpb_change_vs_base_pct"] = 100 * (row["heldout_bpb"] - base) / base
-    payload = {"benchmark": "distill_study", "teacher": str(teacher_dir), "student": "sdgrpo/assets/tiny-llama",
-               "config": {"steps": steps, **COMMON, "runs": RUNS}, **environment(), "results": results}
+        row["bpb_change_vs_base_pct"] = 100 * (row["heldout_bpb"] - base["heldout_bpb"]) / base["heldout_bpb"]
+        row["seq_rep_4_change_vs_base"] = row["seq_rep_4"] - base["seq_rep_4"]
+    payload = {"benchmark": "distill_study", "teacher": str(teacher_dir), "student": str(student_dir),
+               "config": {"steps": steps, **COMMON, "runs": RUNS, "sft": SFT}, **environment(), "results": results}
     (out / "distill_study.json").write_text(json.dumps(payload, indent=2))
     plot(results, out / "distill_study.png")
     print(json.dumps(payload, indent=2))
@@ -134,7 +166,7 @@ def plot(results: dict, path: Path) -> None:
     for ax, key, label in ((axes[0], "heldout_bpb", "held-out bits per byte (lower is better)"),
                            (axes[1], "distinct_2", "distinct-2 of T=1 samples (higher is more diverse)")):
         values = [results[n][key] for n in names]
-        ax.bar(names, values, color=["#777", "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c"][: len(names)])
+        ax.bar(names, values, color=[f"C{i % 10}" for i in range(len(names))])
         ax.set_title(label, fontsize=10)
         ax.set_ylim(min(values) * 0.97, max(values) * 1.01)
         ax.tick_params(axis="x", rotation=20, labelsize=8)

@@ -64,6 +64,20 @@ def test_reference_reuse_equals_own_pass_and_runs_no_extra_forward(tmp_path, pre
     assert reward.outputs[0] == pytest.approx(want, abs=1e-5)
 
 
+def test_rollouts_come_from_the_engine_and_the_reuse_stays_exact(tmp_path, prepared, tiny_model_dir):
+    """With --generation_engine the trainer's one generate call is answered by the engine (LoRA folded), and the
+    reward served from the KL pass still equals an independent pass over the sampled ids."""
+    trainer, reward, tok = _trainer(tiny_model_dir, prepared, tmp_path, "--generation_engine", "true")
+    assert trainer.engine is not None and trainer.reuse_reference_logprobs
+    trainer.train()
+    assert trainer.engine.calls == 1 and trainer.engine.fallbacks == 0 and trainer.reference_reuses == 1
+    prompt_ids, completion_ids, _ = reward.calls[0]
+    with adapters_disabled(trainer.model):
+        own = completion_logprobs(trainer.model, prompt_ids, completion_ids, pad_token_id=tok.pad_token_id)
+    assert reward.outputs[0] == pytest.approx([lp.mean().item() for lp in own], abs=1e-5)
+    assert "generate" not in vars(trainer.model)  # the engine stepped aside after the rollouts
+
+
 def test_temperature_not_one_falls_back_to_own_pass(tmp_path, prepared, tiny_model_dir):
     trainer, reward, tok = _trainer(tiny_model_dir, prepared, tmp_path, "--temperature", "0.7")
     assert not trainer.reuse_reference_logprobs

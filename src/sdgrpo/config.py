@@ -35,6 +35,12 @@ class SDGRPOConfig(GRPOConfig):
     reward_token_budget: int = field(
         default=16384, metadata={"help": "Padded tokens per micro-batch in the reward's own scoring pass."}
     )
+    generation_engine: bool | None = field(
+        default=None,
+        metadata={"help": "Decode rollouts with sdgrpo's engine (static cache, one compiled step on GPU, LoRA folded "
+                          "into a generation copy); false: transformers' generate. Default: on with --backend hf in "
+                          "one process or DDP, off with Unsloth, vLLM, FSDP and DeepSpeed."},
+    )
     generation_compile: bool | None = field(
         default=None,
         metadata={"help": "Generate with a static KV cache and transformers' compiled (CUDA-graph) decoding step, "
@@ -266,6 +272,10 @@ def resolve_runtime(cfg: SDGRPOConfig) -> SDGRPOConfig:
                                                             cfg.cache_implementation)
     if cfg.generation_compile and cfg.cache_implementation is None:
         cfg.cache_implementation = "static"
+    if cfg.generation_engine is None:
+        sharded = (bool(cfg.fsdp) or bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+                   or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
+        cfg.generation_engine = cfg.backend == "hf" and not cfg.use_vllm and not sharded
     return cfg
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdgrpo.engine import DecodeEngine
 from sdgrpo.rewards import aggregate
 from sdgrpo.scoring import adapters_disabled, completion_logprobs
 
@@ -40,10 +41,14 @@ def trim_after_eos(ids: list[int], eos_ids: set[int], pad_id: int | None) -> lis
     return out
 
 
+ENGINE = DecodeEngine()  # one per process: its cache (and, on a GPU, its compiled step) serve every call
+
+
 @torch.inference_mode()
 def sample(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, temperature: float = 1.0,
            seed: int = 0, batch_size: int = 32, top_p: float = 1.0) -> Samples:
-    """K samples per prompt with ancestral sampling (top-k off; top-p off unless given, as in TRL's defaults)."""
+    """K samples per prompt with ancestral sampling (top-k off; top-p off unless given, as in TRL's defaults), drawn
+    by the decoding engine (sdgrpo.engine)."""
     device = next(model.parameters()).device
     stop = stop_token_ids(model, tokenizer)
     eos_ids = set(stop)
@@ -55,7 +60,7 @@ def sample(model, tokenizer, prompts: list[str], k: int, max_new_tokens: int, te
     for start in range(0, len(expanded), batch_size):
         chunk = expanded[start : start + batch_size]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(device)
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=top_p,
+        out = ENGINE.generate(model, **enc, do_sample=True, temperature=temperature, top_k=0, top_p=top_p,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=stop or None)
         width = enc["input_ids"].size(1)

@@ -17,7 +17,8 @@ changes (the reward must be served from the KL pass, and must equal an independe
 Private TRL methods overridden here (pinned: trl 1.15.0; signatures checked by tests/test_private_api.py):
 ``_tokenize_prompts``, ``_generate``, ``_get_per_token_logps_and_entropies``, ``_generate_and_score_completions``,
 ``_calculate_rewards``; attributes read: ``_metrics``, ``eos_token_ids``, ``beta``, ``temperature``, ``ref_model``.
-Checkpoint overrides are in ``checkpointing.py``, FSDP2 internals in ``fsdp.py``.
+Checkpoint overrides are in ``checkpointing.py``, FSDP2 internals in ``fsdp.py``, the decoding engine that answers
+TRL's ``unwrapped_model.generate`` call inside ``_generate`` (``--generation_engine``) in ``engine.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from trl import GRPOTrainer
 
 from sdgrpo.checkpointing import CheckpointMixin
+from sdgrpo.engine import DecodeEngine, serving
 from sdgrpo.fsdp import gathered_weights
 from sdgrpo.metrics import collapse_metrics
 from sdgrpo.scoring import truncate_prompt
@@ -121,6 +123,9 @@ class SelfDistillMixin(CheckpointMixin):
         self.reference_reuses = 0  # reward batches served from the KL pass
         if getattr(self.args, "generation_compile", False) and getattr(self, "generation_config", None) is not None:
             self.generation_config.disable_compile = False  # TRL sets it; transformers compiles static-cache decoding
+        # Rollouts through sdgrpo's decoding engine (engine.py): TRL's generate call is answered by it.
+        self.engine = (DecodeEngine(compile=bool(getattr(self.args, "generation_compile", False)))
+                       if getattr(self.args, "generation_engine", False) else None)
 
     # --- prompts -------------------------------------------------------------------------------------------
     def _tokenize_prompts(self, prompts: list):
@@ -134,7 +139,9 @@ class SelfDistillMixin(CheckpointMixin):
         gather = (self.is_fsdp_enabled and getattr(self.args, "fsdp_gather_for_generation", False)
                   and not self.use_vllm)
         skip_hooks = getattr(self.args, "fsdp_skip_hooks_in_generation", True)
-        with gathered_weights(self.model_wrapped, skip_hooks) if gather else nullcontext():
+        engine = self.engine if (self.engine is not None and not self.use_vllm) else None
+        with (gathered_weights(self.model_wrapped, skip_hooks) if gather else nullcontext(),
+              serving(self.accelerator.unwrap_model(self.model), engine) if engine else nullcontext()):
             out = super()._generate(prompts)
         self._prompt_ids = [list(ids) for ids in out[0]]
         return out

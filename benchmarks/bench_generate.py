@@ -1,0 +1,153 @@
+"""Decoding speed on the GPU: sdgrpo's engine against transformers' generate, against the memory-bandwidth limit.
+
+Per shape (Qwen2.5-0.5B and -1.5B configs, 32k vocabulary, random bf16 weights) and per variant, one batch of G=8
+rows of 128 prompt tokens decoded to exactly 512 new tokens (min_new_tokens = max_new_tokens, so no row stops
+early), sampling at T=1:
+
+  generate           PEFT LoRA r16 (unmerged), transformers' generate, dynamic cache (what TRL runs by default)
+  generate_compiled  the same with a static cache and transformers' compiled decoding step
+  engine             sdgrpo.engine.DecodeEngine: static cache, compiled step (CUDA graph), LoRA folded
+  engine_eager       the engine without compiling the step
+  engine_no_lora     the engine on the model without adapters (what folding is measured against)
+
+Reports tokens/s, ms per decoding step (a step makes one token for each of the 8 rows), peak memory above the
+model, and the ratio to the bandwidth limit: the bytes of the weights that one step reads (every parameter once)
+divided by the device's copy bandwidth measured in the same run. Also the greedy agreement of the engine with
+generate in bf16 (fraction of identical tokens over 8 x 128 greedy tokens). Warm-up: one call per variant (it
+compiles), then the median of 3.
+
+    python benchmarks/bench_generate.py OUT_DIR [shape ...]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+G, PROMPT, NEW, REPEATS = 8, 128, 512, 3
+VARIANTS = ["generate", "generate_compiled", "engine", "engine_eager", "engine_no_lora"]
+
+
+def copy_bandwidth() -> float:
+    """Device memory bandwidth in bytes/s from a 2 GiB device-to-device copy (read + write counted)."""
+    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    nbytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    torch.cuda.empty_cache()
+    return nbytes / statistics.median(times)
+
+
+def timed(fn) -> tuple[float, float, object]:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()  # warm-up (compiles)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30, out
+
+
+def run_shape(shape: str, bandwidth: float) -> dict:
+    from common import random_model
+    from peft import LoraConfig, get_peft_model
+
+    from sdgrpo.engine import DecodeEngine
+
+    base = random_model(shape, vocab_size=32768)
+    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    model.eval()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    input_ids = torch.randint(3, 32768, (G, PROMPT), device="cuda", generator=gen)
+    mask = torch.ones_like(input_ids)
+    common = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                  pad_token_id=2, eos_token_id=1)
+    limit_ms = 1000 * weight_bytes / bandwidth
+    rows = []
+    engines = {}
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        if variant.startswith("generate"):
+            extra = (dict(cache_implementation="static", disable_compile=False) if variant == "generate_compiled"
+                     else dict(disable_compile=True))
+
+            def fn(extra=extra):
+                return model.generate(input_ids=input_ids, attention_mask=mask, **common, **extra)
+        else:
+            engine = engines[variant] = DecodeEngine(compile=variant != "engine_eager")
+
+            def fn(engine=engine):
+                return engine.generate(model, input_ids=input_ids, attention_mask=mask, **common)
+        if variant == "engine_no_lora":
+            with model.disable_adapter():  # the base alone (the copies then equal the base weights)
+                seconds, peak, out = timed(fn)
+        else:
+            seconds, peak, out = timed(fn)
+        assert out.shape == (G, PROMPT + NEW), out.shape
+        step_ms = 1000 * seconds / NEW
+        rows.append({"variant": variant, "seconds": seconds, "ms_per_step": step_ms,
+                     "tokens_per_s": G * NEW / seconds, "x_bandwidth_limit": step_ms / limit_ms,
+                     "peak_gib_above_model": peak})
+        print(shape, json.dumps(rows[-1]), flush=True)
+    # greedy agreement in bf16: engine (LoRA folded, compiled) against generate (unmerged, dynamic cache)
+    greedy = dict(max_new_tokens=128, do_sample=False, pad_token_id=2, eos_token_id=1)
+    want = model.generate(input_ids=input_ids, attention_mask=mask, disable_compile=True, **greedy)[:, PROMPT:]
+    got = engines["engine"].generate(model, input_ids=input_ids, attention_mask=mask, **greedy)[:, PROMPT:]
+    n = min(want.size(1), got.size(1))
+    agree = (want[:, :n] == got[:, :n]).float().mean().item()
+    first = [(w[:n] != g[:n]).nonzero().flatten()[:1].tolist() for w, g in zip(want, got)]
+    return {"shape": shape, "weight_bytes": weight_bytes, "bandwidth_limit_ms_per_step": limit_ms,
+            "greedy_agreement_bf16": agree, "greedy_first_divergence": [f[0] if f else None for f in first],
+            "variants": rows}
+
+
+def main() -> None:
+    from common import environment, save
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "results")
+    shapes = sys.argv[2:] or ["qwen2.5-0.5b", "qwen2.5-1.5b"]
+    bandwidth = copy_bandwidth()
+    print("copy bandwidth GB/s", bandwidth / 1e9, flush=True)
+    results = []
+    for shape in shapes:
+        results.append(run_shape(shape, bandwidth))
+        torch.cuda.empty_cache()  # the shape's model is gone with run_shape's frame
+    env = environment()
+    device = env["device"].lower().replace("nvidia ", "").split()[0]
+    payload = {"benchmark": "decoding", "config": {"G": G, "prompt_tokens": PROMPT, "new_tokens": NEW, "lora_r": 16,
+                                                   "vocab": 32768, "dtype": "bfloat16", "repeats": REPEATS},
+               "copy_bandwidth_gb_s": bandwidth / 1e9, **env, "results": results}
+    save(f"bench_generate_{device}_{env['date'][:10]}", payload, out)
+
+
+if __name__ == "__main__":
+    main()

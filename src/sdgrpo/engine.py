@@ -1,0 +1,324 @@
+"""The decoding engine: sampling for GRPO rollouts, eval, demo and generate, with the model's weights read once per
+token and nothing else in the way.
+
+What it does, against ``transformers``' ``generate`` with the same settings:
+
+- **Static KV cache**, sized to the batch and to the prompt + completion length rounded up to ``length_bucket``, kept
+  between calls (reset, not reallocated) so that a training run allocates it once.
+- **One decoding step** (the forward of one token per row; temperature, top-k, top-p and min-p sampling as TRL's
+  generation config asks; the minimum length; EOS handling) in one function, compiled with
+  ``torch.compile(mode="reduce-overhead")`` on a GPU, which captures it as a CUDA graph; eager on CPU. The host
+  synchronises only every ``check_every`` tokens, to see whether every row has finished.
+- **LoRA folded**: for a PEFT model whose LoRA layers wrap 16-bit or fp32 ``nn.Linear`` weights, each such weight
+  has a generation copy ``W + scale * B @ A``, refreshed at the start of every call and swapped in for the call's
+  duration with the adapters switched off, so decoding runs no per-layer LoRA matmuls. The trained weights (W, A,
+  B) are never written. The copies are what the engine holds beyond the model: one copy of the LoRA-wrapped
+  weights, in their dtype. Quantised (4-bit) bases, DoRA and other adapter types decode unmerged, as they are.
+
+Sampling ``exactly as asked`` means the same processing order and formulas as transformers' logits processors
+(min-new-tokens, temperature, top-k, top-p, min-p) and a draw from the resulting distribution (an exponential race,
+``argmax(p / E)`` with ``E ~ Exp(1)``, which is a draw from ``p``; it is not the same random stream as
+``torch.multinomial``, so a seeded run reproduces itself, not ``generate``). Greedy decoding gives ``generate``'s
+tokens. Options the engine does not implement (beam search, repetition penalty, ...) fall back to ``generate``.
+
+Private couplings (pinned in tests/test_private_api.py): PEFT's ``LoraLayer._disable_adapters`` flag is set per layer
+for the call (PEFT's own ``disable_adapter`` context would also flip ``requires_grad`` on the LoRA weights), and
+:func:`serving` shadows ``model.generate`` on the instance for the duration of TRL's ``_generate`` (TRL 1.15 calls
+``unwrapped_model.generate(**inputs, generation_config=...)`` there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Settings that change what is sampled and that the engine does not implement: with any of them away from
+# transformers' default, the call goes to generate.
+UNSUPPORTED = ("num_beams", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
+               "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+               "sequence_bias", "typical_p", "epsilon_cutoff", "eta_cutoff", "encoder_repetition_penalty",
+               "exponential_decay_length_penalty", "renormalize_logits", "guidance_scale", "watermarking_config",
+               "top_h", "stop_strings", "output_scores", "output_logits", "return_dict_in_generate", "min_length",
+               "prompt_lookup_num_tokens", "remove_invalid_values", "low_memory", "penalty_alpha", "dola_layers")
+
+
+@dataclass
+class Sampling:
+    """The settings of one call, as transformers' generation config spells them."""
+
+    max_new_tokens: int
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    min_new_tokens: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+
+@dataclass
+class Decoded:
+    sequences: torch.Tensor  # [B, P + T]: the prompt, then the completion, pad after a row's EOS
+    logprobs: torch.Tensor  # [B, T]: log p(token) under the model at temperature 1 (0 after a row's EOS)
+
+
+def sampling_from(model, generation_config=None, **kwargs) -> Sampling | None:
+    """The call's settings resolved as ``generate`` resolves them (the given config, then the model's, then
+    transformers' global defaults, then keyword arguments: its own ``_prepare_generation_config``), or ``None`` when
+    they ask for something the engine does not do."""
+    from transformers import GenerationConfig
+
+    inner = _inner(model)
+    config, model_kwargs = type(inner)._prepare_generation_config(inner, generation_config, **kwargs)
+    if model_kwargs or config.max_new_tokens is None:
+        return None
+    defaults = {**GenerationConfig._get_default_generation_params(), "min_length": 0}
+    for key in UNSUPPORTED:
+        value = getattr(config, key, None)
+        if value not in (None, defaults.get(key), False) and not (key == "min_length" and value == 0):
+            return None
+    eos = config.eos_token_id
+    eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    return Sampling(max_new_tokens=int(config.max_new_tokens), do_sample=bool(config.do_sample),
+                    temperature=float(config.temperature), top_k=int(config.top_k or 0),
+                    top_p=float(config.top_p), min_p=float(config.min_p or 0.0),
+                    min_new_tokens=int(config.min_new_tokens or 0), eos_token_ids=eos, pad_token_id=int(pad))
+
+
+def process_logits(logits: torch.Tensor, s: Sampling, step: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """transformers' processors in its order: min-new-tokens, then (sampling only) temperature, top-k, top-p, min-p."""
+    scores = logits.float()
+    if s.min_new_tokens and eos.numel():
+        blocked = torch.zeros_like(scores, dtype=torch.bool)
+        blocked[:, eos] = step < s.min_new_tokens
+        scores = scores.masked_fill(blocked, -float("inf"))
+    if not s.do_sample:
+        return scores
+    if s.temperature != 1.0:
+        scores = scores / s.temperature
+    if s.top_k:
+        kth = torch.topk(scores, min(s.top_k, scores.size(-1)))[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if s.top_p < 1.0:
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - s.top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), -float("inf"))
+    if s.min_p:
+        probs = scores.softmax(dim=-1)
+        remove = probs < s.min_p * probs.amax(dim=-1, keepdim=True)
+        remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+        scores = scores.masked_fill(remove, -float("inf"))
+    return scores
+
+
+def choose(logits: torch.Tensor, s: Sampling, step: torch.Tensor, eos: torch.Tensor, finished: torch.Tensor):
+    """One token per row: (token, its log-prob at temperature 1, finished after it). Finished rows get pad."""
+    scores = process_logits(logits, s, step, eos)
+    if s.do_sample:
+        race = torch.empty_like(scores).exponential_()
+        token = (scores.softmax(dim=-1) / race).argmax(dim=-1)
+    else:
+        token = scores.argmax(dim=-1)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0]
+    token = torch.where(finished, torch.full_like(token, s.pad_token_id), token)
+    logp = logp.masked_fill(finished, 0.0)
+    if eos.numel():
+        finished = finished | torch.isin(token, eos)
+    return token, logp, finished
+
+
+# --- LoRA folded into a generation copy ----------------------------------------------------------------------------
+def _foldable_lora_layers(model) -> list | None:
+    """The LoRA layers to fold, or None when the model cannot be folded exactly (quantised or non-Linear bases,
+    DoRA or other variants, fan-in-fan-out weights); [] when it has no LoRA."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        if type(layer) is not LoraLinear or not isinstance(layer.base_layer, torch.nn.Linear):
+            return None
+        if layer.lora_variant or layer.fan_in_fan_out or layer.merged:
+            return None
+        if layer.base_layer.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+    return layers
+
+
+class Folded:
+    """Generation copies of the LoRA-wrapped weights (allocated once per model, refreshed per call)."""
+
+    def __init__(self):
+        self.copies: dict[int, torch.nn.Parameter] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, model):
+        layers = _foldable_lora_layers(model)
+        if not layers:
+            if layers is None:
+                logger.debug("LoRA not foldable here (quantised base or an adapter variant): decoding unmerged")
+            yield
+            return
+        swapped = []
+        try:
+            with torch.no_grad():
+                for layer in layers:
+                    base = layer.base_layer
+                    copy = self.copies.get(id(layer))
+                    if copy is None or copy.shape != base.weight.shape or copy.device != base.weight.device:
+                        copy = torch.nn.Parameter(torch.empty_like(base.weight), requires_grad=False)
+                        self.copies[id(layer)] = copy
+                    delta = None
+                    for name in layer.active_adapters:
+                        if name in layer.lora_A and not getattr(layer, "_disable_adapters", False):
+                            a = layer.lora_A[name].weight.float()
+                            b = layer.lora_B[name].weight.float()
+                            term = (b @ a) * layer.scaling[name]
+                            delta = term if delta is None else delta + term
+                    copy.copy_(base.weight if delta is None else (base.weight.float() + delta).to(base.weight.dtype))
+                    swapped.append((layer, base.weight, layer._disable_adapters))
+                    base.weight = copy
+                    layer._disable_adapters = True
+            yield
+        finally:
+            for layer, weight, disabled in swapped:
+                layer.base_layer.weight = weight
+                layer._disable_adapters = disabled
+
+
+# --- the engine -----------------------------------------------------------------------------------------------------
+def _inner(model):
+    """The module whose forward decodes: a PEFT model's base model (its LoRA layers still in place)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Decode in eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while
+    it generates), transformers' layers drop the KV cache, which one-token steps cannot do without."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class DecodeEngine:
+    """Batched decoding with a static cache and one (compiled) step function; see the module docstring.
+
+    ``compile``: capture the step with ``torch.compile(mode="reduce-overhead")`` (default: on a GPU).
+    ``check_every``: tokens between checks that every row has finished (the only host synchronisation).
+    """
+
+    def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64):
+        self.compile = compile
+        self.check_every = check_every
+        self.length_bucket = length_bucket
+        self.fold = Folded()
+        self.calls = 0  # decoding calls served (a fallback to generate is not counted)
+        self.fallbacks = 0
+        self._key = None
+        self._cache = None
+        self._step = None
+
+    # the whole decoding step: forward of one token per row, then the choice
+    def _decode_step(self, model, cache, mask, token, position, cache_position, step, finished, s, eos):
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                       past_key_values=cache, cache_position=cache_position, use_cache=True).logits[:, -1]
+        return choose(logits, s, step, eos, finished)
+
+    def _setup(self, model, batch: int, length: int, device) -> None:
+        from transformers import StaticCache
+
+        key = (id(model), batch, length, str(device), next(model.parameters()).dtype)
+        if key != self._key:
+            self._key = key
+            self._cache = StaticCache(config=model.config, max_cache_len=length)
+            step = self._decode_step
+            on_gpu = torch.device(device).type == "cuda"
+            if self.compile if self.compile is not None else on_gpu:
+                step = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+            self._step = step
+        else:
+            self._cache.reset()
+
+    @torch.no_grad()
+    def decode(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: Sampling) -> Decoded:
+        """Sample (or choose greedily) up to ``s.max_new_tokens`` tokens after each left-padded prompt row."""
+        self.calls += 1
+        device = input_ids.device
+        batch, prompt_len = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        length = -(-(prompt_len + s.max_new_tokens) // self.length_bucket) * self.length_bucket
+        inner = _inner(model)
+        eos = torch.tensor(s.eos_token_ids, dtype=torch.long, device=device)
+        on_gpu = torch.device(device).type == "cuda"
+        with self.fold(model), _eval_mode(inner):
+            self._setup(inner, batch, length, device)
+            cache = self._cache
+            mask = torch.ones(batch, length, dtype=attention_mask.dtype, device=device)
+            mask[:, :prompt_len] = attention_mask
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            out = inner(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        cache_position=torch.arange(prompt_len, device=device), use_cache=True, logits_to_keep=1)
+            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            step = torch.zeros((), dtype=torch.long, device=device)
+            token, logp, finished = choose(out.logits[:, -1], s, step, eos, finished)
+            tokens = torch.full((batch, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
+            logps = torch.zeros(batch, s.max_new_tokens, dtype=torch.float32, device=device)
+            tokens[:, 0], logps[:, 0] = token, logp
+            position = positions[:, -1] + 1
+            ran = s.max_new_tokens
+            for t in range(1, s.max_new_tokens):
+                if t % self.check_every == 0 and bool(finished.all()):
+                    ran = t
+                    break
+                if on_gpu:
+                    torch.compiler.cudagraph_mark_step_begin()
+                cache_position = torch.full((1,), prompt_len + t - 1, dtype=torch.long, device=device)
+                step = torch.full((), t, dtype=torch.long, device=device)
+                token, logp, finished = self._step(inner, cache, mask, token, position, cache_position, step,
+                                                   finished, s, eos)
+                token, logp, finished = token.clone(), logp.clone(), finished.clone()
+                tokens[:, t], logps[:, t] = token, logp
+                position = position + 1
+        # generate stops at the step where the last row ends: keep the columns up to there
+        if eos.numel():
+            ends = torch.isin(tokens[:, :ran], eos)
+            never = torch.full(ends.shape[:1], ran, dtype=torch.long, device=device)
+            last = torch.where(ends.any(1), ends.int().argmax(1) + 1, never)
+            ran = int(last.max())
+        return Decoded(torch.cat([input_ids, tokens[:, :ran]], dim=1), logps[:, :ran])
+
+    def generate(self, model, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+        """``model.generate``'s contract (prompt + completion ids, pad after EOS) through the engine, or through
+        ``generate`` itself for what the engine does not do."""
+        s = sampling_from(model, generation_config, **kwargs)
+        if s is None or input_ids is None:
+            self.fallbacks += 1
+            return type(model).generate(model, input_ids=input_ids, attention_mask=attention_mask,
+                                        generation_config=generation_config, **kwargs)
+        return self.decode(model, input_ids, attention_mask, s).sequences
+
+
+@contextlib.contextmanager
+def serving(model, engine: DecodeEngine):
+    """``model.generate`` answered by ``engine`` for the duration (an instance attribute over the class method)."""
+    model.generate = lambda *args, **kwargs: engine.generate(model, *args, **kwargs)
+    try:
+        yield engine
+    finally:
+        del model.generate

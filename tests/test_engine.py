@@ -1,0 +1,160 @@
+"""The decoding engine (sdgrpo.engine) against transformers' generate and a teacher-forced pass, on CPU in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from conftest import boost, make_llama, reference_logps
+from sdgrpo.engine import DecodeEngine, serving
+
+PROMPTS = ["In the beginning God created", "And the LORD said unto Noah", "Then", "And it came to pass, when men"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer, corpus):
+    """A random 2-layer Llama that ends some completions: its EOS made likely after any context."""
+    m = make_llama(tiny_tokenizer, seed=21)
+    boost(m, tiny_tokenizer.eos_token_id, 0.4, tiny_tokenizer, (corpus / "jonah.txt").read_text()[:2000])
+    return m
+
+
+@pytest.fixture(scope="module")
+def lora(model):
+    """The same model with non-zero LoRA adapters on every linear layer."""
+    import copy
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(22)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return peft_model.eval()
+
+
+def encode(tokenizer, prompts=PROMPTS):
+    return tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+
+
+def settings(tokenizer, **kw):
+    return dict(max_new_tokens=24, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw)
+
+
+@pytest.mark.parametrize("which", ["plain", "lora"])
+def test_greedy_gives_generates_tokens_with_padding_and_eos(which, model, lora, tiny_tokenizer):
+    m = model if which == "plain" else lora
+    enc = encode(tiny_tokenizer)
+    want = m.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    engine = DecodeEngine()
+    got = engine.generate(m, **enc, do_sample=False, **settings(tiny_tokenizer))
+    assert engine.calls == 1 and engine.fallbacks == 0
+    assert torch.equal(got, want)
+    if which == "plain":  # rows 0 and 2 end (after 15 and 1 tokens), the others run to the limit
+        ends = [(row == tiny_tokenizer.eos_token_id).nonzero().flatten()[:1].tolist()
+                for row in want[:, enc["input_ids"].size(1):]]
+        assert ends == [[14], [], [0], []]
+
+
+def test_train_mode_with_gradient_checkpointing_still_decodes_with_the_cache(lora, tiny_tokenizer):
+    """How TRL generates: the Trainer's train mode, gradient checkpointing on (layers then drop the KV cache)."""
+    enc = encode(tiny_tokenizer)
+    want = lora.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    lora.gradient_checkpointing_enable()
+    lora.train()
+    try:
+        got = DecodeEngine().generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
+        assert lora.training and lora.get_base_model().model.layers[0].training  # left as it was
+    finally:
+        lora.gradient_checkpointing_disable()
+        lora.eval()
+    assert torch.equal(got, want)
+
+
+def test_folding_leaves_the_trained_weights_and_flags_as_they_were(lora, tiny_tokenizer):
+    before = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    grads = {n: p.requires_grad for n, p in lora.named_parameters()}
+    params = {n: id(p) for n, p in lora.named_parameters()}
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for n, m in lora.named_modules()
+             if n.endswith("lora_A.default")]
+    DecodeEngine().generate(lora, **encode(tiny_tokenizer), do_sample=True, **settings(tiny_tokenizer))
+    assert not calls  # folded: no LoRA matmul while decoding
+    lora.generate(**encode(tiny_tokenizer), do_sample=True, **settings(tiny_tokenizer))
+    assert len(calls) >= len(hooks)  # what the hooks would have seen unfolded
+    for h in hooks:
+        h.remove()
+    for n, p in lora.named_parameters():
+        assert id(p) == params[n] and p.requires_grad == grads[n] and torch.equal(p, before[n]), n
+    from peft.tuners.lora import LoraLayer
+
+    assert not any(m.disable_adapters for m in lora.modules() if isinstance(m, LoraLayer))
+
+
+def test_sampled_tokens_log_probs_equal_a_teacher_forced_pass(lora, tiny_tokenizer):
+    enc = encode(tiny_tokenizer)
+    torch.manual_seed(3)
+    from sdgrpo.engine import sampling_from
+
+    s = sampling_from(lora, None, do_sample=True, top_k=0, **settings(tiny_tokenizer))
+    out = DecodeEngine().decode(lora, enc["input_ids"], enc["attention_mask"], s)
+    width = enc["input_ids"].size(1)
+    for row in range(len(PROMPTS)):
+        prompt = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
+        completion = out.sequences[row, width:].tolist()
+        if tiny_tokenizer.eos_token_id in completion:
+            completion = completion[: completion.index(tiny_tokenizer.eos_token_id) + 1]
+        want = reference_logps(lora, prompt, completion)  # one unpadded forward, unmerged LoRA
+        torch.testing.assert_close(out.logprobs[row, : len(completion)].double(), want, atol=1e-5, rtol=0)
+
+
+def test_sampling_with_a_seed_is_reproducible(lora, tiny_tokenizer):
+    engine, enc = DecodeEngine(), encode(tiny_tokenizer)
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        runs.append(engine.generate(lora, **enc, do_sample=True, top_k=0, **settings(tiny_tokenizer)))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_sampling_follows_the_models_distribution(model, tiny_tokenizer):
+    """First tokens of 4,000 draws after one prompt against softmax(logits / T) with top-k 20: total variation."""
+    enc = encode(tiny_tokenizer, [PROMPTS[0]] * 4000)
+    torch.manual_seed(0)
+    out = DecodeEngine().generate(model, **enc, do_sample=True, temperature=0.7, top_k=20, max_new_tokens=1,
+                                  pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    first = out[:, -1]
+    logits = model(**encode(tiny_tokenizer, [PROMPTS[0]])).logits[0, -1] / 0.7
+    kth = torch.topk(logits, 20).values[-1]
+    p = torch.softmax(logits.masked_fill(logits < kth, -float("inf")), -1)
+    freq = torch.bincount(first, minlength=p.numel()).double() / len(first)
+    assert set(first.tolist()) <= set(torch.nonzero(p).flatten().tolist())
+    assert 0.5 * (freq - p.double()).abs().sum() < 0.05
+
+
+def test_min_new_tokens_and_top_p(model, tiny_tokenizer):
+    enc = encode(tiny_tokenizer)
+    torch.manual_seed(1)
+    out = DecodeEngine().generate(model, **enc, do_sample=True, min_new_tokens=10, **settings(tiny_tokenizer))
+    completion = out[:, enc["input_ids"].size(1):]
+    assert not (completion[:, :10] == tiny_tokenizer.eos_token_id).any()
+    greedy = model.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    nucleus = DecodeEngine().generate(model, **enc, do_sample=True, top_p=1e-6, **settings(tiny_tokenizer))
+    assert torch.equal(nucleus, greedy)  # a tiny nucleus keeps only the top token
+
+
+def test_what_it_does_not_do_goes_to_generate(model, tiny_tokenizer):
+    engine, enc = DecodeEngine(), encode(tiny_tokenizer)
+    got = engine.generate(model, **enc, do_sample=False, repetition_penalty=1.3, **settings(tiny_tokenizer))
+    want = model.generate(**enc, do_sample=False, repetition_penalty=1.3, **settings(tiny_tokenizer))
+    assert engine.fallbacks == 1 and engine.calls == 0 and torch.equal(got, want)
+
+
+def test_serving_answers_model_generate_and_then_steps_aside(model, tiny_tokenizer):
+    engine, enc = DecodeEngine(), encode(tiny_tokenizer)
+    with serving(model, engine):
+        model.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    assert engine.calls == 1 and "generate" not in vars(model)
+    model.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    assert engine.calls == 1
