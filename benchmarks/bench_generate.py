@@ -145,16 +145,17 @@ def main() -> None:
     shapes = sys.argv[2:] or ["qwen2.5-0.5b", "qwen2.5-1.5b"]
     bandwidth = copy_bandwidth()
     print("copy bandwidth GB/s", bandwidth / 1e9, flush=True)
+    env = environment()
+    device = env["device"].lower().replace("nvidia ", "").split()[0]
     results = []
     for shape in shapes:
         results.append(run_shape(shape, bandwidth))
         torch.cuda.empty_cache()  # the shape's model is gone with run_shape's frame
-    env = environment()
-    device = env["device"].lower().replace("nvidia ", "").split()[0]
-    payload = {"benchmark": "decoding", "config": {"G": G, "prompt_tokens": PROMPT, "new_tokens": NEW, "lora_r": 16,
-                                                   "vocab": 32768, "dtype": "bfloat16", "repeats": REPEATS},
-               "copy_bandwidth_gb_s": bandwidth / 1e9, **env, "results": results}
-    save(f"bench_generate_{device}_{env['date'][:10]}", payload, out)
+        payload = {"benchmark": "decoding", "config": {"G": G, "prompt_tokens": PROMPT, "new_tokens": NEW,
+                                                       "lora_r": 16, "vocab": 32768, "dtype": "bfloat16",
+                                                       "repeats": REPEATS},
+                   "copy_bandwidth_gb_s": bandwidth / 1e9, **env, "results": results}
+        save(f"bench_generate_{device}_{env['date'][:10]}", payload, out)  # after every shape: survives a time-out
 
 
 if __name__ == "__main__":
