@@ -3,7 +3,8 @@
 sdgrpo pins trl 1.15.0 and transformers <= 5.17.0 (Unsloth's range). An upgrade that renames, removes or re-orders
 any of these fails here, in CI, instead of silently changing what a run computes. Where each is used:
 ``trainer.py`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the Triton stand-in),
-``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals).
+``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals), ``engine.py`` (transformers' generation
+config resolution, PEFT's per-layer adapter switch).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ PINNED = {
     ("torch.distributed.fsdp", "FSDPModule", "set_reshard_after_forward"): ["self", "reshard_after_forward", "recurse"],
     ("torch.distributed.fsdp", "FSDPModule", "reshard"): ["self"],
     ("torch.distributed.fsdp", "FSDPModule", "_get_fsdp_state"): ["self"],
+    ("transformers", "GenerationMixin", "_prepare_generation_config"): ["self", "generation_config"],
+    ("transformers", "GenerationConfig", "_get_default_generation_params"): [],
 }
 
 # Attributes that GRPOTrainer.__init__ / SFTTrainer.__init__ must still set, read by sdgrpo.
@@ -39,6 +42,7 @@ INIT_ATTRIBUTES = {
     ("trl", "GRPOTrainer"): ["self.eos_token_ids", "self._metrics", "self.beta", "self.temperature",
                              "self.ref_model", "self.mask_truncated_completions"],
     ("trl", "SFTTrainer"): ["self._metrics"],
+    ("peft.tuners.lora", "LoraLayer"): ["self._disable_adapters", "self.lora_variant", "self.scaling"],
 }
 
 
@@ -69,7 +73,7 @@ def test_attributes_set_in_init(key):
     import importlib
 
     source = inspect.getsource(getattr(importlib.import_module(key[0]), key[1]).__init__)
-    assert [a for a in INIT_ATTRIBUTES[key] if f"{a} =" not in source] == []
+    assert [a for a in INIT_ATTRIBUTES[key] if f"{a} =" not in source and f"{a}:" not in source] == []
 
 
 def test_trl_fused_logprob_hook_point_exists():
