@@ -10,7 +10,9 @@ Arms, each trained for the same wall-clock budget on this machine (LoRA r 16 on 
 - ``self_nll``: GRPO with the default reward (the base's likelihood of the policy's samples);
 - ``context_distill``: GRPO with the base shown the true continuation as the teacher;
 - ``distill<-sft``: GRPO distilling a teacher = base + an SFT adapter trained on the same text (the teacher's SFT
-  takes half of this arm's budget).
+  takes half of this arm's budget);
+- ``sdft``: TRL's SDFTTrainer, the dense (per-token) form of context_distill: the frozen base shown the true
+  continuation before the prompt teaches the policy shown the prompt alone (not in the default ``--arms``).
 
 Measured for each: bits per byte on the domain's held-out file (the gain), bits per byte on the held-out slice of
 the general corpus the model was pretrained on (the last 5% of every book: the forgetting), and distinct-2 and
@@ -116,6 +118,35 @@ def run_sft(data: Path, out: Path, model: str, lr: float, budget: float) -> dict
     main(*parse_sft_args(["--model_name_or_path", model, "--dataset_path", str(data), "--output_dir", str(out),
                           "--learning_rate", str(lr), "--max_steps", "100000", "--per_device_train_batch_size", "8",
                           "--report_to", "none", "--save_strategy", "no", "--seed", "0"]), callbacks=[clock])
+    return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
+
+
+def run_sdft(data: Path, out: Path, model: str, lr: float, budget: float) -> dict:
+    """TRL's SDFTTrainer (experimental in TRL 1.15): on-policy self-distillation with a dense, per-token loss (top-100
+    logits), the frozen base shown the true continuation before the prompt as the teacher; the same LoRA."""
+    from datasets import load_from_disk
+    from peft import LoraConfig
+    from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+    from sdgrpo.compat import ensure_trl_runs_without_triton
+    from sdgrpo.modeling import load_model, load_tokenizer
+
+    ensure_trl_runs_without_triton()
+    train = load_from_disk(str(data))["train"]
+    train = train.select_columns(["prompt", "continuation"]).rename_column("continuation", "privileged_context")
+    tokenizer = load_tokenizer(model)
+    cfg = SDFTConfig(output_dir=str(out), learning_rate=lr, max_steps=100000, per_device_train_batch_size=8,
+                     num_generations=4, max_completion_length=48, report_to="none", save_strategy="no", seed=0,
+                     logging_steps=1, teacher_model_kind="base", use_cpu=not torch.cuda.is_available(),
+                     bf16=torch.cuda.is_available(), teacher_prompt_template="{privileged_context}\n\n{prompt}")
+    clock = TimeBudget(budget)
+    t0 = time.perf_counter()
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SDFTTrainer(model=load_model(model, torch.float32, "cuda" if torch.cuda.is_available() else "cpu"),
+                          args=cfg, train_dataset=train, processing_class=tokenizer, callbacks=[clock],
+                          peft_config=lora)
+    trainer.train()
+    trainer.save_model(str(out))
     return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -229,6 +260,8 @@ def main() -> None:
             return {**info, "teacher_sft_steps": teacher["steps"]}, work / "distill"
 
         arm("distill<-sft", distill)
+    if "sdft" in arms:
+        arm("sdft", lambda: (run_sdft(data, work / "sdft", model, 3e-4, budget), work / "sdft"))
     plot(result, out / "domain_study.png")
     save()
     base = result["arms"]["base"]
