@@ -168,7 +168,8 @@ def plot(result: dict, path: Path) -> None:
     ax.plot([0] + [p[0] for p, _ in sft], [0] + [p[1] for p, _ in sft], "-o", color="gray", label="sft (frontier)")
     for (x, y), name in sft:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="gray")
-    markers = {"self_nll": ("s", "tab:red"), "context_distill": ("D", "tab:blue"), "distill<-sft": ("^", "tab:green")}
+    markers = {"self_nll": ("s", "tab:red"), "context_distill": ("D", "tab:blue"), "distill<-sft": ("^", "tab:green"),
+               "sdft": ("P", "tab:purple")}
     for name, arm in result["arms"].items():
         kind = name.split("@")[0]
         if kind in markers:
@@ -198,6 +199,7 @@ def main() -> None:
     ap.add_argument("--sft_lrs", default="1e-4,3e-4,1e-3")
     ap.add_argument("--context_distill_lrs", default="3e-4",
                     help="learning rates of the context_distill arm (the first is named context_distill)")
+    ap.add_argument("--sdft_lrs", default="3e-4", help="learning rates of the sdft arm (the first is named sdft)")
     ap.add_argument("--arms", default="base,sft,self_nll,context_distill,distill")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -261,7 +263,9 @@ def main() -> None:
 
         arm("distill<-sft", distill)
     if "sdft" in arms:
-        arm("sdft", lambda: (run_sdft(data, work / "sdft", model, 3e-4, budget), work / "sdft"))
+        for i, lr in enumerate(args.sdft_lrs.split(",")):
+            name = "sdft" if i == 0 else f"sdft@{lr}"
+            arm(name, lambda lr=lr, name=name: (run_sdft(data, work / name, model, float(lr), budget), work / name))
     plot(result, out / "domain_study.png")
     save()
     base = result["arms"]["base"]

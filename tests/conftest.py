@@ -136,3 +136,17 @@ def boost(model, token: int, logit: float, tokenizer, text: str) -> None:
         hidden = model.model(input_ids=ids).last_hidden_state[0]  # [T, H] after the final norm
         direction = hidden.mean(0)
         model.lm_head.weight[token] = logit * direction / direction.norm() ** 2
+
+
+def with_lora(model, std: float, seed: int):
+    """``model`` with LoRA r 4 on every linear layer and non-zero B matrices (N(0, std)), in eval mode: adapters that
+    change the model's outputs, so that a path which ignored them would give other numbers."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    return peft_model.eval()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
-from conftest import boost, make_llama, reference_logps
+from conftest import boost, make_llama, reference_logps, with_lora
 from sdgrpo.engine import DecodeEngine, serving
 
 PROMPTS = ["In the beginning God created", "And the LORD said unto Noah", "Then", "And it came to pass, when men"]
@@ -25,13 +24,7 @@ def lora(model):
     """The same model with non-zero LoRA adapters on every linear layer."""
     import copy
 
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    torch.manual_seed(22)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    return peft_model.eval()
+    return with_lora(copy.deepcopy(model), 0.3, seed=22)
 
 
 def encode(tokenizer, prompts=PROMPTS):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from conftest import make_llama, reference_logps
+from conftest import make_llama, reference_logps, with_lora
 from sdgrpo.errors import UserError
 from sdgrpo.rewards import DistillReward, SelfNLLReward, TeacherNLLReward, build_reward, self_nll
 
@@ -16,14 +16,7 @@ from sdgrpo.rewards import DistillReward, SelfNLLReward, TeacherNLLReward, build
 @pytest.fixture(scope="module")
 def lora_model(tiny_tokenizer):
     """A PEFT model whose adapters are non-zero, so scoring with them enabled would give other numbers."""
-    base = make_llama(tiny_tokenizer, seed=3)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return model.eval()
+    return with_lora(make_llama(tiny_tokenizer, seed=3), 0.5, seed=5)
 
 
 def test_reward_disables_adapters_and_scores_eos(tiny_tokenizer, cases, lora_model):
@@ -221,7 +214,6 @@ def test_registry_needs_a_teacher(tiny_tokenizer):
 def test_context_distill_is_base_shown_the_text_minus_policy(tiny_tokenizer, teacher_student_batch):
     """Teacher: the base (adapters off) after BOS + continuation + blank line + the prompt's tokens; student: the
     policy (adapters on) after the prompt. Checked against one unpadded forward per sequence, built by hand."""
-    from peft import LoraConfig, get_peft_model
 
     from sdgrpo.rewards import ContextDistillReward
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sdgrpo.scoring import eval_mode
+
 logger = logging.getLogger(__name__)
 
 # Settings that change what is sampled and that the engine does not implement: with any of them away from
@@ -203,18 +205,6 @@ def _inner(model):
     return get() if callable(get) else model
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    """Decode in eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while
-    it generates), transformers' layers drop the KV cache, which one-token steps cannot do without."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 class DecodeEngine:
     """Batched decoding with a static cache and one (compiled) step function; see the module docstring.
 
@@ -266,7 +256,9 @@ class DecodeEngine:
         inner = _inner(model)
         eos = torch.tensor(s.eos_token_ids, dtype=torch.long, device=device)
         on_gpu = torch.device(device).type == "cuda"
-        with self.fold(model), _eval_mode(inner):
+        # Eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while it
+        # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
+        with self.fold(model), eval_mode(inner):
             self._setup(inner, batch, length, device)
             cache = self._cache
             mask = torch.ones(batch, length, dtype=attention_mask.dtype, device=device)
