@@ -102,13 +102,22 @@ def test_sampled_tokens_log_probs_equal_a_teacher_forced_pass(lora, tiny_tokeniz
         torch.testing.assert_close(out.logprobs[row, : len(completion)].double(), want, atol=1e-5, rtol=0)
 
 
-def test_sampling_with_a_seed_is_reproducible(lora, tiny_tokenizer):
+def test_sampling_with_a_seed_is_reproducible_and_draws_generates_tokens(lora, tiny_tokenizer):
+    """The exponential race is how torch.multinomial draws one sample, so on CPU a seeded run draws exactly the
+    tokens of a seeded ``generate`` (with top-p and temperature too)."""
     engine, enc = DecodeEngine(), encode(tiny_tokenizer)
     runs = []
     for seed in (5, 5, 6):
         torch.manual_seed(seed)
         runs.append(engine.generate(lora, **enc, do_sample=True, top_k=0, **settings(tiny_tokenizer)))
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    torch.manual_seed(5)
+    assert torch.equal(runs[0], lora.generate(**enc, do_sample=True, top_k=0, **settings(tiny_tokenizer)))
+    for kw in (dict(temperature=0.8, top_p=0.9), dict(top_k=30, min_p=0.05)):
+        torch.manual_seed(7)
+        got = engine.generate(lora, **enc, do_sample=True, **kw, **settings(tiny_tokenizer))
+        torch.manual_seed(7)
+        assert torch.equal(got, lora.generate(**enc, do_sample=True, **kw, **settings(tiny_tokenizer))), kw
 
 
 def test_sampling_follows_the_models_distribution(model, tiny_tokenizer):

@@ -16,10 +16,10 @@ What it does, against ``transformers``' ``generate`` with the same settings:
   weights, in their dtype. Quantised (4-bit) bases, DoRA and other adapter types decode unmerged, as they are.
 
 Sampling ``exactly as asked`` means the same processing order and formulas as transformers' logits processors
-(min-new-tokens, temperature, top-k, top-p, min-p) and a draw from the resulting distribution (an exponential race,
-``argmax(p / E)`` with ``E ~ Exp(1)``, which is a draw from ``p``; it is not the same random stream as
-``torch.multinomial``, so a seeded run reproduces itself, not ``generate``). Greedy decoding gives ``generate``'s
-tokens. Options the engine does not implement (beam search, repetition penalty, ...) fall back to ``generate``.
+(min-new-tokens, temperature, top-k, top-p, min-p) and a draw from the resulting distribution by an exponential race,
+``argmax(p / E)`` with ``E ~ Exp(1)``: the way ``torch.multinomial`` draws one sample, so on CPU a seeded call draws
+exactly the tokens of a seeded ``generate`` (tested); greedy decoding gives ``generate``'s tokens. Options the engine
+does not implement (beam search, repetition penalty, ...) fall back to ``generate``.
 
 Private couplings (pinned in tests/test_private_api.py): PEFT's ``LoraLayer._disable_adapters`` flag is set per layer
 for the call (PEFT's own ``disable_adapter`` context would also flip ``requires_grad`` on the LoRA weights), and
