@@ -30,6 +30,21 @@ def test_what_the_machine_decides_wins_and_a_refused_wish_is_logged(tmp_path, ca
     assert [r.getMessage() for r in caplog.records] == ["compile True is not possible on this machine: using False"]
 
 
+def test_the_machine_step_sees_the_parsed_values():
+    """sdgrpo train's machine step fits the generation batch to what was asked before TRL's check would refuse it."""
+    from sdgrpo.config import fit_generation_batch, parse_train_args
+
+    train_cfg, _ = parse_train_args(["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
+                                     "--num_generations", "8"])
+    assert (train_cfg.steps_per_generation, train_cfg.generation_batch_size) == (8, 8)
+    seen = []
+    parse_args(["--seed", "9"], (PretrainConfig,), "p", machine=lambda values: seen.append(values) or {})
+    assert seen[0]["seed"] == 9 and seen[0]["seq_len"] == 256
+    assert fit_generation_batch({"num_generations": 8, "per_device_train_batch_size": 4,
+                                 "gradient_accumulation_steps": 2, "generation_batch_size": None,
+                                 "steps_per_generation": None}) == {}
+
+
 def test_positional_words_anywhere_and_repeated_list_options():
     (cfg,) = parse_args(["a.txt", "books", "--output", "out", "c.txt", "--max_prompts", "5"], (PrepareConfig,),
                         "sdgrpo prepare", positional="inputs")

@@ -108,13 +108,13 @@ def _parser(classes: tuple, prog: str, description: str, positional: str | None)
 
 
 def parse_args(argv: list[str], classes: tuple, prog: str, description: str = "",
-               positional: str | None = None, machine: dict | None = None) -> tuple:
+               positional: str | None = None, machine=None) -> tuple:
     """``[--config FILE] [--key value ...]`` into one instance of each dataclass in ``classes`` (see the module).
 
     ``positional``: the name of a list field that also takes the words that are not options (prepare's inputs).
     ``machine``: values that replace whatever the defaults, the file or the command line say, for the fields that
-    ``classes`` have: what the machine decides (:func:`sdgrpo.config.machine_settings`); a replaced value that was
-    asked for is logged.
+    ``classes`` have, or a function of the parsed values that returns them: what the machine decides
+    (:func:`sdgrpo.config.machine_settings`); a replaced value that was asked for is logged.
     ``-h``/``--help`` prints every option with its help and raises ``SystemExit(0)``.
     """
     argv = list(argv)
@@ -154,7 +154,8 @@ def parse_args(argv: list[str], classes: tuple, prog: str, description: str = ""
     if extra:
         error(f"unexpected argument(s) {' '.join(extra)}")
     asked = {a[2:].split("=")[0] for a in yaml_argv + argv if a.startswith("--")}
-    for key, value in (machine or {}).items():
+    overrides = machine(dict(vars(namespace))) if callable(machine) else (machine or {})
+    for key, value in overrides.items():
         if hasattr(namespace, key):
             if key in asked and getattr(namespace, key) != value:
                 logger.warning("%s %s is not possible on this machine: using %s", key, getattr(namespace, key), value)

@@ -165,32 +165,10 @@ class SDGRPOConfig(GRPOConfig):
                 raise UserError(f"min_completion_length {self.min_completion_length} is above max_completion_length "
                                 f"{self.max_completion_length}; lower it")
             self.generation_kwargs = {**(self.generation_kwargs or {}), "min_new_tokens": self.min_completion_length}
-        if self.generation_batch_size is None and self.steps_per_generation is None and self.num_generations:
-            self._fit_generation_batch()
         try:
             super().__post_init__()
         except ValueError as err:
             raise UserError(f"config: {err}") from None
-
-    def _fit_generation_batch(self):
-        """Make the generation batch hold whole groups of ``num_generations`` completions.
-
-        TRL's generation batch is ``per_device_train_batch_size x processes x steps_per_generation`` (by default
-        ``gradient_accumulation_steps``). The original recipe's 1 x 4 with 8 generations would not divide; then one
-        generation batch is spread over several optimizer steps instead of failing.
-        """
-        # The distributed state does not exist yet here; accelerate and torchrun set WORLD_SIZE.
-        per_step = self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
-        steps = self.gradient_accumulation_steps
-        if (per_step * steps) % self.num_generations == 0:
-            return
-        lcm = math.lcm(per_step * steps, self.num_generations)
-        self.steps_per_generation = lcm // per_step
-        logger.info(
-            "num_generations %d does not divide the batch %d x %d; steps_per_generation set to %d "
-            "(one generation batch of %d completions serves %d optimizer steps)",
-            self.num_generations, per_step, steps, self.steps_per_generation, lcm, lcm // (per_step * steps),
-        )
 
 
 @dataclass
@@ -248,12 +226,37 @@ class SDSFTConfig(SFTConfig):
             raise UserError(f"config: {err}") from None
 
 
-def machine_settings() -> dict:
-    """What the machine decides before a training config is built (TRL's and transformers' checks in
-    ``__post_init__`` refuse bf16 without a GPU): without one, train on CPU in fp32, whatever was asked. The parsers
-    apply these over the parsed values. The rest of the runtime detection is :func:`resolve_runtime`'s, the first step
-    of ``sdgrpo train``."""
-    return {} if _has_cuda() else {"use_cpu": True, "bf16": False, "fp16": False}
+def machine_settings(values: dict) -> dict:
+    """What the machine decides before a training config is built, from the parsed ``values`` (TRL's and
+    transformers' checks in ``__post_init__`` need it): without a GPU, train on CPU in fp32, whatever was asked; and
+    the generation batch fitted to the world size (:func:`fit_generation_batch`). The parsers apply these over the
+    parsed values. The rest of the runtime detection is :func:`resolve_runtime`'s, the first step of
+    ``sdgrpo train``."""
+    out = {} if _has_cuda() else {"use_cpu": True, "bf16": False, "fp16": False}
+    return {**out, **fit_generation_batch(values)}
+
+
+def fit_generation_batch(values: dict) -> dict:
+    """``steps_per_generation`` that makes the generation batch hold whole groups of ``num_generations`` completions,
+    when neither it nor ``generation_batch_size`` was given ({} otherwise, and for configs without generations).
+
+    TRL's generation batch is ``per_device_train_batch_size x processes x steps_per_generation`` (by default
+    ``gradient_accumulation_steps``). The original recipe's 1 x 4 with 8 generations would not divide; then one
+    generation batch is spread over several optimizer steps instead of failing TRL's check.
+    """
+    generations = values.get("num_generations")
+    if not generations or values.get("generation_batch_size") is not None or values.get("steps_per_generation"):
+        return {}
+    # The distributed state does not exist yet here; accelerate and torchrun set WORLD_SIZE.
+    per_step = values["per_device_train_batch_size"] * int(os.environ.get("WORLD_SIZE", "1"))
+    steps = values["gradient_accumulation_steps"]
+    if (per_step * steps) % generations == 0:
+        return {}
+    lcm = math.lcm(per_step * steps, generations)
+    logger.info("num_generations %d does not divide the batch %d x %d; steps_per_generation set to %d (one generation "
+                "batch of %d completions serves %d optimizer steps)", generations, per_step, steps, lcm // per_step,
+                lcm, lcm // (per_step * steps))
+    return {"steps_per_generation": lcm // per_step}
 
 
 def resolve_runtime(cfg: SDGRPOConfig) -> SDGRPOConfig:
@@ -303,13 +306,13 @@ def _has_cuda() -> bool:
 def parse_train_args(argv: list[str]) -> tuple[SDGRPOConfig, SDModelConfig]:
     """The GRPO verb's configuration (see :func:`sdgrpo.args.parse_args`)."""
     return parse_args(argv, (SDGRPOConfig, SDModelConfig), "sdgrpo train", "self-distillation GRPO of LoRA adapters",
-                      machine=machine_settings())
+                      machine=machine_settings)
 
 
 def parse_sft_args(argv: list[str]) -> tuple[SDSFTConfig, SDModelConfig]:
     """The SFT verb's configuration (see :func:`sdgrpo.args.parse_args`)."""
     return parse_args(argv, (SDSFTConfig, SDModelConfig), "sdgrpo sft", "plain LoRA fine-tuning, the control",
-                      machine=machine_settings())
+                      machine=machine_settings)
 
 
 def config_to_dict(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> dict:
