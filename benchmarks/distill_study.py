@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--data_dir", default=str(HERE.parent.parent / "shared" / "data"))
+    ap.add_argument("--dense_lr", type=float, default=3e-4, help="learning rate of the dense_distill arm")
     ap.add_argument("--runs", default=",".join([*RUNS, "sft"]), help="comma-separated arms")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -169,7 +170,7 @@ def main() -> None:
         t0 = time.time()
         if name == "dense_distill":
             train_prompts = list(load_prompts(str(prompts_dir), "train", 2000)["prompt"])
-            dense_distill(str(student_dir), teacher, tokenizer, train_prompts, out / name, steps)
+            dense_distill(str(student_dir), teacher, tokenizer, train_prompts, out / name, steps, args.dense_lr)
         elif name == "sft":
             argv = ["--dataset_path", str(prompts_dir), "--output_dir", str(out / name), "--max_steps", str(steps),
                     "--model_name_or_path", str(student_dir)]
