@@ -80,10 +80,9 @@ def sampling_from(model, generation_config=None, **kwargs) -> Sampling | None:
     config, model_kwargs = type(inner)._prepare_generation_config(inner, generation_config, **kwargs)
     if model_kwargs or config.max_new_tokens is None:
         return None
-    defaults = {**GenerationConfig._get_default_generation_params(), "min_length": 0}
+    defaults = GenerationConfig._get_default_generation_params()
     for key in UNSUPPORTED:
-        value = getattr(config, key, None)
-        if value not in (None, defaults.get(key), False) and not (key == "min_length" and value == 0):
+        if getattr(config, key, None) not in (None, defaults.get(key), False):
             return None
     eos = config.eos_token_id
     eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
@@ -180,15 +179,15 @@ class Folded:
                     if copy is None or copy.shape != base.weight.shape or copy.device != base.weight.device:
                         copy = torch.nn.Parameter(torch.empty_like(base.weight), requires_grad=False)
                         self.copies[id(layer)] = copy
+                    disabled = layer._disable_adapters
                     delta = None
-                    for name in layer.active_adapters:
-                        if name in layer.lora_A and not getattr(layer, "_disable_adapters", False):
-                            a = layer.lora_A[name].weight.float()
-                            b = layer.lora_B[name].weight.float()
-                            term = (b @ a) * layer.scaling[name]
+                    for name in [] if disabled else layer.active_adapters:
+                        if name in layer.lora_A:
+                            term = (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float())
+                            term = term * layer.scaling[name]
                             delta = term if delta is None else delta + term
                     copy.copy_(base.weight if delta is None else (base.weight.float() + delta).to(base.weight.dtype))
-                    swapped.append((layer, base.weight, layer._disable_adapters))
+                    swapped.append((layer, base.weight, disabled))
                     base.weight = copy
                     layer._disable_adapters = True
             yield
@@ -229,7 +228,7 @@ class DecodeEngine:
                        past_key_values=cache, cache_position=cache_position, use_cache=True).logits[:, -1]
         return choose(logits, s, step, eos, finished)
 
-    def _setup(self, model, batch: int, length: int, device) -> None:
+    def _setup(self, model, batch: int, length: int, device, on_gpu: bool) -> None:
         from transformers import StaticCache
 
         key = (id(model), batch, length, str(device), next(model.parameters()).dtype)
@@ -237,7 +236,6 @@ class DecodeEngine:
             self._key = key
             self._cache = StaticCache(config=model.config, max_cache_len=length)
             step = self._decode_step
-            on_gpu = torch.device(device).type == "cuda"
             if self.compile if self.compile is not None else on_gpu:
                 step = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
             self._step = step
@@ -259,7 +257,7 @@ class DecodeEngine:
         # Eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while it
         # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
         with self.fold(model), eval_mode(inner):
-            self._setup(inner, batch, length, device)
+            self._setup(inner, batch, length, device, on_gpu)
             cache = self._cache
             mask = torch.ones(batch, length, dtype=attention_mask.dtype, device=device)
             mask[:, :prompt_len] = attention_mask
