@@ -7,6 +7,7 @@ early), sampling at T=1:
   generate           PEFT LoRA r16 (unmerged), transformers' generate, dynamic cache (what TRL runs by default)
   generate_compiled  the same with a static cache and transformers' compiled decoding step
   engine             sdgrpo.engine.DecodeEngine: static cache, compiled step (CUDA graph), LoRA folded
+  engine_autotune    the engine compiled with mode="max-autotune" (matrix kernels tuned for the decoding batch)
   engine_eager       the engine without compiling the step
   engine_no_lora     the engine on the model without adapters (what folding is measured against)
 
@@ -14,7 +15,8 @@ Reports tokens/s, ms per decoding step (a step makes one token for each of the 8
 model, and the ratio to the bandwidth limit: the bytes of the weights that one step reads (every parameter once)
 divided by the device's copy bandwidth measured in the same run. Also the greedy agreement of the engine with
 generate in bf16 (fraction of identical tokens over 8 x 128 greedy tokens). Warm-up: one call per variant (it
-compiles), then the median of 3.
+compiles), then the median of 3. With BENCH_PROFILE=1, one more engine call runs under torch.profiler and the GPU
+time per kernel family goes to OUT_DIR/profile_<shape>.txt (where a decoding step's time goes).
 
     python benchmarks/bench_generate.py OUT_DIR [shape ...]
 """
@@ -35,7 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 G, PROMPT, NEW, REPEATS = 8, 128, 512, 3
-VARIANTS = ["generate", "generate_compiled", "engine", "engine_eager", "engine_no_lora"]
+VARIANTS = ["generate", "generate_compiled", "engine", "engine_autotune", "engine_eager", "engine_no_lora"]
 REPEATS = int(os.environ.get("BENCH_REPEATS", REPEATS))
 
 
@@ -73,6 +75,24 @@ def timed(fn) -> tuple[float, float, object]:
     return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**30, out
 
 
+def profile(engine, model, input_ids, mask, common: dict, path: Path) -> None:
+    """One warm engine call under torch.profiler: GPU time by kernel, and the step's GPU time against its wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.generate(model, input_ids=input_ids, attention_mask=mask, **common)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    path.write_text(f"wall {wall:.3f} s (profiled), GPU kernel time {gpu_us / 1e6:.3f} s\n{table}\n")
+    print(f"profile: wall {wall:.3f} s, GPU kernel time {gpu_us / 1e6:.3f} s -> {path}", flush=True)
+
+
 def run_shape(shape: str, bandwidth: float) -> dict:
     from common import random_model
     from peft import LoraConfig, get_peft_model
@@ -105,7 +125,8 @@ def run_shape(shape: str, bandwidth: float) -> dict:
             def fn(extra=extra):
                 return model.generate(input_ids=input_ids, attention_mask=mask, **common, **extra)
         else:
-            engine = engines[variant] = DecodeEngine(compile=variant != "engine_eager")
+            mode = "max-autotune" if variant == "engine_autotune" else "reduce-overhead"
+            engine = engines[variant] = DecodeEngine(compile=variant != "engine_eager", compile_mode=mode)
 
             def fn(engine=engine):
                 return engine.generate(model, input_ids=input_ids, attention_mask=mask, **common)
@@ -120,6 +141,8 @@ def run_shape(shape: str, bandwidth: float) -> dict:
                      "tokens_per_s": G * NEW / seconds, "x_bandwidth_limit": step_ms / limit_ms,
                      "peak_gib_above_model": peak})
         print(shape, json.dumps(rows[-1]), flush=True)
+    if os.environ.get("BENCH_PROFILE") and "engine" in engines:
+        profile(engines["engine"], model, input_ids, mask, common, Path(sys.argv[1]) / f"profile_{shape}.txt")
     # greedy agreement in bf16: engine (LoRA folded, compiled) against generate (unmerged, dynamic cache), as whole
     # sequences and step by step (the engine's token against the unmerged model's argmax after the same prefix;
     # random weights give near-flat distributions, so near-ties flip under bf16 rounding)

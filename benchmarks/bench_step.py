@@ -65,10 +65,10 @@ def make_assets(work: Path, shape: str) -> tuple[Path, Path]:
 
 
 class Timer:
-    """Wraps trainer methods at class level and records wall time per call (CUDA-synchronised)."""
+    """Wraps trainer methods at class level and records (start, wall time) per call (CUDA-synchronised)."""
 
     def __init__(self):
-        self.records: dict[str, list[float]] = {}
+        self.records: dict[str, list[tuple[float, float]]] = {}
 
     def wrap(self, cls, name: str, label: str):
         import torch
@@ -83,11 +83,57 @@ class Timer:
             t0 = time.perf_counter()
             out = original(obj, *args, **kwargs)
             torch.cuda.synchronize()
-            self.records.setdefault(label, []).append(time.perf_counter() - t0)
+            self.records.setdefault(label, []).append((t0, time.perf_counter() - t0))
             return out
 
         timed._bench_wrapped = True
         setattr(cls, name, timed)
+
+    def per_step(self, ends: list[float]) -> list[dict[str, float]]:
+        """Seconds per label summed within each optimizer step (the calls that started before that step's end)."""
+        steps = []
+        for i, end in enumerate(ends):
+            start = ends[i - 1] if i else float("-inf")
+            steps.append({label: sum(d for t0, d in calls if start < t0 <= end)
+                          for label, calls in self.records.items()})
+        return steps
+
+
+def step_diagnostics():
+    """A callback that records, per optimizer step, what can make eager passes slow between steps: Python's garbage
+    collector (seconds, collections of the oldest generation), the CUDA caching allocator (device mallocs and frees,
+    retries after a failed allocation) and torch.compile (graphs compiled so far)."""
+    import gc
+
+    import torch
+    import torch._dynamo.utils as dynamo_utils
+    from transformers import TrainerCallback
+
+    class Diagnostics(TrainerCallback):
+        def __init__(self):
+            self.rows, self._gc, self._t0 = [], {"s": 0.0, "gen2": 0}, None
+            gc.callbacks.append(self._on_gc)
+            self._last = self._snapshot()
+
+        def _on_gc(self, phase, info):
+            if phase == "start":
+                self._t0 = time.perf_counter()
+            elif self._t0 is not None:
+                self._gc["s"] += time.perf_counter() - self._t0
+                self._gc["gen2"] += info.get("generation") == 2
+
+        def _snapshot(self):
+            m = torch.cuda.memory_stats()
+            return {"gc_s": self._gc["s"], "gc_gen2": self._gc["gen2"], "device_mallocs": m.get("num_device_alloc", 0),
+                    "device_frees": m.get("num_device_free", 0), "alloc_retries": m.get("num_alloc_retries", 0),
+                    "graphs_compiled": dynamo_utils.counters["stats"]["unique_graphs"]}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = self._snapshot()
+            self.rows.append({k: now[k] - self._last[k] for k in now})
+            self._last = now
+
+    return Diagnostics()
 
 
 def original_recipe_reward(model, tokenizer):
@@ -121,9 +167,15 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     timer = Timer()
     timer.wrap(trl.GRPOTrainer, "_generate", "generation")
     timer.wrap(trl.GRPOTrainer, "_calculate_rewards", "scoring")
+    # finer: the batch's preparation (generation, reference and old-policy passes, rewards), the loss's forward
+    # passes, and the whole training step (forward + backward; the optimizer step is what the step has beyond it)
+    timer.wrap(trl.GRPOTrainer, "_generate_and_score_completions", "prepare")
+    timer.wrap(trl.GRPOTrainer, "compute_loss", "loss_forward")
+    timer.wrap(trl.GRPOTrainer, "training_step", "training_step")
     from common import StepClock
 
     step_clock = StepClock()
+    diagnostics = step_diagnostics()
     common = dict(max_steps=STEPS, per_device_train_batch_size=G, num_generations=G, max_completion_length=COMPLETION,
                   beta=0.04, learning_rate=1e-5, bf16=True, report_to="none", save_strategy="no", logging_steps=1)
     torch.cuda.reset_peak_memory_stats()
@@ -146,7 +198,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         if variant == "sdgrpo_hf_cb":
             argv += ["--use_transformers_continuous_batching", "true"]
         train_cfg, model_cfg = parse_train_args(argv)
-        main(train_cfg, model_cfg, callbacks=[step_clock])
+        main(train_cfg, model_cfg, callbacks=[step_clock, diagnostics])
     else:
         from peft import LoraConfig
 
@@ -172,11 +224,13 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         trainer = trl.GRPOTrainer(model=model, reward_funcs=[original_recipe_reward(model, tok)],
                                   args=trl.GRPOConfig(output_dir=str(out / variant), **common),
                                   train_dataset=load_from_disk(str(data_dir))["train"], processing_class=tok,
-                                  peft_config=peft_config, callbacks=[step_clock])
+                                  peft_config=peft_config, callbacks=[step_clock, diagnostics])
         trainer.train()
-    timed = {k: v[WARMUP:] for k, v in timer.records.items()}
+    per_step = timer.per_step(step_clock.ends)[WARMUP:]
+    timed = {k: [row.get(k, 0.0) for row in per_step] for k in timer.records}
     timed["step"] = step_clock.durations[WARMUP:]
     med = {k: statistics.median(v) for k, v in timed.items() if v}
+    import torch._dynamo.utils as dynamo_utils
     step = med.get("step", float("nan"))
     return {
         "variant": variant, "steps_timed": len(timed["step"]), "step_times_s": timed["step"],
@@ -184,6 +238,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         "policy_and_reference_s": step - med.get("generation", 0) - med.get("scoring", 0),
         "completion_tokens_per_s": G * COMPLETION / step,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "per_step_s": per_step, "medians_s": med, "per_step_diagnostics": diagnostics.rows[WARMUP:],
+        "dynamo_stats": {k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("stats", "recompiles")},
     }
 
 

@@ -76,6 +76,7 @@ class StepClock(TrainerCallback):
 
     def __init__(self, path: str | Path | None = None):
         self.durations: list[float] = []
+        self.ends: list[float] = []  # perf_counter at each step's end
         self.path = Path(path) if path else None
         self._last = None
 
@@ -92,6 +93,7 @@ class StepClock(TrainerCallback):
         self._sync()
         now = time.perf_counter()
         self.durations.append(now - self._last)
+        self.ends.append(now)
         if self.path is not None and state.is_world_process_zero:
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
             with self.path.open("a") as fh:

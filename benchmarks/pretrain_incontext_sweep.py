@@ -33,6 +33,14 @@ CANDIDATES = {
     "student-h128-l4-drop0.1": dict(repeat_fraction=0.5, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
                                     intermediate_size=344, tokenizer_path="src/sdgrpo/assets/tiny-llama",
                                     hidden_dropout=0.1, attention_dropout=0.0, max_seconds=400),
+    # The same student pretrained on a tenth and on 30% of the tokens (the schedule run to its end over the shorter
+    # run): a student the teacher still knows much more than, as when a small model is distilled early.
+    "student-h128-l4-1k": dict(repeat_fraction=0.5, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
+                               intermediate_size=344, tokenizer_path="src/sdgrpo/assets/tiny-llama",
+                               max_steps=1000, eval_every=500, max_seconds=400),
+    "student-h128-l4-3k": dict(repeat_fraction=0.5, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
+                               intermediate_size=344, tokenizer_path="src/sdgrpo/assets/tiny-llama",
+                               max_steps=3000, eval_every=1000, max_seconds=400),
 }
 TARGETS = {"induction_60": 2.0, "context_gain": 1.0}
 

@@ -50,6 +50,25 @@ def test_greedy_gives_generates_tokens_with_padding_and_eos(which, model, lora, 
         assert ends == [[14], [], [0], []]
 
 
+def test_one_cache_serves_shorter_calls_and_grows_for_longer_ones(model, tiny_tokenizer):
+    """Prompts of other lengths reuse the cache while they fit (no new cache, so no recompiled step on a GPU), with
+    the tokens still generate's; a call that does not fit makes a larger cache once."""
+    engine = DecodeEngine(length_bucket=8)
+    calls = [(PROMPTS, 24), (PROMPTS[2:3], 24), (PROMPTS[:1] * 4, 10), (PROMPTS, 40), (PROMPTS[1:2] * 4, 24)]
+    setups = []
+    for prompts, new in calls:
+        enc = encode(tiny_tokenizer, prompts)
+        kw = dict(do_sample=False, max_new_tokens=new, pad_token_id=tiny_tokenizer.pad_token_id,
+                  eos_token_id=tiny_tokenizer.eos_token_id)
+        want = model.generate(**enc, **kw)
+        got = engine.generate(model, **enc, **kw)
+        assert torch.equal(got, want), (prompts, new)
+        setups.append(engine.setups)
+    # batch 4 (setup 1); batch 1 (2); batch 4 again, shorter: the batch changed, so a new cache (3); longer (4);
+    # shorter again: reused
+    assert setups == [1, 2, 3, 4, 4]
+
+
 def test_train_mode_with_gradient_checkpointing_still_decodes_with_the_cache(lora, tiny_tokenizer):
     """How TRL generates: the Trainer's train mode, gradient checkpointing on (layers then drop the KV cache)."""
     enc = encode(tiny_tokenizer)

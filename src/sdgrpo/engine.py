@@ -4,7 +4,8 @@ token and nothing else in the way.
 What it does, against ``transformers``' ``generate`` with the same settings:
 
 - **Static KV cache**, sized to the batch and to the prompt + completion length rounded up to ``length_bucket``, kept
-  between calls (reset, not reallocated) so that a training run allocates it once.
+  between calls (reset, not reallocated) and grown only when a call does not fit, so that a training run whose
+  prompts vary in length allocates it (and compiles the step for it) once or a few times, not once per length.
 - **One decoding step** (the forward of one token per row; temperature, top-k, top-p and min-p sampling as TRL's
   generation config asks; the minimum length; EOS handling) in one function, compiled with
   ``torch.compile(mode="reduce-overhead")`` on a GPU, which captures it as a CUDA graph; eager on CPU. The host
@@ -209,16 +210,22 @@ class DecodeEngine:
 
     ``compile``: capture the step with ``torch.compile(mode="reduce-overhead")`` (default: on a GPU).
     ``check_every``: tokens between checks that every row has finished (the only host synchronisation).
+    ``compile_mode``: torch.compile's mode for the step (``max-autotune`` also tunes the matrix kernels for the
+    decoding batch, at a longer first call).
     """
 
-    def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64):
+    def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64,
+                 compile_mode: str = "reduce-overhead"):
         self.compile = compile
+        self.compile_mode = compile_mode
         self.check_every = check_every
         self.length_bucket = length_bucket
         self.fold = Folded()
         self.calls = 0  # decoding calls served (a fallback to generate is not counted)
         self.fallbacks = 0
+        self.setups = 0  # static caches made (a new batch size, length bucket, model or dtype)
         self._key = None
+        self._length = 0
         self._cache = None
         self._step = None
 
@@ -228,19 +235,25 @@ class DecodeEngine:
                        past_key_values=cache, cache_position=cache_position, use_cache=True).logits[:, -1]
         return choose(logits, s, step, eos, finished)
 
-    def _setup(self, model, batch: int, length: int, device, on_gpu: bool) -> None:
+    def _setup(self, model, batch: int, length: int, device, on_gpu: bool) -> int:
+        """Reset the static cache, or make one (and a step function) if none fits; returns the cache's length.
+
+        The cache only grows: a call that fits the current one reuses it (the unused tail is masked off by the
+        cache positions), so prompts of varying lengths do not recompile the step, which a new length would."""
         from transformers import StaticCache
 
-        key = (id(model), batch, length, str(device), next(model.parameters()).dtype)
-        if key != self._key:
-            self._key = key
+        key = (id(model), batch, str(device), next(model.parameters()).dtype)
+        if key != self._key or length > self._length:
+            self._key, self._length = key, length
+            self.setups += 1
             self._cache = StaticCache(config=model.config, max_cache_len=length)
             step = self._decode_step
             if self.compile if self.compile is not None else on_gpu:
-                step = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
+                step = torch.compile(step, mode=self.compile_mode, fullgraph=False, dynamic=False)
             self._step = step
         else:
             self._cache.reset()
+        return self._length
 
     @torch.no_grad()
     def decode(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: Sampling) -> Decoded:
@@ -257,7 +270,7 @@ class DecodeEngine:
         # Eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while it
         # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
         with self.fold(model), eval_mode(inner):
-            self._setup(inner, batch, length, device, on_gpu)
+            length = self._setup(inner, batch, length, device, on_gpu)
             cache = self._cache
             mask = torch.ones(batch, length, dtype=attention_mask.dtype, device=device)
             mask[:, :prompt_len] = attention_mask
