@@ -6,8 +6,9 @@ early), sampling at T=1:
 
   generate           PEFT LoRA r16 (unmerged), transformers' generate, dynamic cache (what TRL runs by default)
   generate_compiled  the same with a static cache and transformers' compiled decoding step
-  engine             sdgrpo.engine.DecodeEngine: static cache, compiled step (CUDA graph), LoRA folded
-  engine_autotune    the engine compiled with mode="max-autotune" (matrix kernels tuned for the decoding batch)
+  engine             sdgrpo.engine.DecodeEngine: static cache, compiled step captured as one CUDA graph, LoRA folded
+  engine_autotune    the engine compiled with mode="max-autotune-no-cudagraphs" (matrix kernels tuned for the
+                     decoding batch; the engine captures the graph itself)
   engine_eager       the engine without compiling the step
   engine_no_lora     the engine on the model without adapters (what folding is measured against)
 
@@ -125,7 +126,7 @@ def run_shape(shape: str, bandwidth: float) -> dict:
             def fn(extra=extra):
                 return model.generate(input_ids=input_ids, attention_mask=mask, **common, **extra)
         else:
-            mode = "max-autotune" if variant == "engine_autotune" else "reduce-overhead"
+            mode = "max-autotune-no-cudagraphs" if variant == "engine_autotune" else "default"
             engine = engines[variant] = DecodeEngine(compile=variant != "engine_eager", compile_mode=mode)
 
             def fn(engine=engine):
@@ -138,6 +139,7 @@ def run_shape(shape: str, bandwidth: float) -> dict:
         assert out.shape == (G, PROMPT + NEW), out.shape
         step_ms = 1000 * seconds / NEW
         rows.append({"variant": variant, "seconds": seconds, "ms_per_step": step_ms,
+                     "graphs_captured": engines[variant].captures if variant in engines else None,
                      "tokens_per_s": G * NEW / seconds, "x_bandwidth_limit": step_ms / limit_ms,
                      "peak_gib_above_model": peak})
         print(shape, json.dumps(rows[-1]), flush=True)

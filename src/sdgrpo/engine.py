@@ -7,9 +7,10 @@ What it does, against ``transformers``' ``generate`` with the same settings:
   between calls (reset, not reallocated) and grown only when a call does not fit, so that a training run whose
   prompts vary in length allocates it (and compiles the step for it) once or a few times, not once per length.
 - **One decoding step** (the forward of one token per row; temperature, top-k, top-p and min-p sampling as TRL's
-  generation config asks; the minimum length; EOS handling) in one function, compiled with
-  ``torch.compile(mode="reduce-overhead")`` on a GPU, which captures it as a CUDA graph; eager on CPU. The host
-  synchronises only every ``check_every`` tokens, to see whether every row has finished.
+  generation config asks; the minimum length; EOS handling; writing the token into the output and advancing the
+  positions), compiled with ``torch.compile`` and captured as one CUDA graph on a GPU that reads and advances its
+  own state in place, so each token costs one graph replay and no other host work; eager on CPU (the same code,
+  step by step). The host synchronises only every ``check_every`` tokens, to see whether every row has finished.
 - **LoRA folded**: for a PEFT model whose LoRA layers wrap 16-bit or fp32 ``nn.Linear`` weights, each such weight
   has a generation copy ``W + scale * B @ A``, refreshed at the start of every call and swapped in for the call's
   duration with the adapters switched off, so decoding runs no per-layer LoRA matmuls. The trained weights (W, A,
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 
@@ -205,17 +206,33 @@ def _inner(model):
     return get() if callable(get) else model
 
 
+class _State:
+    """What one decoding step reads and advances in place, at fixed addresses (a captured CUDA graph replays on
+    them): the attention mask over the cache, the last token, positions, the step counter, the finished flags, the
+    completion's tokens and log-probs so far, and the EOS ids."""
+
+    def __init__(self, batch: int, length: int, new: int, device, mask_dtype, eos: tuple[int, ...], pad: int):
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        self.mask, self.token, self.position = zeros(batch, length, dtype=mask_dtype), zeros(batch), zeros(batch)
+        self.cache_position, self.step, self.finished = zeros(1), zeros(()), zeros(batch, dtype=torch.bool)
+        self.tokens, self.logps = torch.full((batch, new), pad, dtype=torch.long, device=device), \
+            zeros(batch, new, dtype=torch.float32)
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device)
+
+
 class DecodeEngine:
     """Batched decoding with a static cache and one (compiled) step function; see the module docstring.
 
-    ``compile``: capture the step with ``torch.compile(mode="reduce-overhead")`` (default: on a GPU).
+    ``compile``: compile the step and capture it as a CUDA graph (default: on a GPU).
     ``check_every``: tokens between checks that every row has finished (the only host synchronisation).
-    ``compile_mode``: torch.compile's mode for the step (``max-autotune`` also tunes the matrix kernels for the
-    decoding batch, at a longer first call).
+    ``compile_mode``: torch.compile's mode for the step (``max-autotune-no-cudagraphs`` also tunes the matrix
+    kernels for the decoding batch, at a longer first call; the engine captures the CUDA graph itself).
     """
 
     def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64,
-                 compile_mode: str = "reduce-overhead"):
+                 compile_mode: str = "default"):
         self.compile = compile
         self.compile_mode = compile_mode
         self.check_every = check_every
@@ -224,16 +241,32 @@ class DecodeEngine:
         self.calls = 0  # decoding calls served (a fallback to generate is not counted)
         self.fallbacks = 0
         self.setups = 0  # static caches made (a new batch size, length bucket, model or dtype)
+        self.captures = 0  # CUDA graphs captured
         self._key = None
         self._length = 0
         self._cache = None
         self._step = None
+        self._state: tuple | None = None  # (key, _State)
+        self._graph: tuple | None = None  # (key, torch.cuda.CUDAGraph or None where capture failed)
 
     # the whole decoding step: forward of one token per row, then the choice
     def _decode_step(self, model, cache, mask, token, position, cache_position, step, finished, s, eos):
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
                        past_key_values=cache, cache_position=cache_position, use_cache=True).logits[:, -1]
         return choose(logits, s, step, eos, finished)
+
+    def _advance(self, model, st: _State, s: Sampling) -> None:
+        """One step on the state, in place: the next token of every row, written at column ``st.step``."""
+        token, logp, finished = self._step(model, self._cache, st.mask, st.token, st.position, st.cache_position,
+                                           st.step, st.finished, s, st.eos)
+        column = st.step.view(1)
+        st.tokens.index_copy_(1, column, token[:, None])
+        st.logps.index_copy_(1, column, logp[:, None])
+        st.token.copy_(token)
+        st.finished.copy_(finished)
+        st.position.add_(1)
+        st.cache_position.add_(1)
+        st.step.add_(1)
 
     def _setup(self, model, batch: int, length: int, device, on_gpu: bool) -> int:
         """Reset the static cache, or make one (and a step function) if none fits; returns the cache's length.
@@ -255,6 +288,46 @@ class DecodeEngine:
             self._cache.reset()
         return self._length
 
+    def _prefill(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, st: _State, s: Sampling):
+        """The prompts' forward into the cache, the first token, and the state set for step 1."""
+        prompt_len = input_ids.size(1)
+        st.mask.fill_(1)
+        st.mask[:, :prompt_len] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=st.mask, position_ids=positions, past_key_values=self._cache,
+                    cache_position=torch.arange(prompt_len, device=input_ids.device), use_cache=True,
+                    logits_to_keep=1)
+        st.step.zero_()
+        st.finished.zero_()
+        token, logp, finished = choose(out.logits[:, -1], s, st.step, st.eos, st.finished)
+        st.tokens.fill_(s.pad_token_id)
+        st.logps.zero_()
+        st.tokens[:, 0], st.logps[:, 0] = token, logp
+        st.token.copy_(token)
+        st.finished.copy_(finished)
+        st.position.copy_(positions[:, -1] + 1)
+        st.cache_position.fill_(prompt_len)
+        st.step.fill_(1)
+
+    def _capture(self, model, st: _State, s: Sampling):
+        """The step as a CUDA graph (after warm-up runs that compile it), or None if it cannot be captured."""
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self._advance(model, st, s)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._advance(model, st, s)
+            self.captures += 1
+            return graph
+        except Exception as e:  # noqa: BLE001 - a model whose step cannot be captured still decodes, step by step
+            logger.warning("decoding step not captured as a CUDA graph (%s: %s); decoding step by step",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return None
+
     @torch.no_grad()
     def decode(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: Sampling) -> Decoded:
         """Sample (or choose greedily) up to ``s.max_new_tokens`` tokens after each left-padded prompt row."""
@@ -265,46 +338,44 @@ class DecodeEngine:
             attention_mask = torch.ones_like(input_ids)
         length = -(-(prompt_len + s.max_new_tokens) // self.length_bucket) * self.length_bucket
         inner = _inner(model)
-        eos = torch.tensor(s.eos_token_ids, dtype=torch.long, device=device)
         on_gpu = torch.device(device).type == "cuda"
         # Eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while it
         # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
         with self.fold(model), eval_mode(inner):
             length = self._setup(inner, batch, length, device, on_gpu)
-            cache = self._cache
-            mask = torch.ones(batch, length, dtype=attention_mask.dtype, device=device)
-            mask[:, :prompt_len] = attention_mask
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            out = inner(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        cache_position=torch.arange(prompt_len, device=device), use_cache=True, logits_to_keep=1)
-            finished = torch.zeros(batch, dtype=torch.bool, device=device)
-            step = torch.zeros((), dtype=torch.long, device=device)
-            token, logp, finished = choose(out.logits[:, -1], s, step, eos, finished)
-            tokens = torch.full((batch, s.max_new_tokens), s.pad_token_id, dtype=torch.long, device=device)
-            logps = torch.zeros(batch, s.max_new_tokens, dtype=torch.float32, device=device)
-            tokens[:, 0], logps[:, 0] = token, logp
-            position = positions[:, -1] + 1
+            key = (batch, length, s.max_new_tokens, str(device), attention_mask.dtype, s.eos_token_ids, s.pad_token_id)
+            if self._state is None or self._state[0] != key:
+                self._state = (key, _State(batch, length, s.max_new_tokens, device, attention_mask.dtype,
+                                           s.eos_token_ids, s.pad_token_id))
+            st = self._state[1]
+            self._prefill(inner, input_ids, attention_mask, st, s)
+            graph = None
+            if on_gpu and self._step is not self._decode_step and s.max_new_tokens > 4:
+                # the graph replays on fixed addresses: the cache, the state and the weights (folded copies included)
+                graph_key = (self._key, self._length, key, astuple(s), id(st),
+                             tuple(p.data_ptr() for p in inner.parameters()))
+                if self._graph is None or self._graph[0] != graph_key:
+                    self._graph = (graph_key, self._capture(inner, st, s))
+                    self._cache.reset()  # the warm-up steps wrote into the cache and the state: start again
+                    self._prefill(inner, input_ids, attention_mask, st, s)
+                graph = self._graph[1]
             ran = s.max_new_tokens
             for t in range(1, s.max_new_tokens):
-                if t % self.check_every == 0 and bool(finished.all()):
+                if t % self.check_every == 0 and bool(st.finished.all()):
                     ran = t
                     break
-                if on_gpu:
-                    torch.compiler.cudagraph_mark_step_begin()
-                cache_position = torch.full((1,), prompt_len + t - 1, dtype=torch.long, device=device)
-                step = torch.full((), t, dtype=torch.long, device=device)
-                token, logp, finished = self._step(inner, cache, mask, token, position, cache_position, step,
-                                                   finished, s, eos)
-                token, logp, finished = token.clone(), logp.clone(), finished.clone()
-                tokens[:, t], logps[:, t] = token, logp
-                position = position + 1
-        # generate stops at the step where the last row ends: keep the columns up to there
-        if eos.numel():
-            ends = torch.isin(tokens[:, :ran], eos)
-            never = torch.full(ends.shape[:1], ran, dtype=torch.long, device=device)
-            last = torch.where(ends.any(1), ends.int().argmax(1) + 1, never)
-            ran = int(last.max())
-        return Decoded(torch.cat([input_ids, tokens[:, :ran]], dim=1), logps[:, :ran])
+                if graph is not None:
+                    graph.replay()
+                else:
+                    self._advance(inner, st, s)
+            tokens, logps = st.tokens[:, :ran], st.logps[:, :ran]
+            # generate stops at the step where the last row ends: keep the columns up to there
+            if st.eos.numel():
+                ends = torch.isin(tokens, st.eos)
+                never = torch.full(ends.shape[:1], ran, dtype=torch.long, device=device)
+                last = torch.where(ends.any(1), ends.int().argmax(1) + 1, never)
+                ran = int(last.max())
+            return Decoded(torch.cat([input_ids, tokens[:, :ran]], dim=1), logps[:, :ran].clone())
 
     def generate(self, model, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
         """``model.generate``'s contract (prompt + completion ids, pad after EOS) through the engine, or through

@@ -199,3 +199,11 @@ def test_engine_on_the_gpu_agrees_with_generate_and_a_teacher_forced_pass(tiny_t
     diff = (out.logprobs - ref).abs()[live(seq)]
     print(f"sampled log-probs against a teacher-forced pass: max |diff| {diff.max():.3g}, mean {diff.mean():.3g}")
     assert diff.mean() < 0.05 and engine.calls == 2
+    # the step ran as a captured CUDA graph, whose random draws follow the seed: the same seed gives the same
+    # tokens, the generator moving on gives others
+    assert engine.captures >= 1
+    sampled = sampling_from(model, None, do_sample=True, top_k=0, **kw)
+    torch.manual_seed(0)
+    again = engine.decode(model, enc["input_ids"], enc["attention_mask"], sampled).sequences
+    other = engine.decode(model, enc["input_ids"], enc["attention_mask"], sampled).sequences
+    assert torch.equal(again, seq) and not torch.equal(other, seq)
