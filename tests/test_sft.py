@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import reference_logps, run_cli
 
@@ -72,3 +73,77 @@ def test_missing_continuation_is_one_line(tmp_path, tiny_model_dir):
                     tmp_path / verb, "--max_steps", 1, *extra)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert "'continuation' column" in r.stderr.strip().splitlines()[-1]
+
+
+def test_kd_loss_is_cross_entropy_and_kl_per_counted_token(tiny_tokenizer):
+    """Against one unpadded fp64 pass per sequence: CE of the true next tokens and KL(teacher || student) over the
+    vocabulary, averaged over the counted tokens (padding and -100 labels left out)."""
+    from conftest import make_llama
+    from sdgrpo.sft import kd_loss
+
+    student, teacher = make_llama(tiny_tokenizer, seed=1), make_llama(tiny_tokenizer, seed=2)
+    texts = ["In the beginning God created the heaven", "And the earth was without form", "Then"]
+    enc = tiny_tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    labels[0, 3] = -100  # a label left out inside a row
+    with torch.no_grad():
+        loss, ce, kl = kd_loss(student(**enc).logits, teacher(**enc).logits, labels, 0.3)
+    ce_sum = kl_sum = n = 0.0
+    for row, text in enumerate(texts):
+        ids = tiny_tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            s = torch.log_softmax(student(input_ids=ids).logits[0].double(), -1)
+            t = torch.log_softmax(teacher(input_ids=ids).logits[0].double(), -1)
+        for pos in range(ids.size(1) - 1):
+            if labels[row, pos + 1] == -100:
+                continue
+            ce_sum -= s[pos, ids[0, pos + 1]].item()
+            kl_sum += (t[pos].exp() * (t[pos] - s[pos])).sum().item()
+            n += 1
+    assert n == int((labels[:, 1:] != -100).sum())
+    assert ce.item() == pytest.approx(ce_sum / n, rel=1e-5) and kl.item() == pytest.approx(kl_sum / n, rel=1e-5)
+    assert loss.item() == pytest.approx(0.7 * ce_sum / n + 0.3 * kl_sum / n, rel=1e-5)
+    # the Trainer's token count, where given, is the divisor
+    _, ce2, kl2 = kd_loss(student(**enc).logits, teacher(**enc).logits, labels, 0.3, num_items_in_batch=2 * n)
+    assert ce2.item() == pytest.approx(ce_sum / n / 2, rel=1e-5) and kl2.item() == pytest.approx(kl_sum / n / 2,
+                                                                                                rel=1e-5)
+
+
+def test_sft_with_a_teacher_distils_and_logs_both_terms(tmp_path, prepared, tiny_model_dir, tiny_tokenizer):
+    from conftest import make_llama
+
+    teacher = tmp_path / "teacher"
+    make_llama(tiny_tokenizer, seed=5).save_pretrained(teacher)
+    tiny_tokenizer.save_pretrained(teacher)
+    common = ["--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--max_steps", 4,
+              "--per_device_train_batch_size", 4, "--learning_rate", "3e-3", "--report_to", "none",
+              "--save_strategy", "no"]
+    runs = {"other": (teacher, 0.4), "self": (tiny_model_dir, 1.0)}
+    for name, (path, weight) in runs.items():
+        r = run_cli("sft", *common, "--output_dir", tmp_path / name, "--teacher_model_name_or_path", path,
+                    "--kd_weight", weight)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        assert [x["step"] for x in rows] == [1, 2, 3, 4]
+        for x in rows:  # the logged loss is the weighted sum of the two logged terms
+            assert x["loss"] == pytest.approx((1 - weight) * x["kd/cross_entropy"] + weight * x["kd/kl"], rel=1e-3,
+                                              abs=1e-6)
+        if name == "other":
+            assert all(x["kd/kl"] > 0.01 for x in rows)
+        else:  # the student's own base as the teacher: the adapter starts at zero, so the first step's KL is 0
+            # (AdamW then turns the near-zero gradients into steps of the learning rate's size: small, not zero)
+            assert abs(rows[0]["kd/kl"]) < 1e-6 and rows[0]["kd/cross_entropy"] > 1
+            assert all(x["kd/kl"] < 1e-2 for x in rows)
+    assert "kd_weight: 0.4" in (tmp_path / "other" / "resolved_config.yaml").read_text()
+
+
+def test_a_teacher_with_another_tokenizer_is_one_line(tmp_path, prepared, tiny_model_dir):
+    from sdgrpo.config import TINY_MODEL
+
+    r = run_cli("sft", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir",
+                tmp_path / "o", "--max_steps", 1, "--teacher_model_name_or_path", TINY_MODEL)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "tokenizer differs from the student's" in r.stderr.strip().splitlines()[-1]
+    r = run_cli("sft", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir",
+                tmp_path / "o", "--max_steps", 1, "--kd_weight", "1.5")
+    assert r.returncode == 2 and "kd_weight 1.5 is outside 0-1" in r.stderr.strip().splitlines()[-1]

@@ -218,8 +218,19 @@ class SDSFTConfig(SFTConfig):
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Loggers."})
     output_dir: str | None = field(default="outputs/sft", metadata={"help": "Where the adapter and logs go."})
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Distil a frozen teacher on the text: the loss becomes (1 - kd_weight) * cross-entropy + "
+                          "kd_weight * KL(teacher || student) per token over the vocabulary. The teacher must use "
+                          "the student's tokenizer."},
+    )
+    kd_weight: float = field(
+        default=0.5, metadata={"help": "Weight of the teacher's KL term in the loss (0-1; with a teacher only)."}
+    )
 
     def __post_init__(self):
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise UserError(f"config: kd_weight {self.kd_weight} is outside 0-1")
         try:
             super().__post_init__()
         except ValueError as err:

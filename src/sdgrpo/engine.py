@@ -348,6 +348,7 @@ class DecodeEngine:
                 self._state = (key, _State(batch, length, s.max_new_tokens, device, attention_mask.dtype,
                                            s.eos_token_ids, s.pad_token_id))
             st = self._state[1]
+            rng = torch.cuda.get_rng_state(device) if on_gpu else None
             self._prefill(inner, input_ids, attention_mask, st, s)
             graph = None
             if on_gpu and self._step is not self._decode_step and s.max_new_tokens > 4:
@@ -356,7 +357,9 @@ class DecodeEngine:
                              tuple(p.data_ptr() for p in inner.parameters()))
                 if self._graph is None or self._graph[0] != graph_key:
                     self._graph = (graph_key, self._capture(inner, st, s))
-                    self._cache.reset()  # the warm-up steps wrote into the cache and the state: start again
+                    # the warm-up steps wrote into the cache and the state and drew random numbers: start again
+                    self._cache.reset()
+                    torch.cuda.set_rng_state(rng, device)
                     self._prefill(inner, input_ids, attention_mask, st, s)
                 graph = self._graph[1]
             ran = s.max_new_tokens

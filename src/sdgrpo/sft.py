@@ -4,6 +4,12 @@ TRL's ``SFTTrainer`` on the ``train`` split of ``sdgrpo prepare`` (each example'
 continuation, one sequence, loss on every token), with the same model loading and LoRA options as ``sdgrpo train``
 and the same output layout: the adapter, ``resolved_config.yaml``, ``metrics.jsonl``, TensorBoard logs, and with
 ``--heldout_eval_steps`` the held-out bits per byte during training (``heldout.json``).
+
+With ``--teacher_model_name_or_path`` it distils a frozen teacher on the same text (knowledge distillation on the
+true text, off-policy): the loss per token is ``(1 - kd_weight) * CE + kd_weight * KL(teacher || student)``, the KL
+over the whole vocabulary at every position the cross-entropy counts, both normalised like TRL's loss (by the
+batch's label tokens). Its fixed point is the teacher's next-token distribution on the user's text; ``distill`` (the
+GRPO reward) asks the same of the student's own samples, one scalar per completion.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 import yaml
 
 from sdgrpo.config import SDModelConfig, SDSFTConfig, _has_cuda, config_to_dict
@@ -27,6 +34,61 @@ def sft_dataset(path: str, limit: int | None):
     if "continuation" not in ds.column_names:
         raise UserError(f"{path}: no 'continuation' column; make the data with `sdgrpo prepare`")
     return ds.map(lambda ex: {"text": ex["prompt"] + ex["continuation"]}, remove_columns=ds.column_names)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, weight: float,
+            num_items_in_batch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, cross-entropy, KL): position t's logits predict ``labels[t + 1]`` (labels -100 are not counted); sums
+    over the counted tokens divided by ``num_items_in_batch`` (what the Trainer counted) or by their number. Logits
+    wider than the tokenizer's padded vocabulary are cut to the narrower of the two before the softmax."""
+    width = min(student_logits.size(-1), teacher_logits.size(-1))
+    target = labels[:, 1:]
+    counted = target != -100
+    s_logp = torch.log_softmax(student_logits[:, :-1, :width].float(), dim=-1)[counted]
+    t_logp = torch.log_softmax(teacher_logits[:, :-1, :width].float(), dim=-1)[counted]
+    ce = -s_logp.gather(-1, target[counted][:, None])[:, 0]
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    n = torch.as_tensor(counted.sum() if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
+    ce, kl = ce.sum() / n, kl.sum() / n
+    return (1 - weight) * ce + weight * kl, ce.detach(), kl.detach()
+
+
+def _distilling_trainer(teacher, weight: float):
+    """TRL's SFTTrainer whose loss is :func:`kd_loss` with ``teacher`` (through TRL's ``compute_loss_func`` hook,
+    which hands it the student's logits; the batch's inputs, for the teacher's pass, are kept from compute_loss)."""
+    from trl import SFTTrainer
+
+    class DistillingSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self._kd_inputs = inputs
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _kd(self, outputs, labels, num_items_in_batch=None):
+            inputs = self._kd_inputs
+            keys = ("input_ids", "attention_mask", "position_ids")
+            with torch.no_grad():
+                teacher_logits = teacher(**{k: inputs[k] for k in keys if k in inputs}, use_cache=False).logits
+            loss, ce, kl = kd_loss(outputs.logits, teacher_logits, labels, weight, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["kd/cross_entropy"].append(self.accelerator.gather_for_metrics(ce).mean().item())
+            self._metrics[mode]["kd/kl"].append(self.accelerator.gather_for_metrics(kl).mean().item())
+            return loss
+
+    return DistillingSFTTrainer
+
+
+def load_sft_teacher(cfg: SDSFTConfig, tokenizer, dtype, device: str):
+    """The frozen teacher of ``--teacher_model_name_or_path`` (its tokenizer must be the student's), or None."""
+    from sdgrpo.modeling import load_model, load_tokenizer
+
+    if not cfg.teacher_model_name_or_path:
+        return None
+    if load_tokenizer(cfg.teacher_model_name_or_path, cfg.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{cfg.teacher_model_name_or_path}: the teacher's tokenizer differs from the student's; "
+                        "distillation on the text needs the same tokenizer")
+    teacher = load_model(cfg.teacher_model_name_or_path, dtype, device, cfg.trust_remote_code).eval()
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = None) -> Path:
@@ -48,15 +110,19 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     dataset = sft_dataset(cfg.dataset_path, cfg.max_train_prompts)
     model = load_model(model_cfg.model_name_or_path, resolve_dtype(model_cfg.dtype, device), device,
                        cfg.trust_remote_code, model_cfg.attn_implementation)
+    teacher = load_sft_teacher(cfg, tokenizer, resolve_dtype(model_cfg.dtype, device), device)
     heldout = heldout_callback(cfg, tokenizer, out)
     out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "resolved_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg, model_cfg), sort_keys=True))
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=get_peft_config(model_cfg),
-                         callbacks=[MetricsFileCallback(out / "metrics.jsonl"), *([heldout] if heldout else []),
-                                    *(callbacks or [])])
+    trainer_class = SFTTrainer if teacher is None else _distilling_trainer(teacher, cfg.kd_weight)
+    trainer = trainer_class(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=get_peft_config(model_cfg),
+                            callbacks=[MetricsFileCallback(out / "metrics.jsonl"), *([heldout] if heldout else []),
+                                       *(callbacks or [])])
+    if teacher is not None:
+        trainer.compute_loss_func = trainer._kd
     if heldout:
         heldout.trainer = trainer
     trainer.train()
