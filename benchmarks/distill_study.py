@@ -2,7 +2,8 @@
 
 Runs `sdgrpo train` on the student with three rewards (self_nll: the student's own base scores; teacher_nll: the
 teacher's mean log-likelihood; distill: mean log q_teacher - log p_policy) and, as the control a user would pick
-instead, `sdgrpo sft` on the same prompts' true continuations for the same number of steps. Then measures, for the
+instead, `sdgrpo sft` on the same prompts' true continuations for the same number of steps; and `kd`, the same SFT
+run with the teacher's per-token KL on that text mixed into its loss (`sdgrpo sft --teacher_model_name_or_path`). Then measures, for the
 teacher, the base student and each trained student: held-out bits per byte on the last 5% of every training book
 (the prompts come from the first 95% only) and, on samples at T=1 from held-out prompts, the diversity metrics
 (distinct-2, seq-rep-4, length, EOS rate) and the teacher's mean log-likelihood of the samples; the base student is
@@ -146,7 +147,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--data_dir", default=str(HERE.parent.parent / "shared" / "data"))
     ap.add_argument("--dense_lr", type=float, default=3e-4, help="learning rate of the dense_distill arm")
-    ap.add_argument("--runs", default=",".join([*RUNS, "sft"]), help="comma-separated arms")
+    ap.add_argument("--kd_weight", type=float, default=0.5, help="weight of the teacher's KL in the kd arm")
+    ap.add_argument("--runs", default=",".join([*RUNS, "sft", "kd"]), help="comma-separated arms")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     teacher_dir, student_dir, out, steps, data_dir = args.teacher, args.student, Path(args.out), args.steps, \
@@ -171,9 +173,11 @@ def main() -> None:
         if name == "dense_distill":
             train_prompts = list(load_prompts(str(prompts_dir), "train", 2000)["prompt"])
             dense_distill(str(student_dir), teacher, tokenizer, train_prompts, out / name, steps, args.dense_lr)
-        elif name == "sft":
+        elif name in ("sft", "kd"):
             argv = ["--dataset_path", str(prompts_dir), "--output_dir", str(out / name), "--max_steps", str(steps),
                     "--model_name_or_path", str(student_dir)]
+            if name == "kd":  # the same SFT run, its loss mixed with the teacher's KL on the same text
+                argv += ["--teacher_model_name_or_path", str(teacher_dir), "--kd_weight", str(args.kd_weight)]
             for k, v in {**SFT, "seed": 0}.items():
                 argv += [f"--{k}", str(v)]
             sft(*parse_sft_args(argv))
