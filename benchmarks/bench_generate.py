@@ -9,6 +9,8 @@ early), sampling at T=1:
   engine             sdgrpo.engine.DecodeEngine: static cache, compiled step captured as one CUDA graph, LoRA folded
   engine_autotune    the engine compiled with mode="max-autotune-no-cudagraphs" (matrix kernels tuned for the
                      decoding batch; the engine captures the graph itself)
+  engine_grouped     the engine with grouped-query attention that does not copy the keys and values per query
+                     head (DecodeEngine(grouped_attention=True))
   engine_eager       the engine without compiling the step
   engine_no_lora     the engine on the model without adapters (what folding is measured against)
 
@@ -38,7 +40,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 G, PROMPT, NEW, REPEATS = 8, 128, 512, 3
-VARIANTS = ["generate", "generate_compiled", "engine", "engine_autotune", "engine_eager", "engine_no_lora"]
+VARIANTS = ["generate", "generate_compiled", "engine", "engine_grouped", "engine_autotune", "engine_eager",
+            "engine_no_lora"]
 REPEATS = int(os.environ.get("BENCH_REPEATS", REPEATS))
 
 
@@ -127,7 +130,8 @@ def run_shape(shape: str, bandwidth: float) -> dict:
                 return model.generate(input_ids=input_ids, attention_mask=mask, **common, **extra)
         else:
             mode = "max-autotune-no-cudagraphs" if variant == "engine_autotune" else "default"
-            engine = engines[variant] = DecodeEngine(compile=variant != "engine_eager", compile_mode=mode)
+            engine = engines[variant] = DecodeEngine(compile=variant != "engine_eager", compile_mode=mode,
+                                                     grouped_attention=variant == "engine_grouped")
 
             def fn(engine=engine):
                 return engine.generate(model, input_ids=input_ids, attention_mask=mask, **common)

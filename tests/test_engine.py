@@ -179,3 +179,50 @@ def test_serving_answers_model_generate_and_then_steps_aside(model, tiny_tokeniz
     assert engine.calls == 1 and "generate" not in vars(model)
     model.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
     assert engine.calls == 1
+
+
+def test_grouped_attention_is_transformers_sdpa_without_the_copies():
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sdgrpo.engine import grouped_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, n, 16, generator=g) for h, n in ((8, 1), (2, 10), (2, 10)))
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding
+    mask[1, ..., 7:] = False  # the cache's unwritten tail
+    module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    got, _ = grouped_sdpa(module, q, k, v, mask, scaling=0.25)
+    assert got.shape == want.shape == (3, 1, 8, 16)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_the_engine_decodes_with_grouped_attention(lora, tiny_tokenizer, monkeypatch):
+    """The tiny Llama has 4 query heads over 2 key/value heads: greedy tokens stay generate's, sampled log-probs a
+    teacher-forced pass's, and the grouped function is the one that ran."""
+    import sdgrpo.engine as engine_module
+
+    calls = []
+    original = engine_module.grouped_sdpa
+    monkeypatch.setattr(engine_module, "grouped_sdpa", lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
+    assert lora.config._attn_implementation == "sdpa"
+    enc = encode(tiny_tokenizer)
+    want = lora.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    engine = DecodeEngine(grouped_attention=True)
+    assert torch.equal(engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer)), want)
+    assert lora.config._attn_implementation == "sdpa" and calls.count(1) >= 2 * 23  # 2 layers x the decoded steps
+    torch.manual_seed(3)
+    out = engine.decode(lora, enc["input_ids"], enc["attention_mask"],
+                        engine_module.sampling_from(lora, None, do_sample=True, top_k=0, **settings(tiny_tokenizer)))
+    width = enc["input_ids"].size(1)
+    for row in range(out.sequences.size(0)):
+        ids = out.sequences[row]
+        start = int((enc["attention_mask"][row] == 0).sum())
+        completion = ids[width:]
+        ended = (completion == tiny_tokenizer.eos_token_id).nonzero()
+        n = int(ended[0]) + 1 if len(ended) else completion.numel()
+        ref = reference_logps(lora, ids[start:width].tolist(), completion[:n].tolist())
+        assert torch.allclose(out.logprobs[row, :n].double(), ref, atol=1e-5)
