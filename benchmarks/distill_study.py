@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--data_dir", default=str(HERE.parent.parent / "shared" / "data"))
     ap.add_argument("--dense_lr", type=float, default=3e-4, help="learning rate of the dense_distill arm")
     ap.add_argument("--kd_weight", type=float, default=0.5, help="weight of the teacher's KL in the kd arm")
+    ap.add_argument("--sft_lr", type=float, default=SFT["learning_rate"], help="learning rate of the sft and kd arms")
     ap.add_argument("--runs", default=",".join([*RUNS, "sft", "kd"]), help="comma-separated arms")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -178,7 +179,7 @@ def main() -> None:
                     "--model_name_or_path", str(student_dir)]
             if name == "kd":  # the same SFT run, its loss mixed with the teacher's KL on the same text
                 argv += ["--teacher_model_name_or_path", str(teacher_dir), "--kd_weight", str(args.kd_weight)]
-            for k, v in {**SFT, "seed": 0}.items():
+            for k, v in {**SFT, "learning_rate": args.sft_lr, "seed": 0}.items():
                 argv += [f"--{k}", str(v)]
             sft(*parse_sft_args(argv))
         else:
@@ -203,7 +204,9 @@ def main() -> None:
         row["bpb_change_vs_base_pct"] = 100 * (row["heldout_bpb"] - base["heldout_bpb"]) / base["heldout_bpb"]
         row["seq_rep_4_change_vs_base"] = row["seq_rep_4"] - base["seq_rep_4"]
     payload = {"benchmark": "distill_study", "teacher": str(teacher_dir), "student": str(student_dir),
-               "config": {"steps": steps, **COMMON, "runs": RUNS, "sft": SFT}, **environment(), "results": results}
+               "config": {"steps": steps, **COMMON, "runs": RUNS, "sft": {**SFT, "learning_rate": args.sft_lr},
+                          "kd_weight": args.kd_weight, "dense_lr": args.dense_lr},
+               **environment(), "results": results}
     (out / "distill_study.json").write_text(json.dumps(payload, indent=2))
     plot(results, out / "distill_study.png")
     print(json.dumps(payload, indent=2))
