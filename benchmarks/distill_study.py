@@ -42,7 +42,7 @@ COMMON = dict(learning_rate=3e-4, num_generations=8, per_device_train_batch_size
               lr_scheduler_type="constant", save_strategy="no", report_to="none", seed=0, collapse_guard="warn")
 
 
-def prepare_prompts(data_dir: Path, work: Path) -> Path:
+def prepare_prompts(data_dir: Path, work: Path, max_prompts: int = 2000) -> Path:
     """Prompts from the training part (first 95%) of every book; held-out prompts from the last 5%."""
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.data import PrepareConfig, prepare
@@ -57,7 +57,8 @@ def prepare_prompts(data_dir: Path, work: Path) -> Path:
         (train_dir / stem).write_text(train)
         (held_dir / stem).write_text(held)
     tok = load_tokenizer(str(TINY_MODEL))
-    prepare(PrepareConfig(inputs=[str(train_dir)], output=str(work / "prompts"), max_prompts=2000, seed=0), tok)
+    prepare(PrepareConfig(inputs=[str(train_dir)], output=str(work / "prompts"), max_prompts=max_prompts, seed=0),
+            tok)
     prepare(PrepareConfig(inputs=[str(held_dir)], output=str(work / "heldout_prompts"), max_prompts=64, seed=0,
                           test_size=0.0), tok)
     return work / "prompts"
@@ -148,6 +149,7 @@ def main() -> None:
     ap.add_argument("--data_dir", default=str(HERE.parent.parent / "shared" / "data"))
     ap.add_argument("--dense_lr", type=float, default=3e-4, help="learning rate of the dense_distill arm")
     ap.add_argument("--kd_weight", type=float, default=0.5, help="weight of the teacher's KL in the kd arm")
+    ap.add_argument("--max_prompts", type=int, default=2000, help="training windows prepared from the books")
     ap.add_argument("--sft_lr", type=float, default=SFT["learning_rate"], help="learning rate of the sft and kd arms")
     ap.add_argument("--runs", default=",".join([*RUNS, "sft", "kd"]), help="comma-separated arms")
     args = ap.parse_args()
@@ -156,7 +158,7 @@ def main() -> None:
         Path(args.data_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts_dir = prepare_prompts(data_dir, out / "work")
+    prompts_dir = prepare_prompts(data_dir, out / "work", args.max_prompts)
     held_prompts = list(load_prompts(str(out / "work" / "heldout_prompts"), "train", 48)["prompt"])
     heldout_texts = [h for _, _, h in load_corpus(data_dir)]
     tokenizer = load_tokenizer(str(TINY_MODEL))
@@ -205,7 +207,7 @@ def main() -> None:
         row["seq_rep_4_change_vs_base"] = row["seq_rep_4"] - base["seq_rep_4"]
     payload = {"benchmark": "distill_study", "teacher": str(teacher_dir), "student": str(student_dir),
                "config": {"steps": steps, **COMMON, "runs": RUNS, "sft": {**SFT, "learning_rate": args.sft_lr},
-                          "kd_weight": args.kd_weight, "dense_lr": args.dense_lr},
+                          "kd_weight": args.kd_weight, "dense_lr": args.dense_lr, "max_prompts": args.max_prompts},
                **environment(), "results": results}
     (out / "distill_study.json").write_text(json.dumps(payload, indent=2))
     plot(results, out / "distill_study.png")
