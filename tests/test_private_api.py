@@ -4,7 +4,8 @@ sdgrpo pins trl 1.15.0 and transformers <= 5.17.0 (Unsloth's range). An upgrade 
 any of these fails here, in CI, instead of silently changing what a run computes. Where each is used:
 ``trainer.py`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the Triton stand-in),
 ``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals), ``engine.py`` (transformers' generation
-config resolution, PEFT's per-layer adapter switch).
+config resolution, PEFT's per-layer adapter switch, transformers' SDPA attention and its head pairing),
+``sft.py`` (SFTTrainer's ``compute_loss_func`` hook).
 """
 
 from __future__ import annotations
@@ -96,3 +97,31 @@ def test_the_check_catches_a_changed_signature(monkeypatch):
     assert "sdgrpo relies on ('self', 'inputs', 'prompts'" in mismatch(*key, PINNED[key])
     monkeypatch.delattr(trl.GRPOTrainer, "_calculate_rewards")
     assert "no longer exists" in mismatch(*key, PINNED[key])
+
+
+def test_the_grouped_attention_couplings():
+    """engine.grouped_sdpa stands in for transformers' SDPA function (same arguments; it calls it back), reads the
+    query heads in repeat_kv's pairing, and is chosen through the config's ``_attn_implementation``, which the
+    attention layers read at every forward."""
+    import torch
+    from transformers.integrations import sdpa_attention
+    from transformers.masking_utils import sdpa_mask  # noqa: F401  (registered for the grouped name)
+    from transformers.models.llama import modeling_llama
+
+    names = list(inspect.signature(sdpa_attention.sdpa_attention_forward).parameters)
+    assert names[:8] == ["module", "query", "key", "value", "attention_mask", "dropout", "scaling", "is_causal"]
+    x = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).reshape(2, 3, 5, 4)
+    repeated = sdpa_attention.repeat_kv(x, 4)
+    assert all(torch.equal(repeated[:, j * 4 + g], x[:, j]) for j in range(3) for g in range(4))
+    source = inspect.getsource(modeling_llama.LlamaAttention.forward)
+    assert "get_interface(" in source and "config._attn_implementation" in source
+
+
+def test_sft_trainer_hands_its_logits_to_compute_loss_func():
+    """sft.py's distillation loss is TRL's compute_loss_func hook: called with the model's outputs (logits), the
+    labels and num_items_in_batch."""
+    from trl import SFTTrainer
+
+    source = " ".join(inspect.getsource(SFTTrainer.compute_loss).split())
+    assert ('self.compute_loss_func( model(**logits_inputs), inputs.get("labels"), '
+            'num_items_in_batch=num_items_in_batch )') in source
