@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--dense_lr", type=float, default=3e-4, help="learning rate of the dense_distill arm")
     ap.add_argument("--kd_weight", type=float, default=0.5, help="weight of the teacher's KL in the kd arm")
     ap.add_argument("--max_prompts", type=int, default=2000, help="training windows prepared from the books")
+    ap.add_argument("--sft_extra", default="", help="more `sdgrpo sft` options for the sft and kd arms, e.g. "
+                    "'--lora_r 64 --lora_modules_to_save embed_tokens'")
     ap.add_argument("--sft_lr", type=float, default=SFT["learning_rate"], help="learning rate of the sft and kd arms")
     ap.add_argument("--runs", default=",".join([*RUNS, "sft", "kd"]), help="comma-separated arms")
     args = ap.parse_args()
@@ -183,6 +185,7 @@ def main() -> None:
                 argv += ["--teacher_model_name_or_path", str(teacher_dir), "--kd_weight", str(args.kd_weight)]
             for k, v in {**SFT, "learning_rate": args.sft_lr, "seed": 0}.items():
                 argv += [f"--{k}", str(v)]
+            argv += args.sft_extra.split()
             sft(*parse_sft_args(argv))
         else:
             argv = ["--dataset_path", str(prompts_dir), "--output_dir", str(out / name), "--max_steps", str(steps),
@@ -207,7 +210,8 @@ def main() -> None:
         row["seq_rep_4_change_vs_base"] = row["seq_rep_4"] - base["seq_rep_4"]
     payload = {"benchmark": "distill_study", "teacher": str(teacher_dir), "student": str(student_dir),
                "config": {"steps": steps, **COMMON, "runs": RUNS, "sft": {**SFT, "learning_rate": args.sft_lr},
-                          "kd_weight": args.kd_weight, "dense_lr": args.dense_lr, "max_prompts": args.max_prompts},
+                          "kd_weight": args.kd_weight, "dense_lr": args.dense_lr, "max_prompts": args.max_prompts,
+                          "sft_extra": args.sft_extra},
                **environment(), "results": results}
     (out / "distill_study.json").write_text(json.dumps(payload, indent=2))
     plot(results, out / "distill_study.png")
