@@ -399,9 +399,9 @@ class DecodeEngine:
             self._prefill(inner, input_ids, attention_mask, st, s)
             graph = None
             if on_gpu and self._step is not self._decode_step and s.max_new_tokens > 4:
-                # the graph replays on fixed addresses: the cache, the state and the weights (folded copies included)
-                graph_key = (self._key, self._length, key, astuple(s), id(st),
-                             tuple(p.data_ptr() for p in inner.parameters()))
+                # the graph replays on fixed addresses: the cache (made anew only with a new _key or length), the
+                # state (made anew only with a new key) and the weights (folded copies included)
+                graph_key = (self._key, key, astuple(s), tuple(p.data_ptr() for p in inner.parameters()))
                 if self._graph is None or self._graph[0] != graph_key:
                     self._graph = (graph_key, self._capture(inner, st, s))
                     # the warm-up steps wrote into the cache and the state and drew random numbers: start again

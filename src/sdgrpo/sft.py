@@ -59,6 +59,10 @@ def _distilling_trainer(teacher, weight: float):
     from trl import SFTTrainer
 
     class DistillingSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.compute_loss_func = self._kd
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self._kd_inputs = inputs
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -121,8 +125,6 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
                             peft_config=get_peft_config(model_cfg),
                             callbacks=[MetricsFileCallback(out / "metrics.jsonl"), *([heldout] if heldout else []),
                                        *(callbacks or [])])
-    if teacher is not None:
-        trainer.compute_loss_func = trainer._kd
     if heldout:
         heldout.trainer = trainer
     trainer.train()
