@@ -6,11 +6,12 @@ early), sampling at T=1:
 
   generate           PEFT LoRA r16 (unmerged), transformers' generate, dynamic cache (what TRL runs by default)
   generate_compiled  the same with a static cache and transformers' compiled decoding step
-  engine             sdgrpo.engine.DecodeEngine: static cache, compiled step captured as one CUDA graph, LoRA folded
+  engine             sdgrpo.engine.DecodeEngine: static cache, compiled step captured as one CUDA graph, LoRA folded,
+                     grouped-query attention without per-head copies of the keys and values (its default)
   engine_autotune    the engine compiled with mode="max-autotune-no-cudagraphs" (matrix kernels tuned for the
                      decoding batch; the engine captures the graph itself)
-  engine_grouped     the engine with grouped-query attention that does not copy the keys and values per query
-                     head (DecodeEngine(grouped_attention=True))
+  engine_repeat_kv   the engine with transformers' SDPA function, which copies every key/value head once per query
+                     head of its group (DecodeEngine(grouped_attention=False))
   engine_eager       the engine without compiling the step
   engine_no_lora     the engine on the model without adapters (what folding is measured against)
 
@@ -40,7 +41,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 G, PROMPT, NEW, REPEATS = 8, 128, 512, 3
-VARIANTS = ["generate", "generate_compiled", "engine", "engine_grouped", "engine_autotune", "engine_eager",
+VARIANTS = ["generate", "generate_compiled", "engine", "engine_repeat_kv", "engine_autotune", "engine_eager",
             "engine_no_lora"]
 REPEATS = int(os.environ.get("BENCH_REPEATS", REPEATS))
 
@@ -131,7 +132,7 @@ def run_shape(shape: str, bandwidth: float) -> dict:
         else:
             mode = "max-autotune-no-cudagraphs" if variant == "engine_autotune" else "default"
             engine = engines[variant] = DecodeEngine(compile=variant != "engine_eager", compile_mode=mode,
-                                                     grouped_attention=variant == "engine_grouped")
+                                                     grouped_attention=variant != "engine_repeat_kv")
 
             def fn(engine=engine):
                 return engine.generate(model, input_ids=input_ids, attention_mask=mask, **common)

@@ -212,3 +212,30 @@ def test_several_gpus_in_one_process_is_one_clear_line(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     check_one_gpu_per_process()
+
+
+@pytest.mark.parametrize("extra, want", [((), True), (("--backend", "unsloth"), False),
+                                         (("--backend", "unsloth", "--reuse_reference_logprobs", "true"), True),
+                                         (("--reuse_reference_logprobs", "false"), False)])
+def test_reference_reuse_is_auto_on_for_hf_and_off_for_unsloth(tmp_path, prepared, tiny_model_dir, extra, want):
+    """auto: reuse with the hf backend; not under Unsloth (its left-packed pass disagreed with an independent pass
+    on a Qwen2 model on the GPU) unless asked for. The trainer is built as `sdgrpo train` builds it."""
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_peft_config
+
+    from sdgrpo.train import build_trainer
+
+    ensure_trl_runs_without_triton()
+    train_cfg, model_cfg = parse_train_args(["--output_dir", str(tmp_path), "--max_steps", "1", "--report_to", "none",
+                                             "--per_device_train_batch_size", "4", "--num_generations", "4", *extra])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = build_trainer(SelfDistillGRPOTrainer, train_cfg, model, tok, get_peft_config(model_cfg),
+                            load_from_disk(str(prepared))["train"].select(range(4)), SelfNLLReward(None, tok), [])
+    assert trainer.reuse_reference_logprobs is want
+
+
+def test_reference_reuse_option_refuses_other_words(tmp_path):
+    with pytest.raises(UserError, match="reuse_reference_logprobs 'maybe'"):
+        parse_train_args(["--output_dir", str(tmp_path), "--reuse_reference_logprobs", "maybe"])

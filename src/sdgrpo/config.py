@@ -57,10 +57,11 @@ class SDGRPOConfig(GRPOConfig):
         metadata={"help": "With --fsdp_gather_for_generation, run decoding steps without FSDP's per-module forward "
                   "hooks once the weights are gathered (they are put back before training)."},
     )
-    reuse_reference_logprobs: bool = field(
-        default=True,
+    reuse_reference_logprobs: str = field(
+        default="auto",
         metadata={"help": "With beta > 0 and temperature 1, take the reward from the KL term's reference pass "
-                  "instead of running a second forward pass."},
+                  "instead of running a second forward pass: true, false, or auto (true with --backend hf; false "
+                  "with unsloth, whose left-packed pass disagreed with an independent pass on a Qwen2 model)."},
     )
     max_prompt_length: int | None = field(
         default=512,
@@ -153,6 +154,10 @@ class SDGRPOConfig(GRPOConfig):
             raise UserError(f"score_with {self.score_with!r} is not one of ['base', 'policy']")
         if self.collapse_guard not in ("off", "warn", "stop", "restore"):
             raise UserError(f"collapse_guard {self.collapse_guard!r} is not one of ['off', 'warn', 'stop', 'restore']")
+        self.reuse_reference_logprobs = str(self.reuse_reference_logprobs).lower()
+        if self.reuse_reference_logprobs not in ("auto", "true", "false"):
+            raise UserError(f"reuse_reference_logprobs {self.reuse_reference_logprobs!r} is not one of "
+                            "['auto', 'true', 'false']")
         if self.reward_aggregation not in ("mean", "sum"):
             raise UserError(f"reward_aggregation {self.reward_aggregation!r} is not one of ['mean', 'sum']")
         if self.num_generations is not None and self.num_generations < 2:

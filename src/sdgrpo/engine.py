@@ -273,12 +273,12 @@ class DecodeEngine:
     ``check_every``: tokens between checks that every row has finished (the only host synchronisation).
     ``compile_mode``: torch.compile's mode for the step (``max-autotune-no-cudagraphs`` also tunes the matrix
     kernels for the decoding batch, at a longer first call; the engine captures the CUDA graph itself).
-    ``grouped_attention``: decode with :func:`grouped_sdpa` (exact; tested on CPU, its speed not yet measured on a
-    GPU, hence off by default).
+    ``grouped_attention``: decode with :func:`grouped_sdpa` (exact; on one H100, 1.5B shape, 8 x 512 tokens: 1.49 s
+    against 1.66 s with transformers' copies, same run). Off: transformers' SDPA function as the model has it.
     """
 
     def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64,
-                 compile_mode: str = "default", grouped_attention: bool = False):
+                 compile_mode: str = "default", grouped_attention: bool = True):
         self.compile = compile
         self.grouped_attention = grouped_attention
         self.compile_mode = compile_mode

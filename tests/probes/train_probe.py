@@ -12,6 +12,7 @@ the GPU machine). Library code carries no test hooks; this script adds them from
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -64,6 +65,8 @@ def main(argv: list[str]) -> None:
     from sdgrpo.config import parse_train_args
     from sdgrpo.train import main as train
 
+    # as `sdgrpo` configures it (cli.py): sdgrpo's INFO lines on stderr, whatever an imported library set up after
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folder, argv = Path(argv[0]), argv[1:]
     folder.mkdir(parents=True, exist_ok=True)
     patch_reward(folder, "--check_reuse" in argv)
