@@ -3,11 +3,11 @@
 Runs `sdgrpo train` on the student with three rewards (self_nll: the student's own base scores; teacher_nll: the
 teacher's mean log-likelihood; distill: mean log q_teacher - log p_policy) and, as the control a user would pick
 instead, `sdgrpo sft` on the same prompts' true continuations for the same number of steps; and `kd`, the same SFT
-run with the teacher's per-token KL on that text mixed into its loss (`sdgrpo sft --teacher_model_name_or_path`). Then measures, for the
-teacher, the base student and each trained student: held-out bits per byte on the last 5% of every training book
-(the prompts come from the first 95% only) and, on samples at T=1 from held-out prompts, the diversity metrics
-(distinct-2, seq-rep-4, length, EOS rate) and the teacher's mean log-likelihood of the samples; the base student is
-also sampled at T=0.85 and 0.7 (what plain sharpening gives).
+run with the teacher's per-token KL on that text mixed into its loss (`sdgrpo sft --teacher_model_name_or_path`).
+Then measures, for the teacher, the base student and each trained student: held-out bits per byte on the last 5%
+of every training book (the prompts come from the first 95% only) and, on samples at T=1 from held-out prompts,
+the diversity metrics (distinct-2, seq-rep-4, length, EOS rate) and the teacher's mean log-likelihood of the
+samples; the base student is also sampled at T=0.85 and 0.7 (what plain sharpening gives).
 
     python benchmarks/distill_study.py --teacher DIR --student DIR --out DIR [--steps N] [--data_dir DIR]
     python benchmarks/distill_study.py --plot RESULT.json OUT.png
@@ -42,7 +42,7 @@ COMMON = dict(learning_rate=3e-4, num_generations=8, per_device_train_batch_size
               lr_scheduler_type="constant", save_strategy="no", report_to="none", seed=0, collapse_guard="warn")
 
 
-def prepare_prompts(data_dir: Path, work: Path, max_prompts: int = 2000) -> Path:
+def prepare_prompts(data_dir: Path, work: Path, max_prompts: int = 2000, continuation_tokens: int = 64) -> Path:
     """Prompts from the training part (first 95%) of every book; held-out prompts from the last 5%."""
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.data import PrepareConfig, prepare
@@ -57,8 +57,8 @@ def prepare_prompts(data_dir: Path, work: Path, max_prompts: int = 2000) -> Path
         (train_dir / stem).write_text(train)
         (held_dir / stem).write_text(held)
     tok = load_tokenizer(str(TINY_MODEL))
-    prepare(PrepareConfig(inputs=[str(train_dir)], output=str(work / "prompts"), max_prompts=max_prompts, seed=0),
-            tok)
+    prepare(PrepareConfig(inputs=[str(train_dir)], output=str(work / "prompts"), max_prompts=max_prompts, seed=0,
+                          continuation_tokens=continuation_tokens), tok)
     prepare(PrepareConfig(inputs=[str(held_dir)], output=str(work / "heldout_prompts"), max_prompts=64, seed=0,
                           test_size=0.0), tok)
     return work / "prompts"
@@ -150,6 +150,8 @@ def main() -> None:
     ap.add_argument("--dense_lr", type=float, default=3e-4, help="learning rate of the dense_distill arm")
     ap.add_argument("--kd_weight", type=float, default=0.5, help="weight of the teacher's KL in the kd arm")
     ap.add_argument("--max_prompts", type=int, default=2000, help="training windows prepared from the books")
+    ap.add_argument("--continuation_tokens", type=int, default=64, help="true continuation per training window "
+                    "(the sft and kd arms train on prompt + continuation)")
     ap.add_argument("--sft_extra", default="", help="more `sdgrpo sft` options for the sft and kd arms, e.g. "
                     "'--lora_r 64 --lora_modules_to_save embed_tokens'")
     ap.add_argument("--sft_lr", type=float, default=SFT["learning_rate"], help="learning rate of the sft and kd arms")
@@ -160,7 +162,7 @@ def main() -> None:
         Path(args.data_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    prompts_dir = prepare_prompts(data_dir, out / "work", args.max_prompts)
+    prompts_dir = prepare_prompts(data_dir, out / "work", args.max_prompts, args.continuation_tokens)
     held_prompts = list(load_prompts(str(out / "work" / "heldout_prompts"), "train", 48)["prompt"])
     heldout_texts = [h for _, _, h in load_corpus(data_dir)]
     tokenizer = load_tokenizer(str(TINY_MODEL))
@@ -193,8 +195,11 @@ def main() -> None:
             for k, v in {**COMMON, **RUNS[name]}.items():
                 argv += [f"--{k}", str(v)]
             train(*parse_train_args(argv))
-        trained = PeftModel.from_pretrained(load_model(str(student_dir), torch.float32, device), str(out / name))
-        trained = trained.merge_and_unload().eval()
+        if (out / name / "adapter_config.json").is_file():
+            trained = PeftModel.from_pretrained(load_model(str(student_dir), torch.float32, device), str(out / name))
+            trained = trained.merge_and_unload().eval()
+        else:  # `sdgrpo sft --use_peft false`: the whole model
+            trained = load_model(str(out / name), torch.float32, device).eval()
         rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
         rewards = [r["reward"] for r in rows if "reward" in r]
         results[name] = {**measure(trained, tokenizer, teacher, heldout_texts, held_prompts, device),
@@ -211,6 +216,7 @@ def main() -> None:
     payload = {"benchmark": "distill_study", "teacher": str(teacher_dir), "student": str(student_dir),
                "config": {"steps": steps, **COMMON, "runs": RUNS, "sft": {**SFT, "learning_rate": args.sft_lr},
                           "kd_weight": args.kd_weight, "dense_lr": args.dense_lr, "max_prompts": args.max_prompts,
+                          "continuation_tokens": args.continuation_tokens,
                           "sft_extra": args.sft_extra},
                **environment(), "results": results}
     (out / "distill_study.json").write_text(json.dumps(payload, indent=2))

@@ -147,3 +147,53 @@ def test_a_teacher_with_another_tokenizer_is_one_line(tmp_path, prepared, tiny_m
     r = run_cli("sft", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir",
                 tmp_path / "o", "--max_steps", 1, "--kd_weight", "1.5")
     assert r.returncode == 2 and "kd_weight 1.5 is outside 0-1" in r.stderr.strip().splitlines()[-1]
+
+
+def test_sft_of_every_weight_distils_a_teacher_into_a_whole_model(tmp_path, prepared, tiny_model_dir, tiny_tokenizer):
+    """--use_peft false: every weight trains (fp32), the folder holds the whole model, and after a few steps of
+    kd_weight 1 the student's KL to the teacher on the training text is lower than its base's (an own pass)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_llama
+    from sdgrpo.data import load_prompts
+    from sdgrpo.sft import kd_loss
+
+    teacher_dir = tmp_path / "teacher"
+    make_llama(tiny_tokenizer, seed=5).save_pretrained(teacher_dir)
+    tiny_tokenizer.save_pretrained(teacher_dir)
+    out = tmp_path / "full"
+    r = run_cli("sft", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
+                "--use_peft", "false", "--teacher_model_name_or_path", teacher_dir, "--kd_weight", 1,
+                "--max_steps", 12, "--per_device_train_batch_size", 8, "--learning_rate", "3e-3", "--report_to",
+                "none", "--save_strategy", "no", "--lr_scheduler_type", "constant")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "model (every weight trained) saved to" in r.stderr
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    base, trained = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(trained) == set(base) and all(v.dtype == torch.float32 for v in trained.values())
+    assert all(not torch.equal(trained[k], base[k]) for k in base), "some weights did not train"
+    card = (out / "README.md").read_text()
+    assert "full-fine-tune" in card and "distilling" in card and "library_name: transformers" in card
+
+    texts = [ex["prompt"] + ex["continuation"] for ex in load_prompts(str(prepared), "train", 16)]
+    enc = tiny_tokenizer(texts, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        t_logits = teacher(**enc).logits
+        kl = {name: kd_loss(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(**enc).logits,
+                            t_logits, labels, 1.0)[2].item() for name, path in (("base", tiny_model_dir),
+                                                                                  ("trained", out))}
+    assert kl["trained"] < 0.8 * kl["base"], kl
+
+
+def test_every_weight_is_for_sft_only(tmp_path, prepared, tiny_model_dir):
+    r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir",
+                tmp_path / "t", "--max_steps", 1, "--use_peft", "false")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "sdgrpo train trains LoRA adapters only" in r.stderr.strip().splitlines()[-1]
+    r = run_cli("sft", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir",
+                tmp_path / "s", "--max_steps", 1, "--use_peft", "false", "--heldout_eval_steps", 1,
+                "--keep_best_heldout", "true")
+    assert r.returncode == 2 and "with --use_peft false there is none" in r.stderr.strip().splitlines()[-1]

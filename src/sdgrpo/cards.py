@@ -69,14 +69,18 @@ def adapter_card(folder: str | Path, base: str, verb: str | None = None) -> str:
     prepared = Path(data) / "prepare.json" if data else None
     summary = json.loads(prepared.read_text()) if prepared and prepared.is_file() else None
     licence = base_licence(base)
-    tags = ["sdgrpo", "lora", "grpo" if verb == "train" else "sft"]
-    front = {"base_model": base, "library_name": "peft", "tags": tags}
+    full = (folder / "model.safetensors").is_file() and not (folder / "adapter_config.json").is_file()
+    tags = ["sdgrpo", "full-fine-tune" if full else "lora", "grpo" if verb == "train" else "sft"]
+    front = {"base_model": base, "library_name": "transformers" if full else "peft", "tags": tags}
     if licence:
         front["license"] = licence
+    teacher = cfg.get("teacher_model_name_or_path")
     method = (f"GRPO with the `{cfg.get('reward', 'self_nll')}` reward (`sdgrpo train`)" if verb == "train"
-              else "supervised LoRA fine-tuning on the prepared text (`sdgrpo sft`)")
+              else f"supervised {'fine-tuning of every weight' if full else 'LoRA fine-tuning'} on the prepared text "
+              "(`sdgrpo sft`)" + (f", distilling `{teacher}` (kd_weight {cfg.get('kd_weight')})" if teacher else ""))
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# LoRA adapter for {base}", "", f"Trained by sdgrpo: {method}, for {steps} steps.", "",
+             f"# {base} fine-tuned" if full else f"# LoRA adapter for {base}", "",
+             f"Trained by sdgrpo: {method}, for {steps} steps.", "",
              "## Training text", ""]
     if summary:
         lines += [f"- from: {', '.join(summary['config']['inputs'])}",

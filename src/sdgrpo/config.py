@@ -188,7 +188,8 @@ class SDModelConfig(ModelConfig):
     model_name_or_path: str | None = field(
         default=TINY_MODEL, metadata={"help": "Hub name or local folder of the base model (default: shipped tiny)."}
     )
-    use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (sdgrpo always does)."})
+    use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters. false: train every weight (sdgrpo "
+                                                   "sft only; the output folder then holds the whole model)."})
     dtype: str | None = field(
         default="auto",
         metadata={"help": "Base weights dtype: auto (bf16 on a GPU that has it, else fp32), bfloat16, float16, "

@@ -3,7 +3,9 @@
 TRL's ``SFTTrainer`` on the ``train`` split of ``sdgrpo prepare`` (each example's prompt followed by its true
 continuation, one sequence, loss on every token), with the same model loading and LoRA options as ``sdgrpo train``
 and the same output layout: the adapter, ``resolved_config.yaml``, ``metrics.jsonl``, TensorBoard logs, and with
-``--heldout_eval_steps`` the held-out bits per byte during training (``heldout.json``).
+``--heldout_eval_steps`` the held-out bits per byte during training (``heldout.json``). With ``--use_peft false``
+every weight is trained (in fp32 unless ``--dtype`` says otherwise) and the folder holds the whole model: for a small
+student being distilled, where an adapter is too small to learn from the teacher.
 
 With ``--teacher_model_name_or_path`` it distils a frozen teacher on the same text (knowledge distillation on the
 true text, off-policy): the loss per token is ``(1 - kd_weight) * CE + kd_weight * KL(teacher || student)``, the KL
@@ -112,8 +114,15 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     device = "cpu" if cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, cfg.trust_remote_code)
     dataset = sft_dataset(cfg.dataset_path, cfg.max_train_prompts)
-    model = load_model(model_cfg.model_name_or_path, resolve_dtype(model_cfg.dtype, device), device,
-                       cfg.trust_remote_code, model_cfg.attn_implementation)
+    full = not model_cfg.use_peft
+    if full and cfg.keep_best_heldout:
+        raise UserError("--keep_best_heldout keeps the best adapter; with --use_peft false there is none (use "
+                        "--save_steps and the held-out figures in heldout.json to pick a checkpoint)")
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    if full and model_cfg.dtype in (None, "auto"):
+        dtype = torch.float32  # trained weights stay fp32 (16-bit weights lose small updates); autocast still runs
+    model = load_model(model_cfg.model_name_or_path, dtype, device, cfg.trust_remote_code,
+                       model_cfg.attn_implementation)
     teacher = load_sft_teacher(cfg, tokenizer, resolve_dtype(model_cfg.dtype, device), device)
     heldout = heldout_callback(cfg, tokenizer, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,5 +144,5 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     if heldout:
         keep_best_heldout(heldout, out, trainer)
     write_card(trainer, out, model_cfg.model_name_or_path, "sft")
-    logger.info("adapter saved to %s", out)
+    logger.info("%s saved to %s", "model (every weight trained)" if full else "adapter", out)
     return out

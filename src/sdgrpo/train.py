@@ -129,6 +129,9 @@ def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> 
     from sdgrpo.compat import ensure_trl_runs_without_triton
 
     ensure_trl_runs_without_triton()
+    if not model_cfg.use_peft:
+        raise UserError("--use_peft false: sdgrpo train trains LoRA adapters only (the base is the adapters-off "
+                        "model its reward and KL term read); to train every weight use `sdgrpo sft --use_peft false`")
     check_one_gpu_per_process()
     resolve_runtime(train_cfg)
     train_cfg.dataset_path = prepared_or_raw(train_cfg.dataset_path, train_cfg.output_dir, model_cfg.model_name_or_path)
