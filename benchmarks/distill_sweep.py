@@ -2,13 +2,14 @@
 
 For a student and a teacher with the same tokenizer (defaults: the 1k-step student and the shipped model), each arm
 trains the student on random windows of the training text (the first 95% of every book, as in pretraining) with
-the loss ``(1 - w) * CE + w * KL(teacher || student)`` per token (w = 0: plain training on the text; w = 1: pure
+the loss ``(1 - w) * CE + w * KL(teacher || student)`` per token (``sdgrpo.sft.kd_loss``, what `sdgrpo sft
+--teacher_model_name_or_path` trains with; w = 0: plain training on the text; w = 1: pure
 distillation of the teacher's next-token distributions), AdamW, cosine decay from the arm's learning rate to 0, the
 whole model or a LoRA adapter; then measures held-out bits per byte on the last 5% of every book. It answers which
 objective, learning rate, number of tokens and trainable part make the student better, so that `sdgrpo sft
 --teacher_model_name_or_path` can be run with those settings.
 
-    python benchmarks/distill_sweep.py OUT.json [--student DIR] [--arms NAME=part,w,lr,steps ...]
+    python benchmarks/distill_sweep.py OUT.json [--student DIR] [--arms part,w,lr,steps ...]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def run_arm(spec: str, student_dir: str, teacher, ids: torch.Tensor, heldout: li
             seq_len: int, device: str) -> dict:
     from sdgrpo.modeling import load_model
     from sdgrpo.pretrain import evaluate_bpb
+    from sdgrpo.sft import kd_loss
 
     part, w, lr, steps = spec.split(",")
     w, lr, steps = float(w), float(lr), int(steps)
@@ -53,12 +55,9 @@ def run_arm(spec: str, student_dir: str, teacher, ids: torch.Tensor, heldout: li
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         x = ids[torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=gen)[:, None] + window].to(device)
-        logp = student(input_ids=x).logits[:, :-1].float().log_softmax(-1)
-        ce = -logp.gather(-1, x[:, 1:, None]).mean()
         with torch.no_grad():
-            t_logp = teacher(input_ids=x).logits[:, :-1].float().log_softmax(-1)
-        kl = (t_logp.exp() * (t_logp - logp)).sum(-1).mean()
-        loss = (1 - w) * ce + w * kl if w else ce
+            t_logits = teacher(input_ids=x).logits
+        loss, ce, kl = kd_loss(student(input_ids=x).logits, t_logits, x, w)  # every token counted
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

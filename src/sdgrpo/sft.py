@@ -119,11 +119,11 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
         raise UserError("--keep_best_heldout keeps the best adapter; with --use_peft false there is none (use "
                         "--save_steps and the held-out figures in heldout.json to pick a checkpoint)")
     dtype = resolve_dtype(model_cfg.dtype, device)
-    if full and model_cfg.dtype in (None, "auto"):
-        dtype = torch.float32  # trained weights stay fp32 (16-bit weights lose small updates); autocast still runs
-    model = load_model(model_cfg.model_name_or_path, dtype, device, cfg.trust_remote_code,
+    # trained weights stay fp32 (16-bit weights lose small updates); autocast still runs; the frozen teacher keeps dtype
+    student_dtype = torch.float32 if full and model_cfg.dtype in (None, "auto") else dtype
+    model = load_model(model_cfg.model_name_or_path, student_dtype, device, cfg.trust_remote_code,
                        model_cfg.attn_implementation)
-    teacher = load_sft_teacher(cfg, tokenizer, resolve_dtype(model_cfg.dtype, device), device)
+    teacher = load_sft_teacher(cfg, tokenizer, dtype, device)
     heldout = heldout_callback(cfg, tokenizer, out)
     out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
