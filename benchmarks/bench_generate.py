@@ -12,6 +12,8 @@ early), sampling at T=1:
                      decoding batch; the engine captures the graph itself)
   engine_repeat_kv   the engine with transformers' SDPA function, which copies every key/value head once per query
                      head of its group (DecodeEngine(grouped_attention=False))
+  engine_cudnn       the engine with cuDNN among SDPA's kernels (PyTorch's default; the other variants run without it,
+                     as `sdgrpo train` does unless --cudnn_attention true)
   engine_eager       the engine without compiling the step
   engine_no_lora     the engine on the model without adapters (what folding is measured against)
 
@@ -41,8 +43,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 G, PROMPT, NEW, REPEATS = 8, 128, 512, 3
-VARIANTS = ["generate", "generate_compiled", "engine", "engine_repeat_kv", "engine_autotune", "engine_eager",
-            "engine_no_lora"]
+VARIANTS = ["generate", "generate_compiled", "engine", "engine_cudnn", "engine_repeat_kv", "engine_autotune",
+            "engine_eager", "engine_no_lora"]
 REPEATS = int(os.environ.get("BENCH_REPEATS", REPEATS))
 
 
@@ -103,7 +105,9 @@ def run_shape(shape: str, bandwidth: float) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from sdgrpo.engine import DecodeEngine
+    from sdgrpo.modeling import choose_attention_kernels
 
+    choose_attention_kernels(False)  # as `sdgrpo train` runs
     base = random_model(shape, vocab_size=32768)
     weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -139,6 +143,15 @@ def run_shape(shape: str, bandwidth: float) -> dict:
         if variant == "engine_no_lora":
             with model.disable_adapter():  # the base alone (the copies then equal the base weights)
                 seconds, peak, out = timed(fn)
+        elif variant == "engine_cudnn":
+            # SDPA's kernel is chosen when the step is compiled: compile afresh with cuDNN allowed, and after it
+            torch._dynamo.reset()
+            choose_attention_kernels(True)
+            try:
+                seconds, peak, out = timed(fn)
+            finally:
+                choose_attention_kernels(False)
+                torch._dynamo.reset()
         else:
             seconds, peak, out = timed(fn)
         assert out.shape == (G, PROMPT + NEW), out.shape

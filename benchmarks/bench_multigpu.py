@@ -1,7 +1,7 @@
-"""Completion tokens per second of `sdgrpo train` on one GPU and on two (DDP and FSDP), same per-GPU batch.
+"""Completion tokens per second of `sdgrpo train` on one GPU and on two or four (DDP and FSDP), same per-GPU batch.
 
-Each configuration is its own launch: one GPU runs the training in one plain process; two GPUs run it under
-`accelerate launch --config_file configs/accelerate/{ddp,fsdp}.yaml --num_processes 2`. The model is a
+Each configuration is its own launch: one GPU runs the training in one plain process; several GPUs run it under
+`accelerate launch --config_file configs/accelerate/{ddp,fsdp}.yaml --num_processes N`. The model is a
 Qwen2.5-1.5B shape (32k vocabulary, random bf16 weights), the transformers+PEFT backend with sdgrpo's defaults
 (LoRA r 16 on all linear layers, beta 0.04, reward from the KL pass), 8 prompts x 8 completions per GPU per step.
 Random weights rarely sample EOS, so completions run to max_completion_length: throughput is not flattered by
@@ -32,6 +32,8 @@ PER_GPU_PROMPTS, G = 8, 8
 RUNS = [("1gpu", None, 1, [], None),
         ("ddp_2gpu", "ddp.yaml", 2, [], "1gpu"),
         ("fsdp_2gpu", "fsdp.yaml", 2, [], "1gpu"),
+        ("ddp_4gpu", "ddp.yaml", 4, [], "1gpu"),
+        ("fsdp_4gpu", "fsdp.yaml", 4, [], "1gpu"),
         ("1gpu_nocompile", None, 1, ["--generation_compile", "false"], None),
         ("fsdp_2gpu_nocompile", "fsdp.yaml", 2, ["--generation_compile", "false"], "1gpu_nocompile"),
         # FSDP's hooks kept for generation (compiled generation then defaults off: a graph break at every module).
@@ -63,6 +65,7 @@ def child(model_dir: str, data_dir: str, out: str, completion: int, steps: int) 
 def summarize(out: Path, world: int) -> dict:
     steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    engine = [m for m in metrics if "engine/captures" in m]
     lengths = {m["step"]: m["completions/mean_length"] for m in metrics if "completions/mean_length" in m}
     timed = steps[1:]  # the first step warms up
     per_step = [lengths[s["step"]] * PER_GPU_PROMPTS * G * world / s["seconds"] for s in timed if s["step"] in lengths]
@@ -71,6 +74,9 @@ def summarize(out: Path, world: int) -> dict:
             "completion_tokens_per_s_mean": statistics.mean(per_step) if per_step else None,
             "mean_completion_length": statistics.mean(lengths.values()) if lengths else None,
             "peak_gpu_gib_rank0": max(s["peak_gpu_gib"] or 0 for s in steps),
+            # the decoding engine's running totals after the last step (rank 0): calls, new caches, graph captures
+            "engine": {k.split("/", 1)[1]: v for k, v in engine[-1].items() if k.startswith("engine/")} if engine
+            else {},
             "step_times_s": [s["seconds"] for s in steps]}
 
 

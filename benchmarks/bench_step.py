@@ -4,6 +4,7 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
   trl_plain         bare TRL GRPOTrainer + PEFT LoRA, TRL's defaults, the original recipe's reward (one forward
                     per completion)
   sdgrpo_hf         `sdgrpo train --backend hf` with its defaults: rollouts by sdgrpo's decoding engine
+  sdgrpo_hf_cudnn   the same with cuDNN among SDPA's kernels (--cudnn_attention true; PyTorch's default)
   sdgrpo_hf_generate  the same with transformers' generate instead (--generation_engine false; on a GPU that is
                     a static cache and transformers' compiled decoding step, the default before the engine)
   sdgrpo_hf_static  generate with cache_implementation=static, not compiled
@@ -30,8 +31,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb",
-            "unsloth_bare", "sdgrpo_unsloth"]
+VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_cudnn", "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile",
+            "sdgrpo_hf_cb", "unsloth_bare", "sdgrpo_unsloth"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
 
 
@@ -195,6 +196,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--generation_compile", "false"]
         if variant == "sdgrpo_hf_compile":
             argv += ["--generation_compile", "true"]
+        if variant == "sdgrpo_hf_cudnn":
+            argv += ["--cudnn_attention", "true"]
         if variant == "sdgrpo_hf_cb":
             argv += ["--use_transformers_continuous_batching", "true"]
         train_cfg, model_cfg = parse_train_args(argv)

@@ -78,7 +78,8 @@ def test_shipped_accelerate_configs_parse(path):
 
 def test_compiled_generation_default(monkeypatch):
     """On for --backend hf on a GPU (one process, DDP, FSDP2 with the weights held and FSDP's hooks off for
-    generation), with a static cache; off on CPU, Unsloth, vLLM, DeepSpeed and FSDP re-gathering the weights."""
+    generation), with a static cache; off on CPU, Unsloth, vLLM, DeepSpeed and FSDP re-gathering the weights. The
+    decoding engine's default follows the same launches (it is on for CPU too, uncompiled)."""
     from sdgrpo.config import default_generation_compile as default
     from sdgrpo.config import resolve_runtime
 
@@ -112,6 +113,7 @@ def test_compiled_generation_default(monkeypatch):
             monkeypatch.setenv(key, value)
         cfg = resolve_runtime(parse_train_args(gpu + extra)[0])
         assert not cfg.use_cpu and cfg.generation_compile is expected, (env, extra)
+        assert cfg.generation_engine is expected, (env, extra)  # the engine where the weights stay put
         assert cfg.cache_implementation == ("static" if expected else None)
 
 

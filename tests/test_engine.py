@@ -69,6 +69,19 @@ def test_one_cache_serves_shorter_calls_and_grows_for_longer_ones(model, tiny_to
     assert setups == [1, 2, 3, 4, 4]
 
 
+def test_a_reserved_cache_serves_every_call_that_fits_it(model, tiny_tokenizer):
+    """With ``reserve`` the first cache is made that long (rounded up to the bucket), so calls of every length up to
+    it share one cache (on a GPU: one compiled step); the tokens are still generate's."""
+    longest = encode(tiny_tokenizer)["input_ids"].size(1) + 40
+    engine = DecodeEngine(length_bucket=8, reserve=longest)
+    for prompts, new in [(PROMPTS[:1] * 4, 10), (PROMPTS, 24), (PROMPTS, 40), (PROMPTS[1:2] * 4, 24)]:
+        enc = encode(tiny_tokenizer, prompts)
+        kw = dict(do_sample=False, max_new_tokens=new, pad_token_id=tiny_tokenizer.pad_token_id,
+                  eos_token_id=tiny_tokenizer.eos_token_id)
+        assert torch.equal(engine.generate(model, **enc, **kw), model.generate(**enc, **kw)), (prompts, new)
+    assert engine.setups == 1 and engine._length == -(-longest // 8) * 8
+
+
 def test_train_mode_with_gradient_checkpointing_still_decodes_with_the_cache(lora, tiny_tokenizer):
     """How TRL generates: the Trainer's train mode, gradient checkpointing on (layers then drop the KV cache)."""
     enc = encode(tiny_tokenizer)

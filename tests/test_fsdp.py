@@ -107,3 +107,79 @@ def test_fsdp2_weights_are_gathered_once_per_generation(tmp_path, precision):
     # Per FSDP module: 3 layers, the embeddings, then norm and head (one group, listed for each).
     assert got["sharded_after"] == [[True] * 4 + [False] * 2] * 2
     assert got["reshard_after"] == [True] * 4 + [False] * 2
+
+
+ENGINE_CHILD = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK=sys.argv[2], WORLD_SIZE="2")
+dist.init_process_group("gloo")
+from peft import LoraConfig, get_peft_model
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+from sdgrpo.engine import DecodeEngine, Sampling
+from sdgrpo.fsdp import _fsdp_param_groups, gathered_weights
+
+torch.manual_seed(0)
+base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+                                    bos_token_id=2, tie_word_embeddings=False))
+# init_lora_weights=False: B is not zero, so the adapters change what is decoded and folding them matters
+model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False))
+prompts = torch.tensor([[0, 0, 3, 4, 5], [2, 7, 8, 9, 10], [0, 11, 12, 13, 14]])
+mask = (prompts != 0).long()
+greedy = Sampling(max_new_tokens=12, do_sample=False, eos_token_ids=(1,), pad_token_id=0)
+sampled = Sampling(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, eos_token_ids=(1,), pad_token_id=0)
+
+def run(engine, s, seed=7):
+    torch.manual_seed(seed)
+    return engine.decode(model, prompts, mask, s)
+
+plain = DecodeEngine(compile=False)
+expected = [run(plain, greedy), run(plain, sampled)]
+weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+inner = model.base_model.model
+for layer in inner.model.layers:  # as accelerate shards it: each layer, the embeddings, [norm, head], the root
+    fully_shard(layer)
+fully_shard(inner.model.embed_tokens)
+fully_shard([inner.model.norm, inner.lm_head], reshard_after_forward=False)
+fully_shard(model)
+modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+engine = DecodeEngine(compile=False)
+got = []
+for s in (greedy, sampled, greedy):  # the first call is the model's first forward, as in a training run
+    with gathered_weights(model):
+        got.append(run(engine, s))
+same = [torch.equal(g.sequences, e.sequences) and torch.allclose(g.logprobs, e.logprobs, atol=1e-6)
+        for g, e in zip(got, expected + expected[:1])]
+full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # [norm, head] stays gathered
+untouched = all(torch.equal(full(p), weights[name]) for name, p in model.named_parameters())
+print(json.dumps({"same": same, "folded": len(engine.fold.copies), "untouched": untouched,
+                  "sharded": [not g.is_unsharded for m in modules for g in _fsdp_param_groups(m)],
+                  "completion": got[0].sequences[:, prompts.size(1):].tolist()}))
+dist.destroy_process_group()
+"""
+
+
+def test_engine_decodes_under_fsdp2_as_without_it(tmp_path):
+    """Two processes (gloo, CPU), a LoRA model sharded as accelerate shards it: the decoding engine inside
+    ``gathered_weights`` folds the adapters into copies of the gathered weights and decodes exactly the tokens and
+    log-probs it decodes for the unsharded model (greedy, and seeded top-k sampling), from the very first forward
+    on; the trained weights are untouched and sharded again after each call."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", ENGINE_CHILD, str(port), str(rank)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert got[0] == got[1]  # both ranks decode the same
+    assert got[0]["same"] == [True, True, True]
+    assert got[0]["folded"] == 2 * 7  # every LoRA-wrapped Linear of the 2 layers (q k v o gate up down)
+    assert got[0]["untouched"]
+    # sharded again: the 2 layers and the embeddings; [norm, head] stays gathered, as configured
+    assert got[0]["sharded"] == [True, True, True, False, False]

@@ -34,6 +34,8 @@ PINNED = {
     ("torch.distributed.fsdp", "FSDPModule", "set_reshard_after_forward"): ["self", "reshard_after_forward", "recurse"],
     ("torch.distributed.fsdp", "FSDPModule", "reshard"): ["self"],
     ("torch.distributed.fsdp", "FSDPModule", "_get_fsdp_state"): ["self"],
+    ("torch.distributed.fsdp", "FSDPModule", "unshard"): ["self", "async_op"],
+    ("torch.distributed.fsdp._fully_shard._fsdp_state", "FSDPState", "_lazy_init"): ["self"],
     ("transformers", "GenerationMixin", "_prepare_generation_config"): ["self", "generation_config"],
     ("transformers", "GenerationConfig", "_get_default_generation_params"): [],
 }

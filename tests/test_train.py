@@ -78,6 +78,26 @@ def test_rollouts_come_from_the_engine_and_the_reuse_stays_exact(tmp_path, prepa
     assert "generate" not in vars(trainer.model)  # the engine stepped aside after the rollouts
 
 
+def test_compiled_engine_reserves_the_longest_prompt_plus_the_completion(tmp_path, prepared, tiny_model_dir):
+    """With compiled decoding the trainer sizes the engine's cache once for the run: its longest training prompt as
+    it tokenizes prompts (BOS and --max_prompt_length included), counted here independently, + 10 completion
+    tokens. Uncompiled (CPU default) nothing is reserved: the cache follows each call."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = load_from_disk(str(prepared))["train"].select(range(8))["prompt"]
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]  # BOS + 16-24 tokens
+    assert tok.bos_token_id is not None and min(lengths) < 22 < max(lengths)
+    for limit, longest in [(22, 22), (40, max(lengths))]:
+        trainer, _, _ = _trainer(tiny_model_dir, prepared, tmp_path / str(limit), "--generation_engine", "true",
+                                 "--generation_compile", "true", "--max_prompt_length", str(limit))
+        assert trainer.longest_prompt() == longest
+    assert trainer.engine.compile and trainer.engine.reserve == longest + 10
+    plain, _, _ = _trainer(tiny_model_dir, prepared, tmp_path / "plain", "--generation_engine", "true")
+    assert not plain.engine.compile and plain.engine.reserve == 0
+
+
 def test_temperature_not_one_falls_back_to_own_pass(tmp_path, prepared, tiny_model_dir):
     trainer, reward, tok = _trainer(tiny_model_dir, prepared, tmp_path, "--temperature", "0.7")
     assert not trainer.reuse_reference_logprobs
@@ -239,3 +259,20 @@ def test_reference_reuse_is_auto_on_for_hf_and_off_for_unsloth(tmp_path, prepare
 def test_reference_reuse_option_refuses_other_words(tmp_path):
     with pytest.raises(UserError, match="reuse_reference_logprobs 'maybe'"):
         parse_train_args(["--output_dir", str(tmp_path), "--reuse_reference_logprobs", "maybe"])
+
+
+def test_cudnn_attention_is_off_unless_asked_for(tmp_path, prepared):
+    """`sdgrpo train` and `sdgrpo sft` take cuDNN out of SDPA's kernels for the process (its per-shape plans cost
+    ~0.5 s per new batch shape on H100); --cudnn_attention true leaves it in."""
+    from sdgrpo.train import resolve
+
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        for extra, expected in [([], False), (["--cudnn_attention", "true"], True), ([], False)]:
+            torch.backends.cuda.enable_cudnn_sdp(not expected)
+            train_cfg, model_cfg = parse_train_args(["--output_dir", str(tmp_path), "--dataset_path", str(prepared),
+                                                     *extra])
+            resolve(train_cfg, model_cfg, resume=False)
+            assert torch.backends.cuda.cudnn_sdp_enabled() is expected, extra
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)

@@ -39,7 +39,8 @@ class SDGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Decode rollouts with sdgrpo's engine (static cache, one compiled step on GPU, LoRA folded "
                           "into a generation copy); false: transformers' generate. Default: on with --backend hf in "
-                          "one process or DDP, off with Unsloth, vLLM, FSDP and DeepSpeed."},
+                          "one process, DDP, or FSDP2 with the weights held for generation; off with Unsloth, vLLM, "
+                          "DeepSpeed and FSDP re-gathering the weights."},
     )
     generation_compile: bool | None = field(
         default=None,
@@ -198,6 +199,12 @@ class SDModelConfig(ModelConfig):
     lora_target_modules: list[str] | None = field(
         default_factory=lambda: ["all-linear"], metadata={"help": "LoRA target modules; 'all-linear' = every linear."}
     )
+    cudnn_attention: bool = field(
+        default=False,
+        metadata={"help": "Let PyTorch's SDPA use cuDNN attention on a GPU. Off by default: PyTorch 2.11 tries cuDNN "
+                  "first for masked attention on H100, and cuDNN builds an execution plan for every new (batch, "
+                  "length) shape, ~0.5 s forward and again backward; training batches change shape every step."},
+    )
 
 
 @dataclass
@@ -279,23 +286,23 @@ def fit_generation_batch(values: dict) -> dict:
 def resolve_runtime(cfg: SDGRPOConfig) -> SDGRPOConfig:
     """Runtime detection, the first step of ``sdgrpo train``: how the run is launched (one process, DDP, FSDP1/2,
     DeepSpeed: accelerate exports ``ACCELERATE_USE_FSDP``, ``FSDP_VERSION``, ``ACCELERATE_USE_DEEPSPEED``) and on
-    what (GPU or CPU) decide the generation defaults that were left open: compiled static-cache decoding
-    (``--generation_compile``) and, with it, the static cache. Returns ``cfg``, changed in place."""
+    what (GPU or CPU) decide the generation defaults that were left open: the decoding engine
+    (``--generation_engine``), compiled decoding (``--generation_compile``) and, with it, the static cache. Both are
+    off where the weights are gathered again at every decoding step (DeepSpeed, FSDP without the weights held).
+    Returns ``cfg``, changed in place."""
+    fsdp = bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    deepspeed = bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    # Held weights, hook-free decoding: FSDP2 only (accelerate launch exports FSDP_VERSION); FSDP1 unmeasured.
+    held = (os.environ.get("FSDP_VERSION") == "2" and cfg.fsdp_gather_for_generation
+            and cfg.fsdp_skip_hooks_in_generation)
+    regathered = deepspeed or (fsdp and not held)
     if cfg.generation_compile is None:
-        fsdp = bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-        deepspeed = bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-        # Held weights, hook-free decoding: FSDP2 only (accelerate launch exports FSDP_VERSION); FSDP1 unmeasured.
-        held = (os.environ.get("FSDP_VERSION") == "2" and cfg.fsdp_gather_for_generation
-                and cfg.fsdp_skip_hooks_in_generation)
-        cfg.generation_compile = default_generation_compile(cfg.backend, not cfg.use_cpu and _has_cuda(),
-                                                            deepspeed or (fsdp and not held), cfg.use_vllm,
-                                                            cfg.cache_implementation)
+        cfg.generation_compile = default_generation_compile(cfg.backend, not cfg.use_cpu and _has_cuda(), regathered,
+                                                            cfg.use_vllm, cfg.cache_implementation)
     if cfg.generation_compile and cfg.cache_implementation is None:
         cfg.cache_implementation = "static"
     if cfg.generation_engine is None:
-        sharded = (bool(cfg.fsdp) or bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-                   or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true")
-        cfg.generation_engine = cfg.backend == "hf" and not cfg.use_vllm and not sharded
+        cfg.generation_engine = cfg.backend == "hf" and not cfg.use_vllm and not regathered
     return cfg
 
 

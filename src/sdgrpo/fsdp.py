@@ -2,6 +2,7 @@
 
 Private state read or changed here (pinned: torch 2.11 on the GPU machine, 2.13 on CPU; tests/test_fsdp.py runs it
 on CPU and tests/test_private_api.py checks the names exist):
+- ``FSDPModule._get_fsdp_state()._lazy_init()`` (a no-op once the root has run forward);
 - ``FSDPModule._get_fsdp_state()._fsdp_param_groups`` (torch > 2.11) / ``._fsdp_param_group`` (torch <= 2.11), and
   each group's ``post_forward_mesh_info`` and ``is_unsharded``;
 - ``nn.Module._forward_pre_hooks`` / ``_forward_hooks``: PyTorch has public API to add and remove hooks, not to
@@ -51,7 +52,8 @@ class _HookStrip:
 
 @contextmanager
 def gathered_weights(model, skip_hooks: bool = True):
-    """Keep FSDP2-sharded parameters all-gathered while the block runs (generation), then shard them again.
+    """All-gather FSDP2-sharded parameters at the start of the block (generation) and keep them so until its end,
+    then shard them again.
 
     FSDP2 all-gathers a layer before each forward and frees it after; HF ``generate`` runs one forward per token, so a
     completion of C tokens costs C all-gathers of every layer (TRL 1.15 does nothing about it for FSDP2). Setting
@@ -65,6 +67,10 @@ def gathered_weights(model, skip_hooks: bool = True):
     from torch.distributed.fsdp import FSDPModule
 
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if modules:
+        # FSDP2 takes the first module to run forward as its root; generation enters below the root (PEFT's and
+        # transformers' generate call the inner model), so the outermost module is initialised as root here.
+        modules[0]._get_fsdp_state()._lazy_init()
     before = [all(g.post_forward_mesh_info is not None for g in _fsdp_param_groups(m)) for m in modules]
     strips, triggers = [], {}
 
@@ -75,6 +81,9 @@ def gathered_weights(model, skip_hooks: bool = True):
 
     for module in modules:
         module.set_reshard_after_forward(False, recurse=False)
+        # Gathered now, not at each module's first forward: the decoding engine folds LoRA into generation copies
+        # of the weights before its first forward, and needs whole weights to do it.
+        module.unshard()
         if skip_hooks:  # appended: runs after FSDP's own post-forward hook
             triggers[module] = module.register_forward_hook(strip_after_first_forward)
     try:

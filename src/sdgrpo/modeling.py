@@ -29,6 +29,12 @@ def resolve_dtype(name: str | None, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def choose_attention_kernels(cudnn: bool) -> None:
+    """Allow or forbid cuDNN among the kernels of PyTorch's SDPA for this process (``--cudnn_attention``). Forbidden,
+    masked attention runs PyTorch's memory-efficient kernel, which needs no per-shape plan."""
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
 def check_model_path(name_or_path: str) -> None:
     """A local path must be a model folder; anything else is taken as a hub name."""
     path = Path(name_or_path)

@@ -104,9 +104,10 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     from sdgrpo.callbacks import MetricsFileCallback, heldout_callback, keep_best_heldout
     from sdgrpo.cards import write_card
     from sdgrpo.compat import ensure_trl_runs_without_triton
-    from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
+    from sdgrpo.modeling import choose_attention_kernels, load_model, load_tokenizer, resolve_dtype
 
     ensure_trl_runs_without_triton()
+    choose_attention_kernels(model_cfg.cudnn_attention)
     if not cfg.dataset_path:
         raise UserError("no text: pass --dataset_path DIR (raw text, or a folder written by `sdgrpo prepare`)")
     cfg.dataset_path = prepared_or_raw(cfg.dataset_path, cfg.output_dir, model_cfg.model_name_or_path)

@@ -16,6 +16,7 @@ from sdgrpo.config import SDGRPOConfig, SDModelConfig, _has_cuda, config_to_dict
 from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
+from sdgrpo.modeling import choose_attention_kernels
 from sdgrpo.rewards import build_reward
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> 
                         "model its reward and KL term read); to train every weight use `sdgrpo sft --use_peft false`")
     check_one_gpu_per_process()
     resolve_runtime(train_cfg)
+    choose_attention_kernels(model_cfg.cudnn_attention)
     train_cfg.dataset_path = prepared_or_raw(train_cfg.dataset_path, train_cfg.output_dir, model_cfg.model_name_or_path)
     out = Path(train_cfg.output_dir)
     resolved = config_to_dict(train_cfg, model_cfg)

@@ -126,6 +126,22 @@ class SelfDistillMixin(CheckpointMixin):
         # Rollouts through sdgrpo's decoding engine (engine.py): TRL's generate call is answered by it.
         self.engine = (DecodeEngine(compile=bool(getattr(self.args, "generation_compile", False)))
                        if getattr(self.args, "generation_engine", False) else None)
+        if self.engine is not None and self.engine.compile:
+            # One cache length for the whole run: a compiled step is compiled again for each new one.
+            self.engine.reserve = self.longest_prompt() + self.max_completion_length
+
+    def longest_prompt(self, limit: int = 100_000, chunk: int = 1024) -> int:
+        """Tokens in the longest of the first ``limit`` training prompts, tokenized as the trainer tokenizes them
+        for generation (template and ``max_prompt_length`` included); 0 for a dataset that has no length."""
+        data = self.train_dataset
+        if (data is None or not hasattr(data, "__len__") or "prompt" not in (getattr(data, "column_names", None) or [])
+                or getattr(self, "environment_factories", None) is not None):
+            return 0
+        longest = 0
+        for start in range(0, min(len(data), limit), chunk):
+            prompts = data[start:min(start + chunk, limit)]["prompt"]
+            longest = max(longest, max(map(len, self._tokenize_prompts(prompts)[0]), default=0))
+        return longest
 
     # --- prompts -------------------------------------------------------------------------------------------
     def _tokenize_prompts(self, prompts: list):
@@ -144,6 +160,10 @@ class SelfDistillMixin(CheckpointMixin):
               serving(self.accelerator.unwrap_model(self.model), engine) if engine else nullcontext()):
             out = super()._generate(prompts)
         self._prompt_ids = [list(ids) for ids in out[0]]
+        if engine is not None:  # running totals: a capture or a new cache in a late step shows up here
+            mode = "train" if self.model.training else "eval"
+            for key in ("calls", "fallbacks", "setups", "captures"):
+                self._metrics[mode][f"engine/{key}"].append(getattr(engine, key))
         return out
 
     # --- reference log-probs -------------------------------------------------------------------------------
