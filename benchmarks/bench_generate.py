@@ -7,13 +7,16 @@ early), sampling at T=1:
   generate           PEFT LoRA r16 (unmerged), transformers' generate, dynamic cache (what TRL runs by default)
   generate_compiled  the same with a static cache and transformers' compiled decoding step
   engine             sdgrpo.engine.DecodeEngine: static cache, compiled step captured as one CUDA graph, LoRA folded,
-                     grouped-query attention without per-head copies of the keys and values (its default)
+                     sibling projections (q k v; gate up) as one matmul, grouped-query attention without per-head
+                     copies of the keys and values, cuDNN attention in the step (its defaults)
+  engine_unfused     the engine with one matmul per projection (fuse_projections=False)
+  engine_step_no_cudnn  the engine without cuDNN attention in the step (step_cudnn=False; SDPA's memory-efficient
+                     kernel, as the training passes of `sdgrpo train` run)
+  engine_cdt         the engine compiled with Inductor's coordinate-descent tuning of its generated kernels
   engine_autotune    the engine compiled with mode="max-autotune-no-cudagraphs" (matrix kernels tuned for the
                      decoding batch; the engine captures the graph itself)
   engine_repeat_kv   the engine with transformers' SDPA function, which copies every key/value head once per query
                      head of its group (DecodeEngine(grouped_attention=False))
-  engine_cudnn       the engine with cuDNN among SDPA's kernels (PyTorch's default; the other variants run without it,
-                     as `sdgrpo train` does unless --cudnn_attention true)
   engine_eager       the engine without compiling the step
   engine_no_lora     the engine on the model without adapters (what folding is measured against)
 
@@ -43,8 +46,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 G, PROMPT, NEW, REPEATS = 8, 128, 512, 3
-VARIANTS = ["generate", "generate_compiled", "engine", "engine_cudnn", "engine_repeat_kv", "engine_autotune",
-            "engine_eager", "engine_no_lora"]
+VARIANTS = ["generate", "generate_compiled", "engine", "engine_unfused", "engine_step_no_cudnn", "engine_cdt",
+            "engine_repeat_kv", "engine_autotune", "engine_eager", "engine_no_lora"]
 REPEATS = int(os.environ.get("BENCH_REPEATS", REPEATS))
 
 
@@ -136,21 +139,24 @@ def run_shape(shape: str, bandwidth: float) -> dict:
         else:
             mode = "max-autotune-no-cudagraphs" if variant == "engine_autotune" else "default"
             engine = engines[variant] = DecodeEngine(compile=variant != "engine_eager", compile_mode=mode,
-                                                     grouped_attention=variant != "engine_repeat_kv")
+                                                     grouped_attention=variant != "engine_repeat_kv",
+                                                     fuse_projections=variant != "engine_unfused",
+                                                     step_cudnn=variant != "engine_step_no_cudnn")
 
             def fn(engine=engine):
                 return engine.generate(model, input_ids=input_ids, attention_mask=mask, **common)
         if variant == "engine_no_lora":
             with model.disable_adapter():  # the base alone (the copies then equal the base weights)
                 seconds, peak, out = timed(fn)
-        elif variant == "engine_cudnn":
-            # SDPA's kernel is chosen when the step is compiled: compile afresh with cuDNN allowed, and after it
-            torch._dynamo.reset()
-            choose_attention_kernels(True)
+        elif variant == "engine_cdt":
+            import torch._inductor.config as inductor
+
+            torch._dynamo.reset()  # compiled afresh with the tuning, and afresh after it
+            inductor.coordinate_descent_tuning = True
             try:
                 seconds, peak, out = timed(fn)
             finally:
-                choose_attention_kernels(False)
+                inductor.coordinate_descent_tuning = False
                 torch._dynamo.reset()
         else:
             seconds, peak, out = timed(fn)

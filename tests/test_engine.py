@@ -117,6 +117,29 @@ def test_folding_leaves_the_trained_weights_and_flags_as_they_were(lora, tiny_to
     assert not any(m.disable_adapters for m in lora.modules() if isinstance(m, LoraLayer))
 
 
+def test_sibling_projections_decode_as_one_matmul(lora, tiny_tokenizer):
+    """q, k, v (and gate, up) of each layer are served by one matmul over stacked generation copies: none of the
+    five projection modules runs while decoding (o and down still do), the tokens are still generate's, and the
+    modules are back in place afterwards. Without fusion every projection runs."""
+    enc, kw = encode(tiny_tokenizer), settings(tiny_tokenizer, do_sample=False)
+    want = lora.generate(**enc, **kw)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    modules = {n: m for n, m in lora.named_modules() if n.endswith(names)}
+    for fuse in (True, False):
+        calls = []
+        hooks = [m.register_forward_hook(lambda mod, *a, n=n, calls=calls: calls.append(n.rsplit(".", 1)[1]))
+                 for n, m in modules.items()]
+        engine = DecodeEngine(fuse_projections=fuse)
+        got = engine.generate(lora, **enc, **kw)
+        for h in hooks:
+            h.remove()
+        assert torch.equal(got, want), fuse
+        expected = {"o_proj", "down_proj"} if fuse else set(names)
+        assert set(calls) == expected, fuse
+        assert len(engine.fold.groups) == (2 * 2 if fuse else 0)  # 2 layers x (qkv, gate-up)
+    assert {n: m for n, m in lora.named_modules() if n.endswith(names)} == modules
+
+
 def test_sampled_tokens_log_probs_equal_a_teacher_forced_pass(lora, tiny_tokenizer):
     enc = encode(tiny_tokenizer)
     torch.manual_seed(3)

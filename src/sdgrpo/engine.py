@@ -159,11 +159,87 @@ def _foldable_lora_layers(model) -> list | None:
     return layers
 
 
-class Folded:
-    """Generation copies of the LoRA-wrapped weights (allocated once per model, refreshed per call)."""
+# Projections that transformers' Llama-family attention and MLP modules apply to one input, in this order.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-    def __init__(self):
+
+class _Fused(torch.nn.Module):
+    """Stands in for the first projection of a sibling group while decoding: one matmul over the group's stacked
+    weights (one kernel where there were several small ones, each reading the input again), its own part returned
+    and the others' parts handed to their :class:`_Part` stand-ins."""
+
+    def __init__(self, weight: torch.nn.Parameter, bias: torch.nn.Parameter | None, sizes: list[int], parts: list):
+        super().__init__()
+        self.weight, self.bias, self.sizes = weight, bias, sizes
+        self.__dict__["parts"] = parts  # registered in their parent already
+
+    def forward(self, x):
+        out = torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        for part, value in zip(self.parts, out[1:]):
+            part.source, part.value = x, value
+        return out[0]
+
+
+class _Part(torch.nn.Module):
+    """Stands in for a later projection of a sibling group: returns the part that :class:`_Fused` computed for the
+    same input, or (another input, or none computed) runs the projection it replaced."""
+
+    def __init__(self, projection: torch.nn.Module):
+        super().__init__()
+        self.projection = projection
+        self.source = self.value = None
+
+    def forward(self, x):
+        if self.value is not None and self.source is x:
+            value, self.source, self.value = self.value, None, None
+            return value
+        return self.projection(x)
+
+
+class Folded:
+    """Generation copies of the LoRA-wrapped weights (allocated once per model, refreshed per call).
+
+    With ``fuse``, the copies of sibling projections (:data:`SIBLINGS`: q, k, v; gate, up) are rows of one stacked
+    weight, and for the call the group is served by one matmul (:class:`_Fused`, :class:`_Part`). Same memory."""
+
+    def __init__(self, fuse: bool = True):
+        self.fuse = fuse
         self.copies: dict[int, torch.nn.Parameter] = {}
+        self.groups: dict[tuple, tuple] = {}  # (parent id, names) -> (_Fused, [_Part], stacked weight, bias)
+
+    def _stack(self, model, layers: list) -> list[tuple]:
+        """For every sibling group of foldable LoRA layers with one input width, dtype and bias kind: its parent,
+        names and stand-ins, with the layers' copies made rows of one stacked weight. Made once per model."""
+        wrapped = {id(layer) for layer in layers}
+        found = []
+        for parent in model.modules():
+            for names in SIBLINGS:
+                members = [getattr(parent, n, None) for n in names]
+                if not all(m is not None and id(m) in wrapped for m in members):
+                    continue
+                bases = [m.base_layer for m in members]
+                if (len({(b.in_features, b.weight.dtype, b.weight.device, b.bias is None) for b in bases}) != 1):
+                    continue
+                key = (id(parent), names)
+                if key not in self.groups or self.groups[key][2].device != bases[0].weight.device:
+                    sizes = [b.out_features for b in bases]
+                    stacked = torch.nn.Parameter(torch.empty(sum(sizes), bases[0].in_features,
+                                                             dtype=bases[0].weight.dtype,
+                                                             device=bases[0].weight.device), requires_grad=False)
+                    bias = (None if bases[0].bias is None else
+                            torch.nn.Parameter(torch.empty(sum(sizes), dtype=bases[0].bias.dtype,
+                                                           device=bases[0].bias.device), requires_grad=False))
+                    rows = stacked.data.split(sizes)
+                    for member, view in zip(members, rows):
+                        self.copies[id(member)] = torch.nn.Parameter(view, requires_grad=False)
+                    parts = [_Part(m) for m in members[1:]]
+                    self.groups[key] = (_Fused(stacked, bias, sizes, parts), parts, stacked, bias)
+                fused, parts, _, bias = self.groups[key]
+                if bias is not None:
+                    with torch.no_grad():
+                        torch.cat([b.bias for b in bases], out=bias.data)
+                found.append((parent, names, fused, parts))
+        return found
 
     @contextlib.contextmanager
     def __call__(self, model):
@@ -173,8 +249,9 @@ class Folded:
                 logger.debug("LoRA not foldable here (quantised base or an adapter variant): decoding unmerged")
             yield
             return
-        swapped = []
+        swapped, replaced = [], []
         try:
+            groups = self._stack(model, layers) if self.fuse else []
             with torch.no_grad():
                 for layer in layers:
                     base = layer.base_layer
@@ -193,8 +270,15 @@ class Folded:
                     swapped.append((layer, base.weight, disabled))
                     base.weight = copy
                     layer._disable_adapters = True
+            for parent, names, fused, parts in groups:
+                replaced.append((parent, names, [getattr(parent, n) for n in names]))
+                for name, module in zip(names, [fused, *parts]):
+                    setattr(parent, name, module)
             yield
         finally:
+            for parent, names, originals in replaced:
+                for name, module in zip(names, originals):
+                    setattr(parent, name, module)
             for layer, weight, disabled in swapped:
                 layer.base_layer.weight = weight
                 layer._disable_adapters = disabled
@@ -278,17 +362,24 @@ class DecodeEngine:
     against 1.66 s with transformers' copies, same run). Off: transformers' SDPA function as the model has it.
     ``reserve``: cache positions (prompt + completion) to allocate at the least. A compiled step is compiled again
     for each new cache length (on one H100, 1.5B shape: ~30 s), so a caller that knows its longest call reserves it.
+    ``fuse_projections``: decode each sibling group of LoRA-wrapped projections (q, k, v; gate, up) with one matmul
+    over stacked generation copies (see :class:`Folded`).
+    ``step_cudnn``: allow cuDNN attention in the compiled step while it is compiled and captured (its shapes are
+    fixed, so cuDNN's per-shape plan is built once), whatever the process allows elsewhere (``sdgrpo train`` keeps it
+    out of the training passes, whose shapes change every step).
     """
 
     def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64,
-                 compile_mode: str = "default", grouped_attention: bool = True, reserve: int = 0):
+                 compile_mode: str = "default", grouped_attention: bool = True, reserve: int = 0,
+                 fuse_projections: bool = True, step_cudnn: bool = True):
         self.compile = compile
         self.reserve = reserve
         self.grouped_attention = grouped_attention
         self.compile_mode = compile_mode
         self.check_every = check_every
         self.length_bucket = length_bucket
-        self.fold = Folded()
+        self.fold = Folded(fuse=fuse_projections)
+        self.step_cudnn = step_cudnn
         self.calls = 0  # decoding calls served (a fallback to generate is not counted)
         self.fallbacks = 0
         self.setups = 0  # static caches made (a new batch size, length bucket, model or dtype)
@@ -362,6 +453,8 @@ class DecodeEngine:
 
     def _capture(self, model, st: _State, s: Sampling):
         """The step as a CUDA graph (after warm-up runs that compile it), or None if it cannot be captured."""
+        allowed = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(allowed or self.step_cudnn)
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -378,6 +471,8 @@ class DecodeEngine:
             logger.warning("decoding step not captured as a CUDA graph (%s: %s); decoding step by step",
                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return None
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(allowed)
 
     @torch.no_grad()
     def decode(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: Sampling) -> Decoded:
