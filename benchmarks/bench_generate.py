@@ -8,10 +8,8 @@ early), sampling at T=1:
   generate_compiled  the same with a static cache and transformers' compiled decoding step
   engine             sdgrpo.engine.DecodeEngine: static cache, compiled step captured as one CUDA graph, LoRA folded,
                      sibling projections (q k v; gate up) as one matmul, grouped-query attention without per-head
-                     copies of the keys and values, cuDNN attention in the step (its defaults)
+                     copies of the keys and values (its defaults)
   engine_unfused     the engine with one matmul per projection (fuse_projections=False)
-  engine_step_no_cudnn  the engine without cuDNN attention in the step (step_cudnn=False; SDPA's memory-efficient
-                     kernel, as the training passes of `sdgrpo train` run)
   engine_cdt         the engine compiled with Inductor's coordinate-descent tuning of its generated kernels
   engine_autotune    the engine compiled with mode="max-autotune-no-cudagraphs" (matrix kernels tuned for the
                      decoding batch; the engine captures the graph itself)
@@ -46,7 +44,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 G, PROMPT, NEW, REPEATS = 8, 128, 512, 3
-VARIANTS = ["generate", "generate_compiled", "engine", "engine_unfused", "engine_step_no_cudnn", "engine_cdt",
+VARIANTS = ["generate", "generate_compiled", "engine", "engine_unfused", "engine_cdt",
             "engine_repeat_kv", "engine_autotune", "engine_eager", "engine_no_lora"]
 REPEATS = int(os.environ.get("BENCH_REPEATS", REPEATS))
 
@@ -140,8 +138,7 @@ def run_shape(shape: str, bandwidth: float) -> dict:
             mode = "max-autotune-no-cudagraphs" if variant == "engine_autotune" else "default"
             engine = engines[variant] = DecodeEngine(compile=variant != "engine_eager", compile_mode=mode,
                                                      grouped_attention=variant != "engine_repeat_kv",
-                                                     fuse_projections=variant != "engine_unfused",
-                                                     step_cudnn=variant != "engine_step_no_cudnn")
+                                                     fuse_projections=variant != "engine_unfused")
 
             def fn(engine=engine):
                 return engine.generate(model, input_ids=input_ids, attention_mask=mask, **common)

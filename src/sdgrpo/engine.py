@@ -364,14 +364,11 @@ class DecodeEngine:
     for each new cache length (on one H100, 1.5B shape: ~30 s), so a caller that knows its longest call reserves it.
     ``fuse_projections``: decode each sibling group of LoRA-wrapped projections (q, k, v; gate, up) with one matmul
     over stacked generation copies (see :class:`Folded`).
-    ``step_cudnn``: allow cuDNN attention in the compiled step while it is compiled and captured (its shapes are
-    fixed, so cuDNN's per-shape plan is built once), whatever the process allows elsewhere (``sdgrpo train`` keeps it
-    out of the training passes, whose shapes change every step).
     """
 
     def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64,
                  compile_mode: str = "default", grouped_attention: bool = True, reserve: int = 0,
-                 fuse_projections: bool = True, step_cudnn: bool = True):
+                 fuse_projections: bool = True):
         self.compile = compile
         self.reserve = reserve
         self.grouped_attention = grouped_attention
@@ -379,7 +376,6 @@ class DecodeEngine:
         self.check_every = check_every
         self.length_bucket = length_bucket
         self.fold = Folded(fuse=fuse_projections)
-        self.step_cudnn = step_cudnn
         self.calls = 0  # decoding calls served (a fallback to generate is not counted)
         self.fallbacks = 0
         self.setups = 0  # static caches made (a new batch size, length bucket, model or dtype)
@@ -453,8 +449,6 @@ class DecodeEngine:
 
     def _capture(self, model, st: _State, s: Sampling):
         """The step as a CUDA graph (after warm-up runs that compile it), or None if it cannot be captured."""
-        allowed = torch.backends.cuda.cudnn_sdp_enabled()
-        torch.backends.cuda.enable_cudnn_sdp(allowed or self.step_cudnn)
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -471,8 +465,6 @@ class DecodeEngine:
             logger.warning("decoding step not captured as a CUDA graph (%s: %s); decoding step by step",
                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return None
-        finally:
-            torch.backends.cuda.enable_cudnn_sdp(allowed)
 
     @torch.no_grad()
     def decode(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: Sampling) -> Decoded:
