@@ -237,9 +237,11 @@ def test_several_gpus_in_one_process_is_one_clear_line(monkeypatch):
 @pytest.mark.parametrize("extra, want", [((), True), (("--backend", "unsloth"), False),
                                          (("--backend", "unsloth", "--reuse_reference_logprobs", "true"), True),
                                          (("--reuse_reference_logprobs", "false"), False)])
-def test_reference_reuse_is_auto_on_for_hf_and_off_for_unsloth(tmp_path, prepared, tiny_model_dir, extra, want):
+def test_reference_reuse_is_auto_on_for_hf_and_off_for_unsloth(tmp_path, prepared, tiny_model_dir, extra, want,
+                                                                 caplog):
     """auto: reuse with the hf backend; not under Unsloth (its left-packed pass disagreed with an independent pass
-    on a Qwen2 model on the GPU) unless asked for. The trainer is built as `sdgrpo train` builds it."""
+    on a Qwen2 model on the GPU) unless asked for, and then with a warning. The trainer is built as `sdgrpo train`
+    builds it."""
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import get_peft_config
@@ -251,9 +253,12 @@ def test_reference_reuse_is_auto_on_for_hf_and_off_for_unsloth(tmp_path, prepare
                                              "--per_device_train_batch_size", "4", "--num_generations", "4", *extra])
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    trainer = build_trainer(SelfDistillGRPOTrainer, train_cfg, model, tok, get_peft_config(model_cfg),
-                            load_from_disk(str(prepared))["train"].select(range(4)), SelfNLLReward(None, tok), [])
+    with caplog.at_level("WARNING", logger="sdgrpo.train"):
+        trainer = build_trainer(SelfDistillGRPOTrainer, train_cfg, model, tok, get_peft_config(model_cfg),
+                                load_from_disk(str(prepared))["train"].select(range(4)), SelfNLLReward(None, tok), [])
     assert trainer.reuse_reference_logprobs is want
+    warned = "under Unsloth: its reference pass disagreed" in caplog.text
+    assert warned is (want and "unsloth" in extra)
 
 
 def test_reference_reuse_option_refuses_other_words(tmp_path):
