@@ -262,3 +262,108 @@ def test_the_engine_decodes_with_grouped_attention(lora, tiny_tokenizer, monkeyp
         n = int(ended[0]) + 1 if len(ended) else completion.numel()
         ref = reference_logps(lora, ids[start:width].tolist(), completion[:n].tolist())
         assert torch.allclose(out.logprobs[row, :n].double(), ref, atol=1e-5)
+
+
+# --- models and adapters beyond the Llama family -----------------------------------------------------------------
+def _tiny(kind: str, tokenizer, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id)
+    if kind == "falcon":
+        config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **shape)
+        return transformers.FalconForCausalLM(config).eval()
+    if kind == "mamba":
+        config = transformers.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, **shape)
+        return transformers.MambaForCausalLM(config).eval()
+    config = transformers.Mamba2Config(hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16, n_groups=1,
+                                       state_size=8, chunk_size=16, **shape)
+    return transformers.Mamba2ForCausalLM(config).eval()
+
+
+def test_a_model_that_tests_its_attention_by_name_keeps_its_own_attention(tiny_tokenizer):
+    """Falcon checks ``_attn_implementation == "sdpa"`` literally: renamed for grouped attention it took its eager
+    path with SDPA's boolean mask and never masked the left padding. It now keeps its own attention."""
+    model = _tiny("falcon", tiny_tokenizer, seed=5)
+    assert model.config._attn_implementation == "sdpa"
+    enc = encode(tiny_tokenizer)
+    assert enc["attention_mask"].min() == 0  # left padding
+    want = model.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    engine = DecodeEngine(grouped_attention=True)
+    got = engine.generate(model, **enc, do_sample=False, **settings(tiny_tokenizer))
+    assert engine.calls == 1 and engine.fallbacks == 0
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_a_model_without_a_kv_cache_goes_to_generate(kind, tiny_tokenizer):
+    model = _tiny(kind, tiny_tokenizer, seed=6)
+    enc = encode(tiny_tokenizer)
+    engine = DecodeEngine()
+    for do_sample in (False, True):
+        torch.manual_seed(2)
+        want = model.generate(**enc, do_sample=do_sample, **settings(tiny_tokenizer))
+        torch.manual_seed(2)
+        got = engine.generate(model, **enc, do_sample=do_sample, **settings(tiny_tokenizer))
+        assert torch.equal(got, want)
+    assert engine.calls == 0 and engine.fallbacks == 2
+
+
+def test_models_pushed_through_one_engine_in_turn_each_decode_as_their_own(tiny_tokenizer):
+    """The fold's copies belong to one model, held by weak references: a later model whose modules reuse a freed
+    model's ids gets its own copies, and what the engine holds stays one model's worth."""
+    import gc
+
+    engine, enc = DecodeEngine(), encode(tiny_tokenizer)
+    held = []
+    for seed in range(12):
+        m = with_lora(make_llama(tiny_tokenizer, seed=100 + seed), 0.3, seed=seed)
+        want = m.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+        assert torch.equal(engine.generate(m, **enc, do_sample=False, **settings(tiny_tokenizer)), want), seed
+        held.append(engine.fold.held())
+        del m
+        gc.collect()
+    lora_layers = 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert held == [lora_layers] * 12
+
+
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_lora_with_a_bias_of_its_own_is_folded_with_it(attention_bias, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = make_llama(tiny_tokenizer, seed=31, attention_bias=attention_bias)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_bias=True))
+    torch.manual_seed(32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.eval()
+    enc = encode(tiny_tokenizer)
+    want = model.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    layers = [m for m in model.modules() if hasattr(m, "base_layer")]
+    before = [(m.base_layer.bias, None if m.base_layer.bias is None else m.base_layer.bias.clone()) for m in layers]
+    engine = DecodeEngine()
+    assert torch.equal(engine.generate(model, **enc, do_sample=False, **settings(tiny_tokenizer)), want)
+    assert engine.calls == 1
+    for m, (bias, value) in zip(layers, before):  # the layer's own bias object back in place, unwritten
+        assert m.base_layer.bias is bias and (bias is None or torch.equal(bias, value))
+
+
+def test_dropout_in_train_mode_goes_to_generate(tiny_tokenizer):
+    """generate in train mode samples under dropout; the engine decodes in eval mode, so it hands such calls over."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(make_llama(tiny_tokenizer, seed=41),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.5))
+    enc, engine = encode(tiny_tokenizer), DecodeEngine()
+    model.train()
+    torch.manual_seed(4)
+    want = model.generate(**enc, do_sample=True, **settings(tiny_tokenizer))
+    torch.manual_seed(4)
+    got = engine.generate(model, **enc, do_sample=True, **settings(tiny_tokenizer))
+    assert torch.equal(got, want) and engine.fallbacks == 1 and engine.calls == 0
+    model.eval()
+    engine.generate(model, **enc, do_sample=True, **settings(tiny_tokenizer))
+    assert engine.calls == 1

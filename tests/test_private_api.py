@@ -127,3 +127,28 @@ def test_sft_trainer_hands_its_logits_to_compute_loss_func():
     source = " ".join(inspect.getsource(SFTTrainer.compute_loss).split())
     assert ('self.compute_loss_func( model(**logits_inputs), inputs.get("labels"), '
             'num_items_in_batch=num_items_in_batch )') in source
+
+
+def test_the_class_declarations_the_engine_decides_support_from():
+    """engine.unsupported and engine._attention_through_registry read what transformers' model classes declare:
+    these names must still exist on PreTrainedModel, with Llama declaring them and Mamba not taking a Cache."""
+    import transformers
+    from transformers import PreTrainedModel
+
+    from transformers.generation.utils import GenerationMixin
+
+    for name in ("_can_compile_fullgraph", "_supports_attention_backend"):
+        assert hasattr(PreTrainedModel, name), name
+    assert hasattr(GenerationMixin, "_supports_default_dynamic_cache")
+    llama = transformers.LlamaForCausalLM
+    assert llama._can_compile_fullgraph and llama._supports_attention_backend
+    assert "past_key_values" in inspect.signature(llama.forward).parameters
+    assert "past_key_values" not in inspect.signature(transformers.MambaForCausalLM.forward).parameters
+
+
+def test_peft_lora_bias_is_a_per_adapter_flag_on_lora_b():
+    """engine.Folded folds ``lora_bias`` as PEFT's merge does: ``bias + scaling * lora_B.bias``."""
+    from peft.tuners.lora import Linear
+
+    merge = inspect.getsource(Linear.merge)
+    assert "self.lora_bias[active_adapter]" in merge and "self.lora_B[active_adapter].bias" in merge

@@ -33,12 +33,17 @@ for the call (PEFT's own ``disable_adapter`` context would also flip ``requires_
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
+import re
+import sys
+import weakref
 from dataclasses import astuple, dataclass
 
 import torch
 
-from sdgrpo.scoring import eval_mode
+from sdgrpo.scoring import active_dropout, eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +99,31 @@ def sampling_from(model, generation_config=None, **kwargs) -> Sampling | None:
                     temperature=float(config.temperature), top_k=int(config.top_k or 0),
                     top_p=float(config.top_p), min_p=float(config.min_p or 0.0),
                     min_new_tokens=int(config.min_new_tokens or 0), eos_token_ids=eos, pad_token_id=int(pad))
+
+
+def unsupported(model) -> str | None:
+    """Why the engine cannot decode ``model`` exactly (the call then goes to ``generate``), or None.
+
+    Decided from what the model class declares, not from its name: its forward takes a ``Cache`` as
+    ``past_key_values`` (Mamba and Mamba2 carry their state in ``cache_params`` instead), it declares static-cache
+    and compile support (``_can_compile_fullgraph``: its state fits a fixed-size cache; recurrent layers declare
+    themselves in ``config.layer_types`` and get the static cache's recurrent layers), and generate itself gives it
+    transformers' standard cache (``_supports_default_dynamic_cache``)."""
+    cls = type(_inner(model))
+    if "past_key_values" not in inspect.signature(cls.forward).parameters:
+        return f"{cls.__name__} takes no past_key_values cache"
+    if not getattr(cls, "_can_compile_fullgraph", False):
+        return f"{cls.__name__} does not declare static-cache support"
+    supports = getattr(cls, "_supports_default_dynamic_cache", None)
+    if callable(supports) and not supports():
+        return f"{cls.__name__} uses a cache of its own"
+    return None
+
+
+def dropout_in_rollouts(model) -> bool:
+    """True when ``model`` is in train mode with a dropout rate above 0 (a LoRA layer's included): ``generate``
+    would then sample under dropout, which the engine (decoding in eval mode) does not."""
+    return bool(model.training and active_dropout(model, lora=True))
 
 
 def process_logits(logits: torch.Tensor, s: Sampling, step: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
@@ -154,6 +184,7 @@ def _foldable_lora_layers(model) -> list | None:
             return None
         if layer.lora_variant or layer.fan_in_fan_out or layer.merged:
             return None
+
         if layer.base_layer.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return None
     return layers
@@ -196,32 +227,55 @@ class _Part(torch.nn.Module):
         return self.projection(x)
 
 
+def _lora_bias(layer) -> list[str]:
+    """The active adapters of ``layer`` that train a bias of their own (PEFT's ``lora_bias``: ``lora_B`` has one)."""
+    return [n for n in layer.active_adapters if getattr(layer, "lora_bias", {}).get(n) and n in layer.lora_B]
+
+
 class Folded:
     """Generation copies of the LoRA-wrapped weights (allocated once per model, refreshed per call).
 
-    With ``fuse``, the copies of sibling projections (:data:`SIBLINGS`: q, k, v; gate, up) are rows of one stacked
-    weight, and for the call the group is served by one matmul (:class:`_Fused`, :class:`_Part`). Same memory."""
+    Each copy is ``W + scale * B @ A`` (summed over the active adapters), and where an adapter trains a bias
+    (``lora_bias``) the layer's bias is swapped too, for ``b + scale * b_B`` (PEFT's merge). With ``fuse``, the copies
+    of sibling projections (:data:`SIBLINGS`: q, k, v; gate, up) are rows of one stacked weight, and for the call the
+    group is served by one matmul (:class:`_Fused`, :class:`_Part`). Same memory.
+
+    The copies belong to one model at a time, held by weak references to that model and its modules (never by
+    ``id()``, which a later object can reuse once the first is freed): a call on another model drops them first,
+    so what the fold holds is bounded by one model's LoRA-wrapped weights and cannot be served to the wrong one."""
 
     def __init__(self, fuse: bool = True):
         self.fuse = fuse
-        self.copies: dict[int, torch.nn.Parameter] = {}
-        self.groups: dict[tuple, tuple] = {}  # (parent id, names) -> (_Fused, [_Part], stacked weight, bias)
+        self._owner = None  # weakref to the model the copies belong to
+        self.copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA layer -> copy of its weight
+        self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent -> {names: stand-ins}
+
+    def _own(self, model) -> None:
+        if self._owner is None or self._owner() is not model:
+            self.copies.clear()
+            self.groups.clear()
+            self._owner = weakref.ref(model)
+
+    def held(self) -> int:
+        """Weights held: one per folded layer (a stacked group's rows count once each)."""
+        return len(self.copies)
 
     def _stack(self, model, layers: list) -> list[tuple]:
-        """For every sibling group of foldable LoRA layers with one input width, dtype and bias kind: its parent,
-        names and stand-ins, with the layers' copies made rows of one stacked weight. Made once per model."""
+        """For every sibling group of foldable LoRA layers with one input width, dtype and bias kind (and no bias
+        of an adapter's own): its parent, names and stand-ins, with the layers' copies made rows of one stacked
+        weight. Made once per model."""
         wrapped = {id(layer) for layer in layers}
         found = []
         for parent in model.modules():
             for names in SIBLINGS:
                 members = [getattr(parent, n, None) for n in names]
-                if not all(m is not None and id(m) in wrapped for m in members):
+                if not all(m is not None and id(m) in wrapped and not _lora_bias(m) for m in members):
                     continue
                 bases = [m.base_layer for m in members]
                 if (len({(b.in_features, b.weight.dtype, b.weight.device, b.bias is None) for b in bases}) != 1):
                     continue
-                key = (id(parent), names)
-                if key not in self.groups or self.groups[key][2].device != bases[0].weight.device:
+                known = self.groups.setdefault(parent, {})
+                if names not in known or known[names][2].device != bases[0].weight.device:
                     sizes = [b.out_features for b in bases]
                     stacked = torch.nn.Parameter(torch.empty(sum(sizes), bases[0].in_features,
                                                              dtype=bases[0].weight.dtype,
@@ -231,15 +285,29 @@ class Folded:
                                                            device=bases[0].bias.device), requires_grad=False))
                     rows = stacked.data.split(sizes)
                     for member, view in zip(members, rows):
-                        self.copies[id(member)] = torch.nn.Parameter(view, requires_grad=False)
+                        self.copies[member] = torch.nn.Parameter(view, requires_grad=False)
                     parts = [_Part(m) for m in members[1:]]
-                    self.groups[key] = (_Fused(stacked, bias, sizes, parts), parts, stacked, bias)
-                fused, parts, _, bias = self.groups[key]
+                    known[names] = (_Fused(stacked, bias, sizes, parts), parts, stacked, bias)
+                fused, parts, _, bias = known[names]
                 if bias is not None:
                     with torch.no_grad():
                         torch.cat([b.bias for b in bases], out=bias.data)
                 found.append((parent, names, fused, parts))
         return found
+
+    @staticmethod
+    def _folded_bias(layer):
+        """The layer's bias with its adapters' own biases added (PEFT's merge of ``lora_bias``), or None to keep
+        the bias as it is."""
+        names = [] if layer._disable_adapters else _lora_bias(layer)
+        if not names:
+            return None
+        base = layer.base_layer
+        bias = base.bias.float() if base.bias is not None else 0.0
+        for name in names:
+            bias = bias + layer.lora_B[name].bias.float() * layer.scaling[name]
+        dtype = base.bias.dtype if base.bias is not None else base.weight.dtype
+        return torch.nn.Parameter(bias.to(dtype), requires_grad=False)
 
     @contextlib.contextmanager
     def __call__(self, model):
@@ -249,16 +317,17 @@ class Folded:
                 logger.debug("LoRA not foldable here (quantised base or an adapter variant): decoding unmerged")
             yield
             return
+        self._own(model)
         swapped, replaced = [], []
         try:
             groups = self._stack(model, layers) if self.fuse else []
             with torch.no_grad():
                 for layer in layers:
                     base = layer.base_layer
-                    copy = self.copies.get(id(layer))
+                    copy = self.copies.get(layer)
                     if copy is None or copy.shape != base.weight.shape or copy.device != base.weight.device:
                         copy = torch.nn.Parameter(torch.empty_like(base.weight), requires_grad=False)
-                        self.copies[id(layer)] = copy
+                        self.copies[layer] = copy
                     disabled = layer._disable_adapters
                     delta = None
                     for name in [] if disabled else layer.active_adapters:
@@ -267,8 +336,11 @@ class Folded:
                             term = term * layer.scaling[name]
                             delta = term if delta is None else delta + term
                     copy.copy_(base.weight if delta is None else (base.weight.float() + delta).to(base.weight.dtype))
-                    swapped.append((layer, base.weight, disabled))
+                    bias = self._folded_bias(layer)
+                    swapped.append((layer, base.weight, base.bias, disabled))
                     base.weight = copy
+                    if bias is not None:
+                        base.bias = bias
                     layer._disable_adapters = True
             for parent, names, fused, parts in groups:
                 replaced.append((parent, names, [getattr(parent, n) for n in names]))
@@ -279,8 +351,9 @@ class Folded:
             for parent, names, originals in replaced:
                 for name, module in zip(names, originals):
                     setattr(parent, name, module)
-            for layer, weight, disabled in swapped:
+            for layer, weight, bias, disabled in swapped:
                 layer.base_layer.weight = weight
+                layer.base_layer.bias = bias
                 layer._disable_adapters = disabled
 
 
@@ -309,11 +382,33 @@ def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
+# A test of the attention implementation by its name in a model's code: renamed, such a model takes another path.
+_NAMED_IMPLEMENTATION = re.compile(r"_attn_implementation\s*(?:[!=]=|(?:not\s+)?in\b)|"
+                                   r"[\"']sdpa[\"']\s*(?:not\s+)?in\s+[\w.]*_attn_implementation")
+
+
+@functools.cache
+def _attention_through_registry(cls: type) -> bool:
+    """True when ``cls`` (a transformers model class) declares that its attention goes through transformers'
+    attention-function registry (``_supports_attention_backend``) and its module's code never tests the
+    implementation's name (Falcon, GLM-5 and a few others branch on ``== "sdpa"`` and would take their eager path,
+    with SDPA's boolean mask, under another name)."""
+    if not getattr(cls, "_supports_attention_backend", False):
+        return False
+    try:
+        source = inspect.getsource(sys.modules[cls.__module__])
+    except (OSError, TypeError, KeyError):
+        return False
+    return not _NAMED_IMPLEMENTATION.search(source)
+
+
 @contextlib.contextmanager
 def grouped_attention(model, on: bool = True):
-    """For the duration, a model that uses transformers' SDPA attention uses :func:`grouped_sdpa` (and SDPA's masks)."""
+    """For the duration, a model that uses transformers' SDPA attention through its attention registry uses
+    :func:`grouped_sdpa` (and SDPA's masks); any other model keeps its own attention."""
     config = model.config
-    if not on or getattr(config, "_attn_implementation", None) != "sdpa":
+    if (not on or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not _attention_through_registry(type(model))):
         yield
         return
     from transformers import AttentionInterface, AttentionMaskInterface
@@ -380,7 +475,9 @@ class DecodeEngine:
         self.fallbacks = 0
         self.setups = 0  # static caches made (a new batch size, length bucket, model or dtype)
         self.captures = 0  # CUDA graphs captured
+        self._told: set[str] = set()  # fallback reasons already logged
         self._key = None
+        self._model = None  # weakref to the model the cache and step were made for
         self._length = 0
         self._cache = None
         self._step = None
@@ -413,9 +510,11 @@ class DecodeEngine:
         cache positions), so prompts of varying lengths do not recompile the step, which a new length would."""
         from transformers import StaticCache
 
-        key = (id(model), batch, str(device), next(model.parameters()).dtype)
-        if key != self._key or length > self._length:
-            self._key, self._length = key, length
+        key = (batch, str(device), next(model.parameters()).dtype)
+        same_model = self._model is not None and self._model() is model
+        if not same_model or key != self._key or length > self._length:
+            self._key, self._length, self._model = key, length, weakref.ref(model)
+            self._graph = None
             self.setups += 1
             self._cache = StaticCache(config=model.config, max_cache_len=length)
             step = self._decode_step
@@ -522,8 +621,13 @@ class DecodeEngine:
         """``model.generate``'s contract (prompt + completion ids, pad after EOS) through the engine, or through
         ``generate`` itself for what the engine does not do."""
         s = sampling_from(model, generation_config, **kwargs)
-        if s is None or input_ids is None:
+        reason = ("settings the engine does not implement" if s is None or input_ids is None else unsupported(model)
+                  or ("dropout in train mode" if dropout_in_rollouts(model) else None))
+        if reason is not None:
             self.fallbacks += 1
+            if reason not in self._told:
+                self._told.add(reason)
+                logger.info("decoding engine: %s; this call goes to transformers' generate", reason)
             return type(model).generate(model, input_ids=input_ids, attention_mask=attention_mask,
                                         generation_config=generation_config, **kwargs)
         return self.decode(model, input_ids, attention_mask, s).sequences

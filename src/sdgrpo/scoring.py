@@ -21,6 +21,23 @@ def adapters_disabled(model):
     return contextlib.nullcontext()
 
 
+DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_p", "hidden_dropout")
+
+
+def active_dropout(model, lora: bool = False) -> list[str]:
+    """Names of the modules of ``model`` that drop out in train mode: ``nn.Dropout`` with p > 0 (the LoRA layers'
+    own only with ``lora``), and attention modules that pass a float rate to the attention function (Llama's
+    ``attention_dropout``)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            if lora or "lora_dropout" not in name:
+                found.append(name)
+        elif any(isinstance(getattr(module, a, None), float) and getattr(module, a) > 0 for a in DROPOUT_ATTRIBUTES):
+            found.append(name)
+    return found
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """Eval mode (no dropout) for the duration, restoring the previous mode."""

@@ -33,7 +33,7 @@ from sdgrpo.checkpointing import CheckpointMixin
 from sdgrpo.engine import DecodeEngine, serving
 from sdgrpo.fsdp import gathered_weights
 from sdgrpo.metrics import collapse_metrics
-from sdgrpo.scoring import truncate_prompt
+from sdgrpo.scoring import DROPOUT_ATTRIBUTES, active_dropout, truncate_prompt  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +42,6 @@ def _lora_layers(model) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
-DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_p", "hidden_dropout")
-
-
-def active_dropout(model) -> list[str]:
-    """Names of the modules of ``model`` that drop out in train mode: ``nn.Dropout`` with p > 0, and attention
-    modules that pass a float rate to the attention function (Llama's ``attention_dropout``)."""
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and module.p > 0:
-            if "lora_dropout" not in name:  # the reference pass runs with the adapters, and so their dropout, off
-                found.append(name)
-        elif any(isinstance(getattr(module, a, None), float) and getattr(module, a) > 0 for a in DROPOUT_ATTRIBUTES):
-            found.append(name)
-    return found
 
 
 def disable_dropout(model) -> None:
