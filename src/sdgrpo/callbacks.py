@@ -24,6 +24,7 @@ from sdgrpo.scoring import completion_logprobs
 logger = logging.getLogger(__name__)
 
 BEST_DIR = "best_heldout"
+STATE_FILE = "heldout_state.json"  # in each checkpoint folder
 
 
 def continuation_bits_per_byte(model, tokenizer, prompt_ids: list[list[int]], cont_ids: list[list[int]],
@@ -77,6 +78,37 @@ class HeldoutEval(TrainerCallback):
     def write(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"history": self.history, "best": self.best, "prompts": len(self.prompt_ids),
                                           "continuation_bytes": self.nbytes}, indent=2))
+
+    def save_state(self, folder: str | Path) -> None:
+        """Into a checkpoint folder: the history so far, the best step, and (``keep_best``) a copy of the best
+        adapter as it was at this checkpoint, so that a resumed run continues the same record and ends with the
+        same adapter (a best found after the last checkpoint belongs to steps that the resumed run makes again)."""
+        folder = Path(folder)
+        (folder / STATE_FILE).write_text(json.dumps({"history": self.history, "best": self.best}, indent=2))
+        best = self.output_dir / BEST_DIR
+        if self.keep_best and (best / "adapter_model.safetensors").is_file():
+            (folder / BEST_DIR).mkdir(exist_ok=True)
+            copy_adapter(best, folder / BEST_DIR)
+
+    def load_state(self, folder: str | Path) -> bool:
+        """Restore what :meth:`save_state` wrote (the best adapter back into ``output_dir``); False when the
+        checkpoint holds none."""
+        folder = Path(folder)
+        path = folder / STATE_FILE
+        if not path.is_file():
+            return False
+        data = json.loads(path.read_text())
+        self.history = data["history"]
+        self.best = tuple(data["best"]) if data["best"] is not None else None
+        best = self.output_dir / BEST_DIR
+        if (folder / BEST_DIR / "adapter_model.safetensors").is_file():
+            best.mkdir(parents=True, exist_ok=True)
+            copy_adapter(folder / BEST_DIR, best)
+        elif best.is_dir():
+            import shutil
+
+            shutil.rmtree(best)  # written after the checkpoint, by steps the resumed run makes again
+        return True
 
 
 class StopRequest(TrainerCallback):

@@ -226,6 +226,8 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
     if checkpoint is not None and not guard.load_state(checkpoint):
         logger.warning("%s holds no collapse-guard state; the guard takes a new baseline", checkpoint)
     heldout, stop = heldout_callback(train_cfg, tokenizer, out), StopRequest()
+    if checkpoint is not None and heldout is not None and not heldout.load_state(checkpoint):
+        logger.warning("%s holds no held-out history; the held-out record starts again at this step", checkpoint)
     start_output(out, resolved, checkpoint)
     trainer = build_trainer(trainer_cls, train_cfg, model, tokenizer, peft_config, dataset, reward,
                             [MetricsFileCallback(out / "metrics.jsonl"), *([heldout] if heldout else []), guard, stop,

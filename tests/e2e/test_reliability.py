@@ -82,6 +82,34 @@ def test_kill_9_then_resume_reaches_the_same_step_count(tmp_path, prepared, tiny
     assert "was trained with other settings (learning_rate" in changed.stderr.splitlines()[-1]
 
 
+def test_kill_9_then_resume_keeps_the_best_heldout_adapter_of_the_uninterrupted_run(tmp_path, prepared,
+                                                                                     tiny_model_dir):
+    """The held-out record and the best adapter travel with each checkpoint: a run killed after a checkpoint and
+    resumed has the uninterrupted run's history (step 0 included), best step and final adapter."""
+    from safetensors.torch import load_file
+
+    extra = ("--max_steps", 6, "--save_steps", 2, "--heldout_eval_steps", 2, "--keep_best_heldout", "true",
+             "--heldout_eval_prompts", 8, "--learning_rate", 0.02)
+    whole = subprocess.run([sys.executable, "-m", "sdgrpo.cli", *map(str, train_args(
+        tiny_model_dir, prepared, tmp_path / "whole", *extra))], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, prepared, out, *extra)
+    proc = cli(*args)
+    wait_for(lambda: (out / "checkpoint-4" / COMPLETE_MARKER).exists(), proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    resumed = subprocess.run([sys.executable, "-m", "sdgrpo.cli", *map(str, args), "--resume"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = (json.loads((d / "heldout.json").read_text()) for d in (tmp_path / "whole", out))
+    assert [h["step"] for h in got["history"]] == [0, 2, 4, 6]
+    assert [h["heldout_bpb"] for h in got["history"]] == pytest.approx([h["heldout_bpb"] for h in want["history"]])
+    assert got["best"] == pytest.approx(want["best"])
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "whole", out))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_adapter(tmp_path, prepared, tiny_model_dir, monkeypatch):
 
     from sdgrpo.config import parse_train_args
