@@ -137,6 +137,34 @@ def test_sft_with_a_teacher_distils_and_logs_both_terms(tmp_path, prepared, tiny
     assert "kd_weight: 0.4" in (tmp_path / "other" / "resolved_config.yaml").read_text()
 
 
+def kd_rows(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def test_kd_terms_are_per_token_means_under_gradient_accumulation(tmp_path, prepared, tiny_model_dir,
+                                                                    tiny_tokenizer):
+    """One batch of 4 examples as 1 x 4 or 4 micro-batches of 1: the first step (before any update) logs the same
+    cross-entropy and KL, and every step's loss is the weighted sum of its logged terms."""
+    from conftest import make_llama
+
+    teacher = tmp_path / "teacher"
+    make_llama(tiny_tokenizer, seed=5).save_pretrained(teacher)
+    tiny_tokenizer.save_pretrained(teacher)
+    rows = {}
+    for batch, accumulation in ((4, 1), (1, 4)):
+        out = tmp_path / f"ga{accumulation}"
+        r = run_cli("sft", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--max_steps", 3,
+                    "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation,
+                    "--learning_rate", "3e-3", "--report_to", "none", "--save_strategy", "no", "--output_dir", out,
+                    "--teacher_model_name_or_path", teacher, "--kd_weight", 0.4)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows[accumulation] = kd_rows(out)
+        for x in rows[accumulation]:
+            assert x["loss"] == pytest.approx(0.6 * x["kd/cross_entropy"] + 0.4 * x["kd/kl"], rel=1e-3, abs=1e-6)
+    for name in ("kd/cross_entropy", "kd/kl", "loss"):
+        assert rows[4][0][name] == pytest.approx(rows[1][0][name], rel=1e-4), name
+
+
 def test_a_teacher_with_another_tokenizer_is_one_line(tmp_path, prepared, tiny_model_dir):
     from sdgrpo.config import TINY_MODEL
 

@@ -76,9 +76,21 @@ def _distilling_trainer(teacher, weight: float):
                 teacher_logits = teacher(**{k: inputs[k] for k in keys if k in inputs}, use_cache=False).logits
             loss, ce, kl = kd_loss(outputs.logits, teacher_logits, labels, weight, num_items_in_batch)
             mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["kd/cross_entropy"].append(self.accelerator.gather_for_metrics(ce).mean().item())
-            self._metrics[mode]["kd/kl"].append(self.accelerator.gather_for_metrics(kl).mean().item())
+            for name, term in (("kd/cross_entropy", ce), ("kd/kl", kl)):
+                self._metrics[mode][name].append(self._step_share(term, num_items_in_batch))
             return loss
+
+        def _step_share(self, term: torch.Tensor, num_items_in_batch) -> float:
+            """What to log for one micro-batch's term so that TRL's mean over the step's entries is the term's
+            per-token mean over the whole step, as the logged loss is. With the Trainer's token count
+            (``num_items_in_batch``: every micro-batch of the step, and every process's under
+            ``average_tokens_across_devices``) each process's term is a share of that whole: the shares are summed
+            over processes, and scaled by the micro-batches per step, over which TRL takes the mean."""
+            gathered = self.accelerator.gather_for_metrics(term.reshape(1))
+            if num_items_in_batch is None:
+                return gathered.mean().item()
+            across = gathered.sum() if self.args.average_tokens_across_devices else gathered.mean()
+            return (across * getattr(self, "current_gradient_accumulation_steps", 1)).item()
 
     return DistillingSFTTrainer
 

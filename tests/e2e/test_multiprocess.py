@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +18,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = Path(__file__).resolve().parents[1] / "probes" / "train_probe.py"
-needs_launcher = pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not on PATH")
+# accelerate's launcher through this interpreter (not whatever `accelerate` is on PATH, or none: a virtual
+# environment used without activating it), so that these tests run wherever the suite does.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(),
                               reason="the CPU multi-process path; GPUs take another")
 
 
 def _launcher(launch_args, tiny_model_dir, data, out, debug):
     def launch(*extra):
-        return subprocess.run(["accelerate", "launch", *launch_args, "--num_processes", "2", "--num_machines", "1",
+        return subprocess.run([*LAUNCH, *launch_args, "--num_processes", "2", "--num_machines", "1",
                                "--mixed_precision", "no", str(PROBE), str(debug),
                                "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(data),
                                "--output_dir", str(out), "--per_device_train_batch_size", "4",
@@ -61,7 +63,6 @@ def _check_two_steps_and_resume(launch, out, debug):
     return ranks
 
 
-@needs_launcher
 @cpu_only
 def test_two_processes_train_and_agree(tmp_path, tiny_model_dir, prepared):
     data, out, debug = prepared, tmp_path / "run", tmp_path / "debug"
@@ -70,7 +71,6 @@ def test_two_processes_train_and_agree(tmp_path, tiny_model_dir, prepared):
     _check_two_steps_and_resume(launch, out, debug)
 
 
-@needs_launcher
 @cpu_only
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the deepspeed extra is not installed")
 @pytest.mark.parametrize("stage", [2, 3])
@@ -93,3 +93,28 @@ def test_deepspeed_zero_on_two_processes(stage, tmp_path, tiny_model_dir, prepar
     layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
     assert len(adapter) == layers * 7 * 2  # every linear projection of every layer, A and B
     assert all(16 in t.shape and t.numel() > 16 and torch.isfinite(t).all() for t in adapter.values())
+
+
+@cpu_only
+def test_two_processes_log_the_distillation_terms_as_per_token_means(tmp_path, tiny_model_dir, prepared,
+                                                                      tiny_tokenizer):
+    """`sdgrpo sft` with a teacher on two processes with 2 micro-batches each: every step's logged loss is the
+    weighted sum of its logged cross-entropy and KL (each process's terms are shares of the step's token count)."""
+    from conftest import make_llama
+
+    teacher = tmp_path / "teacher"
+    make_llama(tiny_tokenizer, seed=5).save_pretrained(teacher)
+    tiny_tokenizer.save_pretrained(teacher)
+    out = tmp_path / "sft"
+    r = subprocess.run([*LAUNCH, "--multi_gpu", "--dynamo_backend", "no", "--num_processes", "2", "--num_machines",
+                        "1", "--mixed_precision", "no", "-m", "sdgrpo.cli", "sft",
+                        "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(prepared),
+                        "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "2",
+                        "--gradient_accumulation_steps", "2", "--learning_rate", "3e-3", "--report_to", "none",
+                        "--save_strategy", "no", "--teacher_model_name_or_path", str(teacher), "--kd_weight", "0.4"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [x["step"] for x in rows] == [1, 2, 3]
+    for x in rows:
+        assert x["loss"] == pytest.approx(0.6 * x["kd/cross_entropy"] + 0.4 * x["kd/kl"], rel=1e-3, abs=1e-6)
