@@ -225,3 +225,36 @@ def test_every_weight_is_for_sft_only(tmp_path, prepared, tiny_model_dir):
                 tmp_path / "s", "--max_steps", 1, "--use_peft", "false", "--heldout_eval_steps", 1,
                 "--keep_best_heldout", "true")
     assert r.returncode == 2 and "with --use_peft false there is none" in r.stderr.strip().splitlines()[-1]
+
+
+def test_kd_loss_in_chunks_holds_no_batch_sized_fp32_tensor_for_backward(tiny_tokenizer):
+    """Chunked (one row per chunk here) and checkpointed: the same loss and gradient as the whole batch at once,
+    and no tensor of the batch's [tokens, vocab] is saved for the backward pass (the plain form saved several)."""
+    from conftest import make_llama
+    from sdgrpo.sft import kd_loss
+
+    student, teacher = make_llama(tiny_tokenizer, seed=1), make_llama(tiny_tokenizer, seed=2)
+    enc = tiny_tokenizer(["In the beginning God created the heaven", "And the earth", "Then the"],
+                         return_tensors="pt", padding=True, padding_side="right")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        s_logits, t_logits = student(**enc).logits, teacher(**enc).logits
+    vocab, tokens = s_logits.size(-1), labels.size(1) - 1
+    grads, saved = [], []
+
+    def pack(t):
+        saved.append(t.numel() if t.dtype == torch.float32 else 0)
+        return t
+
+    for budget in (1 << 40, tokens * vocab * 4):  # everything in one chunk; one row per chunk
+        leaf = s_logits.clone().requires_grad_(True)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, ce, kl = kd_loss(leaf, t_logits, labels, 0.3, logits_bytes=budget)
+        loss.backward()
+        grads.append((loss.item(), ce.item(), kl.item(), leaf.grad))
+        largest = max(saved, default=0)
+    assert grads[0][:3] == pytest.approx(grads[1][:3], rel=1e-6)
+    assert torch.allclose(grads[0][3], grads[1][3], atol=1e-8)
+    counted = int((labels[:, 1:] != -100).sum())
+    assert largest < counted * vocab  # no [counted tokens, vocab] fp32 tensor held for backward

@@ -38,20 +38,46 @@ def sft_dataset(path: str, limit: int | None):
     return ds.map(lambda ex: {"text": ex["prompt"] + ex["continuation"]}, remove_columns=ds.column_names)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, weight: float,
-            num_items_in_batch=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, cross-entropy, KL): position t's logits predict ``labels[t + 1]`` (labels -100 are not counted); sums
-    over the counted tokens divided by ``num_items_in_batch`` (what the Trainer counted) or by their number. Logits
-    wider than the tokenizer's padded vocabulary are cut to the narrower of the two before the softmax."""
-    width = min(student_logits.size(-1), teacher_logits.size(-1))
-    target = labels[:, 1:]
+def _kd_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor):
+    """Summed cross-entropy of ``target`` and KL(teacher || student) over the positions whose target is counted,
+    for one chunk of rows (logits ``[rows, T, V]``, already cut to one width and aligned with ``target``)."""
     counted = target != -100
-    s_logp = torch.log_softmax(student_logits[:, :-1, :width].float(), dim=-1)[counted]
-    t_logp = torch.log_softmax(teacher_logits[:, :-1, :width].float(), dim=-1)[counted]
+    s_logp = torch.log_softmax(student_logits.float(), dim=-1)[counted]
+    t_logp = torch.log_softmax(teacher_logits.float(), dim=-1)[counted]
     ce = -s_logp.gather(-1, target[counted][:, None])[:, 0]
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    n = torch.as_tensor(counted.sum() if num_items_in_batch is None else num_items_in_batch).clamp(min=1)
-    ce, kl = ce.sum() / n, kl.sum() / n
+    return ce.sum(), kl.sum()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, weight: float,
+            num_items_in_batch=None, logits_bytes: int = 256 * 2**20) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """(loss, cross-entropy, KL): position t's logits predict ``labels[t + 1]`` (labels -100 are not counted); sums
+    over the counted tokens divided by ``num_items_in_batch`` (what the Trainer counted) or by their number. Logits
+    wider than the tokenizer's padded vocabulary are cut to the narrower of the two before the softmax.
+
+    Computed in chunks of rows with at most ``logits_bytes`` of fp32 logits per chunk, each chunk checkpointed
+    (``torch.utils.checkpoint``: its fp32 log-softmaxes are recomputed in the backward pass instead of held), so
+    no fp32 tensor of the whole batch's ``[rows, tokens, vocab]`` exists: at Qwen's 152k vocabulary one of
+    16 x 512 tokens would be ~5 GB, and the plain form held several."""
+    from torch.utils.checkpoint import checkpoint
+
+    width = min(student_logits.size(-1), teacher_logits.size(-1))
+    target = labels[:, 1:]
+    rows, tokens = target.shape
+    chunk = max(1, logits_bytes // max(1, tokens * width * 4))
+    ce = kl = student_logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        args = (student_logits[part, :-1, :width], teacher_logits[part, :-1, :width], target[part])
+        if torch.is_grad_enabled() and student_logits.requires_grad:
+            c, k = checkpoint(_kd_sums, *args, use_reentrant=False)
+        else:
+            c, k = _kd_sums(*args)
+        ce, kl = ce + c, kl + k
+    counted = (target != -100).sum()
+    n = torch.as_tensor(counted if num_items_in_batch is None else num_items_in_batch).clamp(min=1).to(ce.device)
+    ce, kl = ce / n, kl / n
     return (1 - weight) * ce + weight * kl, ce.detach(), kl.detach()
 
 
