@@ -162,3 +162,17 @@ def test_a_huge_document_is_tokenized_in_bounded_blocks(tmp_path, tiny_tokenizer
     assert counts["documents"] == 1 and len(examples) > 100
     for ex in examples:  # windows never cross a block boundary
         assert any(ex["prompt"] + ex["continuation"] in p for p in pieces)
+
+
+def test_a_half_written_prepare_json_means_prepare_again(tmp_path, tiny_model_dir, corpus):
+    """A prepare.json cut short (a crash, or a reader racing a writer) is not a prepared folder: the data is made
+    again, with a whole marker, instead of a JSON traceback."""
+    from sdgrpo.data import prepared_or_raw
+
+    (tmp_path / "run" / "data").mkdir(parents=True)
+    (tmp_path / "run" / "data" / "prepare.json").write_text('{"fingerprint": "ab')
+    got = prepared_or_raw(str(corpus / "ruth.txt"), str(tmp_path / "run"), str(tiny_model_dir))
+    assert got == str(tmp_path / "run" / "data")
+    summary = json.loads((tmp_path / "run" / "data" / "prepare.json").read_text())
+    assert summary["prompts"] > 0 and summary["fingerprint"]
+    assert not list((tmp_path / "run" / "data").glob("*.tmp"))

@@ -134,7 +134,6 @@ def test_the_class_declarations_the_engine_decides_support_from():
     these names must still exist on PreTrainedModel, with Llama declaring them and Mamba not taking a Cache."""
     import transformers
     from transformers import PreTrainedModel
-
     from transformers.generation.utils import GenerationMixin
 
     for name in ("_can_compile_fullgraph", "_supports_attention_backend"):

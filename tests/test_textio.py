@@ -23,3 +23,21 @@ def test_what_is_not_utf8_is_named_with_the_file_and_the_fix(raw, message):
     with pytest.raises(TextDecodeError) as err:
         decode_text(raw, "book.txt")
     assert str(err.value).startswith(message)
+
+
+def test_an_interrupted_atomic_write_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    import os
+
+    from sdgrpo.textio import write_atomic
+
+    path = tmp_path / "marker.json"
+    write_atomic(path, '{"step": 1}')
+    assert path.read_text() == '{"step": 1}'
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        write_atomic(path, '{"step": 2, "and much more": true}')
+    assert path.read_text() == '{"step": 1}' and [p.name for p in tmp_path.iterdir()] == ["marker.json"]

@@ -15,7 +15,6 @@ calls ``_get_output_dir(trial=...)``. DeepSpeed and FSDP keep their own (pickled
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from sdgrpo.errors import UserError
+from sdgrpo.textio import write_atomic
 
 
 def _jsonable(value):
@@ -117,19 +117,9 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def write_marker(folder: Path, content: dict) -> None:
-    """Write the completion marker durably: the temporary file is flushed to disk before the atomic rename, and
-    the folder after it, so a crash leaves either no marker or a whole one over complete files."""
-    tmp = folder / (COMPLETE_MARKER + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(content))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / COMPLETE_MARKER)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write the completion marker durably (:func:`sdgrpo.textio.write_atomic`), so a crash leaves either no marker
+    or a whole one over complete files."""
+    write_atomic(Path(folder) / COMPLETE_MARKER, json.dumps(content))
 
 
 # Options that may differ between a run and its --resume: they do not change what is being trained.

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sdgrpo.errors import UserError
 from sdgrpo.sources import Document, ReadReport, iter_documents
+from sdgrpo.textio import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def prepare(cfg: PrepareConfig, tokenizer, extra: dict | None = None) -> dict:
         "config": asdict(cfg),
         **(extra or {}),
     }
-    (out / "prepare.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "prepare.json", json.dumps(summary, indent=2))  # the marker that the folder is complete
     return summary
 
 
@@ -241,12 +242,13 @@ def load_prompts(path: str | None, split: str = "train", limit: int | None = Non
     return ds
 
 
-def prepared_or_raw(path: str | None, output_dir: str, model: str) -> str | None:
+def prepared_or_raw(path: str | None, output_dir: str, model: str, args=None) -> str | None:
     """``path`` itself when it is a dataset saved by ``prepare``; raw text files or folders are prepared with the
     default options into ``output_dir/data`` (reused while the inputs and tokenizer are unchanged, rebuilt
-    otherwise) and that folder is returned. With several processes, rank 0 prepares and the others wait for it."""
-    import os
-    import time
+    otherwise) and that folder is returned. With several processes (``args``: the run's ``TrainingArguments``) the
+    main one prepares while the others wait at the Trainer's barrier (``args.main_process_first``), then find its
+    ``prepare.json`` (written atomically, last)."""
+    import contextlib
 
     from sdgrpo.sources import is_saved_dataset
 
@@ -257,28 +259,29 @@ def prepared_or_raw(path: str | None, output_dir: str, model: str) -> str | None
     summary = target / "prepare.json"
 
     def ready() -> bool:
-        return summary.is_file() and json.loads(summary.read_text()).get("fingerprint") == fingerprint
+        try:
+            return json.loads(summary.read_text()).get("fingerprint") == fingerprint
+        except (OSError, ValueError):
+            return False
 
-    if ready():
-        logger.info("raw text %s: using the prepared data in %s (inputs unchanged)", path, target)
+    main = args is None or args.process_index == 0
+    with args.main_process_first(local=False, desc="preparing the text") if args else contextlib.nullcontext():
+        if ready():
+            if main:
+                logger.info("raw text %s: using the prepared data in %s (inputs unchanged)", path, target)
+            return str(target)
+        if not main:
+            raise UserError(f"{target}: the main process did not prepare {path}; run `sdgrpo prepare` first")
+        import shutil
+
+        from sdgrpo.modeling import load_tokenizer
+
+        shutil.rmtree(target, ignore_errors=True)
+        cfg = PrepareConfig(inputs=[path], output=str(target), model=model)
+        result = prepare(cfg, load_tokenizer(model), extra={"fingerprint": fingerprint})
+        logger.warning("raw text %s: prepared with the default options into %s (%d prompts: %d train, %d test)",
+                       path, target, result["prompts"], result["train"], result["test"])
         return str(target)
-    if int(os.environ.get("RANK", "0")) != 0:
-        deadline = time.time() + 1800
-        while not ready():
-            if time.time() > deadline:
-                raise UserError(f"{target}: rank 0 did not finish preparing {path} in 30 minutes")
-            time.sleep(2)
-        return str(target)
-    import shutil
-
-    from sdgrpo.modeling import load_tokenizer
-
-    shutil.rmtree(target, ignore_errors=True)
-    cfg = PrepareConfig(inputs=[path], output=str(target), model=model)
-    result = prepare(cfg, load_tokenizer(model), extra={"fingerprint": fingerprint})
-    logger.warning("raw text %s: prepared with the default options into %s (%d prompts: %d train, %d test)", path,
-                   target, result["prompts"], result["train"], result["test"])
-    return str(target)
 
 
 def _fingerprint(path: str, model: str) -> str:

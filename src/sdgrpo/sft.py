@@ -148,7 +148,8 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     choose_attention_kernels(model_cfg.cudnn_attention)
     if not cfg.dataset_path:
         raise UserError("no text: pass --dataset_path DIR (raw text, or a folder written by `sdgrpo prepare`)")
-    cfg.dataset_path = prepared_or_raw(cfg.dataset_path, cfg.output_dir, model_cfg.model_name_or_path)
+    cfg.dataset_path = prepared_or_raw(cfg.dataset_path, cfg.output_dir,
+                                       model_cfg.model_name_or_path, cfg)
     out = Path(cfg.output_dir)
     device = "cpu" if cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, cfg.trust_remote_code)

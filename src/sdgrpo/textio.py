@@ -1,8 +1,30 @@
-"""Reading text files as users have them: UTF-8 with or without BOM, CRLF or CR line endings."""
+"""Reading text files as users have them (UTF-8 with or without BOM, CRLF or CR line endings), and writing the
+small files that other processes or a later run read as markers, atomically."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader (another process, a later run) sees the old file or the whole new
+    one, never part of it: a temporary file beside it, flushed to disk, renamed over it, and the folder synced."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class TextDecodeError(ValueError):

@@ -136,7 +136,8 @@ def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> 
     check_one_gpu_per_process()
     resolve_runtime(train_cfg)
     choose_attention_kernels(model_cfg.cudnn_attention)
-    train_cfg.dataset_path = prepared_or_raw(train_cfg.dataset_path, train_cfg.output_dir, model_cfg.model_name_or_path)
+    train_cfg.dataset_path = prepared_or_raw(train_cfg.dataset_path, train_cfg.output_dir,
+                                             model_cfg.model_name_or_path, train_cfg)
     out = Path(train_cfg.output_dir)
     resolved = config_to_dict(train_cfg, model_cfg)
     return out, resolved, (check_resume(out, resolved) if resume else None)

@@ -96,10 +96,11 @@ def test_deepspeed_zero_on_two_processes(stage, tmp_path, tiny_model_dir, prepar
 
 
 @cpu_only
-def test_two_processes_log_the_distillation_terms_as_per_token_means(tmp_path, tiny_model_dir, prepared,
+def test_two_processes_log_the_distillation_terms_as_per_token_means(tmp_path, tiny_model_dir, corpus,
                                                                       tiny_tokenizer):
-    """`sdgrpo sft` with a teacher on two processes with 2 micro-batches each: every step's logged loss is the
-    weighted sum of its logged cross-entropy and KL (each process's terms are shares of the step's token count)."""
+    """`sdgrpo sft` with a teacher on two processes with 2 micro-batches each, on raw text: the main process
+    prepares it while the other waits, and every step's logged loss is the weighted sum of its logged
+    cross-entropy and KL (each process's terms are shares of the step's token count)."""
     from conftest import make_llama
 
     teacher = tmp_path / "teacher"
@@ -108,12 +109,14 @@ def test_two_processes_log_the_distillation_terms_as_per_token_means(tmp_path, t
     out = tmp_path / "sft"
     r = subprocess.run([*LAUNCH, "--multi_gpu", "--dynamo_backend", "no", "--num_processes", "2", "--num_machines",
                         "1", "--mixed_precision", "no", "-m", "sdgrpo.cli", "sft",
-                        "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(prepared),
+                        "--model_name_or_path", str(tiny_model_dir), "--dataset_path", str(corpus / "ruth.txt"),
                         "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "2",
                         "--gradient_accumulation_steps", "2", "--learning_rate", "3e-3", "--report_to", "none",
                         "--save_strategy", "no", "--teacher_model_name_or_path", str(teacher), "--kd_weight", "0.4"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stderr.count("prepared with the default options") == 1  # by the main process alone
+    assert json.loads((out / "data" / "prepare.json").read_text())["prompts"] > 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [x["step"] for x in rows] == [1, 2, 3]
     for x in rows:
