@@ -56,10 +56,15 @@ def main(args: GenerateConfig) -> int:
 
     prompts = list(args.prompt)
     if args.prompts:
+        from sdgrpo.textio import TextDecodeError, read_text_file
+
         path = Path(args.prompts)
         if not path.is_file():
             raise UserError(f"{path}: no such prompts file")
-        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            prompts += [line for line in read_text_file(path).splitlines() if line.strip()]
+        except TextDecodeError as err:
+            raise UserError(str(err)) from None
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
     if args.num_samples < 1 or args.max_new_tokens < 1:

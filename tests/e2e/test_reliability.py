@@ -238,3 +238,51 @@ def test_every_verb_answers_bad_arguments_in_one_line(args, message):
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith(f"sdgrpo {args[0]}: error:")
 
 
+
+
+BAD_INPUTS = {  # kind -> (argv with {file} {binary} {out} {model} {data} placeholders, what the line must say)
+    "not text": (["generate", "--model_name_or_path", "{model}", "--prompts", "{binary}"], "not valid UTF-8"),
+    "missing prompts file": (["generate", "--prompts", "{out}/nope.txt"], "--prompts {out}/nope.txt: no such file"),
+    "negative length": (["train", "--model_name_or_path", "{model}", "--dataset_path", "{data}", "--output_dir",
+                         "{out}/run", "--max_completion_length", "-4"],
+                        "--max_completion_length must be at least 1, not -4"),
+    "negative temperature": (["generate", "--model_name_or_path", "{model}", "--prompt", "x", "--temperature", "-1"],
+                             "--temperature must be above 0, not -1.0"),
+    "top_p of 0": (["generate", "--model_name_or_path", "{model}", "--prompt", "x", "--top_p", "0"],
+                   "--top_p must be in (0, 1], not 0.0"),
+    "output_dir is a file": (["sft", "--model_name_or_path", "{model}", "--dataset_path", "{data}",
+                              "--output_dir", "{file}"], "--output_dir {file} is a file, not a folder"),
+    "output under a file": (["eval", "--data", "{data}", "--output", "{file}/eval"], "a part of this path is a file"),
+    "generate output is a folder": (["generate", "--prompt", "x", "--output", "{out}"], "is a folder; pass the file"),
+    "missing adapter": (["eval", "--adapter", "{out}/no-such-run", "--data", "{data}", "--output", "{out}/eval"],
+                        "--adapter {out}/no-such-run: no adapter_config.json there"),
+    "eval temperatures": (["eval", "--data", "{data}", "--temperatures", "1.0,-0.5", "--output", "{out}/eval"],
+                          "--temperatures must all be above 0"),
+    "missing dataset": (["train", "--dataset_path", "{out}/no-text", "--output_dir", "{out}/run"],
+                        "--dataset_path {out}/no-text: no such file or folder"),
+    "missing local model": (["sft", "--model_name_or_path", "./no-such-model", "--dataset_path", "{data}",
+                             "--output_dir", "{out}/run"], "--model_name_or_path ./no-such-model: no such folder"),
+    "lora dropout of 1": (["sft", "--dataset_path", "{data}", "--output_dir", "{out}/run", "--lora_dropout", "1"],
+                          "--lora_dropout must be in [0, 1), not 1.0"),
+    "prepare test size": (["prepare", "{data}", "--output", "{out}/p", "--test_size", "1.5"],
+                          "--test_size must be in [0, 1), not 1.5"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_is_one_line_before_any_work(kind, tmp_path, tiny_model_dir, prepared):
+    """Each kind of bad input a new user tries (ranges, kinds of path, files that must exist, files that are not
+    text): one line naming the option, exit 2, checked before a model is loaded, and nothing written."""
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    fill = {"file": tmp_path / "a-file", "binary": tmp_path / "binary.txt", "out": out, "model": tiny_model_dir,
+            "data": prepared}
+    argv, message = BAD_INPUTS[kind]
+    r = subprocess.run([sys.executable, "-m", "sdgrpo.cli", *[a.format(**fill) for a in argv]], capture_output=True,
+                       text=True, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"sdgrpo {argv[0]}: error:") and message.format(**fill) in lines[0], lines[0]
+    assert list(out.iterdir()) == []  # nothing written

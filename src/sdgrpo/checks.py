@@ -1,0 +1,104 @@
+"""The checks every verb's options pass before any work starts: numeric ranges, kinds of path, files that must exist.
+
+:func:`sdgrpo.args.parse_args` runs :func:`check_options` on the parsed values of every verb, so a bad value is one
+line naming the option, what it must be and what was given (exit 2), before a model is loaded or a sample drawn,
+instead of a traceback from deep inside transformers, or a value taken silently (a negative temperature samples
+from the reversed distribution). A rule applies to every verb that has an option of that name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdgrpo.errors import UserError
+
+AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
+AT_LEAST_0 = ("0 or more", lambda v: v >= 0)
+POSITIVE = ("above 0", lambda v: v > 0)
+FRACTION = ("in [0, 1)", lambda v: 0 <= v < 1)
+UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1)
+PROBABILITY_MASS = ("in (0, 1]", lambda v: 0 < v <= 1)
+
+# option -> (what it must be, test); None values (an option left unset) are not checked
+RANGES = {
+    **dict.fromkeys(("max_completion_length", "max_new_tokens", "num_samples", "samples", "eval_samples",
+                     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "max_prompt_length", "max_prompts", "max_train_prompts", "heldout_eval_prompts",
+                     "prompts_per_step", "reward_token_budget", "guard_patience", "lora_r", "min_prompt_tokens",
+                     "max_prompt_tokens", "continuation_tokens", "seq_len", "batch_size", "vocab_size",
+                     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"), AT_LEAST_1),
+    **dict.fromkeys(("heldout_eval_steps", "min_completion_length", "min_continuation_tokens", "warmup_steps",
+                     "beta", "top_k", "max_delta", "max_seconds", "session_seconds", "weight_decay"), AT_LEAST_0),
+    **dict.fromkeys(("temperature", "learning_rate", "lora_alpha"), POSITIVE),
+    **dict.fromkeys(("lora_dropout", "test_size", "hidden_dropout", "attention_dropout", "heldout_fraction",
+                     "repeat_fraction"), FRACTION),
+    **dict.fromkeys(("kd_weight", "min_lr_ratio"), UNIT),
+    "top_p": PROBABILITY_MASS,
+}
+TEMPERATURE_LISTS = ("temperatures", "baseline_temperatures")  # comma-separated, each above 0
+
+# Folders a verb writes into (an existing file there is refused), and files it writes (an existing folder is).
+OUTPUT_FOLDERS = ("output_dir",)
+OUTPUT_FILES = {"GenerateConfig": ("output",)}  # elsewhere `output` is a folder
+# Inputs that must exist: files, folders, either; adapters (a folder with adapter_config.json).
+INPUT_FILES = ("prompts",)
+INPUT_PATHS = ("dataset_path", "data", "data_dir", "inputs", "unseen_path")
+ADAPTERS = ("adapter", "teacher_adapter")
+# Model options: checked only where the value is written as a local path (a hub name is checked when loaded).
+MODEL_PATHS = ("model_name_or_path", "teacher_model_name_or_path", "tokenizer_path", "model")
+
+
+def _local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or Path(value).exists()
+
+
+def check_options(values: dict, classes: tuple, source: str) -> None:
+    """Raise :class:`UserError` for the first option in ``values`` (a verb's parsed options) outside its rule."""
+    names = {cls.__name__ for cls in classes}
+
+    def bad(name, message):
+        raise UserError(f"{source}: --{name} {message}")
+
+    for name, (what, test) in RANGES.items():
+        value = values.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not test(value):
+            bad(name, f"must be {what}, not {value}")
+    for name in TEMPERATURE_LISTS:
+        value = values.get(name)
+        if isinstance(value, str) and value.strip():
+            try:
+                temps = [float(t) for t in value.split(",") if t.strip()]
+            except ValueError:
+                bad(name, f"must be comma-separated numbers, not {value!r}")
+            if any(t <= 0 for t in temps):
+                bad(name, f"must all be above 0, not {value!r}")
+    files_out = {n for cls in names for n in OUTPUT_FILES.get(cls, ())}
+    for name in (*OUTPUT_FOLDERS, "output"):
+        value = values.get(name)
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if name in files_out:
+            if path.is_dir():
+                bad(name, f"{value} is a folder; pass the file to write")
+        elif path.exists() and not path.is_dir():
+            bad(name, f"{value} is a file, not a folder; pass a folder to write into")
+        elif any(p.exists() and not p.is_dir() for p in path.parents):
+            bad(name, f"{value}: a part of this path is a file; pass a folder to write into")
+    for name in INPUT_FILES:
+        value = values.get(name)
+        if value and not Path(value).expanduser().is_file():
+            bad(name, f"{value}: no such file")
+    for name in INPUT_PATHS:
+        value = values.get(name)
+        for one in value if isinstance(value, list) else [value]:
+            if one and not Path(one).expanduser().exists():
+                bad(name, f"{one}: no such file or folder")
+    for name in ADAPTERS:
+        value = values.get(name)
+        if value and not (Path(value).expanduser() / "adapter_config.json").is_file():
+            bad(name, f"{value}: no adapter_config.json there; pass the output folder of `sdgrpo train` or `sft`")
+    for name in MODEL_PATHS:
+        value = values.get(name)
+        if isinstance(value, str) and value and _local(value) and not Path(value).expanduser().exists():
+            bad(name, f"{value}: no such folder (a local path; a hub name looks like org/name)")
