@@ -15,7 +15,9 @@ calls ``_get_output_dir(trial=...)``. DeepSpeed and FSDP keep their own (pickled
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +151,35 @@ def truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
+def is_write_failure(err: BaseException) -> bool:
+    """An error of writing a file: an ``OSError`` (a full disk, a file-size limit, a read-only filesystem), or
+    safetensors' own error wrapping one (``SafetensorError: Error while serializing: I/O error: ... (os error 28)``)."""
+    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError"
+                                        and re.search(r"I/O error|IoError|os error \d+", str(err)) is not None)
+
+
+def write_failure_message(folder: Path, err: BaseException, output_dir: Path | None = None) -> str:
+    """One line: what failed, why, the last complete checkpoint of ``output_dir`` (default: the folder's parent),
+    the command that continues. A half-written checkpoint folder is removed (it has no completion marker, so
+    resuming would skip it anyway; removing it frees space)."""
+    import errno
+    import shutil
+
+    if output_dir is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    code = getattr(err, "errno", None)
+    if code is None:  # safetensors: "... I/O error: No space left on device (os error 28)"
+        found = re.search(r"os error (\d+)|code: (\d+)", str(err))
+        code = int(found.group(1) or found.group(2)) if found else None
+    reason = os.strerror(code) if code else str(err).splitlines()[0][:120]
+    last = last_complete_checkpoint(output_dir or folder.parent)
+    full = code == errno.ENOSPC or "No space left" in reason
+    where = (f"the last complete checkpoint is {last}: {'free space, then ' if full else ''}run the same command "
+             "with --resume to continue from it" if last else
+             "no checkpoint was complete yet: run the same command again (without --resume)")
+    return f"writing {folder} failed ({reason}); nothing before it is lost: {where}"
+
+
 def copy_adapter(src: Path, dst: Path) -> None:
     """Make the adapter saved in ``src`` (a checkpoint, or the best held-out one) the final one in ``dst``."""
     import shutil
@@ -164,13 +195,18 @@ class CheckpointMixin:
         """Save as TRL/transformers do, add the state of callbacks that keep one (the collapse guard), then, once
         every process has written its files, mark the folder complete (fsync, atomic rename): resume only trusts
         marked folders."""
-        super()._save_checkpoint(model, trial)
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-        if self.args.should_save:
-            (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle that resuming does not read
-            for callback in self.callback_handler.callbacks:
-                if hasattr(callback, "save_state"):
-                    callback.save_state(folder)
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle that resuming does not read
+                for callback in self.callback_handler.callbacks:
+                    if hasattr(callback, "save_state"):
+                        callback.save_state(folder)
+        except Exception as err:  # noqa: BLE001 - only a failed write is turned into one line; the rest re-raised
+            if not is_write_failure(err):
+                raise
+            raise UserError(write_failure_message(folder, err)) from None
         self.accelerator.wait_for_everyone()  # the other ranks' RNG and optimizer shards are on disk
         if self.args.should_save:
             write_marker(folder, {"step": self.state.global_step})

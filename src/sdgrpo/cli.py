@@ -130,6 +130,13 @@ HANDLERS = {"prepare": _prepare, "train": _train, "sft": _sft, "eval": _eval, "e
             "generate": _generate, "demo": _demo, "pretrain": _pretrain}
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars an error left open, so that they print now and the error stays the last line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return HANDLERS[verb](rest)
     except UserError as err:
+        _close_progress_bars()
         print(f"sdgrpo {verb}: error: {err}", file=sys.stderr)
         return 2
     except SystemExit as done:  # --help

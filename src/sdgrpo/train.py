@@ -11,7 +11,14 @@ import yaml
 
 from sdgrpo.callbacks import MetricsFileCallback, StopRequest, heldout_callback, keep_best_heldout
 from sdgrpo.cards import write_card
-from sdgrpo.checkpointing import check_resume, copy_adapter, last_complete_checkpoint, truncate_metrics
+from sdgrpo.checkpointing import (
+    check_resume,
+    copy_adapter,
+    is_write_failure,
+    last_complete_checkpoint,
+    truncate_metrics,
+    write_failure_message,
+)
 from sdgrpo.config import SDGRPOConfig, SDModelConfig, _has_cuda, config_to_dict, resolve_runtime
 from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
@@ -239,6 +246,10 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
         if heldout:
             keep_best_heldout(heldout, out, trainer)
         write_card(trainer, out, model_cfg.model_name_or_path, "train")
+    except Exception as err:  # noqa: BLE001 - only a failed write is turned into one line; the rest re-raised
+        if not is_write_failure(err):
+            raise
+        raise UserError(write_failure_message(out / "the final adapter", err, out)) from None
     finally:
         _end_distributed()
     logger.info("adapter saved to %s (reward reused from the KL pass in %d of the reward calls)",

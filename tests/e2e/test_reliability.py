@@ -286,3 +286,31 @@ def test_bad_input_is_one_line_before_any_work(kind, tmp_path, tiny_model_dir, p
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
     assert lines[0].startswith(f"sdgrpo {argv[0]}: error:") and message.format(**fill) in lines[0], lines[0]
     assert list(out.iterdir()) == []  # nothing written
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_resume_continues(tmp_path, prepared, tiny_model_dir):
+    """A filesystem that refuses writes (a file-size limit: every file over 200 kB fails, as on a full disk) while
+    checkpoint-4 is saved: one line naming the failure and checkpoint-2, exit 2, the half-written folder gone; once
+    writes work again, --resume continues from checkpoint-2 with no duplicate metric rows."""
+    import resource
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "sdgrpo.cli", *map(str, train_args(tiny_model_dir, prepared, out, "--save_steps", 2))]
+    first = subprocess.run([*args, "--max_steps", "2"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def refuse_large_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    refused = subprocess.run([*args, "--max_steps", "6", "--resume"], capture_output=True, text=True,
+                             preexec_fn=refuse_large_files)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("sdgrpo train: error: writing ") and "checkpoint-4 failed (File too large)" in line, line
+    assert f"the last complete checkpoint is {out / 'checkpoint-2'}" in line and "--resume" in line
+    assert "Traceback" not in refused.stderr
+    assert not (out / "checkpoint-4").exists() and last_complete_checkpoint(out) == out / "checkpoint-2"
+    resumed = subprocess.run([*args, "--max_steps", "6", "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
