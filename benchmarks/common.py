@@ -24,12 +24,32 @@ SHAPES = {
 def environment() -> dict:
     out = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "unsloth"):
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "bitsandbytes", "torchao"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def header(benchmark: str, config: dict) -> dict:
+    """The header every results file carries: benchmark, date, commit, command, device, library versions, config.
+    The commit is ``$SDGRPO_COMMIT`` where set (a copy of the checkout without .git), else git's HEAD."""
+    import os
+    import subprocess
+    import sys
+
+    commit = os.environ.get("SDGRPO_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip() or None
+        except OSError:
+            commit = None
+    env = environment()
+    return {"benchmark": benchmark, "date": env.pop("date"), "commit": commit,
+            "command": " ".join(["python", *sys.argv]), "device": env.pop("device"), "versions": env,
+            "config": config}
 
 
 def random_model(shape: str, dtype=torch.bfloat16, vocab_size: int | None = None, device: str = "cuda"):

@@ -5,8 +5,11 @@
 set -u
 source benchmarks/device/env.sh
 if [ "${CPU_ONLY:-0}" != 1 ]; then
-  timeout "${GPU_SECONDS:-400}" python3 -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider \
+  # four workers on the one GPU: the tests are independent subprocesses, each far from filling the card
+  start=$(date +%s)
+  timeout "${GPU_SECONDS:-400}" python3 -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider -n "${GPU_WORKERS:-4}" \
     ${PYTEST_K:+-k "$PYTEST_K"} tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
+  echo "gpu suite wall seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/pytest_gpu.log"
 fi
 if [ "${GPU_ONLY:-0}" != 1 ]; then
   CUDA_VISIBLE_DEVICES= timeout "${CPU_SECONDS:-420}" python3 -m pytest -q -p no:cacheprovider -n "${WORKERS:-12}" \

@@ -93,7 +93,7 @@ def check_options(values: dict, classes: tuple, source: str) -> None:
         value = values.get(name)
         for one in value if isinstance(value, list) else [value]:
             if one and not Path(one).expanduser().exists():
-                bad(name, f"{one}: no such file or folder")
+                bad(name, f"{one}: no such file or directory")
     for name in ADAPTERS:
         value = values.get(name)
         if value and not (Path(value).expanduser() / "adapter_config.json").is_file():

@@ -259,7 +259,7 @@ BAD_INPUTS = {  # kind -> (argv with {file} {binary} {out} {model} {data} placeh
     "eval temperatures": (["eval", "--data", "{data}", "--temperatures", "1.0,-0.5", "--output", "{out}/eval"],
                           "--temperatures must all be above 0"),
     "missing dataset": (["train", "--dataset_path", "{out}/no-text", "--output_dir", "{out}/run"],
-                        "--dataset_path {out}/no-text: no such file or folder"),
+                        "--dataset_path {out}/no-text: no such file or directory"),
     "missing local model": (["sft", "--model_name_or_path", "./no-such-model", "--dataset_path", "{data}",
                              "--output_dir", "{out}/run"], "--model_name_or_path ./no-such-model: no such folder"),
     "lora dropout of 1": (["sft", "--dataset_path", "{data}", "--output_dir", "{out}/run", "--lora_dropout", "1"],

@@ -25,11 +25,13 @@ def _unsloth_available() -> bool:
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory, tiny_tokenizer):
-    """A Qwen2.5-0.5B-shaped model with random weights (bf16 safetensors) and the tiny test tokenizer."""
+    """A Qwen2.5-0.5B-shaped model with random weights (bf16 safetensors) and the tiny test tokenizer: the layer's
+    shape (widths, heads, biases, tied embeddings) of the real model, 4 of its 24 layers (their number is not what
+    these tests check, and a suite that runs after every GPU change must stay short)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     path = tmp_path_factory.mktemp("qwen-0.5b-random")
-    config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=4, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=len(tiny_tokenizer), tie_word_embeddings=True,
                          max_position_embeddings=2048, bos_token_id=tiny_tokenizer.bos_token_id,
                          eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
@@ -53,7 +55,10 @@ def prepared(tmp_path_factory, corpus):
 PROBE = Path(__file__).resolve().parents[1] / "probes" / "train_probe.py"
 
 
-def _train(model_dir, prepared, out, backend, *extra, probe=None):
+def _train(model_dir, prepared, out, backend, *extra, probe=None, compiled=False):
+    """3 steps of `sdgrpo train`; the engine's step compiled and captured only with ``compiled`` (a compile costs
+    ~30 s per process, and one test of it in training is enough: the engine's own test checks the captured step)."""
+    extra = (*extra, "--generation_compile", str(compiled).lower())
     entry = [str(PROBE), str(probe), "--check_reuse"] if probe else ["-m", "sdgrpo.cli", "train"]
     r = subprocess.run([sys.executable, *entry, "--backend", backend, "--model_name_or_path",
                         str(model_dir), "--dataset_path", str(prepared), "--output_dir", str(out), "--max_steps", "3",
@@ -79,7 +84,7 @@ def _train(model_dir, prepared, out, backend, *extra, probe=None):
 def test_hf_backend_trains(model, qwen_dir, prepared, tmp_path):
     from sdgrpo.config import TINY_MODEL
 
-    _train(TINY_MODEL if model == "tiny" else qwen_dir, prepared, tmp_path / "hf", "hf")
+    _train(TINY_MODEL if model == "tiny" else qwen_dir, prepared, tmp_path / "hf", "hf", compiled=model == "qwen")
 
 
 @pytest.mark.skipif(not _unsloth_available(), reason="unsloth is not installed (see make-wheelhouse.sh)")
