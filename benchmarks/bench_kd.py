@@ -14,7 +14,7 @@ import argparse
 import time
 
 import torch
-from common import header, random_model, save
+from common import device_tag, header, random_model, save
 
 from sdgrpo.sft import kd_loss
 
@@ -87,8 +87,8 @@ def main():
     config = {"shape": args.shape, "vocab_size": vocab, "rows": args.rows, "tokens": args.tokens, "lora_r": 16,
               "gradient_checkpointing": True, "dtype": "bf16 weights, bf16 autocast", "teacher": "same shape",
               "weights_gib": base / 2**30}
-    save(f"bench_kd_{args.shape}_{torch.cuda.get_device_name().split()[-2].lower()}_"
-         f"{header('bench_kd', config)['date'][:10]}", {**header("bench_kd", config), "rows": rows}, args.out)
+    head = header("bench_kd", config)
+    save(f"bench_kd_{args.shape}_{device_tag()}_{head['date'][:10]}", {**head, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,14 @@ def environment() -> dict:
     return out
 
 
+def device_tag() -> str:
+    """A short name of the device for file names: h200, h100, cpu."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    words = [w.lower() for w in torch.cuda.get_device_name().split() if any(c.isdigit() for c in w)]
+    return words[0] if words else "gpu"
+
+
 def header(benchmark: str, config: dict) -> dict:
     """The header every results file carries: benchmark, date, commit, command, device, library versions, config.
     The commit is ``$SDGRPO_COMMIT`` where set (a copy of the checkout without .git), else git's HEAD."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sdgrpo.checks import check_options
+from sdgrpo.checks import check_ranges
 from sdgrpo.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def parse_args(argv: list[str], classes: tuple, prog: str, description: str = ""
             if key in asked and getattr(namespace, key) != value:
                 logger.warning("%s %s is not possible on this machine: using %s", key, getattr(namespace, key), value)
             setattr(namespace, key, value)
-    check_options(vars(namespace), classes, source)
+    check_ranges(vars(namespace), source)
     out = []
     for cls in classes:
         names = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -32,7 +32,7 @@ RANGES = {
     **dict.fromkeys(("temperature", "learning_rate", "lora_alpha"), POSITIVE),
     **dict.fromkeys(("lora_dropout", "test_size", "hidden_dropout", "attention_dropout", "heldout_fraction",
                      "repeat_fraction"), FRACTION),
-    **dict.fromkeys(("kd_weight", "min_lr_ratio"), UNIT),
+    "min_lr_ratio": UNIT,  # (kd_weight: the config's own check)
     "top_p": PROBABILITY_MASS,
 }
 TEMPERATURE_LISTS = ("temperatures", "baseline_temperatures")  # comma-separated, each above 0
@@ -42,8 +42,14 @@ OUTPUT_FOLDERS = ("output_dir",)
 OUTPUT_FILES = {"GenerateConfig": ("output",)}  # elsewhere `output` is a folder
 # Inputs that must exist: files, folders, either; adapters (a folder with adapter_config.json).
 INPUT_FILES = ("prompts",)
-INPUT_PATHS = ("dataset_path", "data", "data_dir", "inputs", "unseen_path")
-ADAPTERS = ("adapter", "teacher_adapter")
+INPUT_PATHS = {
+    "dataset_path": "no such dataset folder or text file; pass raw text or a folder written by `sdgrpo prepare`",
+    "data": "no such dataset folder; pass a folder written by `sdgrpo prepare`",
+    "data_dir": "no such folder; pass --data_dir with .txt files",
+    "inputs": "no such file or directory",
+    "unseen_path": "no such file or directory",
+}
+ADAPTERS = {"EvalConfig": ("adapter",), "ExportConfig": ("adapter",)}  # generate and train check theirs as they load
 # Model options: checked only where the value is written as a local path (a hub name is checked when loaded).
 MODEL_PATHS = ("model_name_or_path", "teacher_model_name_or_path", "tokenizer_path", "model")
 
@@ -52,26 +58,39 @@ def _local(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or Path(value).exists()
 
 
-def check_options(values: dict, classes: tuple, source: str) -> None:
-    """Raise :class:`UserError` for the first option in ``values`` (a verb's parsed options) outside its rule."""
-    names = {cls.__name__ for cls in classes}
+def _fail(source: str, name: str, message: str):
+    raise UserError(f"{source}: --{name} {message}")
 
-    def bad(name, message):
-        raise UserError(f"{source}: --{name} {message}")
 
+def check_ranges(values: dict, source: str) -> None:
+    """Raise :class:`UserError` for the first numeric option in ``values`` (a verb's parsed options) outside its
+    rule."""
     for name, (what, test) in RANGES.items():
         value = values.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not test(value):
-            bad(name, f"must be {what}, not {value}")
+            _fail(source, name, f"must be {what}, not {value}")
     for name in TEMPERATURE_LISTS:
         value = values.get(name)
         if isinstance(value, str) and value.strip():
             try:
                 temps = [float(t) for t in value.split(",") if t.strip()]
             except ValueError:
-                bad(name, f"must be comma-separated numbers, not {value!r}")
+                _fail(source, name, f"must be comma-separated numbers, not {value!r}")
             if any(t <= 0 for t in temps):
-                bad(name, f"must all be above 0, not {value!r}")
+                _fail(source, name, f"must all be above 0, not {value!r}")
+
+
+def check_paths(configs, source: str = "command line") -> None:
+    """Raise :class:`UserError` for the first path option of ``configs`` (a verb's parsed config objects) of the
+    wrong kind: an output folder that is a file (or under one), an input that does not exist, an adapter folder
+    without ``adapter_config.json``, a local model path that does not exist."""
+    import dataclasses
+
+    values, names = {}, set()
+    for cfg in configs:
+        names.add(type(cfg).__name__)
+        for f in dataclasses.fields(cfg):
+            values.setdefault(f.name, getattr(cfg, f.name))
     files_out = {n for cls in names for n in OUTPUT_FILES.get(cls, ())}
     for name in (*OUTPUT_FOLDERS, "output"):
         value = values.get(name)
@@ -80,25 +99,26 @@ def check_options(values: dict, classes: tuple, source: str) -> None:
         path = Path(value).expanduser()
         if name in files_out:
             if path.is_dir():
-                bad(name, f"{value} is a folder; pass the file to write")
+                _fail(source, name, f"{value} is a folder; pass the file to write")
         elif path.exists() and not path.is_dir():
-            bad(name, f"{value} is a file, not a folder; pass a folder to write into")
+            _fail(source, name, f"{value} is a file, not a folder; pass a folder to write into")
         elif any(p.exists() and not p.is_dir() for p in path.parents):
-            bad(name, f"{value}: a part of this path is a file; pass a folder to write into")
+            _fail(source, name, f"{value}: a part of this path is a file; pass a folder to write into")
     for name in INPUT_FILES:
         value = values.get(name)
         if value and not Path(value).expanduser().is_file():
-            bad(name, f"{value}: no such file")
-    for name in INPUT_PATHS:
+            _fail(source, name, f"{value}: no such file")
+    for name, message in INPUT_PATHS.items():
         value = values.get(name)
         for one in value if isinstance(value, list) else [value]:
             if one and not Path(one).expanduser().exists():
-                bad(name, f"{one}: no such file or directory")
-    for name in ADAPTERS:
+                _fail(source, name, f"{one}: {message}")
+    for name in {n for cls in names for n in ADAPTERS.get(cls, ())}:
         value = values.get(name)
         if value and not (Path(value).expanduser() / "adapter_config.json").is_file():
-            bad(name, f"{value}: no adapter_config.json there; pass the output folder of `sdgrpo train` or `sft`")
+            _fail(source, name, f"{value}: no adapter_config.json there; pass the output folder of `sdgrpo train` "
+                                "or `sft`")
     for name in MODEL_PATHS:
         value = values.get(name)
         if isinstance(value, str) and value and _local(value) and not Path(value).expanduser().exists():
-            bad(name, f"{value}: no such folder (a local path; a hub name looks like org/name)")
+            _fail(source, name, f"{value}: no such folder (a local path; a hub name looks like org/name)")

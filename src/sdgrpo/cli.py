@@ -7,6 +7,7 @@ import logging
 import sys
 
 from sdgrpo.args import parse_args
+from sdgrpo.checks import check_paths
 from sdgrpo.errors import UserError
 
 logger = logging.getLogger("sdgrpo")
@@ -30,6 +31,7 @@ def _prepare(argv: list[str]) -> int:
     if not cfg.inputs or not cfg.output:
         raise UserError("need PATH... and --output FOLDER: text files, folders (recursive) or saved datasets, and the "
                         "folder to save the dataset to")
+    check_paths([cfg])
 
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.data import prepare
@@ -63,6 +65,7 @@ def _train(argv: list[str]) -> int:
 
     resume = "--resume" in argv
     train_cfg, model_cfg = parse_train_args([a for a in argv if a != "--resume"])
+    check_paths([train_cfg, model_cfg])
     try:
         out = main(train_cfg, model_cfg, resume=resume)
     except Interrupted as stop:
@@ -77,6 +80,7 @@ def _sft(argv: list[str]) -> int:
     from sdgrpo.sft import main
 
     cfg, model_cfg = parse_sft_args(argv)
+    check_paths([cfg, model_cfg])
     out = main(cfg, model_cfg)
     print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
     return 0
@@ -86,6 +90,7 @@ def _export(argv: list[str]) -> int:
     from sdgrpo.export import ExportConfig, main
 
     (cfg,) = parse_args(argv, (ExportConfig,), "sdgrpo export", VERBS["export"])
+    check_paths([cfg])
     result = main(cfg)
     print(f"exported to {result['output']} ({result['bytes'] / 2**20:.1f} MiB, {result['seconds']} s); parity on "
           f"{result['prompts_from']}: max |delta logit| {result['max_abs_logit_delta']:.3g} (tolerance "
@@ -97,6 +102,7 @@ def _generate(argv: list[str]) -> int:
     from sdgrpo.generate import GenerateConfig, main
 
     (cfg,) = parse_args(argv, (GenerateConfig,), "sdgrpo generate", VERBS["generate"])
+    check_paths([cfg])
     return main(cfg)
 
 
@@ -104,6 +110,7 @@ def _eval(argv: list[str]) -> int:
     from sdgrpo.evaluate import EvalConfig, main
 
     (cfg,) = parse_args(argv, (EvalConfig,), "sdgrpo eval", VERBS["eval"])
+    check_paths([cfg])
     result = main(cfg)
     print(result.get("verdict", "base model evaluated"))
     print(f"eval.json, frontier.png and report.md in {result['config']['output']}")
@@ -114,6 +121,7 @@ def _demo(argv: list[str]) -> int:
     from sdgrpo.demo import DemoConfig, main
 
     (cfg,) = parse_args(argv, (DemoConfig,), "sdgrpo demo", VERBS["demo"])
+    check_paths([cfg])
     return main(cfg)
 
 
@@ -121,6 +129,7 @@ def _pretrain(argv: list[str]) -> int:
     from sdgrpo.pretrain import PretrainConfig, main
 
     (cfg,) = parse_args(argv, (PretrainConfig,), "sdgrpo pretrain", VERBS["pretrain"])
+    check_paths([cfg])
     result = main(cfg)
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "config")}, indent=2))
     return 0
