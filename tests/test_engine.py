@@ -367,3 +367,54 @@ def test_dropout_in_train_mode_goes_to_generate(tiny_tokenizer):
     model.eval()
     engine.generate(model, **enc, do_sample=True, **settings(tiny_tokenizer))
     assert engine.calls == 1
+
+
+def test_the_fold_is_used_only_where_its_copies_fit_the_budget(lora, tiny_tokenizer, caplog):
+    """A budget below the fold's copies decodes the LoRA layers unmerged (no copy made), with generate's tokens; a
+    budget that holds them folds; a budget below the cache itself is one clear error naming the GiB it needs."""
+    import logging
+
+    from sdgrpo.engine import cache_bytes, fold_bytes
+    from sdgrpo.errors import UserError
+
+    enc = encode(tiny_tokenizer)
+    want = lora.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    length = 64  # the engine's length bucket holds these prompts + 24 tokens
+    need, cache = fold_bytes(lora), cache_bytes(lora.get_base_model(), 4, length)
+    weights = sum(m.base_layer.weight.numel() * 4 for m in lora.modules() if hasattr(m, "base_layer"))
+    assert need == weights and 0 < cache < need
+    for budget, mode, held in (((cache + need / 2) / 2**30, "unmerged", 0), ((cache + need) / 2**30, "folded", 14)):
+        engine = DecodeEngine(memory_budget_gib=budget)
+        with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
+            got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
+        assert torch.equal(got, want) and engine.mode == mode and engine.fold.held() == held
+        assert f"LoRA {'decoded unmerged' if mode == 'unmerged' else 'folded'}" in caplog.text
+    with pytest.raises(UserError, match=rf"needs {cache / 2**30:.2f} GiB for its cache alone"):
+        DecodeEngine(memory_budget_gib=cache / 2 / 2**30).generate(lora, **enc, do_sample=False,
+                                                                    **settings(tiny_tokenizer))
+
+
+def test_sampling_log_probs_at_the_calls_temperature(lora, tiny_tokenizer):
+    """What the trainer compares with its policy's log-probs: log_softmax(logits / T) of each sampled token, from a
+    teacher-forced pass."""
+    from sdgrpo.engine import sampling_from
+
+    enc = encode(tiny_tokenizer)
+    engine = DecodeEngine()
+    engine.record = []
+    torch.manual_seed(5)
+    s = sampling_from(lora, None, do_sample=True, top_k=0, temperature=0.7, **settings(tiny_tokenizer))
+    out = engine.decode(lora, enc["input_ids"], enc["attention_mask"], s)
+    assert engine.record == [out] and out.sampling_logprobs is not None
+    width = enc["input_ids"].size(1)
+    for row in range(out.sequences.size(0)):
+        start = int((enc["attention_mask"][row] == 0).sum())
+        ids = out.sequences[row, start:]
+        completion = out.sequences[row, width:]
+        ended = (completion == tiny_tokenizer.eos_token_id).nonzero()
+        n = int(ended[0]) + 1 if len(ended) else completion.numel()
+        with torch.no_grad():
+            logits = lora(input_ids=ids[None]).logits[0].double()
+        ref = torch.log_softmax(logits / 0.7, -1)[width - start - 1 : width - start - 1 + n]
+        ref = ref.gather(-1, completion[:n, None])[:, 0]
+        assert torch.allclose(out.sampling_logprobs[row, :n].double(), ref, atol=1e-5)

@@ -151,3 +151,22 @@ def test_peft_lora_bias_is_a_per_adapter_flag_on_lora_b():
 
     merge = inspect.getsource(Linear.merge)
     assert "self.lora_bias[active_adapter]" in merge and "self.lora_B[active_adapter].bias" in merge
+
+
+def test_trls_loss_applies_the_importance_ratio_under_its_vllm_branch_only():
+    """trainer._compute_loss takes TRL's vLLM branch for the engine's corrected rollouts: that branch must still be
+    the only use of ``use_vllm`` in the loss, and multiply the per-token loss by ``importance_sampling_ratio``; the
+    ratio's modes (trainer.importance_weights) are TRL's."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    assert source.count("self.use_vllm") == 1
+    assert ('if self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo":\n'
+            '            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]') in source
+    prepare = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
+        assert f'"{mode}"' in prepare
+    assert 'output["sampling_per_token_logps"] = sampling_per_token_logps' in prepare
+    fields = GRPOConfig.__dataclass_fields__
+    assert {"vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+            "vllm_importance_sampling_clip_min"} <= set(fields)

@@ -192,3 +192,68 @@ def test_resume_runs_trls_loader_and_restores_the_optimizer(tmp_path, tiny_token
         assert torch.equal(restored[key], value)
         assert key != "exp_avg" or value.abs().sum() > 0
     assert math.isfinite(float(restored["step"]))
+
+
+def test_importance_weights_follow_trls_modes():
+    """Against a hand computation: per-token and per-sequence log-ratios, truncated or masked at the clip bounds,
+    masked tokens neutral."""
+    from sdgrpo.trainer import importance_weights
+
+    policy = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, -0.5, -9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    d = torch.tensor([[0.5, -1.0, 0.0], [0.0, -2.5, 0.0]])  # (policy - sampler) * mask
+    assert torch.allclose(importance_weights(policy, sampler, mask, "token_truncate", None, 1.2),
+                          torch.exp(d).clamp(max=1.2))
+    masked = torch.exp(d).masked_fill((torch.exp(d) < 0.3) | (torch.exp(d) > 1.5), 0.0)
+    assert torch.allclose(importance_weights(policy, sampler, mask, "token_mask", 0.3, 1.5), masked)
+    rows = torch.exp(d.sum(-1, keepdim=True))  # e^-0.5, e^-2.5
+    assert torch.allclose(importance_weights(policy, sampler, mask, "sequence_truncate", 0.1, 3.0), rows.clamp(0.1, 3))
+    assert torch.allclose(importance_weights(policy, sampler, mask, "sequence_mask", 0.1, 3.0),
+                          torch.tensor([[math.exp(-0.5)], [0.0]]))
+
+
+def test_rollouts_with_a_mismatched_sampler_are_corrected_in_the_loss(tiny_model_dir, tiny_tokenizer, dataset,
+                                                                      tmp_path):
+    """An injected sampler mismatch (the engine's log-probs shifted by a known amount per token): the trainer logs
+    it, hands TRL the truncated ratio, and the loss is TRL's GRPO loss with that ratio multiplied in, against an
+    independent computation (beta 0, first iteration: the policy ratio is 1, so the loss is
+    -mean_rows(sum_t A w_t / n))."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer, _ = build_trainer(model, tiny_tokenizer, dataset, tmp_path, "--generation_engine", "true",
+                               "--rollout_correction", "true", "--beta",
+                               "0", "--loss_type", "grpo", "--vllm_importance_sampling_mode", "token_truncate",
+                               "--vllm_importance_sampling_clip_max", "1.5")
+    assert trainer.rollout_correction and trainer.engine is not None
+    shift = {}
+    original = trainer._sampling_logps
+
+    def shifted(decoded, completion_ids):
+        rows = original(decoded, completion_ids)
+        g = torch.Generator().manual_seed(3)
+        for i, row in enumerate(rows):
+            shift[i] = (torch.rand(len(row), generator=g) - 0.5).tolist()  # log-ratio policy - sampler in +-0.5
+            rows[i] = [x - d for x, d in zip(row, shift[i])]
+        return rows
+
+    trainer._sampling_logps = shifted
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    mask, ratio = batch["completion_mask"], batch["importance_sampling_ratio"]
+    want = torch.zeros_like(ratio)
+    for i, d in shift.items():
+        want[i, : len(d)] = torch.tensor(d).exp().clamp(max=1.5)
+    assert torch.allclose((ratio * mask), want, atol=1e-4)  # the policy's own pass equals the sampler's, but for d
+    metrics = trainer._metrics["train"]
+    flat = torch.tensor([x for d in shift.values() for x in d])
+    assert metrics["sampling/sampling_logp_difference/mean"][-1] == pytest.approx(flat.abs().mean().item(), abs=1e-4)
+    assert metrics["sampling/kl"][-1] == pytest.approx((torch.expm1(flat) - flat).mean().item(), abs=1e-4)
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this test does not run
+    loss = trainer.compute_loss(trainer.model, batch)
+    adv = batch["advantages"]
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    independent = -((adv * want * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    assert loss.item() == pytest.approx(independent.item(), abs=1e-5)
+    assert not trainer.use_vllm  # the branch was taken for the call only

@@ -29,7 +29,7 @@ RANGES = {
                      "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"), AT_LEAST_1),
     **dict.fromkeys(("heldout_eval_steps", "min_completion_length", "min_continuation_tokens", "warmup_steps",
                      "beta", "top_k", "max_delta", "max_seconds", "session_seconds", "weight_decay"), AT_LEAST_0),
-    **dict.fromkeys(("temperature", "learning_rate", "lora_alpha"), POSITIVE),
+    **dict.fromkeys(("temperature", "learning_rate", "lora_alpha", "generation_memory_gib"), POSITIVE),
     **dict.fromkeys(("lora_dropout", "test_size", "hidden_dropout", "attention_dropout", "heldout_fraction",
                      "repeat_fraction"), FRACTION),
     "min_lr_ratio": UNIT,  # (kd_weight: the config's own check)

@@ -48,6 +48,21 @@ class SDGRPOConfig(GRPOConfig):
                   "which TRL turns off. Default: on for --backend hf on a GPU (one process, DDP, or FSDP2 with the "
                   "weights held for generation); off on CPU, with Unsloth, vLLM and DeepSpeed."},
     )
+    generation_memory_gib: float | None = field(
+        default=None,
+        metadata={"help": "GiB the decoding engine may take beyond what is allocated (LoRA's generation copies and the "
+                  "cache): LoRA is folded into copies only where they fit, else decoded unmerged (no copies). "
+                  "Default: decided from the GPU's free memory under the process's cap, with a reserve for "
+                  "training."},
+    )
+    rollout_correction: str = field(
+        default="auto",
+        metadata={"help": "Correct rollouts that are not the policy bit for bit (the engine's 16-bit generation "
+                  "copies, unmerged 16-bit rounding) by truncated importance sampling, with TRL's semantics and "
+                  "options for vLLM rollouts (--vllm_importance_sampling_mode, _clip_max, _clip_min); costs one "
+                  "no-grad policy pass per generation. auto: on where the engine decodes 16-bit weights; "
+                  "true, false."},
+    )
     fsdp_gather_for_generation: bool = field(
         default=True,
         metadata={"help": "Under FSDP2, keep the all-gathered weights for the whole of generation instead of "
@@ -159,6 +174,9 @@ class SDGRPOConfig(GRPOConfig):
         if self.reuse_reference_logprobs not in ("auto", "true", "false"):
             raise UserError(f"reuse_reference_logprobs {self.reuse_reference_logprobs!r} is not one of "
                             "['auto', 'true', 'false']")
+        self.rollout_correction = str(self.rollout_correction).lower()
+        if self.rollout_correction not in ("auto", "true", "false"):
+            raise UserError(f"rollout_correction {self.rollout_correction!r} is not one of ['auto', 'true', 'false']")
         if self.reward_aggregation not in ("mean", "sum"):
             raise UserError(f"reward_aggregation {self.reward_aggregation!r} is not one of ['mean', 'sum']")
         if self.num_generations is not None and self.num_generations < 2:

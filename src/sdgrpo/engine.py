@@ -76,6 +76,8 @@ class Sampling:
 class Decoded:
     sequences: torch.Tensor  # [B, P + T]: the prompt, then the completion, pad after a row's EOS
     logprobs: torch.Tensor  # [B, T]: log p(token) under the model at temperature 1 (0 after a row's EOS)
+    sampling_logprobs: torch.Tensor | None = None  # [B, T]: log p(token) at the call's temperature (as TRL scores
+    # its policy: log_softmax(logits / T), before top-k / top-p); None where that is ``logprobs`` (temperature 1)
 
 
 def sampling_from(model, generation_config=None, **kwargs) -> Sampling | None:
@@ -153,8 +155,14 @@ def process_logits(logits: torch.Tensor, s: Sampling, step: torch.Tensor, eos: t
     return scores
 
 
+def scaled(s: Sampling) -> bool:
+    """Whether the call samples at a temperature other than 1 (its sampling log-probs then differ from ``logprobs``)."""
+    return s.do_sample and s.temperature != 1.0
+
+
 def choose(logits: torch.Tensor, s: Sampling, step: torch.Tensor, eos: torch.Tensor, finished: torch.Tensor):
-    """One token per row: (token, its log-prob at temperature 1, finished after it). Finished rows get pad."""
+    """One token per row: (token, its log-prob at temperature 1, its log-prob at the call's temperature, finished
+    after it). Finished rows get pad (and log-probs 0)."""
     scores = process_logits(logits, s, step, eos)
     if s.do_sample:
         race = torch.empty_like(scores).exponential_()
@@ -162,11 +170,13 @@ def choose(logits: torch.Tensor, s: Sampling, step: torch.Tensor, eos: torch.Ten
     else:
         token = scores.argmax(dim=-1)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, token[:, None])[:, 0]
+    slogp = (torch.log_softmax(logits.float() / s.temperature, dim=-1).gather(-1, token[:, None])[:, 0]
+             if scaled(s) else logp)
     token = torch.where(finished, torch.full_like(token, s.pad_token_id), token)
-    logp = logp.masked_fill(finished, 0.0)
+    logp, slogp = logp.masked_fill(finished, 0.0), slogp.masked_fill(finished, 0.0)
     if eos.numel():
         finished = finished | torch.isin(token, eos)
-    return token, logp, finished
+    return token, logp, slogp, finished
 
 
 # --- LoRA folded into a generation copy ----------------------------------------------------------------------------
@@ -423,6 +433,46 @@ def grouped_attention(model, on: bool = True):
         config._attn_implementation = "sdpa"
 
 
+# --- how much memory generation may take ---------------------------------------------------------------------------
+def fold_bytes(model) -> int:
+    """Bytes the fold's generation copies of ``model`` take (one copy of every foldable LoRA-wrapped weight, and of
+    the biases that an adapter's own bias changes); 0 when nothing is folded."""
+    layers = _foldable_lora_layers(model) or []
+    total = 0
+    for layer in layers:
+        base = layer.base_layer
+        total += base.weight.numel() * base.weight.element_size()
+        if _lora_bias(layer):
+            total += base.out_features * base.weight.element_size()
+    return total
+
+
+def cache_bytes(model, batch: int, length: int) -> int:
+    """Bytes of the static cache for ``batch`` rows of ``length`` positions (keys and values of every layer)."""
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    width = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2
+    return 2 * config.num_hidden_layers * batch * heads * dim * length * width
+
+
+def generation_room(device) -> tuple[float, str]:
+    """Bytes that generation may take on ``device`` beyond what is allocated now, and how that was found: what is
+    free under the process's cap (``torch.cuda.set_per_process_memory_fraction``; the caching allocator's unused
+    blocks count as free), less a reserve for training's own passes (the larger of what they took beyond the
+    resident memory so far, and a quarter of the cap). Unbounded off CUDA."""
+    if torch.device(device).type != "cuda":
+        return float("inf"), "not a CUDA device"
+    free, total = torch.cuda.mem_get_info(device)
+    cap = torch.cuda.get_per_process_memory_fraction(device) * total
+    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    room = min(free + reserved - allocated, cap - allocated)
+    reserve = max(torch.cuda.max_memory_allocated(device) - allocated, 0.25 * cap)
+    return room - reserve, (f"{room / 2**30:.1f} GiB free under a {cap / 2**30:.1f} GiB cap, less "
+                            f"{reserve / 2**30:.1f} GiB kept for training")
+
+
 # --- the engine -----------------------------------------------------------------------------------------------------
 def _inner(model):
     """The module whose forward decodes: a PEFT model's base model (its LoRA layers still in place)."""
@@ -443,6 +493,7 @@ class _State:
         self.cache_position, self.step, self.finished = zeros(1), zeros(()), zeros(batch, dtype=torch.bool)
         self.tokens, self.logps = torch.full((batch, new), pad, dtype=torch.long, device=device), \
             zeros(batch, new, dtype=torch.float32)
+        self.slogps = zeros(batch, new, dtype=torch.float32)  # at the call's temperature
         self.eos = torch.tensor(eos, dtype=torch.long, device=device)
 
 
@@ -459,12 +510,21 @@ class DecodeEngine:
     for each new cache length (on one H100, 1.5B shape: ~30 s), so a caller that knows its longest call reserves it.
     ``fuse_projections``: decode each sibling group of LoRA-wrapped projections (q, k, v; gate, up) with one matmul
     over stacked generation copies (see :class:`Folded`).
+    ``memory_budget_gib``: what generation may take beyond the memory already allocated (the fold's copies and the
+    cache); default: decided from the device (:func:`generation_room`). LoRA is folded only where its copies fit the
+    budget; otherwise the LoRA layers decode unmerged (PEFT's own forward, inside the same step and graph), which
+    costs no memory. Decided once per model (``mode``: ``folded``, ``unmerged``, or ``plain`` with nothing to
+    fold), logged in one line.
     """
 
     def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64,
                  compile_mode: str = "default", grouped_attention: bool = True, reserve: int = 0,
-                 fuse_projections: bool = True):
+                 fuse_projections: bool = True, memory_budget_gib: float | None = None):
         self.compile = compile
+        self.memory_budget_gib = memory_budget_gib
+        self.mode: str | None = None
+        self._mode_for = None  # weakref to the model the mode was decided for
+        self.record: list[Decoded] | None = None  # set to a list to collect every call's Decoded
         self.reserve = reserve
         self.grouped_attention = grouped_attention
         self.compile_mode = compile_mode
@@ -492,11 +552,12 @@ class DecodeEngine:
 
     def _advance(self, model, st: _State, s: Sampling) -> None:
         """One step on the state, in place: the next token of every row, written at column ``st.step``."""
-        token, logp, finished = self._step(model, self._cache, st.mask, st.token, st.position, st.cache_position,
-                                           st.step, st.finished, s, st.eos)
+        token, logp, slogp, finished = self._step(model, self._cache, st.mask, st.token, st.position,
+                                                  st.cache_position, st.step, st.finished, s, st.eos)
         column = st.step.view(1)
         st.tokens.index_copy_(1, column, token[:, None])
         st.logps.index_copy_(1, column, logp[:, None])
+        st.slogps.index_copy_(1, column, slogp[:, None])
         st.token.copy_(token)
         st.finished.copy_(finished)
         st.position.add_(1)
@@ -536,10 +597,11 @@ class DecodeEngine:
                     logits_to_keep=1)
         st.step.zero_()
         st.finished.zero_()
-        token, logp, finished = choose(out.logits[:, -1], s, st.step, st.eos, st.finished)
+        token, logp, slogp, finished = choose(out.logits[:, -1], s, st.step, st.eos, st.finished)
         st.tokens.fill_(s.pad_token_id)
         st.logps.zero_()
-        st.tokens[:, 0], st.logps[:, 0] = token, logp
+        st.slogps.zero_()
+        st.tokens[:, 0], st.logps[:, 0], st.slogps[:, 0] = token, logp, slogp
         st.token.copy_(token)
         st.finished.copy_(finished)
         st.position.copy_(positions[:, -1] + 1)
@@ -576,9 +638,11 @@ class DecodeEngine:
         length = -(-max(prompt_len + s.max_new_tokens, self.reserve) // self.length_bucket) * self.length_bucket
         inner = _inner(model)
         on_gpu = torch.device(device).type == "cuda"
+        fold = self._decide_mode(model, batch, length, device) == "folded"
         # Eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while it
         # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
-        with self.fold(model), eval_mode(inner), grouped_attention(inner, self.grouped_attention):
+        with (self.fold(model) if fold else contextlib.nullcontext()), eval_mode(inner), \
+                grouped_attention(inner, self.grouped_attention):
             length = self._setup(inner, batch, length, device, on_gpu)
             key = (batch, length, s.max_new_tokens, str(device), attention_mask.dtype, s.eos_token_ids, s.pad_token_id)
             if self._state is None or self._state[0] != key:
@@ -615,7 +679,42 @@ class DecodeEngine:
                 never = torch.full(ends.shape[:1], ran, dtype=torch.long, device=device)
                 last = torch.where(ends.any(1), ends.int().argmax(1) + 1, never)
                 ran = int(last.max())
-            return Decoded(torch.cat([input_ids, tokens[:, :ran]], dim=1), logps[:, :ran].clone())
+            out = Decoded(torch.cat([input_ids, tokens[:, :ran]], dim=1), logps[:, :ran].clone(),
+                          st.slogps[:, :ran].clone() if scaled(s) else None)
+            if self.record is not None:
+                self.record.append(out)
+            return out
+
+    def _decide_mode(self, model, batch: int, length: int, device) -> str:
+        """``folded`` where the fold's copies fit the budget, else ``unmerged``; ``plain`` with nothing to fold.
+        Raises :class:`UserError` when a budget the user set is below what decoding needs even unmerged."""
+        if self._mode_for is not None and self._mode_for() is model and self.mode is not None:
+            return self.mode
+        need = fold_bytes(model)
+        cache = cache_bytes(_inner(model), batch, length)
+        if self.memory_budget_gib is not None:
+            budget, why = self.memory_budget_gib * 2**30, f"--generation_memory_gib {self.memory_budget_gib:g}"
+            if budget < cache:
+                from sdgrpo.errors import UserError
+
+                raise UserError(f"--generation_memory_gib {self.memory_budget_gib:g}: decoding {batch} rows of "
+                                f"{length} positions needs {cache / 2**30:.2f} GiB for its cache alone (unmerged); "
+                                f"give at least that, or leave it unset to decide from the device")
+        else:
+            budget, why = generation_room(device)
+        if not need:
+            self.mode = "plain"
+        elif need + cache <= budget:
+            self.mode = "folded"
+            logger.info("decoding engine: LoRA folded into generation copies (%.2f GiB + %.2f GiB cache; %s)",
+                        need / 2**30, cache / 2**30, why)
+        else:
+            self.mode = "unmerged"
+            logger.warning("decoding engine: LoRA decoded unmerged: folding it would take %.2f GiB + %.2f GiB cache, "
+                           "beyond the budget (%s; --generation_memory_gib sets it)", need / 2**30, cache / 2**30,
+                           why)
+        self._mode_for = weakref.ref(model)
+        return self.mode
 
     def generate(self, model, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
         """``model.generate``'s contract (prompt + completion ids, pad after EOS) through the engine, or through

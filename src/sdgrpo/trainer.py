@@ -82,6 +82,38 @@ def completion_columns(logps: torch.Tensor, input_ids: torch.Tensor, attention_m
     return logps.gather(1, index.to(logps.device)), ok.cpu()
 
 
+def importance_weights(policy: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor, mode: str,
+                       clip_min: float | None, clip_max: float | None) -> torch.Tensor:
+    """The importance-sampling ratio policy / sampler of TRL 1.15's vLLM correction (``GRPOTrainer.
+    _generate_and_score_completions``), same modes and clipping: ``token_truncate`` (per token, clamped to
+    [clip_min, clip_max]), ``token_mask`` (per token, 0 outside [clip_min or 0, clip_max or inf]), and their
+    ``sequence_*`` forms on the summed log-ratio of each row ((B, 1)). Masked tokens have ratio 1 (log-ratio 0)."""
+    diff = torch.nan_to_num((policy - sampler) * mask, nan=0.0)
+    if mode in ("sequence_mask", "sequence_truncate"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    elif mode not in ("token_mask", "token_truncate"):
+        raise ValueError(f"unknown importance sampling mode {mode!r}")
+    ratio = torch.exp(diff)
+    if mode.endswith("_truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = clip_min if clip_min is not None else 0.0
+    high = clip_max if clip_max is not None else float("inf")
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+def rollout_mismatch(policy: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sampler-policy mismatch over the completion tokens: mean and max |delta log p| (TRL's
+    ``sampling_logp_difference``), and KL(sampler || policy) by the k3 estimator on the sampler's draws
+    (``r - 1 - log r``, r = p_policy / p_sampler)."""
+    keep = mask.bool()
+    delta = (policy - sampler)[keep]
+    if not delta.numel():
+        zero = torch.zeros((), device=policy.device)
+        return {"sampling_logp_difference/mean": zero, "sampling_logp_difference/max": zero, "kl": zero}
+    return {"sampling_logp_difference/mean": delta.abs().mean(), "sampling_logp_difference/max": delta.abs().max(),
+            "kl": (torch.expm1(delta) - delta).mean()}
+
+
 class SelfDistillMixin(CheckpointMixin):
     """The overrides, as a mixin so they also apply on top of Unsloth's patched GRPOTrainer."""
 
@@ -108,11 +140,28 @@ class SelfDistillMixin(CheckpointMixin):
         if getattr(self.args, "generation_compile", False) and getattr(self, "generation_config", None) is not None:
             self.generation_config.disable_compile = False  # TRL sets it; transformers compiles static-cache decoding
         # Rollouts through sdgrpo's decoding engine (engine.py): TRL's generate call is answered by it.
-        self.engine = (DecodeEngine(compile=bool(getattr(self.args, "generation_compile", False)))
+        self.engine = (DecodeEngine(compile=bool(getattr(self.args, "generation_compile", False)),
+                                    memory_budget_gib=getattr(self.args, "generation_memory_gib", None))
                        if getattr(self.args, "generation_engine", False) else None)
+        self.rollout_correction = self._corrects_rollouts()
+        if self.rollout_correction:
+            logger.info("rollouts corrected by truncated importance sampling (%s, clip %s-%s): the engine's 16-bit "
+                        "decoding is not the policy bit for bit", self.vllm_importance_sampling_mode,
+                        self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
         if self.engine is not None and self.engine.compile:
             # One cache length for the whole run: a compiled step is compiled again for each new one.
             self.engine.reserve = self.longest_prompt() + self.max_completion_length
+
+    def _corrects_rollouts(self) -> bool:
+        """``--rollout_correction``: true, false, or auto (on where the engine decodes 16-bit weights, whose
+        generation copies or unmerged rounding make the sampler differ from the trained policy)."""
+        setting = getattr(self.args, "rollout_correction", "false")
+        if self.engine is None or self.use_vllm or setting == "false":
+            return False
+        if setting == "true":
+            return True
+        dtype = next(self.accelerator.unwrap_model(self.model).parameters()).dtype
+        return dtype in (torch.bfloat16, torch.float16)
 
     def longest_prompt(self, limit: int = 100_000, chunk: int = 1024) -> int:
         """Tokens in the longest of the first ``limit`` training prompts, tokenized as the trainer tokenizes them
@@ -140,6 +189,8 @@ class SelfDistillMixin(CheckpointMixin):
                   and not self.use_vllm)
         skip_hooks = getattr(self.args, "fsdp_skip_hooks_in_generation", True)
         engine = self.engine if (self.engine is not None and not self.use_vllm) else None
+        if engine is not None:
+            engine.record = []
         with (gathered_weights(self.model_wrapped, skip_hooks) if gather else nullcontext(),
               serving(self.accelerator.unwrap_model(self.model), engine) if engine else nullcontext()):
             out = super()._generate(prompts)
@@ -148,7 +199,20 @@ class SelfDistillMixin(CheckpointMixin):
             mode = "train" if self.model.training else "eval"
             for key in ("calls", "fallbacks", "setups", "captures"):
                 self._metrics[mode][f"engine/{key}"].append(getattr(engine, key))
+            self._metrics[mode]["engine/mode"].append(1.0 if engine.mode == "folded" else 0.0)
+            decoded, engine.record = engine.record, None
+            if self.rollout_correction and out[4] is None:
+                out = (*out[:4], self._sampling_logps(decoded, out[1]), *out[5:])
         return out
+
+    def _sampling_logps(self, decoded: list, completion_ids: list) -> list | None:
+        """The engine's log-probs of each completion's tokens at the trainer's temperature, rows in TRL's order
+        (the calls' rows, concatenated), as TRL's ``_generate`` returns vLLM's; None where the rows do not match
+        (a call that went to generate)."""
+        rows = [row for d in decoded for row in (d.logprobs if d.sampling_logprobs is None else d.sampling_logprobs)]
+        if len(rows) != len(completion_ids) or any(len(c) > r.numel() for r, c in zip(rows, completion_ids)):
+            return None
+        return [r[: len(c)].tolist() for r, c in zip(rows, completion_ids)]
 
     # --- reference log-probs -------------------------------------------------------------------------------
     def _is_reference_pass(self, model) -> bool:
@@ -185,9 +249,53 @@ class SelfDistillMixin(CheckpointMixin):
         self._prompt_ids = None
         self._scoring = True
         try:
-            return super()._generate_and_score_completions(inputs)
+            output = super()._generate_and_score_completions(inputs)
         finally:
             self._scoring = False
+        if self.rollout_correction and output.get("sampling_per_token_logps") is not None:
+            self._correct_rollouts(output)
+        return output
+
+    # --- rollouts that are not the policy bit for bit -------------------------------------------------------
+    def _correct_rollouts(self, output: dict) -> None:
+        """Truncated importance sampling for the engine's rollouts, as TRL corrects vLLM's: the policy's log-probs
+        of the sampled tokens (TRL's ``old_per_token_logps``, one no-grad pass where TRL made none) against the
+        sampler's; the ratio (:func:`importance_weights`) goes into ``importance_sampling_ratio``, which TRL's loss
+        multiplies in (:meth:`_compute_loss`); the mismatch is logged every step."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        completion_ids, mask = output["completion_ids"], output["completion_mask"]
+        old = output.get("old_per_token_logps")
+        if old is None:
+            ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
+            attention = torch.cat([output["prompt_mask"], mask], dim=1)
+            mode = "train" if self.model.training else "eval"
+            batch = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+            with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+                old, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attention,
+                                                                    completion_ids.size(1), batch_size=batch)
+            output["old_per_token_logps"] = old
+        sampling = output["sampling_per_token_logps"].to(old.device)
+        ratio = importance_weights(old, sampling, mask, self.vllm_importance_sampling_mode,
+                                   self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
+        output["importance_sampling_ratio"] = ratio
+        mode = "train" if self.model.training else "eval"
+        for key, value in rollout_mismatch(old, sampling, mask).items():
+            self._metrics[mode][f"sampling/{key}"].append(self.accelerator.gather(value).mean().item())
+
+    def _compute_loss(self, model, inputs):
+        # TRL 1.15 multiplies the per-token loss by inputs["importance_sampling_ratio"] only under
+        # `self.use_vllm and self.vllm_importance_sampling_correction` (its one use of use_vllm in _compute_loss;
+        # pinned in tests/test_private_api.py): for the engine's corrected rollouts, that branch is taken for the
+        # duration of the call.
+        if "importance_sampling_ratio" not in inputs or self.use_vllm:
+            return super()._compute_loss(model, inputs)
+        saved = self.use_vllm, self.vllm_importance_sampling_correction
+        self.use_vllm, self.vllm_importance_sampling_correction = True, True
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self.use_vllm, self.vllm_importance_sampling_correction = saved
 
     # --- rewards -------------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
