@@ -12,10 +12,13 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
   sdgrpo_hf_cb      TRL's transformers continuous batching (use_transformers_continuous_batching)
   unsloth_bare      Unsloth model + Unsloth-patched GRPOTrainer, the original recipe's reward
   sdgrpo_unsloth    `sdgrpo train --backend unsloth`
-Model: Qwen2.5 shapes with a 32k vocabulary and random bf16 weights; G=8 completions of 512 tokens, prompts of
-~128 tokens, LoRA r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3)
-timed steps (medians). A step's time is the wall time between consecutive optimizer-step ends (CUDA-synchronised),
-so it includes generation wherever a trainer does it.
+  ..._4bit          the same with the base loaded in 4 bits (NF4; Unsloth's own loading)
+Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
+152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
+r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
+step's time is the wall time between consecutive optimizer-step ends (CUDA-synchronised), so it includes generation
+wherever a trainer does it. BENCH_CAP_GIB=24 caps each variant's process at 24 GiB
+(``torch.cuda.set_per_process_memory_fraction``), as on a 24 GB card.
 Usage: python benchmarks/bench_step.py OUT_DIR [shape] [variant ...]
 """
 
@@ -32,12 +35,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_cudnn", "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile",
-            "sdgrpo_hf_cb", "unsloth_bare", "sdgrpo_unsloth"]
+            "sdgrpo_hf_cb", "unsloth_bare", "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
+CAP_GIB = float(os.environ["BENCH_CAP_GIB"]) if os.environ.get("BENCH_CAP_GIB") else None
+
+
+def vocab_for(shape: str) -> int:
+    from common import SHAPES
+
+    return SHAPES[shape]["vocab_size"] if os.environ.get("BENCH_VOCAB") == "real" else 32768
 
 
 def make_assets(work: Path, shape: str) -> tuple[Path, Path]:
-    """A random model folder of the shape (32k vocab) and a prompt dataset, made once."""
+    """A random model folder of the shape (32k or its real vocabulary) and a prompt dataset, made once."""
     import torch
     from datasets import Dataset, DatasetDict
 
@@ -47,10 +57,11 @@ def make_assets(work: Path, shape: str) -> tuple[Path, Path]:
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.modeling import load_tokenizer
 
-    model_dir, data_dir = work / f"{shape}-32k", work / "prompts"
+    vocab = vocab_for(shape)
+    model_dir, data_dir = work / f"{shape}-{vocab}", work / "prompts"
     tok = load_tokenizer(TINY_MODEL)
     if not (model_dir / "config.json").exists():  # a folder left by a save that failed is made again
-        model = random_model(shape, vocab_size=32768)
+        model = random_model(shape, vocab_size=vocab)
         model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
         model.config.pad_token_id = tok.pad_token_id
         model.save_pretrained(model_dir)
@@ -58,7 +69,10 @@ def make_assets(work: Path, shape: str) -> tuple[Path, Path]:
         del model
         torch.cuda.empty_cache()
     if not data_dir.exists():
-        text = (HERE.parent / ".gpu_data" / "gutenberg" / "alice.txt").read_text(encoding="utf-8-sig")
+        source = HERE.parent / ".gpu_data" / "gutenberg" / "alice.txt"
+        if not source.exists():  # without the corpus: the repository's own test text (any text serves random weights)
+            source = HERE.parent / "tests" / "data" / "kjv" / "genesis.txt"
+        text = source.read_text(encoding="utf-8-sig")
         ids = tok(text, add_special_tokens=False)["input_ids"]
         prompts = [tok.decode(ids[i : i + PROMPT]) for i in range(0, PROMPT * 64, PROMPT)]
         DatasetDict({"train": Dataset.from_dict({"prompt": prompts})}).save_to_disk(str(data_dir))
@@ -160,6 +174,9 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     import torch
 
     unsloth = "unsloth" in variant
+    four_bit = variant.endswith("_4bit")
+    if CAP_GIB:
+        torch.cuda.set_per_process_memory_fraction(CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     if unsloth:
         import unsloth  # noqa: F401  (before trl)
     import trl
@@ -200,6 +217,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--cudnn_attention", "true"]
         if variant == "sdgrpo_hf_cb":
             argv += ["--use_transformers_continuous_batching", "true"]
+        if four_bit:
+            argv += ["--load_in_4bit", "true"]
         train_cfg, model_cfg = parse_train_args(argv)
         main(train_cfg, model_cfg, callbacks=[step_clock, diagnostics])
     else:
@@ -211,7 +230,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             from unsloth import FastLanguageModel
 
             model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=PROMPT + COMPLETION + 64,
-                                                           load_in_4bit=False, dtype=torch.bfloat16)
+                                                           load_in_4bit=four_bit,
+                                                           dtype=None if four_bit else torch.bfloat16)
             model = FastLanguageModel.get_peft_model(model, target_modules=targets, bias="none", **lora,
                                                      use_gradient_checkpointing="unsloth")
             peft_config = None
@@ -235,8 +255,18 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     med = {k: statistics.median(v) for k, v in timed.items() if v}
     import torch._dynamo.utils as dynamo_utils
     step = med.get("step", float("nan"))
+    logged = {}
+    metrics_file = out / variant / "metrics.jsonl"
+    if metrics_file.exists():  # sdgrpo's own per-step records: the engine's mode and the sampler-policy mismatch
+        rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][WARMUP:]
+        for key in ("engine/mode", "sampling/sampling_logp_difference/mean", "sampling/kl",
+                    "sampling/importance_sampling_ratio/mean"):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            logged[key] = statistics.median(values) if values else None
     return {
-        "variant": variant, "steps_timed": len(timed["step"]), "step_times_s": timed["step"],
+        "variant": variant, "memory_cap_gib": CAP_GIB, "steps_timed": len(timed["step"]),
+        "step_times_s": timed["step"], "mismatch_mean": logged.get("sampling/sampling_logp_difference/mean"),
+        "engine_mode": logged.get("engine/mode"), "logged": logged,
         "step_s": step, "generation_s": med.get("generation"), "scoring_s": med.get("scoring"),
         "policy_and_reference_s": step - med.get("generation", 0) - med.get("scoring", 0),
         "completion_tokens_per_s": G * COMPLETION / step,
@@ -256,7 +286,7 @@ def main():
         print("RESULT " + json.dumps(run_variant(variants[0], model_dir, data_dir, work)), flush=True)
         return
     sys.path.insert(0, str(HERE))
-    from common import environment, save
+    from common import device_tag, header, save
 
     work.mkdir(parents=True, exist_ok=True)
     make_assets(work, shape)
@@ -271,11 +301,12 @@ def main():
         results.append(row)
         print(json.dumps(row), flush=True)
         (out / f"bench_step_partial_{variant}.json").write_text(json.dumps(row))  # survives a time-out
-    payload = {"benchmark": "grpo_step", "shape": f"{shape}, 32k vocab, random bf16 weights",
-               "config": {"G": G, "completion_tokens": COMPLETION, "prompt_tokens": PROMPT, "lora_r": 16,
-                          "beta": 0.04, "steps_timed": STEPS - WARMUP},
-               **environment(), "results": results}
-    save(f"bench_step_{shape}", payload, out)
+    config = {"shape": shape, "vocab_size": vocab_for(shape), "weights": "random bf16", "G": G,
+              "completion_tokens": COMPLETION, "prompt_tokens": PROMPT, "lora_r": 16, "beta": 0.04,
+              "steps_timed": STEPS - WARMUP, "memory_cap_gib": CAP_GIB}
+    head = header("bench_step", config)
+    tag = f"{'_cap' + format(CAP_GIB, 'g') if CAP_GIB else ''}{os.environ.get('BENCH_TAG', '')}"
+    save(f"bench_step_{shape}_{device_tag()}_{head['date'][:10]}{tag}", {**head, "results": results}, out)
 
 
 if __name__ == "__main__":

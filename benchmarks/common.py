@@ -12,12 +12,14 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-# Real shapes (random weights): public configs of Qwen2.5-0.5B and -1.5B.
+# Real shapes (random weights): public configs of Qwen2.5-0.5B, -1.5B and -7B.
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
 
 

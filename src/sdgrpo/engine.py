@@ -447,6 +447,14 @@ def fold_bytes(model) -> int:
     return total
 
 
+def _has_lora(model) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False
+    return any(isinstance(m, LoraLayer) for m in model.modules())
+
+
 def cache_bytes(model, batch: int, length: int) -> int:
     """Bytes of the static cache for ``batch`` rows of ``length`` positions (keys and values of every layer)."""
     config = model.config.get_text_config(decoder=True)
@@ -702,7 +710,7 @@ class DecodeEngine:
                                 f"give at least that, or leave it unset to decide from the device")
         else:
             budget, why = generation_room(device)
-        if not need:
+        if not need and not _has_lora(model):
             self.mode = "plain"
         elif need + cache <= budget:
             self.mode = "folded"

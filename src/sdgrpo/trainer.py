@@ -145,9 +145,9 @@ class SelfDistillMixin(CheckpointMixin):
                        if getattr(self.args, "generation_engine", False) else None)
         self.rollout_correction = self._corrects_rollouts()
         if self.rollout_correction:
-            logger.info("rollouts corrected by truncated importance sampling (%s, clip %s-%s): the engine's 16-bit "
+            logger.info("rollouts corrected by importance sampling (%s, ratio clipped to [%s, %s]): the engine's "
                         "decoding is not the policy bit for bit", self.vllm_importance_sampling_mode,
-                        self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
+                        self.vllm_importance_sampling_clip_min or 0, self.vllm_importance_sampling_clip_max)
         if self.engine is not None and self.engine.compile:
             # One cache length for the whole run: a compiled step is compiled again for each new one.
             self.engine.reserve = self.longest_prompt() + self.max_completion_length
