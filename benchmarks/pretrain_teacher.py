@@ -31,8 +31,8 @@ H512 = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, interme
 # than the student; still improving at the end); drop0.4-b128: 8,733 steps, 1.4822.
 ROUND3 = dict(COMMON, **H384, compile=True, max_steps=60000, max_seconds=450, eval_every=4000)
 CANDIDATES = {
-    # Round 1's best, the teacher of benchmarks/results/distill_study_tiny_cpu2_2026-11-26.json (1.4853 bits/byte
-    # after 7,265 steps;
+    # Round 1's best, the teacher of benchmarks/results/archive/distill_study_tiny_cpu2_2026-11-26.json
+    # (1.4853 bits/byte after 7,265 steps;
     # round 1 used a step-paced schedule with max_steps 8000 and a 400 s budget).
     "teacher-h384-l8-drop0.3": dict(COMMON, **H384, hidden_dropout=0.3, batch_size=64, learning_rate=1.5e-3,
                                     max_steps=8000, max_seconds=0),

@@ -10,6 +10,32 @@ from sdgrpo.config import TINY_MODEL, parse_train_args
 from sdgrpo.errors import UserError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))  # training configs
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))  # configs/<model>/<recipe>
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name != "accelerate"],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipe_configs_open_with_their_command_and_parse(path):
+    """Each recipe opens with the command that runs it (its verb and its own path) and parses with that verb's
+    parser, every key reaching its config."""
+    import yaml
+
+    from sdgrpo.config import parse_sft_args
+
+    first = path.read_text().splitlines()[0]
+    rel = path.relative_to(path.parents[1]).as_posix()
+    assert first.startswith("# sdgrpo ") and f"--config configs/{rel}" in first, first
+    verb = first.split()[2]
+    assert verb in ("train", "sft")
+    train_cfg, model_cfg = (parse_train_args if verb == "train" else parse_sft_args)(["--config", str(path)])
+    for key, value in yaml.safe_load(path.read_text()).items():
+        target = model_cfg if hasattr(model_cfg, key) and not hasattr(train_cfg, key) else train_cfg
+        assert hasattr(target, key), key
+        if key == "model_name_or_path" and value is None:
+            assert model_cfg.model_name_or_path == TINY_MODEL
+        elif key in ("model_name_or_path", "teacher_model_name_or_path", "output_dir", "learning_rate", "kd_weight",
+                     "use_peft", "reward", "max_steps", "max_completion_length"):
+            assert getattr(target, key) == value, key
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
