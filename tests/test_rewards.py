@@ -243,3 +243,23 @@ def test_context_distill_is_base_shown_the_text_minus_policy(tiny_tokenizer, tea
     assert all(abs(g - (b - s)) > 1e-3 for g, b, s in zip(got, plain, student_logps))
     with pytest.raises(UserError, match="needs the dataset's 'continuation' column"):
         reward(prompts=[""] * 3, completions=[""] * 3, completion_ids=comps, prompt_ids=prompts)
+
+
+def test_the_registry_is_one_entry_per_reward(tiny_tokenizer, monkeypatch):
+    """Every entry's options are parameters of what it makes (no constructor swallows unknown ones), build_reward
+    hands an entry only its own options, and a new reward is one entry."""
+    import inspect
+
+    from sdgrpo import rewards
+
+    made = {"self_nll": rewards.SelfNLLReward, "teacher_nll": rewards.TeacherNLLReward,
+            "distill": rewards.TeacherNLLReward, "context_distill": rewards.ContextDistillReward}
+    for name, entry in rewards.REWARDS.items():
+        params = inspect.signature(made[name].__init__).parameters
+        assert all(p.kind is not p.VAR_KEYWORD for p in params.values() if made[name] is not rewards.DistillReward)
+        assert set(entry.options) <= set(params), name
+    seen = {}
+    monkeypatch.setitem(rewards.REWARDS, "length", rewards.RewardEntry(
+        lambda model, tok, teacher, ttok, **o: seen.update(o) or (lambda **kw: []), ("aggregation",)))
+    rewards.build_reward("length", None, tiny_tokenizer, aggregation="sum", score_with="base", retokenize=True)
+    assert seen == {"aggregation": "sum"}

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from sdgrpo.checkpointing import copy_adapter
 from sdgrpo.errors import UserError
-from sdgrpo.scoring import completion_logprobs
+from sdgrpo.scoring import completion_logprobs, pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ STATE_FILE = "heldout_state.json"  # in each checkpoint folder
 def continuation_bits_per_byte(model, tokenizer, prompt_ids: list[list[int]], cont_ids: list[list[int]],
                                nbytes: int) -> float:
     """Summed NLL (bits) of the continuation ids given their prompts, per UTF-8 byte of continuation text."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     logps = completion_logprobs(model, prompt_ids, cont_ids, pad_token_id=pad)
     return -sum(lp.sum().item() for lp in logps) / math.log(2) / nbytes
 

@@ -50,9 +50,8 @@ def load(model_name_or_path: str, adapter: str, trust_remote_code: bool = False)
 
 
 def main(args: GenerateConfig) -> int:
-    from sdgrpo.rewards import aggregate
     from sdgrpo.sampling import sample
-    from sdgrpo.scoring import completion_logprobs
+    from sdgrpo.scoring import aggregate, completion_logprobs
 
     prompts = list(args.prompt)
     if args.prompts:

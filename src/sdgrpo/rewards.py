@@ -12,24 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from sdgrpo.scoring import adapters_disabled, completion_logprobs, leading_special, truncate_prompt
+from sdgrpo.scoring import adapters_disabled, aggregate, completion_logprobs, leading_special, pad_id, truncate_prompt  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 AGGREGATIONS = ("mean", "sum")
-
-
-def aggregate(token_logps: torch.Tensor, aggregation: str) -> float | None:
-    """Mean or sum of one completion's token log-probs; ``None`` for an empty completion or a non-finite value."""
-    if token_logps.numel() == 0:
-        return None
-    value = token_logps.sum().item() if aggregation == "sum" else token_logps.mean().item()
-    return value if math.isfinite(value) else None
 
 
 def tokenize_prompts(tokenizer, prompts: list, max_prompt_length: int | None) -> list[list[int]]:
@@ -75,7 +67,7 @@ class SelfNLLReward:
 
     def token_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[torch.Tensor]:
         self.forward_passes += 1
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = pad_id(self.tokenizer)
         context = adapters_disabled(self.model) if self.score_with == "base" else contextlib.nullcontext()
         with context:
             return completion_logprobs(self.model, prompt_ids, completion_ids, pad_token_id=pad,
@@ -110,7 +102,7 @@ class TeacherNLLReward:
     __name__ = "teacher_nll"
 
     def __init__(self, teacher, tokenizer, teacher_tokenizer=None, aggregation: str = "mean",
-                 token_budget: int = 16384, retokenize: bool = False, max_prompt_length: int | None = None, **_):
+                 token_budget: int = 16384, retokenize: bool = False, max_prompt_length: int | None = None):
         from sdgrpo.errors import UserError
 
         self.teacher, self.tokenizer = teacher, tokenizer
@@ -137,7 +129,7 @@ class TeacherNLLReward:
 
     def teacher_logprobs(self, prompts, completion_ids, prompt_ids=None) -> list[torch.Tensor]:
         t_prompts, t_comps = self._teacher_ids(prompts, completion_ids, prompt_ids)
-        pad = self.teacher_tokenizer.pad_token_id if self.teacher_tokenizer.pad_token_id is not None else 0
+        pad = pad_id(self.teacher_tokenizer)
         return completion_logprobs(self.teacher, t_prompts, t_comps, pad_token_id=pad, token_budget=self.token_budget)
 
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, **kwargs):
@@ -157,7 +149,7 @@ class DistillReward(TeacherNLLReward):
     __name__ = "distill"
 
     def __init__(self, teacher, tokenizer, teacher_tokenizer=None, policy=None, **options):
-        options.pop("retokenize", None)
+        options.pop("retokenize", None)  # its policy pass needs the policy's own ids: it never retokenizes
         super().__init__(teacher, tokenizer, teacher_tokenizer, retokenize=False, **options)
         self.model = policy  # bound to the trainer's model once it exists
         self.policy_passes = 0  # own policy passes; 0 when the trainer's pass was reused
@@ -186,7 +178,7 @@ class ContextDistillReward:
     __name__ = "context_distill"
 
     def __init__(self, model, tokenizer, aggregation: str = "mean", token_budget: int = 16384,
-                 max_prompt_length: int | None = None, separator: str = "\n\n", **_):
+                 max_prompt_length: int | None = None, separator: str = "\n\n"):
         self.model, self.tokenizer = model, tokenizer
         self.aggregation, self.token_budget = aggregation, token_budget
         self.max_prompt_length = max_prompt_length
@@ -212,7 +204,7 @@ class ContextDistillReward:
                             "each prompt); make the data with `sdgrpo prepare`")
         if prompt_ids is None:
             prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = pad_id(self.tokenizer)
         self.teacher_passes += 1
         with adapters_disabled(self.model):
             teacher = completion_logprobs(self.model, self.teacher_prompts(prompt_ids, continuation), completion_ids,
@@ -226,7 +218,7 @@ def policy_logprobs(reward, prompt_ids, completion_ids, given) -> list[torch.Ten
     own pass of ``reward.model`` with its adapters on (eval mode, temperature 1)."""
     given = given or [None] * len(completion_ids)
     given = [None if r is None else r[: len(c)].float().cpu() for r, c in zip(given, completion_ids)]
-    pad = reward.tokenizer.pad_token_id if reward.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(reward.tokenizer)
 
     def own(rows):
         reward.policy_passes += 1
@@ -247,11 +239,27 @@ def fill_rows(given: list, score: Callable[[list[int]], list]) -> list:
     return out
 
 
-REWARDS: dict[str, Callable[..., Callable]] = {
-    "self_nll": SelfNLLReward,
-    "teacher_nll": TeacherNLLReward,
-    "distill": DistillReward,
-    "context_distill": ContextDistillReward,
+@dataclass(frozen=True)
+class RewardEntry:
+    """One reward of the registry: how to make it from (model, tokenizer, teacher, teacher tokenizer, options), the
+    options it takes (the others that `sdgrpo train` passes are left out for it), and whether it needs a teacher."""
+
+    make: Callable[..., Callable]
+    options: tuple[str, ...]
+    needs_teacher: bool = False
+
+
+COMMON_OPTIONS = ("aggregation", "token_budget", "max_prompt_length")
+# Adding a reward is one entry here.
+REWARDS: dict[str, RewardEntry] = {
+    "self_nll": RewardEntry(lambda model, tok, teacher, ttok, **o: SelfNLLReward(model, tok, **o),
+                            (*COMMON_OPTIONS, "score_with")),
+    "teacher_nll": RewardEntry(lambda model, tok, teacher, ttok, **o: TeacherNLLReward(teacher, tok, ttok, **o),
+                               (*COMMON_OPTIONS, "retokenize"), needs_teacher=True),
+    "distill": RewardEntry(lambda model, tok, teacher, ttok, **o: DistillReward(teacher, tok, ttok, policy=model, **o),
+                           COMMON_OPTIONS, needs_teacher=True),
+    "context_distill": RewardEntry(lambda model, tok, teacher, ttok, **o: ContextDistillReward(model, tok, **o),
+                                   COMMON_OPTIONS),
 }
 
 
@@ -261,22 +269,14 @@ def self_nll(model, tokenizer, **options) -> SelfNLLReward:
 
 
 def build_reward(name: str, model, tokenizer, teacher=None, teacher_tokenizer=None, **options):
-    """A reward by registry name; ``teacher_nll`` and ``distill`` need a ``teacher``."""
-    if name not in REWARDS:
-        from sdgrpo.errors import UserError
+    """A reward by registry name, given the options its entry takes; ``teacher_nll`` and ``distill`` need a
+    ``teacher``."""
+    from sdgrpo.errors import UserError
 
+    entry = REWARDS.get(name)
+    if entry is None:
         raise UserError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")
-    if name == "self_nll":
-        options.pop("retokenize", None)
-        return SelfNLLReward(model, tokenizer, **options)
-    if name == "context_distill":
-        options.pop("score_with", None)
-        return ContextDistillReward(model, tokenizer, **options)
-    if teacher is None:
-        from sdgrpo.errors import UserError
-
+    if entry.needs_teacher and teacher is None:
         raise UserError(f"reward {name!r} needs --teacher_model_name_or_path")
-    options.pop("score_with", None)
-    if name == "distill":
-        return DistillReward(teacher, tokenizer, teacher_tokenizer, policy=model, **options)
-    return TeacherNLLReward(teacher, tokenizer, teacher_tokenizer, **options)
+    return entry.make(model, tokenizer, teacher, teacher_tokenizer,
+                      **{k: v for k, v in options.items() if k in entry.options})

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sdgrpo.engine import DecodeEngine
-from sdgrpo.rewards import aggregate
-from sdgrpo.scoring import adapters_disabled, completion_logprobs
+from sdgrpo.scoring import adapters_disabled, aggregate, completion_logprobs
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
 
@@ -19,6 +20,20 @@ def adapters_disabled(model):
     if hasattr(model, "disable_adapter") and getattr(model, "peft_config", None):
         return model.disable_adapter()
     return contextlib.nullcontext()
+
+
+def aggregate(token_logps: torch.Tensor, aggregation: str) -> float | None:
+    """Mean or sum of one completion's token log-probs; ``None`` for an empty completion or a non-finite value."""
+    if token_logps.numel() == 0:
+        return None
+    value = token_logps.sum().item() if aggregation == "sum" else token_logps.mean().item()
+    return value if math.isfinite(value) else None
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch for ``tokenizer``: its pad token, else 0 (padding is masked out of every pass, so any
+    id serves a tokenizer that has none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_p", "hidden_dropout")
