@@ -17,13 +17,11 @@ GRPO reward) asks the same of the student's own samples, one scalar per completi
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
-import yaml
 
-from sdgrpo.config import SDModelConfig, SDSFTConfig, _has_cuda, config_to_dict
+from sdgrpo.config import SDModelConfig, SDSFTConfig, config_to_dict
 from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
 
@@ -143,6 +141,7 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     from sdgrpo.cards import write_card
     from sdgrpo.compat import ensure_trl_runs_without_triton
     from sdgrpo.modeling import choose_attention_kernels, load_model, load_tokenizer, resolve_dtype
+    from sdgrpo.runs import save_final, start_output, training_device
 
     ensure_trl_runs_without_triton()
     choose_attention_kernels(model_cfg.cudnn_attention)
@@ -151,7 +150,7 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     cfg.dataset_path = prepared_or_raw(cfg.dataset_path, cfg.output_dir,
                                        model_cfg.model_name_or_path, cfg)
     out = Path(cfg.output_dir)
-    device = "cpu" if cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
+    device = training_device(cfg)
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, cfg.trust_remote_code)
     dataset = sft_dataset(cfg.dataset_path, cfg.max_train_prompts)
     full = not model_cfg.use_peft
@@ -165,10 +164,7 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
                        model_cfg.attn_implementation)
     teacher = load_sft_teacher(cfg, tokenizer, dtype, device)
     heldout = heldout_callback(cfg, tokenizer, out)
-    out.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "resolved_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg, model_cfg), sort_keys=True))
+    start_output(out, config_to_dict(cfg, model_cfg))
     trainer_class = SFTTrainer if teacher is None else _distilling_trainer(teacher, cfg.kd_weight)
     trainer = trainer_class(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=get_peft_config(model_cfg),
@@ -177,10 +173,7 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     if heldout:
         heldout.trainer = trainer
     trainer.train()
-    trainer.save_model(str(out))
-    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml holds the same
-    for ckpt in out.glob("checkpoint-*"):
-        (ckpt / "training_args.bin").unlink(missing_ok=True)
+    save_final(trainer, out)
     if heldout:
         keep_best_heldout(heldout, out, trainer)
     write_card(trainer, out, model_cfg.model_name_or_path, "sft")

@@ -7,8 +7,6 @@ import os
 import signal
 from pathlib import Path
 
-import yaml
-
 from sdgrpo.callbacks import MetricsFileCallback, StopRequest, heldout_callback, keep_best_heldout
 from sdgrpo.cards import write_card
 from sdgrpo.checkpointing import (
@@ -16,15 +14,15 @@ from sdgrpo.checkpointing import (
     copy_adapter,
     is_write_failure,
     last_complete_checkpoint,
-    truncate_metrics,
     write_failure_message,
 )
-from sdgrpo.config import SDGRPOConfig, SDModelConfig, _has_cuda, config_to_dict, resolve_runtime
+from sdgrpo.config import SDGRPOConfig, SDModelConfig, config_to_dict, resolve_runtime
 from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.modeling import choose_attention_kernels
 from sdgrpo.rewards import build_reward
+from sdgrpo.runs import save_final, start_output, training_device
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +45,7 @@ def load_teacher(train_cfg: SDGRPOConfig, model_path: str | None = None):
         return None, None
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
 
-    device = "cpu" if train_cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
+    device = training_device(train_cfg)
     path = train_cfg.teacher_model_name_or_path or model_path
     tokenizer = load_tokenizer(path, train_cfg.trust_remote_code)
     teacher = load_model(path, resolve_dtype(None, device), device, train_cfg.trust_remote_code,
@@ -90,8 +88,7 @@ class Interrupted(Exception):
 
 
 def _save_final(trainer, out: Path) -> None:
-    trainer.save_model(str(out))
-    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml holds the same
+    save_final(trainer, out)
 
 
 def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
@@ -156,18 +153,6 @@ def load_data(train_cfg: SDGRPOConfig):
         raise UserError(f"{train_cfg.dataset_path}: reward 'context_distill' needs a 'continuation' column (the true "
                         "text after each prompt); make the data with `sdgrpo prepare`")
     return dataset
-
-
-def start_output(out: Path, resolved: dict, checkpoint: Path | None) -> None:
-    """One writer (rank 0 under accelerate/torchrun): metrics cut back to the checkpoint, the resolved config."""
-    out.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    if checkpoint is not None:
-        truncate_metrics(out / "metrics.jsonl", int(checkpoint.name.split("-")[-1]))
-    else:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "resolved_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=True))
 
 
 def build_trainer(trainer_cls, train_cfg, model, tokenizer, peft_config, dataset, reward, callbacks: list):

@@ -14,14 +14,14 @@ def load(train_cfg, model_cfg):
     """
     from trl import get_peft_config
 
-    from sdgrpo.config import _has_cuda
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
+    from sdgrpo.runs import training_device
     from sdgrpo.trainer import trainer_class
 
     if model_cfg.load_in_4bit or model_cfg.load_in_8bit:
         raise UserError("--backend hf loads the policy in 16 or 32 bits and does not quantise it; for a 4-bit base "
                         "(QLoRA) use --backend unsloth --load_in_4bit true on a GPU, or drop --load_in_4bit")
-    device = "cpu" if train_cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
+    device = training_device(train_cfg)
     dtype = resolve_dtype(model_cfg.dtype, device)
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, train_cfg.trust_remote_code)
     model = load_model(model_cfg.model_name_or_path, dtype, device, train_cfg.trust_remote_code,
