@@ -40,7 +40,7 @@ RUNS = [("1gpu", None, 1, [], None),
         ("fsdp_2gpu_hooks", "fsdp.yaml", 2, ["--fsdp_skip_hooks_in_generation", "false"], "1gpu_nocompile"),
         # Every layer re-gathered at every decoding step, as TRL 1.15 does it.
         ("fsdp_2gpu_pergather", "fsdp.yaml", 2, ["--fsdp_gather_for_generation", "false"], "1gpu_nocompile"),
-        # Need deepspeed on the machine (benchmarks/device/add_deepspeed_wheels.sh); not in the default set.
+        # Need deepspeed on the machine (tools/device/add_deepspeed_wheels.sh); not in the default set.
         ("zero2_2gpu", "deepspeed_zero2.yaml", 2, [], "1gpu_nocompile"),
         ("zero3_2gpu", "deepspeed_zero3.yaml", 2, [], "1gpu_nocompile")]
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -1,4 +1,4 @@
-"""Reduced runs of the study scripts' training arms (benchmarks/), so that a TRL or sdgrpo change that breaks them
+"""Reduced runs of the study scripts' training arms (studies/), so that a TRL or sdgrpo change that breaks them
 fails in CI rather than in a 90-minute study."""
 
 from __future__ import annotations
@@ -7,14 +7,16 @@ import importlib.util
 import json
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS, STUDIES = ROOT / "benchmarks", ROOT / "studies"  # common.py; the studies
 
 
 def load(name: str):
     import sys
 
     sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    sys.path.insert(0, str(STUDIES))
+    spec = importlib.util.spec_from_file_location(name, STUDIES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

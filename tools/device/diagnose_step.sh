@@ -4,10 +4,10 @@
 # the engine against generate, BENCH_STEPS (default 8) steps each. Carry .whl and .device_pack. Everything comes
 # back packed in $OUT/students.tar and $OUT/step.tar (a call returns at most 8 files).
 set -u
-source benchmarks/device/env.sh
+source tools/device/env.sh
 W=/tmp/diag && mkdir -p $W/students $W/step
 if [ -n "${CANDIDATES-student-h128-l4-1k,student-h128-l4-3k}" ]; then
-  GPUS=1 timeout 300 python3 benchmarks/pretrain_incontext_sweep.py .device_data $W/students \
+  GPUS=1 timeout 300 python3 studies/archive/pretrain_incontext_sweep.py .device_data $W/students \
     ${CANDIDATES-student-h128-l4-1k,student-h128-l4-3k} 2>&1 | tail -4
   tar cf "$OUT/students.tar" -C $W students
 fi

@@ -3,7 +3,7 @@
 # bandwidth limit; BENCH_PROFILE=1 adds a torch.profiler table of one engine call), then benchmarks/bench_step.py
 # for the engine (STEP_VARIANTS; none to skip). Carry .whl and .device_pack. Results come back in $OUT/engine.tar.
 set -u
-source benchmarks/device/env.sh
+source tools/device/env.sh
 W=/tmp/engine && mkdir -p $W/generate $W/step
 timeout "${TEST_SECONDS:-240}" python3 -m pytest -m gpu -q -rA -s --tb=short -p no:cacheprovider \
   -k "${PYTEST_K:-engine}" tests/gpu/test_gpu.py > "$W/pytest_gpu_engine.log" 2>&1

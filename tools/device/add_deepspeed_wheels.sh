@@ -5,7 +5,7 @@
 # pydantic (which deepspeed imports) needs annotated-types, typing-inspection and a newer typing-extensions than the
 # GPU image may have (the first two it lacks; an earlier run saw `No module named typing_inspection` there): without
 # them, importing deepspeed fails there, and accelerate and transformers import it whenever it is installed.
-# Then e.g.: WITH_DEEPSPEED=1 BENCH_RUNS=1gpu_nocompile,zero2_2gpu,zero3_2gpu bash benchmarks/device/multigpu.sh (device kind
+# Then e.g.: WITH_DEEPSPEED=1 BENCH_RUNS=1gpu_nocompile,zero2_2gpu,zero3_2gpu bash tools/device/multigpu.sh (device kind
 # nvidia-h100-x2; device/env.sh leaves deepspeed out unless WITH_DEEPSPEED=1).
 set -euo pipefail
 out=${1:-.whl}

@@ -4,7 +4,7 @@
 # engine in reduce-overhead and max-autotune modes, and a torch.profiler table of one engine call). Carry .whl and
 # .device_pack. Results come back packed in $OUT/diag.tar.
 set -u
-source benchmarks/device/env.sh
+source tools/device/env.sh
 W=/tmp/diag2 && mkdir -p $W/step $W/generate
 BENCH_STEPS=${BENCH_STEPS:-10} timeout "${STEP_SECONDS:-300}" python3 benchmarks/bench_step.py $W/step \
   "${SHAPE:-qwen2.5-1.5b}" ${VARIANTS:-sdgrpo_hf sdgrpo_hf_generate} 2>&1 | grep "^{" | cut -c1-400

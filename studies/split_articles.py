@@ -1,6 +1,6 @@
 """Split a WikiText file by article into a training part and a held-out part (every 5th article held out).
 
-    python benchmarks/split_articles.py SRC OUT_TRAIN OUT_HELDOUT
+    python studies/split_articles.py SRC OUT_TRAIN OUT_HELDOUT
 
 An article starts at a line `` = Title = `` (one '=' on each side; sections have two or more).
 """

@@ -1,8 +1,8 @@
 """Which recipe makes a model better at a new domain without making it worse at everything else?
 
-    python benchmarks/split_articles.py ../shared/data/wikitext-2/valid.txt work/wiki_train.txt work/wiki_heldout.txt
-    python benchmarks/domain_study.py --domain_train work/wiki_train.txt --domain_heldout work/wiki_heldout.txt \
-        --out benchmarks/results/domain_study [--budget_s 300] [--model PATH] [--general_data ../shared/data]
+    python studies/split_articles.py ../shared/data/wikitext-2/valid.txt work/wiki_train.txt work/wiki_heldout.txt
+    python studies/domain_study.py --domain_train work/wiki_train.txt --domain_heldout work/wiki_heldout.txt \
+        --out studies/results/domain_study [--budget_s 300] [--model PATH] [--general_data ../shared/data]
 
 Arms, each trained for the same wall-clock budget on this machine (LoRA r 16 on all linear layers):
 - ``base``: no training;

@@ -2,12 +2,12 @@
 # .device_pack carried (.device_pack/corpus.tar.xz: a tar of ../shared/data's tinyshakespeare, gutenberg and
 # gutenberg-more folders). Installs the wheelhouse into /tmp/site, sets the environment (NVLink multicast off, as
 # the machine requires), unpacks the corpus as ../shared/data and .gpu_data, and sets OUT (default /tmp/out).
-# deepspeed (benchmarks/device/add_deepspeed_wheels.sh) only with WITH_DEEPSPEED=1: once installed, accelerate and
+# deepspeed (tools/device/add_deepspeed_wheels.sh) only with WITH_DEEPSPEED=1: once installed, accelerate and
 # transformers import it on every save, and any import failure of it stops runs that never use it.
 wheels=$(ls .whl/*.whl | { if [ "${WITH_DEEPSPEED:-0}" = 1 ]; then cat; else grep -v '/deepspeed-'; fi; })
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
   && tar xzf .whl/unsloth_pkg.tgz -C /tmp/site || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks:$PWD/studies HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PATH=/tmp/site/bin:$PATH NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" .device_data ../shared

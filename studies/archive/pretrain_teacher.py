@@ -3,7 +3,7 @@
 The shipped model's recipe (sdgrpo.pretrain, same public-domain texts, same 95/5 split, same tokenizer so the teacher
 scores the student's sampled ids directly), at 2.7-4.7x the parameters. Several settings run at once;
 the one with the lower held-out bits per byte is kept.
-Usage: python benchmarks/pretrain_teacher.py DATA_DIR OUT_DIR [name,name,...]   (default: every candidate)
+Usage: python studies/archive/pretrain_teacher.py DATA_DIR OUT_DIR [name,name,...]   (default: every candidate)
 Writes OUT_DIR/teacher_sweep.json and OUT_DIR/teacher/ (a from_pretrained folder).
 """
 
@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from pretrain_sweep import sweep  # noqa: E402
 
@@ -31,7 +31,7 @@ H512 = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, interme
 # than the student; still improving at the end); drop0.4-b128: 8,733 steps, 1.4822.
 ROUND3 = dict(COMMON, **H384, compile=True, max_steps=60000, max_seconds=450, eval_every=4000)
 CANDIDATES = {
-    # Round 1's best, the teacher of benchmarks/results/archive/distill_study_tiny_cpu2_2026-11-26.json
+    # Round 1's best, the teacher of studies/results/distill_study_tiny_cpu2_2026-11-26.json
     # (1.4853 bits/byte after 7,265 steps;
     # round 1 used a step-paced schedule with max_steps 8000 and a 400 s budget).
     "teacher-h384-l8-drop0.3": dict(COMMON, **H384, hidden_dropout=0.3, batch_size=64, learning_rate=1.5e-3,
@@ -43,7 +43,7 @@ CANDIDATES = {
     "r3-h384-l8-drop0.4-b128-compiled": dict(ROUND3, hidden_dropout=0.4, batch_size=128, learning_rate=2e-3),
     # Round 4 (not run yet): round 3's b128 run, which was ahead per step, alone on the GPU and continued over three
     # calls on one warm machine (480 s each, 1,440 s in all, the schedule paced by the whole): TEST_SECONDS=0
-    # TEACHERS=r4-h384-l8-drop0.4-b128-chained bash benchmarks/device/teacher_and_gpu_tests.sh, three times in a row.
+    # TEACHERS=r4-h384-l8-drop0.4-b128-chained bash tools/device/teacher_and_gpu_tests.sh, three times in a row.
     "r4-h384-l8-drop0.4-b128-chained": dict(ROUND3, hidden_dropout=0.4, batch_size=128, learning_rate=2e-3,
                                             max_seconds=1440, session_seconds=480,
                                             resume_dir="/tmp/teacher_state/r4-h384-l8-drop0.4-b128-chained"),

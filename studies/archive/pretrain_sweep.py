@@ -1,6 +1,6 @@
 """Pretrain several tiny-model configurations at once on one GPU and keep the best (GPU machine).
 
-Usage: python benchmarks/pretrain_sweep.py DATA_DIR OUT_DIR
+Usage: python studies/archive/pretrain_sweep.py DATA_DIR OUT_DIR
 Writes OUT_DIR/sweep.json (every run's figures and curve) and OUT_DIR/best/ (the best model folder).
 All candidates stay within 6M parameters so the bf16 safetensors file stays under 12 MB.
 """
@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from sdgrpo.pretrain import PretrainConfig, main  # noqa: E402
 

@@ -2,7 +2,7 @@
 # GPU machine, one call: rerun the Unsloth reuse test on the real-shape model, then the step benchmark (0.5B shape).
 # Carry .whl and .device_pack. Results to $OUT.
 set -u
-source benchmarks/device/env.sh
+source tools/device/env.sh
 timeout "${TEST_SECONDS:-150}" python3 -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider \
   -k "${PYTEST_K:-reuse and qwen}" tests/gpu/test_gpu.py > "$OUT/pytest_gpu.log" 2>&1
 tail -25 "$OUT/pytest_gpu.log"

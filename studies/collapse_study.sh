@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Collapse study on CPU: self-distillation vs. two collapsing runs on the shipped tiny model and the demo text.
-# Writes outputs/<run>/ (adapters, metrics, eval reports) and benchmarks/results/collapse_study_tiny_cpu2_DATE.json.
+# Writes outputs/<run>/ (adapters, metrics, eval reports) and studies/results/collapse_study_tiny_cpu2_DATE.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sdgrpo prepare src/sdgrpo/assets/demo/openings.txt --output data/demo --min_prompt_tokens 8 --max_prompt_tokens 20 \
@@ -28,7 +28,7 @@ for run in ["tiny-selfdistill", "tiny-collapse-beta0", "tiny-score-with-policy"]
         "last_step": {k: steps[-1][k] for k in ("reward", "collapse/seq_rep_4", "collapse/distinct_2")},
         "eval_base_T1": ev["base"]["temperatures"]["1.0"], "eval_trained": ev["trained"], "verdict": ev["verdict"],
     }
-Path(f"benchmarks/results/collapse_study_tiny_cpu2_{datetime.date.today()}.json").write_text(json.dumps(out, indent=2))
+Path(f"studies/results/collapse_study_tiny_cpu2_{datetime.date.today()}.json").write_text(json.dumps(out, indent=2))
 print(json.dumps({r: {"steps": v["steps_run"], "tripped_at": (v["guard"] or {}).get("tripped_at"),
                       "reason": (v["guard"] or {}).get("reason"),
                       "reward base->trained": (v["eval_base_T1"]["reward_mean"], v["eval_trained"]["reward_mean"]),

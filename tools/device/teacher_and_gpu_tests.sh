@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU machine, one call: pretrain the distillation teacher (background) while the GPU tests run.
-# TEACHERS: comma-separated candidate names of benchmarks/pretrain_teacher.py (default: all of them).
+# TEACHERS: comma-separated candidate names of studies/archive/pretrain_teacher.py (default: all of them).
 # Carry .whl and .device_pack. Results to $OUT.
 set -u
-source benchmarks/device/env.sh
-( python3 benchmarks/pretrain_teacher.py .device_data /tmp/teacher_out ${TEACHERS:-} > "$OUT/teacher.log" 2>&1
+source tools/device/env.sh
+( python3 studies/archive/pretrain_teacher.py .device_data /tmp/teacher_out ${TEACHERS:-} > "$OUT/teacher.log" 2>&1
   cp /tmp/teacher_out/teacher_sweep.json "$OUT/"
   tar cf - -C /tmp/teacher_out teacher | split -b 15M - "$OUT/teacher.tar.part-" ) &
 if [ "${TEST_SECONDS:-470}" != 0 ]; then  # TEST_SECONDS=0: the teacher alone

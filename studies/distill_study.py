@@ -9,11 +9,11 @@ of every training book (the prompts come from the first 95% only) and, on sample
 the diversity metrics (distinct-2, seq-rep-4, length, EOS rate) and the teacher's mean log-likelihood of the
 samples; the base student is also sampled at T=0.85 and 0.7 (what plain sharpening gives).
 
-    python benchmarks/distill_study.py --teacher DIR --student DIR --out DIR [--steps N] [--data_dir DIR]
-    python benchmarks/distill_study.py --plot RESULT.json OUT.png
+    python studies/distill_study.py --teacher DIR --student DIR --out DIR [--steps N] [--data_dir DIR]
+    python studies/distill_study.py --plot RESULT.json OUT.png
 
 The defaults: the shipped model teaches a student of about a quarter of its size, pretrained with the same recipe
-and tokenizer by `benchmarks/pretrain_incontext_sweep.py` (candidate student-h128-l4).
+and tokenizer by `studies/archive/pretrain_incontext_sweep.py` (candidate student-h128-l4).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "benchmarks"))  # common.py
 
 # Rewards and the settings that differ between them. distill carries its own KL (to the teacher): no KL to the base.
 RUNS = {

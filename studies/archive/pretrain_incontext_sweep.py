@@ -1,6 +1,6 @@
 """Pretrain candidate recipes for a default model that copies from its context, one GPU each, and keep the best.
 
-    python benchmarks/pretrain_incontext_sweep.py DATA_DIR OUT_DIR [NAME,...]
+    python studies/archive/pretrain_incontext_sweep.py DATA_DIR OUT_DIR [NAME,...]
 
 Each candidate runs `sdgrpo pretrain` in its own process on its own GPU (CUDA_VISIBLE_DEVICES), all at once. Best:
 among the runs that reach the targets (induction score >= 2.0 nats/token at 60 tokens, context gain >= 1.0), the

@@ -9,7 +9,7 @@ whole model or a LoRA adapter; then measures held-out bits per byte on the last 
 objective, learning rate, number of tokens and trainable part make the student better, so that `sdgrpo sft
 --teacher_model_name_or_path` can be run with those settings.
 
-    python benchmarks/distill_sweep.py OUT.json [--student DIR] [--arms part,w,lr,steps ...]
+    python studies/archive/distill_sweep.py OUT.json [--student DIR] [--arms part,w,lr,steps ...]
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # studies/
 sys.path.insert(0, str(HERE.parent / "src"))
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "benchmarks"))  # common.py
+sys.path.insert(0, str(HERE))  # distill_study.py
 
 ARMS = ["full,1,5e-4,600", "full,0,5e-4,600", "full,0.5,5e-4,600", "full,1,2e-4,600", "full,1,1e-3,600",
         "lora,1,1e-3,600", "lora,0,1e-3,600", "full,1,5e-4,2000", "full,0,5e-4,2000"]

@@ -3,7 +3,7 @@
 # cores with pytest-xdist). Carry .whl (../shared/device/make-wheelhouse.sh). Logs to $OUT.
 # CPU_ONLY=1: the CPU suite alone; GPU_ONLY=1: the GPU tests alone.
 set -u
-source benchmarks/device/env.sh
+source tools/device/env.sh
 if [ "${CPU_ONLY:-0}" != 1 ]; then
   # four workers on the one GPU: the tests are independent subprocesses, each far from filling the card
   start=$(date +%s)

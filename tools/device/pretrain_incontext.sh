@@ -8,4 +8,4 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" .device_data && tar xJf .device_pack/corpus.tar.xz -C .device_data || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-GPUS=$(nvidia-smi -L | wc -l) python3 benchmarks/pretrain_incontext_sweep.py .device_data "$OUT" ${CANDIDATES:-}
+GPUS=$(nvidia-smi -L | wc -l) python3 studies/archive/pretrain_incontext_sweep.py .device_data "$OUT" ${CANDIDATES:-}
