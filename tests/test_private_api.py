@@ -170,3 +170,12 @@ def test_trls_loss_applies_the_importance_ratio_under_its_vllm_branch_only():
     fields = GRPOConfig.__dataclass_fields__
     assert {"vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
             "vllm_importance_sampling_clip_min"} <= set(fields)
+
+
+def test_trls_loss_reads_per_token_advantages():
+    """--advantage token hands TRL (B, T) advantages: its loss must keep unsqueezing only a 1-D tensor."""
+    from trl import GRPOTrainer
+
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    assert 'advantages = inputs["advantages"]' in source
+    assert "if advantages.dim() == 1:\n            advantages = advantages.unsqueeze(1)" in source

@@ -257,3 +257,68 @@ def test_rollouts_with_a_mismatched_sampler_are_corrected_in_the_loss(tiny_model
     independent = -((adv * want * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     assert loss.item() == pytest.approx(independent.item(), abs=1e-5)
     assert not trainer.use_vllm  # the branch was taken for the call only
+
+
+@pytest.mark.parametrize("reward_name, weight", [("distill", 0.0), ("teacher_nll", 0.0), ("distill", 0.5)])
+def test_token_advantages_are_teacher_minus_policy_per_token(reward_name, weight, tiny_model_dir, tiny_tokenizer,
+                                                             dataset, tmp_path):
+    """--advantage token: each completion token's advantage is log q_teacher(y_t) - log p_policy(y_t) against one
+    unpadded forward per sequence of each model (prompts of different lengths, truncated completions, padding), plus
+    the weight times the group-normalised sequence advantage; 0 past the completion. TRL's loss then reads the
+    (B, T) advantages: the loss equals -mean_rows(sum_t A_t / n) (beta 0, first iteration)."""
+    from transformers import AutoModelForCausalLM
+    from trl import get_peft_config
+
+    from sdgrpo.rewards import DistillReward, TeacherNLLReward
+
+    ensure_trl_runs_without_triton()
+    train_cfg, model_cfg = parse_train_args([
+        "--output_dir", str(tmp_path), "--max_steps", "1", "--per_device_train_batch_size", "8",
+        "--num_generations", "4", "--max_completion_length", "10", "--report_to", "none", "--save_strategy", "no",
+        "--collapse_guard", "off", "--reward", reward_name, "--advantage", "token", "--beta", "0",
+        "--loss_type", "grpo", "--sequence_advantage_weight", str(weight)])
+    teacher = make_llama(tiny_tokenizer, seed=44, layers=3)
+    reward = (DistillReward(teacher, tiny_tokenizer, policy=None) if reward_name == "distill"
+              else TeacherNLLReward(teacher, tiny_tokenizer))
+    trainer = SelfDistillGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[reward],
+                                     args=train_cfg, train_dataset=dataset, processing_class=tiny_tokenizer,
+                                     peft_config=get_peft_config(model_cfg))
+    reward.model = trainer.model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    adv, mask = batch["advantages"], batch["completion_mask"]
+    assert adv.shape == mask.shape
+    rows, terms = [], []
+    for i in range(mask.size(0)):
+        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+        completion = batch["completion_ids"][i][mask[i].bool()].tolist()
+        with torch.no_grad():
+            term = reference_logps(teacher, prompt, completion) - reference_logps(trainer.model, prompt, completion)
+        rows.append((len(prompt), len(completion)))
+        terms.append(term)
+    assert len({p for p, _ in rows}) > 1 and any(c == 10 for _, c in rows)  # prompt lengths differ; truncated rows
+    means = torch.tensor([t.mean().item() for t in terms]).reshape(-1, 4)
+    sequence = ((means - means.mean(1, keepdim=True)) / (means.std(1, keepdim=True) + 1e-4)).flatten()
+    for i, term in enumerate(terms):
+        n = term.numel()
+        want = term + (weight * sequence[i] if reward_name == "distill" else 0.0)
+        assert torch.allclose(adv[i, :n].double(), want.double(), atol=1e-4), i
+        assert not adv[i, n:].any()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(trainer.model, batch)
+    independent = -((adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    assert loss.item() == pytest.approx(independent.item(), abs=1e-5)
+
+
+def test_token_advantages_need_a_teacher_based_reward():
+    from sdgrpo.errors import UserError
+
+    with pytest.raises(UserError, match="--advantage token needs a teacher-based reward"):
+        parse_train_args(["--advantage", "token"])
+    with pytest.raises(UserError, match="drop --teacher_retokenize"):
+        parse_train_args(["--advantage", "token", "--reward", "teacher_nll", "--teacher_retokenize", "true"])

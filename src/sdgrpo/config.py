@@ -20,6 +20,9 @@ TINY_MODEL = str(Path(__file__).parent / "assets" / "tiny-llama")
 BACKENDS = ("hf", "unsloth")
 
 
+TOKEN_REWARDS = ("teacher_nll", "distill", "context_distill")  # the rewards with a per-token advantage
+
+
 @dataclass
 class SDGRPOConfig(GRPOConfig):
     """GRPOConfig plus the data, reward and backend settings of sdgrpo; defaults that differ from TRL's at the end."""
@@ -54,6 +57,18 @@ class SDGRPOConfig(GRPOConfig):
                   "cache): LoRA is folded into copies only where they fit, else decoded unmerged (no copies). "
                   "Default: decided from the GPU's free memory under the process's cap, with a reserve for "
                   "training."},
+    )
+    advantage: str = field(
+        default="sequence",
+        metadata={"help": "sequence: GRPO's advantage, one group-normalised number per completion (TRL's). token: "
+                  "for the teacher-based rewards (teacher_nll, distill, context_distill), the advantage of each "
+                  "completion token is log p_teacher(y_t) - log p_policy(y_t) (the policy's detached), as SDPO and "
+                  "on-policy distillation use; the KL to the base is kept."},
+    )
+    sequence_advantage_weight: float = field(
+        default=0.0,
+        metadata={"help": "With --advantage token: add this weight times the group-normalised sequence advantage to "
+                  "every token's."},
     )
     rollout_correction: str = field(
         default="auto",
@@ -174,6 +189,14 @@ class SDGRPOConfig(GRPOConfig):
         if self.reuse_reference_logprobs not in ("auto", "true", "false"):
             raise UserError(f"reuse_reference_logprobs {self.reuse_reference_logprobs!r} is not one of "
                             "['auto', 'true', 'false']")
+        if self.advantage not in ("sequence", "token"):
+            raise UserError(f"advantage {self.advantage!r} is not one of ['sequence', 'token']")
+        if self.advantage == "token" and self.reward not in TOKEN_REWARDS:
+            raise UserError(f"--advantage token needs a teacher-based reward ({', '.join(TOKEN_REWARDS)}), not "
+                            f"{self.reward!r}: its per-token advantage is the teacher's log-prob minus the policy's")
+        if self.advantage == "token" and self.teacher_retokenize:
+            raise UserError("--advantage token needs the teacher to score the policy's own token ids; drop "
+                            "--teacher_retokenize (or use a teacher with the student's tokenizer)")
         self.rollout_correction = str(self.rollout_correction).lower()
         if self.rollout_correction not in ("auto", "true", "false"):
             raise UserError(f"rollout_correction {self.rollout_correction!r} is not one of ['auto', 'true', 'false']")

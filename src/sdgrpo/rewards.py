@@ -109,6 +109,8 @@ class TeacherNLLReward:
         self.teacher_tokenizer = teacher_tokenizer or tokenizer
         self.aggregation, self.token_budget = aggregation, token_budget
         self.max_prompt_length = max_prompt_length
+        self.model = None  # the policy, bound by the trainer (for the per-token advantage's policy pass)
+        self.policy_passes = 0
         self.direct = same_vocabulary(self.tokenizer, self.teacher_tokenizer)
         if not self.direct and not retokenize:
             raise UserError("the teacher's tokenizer differs from the student's; pass --teacher_retokenize true to "
@@ -132,8 +134,18 @@ class TeacherNLLReward:
         pad = pad_id(self.teacher_tokenizer)
         return completion_logprobs(self.teacher, t_prompts, t_comps, pad_token_id=pad, token_budget=self.token_budget)
 
-    def __call__(self, prompts, completions, completion_ids, prompt_ids=None, **kwargs):
-        return [aggregate(lp, self.aggregation) for lp in self.teacher_logprobs(prompts, completion_ids, prompt_ids)]
+    token_level = False  # set by the trainer under --advantage token: keep each token's teacher - policy term
+    token_terms: list[torch.Tensor] | None = None  # the last call's, one detached CPU tensor per completion
+
+    def __call__(self, prompts, completions, completion_ids, prompt_ids=None, policy_per_token_logps=None,
+                 **kwargs):
+        if self.token_level and prompt_ids is None:
+            prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
+        teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids)
+        if self.token_level:
+            policy = policy_logprobs(self, prompt_ids, completion_ids, policy_per_token_logps)
+            self.token_terms = [q - p for q, p in zip(teacher, policy)]
+        return [aggregate(lp, self.aggregation) for lp in teacher]
 
 
 class DistillReward(TeacherNLLReward):
@@ -160,7 +172,8 @@ class DistillReward(TeacherNLLReward):
             prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
         teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids)
         policy = policy_logprobs(self, prompt_ids, completion_ids, policy_per_token_logps)
-        return [aggregate(q - p, "mean") for q, p in zip(teacher, policy)]
+        self.token_terms = [q - p for q, p in zip(teacher, policy)]
+        return [aggregate(t, "mean") for t in self.token_terms]
 
 
 class ContextDistillReward:
@@ -184,6 +197,7 @@ class ContextDistillReward:
         self.max_prompt_length = max_prompt_length
         self.separator = separator
         self.teacher_passes = self.policy_passes = 0
+        self.token_terms: list[torch.Tensor] | None = None  # the last call's teacher - policy, per token
 
     def teacher_prompts(self, prompt_ids: list[list[int]], continuations: list[str]) -> list[list[int]]:
         """Each prompt's ids with its continuation (and the separator) placed after its leading special tokens."""
@@ -210,7 +224,8 @@ class ContextDistillReward:
             teacher = completion_logprobs(self.model, self.teacher_prompts(prompt_ids, continuation), completion_ids,
                                           pad_token_id=pad, token_budget=self.token_budget)
         policy = policy_logprobs(self, prompt_ids, completion_ids, policy_per_token_logps)
-        return [aggregate(q - p, self.aggregation) for q, p in zip(teacher, policy)]
+        self.token_terms = [q - p for q, p in zip(teacher, policy)]
+        return [aggregate(t, self.aggregation) for t in self.token_terms]
 
 
 def policy_logprobs(reward, prompt_ids, completion_ids, given) -> list[torch.Tensor]:

@@ -143,6 +143,10 @@ class SelfDistillMixin(CheckpointMixin):
         self.engine = (DecodeEngine(compile=bool(getattr(self.args, "generation_compile", False)),
                                     memory_budget_gib=getattr(self.args, "generation_memory_gib", None))
                        if getattr(self.args, "generation_engine", False) else None)
+        self.token_advantages = getattr(self.args, "advantage", "sequence") == "token"
+        if self.token_advantages:
+            for reward in self.reward_funcs:
+                reward.token_level = True
         self.rollout_correction = self._corrects_rollouts()
         if self.rollout_correction:
             logger.info("rollouts corrected by importance sampling (%s, ratio clipped to [%s, %s]): the engine's "
@@ -252,9 +256,34 @@ class SelfDistillMixin(CheckpointMixin):
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._scoring = False
+        if self.token_advantages:
+            self._use_token_advantages(output)
         if self.rollout_correction and output.get("sampling_per_token_logps") is not None:
             self._correct_rollouts(output)
         return output
+
+    # --- per-token advantages (--advantage token) ------------------------------------------------------------
+    def _use_token_advantages(self, output: dict) -> None:
+        """Replace TRL's (B,) advantages by (B, T): each completion token's teacher - policy log-prob, as the reward
+        computed it for this process's rows (detached), plus ``sequence_advantage_weight`` times TRL's
+        group-normalised sequence advantage; 0 past each completion. TRL 1.15's loss reads (B, T) advantages
+        (``_compute_loss`` unsqueezes only a 1-D tensor; pinned in tests/test_private_api.py)."""
+        terms = getattr(self.reward_funcs[0], "token_terms", None)
+        mask = output["completion_mask"]
+        if terms is None or len(terms) != mask.size(0):
+            raise RuntimeError("--advantage token: the reward kept no per-token terms for this batch")
+        advantages = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        for row, term in enumerate(terms):
+            n = min(term.numel(), mask.size(1))
+            advantages[row, :n] = term[:n].to(advantages.device, torch.float32)
+        weight = float(getattr(self.args, "sequence_advantage_weight", 0.0))
+        if weight:
+            advantages = advantages + weight * output["advantages"].float().reshape(-1, 1)
+        output["advantages"] = advantages * mask
+        mode = "train" if self.model.training else "eval"
+        count = mask.sum().clamp(min=1)
+        self._metrics[mode]["advantage/token_mean"].append(
+            self.accelerator.gather((advantages * mask).sum() / count).mean().item())
 
     # --- rollouts that are not the policy bit for bit -------------------------------------------------------
     def _correct_rollouts(self, output: dict) -> None:
