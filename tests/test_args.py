@@ -32,7 +32,8 @@ def test_what_the_machine_decides_wins_and_a_refused_wish_is_logged(tmp_path, ca
 
 def test_the_machine_step_sees_the_parsed_values():
     """sdgrpo train's machine step fits the generation batch to what was asked before TRL's check would refuse it."""
-    from sdgrpo.config import fit_generation_batch, parse_train_args
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.runtime import fit_generation_batch
 
     train_cfg, _ = parse_train_args(["--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
                                      "--num_generations", "8"])

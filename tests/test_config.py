@@ -106,8 +106,8 @@ def test_compiled_generation_default(monkeypatch):
     """On for --backend hf on a GPU (one process, DDP, FSDP2 with the weights held and FSDP's hooks off for
     generation), with a static cache; off on CPU, Unsloth, vLLM, DeepSpeed and FSDP re-gathering the weights. The
     decoding engine's default follows the same launches (it is on for CPU too, uncompiled)."""
-    from sdgrpo.config import default_generation_compile as default
-    from sdgrpo.config import resolve_runtime
+    from sdgrpo.runtime import default_generation_compile as default
+    from sdgrpo.runtime import resolve_runtime
 
     cpu, model = parse_train_args([])  # this machine has no GPU
     assert cpu.generation_compile is None  # left open until the runtime is known
@@ -123,9 +123,9 @@ def test_compiled_generation_default(monkeypatch):
     assert on.generation_compile is True and on.cache_implementation == "static"
 
     # The whole config on a (pretended) GPU, launched the way accelerate launch marks FSDP and DeepSpeed.
-    import sdgrpo.config
+    import sdgrpo.runtime
 
-    monkeypatch.setattr(sdgrpo.config, "_has_cuda", lambda: True)
+    monkeypatch.setattr(sdgrpo.runtime, "_has_cuda", lambda: True)
     gpu = ["--output_dir", "/tmp/unused", "--bf16", "false"]
     fsdp2 = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     for env, extra, expected in [({}, [], True), (fsdp2, [], True),

@@ -115,7 +115,7 @@ def parse_args(argv: list[str], classes: tuple, prog: str, description: str = ""
     ``positional``: the name of a list field that also takes the words that are not options (prepare's inputs).
     ``machine``: values that replace whatever the defaults, the file or the command line say, for the fields that
     ``classes`` have, or a function of the parsed values that returns them: what the machine decides
-    (:func:`sdgrpo.config.machine_settings`); a replaced value that was asked for is logged.
+    (:func:`sdgrpo.runtime.machine_settings`); a replaced value that was asked for is logged.
     ``-h``/``--help`` prints every option with its help and raises ``SystemExit(0)``.
     """
     argv = list(argv)

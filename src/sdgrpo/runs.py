@@ -14,7 +14,7 @@ from sdgrpo.checkpointing import truncate_metrics
 
 def training_device(cfg) -> str:
     """``cuda`` where a GPU is there and the config does not ask for the CPU (``use_cpu``), else ``cpu``."""
-    from sdgrpo.config import _has_cuda
+    from sdgrpo.runtime import _has_cuda
 
     return "cpu" if cfg.use_cpu else ("cuda" if _has_cuda() else "cpu")
 

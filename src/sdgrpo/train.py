@@ -16,13 +16,14 @@ from sdgrpo.checkpointing import (
     last_complete_checkpoint,
     write_failure_message,
 )
-from sdgrpo.config import SDGRPOConfig, SDModelConfig, config_to_dict, resolve_runtime
+from sdgrpo.config import SDGRPOConfig, SDModelConfig, config_to_dict
 from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.modeling import choose_attention_kernels
 from sdgrpo.rewards import build_reward
 from sdgrpo.runs import save_final, start_output, training_device
+from sdgrpo.runtime import resolve_runtime
 
 logger = logging.getLogger(__name__)
 
