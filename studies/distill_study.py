@@ -76,7 +76,7 @@ def dense_distill(student_dir: str, teacher, tokenizer, prompts: list[str], out:
     from peft import LoraConfig, get_peft_model
 
     from sdgrpo.modeling import load_model
-    from sdgrpo.sampling import sample
+    from sdgrpo.samples import sample
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 sdgrpo pins trl 1.15.0 and transformers <= 5.17.0 (Unsloth's range). An upgrade that renames, removes or re-orders
 any of these fails here, in CI, instead of silently changing what a run computes. Where each is used:
-``trainer.py`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the Triton stand-in),
+``grpo_trainer.py`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the Triton stand-in),
 ``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals), ``engine.py`` (transformers' generation
 config resolution, PEFT's per-layer adapter switch, transformers' SDPA attention and its head pairing),
 ``sft.py`` (SFTTrainer's ``compute_loss_func`` hook).

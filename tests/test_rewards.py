@@ -97,7 +97,7 @@ def test_unsloth_left_packed_layout_maps_back_to_completion_columns(tiny_tokeniz
     right-padded forward, the last C + max_left_pad target positions); the result must equal one unpadded forward
     per sequence. A row whose completion holds a sampled pad token cannot be mapped back and is marked.
     """
-    from sdgrpo.trainer import completion_columns
+    from sdgrpo.grpo_trainer import completion_columns
 
     model = make_llama(tiny_tokenizer, seed=5).double()
     pad = tiny_tokenizer.pad_token_id

@@ -10,9 +10,9 @@ from conftest import make_llama, reference_logps
 from sdgrpo.compat import ensure_trl_runs_without_triton
 from sdgrpo.config import parse_train_args
 from sdgrpo.errors import UserError
+from sdgrpo.grpo_trainer import SelfDistillGRPOTrainer
 from sdgrpo.rewards import DistillReward, SelfNLLReward
 from sdgrpo.scoring import adapters_disabled, completion_logprobs
-from sdgrpo.trainer import SelfDistillGRPOTrainer
 
 
 class RecordingReward(SelfNLLReward):
@@ -127,7 +127,7 @@ def test_trainer_asks_for_gathered_weights_only_under_fsdp_with_the_option(tmp_p
     The hooks are skipped unless --fsdp_skip_hooks_in_generation false."""
     from contextlib import contextmanager
 
-    import sdgrpo.trainer as trainer_module
+    import sdgrpo.grpo_trainer as trainer_module
 
     entered = []
 
@@ -158,8 +158,8 @@ def test_distill_reuses_the_trainers_policy_pass(tmp_path, tiny_model_dir, tiny_
 
     from sdgrpo.compat import ensure_trl_runs_without_triton
     from sdgrpo.config import parse_train_args
+    from sdgrpo.grpo_trainer import SelfDistillGRPOTrainer
     from sdgrpo.scoring import completion_logprobs
-    from sdgrpo.trainer import SelfDistillGRPOTrainer
 
     ensure_trl_runs_without_triton()
     teacher = make_llama(tiny_tokenizer, seed=31, layers=3)

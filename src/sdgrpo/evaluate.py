@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdgrpo.metrics import collapse_metrics
-from sdgrpo.sampling import stop_token_ids
+from sdgrpo.samples import stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def summarize(model, tokenizer, base_scorer, prompts, k, max_new_tokens, tempera
 
     With ``keep_rewards`` the per-sample rewards are included under ``rewards``.
     """
-    from sdgrpo.sampling import base_rewards, sample
+    from sdgrpo.samples import base_rewards, sample
 
     samples = sample(model, tokenizer, prompts, k, max_new_tokens, temperature=temperature, seed=seed)
     rewards = [r for r in base_rewards(base_scorer, tokenizer, samples) if r is not None]

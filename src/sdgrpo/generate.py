@@ -50,7 +50,7 @@ def load(model_name_or_path: str, adapter: str, trust_remote_code: bool = False)
 
 
 def main(args: GenerateConfig) -> int:
-    from sdgrpo.sampling import sample
+    from sdgrpo.samples import sample
     from sdgrpo.scoring import aggregate, completion_logprobs
 
     prompts = list(args.prompt)

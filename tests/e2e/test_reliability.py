@@ -116,8 +116,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_adapter(tmp_path, prepared, tiny
 
     from sdgrpo.config import parse_train_args
     from sdgrpo.errors import UserError
+    from sdgrpo.grpo_trainer import SelfDistillGRPOTrainer
     from sdgrpo.train import main
-    from sdgrpo.trainer import SelfDistillGRPOTrainer
 
     original = SelfDistillGRPOTrainer.compute_loss
 
@@ -194,7 +194,7 @@ def test_nan_and_none_rewards_are_excluded_not_best(tmp_path, prepared, tiny_mod
     from trl import GRPOConfig
 
     from sdgrpo.compat import ensure_trl_runs_without_triton
-    from sdgrpo.trainer import SelfDistillGRPOTrainer
+    from sdgrpo.grpo_trainer import SelfDistillGRPOTrainer
 
     ensure_trl_runs_without_triton()
     seen = {}

@@ -14,9 +14,9 @@ def load(train_cfg, model_cfg):
     """
     from trl import get_peft_config
 
+    from sdgrpo.grpo_trainer import trainer_class
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
     from sdgrpo.runs import training_device
-    from sdgrpo.trainer import trainer_class
 
     if model_cfg.load_in_4bit or model_cfg.load_in_8bit:
         raise UserError("--backend hf loads the policy in 16 or 32 bits and does not quantise it; for a 4-bit base "

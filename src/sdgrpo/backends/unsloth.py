@@ -85,7 +85,7 @@ def unsloth_trainer_class():
     import_unsloth()
     import trl
 
-    from sdgrpo.trainer import trainer_class
+    from sdgrpo.grpo_trainer import trainer_class
 
     return trainer_class(trl.GRPOTrainer, left_packed_logps=True)
 

@@ -11,7 +11,7 @@
 
 The hand-off relies on TRL 1.15's order inside ``_generate_and_score_completions``: ``_generate`` (prompt ids), then
 ``_get_per_token_logps_and_entropies`` for the old policy (when steps are misaligned) and for the reference, then
-``_calculate_rewards``; and on the ``(B, C)`` layout of those log-probs. tests/test_trainer.py fails if either
+``_calculate_rewards``; and on the ``(B, C)`` layout of those log-probs. tests/test_grpo_trainer.py fails if either
 changes (the reward must be served from the KL pass, and must equal an independent forward pass).
 
 Private TRL methods overridden here (pinned: trl 1.15.0; signatures checked by tests/test_private_api.py):

@@ -1,4 +1,4 @@
-"""Sampling K completions per prompt (sdgrpo.sampling): one stop set for every verb."""
+"""Sampling K completions per prompt (sdgrpo.samples): one stop set for every verb."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from conftest import boost, make_llama
 
 
 def test_sampling_stops_on_the_generation_configs_eos_too(tiny_tokenizer, corpus):
-    from sdgrpo.sampling import sample, stop_token_ids
+    from sdgrpo.samples import sample, stop_token_ids
 
     model = make_llama(tiny_tokenizer, seed=9)
     turn_end = 300  # stands for an instruct model's end-of-turn token

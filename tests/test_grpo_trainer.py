@@ -13,10 +13,10 @@ from conftest import boost, make_llama, reference_logps
 from sdgrpo.checkpointing import COMPLETE_MARKER
 from sdgrpo.compat import ensure_trl_runs_without_triton
 from sdgrpo.config import parse_train_args
+from sdgrpo.grpo_trainer import SelfDistillGRPOTrainer, active_dropout
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.rewards import SelfNLLReward
 from sdgrpo.scoring import truncate_prompt
-from sdgrpo.trainer import SelfDistillGRPOTrainer, active_dropout
 
 
 class RecordingReward(SelfNLLReward):
@@ -197,7 +197,7 @@ def test_resume_runs_trls_loader_and_restores_the_optimizer(tmp_path, tiny_token
 def test_importance_weights_follow_trls_modes():
     """Against a hand computation: per-token and per-sequence log-ratios, truncated or masked at the clip bounds,
     masked tokens neutral."""
-    from sdgrpo.trainer import importance_weights
+    from sdgrpo.grpo_trainer import importance_weights
 
     policy = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, 0.0]])
     sampler = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, -0.5, -9.0]])
