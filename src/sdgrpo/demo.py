@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdgrpo.config import TINY_MODEL, parse_train_args
-from sdgrpo.evaluate import verdict
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def main(cfg: DemoConfig) -> int:
 
     from sdgrpo.callbacks import read_metrics
     from sdgrpo.data import PrepareConfig, prepare
-    from sdgrpo.evaluate import summarize
+    from sdgrpo.evaluate import frontier
     from sdgrpo.modeling import load_model, load_tokenizer
     from sdgrpo.report import fmt, markdown_table, plot_before_after, plot_curves, samples_table
     from sdgrpo.train import main as train_main
@@ -62,12 +61,7 @@ def main(cfg: DemoConfig) -> int:
     console.print(f"{summary['prompts']} prompts: {summary['train']} to train on, {summary['test']} held out")
     held_out = list(load_from_disk(str(out / "data"))["test"]["prompt"])
 
-    console.rule("[bold]2/4 sample the base model on held-out prompts")
-    base = load_model(TINY_MODEL, torch.float32, "cpu")
-    s_before, before = summarize(base, tokenizer, base, held_out, cfg.eval_samples, cfg.max_completion_length, 1.0,
-                                 cfg.seed, keep_rewards=True)
-
-    console.rule("[bold]3/4 self-distillation GRPO (LoRA, KL to the base)")
+    console.rule("[bold]2/3 self-distillation GRPO (LoRA, KL to the base)")
     train_cfg, model_cfg = parse_train_args([
         "--dataset_path", str(out / "data"), "--output_dir", str(out / "adapter"),
         "--max_steps", str(cfg.max_steps), "--learning_rate", str(cfg.learning_rate), "--beta", str(cfg.beta),
@@ -79,15 +73,15 @@ def main(cfg: DemoConfig) -> int:
     train_main(train_cfg, model_cfg)
     rows = read_metrics(out / "adapter" / "metrics.jsonl")
 
-    console.rule("[bold]4/4 sample the trained adapters on the same prompts")
+    console.rule("[bold]3/3 sample the base (at each temperature) and the trained adapters on held-out prompts")
+    base = load_model(TINY_MODEL, torch.float32, "cpu")
     trained = PeftModel.from_pretrained(load_model(TINY_MODEL, torch.float32, "cpu"), str(out / "adapter"))
-    s_after, after = summarize(trained, tokenizer, trained, held_out, cfg.eval_samples, cfg.max_completion_length,
-                               1.0, cfg.seed, keep_rewards=True)
-
-    colder = {t: summarize(base, tokenizer, base, held_out, cfg.eval_samples, cfg.max_completion_length, t,
-                           cfg.seed)[0]
-              for t in [float(x) for x in cfg.baseline_temperatures.split(",") if x.strip()]}
-    sentence = verdict(s_after, {1.0: s_before, **colder})
+    temps = [1.0, *(float(x) for x in cfg.baseline_temperatures.split(",") if x.strip())]
+    base_stats, s_after, sentence, samples_by = frontier(base, tokenizer, held_out, cfg.eval_samples,
+                                                         cfg.max_completion_length, temps, cfg.seed, policy=trained,
+                                                         keep_rewards=True)
+    s_before, before, after = base_stats[1.0], samples_by["base T=1.0"], samples_by["trained T=1"]
+    colder = {t: {k: v for k, v in stats.items() if k != "rewards"} for t, stats in base_stats.items() if t != 1.0}
     plot_curves(rows, out / "curves.png")
     plot_before_after(s_before.pop("rewards"), s_after.pop("rewards"), out / "rewards.png")
     elapsed = time.time() - t0

@@ -57,6 +57,23 @@ def summarize(model, tokenizer, base_scorer, prompts, k, max_new_tokens, tempera
     return out, samples
 
 
+def frontier(base, tokenizer, prompts, k, max_new_tokens, temperatures, seed, policy=None,
+             keep_rewards: bool = False) -> tuple[dict, dict | None, str | None, dict]:
+    """The comparison `eval` and `demo` make: the base sampled at each temperature and, with ``policy`` (the
+    trained adapter on the base), the policy at T=1; every reward under the base. Returns (base statistics by
+    temperature, the policy's or None, the verdict or None, the samples by label)."""
+    base_stats, samples_by = {}, {}
+    for t in temperatures:
+        logger.info("sampling the base at T=%g", t)
+        base_stats[t], samples_by[f"base T={t}"] = summarize(base, tokenizer, base, prompts, k, max_new_tokens, t,
+                                                             seed, keep_rewards=keep_rewards)
+    if policy is None:
+        return base_stats, None, None, samples_by
+    trained, samples_by["trained T=1"] = summarize(policy, tokenizer, policy, prompts, k, max_new_tokens, 1.0, seed,
+                                                   keep_rewards=keep_rewards)
+    return base_stats, trained, verdict(trained, base_stats), samples_by
+
+
 def continuation_nll(model, tokenizer, prompts: list[str], continuations: list[str]) -> dict:
     """The model's (adapters on) mean NLL per token of the true continuations given their prompts.
 
@@ -139,20 +156,19 @@ def main(cfg: EvalConfig) -> dict:
     result = {"config": dataclasses.asdict(cfg), "prompts": len(prompts),
               "true_continuations": collapse_metrics(true_ids, conts, eos_ids),
               "base": {"continuation_nll": continuation_nll(base, tokenizer, prompts, conts), "temperatures": {}}}
-    samples_by = {}
-    for t in temps:
-        logger.info("sampling the base at T=%g", t)
-        result["base"]["temperatures"][str(t)], samples_by[f"base T={t}"] = summarize(
-            base, tokenizer, base, prompts, cfg.samples, cfg.max_new_tokens, t, cfg.seed)
+    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{cfg.adapter}: no adapter_config.json; pass the output_dir of `sdgrpo train`")
+    base_stats, _, _, samples_by = frontier(base, tokenizer, prompts, cfg.samples, cfg.max_new_tokens, temps,
+                                            cfg.seed)
+    result["base"]["temperatures"] = {str(t): v for t, v in base_stats.items()}
     trained = None
-    if cfg.adapter:
-        if not (Path(cfg.adapter) / "adapter_config.json").is_file():
-            raise UserError(f"{cfg.adapter}: no adapter_config.json; pass the output_dir of `sdgrpo train`")
+    if cfg.adapter:  # the adapter goes onto the base only now: PEFT wraps the base's layers in place
         policy = PeftModel.from_pretrained(base, cfg.adapter)
-        trained, samples_by["trained T=1"] = summarize(policy, tokenizer, policy, prompts, cfg.samples,
-                                                       cfg.max_new_tokens, 1.0, cfg.seed)
+        _, trained, _, more = frontier(base, tokenizer, prompts, cfg.samples, cfg.max_new_tokens, [], cfg.seed,
+                                       policy=policy)
+        samples_by.update(more)
         result["trained"] = {"continuation_nll": continuation_nll(policy, tokenizer, prompts, conts), **trained}
-        result["verdict"] = verdict(trained, {float(t): v for t, v in result["base"]["temperatures"].items()})
+        result["verdict"] = verdict(trained, base_stats)
     plot_frontier({float(t): v for t, v in result["base"]["temperatures"].items()}, trained, out / "frontier.png")
     (out / "eval.json").write_text(json.dumps(result, indent=2))
 
