@@ -47,7 +47,7 @@ def prepare_prompts(data_dir: Path, work: Path, max_prompts: int = 2000, continu
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.data import PrepareConfig, prepare
     from sdgrpo.modeling import load_tokenizer
-    from sdgrpo.pretrain import load_corpus
+    from sdgrpo.probes import load_corpus
 
     train_dir, held_dir = work / "train_text", work / "heldout_text"
     for d in (train_dir, held_dir):
@@ -116,7 +116,7 @@ def measure(model, tokenizer, teacher, heldout_texts, prompts, device, temperatu
     import torch
 
     from sdgrpo.evaluate import summarize
-    from sdgrpo.pretrain import evaluate_bpb
+    from sdgrpo.probes import evaluate_bpb
 
     t0 = time.time()
     with torch.no_grad():
@@ -137,7 +137,7 @@ def main() -> None:
     from sdgrpo.config import TINY_MODEL, parse_sft_args, parse_train_args
     from sdgrpo.data import load_prompts
     from sdgrpo.modeling import load_model, load_tokenizer
-    from sdgrpo.pretrain import load_corpus
+    from sdgrpo.probes import load_corpus
     from sdgrpo.sft import main as sft
     from sdgrpo.train import main as train
 

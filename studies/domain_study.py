@@ -62,7 +62,7 @@ def prepare(files: list[str], out: Path, model: str, test_size: float = 0.0) -> 
 
 
 def bits_per_byte(model, tokenizer, texts: list[str]) -> float:
-    from sdgrpo.pretrain import evaluate_bpb
+    from sdgrpo.probes import evaluate_bpb
 
     return evaluate_bpb(model, tokenizer, texts, 256, next(model.parameters()).device)[0]
 
@@ -206,7 +206,7 @@ def main() -> None:
     torch.manual_seed(0)
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.data import load_prompts
-    from sdgrpo.pretrain import load_corpus
+    from sdgrpo.probes import load_corpus
     from sdgrpo.textio import read_text_file
 
     model = args.model or TINY_MODEL

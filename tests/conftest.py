@@ -52,7 +52,9 @@ def corpus() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(corpus):
     """A 512-token byte-level BPE trained on the spot, with BOS added like Llama's."""
-    from sdgrpo.pretrain import train_tokenizer
+    from sdgrpo.config import tiny_model_recipe
+
+    train_tokenizer = tiny_model_recipe().train_tokenizer
 
     text = (corpus / "genesis.txt").read_text()[:200_000]
     return train_tokenizer([text], 512)

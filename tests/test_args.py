@@ -8,10 +8,12 @@ import pytest
 from sdgrpo.args import parse_args
 from sdgrpo.cli import VERBS
 from sdgrpo.cli import main as cli_main
+from sdgrpo.config import tiny_model_recipe
 from sdgrpo.data import PrepareConfig
 from sdgrpo.errors import UserError
 from sdgrpo.generate import GenerateConfig
-from sdgrpo.pretrain import PretrainConfig
+
+PretrainConfig = tiny_model_recipe().PretrainConfig
 
 
 def test_yaml_replaces_defaults_and_the_command_line_replaces_yaml(tmp_path):

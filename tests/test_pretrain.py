@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdgrpo.config import TINY_MODEL
-from sdgrpo.pretrain import PretrainConfig, evaluate_bpb, main, split_text, unigram_nll
+from sdgrpo.config import TINY_MODEL, tiny_model_recipe
+from sdgrpo.probes import evaluate_bpb, split_text, unigram_nll
+
+PretrainConfig, main = tiny_model_recipe().PretrainConfig, tiny_model_recipe().main
 
 CARD = Path(TINY_MODEL) / "README.md"
 
@@ -85,7 +87,7 @@ def test_given_tokenizer_and_time_budget(tmp_path, corpus):
     the learning rate paced to end decayed."""
     from transformers import AutoTokenizer
 
-    from sdgrpo.pretrain import _lr_at
+    _lr_at = tiny_model_recipe()._lr_at
 
     data = tmp_path / "data" / "tinyshakespeare"
     data.mkdir(parents=True)

@@ -187,7 +187,9 @@ def test_distill_scores_only_the_rows_the_trainer_could_not(tiny_tokenizer, teac
 
 
 def test_other_tokenizer_refused_unless_retokenizing(tiny_tokenizer, corpus):
-    from sdgrpo.pretrain import train_tokenizer
+    from sdgrpo.config import tiny_model_recipe
+
+    train_tokenizer = tiny_model_recipe().train_tokenizer
 
     other = train_tokenizer([(corpus / "ruth.txt").read_text(encoding="utf-8-sig")], 400)
     teacher = make_llama(other, seed=5)

@@ -126,11 +126,12 @@ def _demo(argv: list[str]) -> int:
 
 
 def _pretrain(argv: list[str]) -> int:
-    from sdgrpo.pretrain import PretrainConfig, main
+    from sdgrpo.config import tiny_model_recipe
 
-    (cfg,) = parse_args(argv, (PretrainConfig,), "sdgrpo pretrain", VERBS["pretrain"])
+    recipe = tiny_model_recipe()
+    (cfg,) = parse_args(argv, (recipe.PretrainConfig,), "sdgrpo pretrain", VERBS["pretrain"])
     check_paths([cfg])
-    result = main(cfg)
+    result = recipe.main(cfg)
     print(json.dumps({k: v for k, v in result.items() if k not in ("history", "config")}, indent=2))
     return 0
 

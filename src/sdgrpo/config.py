@@ -16,6 +16,21 @@ from sdgrpo.runtime import machine_settings
 logger = logging.getLogger(__name__)
 
 TINY_MODEL = str(Path(__file__).parent / "assets" / "tiny-llama")
+
+
+def tiny_model_recipe():
+    """The shipped model's pretraining recipe, ``assets/tiny-llama/pretrain.py`` (kept beside the model it makes,
+    not in the library), loaded as a module once."""
+    import importlib.util
+    import sys
+
+    name = "sdgrpo_tiny_model_recipe"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(TINY_MODEL) / "pretrain.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 BACKENDS = ("hf", "unsloth")
 
 

@@ -35,7 +35,7 @@ ARMS = ["full,1,5e-4,600", "full,0,5e-4,600", "full,0.5,5e-4,600", "full,1,2e-4,
 def run_arm(spec: str, student_dir: str, teacher, ids: torch.Tensor, heldout: list[str], tokenizer, batch: int,
             seq_len: int, device: str) -> dict:
     from sdgrpo.modeling import load_model
-    from sdgrpo.pretrain import evaluate_bpb
+    from sdgrpo.probes import evaluate_bpb
     from sdgrpo.sft import kd_loss
 
     part, w, lr, steps = spec.split(",")
@@ -76,7 +76,7 @@ def main() -> None:
 
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.modeling import load_model, load_tokenizer
-    from sdgrpo.pretrain import evaluate_bpb, load_corpus
+    from sdgrpo.probes import evaluate_bpb, load_corpus
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")

@@ -15,7 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from sdgrpo.pretrain import PretrainConfig, main  # noqa: E402
+from sdgrpo.config import tiny_model_recipe  # noqa: E402
+
+PretrainConfig, main = tiny_model_recipe().PretrainConfig, tiny_model_recipe().main
 
 CANDIDATES = {
     # Round 1 (no dropout) overfit after ~2,000 steps: best 0.556 of unigram at step 2,000, 0.586 at 4,000.

@@ -1,6 +1,7 @@
 """Pretrain the ~15M-parameter teacher of the distillation study (issue #8) on one GPU.
 
-The shipped model's recipe (sdgrpo.pretrain, same public-domain texts, same 95/5 split, same tokenizer so the teacher
+The shipped model's recipe (sdgrpo/assets/tiny-llama/pretrain.py, same public-domain texts, same 95/5 split, same
+tokenizer so the teacher
 scores the student's sampled ids directly), at 2.7-4.7x the parameters. Several settings run at once;
 the one with the lower held-out bits per byte is kept.
 Usage: python studies/archive/pretrain_teacher.py DATA_DIR OUT_DIR [name,name,...]   (default: every candidate)

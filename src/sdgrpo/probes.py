@@ -1,4 +1,6 @@
-"""In-context copying probes: does a model use what it has just read?
+"""Measuring a causal LM on plain text: held-out bits per byte over running text (:func:`evaluate_bpb`, with a
+unigram baseline and the held-out slice of the shipped model's corpus, :func:`load_corpus`), and the in-context
+copying probes: does a model use what it has just read?
 
 - **Induction score** (nats/token): a passage of L tokens written twice in a row after BOS; the mean log-prob of the
   second copy minus that of the first. A model that copies scores the second copy near 0 nats/token, a gain of
@@ -12,10 +14,16 @@ Both take token windows of plain text (held-out text the model never trained on)
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
+from pathlib import Path
 
 import torch
+
+from sdgrpo.textio import read_text_file
+
+CORPORA = ("tinyshakespeare", "gutenberg", "gutenberg-more")  # the shipped model's corpus folders
 
 
 def _windows(ids_per_text: list[list[int]], length: int, count: int, seed: int) -> list[list[int]]:
@@ -90,3 +98,78 @@ def probe(model, tokenizer, heldout: list[str], unseen: list[str], count: int = 
         "context_gain": round(context_gain(model, tokenizer, unseen, count=count), 4),
         "probe_passages": count,
     }
+
+
+def split_text(text: str, heldout_fraction: float) -> tuple[str, str]:
+    """Split ``text`` at the line break nearest to ``1 - heldout_fraction`` of its length."""
+    cut = int(len(text) * (1 - heldout_fraction))
+    nl = text.rfind("\n", 0, cut)
+    cut = nl + 1 if nl > 0 else cut
+    return text[:cut], text[cut:]
+
+
+def load_corpus(data_dir: str | Path, heldout_fraction: float = 0.05) -> list[tuple[str, str, str]]:
+    """Return ``(name, train_text, heldout_text)`` for every text, sorted by path: the books under the shipped
+    model's corpus folders (``CORPORA``) where ``data_dir`` has them, else every ``.txt`` file under it."""
+    from sdgrpo.errors import UserError
+
+    if not data_dir:
+        raise UserError("pretrain needs --data_dir: a folder of .txt files")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder; pass --data_dir with .txt files")
+    paths = [p for sub in CORPORA for p in sorted((root / sub).glob("*.txt"))]
+    if not paths:
+        paths = sorted(root.rglob("*.txt"))
+    out = []
+    for path in paths:
+        if path.name == "SOURCE.txt":
+            continue
+        train, held = split_text(read_text_file(path), heldout_fraction)
+        out.append((str(path.relative_to(root)), train, held))
+    if not out:
+        raise UserError(f"{root}: no .txt files to train on; pass --data_dir with text files")
+    return out
+
+
+@torch.no_grad()
+def heldout_nll(model, ids: torch.Tensor, seq_len: int, device, batch_size: int = 32) -> float:
+    """Summed NLL in nats of every token of ``ids`` after the first, each predicted exactly once.
+
+    Chunk ``i`` is ``ids[i*(T-1) : i*(T-1)+T]`` and scores its tokens 1..T-1, so the targets tile the stream.
+    """
+    model.eval()
+    step = seq_len - 1
+    starts = list(range(0, len(ids) - 1, step))
+    total = 0.0
+    for b in range(0, len(starts), batch_size):
+        chunk = [ids[s : s + seq_len] for s in starts[b : b + batch_size]]
+        lengths = [len(c) for c in chunk]
+        width = max(lengths)
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, c in enumerate(chunk):
+            x[i, : len(c)] = c
+            mask[i, : len(c)] = 1
+        x, mask = x.to(device), mask.to(device)
+        logits = model(input_ids=x, attention_mask=mask).logits.float()  # [B, T, V]
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+        total -= (logp * mask[:, 1:]).sum().item()
+    return total
+
+
+def unigram_nll(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: int) -> float:
+    """Summed NLL in nats of ``eval_ids[1:]`` under add-one-smoothed unigram counts of ``train_ids``."""
+    counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1.0
+    logp = torch.log(counts / counts.sum())
+    return -logp[eval_ids[1:]].sum().item()
+
+
+def evaluate_bpb(model, tokenizer, heldout: list[str], seq_len: int, device) -> tuple[float, int]:
+    """Held-out bits per UTF-8 byte over ``heldout`` texts; returns ``(bpb, bytes)``."""
+    nll, nbytes = 0.0, 0
+    for text in heldout:
+        ids = torch.tensor(tokenizer(text)["input_ids"])
+        nll += heldout_nll(model, ids, seq_len, device)
+        nbytes += len(text.encode("utf-8"))
+    return nll / math.log(2) / nbytes, nbytes

@@ -1,8 +1,11 @@
 """Pretrain the tiny default model: a BPE tokenizer and a small Llama on public-domain books.
 
-The recipe behind the model shipped in ``sdgrpo/assets/tiny-llama``. Every text is split into its first 95%
+The recipe behind the model beside it (``sdgrpo/assets/tiny-llama``; its README is the model card), kept with the
+model rather than in the library: ``sdgrpo pretrain`` runs it (:func:`sdgrpo.config.tiny_model_recipe` loads it), and
+what users call from it, held-out bits per byte and the in-context probes, is :mod:`sdgrpo.probes`. Every text is
+split into its first 95%
 (training) and last 5% (held out); held-out bits per byte are reported with a unigram baseline on the same slice,
-and the in-context copying probes of :mod:`sdgrpo.incontext` (induction score, context gain) at the end.
+and the in-context copying probes of :mod:`sdgrpo.probes` (induction score, context gain) at the end.
 
 ``repeat_fraction`` of the training rows get a span of ``repeat_min_tokens``-``repeat_max_tokens`` tokens copied to
 a later place in the same row: prose rarely repeats itself within a window, and without such repeats a model this
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sdgrpo.incontext import induction_score, probe
+from sdgrpo.probes import evaluate_bpb, induction_score, load_corpus, probe, unigram_nll
 from sdgrpo.textio import read_text_file
 
 logger = logging.getLogger(__name__)
@@ -28,7 +31,6 @@ logger = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
 PAD = "<pad>"
 # The sub-corpora of ../shared/data that the model is trained on (WikiText is left out: it is a tokenized variant).
-CORPORA = ("tinyshakespeare", "gutenberg", "gutenberg-more")
 
 
 @dataclass
@@ -71,38 +73,6 @@ class PretrainConfig:
     # Stop this call after this many seconds (0: no limit), saving the state for the next call.
     session_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
-
-
-def split_text(text: str, heldout_fraction: float) -> tuple[str, str]:
-    """Split ``text`` at the line break nearest to ``1 - heldout_fraction`` of its length."""
-    cut = int(len(text) * (1 - heldout_fraction))
-    nl = text.rfind("\n", 0, cut)
-    cut = nl + 1 if nl > 0 else cut
-    return text[:cut], text[cut:]
-
-
-def load_corpus(data_dir: str | Path, heldout_fraction: float = 0.05) -> list[tuple[str, str, str]]:
-    """Return ``(name, train_text, heldout_text)`` for every text, sorted by path: the books under the shipped
-    model's corpus folders (``CORPORA``) where ``data_dir`` has them, else every ``.txt`` file under it."""
-    from sdgrpo.errors import UserError
-
-    if not data_dir:
-        raise UserError("pretrain needs --data_dir: a folder of .txt files")
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise UserError(f"{root}: no such folder; pass --data_dir with .txt files")
-    paths = [p for sub in CORPORA for p in sorted((root / sub).glob("*.txt"))]
-    if not paths:
-        paths = sorted(root.rglob("*.txt"))
-    out = []
-    for path in paths:
-        if path.name == "SOURCE.txt":
-            continue
-        train, held = split_text(read_text_file(path), heldout_fraction)
-        out.append((str(path.relative_to(root)), train, held))
-    if not out:
-        raise UserError(f"{root}: no .txt files to train on; pass --data_dir with text files")
-    return out
 
 
 def add_repeats(batch: torch.Tensor, cfg: PretrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -192,49 +162,6 @@ def encode_documents(tokenizer, texts: list[str]) -> torch.Tensor:
     for text in texts:
         ids.extend(tokenizer(text)["input_ids"])
     return torch.tensor(ids, dtype=torch.long)
-
-
-@torch.no_grad()
-def heldout_nll(model, ids: torch.Tensor, seq_len: int, device, batch_size: int = 32) -> float:
-    """Summed NLL in nats of every token of ``ids`` after the first, each predicted exactly once.
-
-    Chunk ``i`` is ``ids[i*(T-1) : i*(T-1)+T]`` and scores its tokens 1..T-1, so the targets tile the stream.
-    """
-    model.eval()
-    step = seq_len - 1
-    starts = list(range(0, len(ids) - 1, step))
-    total = 0.0
-    for b in range(0, len(starts), batch_size):
-        chunk = [ids[s : s + seq_len] for s in starts[b : b + batch_size]]
-        lengths = [len(c) for c in chunk]
-        width = max(lengths)
-        x = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, c in enumerate(chunk):
-            x[i, : len(c)] = c
-            mask[i, : len(c)] = 1
-        x, mask = x.to(device), mask.to(device)
-        logits = model(input_ids=x, attention_mask=mask).logits.float()  # [B, T, V]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
-        total -= (logp * mask[:, 1:]).sum().item()
-    return total
-
-
-def unigram_nll(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: int) -> float:
-    """Summed NLL in nats of ``eval_ids[1:]`` under add-one-smoothed unigram counts of ``train_ids``."""
-    counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1.0
-    logp = torch.log(counts / counts.sum())
-    return -logp[eval_ids[1:]].sum().item()
-
-
-def evaluate_bpb(model, tokenizer, heldout: list[str], seq_len: int, device) -> tuple[float, int]:
-    """Held-out bits per UTF-8 byte over ``heldout`` texts; returns ``(bpb, bytes)``."""
-    nll, nbytes = 0.0, 0
-    for text in heldout:
-        ids = torch.tensor(tokenizer(text)["input_ids"])
-        nll += heldout_nll(model, ids, seq_len, device)
-        nbytes += len(text.encode("utf-8"))
-    return nll / math.log(2) / nbytes, nbytes
 
 
 def _unseen_texts(cfg: PretrainConfig, heldout: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ import torch
 
 def test_the_shipped_model_copies_from_its_context(shipped, corpus):
     """Induction score and context gain on text it never trained on, above the targets the recipe was chosen for."""
-    from sdgrpo.incontext import context_gain, induction_score
+    from sdgrpo.probes import context_gain, induction_score
 
     model, tok = shipped
     texts = [p.read_text(encoding="utf-8-sig") for p in sorted(corpus.glob("*.txt"))]
@@ -21,7 +21,7 @@ def test_induction_score_by_hand(tiny_tokenizer, corpus):
     nothing of the first: its score is log V, to the digit, only if the probe scores exactly the two copies."""
     import math
 
-    from sdgrpo.incontext import induction_score
+    from sdgrpo.probes import induction_score
 
     vocab, length = len(tiny_tokenizer), 20
 
