@@ -418,3 +418,20 @@ def test_sampling_log_probs_at_the_calls_temperature(lora, tiny_tokenizer):
         ref = torch.log_softmax(logits / 0.7, -1)[width - start - 1 : width - start - 1 + n]
         ref = ref.gather(-1, completion[:n, None])[:, 0]
         assert torch.allclose(out.sampling_logprobs[row, :n].double(), ref, atol=1e-5)
+
+
+def test_lora_that_cannot_be_folded_is_reported_unmerged(tiny_tokenizer):
+    """A DoRA adapter is decoded unmerged (PEFT's own forward), and the engine says so: mode ``unmerged``, not
+    ``folded``, whatever the budget; a model without LoRA is ``plain``."""
+    from peft import LoraConfig, get_peft_model
+
+    dora = get_peft_model(make_llama(tiny_tokenizer, seed=51), LoraConfig(r=4, target_modules="all-linear",
+                                                                          use_dora=True)).eval()
+    enc = encode(tiny_tokenizer)
+    want = dora.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    engine = DecodeEngine(memory_budget_gib=100.0)
+    assert torch.equal(engine.generate(dora, **enc, do_sample=False, **settings(tiny_tokenizer)), want)
+    assert engine.mode == "unmerged" and engine.fold.held() == 0
+    plain = DecodeEngine(memory_budget_gib=100.0)
+    plain.generate(make_llama(tiny_tokenizer, seed=52), **enc, do_sample=False, **settings(tiny_tokenizer))
+    assert plain.mode == "plain"

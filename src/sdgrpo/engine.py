@@ -194,7 +194,6 @@ def _foldable_lora_layers(model) -> list | None:
             return None
         if layer.lora_variant or layer.fan_in_fan_out or layer.merged:
             return None
-
         if layer.base_layer.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return None
     return layers
@@ -434,25 +433,17 @@ def grouped_attention(model, on: bool = True):
 
 
 # --- how much memory generation may take ---------------------------------------------------------------------------
-def fold_bytes(model) -> int:
+def fold_bytes(model, layers: list | None = None) -> int:
     """Bytes the fold's generation copies of ``model`` take (one copy of every foldable LoRA-wrapped weight, and of
-    the biases that an adapter's own bias changes); 0 when nothing is folded."""
-    layers = _foldable_lora_layers(model) or []
+    the biases that an adapter's own bias changes); 0 when nothing is folded. ``layers``: its foldable LoRA layers,
+    where the caller has them."""
     total = 0
-    for layer in layers:
+    for layer in (_foldable_lora_layers(model) if layers is None else layers) or []:
         base = layer.base_layer
         total += base.weight.numel() * base.weight.element_size()
         if _lora_bias(layer):
             total += base.out_features * base.weight.element_size()
     return total
-
-
-def _has_lora(model) -> bool:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return False
-    return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 def cache_bytes(model, batch: int, length: int) -> int:
@@ -565,7 +556,8 @@ class DecodeEngine:
         column = st.step.view(1)
         st.tokens.index_copy_(1, column, token[:, None])
         st.logps.index_copy_(1, column, logp[:, None])
-        st.slogps.index_copy_(1, column, slogp[:, None])
+        if scaled(s):  # otherwise ``logprobs`` are the sampling log-probs, and slogps is not read
+            st.slogps.index_copy_(1, column, slogp[:, None])
         st.token.copy_(token)
         st.finished.copy_(finished)
         st.position.add_(1)
@@ -694,11 +686,13 @@ class DecodeEngine:
             return out
 
     def _decide_mode(self, model, batch: int, length: int, device) -> str:
-        """``folded`` where the fold's copies fit the budget, else ``unmerged``; ``plain`` with nothing to fold.
-        Raises :class:`UserError` when a budget the user set is below what decoding needs even unmerged."""
+        """``folded`` where the fold's copies fit the budget, else ``unmerged`` (also for LoRA that cannot be folded:
+        a quantised base, DoRA); ``plain`` without LoRA. Raises :class:`UserError` when a budget the user set is
+        below what decoding needs even unmerged."""
         if self._mode_for is not None and self._mode_for() is model and self.mode is not None:
             return self.mode
-        need = fold_bytes(model)
+        layers = _foldable_lora_layers(model)  # [] without LoRA, None where it cannot be folded
+        need = fold_bytes(model, layers)
         cache = cache_bytes(_inner(model), batch, length)
         if self.memory_budget_gib is not None:
             budget, why = self.memory_budget_gib * 2**30, f"--generation_memory_gib {self.memory_budget_gib:g}"
@@ -710,8 +704,11 @@ class DecodeEngine:
                                 f"give at least that, or leave it unset to decide from the device")
         else:
             budget, why = generation_room(device)
-        if not need and not _has_lora(model):
+        if layers == []:
             self.mode = "plain"
+        elif layers is None:
+            self.mode = "unmerged"
+            logger.info("decoding engine: LoRA decoded unmerged (a quantised base or an adapter variant)")
         elif need + cache <= budget:
             self.mode = "folded"
             logger.info("decoding engine: LoRA folded into generation copies (%.2f GiB + %.2f GiB cache; %s)",
