@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -158,32 +159,26 @@ def is_write_failure(err: BaseException) -> bool:
                                         and re.search(r"I/O error|IoError|os error \d+", str(err)) is not None)
 
 
-def write_failure_message(folder: Path, err: BaseException, output_dir: Path | None = None) -> str:
-    """One line: what failed, why, the last complete checkpoint of ``output_dir`` (default: the folder's parent),
-    the command that continues. A half-written checkpoint folder is removed (it has no completion marker, so
-    resuming would skip it anyway; removing it frees space)."""
+def write_failure_message(what, err: BaseException, output_dir: Path) -> str:
+    """One line: what failed to be written (a path or words), why, the last complete checkpoint of ``output_dir``,
+    the command that continues."""
     import errno
-    import shutil
 
-    if output_dir is None:
-        shutil.rmtree(folder, ignore_errors=True)
     code = getattr(err, "errno", None)
     if code is None:  # safetensors: "... I/O error: No space left on device (os error 28)"
         found = re.search(r"os error (\d+)|code: (\d+)", str(err))
         code = int(found.group(1) or found.group(2)) if found else None
     reason = os.strerror(code) if code else str(err).splitlines()[0][:120]
-    last = last_complete_checkpoint(output_dir or folder.parent)
+    last = last_complete_checkpoint(output_dir)
     full = code == errno.ENOSPC or "No space left" in reason
     where = (f"the last complete checkpoint is {last}: {'free space, then ' if full else ''}run the same command "
              "with --resume to continue from it" if last else
              "no checkpoint was complete yet: run the same command again (without --resume)")
-    return f"writing {folder} failed ({reason}); nothing before it is lost: {where}"
+    return f"writing {what} failed ({reason}); nothing before it is lost: {where}"
 
 
 def copy_adapter(src: Path, dst: Path) -> None:
     """Make the adapter saved in ``src`` (a checkpoint, or the best held-out one) the final one in ``dst``."""
-    import shutil
-
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         shutil.copy2(Path(src) / name, Path(dst) / name)
 
@@ -206,7 +201,9 @@ class CheckpointMixin:
         except Exception as err:  # noqa: BLE001 - only a failed write is turned into one line; the rest re-raised
             if not is_write_failure(err):
                 raise
-            raise UserError(write_failure_message(folder, err)) from None
+            # the half-written folder has no completion marker, so resuming skips it anyway; removing it frees space
+            shutil.rmtree(folder, ignore_errors=True)
+            raise UserError(write_failure_message(folder, err, folder.parent)) from None
         self.accelerator.wait_for_everyone()  # the other ranks' RNG and optimizer shards are on disk
         if self.args.should_save:
             write_marker(folder, {"step": self.state.global_step})

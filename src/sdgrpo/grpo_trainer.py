@@ -33,7 +33,7 @@ from sdgrpo.checkpointing import CheckpointMixin
 from sdgrpo.engine import DecodeEngine, serving
 from sdgrpo.fsdp import gathered_weights
 from sdgrpo.metrics import collapse_metrics
-from sdgrpo.scoring import DROPOUT_ATTRIBUTES, active_dropout, truncate_prompt  # noqa: F401 (re-exported)
+from sdgrpo.scoring import DROPOUT_ATTRIBUTES, active_dropout, truncate_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -294,11 +294,11 @@ class SelfDistillMixin(CheckpointMixin):
         from trl.models.utils import disable_gradient_checkpointing
 
         completion_ids, mask = output["completion_ids"], output["completion_mask"]
+        mode = "train" if self.model.training else "eval"
         old = output.get("old_per_token_logps")
         if old is None:
             ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
             attention = torch.cat([output["prompt_mask"], mask], dim=1)
-            mode = "train" if self.model.training else "eval"
             batch = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 old, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attention,
@@ -308,9 +308,10 @@ class SelfDistillMixin(CheckpointMixin):
         ratio = importance_weights(old, sampling, mask, self.vllm_importance_sampling_mode,
                                    self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
         output["importance_sampling_ratio"] = ratio
-        mode = "train" if self.model.training else "eval"
         for key, value in rollout_mismatch(old, sampling, mask).items():
-            self._metrics[mode][f"sampling/{key}"].append(self.accelerator.gather(value).mean().item())
+            gathered = self.accelerator.gather(value)  # the largest difference over processes is the max, as TRL's
+            self._metrics[mode][f"sampling/{key}"].append((gathered.max() if key.endswith("/max")
+                                                           else gathered.mean()).item())
 
     def _compute_loss(self, model, inputs):
         # TRL 1.15 multiplies the per-token loss by inputs["importance_sampling_ratio"] only under

@@ -88,10 +88,6 @@ class Interrupted(Exception):
     """Training stopped on Ctrl-C after saving; the message says where and how to continue."""
 
 
-def _save_final(trainer, out: Path) -> None:
-    save_final(trainer, out)
-
-
 def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
     """Save the final adapter; after a guard stop or a NaN loss, the last adapter within limits where there is one."""
     if stop.fatal:
@@ -102,19 +98,19 @@ def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
                         + (f"the last good adapter ({good.name}) is in {out}" if good else "no checkpoint was saved")
                         + "; lower --learning_rate or check the data")
     if guard.state.tripped_at is None:
-        _save_final(trainer, out)
+        save_final(trainer, out)
         if stop.reason:
             raise Interrupted(f"{stop.reason} at step {trainer.state.global_step}: adapter and trainer state saved "
                               f"in {out}; continue with the same command and --resume")
         return
-    _save_final(trainer, out / "collapsed")
+    save_final(trainer, out / "collapsed")
     good = guard.good_checkpoint() if guard.action == "restore" else None
     if good is not None:
         step, path = good
         copy_adapter(Path(path), out)
         where = f"the last adapter within limits (step {step}) is in {out}"
     else:
-        _save_final(trainer, out)
+        save_final(trainer, out)
         where = f"no checkpoint within limits was saved, so {out} holds the adapter of step {guard.state.tripped_at}"
     guard.write(out / "collapse_guard.json")
     logger.warning("collapse guard stopped training at step %d: %s; %s (the collapsed one is in %s)",
@@ -235,7 +231,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
     except Exception as err:  # noqa: BLE001 - only a failed write is turned into one line; the rest re-raised
         if not is_write_failure(err):
             raise
-        raise UserError(write_failure_message(out / "the final adapter", err, out)) from None
+        raise UserError(write_failure_message(f"the final adapter into {out}", err, out)) from None
     finally:
         _end_distributed()
     logger.info("adapter saved to %s (reward reused from the KL pass in %d of the reward calls)",
