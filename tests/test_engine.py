@@ -384,7 +384,7 @@ def test_the_fold_is_used_only_where_its_copies_fit_the_budget(lora, tiny_tokeni
     weights = sum(m.base_layer.weight.numel() * 4 for m in lora.modules() if hasattr(m, "base_layer"))
     assert need == weights and 0 < cache < need
     for budget, mode, held in (((cache + need / 2) / 2**30, "unmerged", 0), ((cache + need) / 2**30, "folded", 14)):
-        engine = DecodeEngine(memory_budget_gib=budget)
+        engine = DecodeEngine(memory_budget_gib=budget, generation_weights="model")
         with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
             got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
         assert torch.equal(got, want) and engine.mode == mode and engine.fold.held() == held
@@ -435,3 +435,113 @@ def test_lora_that_cannot_be_folded_is_reported_unmerged(tiny_tokenizer):
     plain = DecodeEngine(memory_budget_gib=100.0)
     plain.generate(make_llama(tiny_tokenizer, seed=52), **enc, do_sample=False, **settings(tiny_tokenizer))
     assert plain.mode == "plain"
+
+
+def _dequantised(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """The weight an int4 copy stands for, from tinygemm's definition ``w = (q - 8) * scale + zero``, in fp32."""
+    from sdgrpo.engine import quantise_int4
+
+    q, scales_zeros = quantise_int4(weight, group)
+    n, k = q.shape
+    scale, zero = scales_zeros[..., 0].t().float(), scales_zeros[..., 1].t().float()  # [N, K / group]
+    return ((q.reshape(n, k // group, group).float() - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+def test_int4_quantisation_is_round_to_nearest_within_half_a_step():
+    """Each value is within half a quantisation step (scale / 2) of what it stands for, and the step is the group's
+    range over 15 (rounded to bf16)."""
+    from sdgrpo.engine import quantise_int4
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 256) * torch.linspace(0.1, 3, 256)
+    q, scales_zeros = quantise_int4(w, 64)
+    assert q.min() >= 0 and q.max() <= 15 and scales_zeros.shape == (4, 16, 2)
+    scale = scales_zeros[..., 0].t().float()
+    groups = w.reshape(16, 4, 64)
+    assert torch.allclose(scale, (groups.amax(-1) - groups.amin(-1)) / 15, rtol=1e-2)
+    error = (_dequantised(w, 64) - w).reshape(16, 4, 64).abs()
+    assert bool((error <= scale[..., None] / 2 * 1.02 + 1e-6).all())
+
+
+@pytest.mark.parametrize("bias, chunk", [(False, None), (True, None), (False, 8 * 64)])
+def test_int4_copies_decode_as_the_model_with_their_weights_would(bias, chunk, tiny_tokenizer, monkeypatch):
+    """Int4 generation copies (mode ``int4``; q, k, v and gate, up served as one weight each) against an independent
+    model: the base with every LoRA-wrapped weight replaced by the dequantised int4 form of ``W + scale * B @ A``
+    (and no LoRA), decoded by ``generate``. Same greedy tokens; log-probs within bf16's rounding; the trained weights
+    untouched. ``chunk``: weights quantised 8 rows at a time, packed into the copy in place."""
+    import copy
+
+    from sdgrpo import engine as engine_module
+    from sdgrpo.engine import int4_layout
+
+    if chunk:
+        monkeypatch.setattr(engine_module, "INT4_CHUNK", chunk)
+    base = make_llama(tiny_tokenizer, seed=61, attention_bias=bias).to(torch.bfloat16)
+    if bias:
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+    reference = copy.deepcopy(base)
+    lora = with_lora(base, 0.3, seed=62)
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    with torch.no_grad():
+        for name, module in lora.named_modules():
+            if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+                merged = module.base_layer.weight.float() + (module.lora_B["default"].weight.float()
+                                                             @ module.lora_A["default"].weight.float()
+                                                             ) * module.scaling["default"]
+                group = int4_layout(*merged.shape)[0]
+                target = reference.get_submodule(name.removeprefix("base_model.model."))
+                target.weight.copy_(_dequantised(merged, group).to(torch.bfloat16))
+    enc = encode(tiny_tokenizer)
+    engine = DecodeEngine(generation_weights="int4")
+    engine.record = []
+    got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
+    assert engine.mode == "int4" and engine.quantised.held() == 14
+    assert all(torch.equal(v, before[k]) for k, v in lora.state_dict().items())
+    # the reference, teacher-forced on the engine's tokens (one unpadded forward per row): each token is its argmax
+    # up to bf16's rounding, and the engine's log-probs are its log-probs
+    width = enc["input_ids"].size(1)
+    out = engine.record[0].logprobs
+    for row in range(got.size(0)):
+        start = int((enc["attention_mask"][row] == 0).sum())
+        completion = got[row, width:]
+        ended = (completion == tiny_tokenizer.eos_token_id).nonzero()
+        n = int(ended[0]) + 1 if len(ended) else completion.numel()
+        with torch.no_grad():
+            logits = reference(input_ids=got[row:row + 1, start:width + n]).logits[0].float()
+        logps = torch.log_softmax(logits[width - start - 1: width - start - 1 + n], -1)
+        chosen = logps.gather(-1, completion[:n, None])[:, 0]
+        assert bool((chosen >= logps.amax(-1) - 0.02).all())
+        assert torch.allclose(out[row, :n], chosen, atol=0.02)
+
+
+def test_auto_weights_fold_where_that_fits_then_take_int4_copies_then_decode_unmerged(tiny_tokenizer, caplog):
+    """``generation_weights`` auto on a bf16 model: the 16-bit fold where the budget holds it; int4 copies where
+    only they fit (their bytes: a quarter of the fold's, and a refresh's temporaries); unmerged below that, with
+    ``model`` never quantises. One log line says which and why. (What each mode decodes is tested above.)"""
+    import logging
+
+    from sdgrpo.engine import _quantisable_lora_layers, cache_bytes, fold_bytes, int4_bytes
+
+    # 8 layers: a refresh's temporaries (a few fp32 chunks of the widest weight) are then small beside the copies
+    lora = with_lora(make_llama(tiny_tokenizer, seed=71, layers=8).to(torch.bfloat16), 0.3, seed=72)
+    enc = encode(tiny_tokenizer)
+    need, cache = fold_bytes(lora), cache_bytes(lora.get_base_model(), 4, 64)
+    need4 = int4_bytes(_quantisable_lora_layers(lora))
+    held4 = sum(m.out_features * m.in_features // 2 for m in lora.modules() if hasattr(m, "base_layer"))
+    assert held4 < need4 < need
+    cases = [(need + cache, "auto", "folded", "LoRA folded into generation copies"),
+             ((need + need4) / 2 + cache, "auto", "int4", "int4 generation copies: the model's own dtype does not"),
+             ((need + need4) / 2 + cache, "model", "unmerged", "no generation copy fits the budget"),
+             (need4 / 2 + cache, "auto", "unmerged", "no generation copy fits the budget")]
+    for budget, weights, mode, line in cases:
+        engine = DecodeEngine(memory_budget_gib=budget / 2**30, generation_weights=weights)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
+            got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
+        assert engine.mode == mode and line in caplog.text, (weights, mode, caplog.text)
+        assert engine.quantised.held() == (56 if mode == "int4" else 0)
+        assert engine.fold.held() == (56 if mode == "folded" else 0)
+        assert got.shape[0] == 4 and torch.equal(got[:, :enc["input_ids"].size(1)], enc["input_ids"])

@@ -259,6 +259,37 @@ def test_rollouts_with_a_mismatched_sampler_are_corrected_in_the_loss(tiny_model
     assert not trainer.use_vllm  # the branch was taken for the call only
 
 
+def test_int4_rollouts_switch_the_correction_on_and_log_their_mismatch(tiny_model_dir, tiny_tokenizer, dataset,
+                                                                        tmp_path):
+    """``--generation_weights int4`` on an fp32 model under ``--rollout_correction auto``: correction starts with
+    the first int4 call (``engine/mode`` 2), and the logged mismatch is the mean |policy - sampler| log-prob, the
+    policy's from one unpadded forward per sequence, the sampler's from the engine's own record."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer, _ = build_trainer(model, tiny_tokenizer, dataset, tmp_path, "--generation_engine", "true",
+                               "--generation_weights", "int4", "--temperature", "1.0", lora_scale=0.3)
+    assert not trainer.rollout_correction  # fp32: nothing to correct until the engine decodes int4 copies
+    recorded = []
+    real = trainer._sampling_logps
+    trainer._sampling_logps = lambda decoded, ids: recorded.extend(decoded) or real(decoded, ids)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    assert trainer.engine.mode == "int4" and trainer.rollout_correction
+    metrics = trainer._metrics["train"]
+    assert metrics["engine/mode"][-1] == 2.0 and "importance_sampling_ratio" in batch
+    sampler = torch.cat([d.logprobs for d in recorded])
+    deltas = []
+    for i in range(batch["completion_ids"].size(0)):
+        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+        completion = batch["completion_ids"][i][batch["completion_mask"][i].bool()].tolist()
+        policy = reference_logps(trainer.model, prompt, completion)
+        deltas.append(policy - sampler[i, : len(completion)].double())
+    flat = torch.cat(deltas)
+    assert flat.abs().mean() > 1e-3  # int4 copies are not the policy
+    assert metrics["sampling/sampling_logp_difference/mean"][-1] == pytest.approx(flat.abs().mean().item(), abs=2e-4)
+
+
 @pytest.mark.parametrize("reward_name, weight", [("distill", 0.0), ("teacher_nll", 0.0), ("distill", 0.5)])
 def test_token_advantages_are_teacher_minus_policy_per_token(reward_name, weight, tiny_model_dir, tiny_tokenizer,
                                                              dataset, tmp_path):

@@ -179,3 +179,28 @@ def test_trls_loss_reads_per_token_advantages():
     source = inspect.getsource(GRPOTrainer._compute_loss)
     assert 'advantages = inputs["advantages"]' in source
     assert "if advantages.dim() == 1:\n            advantages = advantages.unsqueeze(1)" in source
+
+
+def test_the_int4_weight_only_kernels_the_engine_calls():
+    """engine.Int4Linear: ATen's int4 weight-only ops (CPU names here; CUDA's ``_convert_weight_to_int4pack`` takes
+    two values a byte, ``_weight_int4pack_mm`` the same scales) keep their arguments, and the CPU pair computes
+    ``x @ ((q - 8) * scale + zero)^T`` with bf16 (scale, zero) pairs laid out [K / group, N, 2]."""
+    import torch
+
+    for name, args in (("_convert_weight_to_int4pack", ["self", "innerKTiles"]),
+                       ("_convert_weight_to_int4pack_for_cpu", ["self", "innerKTiles"]),
+                       ("_weight_int4pack_mm", ["self", "mat2", "qGroupSize", "qScaleAndZeros"]),
+                       ("_weight_int4pack_mm_for_cpu", ["self", "mat2", "qGroupSize", "qScaleAndZeros"])):
+        schema = getattr(torch.ops.aten, name).default._schema
+        assert [a.name for a in schema.arguments] == args, (name, schema)
+    torch.manual_seed(0)
+    n, k, group = 32, 128, 64
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    scale, zero = torch.rand(k // group, n) / 10, torch.randn(k // group, n)
+    scales_zeros = torch.stack([scale, zero], -1).to(torch.bfloat16)
+    x = torch.randn(3, k).to(torch.bfloat16)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 4)
+    got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros).float()
+    s, z = scales_zeros[..., 0].t().float(), scales_zeros[..., 1].t().float()
+    w = ((q.reshape(n, k // group, group).float() - 8) * s[..., None] + z[..., None]).reshape(n, k)
+    assert torch.allclose(got, x.float() @ w.to(torch.bfloat16).float().t(), rtol=2e-2, atol=2e-2)

@@ -72,6 +72,14 @@ class SDGRPOConfig(GRPOConfig):
                   "Default: decided from the GPU's free memory under the process's cap, with a reserve for "
                   "training."},
     )
+    generation_weights: str = field(
+        default="auto",
+        metadata={"help": "What the decoding engine reads: model (the model's own weights: LoRA folded in their dtype "
+                  "where that fits --generation_memory_gib, else unmerged), int4 (a 4-bit copy of base + LoRA, "
+                  "refreshed every generation: a quarter of the bytes per token; its rollouts are corrected, "
+                  "--rollout_correction), auto (the model's dtype where the fold fits, else int4 where that fits, "
+                  "else unmerged; a 4-bit base: int4 where it fits)."},
+    )
     advantage: str = field(
         default="sequence",
         metadata={"help": "sequence: GRPO's advantage, one group-normalised number per completion (TRL's). token: "
@@ -87,9 +95,9 @@ class SDGRPOConfig(GRPOConfig):
     rollout_correction: str = field(
         default="auto",
         metadata={"help": "Correct rollouts that are not the policy bit for bit (the engine's 16-bit generation "
-                  "copies, unmerged 16-bit rounding) by truncated importance sampling, with TRL's semantics and "
+                  "copies, unmerged 16-bit rounding, int4 copies) by truncated importance sampling, with TRL's semantics and "
                   "options for vLLM rollouts (--vllm_importance_sampling_mode, _clip_max, _clip_min); costs one "
-                  "no-grad policy pass per generation. auto: on where the engine decodes 16-bit weights; "
+                  "no-grad policy pass per generation. auto: on where the engine decodes 16-bit or int4 weights; "
                   "true, false."},
     )
     fsdp_gather_for_generation: bool = field(
@@ -211,6 +219,8 @@ class SDGRPOConfig(GRPOConfig):
         if self.advantage == "token" and self.teacher_retokenize:
             raise UserError("--advantage token needs the teacher to score the policy's own token ids; drop "
                             "--teacher_retokenize (or use a teacher with the student's tokenizer)")
+        if self.generation_weights not in ("auto", "model", "int4"):
+            raise UserError(f"generation_weights {self.generation_weights!r} is not one of ['auto', 'model', 'int4']")
         self.rollout_correction = str(self.rollout_correction).lower()
         if self.rollout_correction not in ("auto", "true", "false"):
             raise UserError(f"rollout_correction {self.rollout_correction!r} is not one of ['auto', 'true', 'false']")

@@ -16,7 +16,12 @@ What it does, against ``transformers``' ``generate`` with the same settings:
   has a generation copy ``W + scale * B @ A``, refreshed at the start of every call and swapped in for the call's
   duration with the adapters switched off, so decoding runs no per-layer LoRA matmuls. The trained weights (W, A,
   B) are never written. The copies are what the engine holds beyond the model: one copy of the LoRA-wrapped
-  weights, in their dtype. Quantised (4-bit) bases, DoRA and other adapter types decode unmerged, as they are.
+  weights, in their dtype.
+- **Or an int4 copy** (:class:`Quantised`), where the 16-bit copies do not fit the memory budget or the base is
+  itself quantised (bitsandbytes 4/8-bit): base + LoRA folded in fp32, quantised to 4-bit groups and read by
+  PyTorch's int4 weight-only matmul, a quarter of the 16-bit bytes held and read per token. Such a sampler is not the
+  policy bit for bit; the trainer corrects its rollouts by importance sampling. With no copy that fits, the LoRA
+  layers decode unmerged (PEFT's forward, in the same compiled step); DoRA and other variants always do.
 
 Sampling ``exactly as asked`` means the same processing order and formulas as transformers' logits processors
 (min-new-tokens, temperature, top-k, top-p, min-p) and a draw from the resulting distribution by an exponential race,
@@ -46,6 +51,10 @@ import torch
 from sdgrpo.scoring import active_dropout, eval_mode
 
 logger = logging.getLogger(__name__)
+
+# What the engine's ``generation_weights`` may be (see DecodeEngine) and the ``engine/mode`` metric's numbers.
+WEIGHTS = ("auto", "model", "int4")
+MODES = {"plain": 0.0, "unmerged": 0.0, "folded": 1.0, "int4": 2.0}
 
 # Settings that change what is sampled and that the engine does not implement: with any of them away from
 # transformers' default, the call goes to generate.
@@ -208,13 +217,15 @@ class _Fused(torch.nn.Module):
     weights (one kernel where there were several small ones, each reading the input again), its own part returned
     and the others' parts handed to their :class:`_Part` stand-ins."""
 
-    def __init__(self, weight: torch.nn.Parameter, bias: torch.nn.Parameter | None, sizes: list[int], parts: list):
+    def __init__(self, weight: torch.nn.Parameter | None, bias: torch.nn.Parameter | None, sizes: list[int],
+                 parts: list, linear: torch.nn.Module | None = None):
         super().__init__()
-        self.weight, self.bias, self.sizes = weight, bias, sizes
+        self.weight, self.bias, self.sizes, self.linear = weight, bias, sizes, linear
         self.__dict__["parts"] = parts  # registered in their parent already
 
     def forward(self, x):
-        out = torch.nn.functional.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        out = (self.linear(x) if self.linear is not None else
+               torch.nn.functional.linear(x, self.weight, self.bias)).split(self.sizes, dim=-1)
         for part, value in zip(self.parts, out[1:]):
             part.source, part.value = x, value
         return out[0]
@@ -234,6 +245,17 @@ class _Part(torch.nn.Module):
             value, self.source, self.value = self.value, None, None
             return value
         return self.projection(x)
+
+
+def _lora_delta(layer, rows: slice = slice(None)) -> torch.Tensor | None:
+    """``sum(scale * B @ A)`` over the layer's active adapters (its output ``rows``), in fp32 (PEFT's
+    ``get_delta_weight`` without its cast to the weight's dtype); None with the adapters off or none active."""
+    delta = None
+    for name in [] if layer._disable_adapters else layer.active_adapters:
+        if name in layer.lora_A:
+            term = (layer.lora_B[name].weight[rows].float() @ layer.lora_A[name].weight.float()) * layer.scaling[name]
+            delta = term if delta is None else delta + term
+    return delta
 
 
 def _lora_bias(layer) -> list[str]:
@@ -338,12 +360,7 @@ class Folded:
                         copy = torch.nn.Parameter(torch.empty_like(base.weight), requires_grad=False)
                         self.copies[layer] = copy
                     disabled = layer._disable_adapters
-                    delta = None
-                    for name in [] if disabled else layer.active_adapters:
-                        if name in layer.lora_A:
-                            term = (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float())
-                            term = term * layer.scaling[name]
-                            delta = term if delta is None else delta + term
+                    delta = _lora_delta(layer)
                     copy.copy_(base.weight if delta is None else (base.weight.float() + delta).to(base.weight.dtype))
                     bias = self._folded_bias(layer)
                     swapped.append((layer, base.weight, base.bias, disabled))
@@ -364,6 +381,229 @@ class Folded:
                 layer.base_layer.weight = weight
                 layer.base_layer.bias = bias
                 layer._disable_adapters = disabled
+
+
+# --- a 4-bit generation copy: base + LoRA folded, then quantised ---------------------------------------------------
+# The layout and kernels are PyTorch's own weight-only int4 matmul (tinygemm, the kernel torchao's int4 weight-only
+# "tinygemm" layout runs on CUDA; a CPU kernel of the same contract): ``aten._convert_weight_to_int4pack`` (CUDA:
+# two 4-bit values per byte in; CPU: ``..._for_cpu``, int32 values in) and ``aten._weight_int4pack_mm`` (CPU:
+# ``..._for_cpu``) with bf16 activations and per-group (scale, zero) pairs, zero in the float domain:
+# ``w = (q - 8) * scale + zero``. Private ATen ops, pinned in tests/test_private_api.py.
+INT4_GROUPS = (128, 64, 32)
+
+
+def int4_layout(out_features: int, in_features: int) -> tuple[int, int] | None:
+    """(group size, inner k tiles) for a weight of this shape in the int4 kernels, or None where it has none (the CPU
+    kernel packs rows by 16, the CUDA one by 8)."""
+    if out_features % 16:
+        return None
+    group = next((g for g in INT4_GROUPS if in_features % g == 0), None)
+    tiles = next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
+    return None if group is None or tiles is None else (group, tiles)
+
+
+def quantise_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest 4-bit quantisation of a [N, K] weight in groups of ``group`` along K, as torchao
+    makes tinygemm's (``_get_qparams_tinygemm``: scale = (max - min) / 15 and zero = min + 8 * scale, both rounded
+    to bf16 first): (values in 0..15 as int32 [N, K], bf16 scales and zeros [K / group, N, 2])."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    low, high = w.amin(-1), w.amax(-1)
+    scale = ((high - low).clamp(min=1e-6) / 15).to(torch.bfloat16)
+    zero = (low + scale.float() * 8).to(torch.bfloat16)
+    low = zero.float() - 8 * scale.float()
+    q = ((w - low[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    return q, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+
+
+def pack_int4(q: torch.Tensor, tiles: int) -> torch.Tensor:
+    """``q`` (values 0..15, [N, K]) in the int4 kernel's layout for q's device."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), tiles)
+    q = q.to(torch.uint8)
+    return torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
+
+
+class Int4Linear(torch.nn.Module):
+    """``y = x @ W^T + b`` with W held as 4-bit groups (:func:`quantise_int4`) and read by the int4 kernel; the input is
+    taken to bf16 (the kernel's one activation dtype) and the output back to the input's dtype. Its tensors keep their
+    addresses when refreshed (:meth:`load`): a captured CUDA graph reads them."""
+
+    def __init__(self, out_features: int, in_features: int, group: int, tiles: int, device, bias: bool):
+        super().__init__()
+        self.out_features, self.in_features, self.group, self.tiles = out_features, in_features, group, tiles
+        empty = pack_int4(torch.zeros(out_features, in_features, dtype=torch.int32, device=device), tiles)
+        self.packed = torch.nn.Parameter(empty, requires_grad=False)
+        self.scales_zeros = torch.nn.Parameter(torch.zeros(in_features // group, out_features, 2,
+                                                           dtype=torch.bfloat16, device=device), requires_grad=False)
+        self.bias = (torch.nn.Parameter(torch.zeros(out_features, dtype=torch.bfloat16, device=device),
+                                        requires_grad=False) if bias else None)
+
+    @staticmethod
+    def nbytes(out_features: int, in_features: int, group: int) -> int:
+        return out_features * in_features // 2 + (in_features // group) * out_features * 4 + out_features * 2
+
+    @torch.no_grad()
+    def load(self, values: torch.Tensor, start: int, weight: torch.Tensor) -> None:
+        """Rows ``start:start + len(weight)`` of a float weight quantised: their values into ``values`` (uint8
+        [N, K], packed by :meth:`pack` once every row is in; the kernel's layout does not keep rows apart), their
+        scales and zeros into the copy."""
+        q, scales_zeros = quantise_int4(weight, self.group)
+        values[start:start + weight.size(0)] = q
+        self.scales_zeros[:, start:start + weight.size(0)] = scales_zeros
+
+    @torch.no_grad()
+    def pack(self, values: torch.Tensor) -> None:
+        self.packed.copy_(pack_int4(values, self.tiles))
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        mm = (torch.ops.aten._weight_int4pack_mm_for_cpu if flat.device.type == "cpu"
+              else torch.ops.aten._weight_int4pack_mm)
+        out = mm(flat, self.packed, self.group, self.scales_zeros)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _quantisable_lora_layers(model) -> list | None:
+    """The LoRA layers that an int4 generation copy can serve (plain LoRA on a 16/32-bit ``nn.Linear`` or on a
+    bitsandbytes 4/8-bit base, every weight in an int4 layout), or None when some LoRA layer cannot be (the model then
+    decodes unmerged); [] without LoRA."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    kinds = [LoraLinear]
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+
+        kinds += [getattr(lora_bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(lora_bnb, n)]
+    except ImportError:
+        pass
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        if type(layer) not in kinds or layer.lora_variant or layer.fan_in_fan_out or layer.merged:
+            return None
+        if int4_layout(layer.out_features, layer.in_features) is None:
+            return None
+    return layers
+
+
+def _base_weight(layer) -> torch.Tensor:
+    """The layer's base weight as a float tensor ([out, in]): a bitsandbytes 4/8-bit weight dequantised (PEFT's
+    ``dequantize_bnb_weight``, as its own merge does)."""
+    weight = layer.base_layer.weight
+    if weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return weight
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    return dequantize_bnb_weight(weight, state=getattr(layer.base_layer, "state", None))
+
+
+# Elements of fp32 weight quantised at a time (rows of a weight, a multiple of 8): what a refresh takes beyond the
+# copies themselves is a few such temporaries (about 0.4 GiB), the widest group's values before packing (1.5 bytes
+# an element), and a dequantised weight for a quantised base.
+INT4_CHUNK = 1 << 24
+
+
+def int4_bytes(layers: list) -> int:
+    """Bytes that int4 generation copies of ``layers`` hold, plus the temporaries of a refresh (a few fp32 chunks of
+    :data:`INT4_CHUNK` elements, and a 16-bit dequantised weight where the base is quantised)."""
+    held = sum(Int4Linear.nbytes(layer.out_features, layer.in_features,
+                                 int4_layout(layer.out_features, layer.in_features)[0]) for layer in layers)
+    widest = max((layer.out_features * layer.in_features for layer in layers), default=0)
+    quantised = any(layer.base_layer.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+                    for layer in layers)
+    return held + 6 * 4 * min(widest, INT4_CHUNK) + 3 * widest * 3 // 2 + (2 * widest if quantised else 0)
+
+
+class Quantised:
+    """Int4 generation copies of base + LoRA (:class:`Int4Linear`), one per LoRA layer or one per sibling group
+    (:data:`SIBLINGS`, rows of one weight, served by one kernel as :class:`Folded` serves them), refreshed at the start
+    of every call from the trained weights (never written) and swapped in for the LoRA layers for the call. The
+    copies are what it holds: about a quarter of the 16-bit weights. The sampler is then not the policy bit for bit:
+    the trainer corrects its rollouts (``--rollout_correction``). Held for one model at a time, by weak
+    references."""
+
+    def __init__(self, fuse: bool = True):
+        self.fuse = fuse
+        self._owner = None
+        self.modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent -> {names: (module, stand-ins)}
+
+    def held(self) -> int:
+        return sum(len(names) for known in self.modules.values() for names in known)
+
+    def _plan(self, model, layers: list) -> list[tuple]:
+        """(parent, names, LoRA layers) for every group served by one copy: sibling groups of one input width and
+        bias kind without an adapter's own bias, then every other layer alone."""
+        wrapped = {id(layer) for layer in layers}
+        planned, seen = [], set()
+        for parent in model.modules():
+            for names in SIBLINGS if self.fuse else ():
+                members = [getattr(parent, n, None) for n in names]
+                if (all(m is not None and id(m) in wrapped and not _lora_bias(m) for m in members)
+                        and len({(m.in_features, m.base_layer.bias is None) for m in members}) == 1):
+                    planned.append((parent, names, members))
+                    seen.update(id(m) for m in members)
+            for name, child in parent.named_children():
+                if id(child) in wrapped and id(child) not in seen:
+                    planned.append((parent, (name,), [child]))
+                    seen.add(id(child))
+        return planned
+
+    def _module(self, parent, names: tuple, members: list, device):
+        known = self.modules.setdefault(parent, {})
+        if names not in known or known[names][0].packed.device != torch.device(device):
+            sizes = [m.out_features for m in members]
+            group, tiles = int4_layout(sum(sizes), members[0].in_features)
+            copy = Int4Linear(sum(sizes), members[0].in_features, group, tiles, device,
+                              bias=members[0].base_layer.bias is not None or any(_lora_bias(m) for m in members))
+            if len(members) == 1:
+                known[names] = (copy, [copy])
+            else:
+                parts = [_Part(m) for m in members[1:]]
+                known[names] = (copy, [_Fused(None, None, sizes, parts, linear=copy), *parts])
+        return known[names]
+
+    @contextlib.contextmanager
+    def __call__(self, model, layers: list):
+        if self._owner is None or self._owner() is not model:
+            self.modules.clear()
+            self._owner = weakref.ref(model)
+        replaced = []
+        try:
+            with torch.no_grad():
+                for parent, names, members in self._plan(model, layers):
+                    device = next(members[0].parameters()).device
+                    copy, stand_ins = self._module(parent, names, members, device)
+                    start, biases = 0, []
+                    values = torch.empty(copy.out_features, copy.in_features, dtype=torch.uint8, device=device)
+                    for m in members:
+                        base = _base_weight(m)
+                        step = max(8, INT4_CHUNK // m.in_features // 8 * 8)
+                        for first in range(0, m.out_features, step):
+                            rows = slice(first, min(first + step, m.out_features))
+                            delta = _lora_delta(m, rows)
+                            chunk = base[rows].to(torch.float32, copy=True)  # never the weight itself
+                            copy.load(values, start + first, chunk if delta is None else chunk.add_(delta))
+                        start += m.out_features
+                        bias = Folded._folded_bias(m)
+                        bias = bias if bias is not None else m.base_layer.bias
+                        biases.append(torch.zeros(m.out_features, device=device) if bias is None else bias.float())
+                    copy.pack(values)
+                    del values
+                    if copy.bias is not None:
+                        copy.bias.copy_(torch.cat(biases))
+                    replaced.append((parent, names, [getattr(parent, n) for n in names]))
+                    for name, module in zip(names, stand_ins):
+                        setattr(parent, name, module)
+            yield
+        finally:
+            for parent, names, originals in replaced:
+                for name, module in zip(names, originals):
+                    setattr(parent, name, module)
 
 
 # --- grouped-query attention without copying the keys and values ---------------------------------------------------
@@ -514,13 +754,22 @@ class DecodeEngine:
     budget; otherwise the LoRA layers decode unmerged (PEFT's own forward, inside the same step and graph), which
     costs no memory. Decided once per model (``mode``: ``folded``, ``unmerged``, or ``plain`` with nothing to
     fold), logged in one line.
+    ``generation_weights``: ``model`` decodes the model's own weights (LoRA folded in their dtype, or unmerged);
+    ``int4`` decodes int4 copies of base + LoRA (:class:`Quantised`; mode ``int4``) wherever the layers allow;
+    ``auto`` folds in the model's dtype where that fits the budget, else takes int4 copies where they fit (a
+    quantised base: int4 copies where they fit), else decodes unmerged.
     """
 
     def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64,
                  compile_mode: str = "default", grouped_attention: bool = True, reserve: int = 0,
-                 fuse_projections: bool = True, memory_budget_gib: float | None = None):
+                 fuse_projections: bool = True, memory_budget_gib: float | None = None,
+                 generation_weights: str = "auto"):
+        if generation_weights not in WEIGHTS:
+            raise ValueError(f"generation_weights {generation_weights!r} is not one of {list(WEIGHTS)}")
         self.compile = compile
         self.memory_budget_gib = memory_budget_gib
+        self.generation_weights = generation_weights
+        self.quantised = Quantised(fuse=fuse_projections)
         self.mode: str | None = None
         self._mode_for = None  # weakref to the model the mode was decided for
         self.record: list[Decoded] | None = None  # set to a list to collect every call's Decoded
@@ -638,10 +887,12 @@ class DecodeEngine:
         length = -(-max(prompt_len + s.max_new_tokens, self.reserve) // self.length_bucket) * self.length_bucket
         inner = _inner(model)
         on_gpu = torch.device(device).type == "cuda"
-        fold = self._decide_mode(model, batch, length, device) == "folded"
+        mode = self._decide_mode(model, batch, length, device)
+        copies = (self.fold(model) if mode == "folded" else
+                  self.quantised(model, _quantisable_lora_layers(model)) if mode == "int4" else contextlib.nullcontext())
         # Eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while it
         # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
-        with (self.fold(model) if fold else contextlib.nullcontext()), eval_mode(inner), \
+        with copies, eval_mode(inner), \
                 grouped_attention(inner, self.grouped_attention):
             length = self._setup(inner, batch, length, device, on_gpu)
             key = (batch, length, s.max_new_tokens, str(device), attention_mask.dtype, s.eos_token_ids, s.pad_token_id)
@@ -686,13 +937,16 @@ class DecodeEngine:
             return out
 
     def _decide_mode(self, model, batch: int, length: int, device) -> str:
-        """``folded`` where the fold's copies fit the budget, else ``unmerged`` (also for LoRA that cannot be folded:
-        a quantised base, DoRA); ``plain`` without LoRA. Raises :class:`UserError` when a budget the user set is
-        below what decoding needs even unmerged."""
+        """``folded`` where the fold's copies fit the budget; else ``int4`` where int4 copies fit it (with
+        ``generation_weights`` auto or int4; int4 also first where asked); else ``unmerged`` (also for LoRA that
+        neither can serve: DoRA, shapes without an int4 layout); ``plain`` without LoRA. Raises :class:`UserError`
+        when a budget the user set is below what decoding needs even unmerged."""
         if self._mode_for is not None and self._mode_for() is model and self.mode is not None:
             return self.mode
         layers = _foldable_lora_layers(model)  # [] without LoRA, None where it cannot be folded
+        quantisable = _quantisable_lora_layers(model) if self.generation_weights != "model" else None
         need = fold_bytes(model, layers)
+        need4 = int4_bytes(quantisable) if quantisable else 0
         cache = cache_bytes(_inner(model), batch, length)
         if self.memory_budget_gib is not None:
             budget, why = self.memory_budget_gib * 2**30, f"--generation_memory_gib {self.memory_budget_gib:g}"
@@ -704,20 +958,25 @@ class DecodeEngine:
                                 f"give at least that, or leave it unset to decide from the device")
         else:
             budget, why = generation_room(device)
-        if layers == []:
-            self.mode = "plain"
-        elif layers is None:
-            self.mode = "unmerged"
-            logger.info("decoding engine: LoRA decoded unmerged (a quantised base or an adapter variant)")
-        elif need + cache <= budget:
-            self.mode = "folded"
-            logger.info("decoding engine: LoRA folded into generation copies (%.2f GiB + %.2f GiB cache; %s)",
-                        need / 2**30, cache / 2**30, why)
+        sizes = f"{need / 2**30:.2f} GiB folded, {need4 / 2**30:.2f} GiB int4, + {cache / 2**30:.2f} GiB cache; {why}"
+        if layers == [] and not quantisable:
+            self.mode, line = "plain", None
+        elif self.generation_weights == "int4" and quantisable:
+            self.mode, line = "int4", f"LoRA folded into int4 generation copies, as asked ({sizes})"
+        elif layers and need + cache <= budget:
+            self.mode, line = "folded", f"LoRA folded into generation copies ({sizes})"
+        elif quantisable and need4 + cache <= budget:
+            self.mode, line = "int4", (f"LoRA folded into int4 generation copies: the model's own dtype does not fit "
+                                       f"the budget ({sizes}; --generation_memory_gib sets it, "
+                                       f"--generation_weights model keeps the model's dtype)")
+        elif not layers and not quantisable:
+            self.mode, line = "unmerged", ("LoRA decoded unmerged: no generation copy serves these layers (an adapter "
+                                           "variant such as DoRA, or weights without an int4 layout)")
         else:
-            self.mode = "unmerged"
-            logger.warning("decoding engine: LoRA decoded unmerged: folding it would take %.2f GiB + %.2f GiB cache, "
-                           "beyond the budget (%s; --generation_memory_gib sets it)", need / 2**30, cache / 2**30,
-                           why)
+            self.mode, line = "unmerged", (f"LoRA decoded unmerged: no generation copy fits the budget ({sizes}; "
+                                           f"--generation_memory_gib sets the budget)")
+        if line:
+            logger.log(logging.WARNING if self.mode == "unmerged" else logging.INFO, "decoding engine: %s", line)
         self._mode_for = weakref.ref(model)
         return self.mode
 

@@ -30,7 +30,7 @@ import torch
 from trl import GRPOTrainer
 
 from sdgrpo.checkpointing import CheckpointMixin
-from sdgrpo.engine import DecodeEngine, serving
+from sdgrpo.engine import MODES, DecodeEngine, serving
 from sdgrpo.fsdp import gathered_weights
 from sdgrpo.metrics import collapse_metrics
 from sdgrpo.scoring import DROPOUT_ATTRIBUTES, active_dropout, truncate_prompt
@@ -141,7 +141,8 @@ class SelfDistillMixin(CheckpointMixin):
             self.generation_config.disable_compile = False  # TRL sets it; transformers compiles static-cache decoding
         # Rollouts through sdgrpo's decoding engine (engine.py): TRL's generate call is answered by it.
         self.engine = (DecodeEngine(compile=bool(getattr(self.args, "generation_compile", False)),
-                                    memory_budget_gib=getattr(self.args, "generation_memory_gib", None))
+                                    memory_budget_gib=getattr(self.args, "generation_memory_gib", None),
+                                    generation_weights=getattr(self.args, "generation_weights", "auto"))
                        if getattr(self.args, "generation_engine", False) else None)
         self.token_advantages = getattr(self.args, "advantage", "sequence") == "token"
         if self.token_advantages:
@@ -158,14 +159,18 @@ class SelfDistillMixin(CheckpointMixin):
 
     def _corrects_rollouts(self) -> bool:
         """``--rollout_correction``: true, false, or auto (on where the engine decodes 16-bit weights, whose
-        generation copies or unmerged rounding make the sampler differ from the trained policy)."""
+        generation copies or unmerged rounding make the sampler differ from the trained policy, or may decode int4
+        copies: a quantised base, or the engine's mode ``int4``)."""
         setting = getattr(self.args, "rollout_correction", "false")
         if self.engine is None or self.use_vllm or setting == "false":
             return False
         if setting == "true":
             return True
-        dtype = next(self.accelerator.unwrap_model(self.model).parameters()).dtype
-        return dtype in (torch.bfloat16, torch.float16)
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            return True
+        dtype = next(model.parameters()).dtype
+        return dtype in (torch.bfloat16, torch.float16)  # fp32: on from the first call that decodes int4 copies
 
     def longest_prompt(self, limit: int = 100_000, chunk: int = 1024) -> int:
         """Tokens in the longest of the first ``limit`` training prompts, tokenized as the trainer tokenizes them
@@ -203,7 +208,10 @@ class SelfDistillMixin(CheckpointMixin):
             mode = "train" if self.model.training else "eval"
             for key in ("calls", "fallbacks", "setups", "captures"):
                 self._metrics[mode][f"engine/{key}"].append(getattr(engine, key))
-            self._metrics[mode]["engine/mode"].append(1.0 if engine.mode == "folded" else 0.0)
+            self._metrics[mode]["engine/mode"].append(MODES.get(engine.mode, 0.0))
+            if engine.mode == "int4" and not self.rollout_correction and getattr(self.args, "rollout_correction", "false") == "auto":
+                self.rollout_correction = True
+                logger.info("rollouts corrected by importance sampling from now on: the engine decodes int4 copies")
             decoded, engine.record = engine.record, None
             if self.rollout_correction and out[4] is None:
                 out = (*out[:4], self._sampling_logps(decoded, out[1]), *out[5:])

@@ -61,8 +61,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False,
-               attn_implementation: str | None = None, load_in_4bit: bool = False):
-    """A causal LM from safetensors weights only; ``load_in_4bit`` quantises it to NF4 (bitsandbytes, CUDA only)."""
+               attn_implementation: str | None = None, load_in_4bit: bool = False, quant_type: str = "nf4",
+               double_quant: bool = False):
+    """A causal LM from safetensors weights only; ``load_in_4bit`` quantises it to 4 bits (bitsandbytes, CUDA only;
+    ``quant_type`` nf4 or fp4, ``double_quant``: its scales quantised too), computing in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(name_or_path)
@@ -76,7 +78,8 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: str, trust_remote_
             raise UserError("4-bit loading needs bitsandbytes: pip install bitsandbytes") from None
         from transformers import BitsAndBytesConfig
 
-        extra = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+        extra = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                                           bnb_4bit_use_double_quant=double_quant,
                                                            bnb_4bit_compute_dtype=dtype),
                  "device_map": {"": torch.cuda.current_device()}}
     try:

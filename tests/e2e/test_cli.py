@@ -59,7 +59,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir):
         (["train", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
           tmp_path / "x", "--lora_target_modules", "nope_proj", "--max_steps", 1], "LoRA: Target modules"),
         (["train", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
-          tmp_path / "q", "--load_in_4bit", "true"], "--backend hf loads the policy in 16 or 32 bits"),
+          tmp_path / "q", "--load_in_4bit", "true"],
+         "4-bit loading needs a CUDA GPU" if not torch.cuda.is_available() else "needs bitsandbytes"),
+        (["train", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
+          tmp_path / "q8", "--load_in_8bit", "true"], "--load_in_8bit: sdgrpo quantises a base to 4 bits only"),
         (["frobnicate"], "unknown command"),
     ]
     for args, message in cases:
@@ -68,6 +71,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir):
         lines = [line for line in r.stderr.splitlines() if "error" in line]
         assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr
+    for refused in ("q", "q8"):  # nothing half-written where a run was refused
+        assert not (tmp_path / refused).exists() or not any((tmp_path / refused).iterdir())
 
 
 def test_unsloth_backend_without_gpu_is_one_line(tmp_path, prepared):

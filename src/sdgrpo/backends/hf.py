@@ -10,7 +10,9 @@ def load(train_cfg, model_cfg):
     """(model, tokenizer, peft_config, trainer class) for ``sdgrpo train``.
 
     The model is the plain base and TRL wraps it with a fresh adapter, so its reference pass disables the adapter
-    instead of keeping a "ref" copy of an existing one.
+    instead of keeping a "ref" copy of an existing one. ``--load_in_4bit true``: the base quantised by bitsandbytes
+    (TRL's ``get_quantization_config``: NF4 by default, ``--bnb_4bit_quant_type``, ``--use_bnb_nested_quant``) and
+    QLoRA as TRL's GRPOTrainer makes it (adapters cast to bf16); the engine then decodes int4 copies of base + LoRA.
     """
     from trl import get_peft_config
 
@@ -18,12 +20,13 @@ def load(train_cfg, model_cfg):
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
     from sdgrpo.runs import training_device
 
-    if model_cfg.load_in_4bit or model_cfg.load_in_8bit:
-        raise UserError("--backend hf loads the policy in 16 or 32 bits and does not quantise it; for a 4-bit base "
-                        "(QLoRA) use --backend unsloth --load_in_4bit true on a GPU, or drop --load_in_4bit")
+    if model_cfg.load_in_8bit:
+        raise UserError("--load_in_8bit: sdgrpo quantises a base to 4 bits only; use --load_in_4bit true (QLoRA) or "
+                        "a 16-bit base")
     device = training_device(train_cfg)
     dtype = resolve_dtype(model_cfg.dtype, device)
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, train_cfg.trust_remote_code)
     model = load_model(model_cfg.model_name_or_path, dtype, device, train_cfg.trust_remote_code,
-                       model_cfg.attn_implementation)
+                       model_cfg.attn_implementation, load_in_4bit=bool(model_cfg.load_in_4bit),
+                       quant_type=model_cfg.bnb_4bit_quant_type, double_quant=bool(model_cfg.use_bnb_nested_quant))
     return model, tokenizer, get_peft_config(model_cfg), trainer_class()
