@@ -4,6 +4,9 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
   trl_plain         bare TRL GRPOTrainer + PEFT LoRA, TRL's defaults, the original recipe's reward (one forward
                     per completion)
   sdgrpo_hf         `sdgrpo train --backend hf` with its defaults: rollouts by sdgrpo's decoding engine
+  sdgrpo_hf_4bit    the same on a 4-bit base (--load_in_4bit true: bitsandbytes NF4, QLoRA; int4 generation copies)
+  sdgrpo_hf_model   the same with --generation_weights model (no int4 copies: LoRA folded in 16 bits where that
+                    fits the memory, else unmerged)
   sdgrpo_hf_cudnn   the same with cuDNN among SDPA's kernels (--cudnn_attention true; PyTorch's default)
   sdgrpo_hf_generate  the same with transformers' generate instead (--generation_engine false; on a GPU that is
                     a static cache and transformers' compiled decoding step, the default before the engine)
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_cudnn", "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile",
+VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_4bit", "sdgrpo_hf_model", "sdgrpo_hf_cudnn", "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile",
             "sdgrpo_hf_cb", "unsloth_bare", "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
 CAP_GIB = float(os.environ["BENCH_CAP_GIB"]) if os.environ.get("BENCH_CAP_GIB") else None
@@ -213,6 +216,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--generation_compile", "false"]
         if variant == "sdgrpo_hf_compile":
             argv += ["--generation_compile", "true"]
+        if variant == "sdgrpo_hf_model":
+            argv += ["--generation_weights", "model"]
         if variant == "sdgrpo_hf_cudnn":
             argv += ["--cudnn_attention", "true"]
         if variant == "sdgrpo_hf_cb":

@@ -66,7 +66,8 @@ def make_llama(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64, **co
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
+        num_key_value_heads=2, intermediate_size=config.pop("intermediate_size", 2 * hidden),
+        max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **config,
     )
@@ -138,6 +139,40 @@ def boost(model, token: int, logit: float, tokenizer, text: str) -> None:
         hidden = model.model(input_ids=ids).last_hidden_state[0]  # [T, H] after the final norm
         direction = hidden.mean(0)
         model.lm_head.weight[token] = logit * direction / direction.norm() ** 2
+
+
+def int4_dequantised(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """The weight an int4 generation copy stands for, from tinygemm's definition ``w = (q - 8) * scale + zero``, in
+    fp32."""
+    from sdgrpo.engine import quantise_int4
+
+    q, scales_zeros = quantise_int4(weight, group)
+    n, k = q.shape
+    scale, zero = scales_zeros[..., 0].t().float(), scales_zeros[..., 1].t().float()  # [N, K / group]
+    return ((q.reshape(n, k // group, group).float() - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+def int4_reference(reference, lora):
+    """``reference`` (a plain model of ``lora``'s base architecture) given, for every LoRA layer of ``lora`` that an
+    int4 copy serves, the dequantised int4 form of base + LoRA (a bitsandbytes base dequantised first): the model an
+    int4 sampler stands for, made without the engine's copies."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    from sdgrpo.engine import _quantisable_lora_layers, int4_layout
+
+    served = {id(m) for m in _quantisable_lora_layers(lora)}
+    with torch.no_grad():
+        for name, module in lora.named_modules():
+            if id(module) not in served:
+                continue
+            weight = module.base_layer.weight
+            if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                weight = dequantize_bnb_weight(weight, state=getattr(module.base_layer, "state", None))
+            merged = weight.float() + (module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
+                                       ) * module.scaling["default"]
+            target = reference.get_submodule(name.removeprefix("base_model.model."))
+            target.weight.copy_(int4_dequantised(merged, int4_layout(*merged.shape)[0]).to(target.weight.dtype))
+    return reference
 
 
 def with_lora(model, std: float, seed: int):

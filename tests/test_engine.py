@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import boost, make_llama, reference_logps, with_lora
+from conftest import boost, int4_dequantised, int4_reference, make_llama, reference_logps, with_lora
 from sdgrpo.engine import DecodeEngine, serving
 
 PROMPTS = ["In the beginning God created", "And the LORD said unto Noah", "Then", "And it came to pass, when men"]
@@ -437,16 +437,6 @@ def test_lora_that_cannot_be_folded_is_reported_unmerged(tiny_tokenizer):
     assert plain.mode == "plain"
 
 
-def _dequantised(weight: torch.Tensor, group: int) -> torch.Tensor:
-    """The weight an int4 copy stands for, from tinygemm's definition ``w = (q - 8) * scale + zero``, in fp32."""
-    from sdgrpo.engine import quantise_int4
-
-    q, scales_zeros = quantise_int4(weight, group)
-    n, k = q.shape
-    scale, zero = scales_zeros[..., 0].t().float(), scales_zeros[..., 1].t().float()  # [N, K / group]
-    return ((q.reshape(n, k // group, group).float() - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
-
-
 def test_int4_quantisation_is_round_to_nearest_within_half_a_step():
     """Each value is within half a quantisation step (scale / 2) of what it stands for, and the step is the group's
     range over 15 (rounded to bf16)."""
@@ -459,7 +449,7 @@ def test_int4_quantisation_is_round_to_nearest_within_half_a_step():
     scale = scales_zeros[..., 0].t().float()
     groups = w.reshape(16, 4, 64)
     assert torch.allclose(scale, (groups.amax(-1) - groups.amin(-1)) / 15, rtol=1e-2)
-    error = (_dequantised(w, 64) - w).reshape(16, 4, 64).abs()
+    error = (int4_dequantised(w, 64) - w).reshape(16, 4, 64).abs()
     assert bool((error <= scale[..., None] / 2 * 1.02 + 1e-6).all())
 
 
@@ -467,12 +457,12 @@ def test_int4_quantisation_is_round_to_nearest_within_half_a_step():
 def test_int4_copies_decode_as_the_model_with_their_weights_would(bias, chunk, tiny_tokenizer, monkeypatch):
     """Int4 generation copies (mode ``int4``; q, k, v and gate, up served as one weight each) against an independent
     model: the base with every LoRA-wrapped weight replaced by the dequantised int4 form of ``W + scale * B @ A``
-    (and no LoRA), decoded by ``generate``. Same greedy tokens; log-probs within bf16's rounding; the trained weights
-    untouched. ``chunk``: weights quantised 8 rows at a time, packed into the copy in place."""
+    (and no LoRA), teacher-forced on the engine's greedy tokens one unpadded row at a time: each token is its argmax
+    and each log-prob its log-prob, to bf16's rounding (0.02 nats; decoding the 16-bit weights instead misses both).
+    The trained weights untouched. ``chunk``: weights quantised 8 rows at a time."""
     import copy
 
     from sdgrpo import engine as engine_module
-    from sdgrpo.engine import int4_layout
 
     if chunk:
         monkeypatch.setattr(engine_module, "INT4_CHUNK", chunk)
@@ -485,15 +475,7 @@ def test_int4_copies_decode_as_the_model_with_their_weights_would(bias, chunk, t
     reference = copy.deepcopy(base)
     lora = with_lora(base, 0.3, seed=62)
     before = {k: v.clone() for k, v in lora.state_dict().items()}
-    with torch.no_grad():
-        for name, module in lora.named_modules():
-            if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-                merged = module.base_layer.weight.float() + (module.lora_B["default"].weight.float()
-                                                             @ module.lora_A["default"].weight.float()
-                                                             ) * module.scaling["default"]
-                group = int4_layout(*merged.shape)[0]
-                target = reference.get_submodule(name.removeprefix("base_model.model."))
-                target.weight.copy_(_dequantised(merged, group).to(torch.bfloat16))
+    int4_reference(reference, lora)
     enc = encode(tiny_tokenizer)
     engine = DecodeEngine(generation_weights="int4")
     engine.record = []
@@ -545,3 +527,26 @@ def test_auto_weights_fold_where_that_fits_then_take_int4_copies_then_decode_unm
         assert engine.quantised.held() == (56 if mode == "int4" else 0)
         assert engine.fold.held() == (56 if mode == "folded" else 0)
         assert got.shape[0] == 4 and torch.equal(got[:, :enc["input_ids"].size(1)], enc["input_ids"])
+
+
+def test_layers_without_an_int4_layout_decode_unmerged_beside_the_int4_copies(tiny_tokenizer, caplog):
+    """intermediate_size 112 (no int4 group divides it): the down projections keep PEFT's unmerged forward (their
+    trained weights in place while the others are swapped for int4 copies); the log line counts them."""
+    import logging
+
+    from sdgrpo.engine import _quantisable_lora_layers
+
+    lora = with_lora(make_llama(tiny_tokenizer, seed=81, intermediate_size=112).to(torch.bfloat16), 0.3, seed=82)
+    served = _quantisable_lora_layers(lora)
+    assert len(served) == 12 and not any(m.in_features == 112 for m in served)  # all but the 2 down projections
+    downs = [m for m in lora.modules() if hasattr(m, "base_layer") and m.in_features == 112]
+    seen = []
+    for m in downs:
+        m.register_forward_hook(lambda module, args, out: seen.append(type(module).__name__))
+    enc = encode(tiny_tokenizer)
+    engine = DecodeEngine(generation_weights="int4")
+    with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
+        got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
+    assert engine.mode == "int4" and engine.quantised.held() == 12
+    assert "2 of 14 LoRA layers (no int4 layout, or an adapter variant) decode unmerged" in caplog.text
+    assert got.size(0) == 4 and seen and set(seen) == {"Linear"}  # PEFT's LoRA Linear ran for them, every step

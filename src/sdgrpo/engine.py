@@ -467,9 +467,9 @@ class Int4Linear(torch.nn.Module):
 
 
 def _quantisable_lora_layers(model) -> list | None:
-    """The LoRA layers that an int4 generation copy can serve (plain LoRA on a 16/32-bit ``nn.Linear`` or on a
-    bitsandbytes 4/8-bit base, every weight in an int4 layout), or None when some LoRA layer cannot be (the model then
-    decodes unmerged); [] without LoRA."""
+    """The LoRA layers that an int4 generation copy can serve: plain LoRA on a 16/32-bit ``nn.Linear`` or on a
+    bitsandbytes 4/8-bit base, with a weight shape the int4 kernels take. The others (DoRA and other variants, other
+    shapes) decode unmerged beside them. None when no LoRA layer can be served; [] without LoRA."""
     try:
         from peft.tuners.lora import Linear as LoraLinear
         from peft.tuners.lora import LoraLayer
@@ -483,12 +483,10 @@ def _quantisable_lora_layers(model) -> list | None:
     except ImportError:
         pass
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    for layer in layers:
-        if type(layer) not in kinds or layer.lora_variant or layer.fan_in_fan_out or layer.merged:
-            return None
-        if int4_layout(layer.out_features, layer.in_features) is None:
-            return None
-    return layers
+    served = [layer for layer in layers
+              if type(layer) in kinds and not layer.lora_variant and not layer.fan_in_fan_out and not layer.merged
+              and int4_layout(layer.out_features, layer.in_features) is not None]
+    return served if served or not layers else None
 
 
 def _base_weight(layer) -> torch.Tensor:
@@ -975,6 +973,11 @@ class DecodeEngine:
         else:
             self.mode, line = "unmerged", (f"LoRA decoded unmerged: no generation copy fits the budget ({sizes}; "
                                            f"--generation_memory_gib sets the budget)")
+        if self.mode == "int4":
+            total = sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+            if len(quantisable) < total:
+                line += (f"; {total - len(quantisable)} of {total} LoRA layers (no int4 layout, or an adapter "
+                         f"variant) decode unmerged beside them")
         if line:
             logger.log(logging.WARNING if self.mode == "unmerged" else logging.INFO, "decoding engine: %s", line)
         self._mode_for = weakref.ref(model)

@@ -215,3 +215,88 @@ def test_engine_on_the_gpu_agrees_with_generate_and_a_teacher_forced_pass(tiny_t
     again = engine.decode(model, enc["input_ids"], enc["attention_mask"], sampled).sequences
     other = engine.decode(model, enc["input_ids"], enc["attention_mask"], sampled).sequences
     assert torch.equal(again, seq) and not torch.equal(other, seq)
+
+
+def _int4_agreement(model, reference, tok, label):
+    """The engine with int4 copies (compiled step, CUDA graph) against ``reference`` (the int4 forms as plain
+    weights, conftest.int4_reference), teacher-forced: greedy tokens are its argmax, sampled tokens' log-probs its."""
+    from sdgrpo.engine import DecodeEngine, sampling_from
+
+    enc = tok(["In the beginning God created", "And the LORD said unto Noah", "Then the king", "It was a dark"],
+              return_tensors="pt", padding=True, padding_side="left").to("cuda")
+    kw = dict(max_new_tokens=48, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    width = enc["input_ids"].size(1)
+
+    def teacher_forced(seq):
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(seq[:, width:])], 1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad():
+            return reference(input_ids=seq, attention_mask=mask, position_ids=positions).logits.float()[:, width - 1:-1]
+
+    def live(seq):
+        ended = torch.cumsum((seq[:, width:] == tok.eos_token_id).int(), 1)
+        return (ended == 0) | ((ended == 1) & (seq[:, width:] == tok.eos_token_id))
+
+    engine = DecodeEngine(compile=True, generation_weights="int4")
+    got = engine.generate(model, **enc, do_sample=False, **kw)
+    assert engine.mode == "int4" and engine.captures >= 1
+    agreement = (teacher_forced(got).argmax(-1) == got[:, width:])[live(got)].float().mean().item()
+    torch.manual_seed(0)
+    out = engine.decode(model, enc["input_ids"], enc["attention_mask"],
+                        sampling_from(model, None, do_sample=True, top_k=0, **kw))
+    ref = torch.log_softmax(teacher_forced(out.sequences), -1).gather(-1, out.sequences[:, width:, None])[..., 0]
+    diff = (out.logprobs - ref).abs()[live(out.sequences)]
+    print(f"{label}: engine token = reference argmax {agreement:.3f}; sampled log-probs |diff| mean "
+          f"{diff.mean():.3g}, max {diff.max():.3g}")
+    assert agreement >= 0.97 and diff.mean() < 0.05
+
+
+def test_int4_copies_on_the_gpu_decode_as_a_model_with_their_weights(qwen_dir, tiny_tokenizer):
+    """bf16 base (Qwen2.5-0.5B layer shape): the int4 copies, through tinygemm's CUDA kernel in a captured step,
+    decode as the independent reference does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import int4_reference
+
+    base = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).cuda()
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    reference = int4_reference(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).cuda(), model)
+    _int4_agreement(model, reference, tiny_tokenizer, "bf16 base, int4 copies")
+
+
+def test_a_4bit_base_decodes_through_int4_copies(qwen_dir, tiny_tokenizer):
+    """NF4 base (bitsandbytes, as --backend hf --load_in_4bit loads it) with QLoRA adapters: the engine serves every
+    LoRA layer from int4 copies of dequantised base + LoRA (never bitsandbytes' per-token dequantisation), and they
+    decode as the independent reference does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import int4_reference
+    from sdgrpo.modeling import load_model
+
+    base = load_model(str(qwen_dir), torch.bfloat16, "cuda", load_in_4bit=True)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    reference = int4_reference(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).cuda(), model)
+    _int4_agreement(model, reference, tiny_tokenizer, "NF4 base, int4 copies")
+
+
+def test_hf_backend_trains_a_4bit_base_with_corrected_int4_rollouts(qwen_dir, prepared, tmp_path):
+    """`sdgrpo train --backend hf --load_in_4bit true`: 3 steps, rollouts from int4 copies (engine/mode 2), their
+    mismatch with the policy logged and corrected every step."""
+    steps = _train(qwen_dir, prepared, tmp_path / "hf4", "hf", "--load_in_4bit", "true", compiled=True)
+    for x in steps:
+        assert x["engine/mode"] == 2.0, x
+        assert math.isfinite(x["sampling/sampling_logp_difference/mean"]) and "sampling/kl" in x
+    log = (tmp_path / "hf4" / "stderr.log").read_text()
+    assert "int4 generation copies" in log and "rollouts corrected by importance sampling" in log
