@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_4bit", "sdgrpo_hf_model", "sdgrpo_hf_cudnn", "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile",
+VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_4bit", "sdgrpo_hf_model", "sdgrpo_hf_cudnn", "sdgrpo_hf_generate",
+            "sdgrpo_hf_static", "sdgrpo_hf_compile",
             "sdgrpo_hf_cb", "unsloth_bare", "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
 CAP_GIB = float(os.environ["BENCH_CAP_GIB"]) if os.environ.get("BENCH_CAP_GIB") else None

@@ -95,7 +95,8 @@ class SDGRPOConfig(GRPOConfig):
     rollout_correction: str = field(
         default="auto",
         metadata={"help": "Correct rollouts that are not the policy bit for bit (the engine's 16-bit generation "
-                  "copies, unmerged 16-bit rounding, int4 copies) by truncated importance sampling, with TRL's semantics and "
+                  "copies, unmerged 16-bit rounding, int4 copies) by truncated importance sampling, with TRL's "
+                  "semantics and "
                   "options for vLLM rollouts (--vllm_importance_sampling_mode, _clip_max, _clip_min); costs one "
                   "no-grad policy pass per generation. auto: on where the engine decodes 16-bit or int4 weights; "
                   "true, false."},

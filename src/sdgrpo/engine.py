@@ -886,8 +886,8 @@ class DecodeEngine:
         inner = _inner(model)
         on_gpu = torch.device(device).type == "cuda"
         mode = self._decide_mode(model, batch, length, device)
-        copies = (self.fold(model) if mode == "folded" else
-                  self.quantised(model, _quantisable_lora_layers(model)) if mode == "int4" else contextlib.nullcontext())
+        copies = (self.fold(model) if mode == "folded" else self.quantised(model, _quantisable_lora_layers(model))
+                  if mode == "int4" else contextlib.nullcontext())
         # Eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while it
         # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
         with copies, eval_mode(inner), \

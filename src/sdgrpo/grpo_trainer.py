@@ -209,7 +209,8 @@ class SelfDistillMixin(CheckpointMixin):
             for key in ("calls", "fallbacks", "setups", "captures"):
                 self._metrics[mode][f"engine/{key}"].append(getattr(engine, key))
             self._metrics[mode]["engine/mode"].append(MODES.get(engine.mode, 0.0))
-            if engine.mode == "int4" and not self.rollout_correction and getattr(self.args, "rollout_correction", "false") == "auto":
+            setting = getattr(self.args, "rollout_correction", "false")
+            if engine.mode == "int4" and not self.rollout_correction and setting == "auto":
                 self.rollout_correction = True
                 logger.info("rollouts corrected by importance sampling from now on: the engine decodes int4 copies")
             decoded, engine.record = engine.record, None
