@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU machine, one call: the int4 / 4-bit GPU tests, then the step benchmark on the Qwen2.5-7B shape (vocabulary
+# 152,064) under a 24 GiB cap for the given variants. Carry .whl. Results to $OUT.
+set -u
+source tools/device/env.sh
+start=$(date +%s)
+timeout "${GPU_SECONDS:-240}" python3 -m pytest -m gpu -q -rf --tb=short -p no:cacheprovider -n 3 -s \
+  -k "${PYTEST_K:-int4 or 4bit}" tests/gpu/test_gpu.py > "$OUT/pytest_gpu.log" 2>&1
+grep -E "engine token|passed|failed|Error|error" "$OUT/pytest_gpu.log" | tail -15
+echo "gpu tests wall seconds: $(( $(date +%s) - start ))"
+BENCH_VOCAB=real BENCH_CAP_GIB=${CAP:-24} BENCH_STEPS=${BENCH_STEPS:-4} timeout "${BENCH_SECONDS:-420}" \
+  python3 benchmarks/bench_step.py "$OUT" "${SHAPE:-qwen2.5-7b}" ${VARIANTS:-sdgrpo_hf sdgrpo_hf_4bit} \
+  > "$OUT/bench.log" 2>&1
+python3 - "$OUT" <<'PY'
+import json, sys, glob
+for f in sorted(glob.glob(sys.argv[1] + "/bench_step_partial_*.json")):
+    r = json.load(open(f))
+    print(r["variant"], {k: r.get(k) for k in ("step_s", "generation_s", "peak_gpu_gib", "engine_mode",
+                                               "mismatch_mean", "wall_s")}, (r.get("error") or "")[-600:])
+PY
+echo "total wall seconds: $(( $(date +%s) - start ))"
