@@ -370,7 +370,8 @@ def test_dropout_in_train_mode_goes_to_generate(tiny_tokenizer):
 
 
 def test_the_fold_is_used_only_where_its_copies_fit_the_budget(lora, tiny_tokenizer, caplog):
-    """A budget below the fold's copies decodes the LoRA layers unmerged (no copy made), with generate's tokens; a
+    """A budget below the fold's copies decodes the LoRA layers unmerged (no copy made; sibling groups' A matrices
+    stacked), with generate's tokens; a
     budget that holds them folds; a budget below the cache itself is one clear error naming the GiB it needs."""
     import logging
 
@@ -388,6 +389,7 @@ def test_the_fold_is_used_only_where_its_copies_fit_the_budget(lora, tiny_tokeni
         with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
             got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
         assert torch.equal(got, want) and engine.mode == mode and engine.fold.held() == held
+        assert engine.stacked.held() == (10 if mode == "unmerged" else 0)  # q k v and gate up: A stacked, 2 layers
         assert f"LoRA {'decoded unmerged' if mode == 'unmerged' else 'folded'}" in caplog.text
     with pytest.raises(UserError, match=rf"needs {cache / 2**30:.2f} GiB for its cache alone"):
         DecodeEngine(memory_budget_gib=cache / 2 / 2**30).generate(lora, **enc, do_sample=False,

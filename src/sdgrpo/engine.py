@@ -383,6 +383,92 @@ class Folded:
                 layer._disable_adapters = disabled
 
 
+# --- unmerged LoRA with sibling projections' A matrices stacked ----------------------------------------------------
+class _StackedLoRA(torch.nn.Module):
+    """Stands in for the first LoRA layer of a sibling group decoding unmerged: the group's A matrices as rows of one
+    weight, so the group's down-projections are one small matmul instead of one per projection; each member's base
+    layer and B as PEFT's forward runs them (``base(x) + B(A x) * scale``, in eval mode, the input cast to A's
+    dtype). Its own output returned, the others' handed to their :class:`_Part` stand-ins."""
+
+    def __init__(self, members: list, names: list[str], stacked: torch.nn.Parameter, parts: list):
+        super().__init__()
+        self.members, self.stacked = torch.nn.ModuleList(members), stacked
+        self.names, self.ranks = names, [m.lora_A[n].weight.size(0) for m, n in zip(members, names)]
+        self.__dict__["parts"] = parts
+
+    def forward(self, x):
+        low = torch.nn.functional.linear(x if x.dtype == self.stacked.dtype else x.to(self.stacked.dtype),
+                                         self.stacked).split(self.ranks, dim=-1)
+        outs = []
+        for member, name, a in zip(self.members, self.names, low):
+            base = member.base_layer(x)
+            outs.append((base + member.lora_B[name](a) * member.scaling[name]).to(base.dtype))
+        for part, value in zip(self.parts, outs[1:]):
+            part.source, part.value = x, value
+        return outs[0]
+
+
+class StackedA:
+    """For unmerged decoding: every sibling group (:data:`SIBLINGS`) of plain LoRA layers with one active adapter
+    each, A matrices of one dtype and input width, served by :class:`_StackedLoRA` for the call; the stacked A is
+    refreshed from the trained A at every call (never written back) and is all it holds (rank x width per layer).
+    Held for one model at a time, by weak references."""
+
+    def __init__(self):
+        self._owner = None
+        self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent -> {names: (module, parts)}
+
+    def held(self) -> int:
+        return sum(len(names) for known in self.groups.values() for names in known)
+
+    @staticmethod
+    def _adapter(layer) -> str | None:
+        """The one active adapter of a plain LoRA layer whose unmerged forward stacking reproduces, else None."""
+        from peft.tuners.lora import LoraLayer
+
+        if not isinstance(layer, LoraLayer) or layer._disable_adapters or layer.merged or layer.lora_variant:
+            return None
+        active = [n for n in layer.active_adapters if n in layer.lora_A]
+        if len(active) != 1 or not getattr(layer, "cast_input_dtype_enabled", True):
+            return None
+        return active[0]
+
+    @contextlib.contextmanager
+    def __call__(self, model):
+        if self._owner is None or self._owner() is not model:
+            self.groups.clear()
+            self._owner = weakref.ref(model)
+        replaced = []
+        try:
+            for parent in list(model.modules()):
+                for names in SIBLINGS:
+                    members = [getattr(parent, n, None) for n in names]
+                    adapters = [self._adapter(m) if m is not None else None for m in members]
+                    if None in adapters:
+                        continue
+                    weights = [m.lora_A[a].weight for m, a in zip(members, adapters)]
+                    if len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1:
+                        continue
+                    known = self.groups.setdefault(parent, {})
+                    rows = sum(w.size(0) for w in weights)
+                    if names not in known or known[names][0].stacked.shape[0] != rows:
+                        stacked = torch.nn.Parameter(torch.empty(rows, weights[0].size(1), dtype=weights[0].dtype,
+                                                                 device=weights[0].device), requires_grad=False)
+                        parts = [_Part(m) for m in members[1:]]
+                        known[names] = (_StackedLoRA(members, adapters, stacked, parts), parts)
+                    module, parts = known[names]
+                    with torch.no_grad():
+                        torch.cat([w.detach() for w in weights], out=module.stacked.data)
+                    replaced.append((parent, names, members))
+                    for name, stand_in in zip(names, [module, *parts]):
+                        setattr(parent, name, stand_in)
+            yield
+        finally:
+            for parent, names, originals in replaced:
+                for name, original in zip(names, originals):
+                    setattr(parent, name, original)
+
+
 # --- a 4-bit generation copy: base + LoRA folded, then quantised ---------------------------------------------------
 # The layout and kernels are PyTorch's own weight-only int4 matmul (tinygemm, the kernel torchao's int4 weight-only
 # "tinygemm" layout runs on CUDA; a CPU kernel of the same contract): ``aten._convert_weight_to_int4pack`` (CUDA:
@@ -746,7 +832,8 @@ class DecodeEngine:
     ``reserve``: cache positions (prompt + completion) to allocate at the least. A compiled step is compiled again
     for each new cache length (on one H100, 1.5B shape: ~30 s), so a caller that knows its longest call reserves it.
     ``fuse_projections``: decode each sibling group of LoRA-wrapped projections (q, k, v; gate, up) with one matmul
-    over stacked generation copies (see :class:`Folded`).
+    over stacked generation copies (see :class:`Folded`, :class:`Quantised`), or, decoding unmerged, with their A
+    matrices stacked (:class:`StackedA`).
     ``memory_budget_gib``: what generation may take beyond the memory already allocated (the fold's copies and the
     cache); default: decided from the device (:func:`generation_room`). LoRA is folded only where its copies fit the
     budget; otherwise the LoRA layers decode unmerged (PEFT's own forward, inside the same step and graph), which
@@ -768,6 +855,8 @@ class DecodeEngine:
         self.memory_budget_gib = memory_budget_gib
         self.generation_weights = generation_weights
         self.quantised = Quantised(fuse=fuse_projections)
+        self.stacked = StackedA()
+        self.fuse_projections = fuse_projections
         self.mode: str | None = None
         self._mode_for = None  # weakref to the model the mode was decided for
         self.record: list[Decoded] | None = None  # set to a list to collect every call's Decoded
@@ -887,7 +976,8 @@ class DecodeEngine:
         on_gpu = torch.device(device).type == "cuda"
         mode = self._decide_mode(model, batch, length, device)
         copies = (self.fold(model) if mode == "folded" else self.quantised(model, _quantisable_lora_layers(model))
-                  if mode == "int4" else contextlib.nullcontext())
+                  if mode == "int4" else self.stacked(model) if mode == "unmerged" and self.fuse_projections
+                  else contextlib.nullcontext())
         # Eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while it
         # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
         with copies, eval_mode(inner), \
