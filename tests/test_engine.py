@@ -552,3 +552,25 @@ def test_layers_without_an_int4_layout_decode_unmerged_beside_the_int4_copies(ti
     assert engine.mode == "int4" and engine.quantised.held() == 12
     assert "2 of 14 LoRA layers (no int4 layout, or an adapter variant) decode unmerged" in caplog.text
     assert got.size(0) == 4 and seen and set(seen) == {"Linear"}  # PEFT's LoRA Linear ran for them, every step
+
+
+def test_generation_room_is_what_the_cap_leaves_less_trainings_reserve(monkeypatch):
+    """The 7B-on-24-GiB case in numbers (GiB): an 80 GiB card capped at 24, 14.4 allocated, 15 reserved, 60 free,
+    nothing beyond the resident memory seen yet: 24 - 14.4 = 9.6 under the cap, less 0.15 x 24 = 3.6 for training,
+    leaves 6.0 (the 7B shape's int4 copies take 3.9 with their temporaries, its cache 0.3, its 16-bit fold 12.2:
+    engine.fold_bytes, int4_bytes, cache_bytes on it with LoRA r 16 on every linear layer). Once training
+    took 5 GiB beyond the resident memory, that is the reserve."""
+    from sdgrpo import engine as engine_module
+
+    gib = 2**30
+    cuda = engine_module.torch.cuda
+    peak = {"value": 14.4 * gib}
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device: (60 * gib, 80 * gib))
+    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device: 24 / 80)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device: 14.4 * gib)
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device: 15 * gib)
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda device: peak["value"])
+    room, why = engine_module.generation_room("cuda")
+    assert room / gib == pytest.approx(6.0) and "kept for training" in why
+    peak["value"] = 19.4 * gib
+    assert engine_module.generation_room("cuda")[0] / gib == pytest.approx(24 - 14.4 - 5.0)
