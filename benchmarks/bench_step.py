@@ -16,6 +16,7 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
   unsloth_bare      Unsloth model + Unsloth-patched GRPOTrainer, the original recipe's reward
   sdgrpo_unsloth    `sdgrpo train --backend unsloth`
   ..._4bit          the same with the base loaded in 4 bits (NF4; Unsloth's own loading)
+  sdgrpo_unsloth_4bit_engine  the same, its rollouts decoded by sdgrpo's engine (--generation_engine true)
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
 r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
@@ -39,7 +40,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_4bit", "sdgrpo_hf_model", "sdgrpo_hf_cudnn", "sdgrpo_hf_generate",
             "sdgrpo_hf_static", "sdgrpo_hf_compile",
-            "sdgrpo_hf_cb", "unsloth_bare", "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit"]
+            "sdgrpo_hf_cb", "unsloth_bare", "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit",
+            "sdgrpo_unsloth_4bit_engine"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
 CAP_GIB = float(os.environ["BENCH_CAP_GIB"]) if os.environ.get("BENCH_CAP_GIB") else None
 
@@ -178,7 +180,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     import torch
 
     unsloth = "unsloth" in variant
-    four_bit = variant.endswith("_4bit")
+    four_bit = "_4bit" in variant
     if CAP_GIB:
         torch.cuda.set_per_process_memory_fraction(CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     if unsloth:
@@ -217,6 +219,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--generation_compile", "false"]
         if variant == "sdgrpo_hf_compile":
             argv += ["--generation_compile", "true"]
+        if variant.endswith("_engine"):  # Unsloth's model decoded by sdgrpo's engine, not Unsloth's generation
+            argv += ["--generation_engine", "true", "--generation_compile", "true"]
         if variant == "sdgrpo_hf_model":
             argv += ["--generation_weights", "model"]
         if variant == "sdgrpo_hf_cudnn":
