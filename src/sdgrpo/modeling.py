@@ -75,7 +75,8 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: str, trust_remote_
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise UserError("4-bit loading needs bitsandbytes: pip install -e \".[qlora]\" (or pip install bitsandbytes)") from None
+            raise UserError('4-bit loading needs bitsandbytes: pip install -e ".[qlora]" (or pip install '
+                            'bitsandbytes)') from None
         from transformers import BitsAndBytesConfig
 
         extra = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
