@@ -17,6 +17,11 @@ early), sampling at T=1:
                      head of its group (DecodeEngine(grouped_attention=False))
   engine_eager       the engine without compiling the step
   engine_no_lora     the engine on the model without adapters (what folding is measured against)
+  engine_int4        the engine decoding int4 copies of base + LoRA (generation_weights="int4"; refreshed, i.e.
+                     quantised again, at every call: in the time)
+  engine_unmerged    the engine with LoRA unmerged (a memory budget that holds no copy; A matrices stacked)
+With BENCH_KERNELS=1, first the matrix kernels alone on the shape's projections (rows 1 and 8): bf16 F.linear
+against PyTorch's int4 weight-only matmul (tinygemm), time and bandwidth of the bytes each reads.
 
 Reports tokens/s, ms per decoding step (a step makes one token for each of the 8 rows), peak memory above the
 model, and the ratio to the bandwidth limit: the bytes of the weights that one step reads (every parameter once)
@@ -45,7 +50,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 G, PROMPT, NEW, REPEATS = 8, 128, 512, 3
 VARIANTS = ["generate", "generate_compiled", "engine", "engine_unfused", "engine_cdt",
-            "engine_repeat_kv", "engine_autotune", "engine_eager", "engine_no_lora"]
+            "engine_repeat_kv", "engine_autotune", "engine_eager", "engine_no_lora", "engine_int4", "engine_unmerged"]
 REPEATS = int(os.environ.get("BENCH_REPEATS", REPEATS))
 
 
@@ -101,6 +106,47 @@ def profile(engine, model, input_ids, mask, common: dict, path: Path) -> None:
     print(f"profile: wall {wall:.3f} s, GPU kernel time {gpu_us / 1e6:.3f} s -> {path}", flush=True)
 
 
+def kernel_rates(shape: str, bandwidth: float) -> list[dict]:
+    """bf16 ``F.linear`` against the int4 weight-only matmul on the shape's projections (q k v stacked, o, gate up
+    stacked, down), rows 1 and 8: microseconds per call (median of 200 after a warm-up) and the share of the copy
+    bandwidth that the bytes each reads make."""
+    from common import SHAPES
+
+    from sdgrpo.engine import Int4Linear, int4_layout
+
+    c = SHAPES[shape]
+    h, i = c["hidden_size"], c["intermediate_size"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+    rows = []
+    for name, n, k in (("qkv", h + 2 * kv, h), ("o", h, h), ("gate_up", 2 * i, h), ("down", h, i)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        group, tiles = int4_layout(n, k)
+        q = Int4Linear(n, k, group, tiles, "cuda", bias=False)
+        values = torch.empty(n, k, dtype=torch.uint8, device="cuda")
+        q.load(values, 0, w.float())
+        q.pack(values)
+        for m in (1, 8):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for label, fn, nbytes in (("bf16", lambda: torch.nn.functional.linear(x, w), w.numel() * 2),
+                                      ("int4", lambda: q(x), Int4Linear.nbytes(n, k, group))):
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+                times = []
+                for _ in range(200):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) * 1000)
+                us = statistics.median(times)
+                rows.append({"projection": name, "shape": [n, k], "rows": m, "kernel": label, "us": us,
+                             "bandwidth_share": nbytes / (us / 1e6) / bandwidth})
+                print(shape, json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def run_shape(shape: str, bandwidth: float) -> dict:
     from common import random_model
     from peft import LoraConfig, get_peft_model
@@ -109,6 +155,7 @@ def run_shape(shape: str, bandwidth: float) -> dict:
     from sdgrpo.modeling import choose_attention_kernels
 
     choose_attention_kernels(False)  # as `sdgrpo train` runs
+    kernels = kernel_rates(shape, bandwidth) if os.environ.get("BENCH_KERNELS") else None
     base = random_model(shape, vocab_size=32768)
     weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -136,9 +183,11 @@ def run_shape(shape: str, bandwidth: float) -> dict:
                 return model.generate(input_ids=input_ids, attention_mask=mask, **common, **extra)
         else:
             mode = "max-autotune-no-cudagraphs" if variant == "engine_autotune" else "default"
-            engine = engines[variant] = DecodeEngine(compile=variant != "engine_eager", compile_mode=mode,
-                                                     grouped_attention=variant != "engine_repeat_kv",
-                                                     fuse_projections=variant != "engine_unfused")
+            engine = engines[variant] = DecodeEngine(
+                compile=variant != "engine_eager", compile_mode=mode, grouped_attention=variant != "engine_repeat_kv",
+                fuse_projections=variant != "engine_unfused",
+                generation_weights="int4" if variant == "engine_int4" else "model",
+                memory_budget_gib=1.0 if variant == "engine_unmerged" else None)
 
             def fn(engine=engine):
                 return engine.generate(model, input_ids=input_ids, attention_mask=mask, **common)
@@ -159,13 +208,29 @@ def run_shape(shape: str, bandwidth: float) -> dict:
             seconds, peak, out = timed(fn)
         assert out.shape == (G, PROMPT + NEW), out.shape
         step_ms = 1000 * seconds / NEW
-        rows.append({"variant": variant, "seconds": seconds, "ms_per_step": step_ms,
+        if variant == "engine_int4":  # the refresh alone (quantising every copy again), and what one step reads
+            from sdgrpo.engine import Int4Linear, _quantisable_lora_layers
+
+            layers = _quantisable_lora_layers(model)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with engine.quantised(model, layers):
+                torch.cuda.synchronize()
+                refresh = time.perf_counter() - t0
+                copies = {id(m): m for m in model.modules() if isinstance(m, Int4Linear)}.values()
+                read = sum(Int4Linear.nbytes(m.out_features, m.in_features, m.group) for m in copies) + sum(
+                    p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" in n or "lm_head" in n)
+            print(shape, f"int4 refresh {refresh:.3f} s; one step reads {read / 2**30:.2f} GiB "
+                  f"({1000 * read / bandwidth:.3f} ms at the copy bandwidth)", flush=True)
+        rows.append({"variant": variant, "seconds": seconds, "ms_per_step": step_ms, "mode": getattr(
+                         engines.get(variant), "mode", None),
                      "graphs_captured": engines[variant].captures if variant in engines else None,
                      "tokens_per_s": G * NEW / seconds, "x_bandwidth_limit": step_ms / limit_ms,
                      "peak_gib_above_model": peak})
         print(shape, json.dumps(rows[-1]), flush=True)
-    if os.environ.get("BENCH_PROFILE") and "engine" in engines:
-        profile(engines["engine"], model, input_ids, mask, common, Path(sys.argv[1]) / f"profile_{shape}.txt")
+    profiled = os.environ.get("BENCH_PROFILE_VARIANT", "engine")
+    if os.environ.get("BENCH_PROFILE") and profiled in engines:
+        profile(engines[profiled], model, input_ids, mask, common, Path(sys.argv[1]) / f"profile_{shape}.txt")
     # greedy agreement in bf16: engine (LoRA folded, compiled) against generate (unmerged, dynamic cache), as whole
     # sequences and step by step (the engine's token against the unmerged model's argmax after the same prefix;
     # random weights give near-flat distributions, so near-ties flip under bf16 rounding)
@@ -181,7 +246,7 @@ def run_shape(shape: str, bandwidth: float) -> dict:
     step_agree = (logits.argmax(-1) == got).float().mean().item()
     return {"shape": shape, "weight_bytes": weight_bytes, "bandwidth_limit_ms_per_step": limit_ms,
             "greedy_agreement_bf16": agree, "greedy_step_agreement_bf16": step_agree,
-            "variants": rows}
+            "variants": rows, "kernels": kernels}
 
 
 def main() -> None:
