@@ -263,7 +263,8 @@ def test_int4_rollouts_switch_the_correction_on_and_log_their_mismatch(tiny_mode
                                                                         tmp_path):
     """``--generation_weights int4`` on an fp32 model under ``--rollout_correction auto``: correction starts with
     the first int4 call (``engine/mode`` 2), and the logged mismatch is the mean |policy - sampler| log-prob, the
-    policy's from one unpadded forward per sequence, the sampler's from the engine's own record."""
+    policy's from one unpadded forward per sequence, the sampler's from the engine's own record; the ratio is per
+    token, truncated (not TRL's sequence mask), and its mean and zeroed share are logged."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -288,6 +289,14 @@ def test_int4_rollouts_switch_the_correction_on_and_log_their_mismatch(tiny_mode
     flat = torch.cat(deltas)
     assert flat.abs().mean() > 1e-3  # int4 copies are not the policy
     assert metrics["sampling/sampling_logp_difference/mean"][-1] == pytest.approx(flat.abs().mean().item(), abs=2e-4)
+    # token-level truncation (--int4_correction_mode's default): each token's ratio exp(delta) clipped at 3
+    mask = batch["completion_mask"].bool()
+    want = torch.zeros(mask.shape, dtype=torch.float64)
+    want[mask] = flat.exp().clamp(max=3.0)
+    ratio = batch["importance_sampling_ratio"]
+    assert ratio.shape == mask.shape and torch.allclose(ratio[mask].double(), want[mask], atol=1e-3)
+    assert metrics["sampling/importance_sampling_ratio/mean"][-1] == pytest.approx(want[mask].mean().item(), abs=1e-3)
+    assert metrics["sampling/importance_sampling_ratio/zeroed"][-1] == 0.0
 
 
 @pytest.mark.parametrize("reward_name, weight", [("distill", 0.0), ("teacher_nll", 0.0), ("distill", 0.5)])

@@ -101,6 +101,14 @@ class SDGRPOConfig(GRPOConfig):
                   "no-grad policy pass per generation. auto: on where the engine decodes 16-bit or int4 weights; "
                   "true, false."},
     )
+    int4_correction_mode: str = field(
+        default="token_truncate",
+        metadata={"help": "Importance-sampling mode for rollouts decoded from int4 copies: token_truncate (each "
+                  "token's ratio clipped at --vllm_importance_sampling_clip_max), or trl (TRL's "
+                  "--vllm_importance_sampling_mode, default sequence_mask). Their per-token mismatch is ~30x the "
+                  "16-bit fold's (0.15 against 0.005 nats on the shipped model), so a ratio over a whole sequence "
+                  "would weight most rows near 0 or mask them."},
+    )
     fsdp_gather_for_generation: bool = field(
         default=True,
         metadata={"help": "Under FSDP2, keep the all-gathered weights for the whole of generation instead of "
@@ -222,6 +230,9 @@ class SDGRPOConfig(GRPOConfig):
                             "--teacher_retokenize (or use a teacher with the student's tokenizer)")
         if self.generation_weights not in ("auto", "model", "int4"):
             raise UserError(f"generation_weights {self.generation_weights!r} is not one of ['auto', 'model', 'int4']")
+        if self.int4_correction_mode not in ("token_truncate", "trl"):
+            raise UserError(f"int4_correction_mode {self.int4_correction_mode!r} is not one of "
+                            "['token_truncate', 'trl']")
         self.rollout_correction = str(self.rollout_correction).lower()
         if self.rollout_correction not in ("auto", "true", "false"):
             raise UserError(f"rollout_correction {self.rollout_correction!r} is not one of ['auto', 'true', 'false']")

@@ -210,9 +210,14 @@ class SelfDistillMixin(CheckpointMixin):
                 self._metrics[mode][f"engine/{key}"].append(getattr(engine, key))
             self._metrics[mode]["engine/mode"].append(MODES.get(engine.mode, 0.0))
             setting = getattr(self.args, "rollout_correction", "false")
-            if engine.mode == "int4" and not self.rollout_correction and setting == "auto":
-                self.rollout_correction = True
-                logger.info("rollouts corrected by importance sampling from now on: the engine decodes int4 copies")
+            if engine.mode == "int4" and not getattr(self, "_told_int4", False):
+                self._told_int4 = True
+                if not self.rollout_correction and setting == "auto":
+                    self.rollout_correction = True
+                if self.rollout_correction:
+                    logger.info("rollouts from int4 copies corrected by importance sampling (%s, ratio clipped to "
+                                "[%s, %s]; --int4_correction_mode)", self.correction_mode(),
+                                self.vllm_importance_sampling_clip_min or 0, self.vllm_importance_sampling_clip_max)
             decoded, engine.record = engine.record, None
             if self.rollout_correction and out[4] is None:
                 out = (*out[:4], self._sampling_logps(decoded, out[1]), *out[5:])
@@ -314,13 +319,26 @@ class SelfDistillMixin(CheckpointMixin):
                                                                     completion_ids.size(1), batch_size=batch)
             output["old_per_token_logps"] = old
         sampling = output["sampling_per_token_logps"].to(old.device)
-        ratio = importance_weights(old, sampling, mask, self.vllm_importance_sampling_mode,
+        ratio = importance_weights(old, sampling, mask, self.correction_mode(),
                                    self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
         output["importance_sampling_ratio"] = ratio
+        weights = ratio.expand_as(mask)[mask.bool()]
+        for key, value in {"importance_sampling_ratio/mean": weights.mean() if weights.numel() else mask.sum() * 0.0,
+                           "importance_sampling_ratio/zeroed": (weights == 0).float().mean() if weights.numel()
+                           else mask.sum() * 0.0}.items():
+            self._metrics[mode][f"sampling/{key}"].append(self.accelerator.gather(value.float()).mean().item())
         for key, value in rollout_mismatch(old, sampling, mask).items():
             gathered = self.accelerator.gather(value)  # the largest difference over processes is the max, as TRL's
             self._metrics[mode][f"sampling/{key}"].append((gathered.max() if key.endswith("/max")
                                                            else gathered.mean()).item())
+
+    def correction_mode(self) -> str:
+        """The importance-sampling mode for this generation's rollouts: ``--int4_correction_mode`` where the engine
+        decoded int4 copies, else TRL's ``vllm_importance_sampling_mode``."""
+        if (self.engine is not None and self.engine.mode == "int4"
+                and getattr(self.args, "int4_correction_mode", "trl") != "trl"):
+            return self.args.int4_correction_mode
+        return self.vllm_importance_sampling_mode
 
     def _compute_loss(self, model, inputs):
         # TRL 1.15 multiplies the per-token loss by inputs["importance_sampling_ratio"] only under
