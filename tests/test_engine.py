@@ -501,12 +501,16 @@ def test_int4_copies_decode_as_the_model_with_their_weights_would(bias, chunk, t
         assert torch.allclose(out[row, :n], chosen, atol=0.02)
 
 
-def test_auto_weights_fold_where_that_fits_then_take_int4_copies_then_decode_unmerged(tiny_tokenizer, caplog):
-    """``generation_weights`` auto on a bf16 model: the 16-bit fold where the budget holds it; int4 copies where
-    only they fit (their bytes: a quarter of the fold's, and a refresh's temporaries); unmerged below that, with
-    ``model`` never quantises. One log line says which and why. (What each mode decodes is tested above.)"""
+def test_auto_weights_fold_where_that_fits_and_give_int4_copies_to_quantised_bases_only(tiny_tokenizer, caplog,
+                                                                                        monkeypatch):
+    """``generation_weights`` auto: the 16-bit fold where the budget holds it, else unmerged for a 16-bit base
+    (int4 copies only where asked: they decoded no faster on an H200); a quantised base (its bitsandbytes weights
+    stood in for here by ``_quantised_base``; the real one is tested on the GPU) gets int4 copies where they fit
+    (their bytes: a quarter of the fold's, and a refresh's temporaries), unmerged below that; ``model`` never
+    quantises. One log line says which and why. (What each mode decodes is tested above.)"""
     import logging
 
+    from sdgrpo import engine as engine_module
     from sdgrpo.engine import _quantisable_lora_layers, cache_bytes, fold_bytes, int4_bytes
 
     # 8 layers: a refresh's temporaries (a few fp32 chunks of the widest weight) are then small beside the copies
@@ -516,16 +520,20 @@ def test_auto_weights_fold_where_that_fits_then_take_int4_copies_then_decode_unm
     need4 = int4_bytes(_quantisable_lora_layers(lora))
     held4 = sum(m.out_features * m.in_features // 2 for m in lora.modules() if hasattr(m, "base_layer"))
     assert held4 < need4 < need
-    cases = [(need + cache, "auto", "folded", "LoRA folded into generation copies"),
-             ((need + need4) / 2 + cache, "auto", "int4", "int4 generation copies: the model's own dtype does not"),
-             ((need + need4) / 2 + cache, "model", "unmerged", "no generation copy fits the budget"),
-             (need4 / 2 + cache, "auto", "unmerged", "no generation copy fits the budget")]
-    for budget, weights, mode, line in cases:
+    middle = (need + need4) / 2 + cache
+    cases = [(need + cache, "auto", False, "folded", "LoRA folded into generation copies"),
+             (middle, "auto", False, "unmerged", "no generation copy fits the budget"),
+             (middle, "int4", False, "int4", "int4 generation copies, as asked"),
+             (middle, "auto", True, "int4", "int4 generation copies of the quantised base"),
+             (middle, "model", True, "unmerged", "no generation copy fits the budget"),
+             (need4 / 2 + cache, "auto", True, "unmerged", "no generation copy fits the budget")]
+    for budget, weights, quantised, mode, line in cases:
+        monkeypatch.setattr(engine_module, "_quantised_base", lambda layers, quantised=quantised: quantised)
         engine = DecodeEngine(memory_budget_gib=budget / 2**30, generation_weights=weights)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
             got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
-        assert engine.mode == mode and line in caplog.text, (weights, mode, caplog.text)
+        assert engine.mode == mode and line in caplog.text, (weights, quantised, mode, caplog.text)
         assert engine.quantised.held() == (56 if mode == "int4" else 0)
         assert engine.fold.held() == (56 if mode == "folded" else 0)
         assert got.shape[0] == 4 and torch.equal(got[:, :enc["input_ids"].size(1)], enc["input_ids"])

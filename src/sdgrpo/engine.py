@@ -17,9 +17,9 @@ What it does, against ``transformers``' ``generate`` with the same settings:
   duration with the adapters switched off, so decoding runs no per-layer LoRA matmuls. The trained weights (W, A,
   B) are never written. The copies are what the engine holds beyond the model: one copy of the LoRA-wrapped
   weights, in their dtype.
-- **Or an int4 copy** (:class:`Quantised`), where the 16-bit copies do not fit the memory budget or the base is
-  itself quantised (bitsandbytes 4/8-bit): base + LoRA folded in fp32, quantised to 4-bit groups and read by
-  PyTorch's int4 weight-only matmul, a quarter of the 16-bit bytes held and read per token. Such a sampler is not the
+- **Or an int4 copy** (:class:`Quantised`), where the base is itself quantised (bitsandbytes 4/8-bit, whose own
+  matmul dequantises every weight at every token) or where asked: base + LoRA folded in fp32, quantised to 4-bit
+  groups and read by PyTorch's int4 weight-only matmul, a quarter of the 16-bit bytes held and read per token. Such a sampler is not the
   policy bit for bit; the trainer corrects its rollouts by importance sampling. With no copy that fits, the LoRA
   layers decode unmerged (PEFT's forward, in the same compiled step); DoRA and other variants always do.
 
@@ -575,6 +575,11 @@ def _quantisable_lora_layers(model) -> list | None:
     return served if served or not layers else None
 
 
+def _quantised_base(layers: list) -> bool:
+    """Whether any of ``layers`` wraps a quantised (bitsandbytes) weight."""
+    return any(layer.base_layer.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) for layer in layers)
+
+
 def _base_weight(layer) -> torch.Tensor:
     """The layer's base weight as a float tensor ([out, in]): a bitsandbytes 4/8-bit weight dequantised (PEFT's
     ``dequantize_bnb_weight``, as its own merge does)."""
@@ -598,9 +603,8 @@ def int4_bytes(layers: list) -> int:
     held = sum(Int4Linear.nbytes(layer.out_features, layer.in_features,
                                  int4_layout(layer.out_features, layer.in_features)[0]) for layer in layers)
     widest = max((layer.out_features * layer.in_features for layer in layers), default=0)
-    quantised = any(layer.base_layer.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-                    for layer in layers)
-    return held + 6 * 4 * min(widest, INT4_CHUNK) + 3 * widest * 3 // 2 + (2 * widest if quantised else 0)
+    return (held + 6 * 4 * min(widest, INT4_CHUNK) + 3 * widest * 3 // 2
+            + (2 * widest if _quantised_base(layers) else 0))
 
 
 class Quantised:
@@ -847,8 +851,11 @@ class DecodeEngine:
     fold), logged in one line.
     ``generation_weights``: ``model`` decodes the model's own weights (LoRA folded in their dtype, or unmerged);
     ``int4`` decodes int4 copies of base + LoRA (:class:`Quantised`; mode ``int4``) wherever the layers allow;
-    ``auto`` folds in the model's dtype where that fits the budget, else takes int4 copies where they fit (a
-    quantised base: int4 copies where they fit), else decodes unmerged.
+    ``auto`` folds in the model's dtype where that fits the budget; a quantised (bitsandbytes) base gets int4 copies
+    where they fit; anything else decodes unmerged. (A 16-bit base is not given int4 copies by ``auto``: on one
+    H200, Qwen2.5-7B shape, 8 rows, PyTorch's int4 kernel decoded at 7.79 ms a token against 7.88 ms unmerged and
+    5.36 ms folded, for a sampler 30x further from the policy; ``benchmarks/results/bench_generate_qwen2.5-7b_h200_
+    2026-12-03_int4.json``.)
     """
 
     def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64,
@@ -1031,8 +1038,8 @@ class DecodeEngine:
             return out
 
     def _decide_mode(self, model, batch: int, length: int, device) -> str:
-        """``folded`` where the fold's copies fit the budget; else ``int4`` where int4 copies fit it (with
-        ``generation_weights`` auto or int4; int4 also first where asked); else ``unmerged`` (also for LoRA that
+        """``int4`` where asked (``generation_weights`` int4); else ``folded`` where the fold's copies fit the
+        budget; else (auto, a quantised base) ``int4`` where int4 copies fit it; else ``unmerged`` (also for LoRA that
         neither can serve: DoRA, shapes without an int4 layout); ``plain`` without LoRA. Raises :class:`UserError`
         when a budget the user set is below what decoding needs even unmerged."""
         if self._mode_for is not None and self._mode_for() is model and self.mode is not None:
@@ -1059,10 +1066,9 @@ class DecodeEngine:
             self.mode, line = "int4", f"LoRA folded into int4 generation copies, as asked ({sizes})"
         elif layers and need + cache <= budget:
             self.mode, line = "folded", f"LoRA folded into generation copies ({sizes})"
-        elif quantisable and need4 + cache <= budget:
-            self.mode, line = "int4", (f"LoRA folded into int4 generation copies: the model's own dtype does not fit "
-                                       f"the budget ({sizes}; --generation_memory_gib sets it, "
-                                       f"--generation_weights model keeps the model's dtype)")
+        elif quantisable and _quantised_base(quantisable) and need4 + cache <= budget:
+            self.mode, line = "int4", (f"LoRA folded into int4 generation copies of the quantised base ({sizes}; "
+                                       f"--generation_weights model decodes it unmerged)")
         elif not layers and not quantisable:
             self.mode, line = "unmerged", ("LoRA decoded unmerged: no generation copy serves these layers (an adapter "
                                            "variant such as DoRA, or weights without an int4 layout)")
