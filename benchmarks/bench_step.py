@@ -300,6 +300,11 @@ def main():
 
     work.mkdir(parents=True, exist_ok=True)
     make_assets(work, shape)
+    config = {"shape": shape, "vocab_size": vocab_for(shape), "weights": "random bf16", "G": G,
+              "completion_tokens": COMPLETION, "prompt_tokens": PROMPT, "lora_r": 16, "beta": 0.04,
+              "steps_timed": STEPS - WARMUP, "memory_cap_gib": CAP_GIB}
+    head = header("bench_step", config)
+    tag = f"{'_cap' + format(CAP_GIB, 'g') if CAP_GIB else ''}{os.environ.get('BENCH_TAG', '')}"
     results = []
     for variant in variants:
         t0 = time.time()
@@ -310,13 +315,8 @@ def main():
         row["wall_s"] = time.time() - t0
         results.append(row)
         print(json.dumps(row), flush=True)
-        (out / f"bench_step_partial_{variant}.json").write_text(json.dumps(row))  # survives a time-out
-    config = {"shape": shape, "vocab_size": vocab_for(shape), "weights": "random bf16", "G": G,
-              "completion_tokens": COMPLETION, "prompt_tokens": PROMPT, "lora_r": 16, "beta": 0.04,
-              "steps_timed": STEPS - WARMUP, "memory_cap_gib": CAP_GIB}
-    head = header("bench_step", config)
-    tag = f"{'_cap' + format(CAP_GIB, 'g') if CAP_GIB else ''}{os.environ.get('BENCH_TAG', '')}"
-    save(f"bench_step_{shape}_{device_tag()}_{head['date'][:10]}{tag}", {**head, "results": results}, out)
+        # written after every variant, so that a run cut short keeps the rows it finished
+        save(f"bench_step_{shape}_{device_tag()}_{head['date'][:10]}{tag}", {**head, "results": results}, out)
 
 
 if __name__ == "__main__":

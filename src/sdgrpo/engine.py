@@ -19,9 +19,10 @@ What it does, against ``transformers``' ``generate`` with the same settings:
   weights, in their dtype.
 - **Or an int4 copy** (:class:`Quantised`), where the base is itself quantised (bitsandbytes 4/8-bit, whose own
   matmul dequantises every weight at every token) or where asked: base + LoRA folded in fp32, quantised to 4-bit
-  groups and read by PyTorch's int4 weight-only matmul, a quarter of the 16-bit bytes held and read per token. Such a sampler is not the
-  policy bit for bit; the trainer corrects its rollouts by importance sampling. With no copy that fits, the LoRA
-  layers decode unmerged (PEFT's forward, in the same compiled step); DoRA and other variants always do.
+  groups and read by PyTorch's int4 weight-only matmul, a quarter of the 16-bit bytes held and read per token. Such a
+  sampler is not the policy bit for bit; the trainer corrects its rollouts by importance sampling. With no copy
+  that fits, the LoRA layers decode unmerged (PEFT's forward, in the same compiled step; sibling projections' A
+  matrices stacked, :class:`StackedA`); DoRA and other variants always do.
 
 Sampling ``exactly as asked`` means the same processing order and formulas as transformers' logits processors
 (min-new-tokens, temperature, top-k, top-p, min-p) and a draw from the resulting distribution by an exponential race,
