@@ -7,6 +7,7 @@ with ``HF_HUB_OFFLINE=1`` only the local cache is used.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -82,7 +83,9 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: str, trust_remote_
         extra = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                                            bnb_4bit_use_double_quant=double_quant,
                                                            bnb_4bit_compute_dtype=dtype),
-                 "device_map": {"": torch.cuda.current_device()}}
+                 # this process's GPU: under accelerate / torchrun each process loads its own copy on its LOCAL_RANK
+                 # (accelerate's PartialState().local_process_index reads the same variable)
+                 "device_map": {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
