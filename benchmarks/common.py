@@ -44,20 +44,22 @@ def device_tag() -> str:
 
 def header(benchmark: str, config: dict) -> dict:
     """The header every results file carries: benchmark, date, commit, command, device, library versions, config.
-    The commit is ``$SDGRPO_COMMIT`` where set (a copy of the checkout without .git), else git's HEAD."""
+    The commit is ``$SDGRPO_COMMIT`` where set, else git's HEAD, and ``commit_source`` says which: on the GPU machine
+    (a copy of the checkout) git answered a stale commit once, so set SDGRPO_COMMIT there (tools/device/README.md)."""
     import os
     import subprocess
     import sys
 
-    commit = os.environ.get("SDGRPO_COMMIT")
+    commit, source = os.environ.get("SDGRPO_COMMIT"), "SDGRPO_COMMIT"
     if not commit:
+        source = "git"
         try:
             commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                     cwd=Path(__file__).parent).stdout.strip() or None
         except OSError:
             commit = None
     env = environment()
-    return {"benchmark": benchmark, "date": env.pop("date"), "commit": commit,
+    return {"benchmark": benchmark, "date": env.pop("date"), "commit": commit, "commit_source": source,
             "command": " ".join(["python", *sys.argv]), "device": env.pop("device"), "versions": env,
             "config": config}
 
