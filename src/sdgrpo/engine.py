@@ -264,7 +264,57 @@ def _lora_bias(layer) -> list[str]:
     return [n for n in layer.active_adapters if getattr(layer, "lora_bias", {}).get(n) and n in layer.lora_B]
 
 
-class Folded:
+def _sibling_groups(model):
+    """(parent, names, members) for every sibling group (:data:`SIBLINGS`) whose projections a module of ``model``
+    all has. The modules are listed first, so a caller may swap children while it goes."""
+    for parent in list(model.modules()):
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if all(m is not None for m in members):
+                yield parent, names, members
+
+
+@contextlib.contextmanager
+def _swapping():
+    """A ``swap(parent, names, modules)`` that puts ``modules`` in place of ``parent``'s children of those names;
+    every child swapped is put back on leaving, errors included."""
+    replaced = []
+
+    def swap(parent, names, modules):
+        replaced.append((parent, names, [getattr(parent, n) for n in names]))
+        for name, module in zip(names, modules):
+            setattr(parent, name, module)
+
+    try:
+        yield swap
+    finally:
+        for parent, names, originals in reversed(replaced):
+            for name, module in zip(names, originals):
+                setattr(parent, name, module)
+
+
+class _PerModel:
+    """What a holder of generation-time copies keeps (its ``_tables``) belongs to one model at a time, held by weak
+    references to that model and its modules (never by ``id()``, which a later object can reuse once the first is
+    freed): a call on another model drops it first."""
+
+    _tables: tuple = ()
+
+    def __init__(self):
+        self._owner = None  # weakref to the model the copies belong to
+
+    def _own(self, model) -> None:
+        if self._owner is None or self._owner() is not model:
+            for table in self._tables:
+                table.clear()
+            self._owner = weakref.ref(model)
+
+    def held(self) -> int:
+        """Layers served from what it holds: each of its groups' members once (``groups``: parent -> {names: ...})."""
+        return sum(len(names) for known in self.groups.values() for names in known)
+
+
+class Folded(_PerModel):
     """Generation copies of the LoRA-wrapped weights (allocated once per model, refreshed per call).
 
     Each copy is ``W + scale * B @ A`` (summed over the active adapters), and where an adapter trains a bias
@@ -277,16 +327,11 @@ class Folded:
     so what the fold holds is bounded by one model's LoRA-wrapped weights and cannot be served to the wrong one."""
 
     def __init__(self, fuse: bool = True):
+        super().__init__()
         self.fuse = fuse
-        self._owner = None  # weakref to the model the copies belong to
         self.copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # LoRA layer -> copy of its weight
         self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent -> {names: stand-ins}
-
-    def _own(self, model) -> None:
-        if self._owner is None or self._owner() is not model:
-            self.copies.clear()
-            self.groups.clear()
-            self._owner = weakref.ref(model)
+        self._tables = (self.copies, self.groups)
 
     def held(self) -> int:
         """Weights held: one per folded layer (a stacked group's rows count once each)."""
@@ -298,33 +343,31 @@ class Folded:
         weight. Made once per model."""
         wrapped = {id(layer) for layer in layers}
         found = []
-        for parent in model.modules():
-            for names in SIBLINGS:
-                members = [getattr(parent, n, None) for n in names]
-                if not all(m is not None and id(m) in wrapped and not _lora_bias(m) for m in members):
-                    continue
-                bases = [m.base_layer for m in members]
-                if (len({(b.in_features, b.weight.dtype, b.weight.device, b.bias is None) for b in bases}) != 1):
-                    continue
-                known = self.groups.setdefault(parent, {})
-                if names not in known or known[names][2].device != bases[0].weight.device:
-                    sizes = [b.out_features for b in bases]
-                    stacked = torch.nn.Parameter(torch.empty(sum(sizes), bases[0].in_features,
-                                                             dtype=bases[0].weight.dtype,
-                                                             device=bases[0].weight.device), requires_grad=False)
-                    bias = (None if bases[0].bias is None else
-                            torch.nn.Parameter(torch.empty(sum(sizes), dtype=bases[0].bias.dtype,
-                                                           device=bases[0].bias.device), requires_grad=False))
-                    rows = stacked.data.split(sizes)
-                    for member, view in zip(members, rows):
-                        self.copies[member] = torch.nn.Parameter(view, requires_grad=False)
-                    parts = [_Part(m) for m in members[1:]]
-                    known[names] = (_Fused(stacked, bias, sizes, parts), parts, stacked, bias)
-                fused, parts, _, bias = known[names]
-                if bias is not None:
-                    with torch.no_grad():
-                        torch.cat([b.bias for b in bases], out=bias.data)
-                found.append((parent, names, fused, parts))
+        for parent, names, members in _sibling_groups(model):
+            if not all(id(m) in wrapped and not _lora_bias(m) for m in members):
+                continue
+            bases = [m.base_layer for m in members]
+            if (len({(b.in_features, b.weight.dtype, b.weight.device, b.bias is None) for b in bases}) != 1):
+                continue
+            known = self.groups.setdefault(parent, {})
+            if names not in known or known[names][2].device != bases[0].weight.device:
+                sizes = [b.out_features for b in bases]
+                stacked = torch.nn.Parameter(torch.empty(sum(sizes), bases[0].in_features,
+                                                         dtype=bases[0].weight.dtype,
+                                                         device=bases[0].weight.device), requires_grad=False)
+                bias = (None if bases[0].bias is None else
+                        torch.nn.Parameter(torch.empty(sum(sizes), dtype=bases[0].bias.dtype,
+                                                       device=bases[0].bias.device), requires_grad=False))
+                rows = stacked.data.split(sizes)
+                for member, view in zip(members, rows):
+                    self.copies[member] = torch.nn.Parameter(view, requires_grad=False)
+                parts = [_Part(m) for m in members[1:]]
+                known[names] = (_Fused(stacked, bias, sizes, parts), parts, stacked, bias)
+            fused, parts, _, bias = known[names]
+            if bias is not None:
+                with torch.no_grad():
+                    torch.cat([b.bias for b in bases], out=bias.data)
+            found.append((parent, names, fused, parts))
         return found
 
     @staticmethod
@@ -350,7 +393,7 @@ class Folded:
             yield
             return
         self._own(model)
-        swapped, replaced = [], []
+        swapped = []
         try:
             groups = self._stack(model, layers) if self.fuse else []
             with torch.no_grad():
@@ -369,15 +412,11 @@ class Folded:
                     if bias is not None:
                         base.bias = bias
                     layer._disable_adapters = True
-            for parent, names, fused, parts in groups:
-                replaced.append((parent, names, [getattr(parent, n) for n in names]))
-                for name, module in zip(names, [fused, *parts]):
-                    setattr(parent, name, module)
-            yield
+            with _swapping() as swap:
+                for parent, names, fused, parts in groups:
+                    swap(parent, names, [fused, *parts])
+                yield
         finally:
-            for parent, names, originals in replaced:
-                for name, module in zip(names, originals):
-                    setattr(parent, name, module)
             for layer, weight, bias, disabled in swapped:
                 layer.base_layer.weight = weight
                 layer.base_layer.bias = bias
@@ -409,18 +448,17 @@ class _StackedLoRA(torch.nn.Module):
         return outs[0]
 
 
-class StackedA:
+class StackedA(_PerModel):
     """For unmerged decoding: every sibling group (:data:`SIBLINGS`) of plain LoRA layers with one active adapter
     each, A matrices of one dtype and input width, served by :class:`_StackedLoRA` for the call; the stacked A is
     refreshed from the trained A at every call (never written back) and is all it holds (rank x width per layer).
     Held for one model at a time, by weak references."""
 
     def __init__(self):
-        self._owner = None
+        super().__init__()
         self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent -> {names: (module, parts)}
+        self._tables = (self.groups,)
 
-    def held(self) -> int:
-        return sum(len(names) for known in self.groups.values() for names in known)
 
     @staticmethod
     def _adapter(layer) -> str | None:
@@ -436,38 +474,27 @@ class StackedA:
 
     @contextlib.contextmanager
     def __call__(self, model):
-        if self._owner is None or self._owner() is not model:
-            self.groups.clear()
-            self._owner = weakref.ref(model)
-        replaced = []
-        try:
-            for parent in list(model.modules()):
-                for names in SIBLINGS:
-                    members = [getattr(parent, n, None) for n in names]
-                    adapters = [self._adapter(m) if m is not None else None for m in members]
-                    if None in adapters:
-                        continue
-                    weights = [m.lora_A[a].weight for m, a in zip(members, adapters)]
-                    if len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1:
-                        continue
-                    known = self.groups.setdefault(parent, {})
-                    rows = sum(w.size(0) for w in weights)
-                    if names not in known or known[names][0].stacked.shape[0] != rows:
-                        stacked = torch.nn.Parameter(torch.empty(rows, weights[0].size(1), dtype=weights[0].dtype,
-                                                                 device=weights[0].device), requires_grad=False)
-                        parts = [_Part(m) for m in members[1:]]
-                        known[names] = (_StackedLoRA(members, adapters, stacked, parts), parts)
-                    module, parts = known[names]
-                    with torch.no_grad():
-                        torch.cat([w.detach() for w in weights], out=module.stacked.data)
-                    replaced.append((parent, names, members))
-                    for name, stand_in in zip(names, [module, *parts]):
-                        setattr(parent, name, stand_in)
+        self._own(model)
+        with _swapping() as swap:
+            for parent, names, members in _sibling_groups(model):
+                adapters = [self._adapter(m) for m in members]
+                if None in adapters:
+                    continue
+                weights = [m.lora_A[a].weight for m, a in zip(members, adapters)]
+                if len({(w.shape[1], w.dtype, w.device) for w in weights}) != 1:
+                    continue
+                known = self.groups.setdefault(parent, {})
+                rows = sum(w.size(0) for w in weights)
+                if names not in known or known[names][0].stacked.shape[0] != rows:
+                    stacked = torch.nn.Parameter(torch.empty(rows, weights[0].size(1), dtype=weights[0].dtype,
+                                                             device=weights[0].device), requires_grad=False)
+                    parts = [_Part(m) for m in members[1:]]
+                    known[names] = (_StackedLoRA(members, adapters, stacked, parts), parts)
+                module, parts = known[names]
+                with torch.no_grad():
+                    torch.cat([w.detach() for w in weights], out=module.stacked.data)
+                swap(parent, names, [module, *parts])
             yield
-        finally:
-            for parent, names, originals in replaced:
-                for name, original in zip(names, originals):
-                    setattr(parent, name, original)
 
 
 # --- a 4-bit generation copy: base + LoRA folded, then quantised ---------------------------------------------------
@@ -608,7 +635,7 @@ def int4_bytes(layers: list) -> int:
             + (2 * widest if _quantised_base(layers) else 0))
 
 
-class Quantised:
+class Quantised(_PerModel):
     """Int4 generation copies of base + LoRA (:class:`Int4Linear`), one per LoRA layer or one per sibling group
     (:data:`SIBLINGS`, rows of one weight, served by one kernel as :class:`Folded` serves them), refreshed at the start
     of every call from the trained weights (never written) and swapped in for the LoRA layers for the call. The
@@ -617,25 +644,22 @@ class Quantised:
     references."""
 
     def __init__(self, fuse: bool = True):
+        super().__init__()
         self.fuse = fuse
-        self._owner = None
-        self.modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent -> {names: (module, stand-ins)}
-
-    def held(self) -> int:
-        return sum(len(names) for known in self.modules.values() for names in known)
+        self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent -> {names: (copy, stand-ins)}
+        self._tables = (self.groups,)
 
     def _plan(self, model, layers: list) -> list[tuple]:
         """(parent, names, LoRA layers) for every group served by one copy: sibling groups of one input width and
         bias kind without an adapter's own bias, then every other layer alone."""
         wrapped = {id(layer) for layer in layers}
         planned, seen = [], set()
+        for parent, names, members in _sibling_groups(model) if self.fuse else ():
+            if (all(id(m) in wrapped and not _lora_bias(m) for m in members)
+                    and len({(m.in_features, m.base_layer.bias is None) for m in members}) == 1):
+                planned.append((parent, names, members))
+                seen.update(id(m) for m in members)
         for parent in model.modules():
-            for names in SIBLINGS if self.fuse else ():
-                members = [getattr(parent, n, None) for n in names]
-                if (all(m is not None and id(m) in wrapped and not _lora_bias(m) for m in members)
-                        and len({(m.in_features, m.base_layer.bias is None) for m in members}) == 1):
-                    planned.append((parent, names, members))
-                    seen.update(id(m) for m in members)
             for name, child in parent.named_children():
                 if id(child) in wrapped and id(child) not in seen:
                     planned.append((parent, (name,), [child]))
@@ -643,7 +667,7 @@ class Quantised:
         return planned
 
     def _module(self, parent, names: tuple, members: list, device):
-        known = self.modules.setdefault(parent, {})
+        known = self.groups.setdefault(parent, {})
         if names not in known or known[names][0].packed.device != torch.device(device):
             sizes = [m.out_features for m in members]
             group, tiles = int4_layout(sum(sizes), members[0].in_features)
@@ -658,11 +682,8 @@ class Quantised:
 
     @contextlib.contextmanager
     def __call__(self, model, layers: list):
-        if self._owner is None or self._owner() is not model:
-            self.modules.clear()
-            self._owner = weakref.ref(model)
-        replaced = []
-        try:
+        self._own(model)
+        with _swapping() as swap:
             with torch.no_grad():
                 for parent, names, members in self._plan(model, layers):
                     device = next(members[0].parameters()).device
@@ -685,14 +706,8 @@ class Quantised:
                     del values
                     if copy.bias is not None:
                         copy.bias.copy_(torch.cat(biases))
-                    replaced.append((parent, names, [getattr(parent, n) for n in names]))
-                    for name, module in zip(names, stand_ins):
-                        setattr(parent, name, module)
+                    swap(parent, names, stand_ins)
             yield
-        finally:
-            for parent, names, originals in replaced:
-                for name, module in zip(names, originals):
-                    setattr(parent, name, module)
 
 
 # --- grouped-query attention without copying the keys and values ---------------------------------------------------

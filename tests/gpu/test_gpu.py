@@ -217,10 +217,23 @@ def test_engine_on_the_gpu_agrees_with_generate_and_a_teacher_forced_pass(tiny_t
     assert torch.equal(again, seq) and not torch.equal(other, seq)
 
 
-def _int4_agreement(model, reference, tok, label):
-    """The engine with int4 copies (compiled step, CUDA graph) against ``reference`` (the int4 forms as plain
-    weights, conftest.int4_reference), teacher-forced: greedy tokens are its argmax, sampled tokens' log-probs its."""
+def _int4_agreement(base, qwen_dir, tok, label, seed):
+    """``base`` with random LoRA r 16 on every linear layer, decoded by the engine with int4 copies (compiled step,
+    CUDA graph), against a reference (the bf16 model of ``qwen_dir`` with the int4 forms as plain weights,
+    conftest.int4_reference), teacher-forced: greedy tokens are its argmax, sampled tokens' log-probs its."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import int4_reference
     from sdgrpo.engine import DecodeEngine, sampling_from
+
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    reference = int4_reference(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).cuda(), model)
 
     enc = tok(["In the beginning God created", "And the LORD said unto Noah", "Then the king", "It was a dark"],
               return_tensors="pt", padding=True, padding_side="left").to("cuda")
@@ -254,41 +267,20 @@ def _int4_agreement(model, reference, tok, label):
 def test_int4_copies_on_the_gpu_decode_as_a_model_with_their_weights(qwen_dir, tiny_tokenizer):
     """bf16 base (Qwen2.5-0.5B layer shape): the int4 copies, through tinygemm's CUDA kernel in a captured step,
     decode as the independent reference does."""
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from conftest import int4_reference
-
     base = AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).cuda()
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    reference = int4_reference(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).cuda(), model)
-    _int4_agreement(model, reference, tiny_tokenizer, "bf16 base, int4 copies")
+    _int4_agreement(base, qwen_dir, tiny_tokenizer, "bf16 base, int4 copies", seed=1)
 
 
 def test_a_4bit_base_decodes_through_int4_copies(qwen_dir, tiny_tokenizer):
     """NF4 base (bitsandbytes, as --backend hf --load_in_4bit loads it) with QLoRA adapters: the engine serves every
     LoRA layer from int4 copies of dequantised base + LoRA (never bitsandbytes' per-token dequantisation), and they
     decode as the independent reference does."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from conftest import int4_reference
     from sdgrpo.modeling import load_model
 
     base = load_model(str(qwen_dir), torch.bfloat16, "cuda", load_in_4bit=True)
-    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-    reference = int4_reference(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).cuda(), model)
-    _int4_agreement(model, reference, tiny_tokenizer, "NF4 base, int4 copies")
+    _int4_agreement(base, qwen_dir, tiny_tokenizer, "NF4 base, int4 copies", seed=2)
 
 
 def test_hf_backend_trains_a_4bit_base_with_corrected_int4_rollouts(qwen_dir, prepared, tmp_path):
