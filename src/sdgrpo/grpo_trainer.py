@@ -101,6 +101,17 @@ def importance_weights(policy: torch.Tensor, sampler: torch.Tensor, mask: torch.
     return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
+def ratio_stats(ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The importance ratio over the completion tokens ((B, T), or (B, 1) per sequence): its mean, and the share of
+    tokens it zeroes (the ``*_mask`` modes)."""
+    weights = ratio.expand_as(mask)[mask.bool()].float()
+    if not weights.numel():
+        zero = torch.zeros((), device=ratio.device)
+        return {"importance_sampling_ratio/mean": zero, "importance_sampling_ratio/zeroed": zero}
+    return {"importance_sampling_ratio/mean": weights.mean(),
+            "importance_sampling_ratio/zeroed": (weights == 0).float().mean()}
+
+
 def rollout_mismatch(policy: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sampler-policy mismatch over the completion tokens: mean and max |delta log p| (TRL's
     ``sampling_logp_difference``), and KL(sampler || policy) by the k3 estimator on the sampler's draws
@@ -322,12 +333,7 @@ class SelfDistillMixin(CheckpointMixin):
         ratio = importance_weights(old, sampling, mask, self.correction_mode(),
                                    self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
         output["importance_sampling_ratio"] = ratio
-        weights = ratio.expand_as(mask)[mask.bool()]
-        for key, value in {"importance_sampling_ratio/mean": weights.mean() if weights.numel() else mask.sum() * 0.0,
-                           "importance_sampling_ratio/zeroed": (weights == 0).float().mean() if weights.numel()
-                           else mask.sum() * 0.0}.items():
-            self._metrics[mode][f"sampling/{key}"].append(self.accelerator.gather(value.float()).mean().item())
-        for key, value in rollout_mismatch(old, sampling, mask).items():
+        for key, value in {**rollout_mismatch(old, sampling, mask), **ratio_stats(ratio, mask)}.items():
             gathered = self.accelerator.gather(value)  # the largest difference over processes is the max, as TRL's
             self._metrics[mode][f"sampling/{key}"].append((gathered.max() if key.endswith("/max")
                                                            else gathered.mean()).item())

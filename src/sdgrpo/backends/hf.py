@@ -11,8 +11,9 @@ def load(train_cfg, model_cfg):
 
     The model is the plain base and TRL wraps it with a fresh adapter, so its reference pass disables the adapter
     instead of keeping a "ref" copy of an existing one. ``--load_in_4bit true``: the base quantised by bitsandbytes
-    (TRL's ``get_quantization_config``: NF4 by default, ``--bnb_4bit_quant_type``, ``--use_bnb_nested_quant``) and
-    QLoRA as TRL's GRPOTrainer makes it (adapters cast to bf16); the engine then decodes int4 copies of base + LoRA.
+    with the options TRL's ``get_quantization_config`` reads (``--bnb_4bit_quant_type``, NF4 by default,
+    ``--use_bnb_nested_quant``) and QLoRA as TRL's GRPOTrainer makes it (adapters cast to bf16); the engine then
+    decodes int4 copies of base + LoRA.
     """
     from trl import get_peft_config
 
