@@ -4,7 +4,9 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
   trl_plain         bare TRL GRPOTrainer + PEFT LoRA, TRL's defaults, the original recipe's reward (one forward
                     per completion)
   sdgrpo_hf         `sdgrpo train --backend hf` with its defaults: rollouts by sdgrpo's decoding engine
-  sdgrpo_hf_4bit    the same on a 4-bit base (--load_in_4bit true: bitsandbytes NF4, QLoRA; int4 generation copies)
+  sdgrpo_hf_4bit    the same on a 4-bit base (--load_in_4bit true: bitsandbytes NF4, QLoRA; its defaults: 16-bit
+                    generation copies of the dequantised base + LoRA where they fit, else int4 copies)
+  sdgrpo_hf_4bit_int4  the same with int4 generation copies (--generation_weights int4)
   sdgrpo_hf_model   the same with --generation_weights model (no int4 copies: LoRA folded in 16 bits where that
                     fits the memory, else unmerged)
   sdgrpo_hf_cudnn   the same with cuDNN among SDPA's kernels (--cudnn_attention true; PyTorch's default)
@@ -38,10 +40,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_4bit", "sdgrpo_hf_model", "sdgrpo_hf_cudnn", "sdgrpo_hf_generate",
-            "sdgrpo_hf_static", "sdgrpo_hf_compile",
-            "sdgrpo_hf_cb", "unsloth_bare", "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit",
-            "sdgrpo_unsloth_4bit_engine"]
+VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_4bit", "sdgrpo_hf_4bit_int4", "sdgrpo_hf_model", "sdgrpo_hf_cudnn",
+            "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb", "unsloth_bare",
+            "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit", "sdgrpo_unsloth_4bit_engine"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
 CAP_GIB = float(os.environ["BENCH_CAP_GIB"]) if os.environ.get("BENCH_CAP_GIB") else None
 
@@ -221,6 +222,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--generation_compile", "true"]
         if variant.endswith("_engine"):  # Unsloth's model decoded by sdgrpo's engine, not Unsloth's generation
             argv += ["--generation_engine", "true", "--generation_compile", "true"]
+        if variant.endswith("_int4"):
+            argv += ["--generation_weights", "int4"]
         if variant == "sdgrpo_hf_model":
             argv += ["--generation_weights", "model"]
         if variant == "sdgrpo_hf_cudnn":

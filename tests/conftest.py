@@ -152,7 +152,7 @@ def int4_dequantised(weight: torch.Tensor, group: int) -> torch.Tensor:
     return ((q.reshape(n, k // group, group).float() - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
 
 
-def int4_reference(reference, lora):
+def int4_reference(reference, lora, bits: int = 4):
     """``reference`` (a plain model of ``lora``'s base architecture) given, for every LoRA layer of ``lora`` that an
     int4 copy serves, the dequantised int4 form of base + LoRA (a bitsandbytes base dequantised first): the model an
     int4 sampler stands for, made without the engine's copies."""
@@ -160,7 +160,7 @@ def int4_reference(reference, lora):
 
     from sdgrpo.engine import _quantisable_lora_layers, int4_layout
 
-    served = {id(m) for m in _quantisable_lora_layers(lora)}
+    served = {id(m) for m in _quantisable_lora_layers(lora, bits)}
     with torch.no_grad():
         for name, module in lora.named_modules():
             if id(module) not in served:
@@ -171,7 +171,9 @@ def int4_reference(reference, lora):
             merged = weight.float() + (module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
                                        ) * module.scaling["default"]
             target = reference.get_submodule(name.removeprefix("base_model.model."))
-            target.weight.copy_(int4_dequantised(merged, int4_layout(*merged.shape)[0]).to(target.weight.dtype))
+            if bits == 4:
+                merged = int4_dequantised(merged, int4_layout(*merged.shape)[0])
+            target.weight.copy_(merged.to(target.weight.dtype))
     return reference
 
 

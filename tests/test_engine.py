@@ -511,8 +511,9 @@ def test_auto_weights_fold_where_that_fits_and_give_int4_copies_to_quantised_bas
     import logging
 
     from sdgrpo import engine as engine_module
-    from sdgrpo.engine import _quantisable_lora_layers, cache_bytes, fold_bytes, int4_bytes
+    from sdgrpo.engine import _quantisable_lora_layers, cache_bytes, dense_bytes, fold_bytes, int4_bytes
 
+    foldable = engine_module._foldable_lora_layers
     # 8 layers: a refresh's temporaries (a few fp32 chunks of the widest weight) are then small beside the copies
     lora = with_lora(make_llama(tiny_tokenizer, seed=71, layers=8).to(torch.bfloat16), 0.3, seed=72)
     enc = encode(tiny_tokenizer)
@@ -521,14 +522,22 @@ def test_auto_weights_fold_where_that_fits_and_give_int4_copies_to_quantised_bas
     held4 = sum(m.out_features * m.in_features // 2 for m in lora.modules() if hasattr(m, "base_layer"))
     assert held4 < need4 < need
     middle = (need + need4) / 2 + cache
+    monkeypatch.setattr(engine_module, "_quantised_base", lambda layers: True)
+    need16 = dense_bytes(_quantisable_lora_layers(lora, 16))  # with a dequantised weight's room for the refresh
+    assert need < need16
     cases = [(need + cache, "auto", False, "folded", "LoRA folded into generation copies"),
+             (need16 + cache, "auto", True, "dequantised", "16-bit generation copies of the dequantised base"),
+             (need16 + cache, "int4", True, "int4", "int4 generation copies, as asked"),
              (middle, "auto", False, "unmerged", "no generation copy fits the budget"),
              (middle, "int4", False, "int4", "int4 generation copies, as asked"),
              (middle, "auto", True, "int4", "int4 generation copies of the quantised base"),
-             (middle, "model", True, "unmerged", "no generation copy fits the budget"),
+             (middle, "model", True, "unmerged", "unmerged over the quantised base, as asked"),
              (need4 / 2 + cache, "auto", True, "unmerged", "no generation copy fits the budget")]
     for budget, weights, quantised, mode, line in cases:
         monkeypatch.setattr(engine_module, "_quantised_base", lambda layers, quantised=quantised: quantised)
+        # a quantised base is not foldable in place (its weights are not 16-bit)
+        monkeypatch.setattr(engine_module, "_foldable_lora_layers",
+                            foldable if not quantised else lambda model: None)
         engine = DecodeEngine(memory_budget_gib=budget / 2**30, generation_weights=weights)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
@@ -536,7 +545,57 @@ def test_auto_weights_fold_where_that_fits_and_give_int4_copies_to_quantised_bas
         assert engine.mode == mode and line in caplog.text, (weights, quantised, mode, caplog.text)
         assert engine.quantised.held() == (56 if mode == "int4" else 0)
         assert engine.fold.held() == (56 if mode == "folded" else 0)
+        assert engine.dense.held() == (56 if mode == "dequantised" else 0)
         assert got.shape[0] == 4 and torch.equal(got[:, :enc["input_ids"].size(1)], enc["input_ids"])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_16bit_copies_of_a_quantised_base_decode_generates_tokens(bias, tiny_tokenizer, monkeypatch):
+    """Mode ``dequantised`` (a quantised base, stood in for by ``_quantised_base`` and an unfoldable model; the
+    bitsandbytes one is tested on the GPU): every LoRA layer, o and down projections included, is swapped for a
+    16-bit copy of base + LoRA, sibling groups as one matmul; fp32 here, so greedy tokens are generate's, and the
+    sampled tokens' log-probs are an unpadded forward's. The trained weights are untouched."""
+    from sdgrpo import engine as engine_module
+    from sdgrpo.engine import Linear16
+
+    monkeypatch.setattr(engine_module, "_quantised_base", lambda layers: True)
+    monkeypatch.setattr(engine_module, "_foldable_lora_layers", lambda model: None)
+    base = make_llama(tiny_tokenizer, seed=91, attention_bias=bias)
+    if bias:
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)
+    lora = with_lora(base, 0.3, seed=92)
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    enc = encode(tiny_tokenizer)
+    want = lora.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    engine = DecodeEngine()
+    ran = []
+    for m in lora.modules():
+        if hasattr(m, "base_layer"):
+            m.register_forward_hook(lambda module, args, out: ran.append(module))
+    got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
+    assert engine.mode == "dequantised" and engine.dense.held() == 14 and engine.quantised.held() == 0
+    assert torch.equal(got, want) and not ran  # no PEFT LoRA forward ran: the copies served every layer
+    copies = [m for known in engine.dense.groups.values() for copy, _ in known.values() for m in [copy]]
+    assert {type(c) for c in copies} == {Linear16} and len(copies) == 8  # (q k v, o, gate up, down) x 2 layers
+    assert all(torch.equal(v, before[k]) for k, v in lora.state_dict().items())
+    torch.manual_seed(3)
+    from sdgrpo.engine import sampling_from
+
+    out = engine.decode(lora, enc["input_ids"], enc["attention_mask"],
+                        sampling_from(lora, None, do_sample=True, top_k=0, **settings(tiny_tokenizer)))
+    width = enc["input_ids"].size(1)
+    for row in range(out.sequences.size(0)):
+        start = int((enc["attention_mask"][row] == 0).sum())
+        completion = out.sequences[row, width:]
+        ended = (completion == tiny_tokenizer.eos_token_id).nonzero()
+        n = int(ended[0]) + 1 if len(ended) else completion.numel()
+        with torch.no_grad():
+            logits = lora(input_ids=out.sequences[row:row + 1, start:width + n]).logits[0].double()
+        ref = torch.log_softmax(logits, -1)[width - start - 1: width - start - 1 + n]
+        assert torch.allclose(out.logprobs[row, :n].double(), ref.gather(-1, completion[:n, None])[:, 0], atol=1e-4)
 
 
 def test_layers_without_an_int4_layout_decode_unmerged_beside_the_int4_copies(tiny_tokenizer, caplog):

@@ -78,7 +78,8 @@ class SDGRPOConfig(GRPOConfig):
                   "where that fits --generation_memory_gib, else unmerged), int4 (a 4-bit copy of base + LoRA, "
                   "refreshed every generation: a quarter of the bytes per token; its rollouts are corrected, "
                   "--rollout_correction), auto (LoRA folded in the model's dtype where that fits, else unmerged; a "
-                  "4-bit base: int4 copies where they fit, else unmerged). On one H200 (7B shape, 8 rows) int4 "
+                  "4-bit base: 16-bit copies of its dequantised weights + LoRA where they fit, else int4 copies "
+                  "where those fit, else unmerged). On one H200 (7B shape, 8 rows) int4 "
                   "decoded a 16-bit base no faster than unmerged: int4 is for quantised bases."},
     )
     advantage: str = field(

@@ -17,11 +17,13 @@ What it does, against ``transformers``' ``generate`` with the same settings:
   duration with the adapters switched off, so decoding runs no per-layer LoRA matmuls. The trained weights (W, A,
   B) are never written. The copies are what the engine holds beyond the model: one copy of the LoRA-wrapped
   weights, in their dtype.
-- **Or an int4 copy** (:class:`Quantised`), where the base is itself quantised (bitsandbytes 4/8-bit, whose own
-  matmul dequantises every weight at every token) or where asked: base + LoRA folded in fp32, quantised to 4-bit
-  groups and read by PyTorch's int4 weight-only matmul, a quarter of the 16-bit bytes held and read per token. Such a
-  sampler is not the policy bit for bit; the trainer corrects its rollouts by importance sampling. With no copy
-  that fits, the LoRA layers decode unmerged (PEFT's forward, in the same compiled step; sibling projections' A
+- **A quantised base** (bitsandbytes 4/8-bit, whose own matmul dequantises every weight at every token) gets
+  16-bit copies of its dequantised base + LoRA where they fit (:class:`Quantised` at 16 bits, mode
+  ``dequantised``): the same matmuls as the 16-bit fold, for the memory of a 16-bit model beside the 4-bit one.
+- **Or an int4 copy** (:class:`Quantised`), for a quantised base where 16-bit copies do not fit, or where asked:
+  base + LoRA folded in fp32, quantised to 4-bit groups and read by PyTorch's int4 weight-only matmul, a quarter of
+  the 16-bit bytes held and read per token. Neither sampler is the policy bit for bit; the trainer corrects their
+  rollouts by importance sampling. With no copy that fits, the LoRA layers decode unmerged (PEFT's forward, in the same compiled step; sibling projections' A
   matrices stacked, :class:`StackedA`); DoRA and other variants always do.
 
 Sampling ``exactly as asked`` means the same processing order and formulas as transformers' logits processors
@@ -55,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 # What the engine's ``generation_weights`` may be (see DecodeEngine) and the ``engine/mode`` metric's numbers.
 WEIGHTS = ("auto", "model", "int4")
-MODES = {"plain": 0.0, "unmerged": 0.0, "folded": 1.0, "int4": 2.0}
+MODES = {"plain": 0.0, "unmerged": 0.0, "folded": 1.0, "int4": 2.0, "dequantised": 3.0}
 
 # Settings that change what is sampled and that the engine does not implement: with any of them away from
 # transformers' default, the call goes to generate.
@@ -580,10 +582,11 @@ class Int4Linear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def _quantisable_lora_layers(model) -> list | None:
-    """The LoRA layers that an int4 generation copy can serve: plain LoRA on a 16/32-bit ``nn.Linear`` or on a
-    bitsandbytes 4/8-bit base, with a weight shape the int4 kernels take. The others (DoRA and other variants, other
-    shapes) decode unmerged beside them. None when no LoRA layer can be served; [] without LoRA."""
+def _quantisable_lora_layers(model, bits: int = 4) -> list | None:
+    """The LoRA layers that a generation copy of ``bits`` (4: int4, 16: 16-bit) can serve: plain LoRA on a 16/32-bit
+    ``nn.Linear`` or on a bitsandbytes 4/8-bit base, for int4 with a weight shape the int4 kernels take. The others
+    (DoRA and other variants, other shapes) decode unmerged beside them. None when no LoRA layer can be served; []
+    without LoRA."""
     try:
         from peft.tuners.lora import Linear as LoraLinear
         from peft.tuners.lora import LoraLayer
@@ -599,7 +602,7 @@ def _quantisable_lora_layers(model) -> list | None:
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     served = [layer for layer in layers
               if type(layer) in kinds and not layer.lora_variant and not layer.fan_in_fan_out and not layer.merged
-              and int4_layout(layer.out_features, layer.in_features) is not None]
+              and (bits == 16 or int4_layout(layer.out_features, layer.in_features) is not None)]
     return served if served or not layers else None
 
 
@@ -635,17 +638,52 @@ def int4_bytes(layers: list) -> int:
             + (2 * widest if _quantised_base(layers) else 0))
 
 
+def dense_bytes(layers: list) -> int:
+    """Bytes that 16-bit generation copies of ``layers`` hold (weights and biases), plus the temporaries of a refresh
+    (a few fp32 chunks of :data:`INT4_CHUNK` elements, and a 16-bit dequantised weight where the base is
+    quantised)."""
+    held = sum(2 * layer.out_features * (layer.in_features + 1) for layer in layers)
+    widest = max((layer.out_features * layer.in_features for layer in layers), default=0)
+    return held + 4 * 4 * min(widest, INT4_CHUNK) + (2 * widest if _quantised_base(layers) else 0)
+
+
+class Linear16(torch.nn.Module):
+    """``y = x @ W^T + b`` with W a 16-bit generation copy, loaded rows at a time as :class:`Int4Linear`'s are (the
+    same ``load``/``pack`` calls; nothing to pack). Its tensors keep their addresses when refreshed."""
+
+    def __init__(self, out_features: int, in_features: int, dtype, device, bias: bool):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                         requires_grad=False)
+        self.bias = (torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @torch.no_grad()
+    def load(self, values, start: int, weight: torch.Tensor) -> None:
+        self.weight[start:start + weight.size(0)] = weight
+
+    def pack(self, values) -> None:
+        pass
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
 class Quantised(_PerModel):
     """Int4 generation copies of base + LoRA (:class:`Int4Linear`), one per LoRA layer or one per sibling group
     (:data:`SIBLINGS`, rows of one weight, served by one kernel as :class:`Folded` serves them), refreshed at the start
     of every call from the trained weights (never written) and swapped in for the LoRA layers for the call. The
     copies are what it holds: about a quarter of the 16-bit weights. The sampler is then not the policy bit for bit:
     the trainer corrects its rollouts (``--rollout_correction``). Held for one model at a time, by weak
-    references."""
+    references.
 
-    def __init__(self, fuse: bool = True):
+    ``bits`` 16: the copies are 16-bit (:class:`Linear16`, in the dtype of the model's embeddings): for a quantised
+    (bitsandbytes) base, its dequantised weights + LoRA, read by the same matmuls as the 16-bit fold."""
+
+    def __init__(self, fuse: bool = True, bits: int = 4):
         super().__init__()
-        self.fuse = fuse
+        self.fuse, self.bits = fuse, bits
         self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent -> {names: (copy, stand-ins)}
         self._tables = (self.groups,)
 
@@ -666,13 +704,17 @@ class Quantised(_PerModel):
                     seen.add(id(child))
         return planned
 
-    def _module(self, parent, names: tuple, members: list, device):
+    def _module(self, parent, names: tuple, members: list, device, dtype):
         known = self.groups.setdefault(parent, {})
-        if names not in known or known[names][0].packed.device != torch.device(device):
+        if (names not in known or next(known[names][0].parameters()).device != torch.device(device)
+                or (self.bits == 16 and known[names][0].weight.dtype != dtype)):
             sizes = [m.out_features for m in members]
-            group, tiles = int4_layout(sum(sizes), members[0].in_features)
-            copy = Int4Linear(sum(sizes), members[0].in_features, group, tiles, device,
-                              bias=members[0].base_layer.bias is not None or any(_lora_bias(m) for m in members))
+            bias = members[0].base_layer.bias is not None or any(_lora_bias(m) for m in members)
+            if self.bits == 16:
+                copy = Linear16(sum(sizes), members[0].in_features, dtype, device, bias)
+            else:
+                group, tiles = int4_layout(sum(sizes), members[0].in_features)
+                copy = Int4Linear(sum(sizes), members[0].in_features, group, tiles, device, bias)
             if len(members) == 1:
                 known[names] = (copy, [copy])
             else:
@@ -683,13 +725,16 @@ class Quantised(_PerModel):
     @contextlib.contextmanager
     def __call__(self, model, layers: list):
         self._own(model)
+        embeddings = model.get_input_embeddings()
+        dtype = embeddings.weight.dtype if embeddings is not None else torch.bfloat16
         with _swapping() as swap:
             with torch.no_grad():
                 for parent, names, members in self._plan(model, layers):
                     device = next(members[0].parameters()).device
-                    copy, stand_ins = self._module(parent, names, members, device)
+                    copy, stand_ins = self._module(parent, names, members, device, dtype)
                     start, biases = 0, []
-                    values = torch.empty(copy.out_features, copy.in_features, dtype=torch.uint8, device=device)
+                    values = (None if self.bits == 16 else
+                              torch.empty(copy.out_features, copy.in_features, dtype=torch.uint8, device=device))
                     for m in members:
                         base = _base_weight(m)
                         step = max(8, INT4_CHUNK // m.in_features // 8 * 8)
@@ -867,8 +912,9 @@ class DecodeEngine:
     fold), logged in one line.
     ``generation_weights``: ``model`` decodes the model's own weights (LoRA folded in their dtype, or unmerged);
     ``int4`` decodes int4 copies of base + LoRA (:class:`Quantised`; mode ``int4``) wherever the layers allow;
-    ``auto`` folds in the model's dtype where that fits the budget; a quantised (bitsandbytes) base gets int4 copies
-    where they fit; anything else decodes unmerged. (A 16-bit base is not given int4 copies by ``auto``: on one
+    ``auto`` folds in the model's dtype where that fits the budget; a quantised (bitsandbytes) base gets 16-bit
+    copies of its dequantised weights + LoRA where they fit (mode ``dequantised``), else int4 copies where those
+    fit; anything else decodes unmerged. (A 16-bit base is not given int4 copies by ``auto``: on one
     H200, Qwen2.5-7B shape, 8 rows, PyTorch's int4 kernel decoded at 7.79 ms a token against 7.88 ms unmerged and
     5.36 ms folded, for a sampler 30x further from the policy; ``benchmarks/results/bench_generate_qwen2.5-7b_h200_
     2026-12-03_int4.json``.)
@@ -884,6 +930,7 @@ class DecodeEngine:
         self.memory_budget_gib = memory_budget_gib
         self.generation_weights = generation_weights
         self.quantised = Quantised(fuse=fuse_projections)
+        self.dense = Quantised(fuse=fuse_projections, bits=16)  # 16-bit copies of a dequantised quantised base
         self.stacked = StackedA()
         self.fuse_projections = fuse_projections
         self.mode: str | None = None
@@ -1005,7 +1052,8 @@ class DecodeEngine:
         on_gpu = torch.device(device).type == "cuda"
         mode = self._decide_mode(model, batch, length, device)
         copies = (self.fold(model) if mode == "folded" else self.quantised(model, _quantisable_lora_layers(model))
-                  if mode == "int4" else self.stacked(model) if mode == "unmerged" and self.fuse_projections
+                  if mode == "int4" else self.dense(model, _quantisable_lora_layers(model, 16))
+                  if mode == "dequantised" else self.stacked(model) if mode == "unmerged" and self.fuse_projections
                   else contextlib.nullcontext())
         # Eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while it
         # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
@@ -1055,15 +1103,19 @@ class DecodeEngine:
 
     def _decide_mode(self, model, batch: int, length: int, device) -> str:
         """``int4`` where asked (``generation_weights`` int4); else ``folded`` where the fold's copies fit the
-        budget; else (auto, a quantised base) ``int4`` where int4 copies fit it; else ``unmerged`` (also for LoRA that
-        neither can serve: DoRA, shapes without an int4 layout); ``plain`` without LoRA. Raises :class:`UserError`
-        when a budget the user set is below what decoding needs even unmerged."""
+        budget; else (auto, a quantised base) ``dequantised`` where 16-bit copies of it fit, ``int4`` where int4
+        copies do; else ``unmerged`` (also for LoRA that none can serve: DoRA, shapes without an int4 layout);
+        ``plain`` without LoRA. Raises :class:`UserError` when a budget the user set is below what decoding needs
+        even unmerged."""
         if self._mode_for is not None and self._mode_for() is model and self.mode is not None:
             return self.mode
         layers = _foldable_lora_layers(model)  # [] without LoRA, None where it cannot be folded
-        quantisable = _quantisable_lora_layers(model) if self.generation_weights != "model" else None
+        served4 = _quantisable_lora_layers(model)
+        quantisable = served4 if self.generation_weights != "model" else None
         need = fold_bytes(model, layers)
         need4 = int4_bytes(quantisable) if quantisable else 0
+        dense = _quantisable_lora_layers(model, 16) if quantisable and _quantised_base(quantisable) else None
+        need16 = dense_bytes(dense) if dense else 0
         cache = cache_bytes(_inner(model), batch, length)
         if self.memory_budget_gib is not None:
             budget, why = self.memory_budget_gib * 2**30, f"--generation_memory_gib {self.memory_budget_gib:g}"
@@ -1075,26 +1127,34 @@ class DecodeEngine:
                                 f"give at least that, or leave it unset to decide from the device")
         else:
             budget, why = generation_room(device)
-        sizes = f"{need / 2**30:.2f} GiB folded, {need4 / 2**30:.2f} GiB int4, + {cache / 2**30:.2f} GiB cache; {why}"
+        sizes = (f"{max(need, need16) / 2**30:.2f} GiB 16-bit, {need4 / 2**30:.2f} GiB int4, + "
+                 f"{cache / 2**30:.2f} GiB cache; {why}")
         if layers == [] and not quantisable:
             self.mode, line = "plain", None
         elif self.generation_weights == "int4" and quantisable:
             self.mode, line = "int4", f"LoRA folded into int4 generation copies, as asked ({sizes})"
         elif layers and need + cache <= budget:
             self.mode, line = "folded", f"LoRA folded into generation copies ({sizes})"
+        elif dense and self.generation_weights == "auto" and need16 + cache <= budget:
+            self.mode, line = "dequantised", (f"LoRA folded into 16-bit generation copies of the dequantised base "
+                                              f"({sizes}; --generation_weights int4 takes a quarter of that)")
         elif quantisable and _quantised_base(quantisable) and need4 + cache <= budget:
             self.mode, line = "int4", (f"LoRA folded into int4 generation copies of the quantised base ({sizes}; "
                                        f"--generation_weights model decodes it unmerged)")
+        elif layers is None and self.generation_weights == "model" and served4 and _quantised_base(served4):
+            self.mode, line = "unmerged", ("LoRA decoded unmerged over the quantised base, as asked "
+                                           "(--generation_weights model)")
         elif not layers and not quantisable:
             self.mode, line = "unmerged", ("LoRA decoded unmerged: no generation copy serves these layers (an adapter "
                                            "variant such as DoRA, or weights without an int4 layout)")
         else:
             self.mode, line = "unmerged", (f"LoRA decoded unmerged: no generation copy fits the budget ({sizes}; "
                                            f"--generation_memory_gib sets the budget)")
-        if self.mode == "int4":
+        if self.mode in ("int4", "dequantised"):
+            served = quantisable if self.mode == "int4" else dense
             total = sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
-            if len(quantisable) < total:
-                line += (f"; {total - len(quantisable)} of {total} LoRA layers (no int4 layout, or an adapter "
+            if len(served) < total:
+                line += (f"; {total - len(served)} of {total} LoRA layers (no int4 layout, or an adapter "
                          f"variant) decode unmerged beside them")
         if line:
             logger.log(logging.WARNING if self.mode == "unmerged" else logging.INFO, "decoding engine: %s", line)

@@ -217,7 +217,7 @@ def test_engine_on_the_gpu_agrees_with_generate_and_a_teacher_forced_pass(tiny_t
     assert torch.equal(again, seq) and not torch.equal(other, seq)
 
 
-def _int4_agreement(base, qwen_dir, tok, label, seed):
+def _int4_agreement(base, qwen_dir, tok, label, seed, weights="int4", mode="int4", bits=4):
     """``base`` with random LoRA r 16 on every linear layer, decoded by the engine with int4 copies (compiled step,
     CUDA graph), against a reference (the bf16 model of ``qwen_dir`` with the int4 forms as plain weights,
     conftest.int4_reference), teacher-forced: greedy tokens are its argmax, sampled tokens' log-probs its."""
@@ -233,7 +233,8 @@ def _int4_agreement(base, qwen_dir, tok, label, seed):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    reference = int4_reference(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).cuda(), model)
+    reference = int4_reference(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).cuda(), model,
+                               bits)
 
     enc = tok(["In the beginning God created", "And the LORD said unto Noah", "Then the king", "It was a dark"],
               return_tensors="pt", padding=True, padding_side="left").to("cuda")
@@ -250,9 +251,9 @@ def _int4_agreement(base, qwen_dir, tok, label, seed):
         ended = torch.cumsum((seq[:, width:] == tok.eos_token_id).int(), 1)
         return (ended == 0) | ((ended == 1) & (seq[:, width:] == tok.eos_token_id))
 
-    engine = DecodeEngine(compile=True, generation_weights="int4")
+    engine = DecodeEngine(compile=True, generation_weights=weights)
     got = engine.generate(model, **enc, do_sample=False, **kw)
-    assert engine.mode == "int4" and engine.captures >= 1
+    assert engine.mode == mode and engine.captures >= 1
     agreement = (teacher_forced(got).argmax(-1) == got[:, width:])[live(got)].float().mean().item()
     torch.manual_seed(0)
     out = engine.decode(model, enc["input_ids"], enc["attention_mask"],
@@ -283,12 +284,26 @@ def test_a_4bit_base_decodes_through_int4_copies(qwen_dir, tiny_tokenizer):
     _int4_agreement(base, qwen_dir, tiny_tokenizer, "NF4 base, int4 copies", seed=2)
 
 
-def test_hf_backend_trains_a_4bit_base_with_corrected_int4_rollouts(qwen_dir, prepared, tmp_path):
-    """`sdgrpo train --backend hf --load_in_4bit true`: 3 steps, rollouts from int4 copies (engine/mode 2), their
-    mismatch with the policy logged and corrected every step."""
-    steps = _train(qwen_dir, prepared, tmp_path / "hf4", "hf", "--load_in_4bit", "true", compiled=True)
+def test_a_4bit_base_decodes_through_16bit_copies_where_they_fit(qwen_dir, tiny_tokenizer):
+    """NF4 base, ``generation_weights`` auto with the card's memory: every LoRA layer served by a 16-bit copy of
+    the dequantised base + LoRA (mode ``dequantised``), decoding as the reference with those weights does."""
+    from sdgrpo.modeling import load_model
+
+    base = load_model(str(qwen_dir), torch.bfloat16, "cuda", load_in_4bit=True)
+    _int4_agreement(base, qwen_dir, tiny_tokenizer, "NF4 base, 16-bit copies", seed=3, weights="auto",
+                    mode="dequantised", bits=16)
+
+
+@pytest.mark.parametrize("weights, mode, line", [("int4", 2.0, "int4 generation copies"),
+                                                 ("auto", 3.0, "16-bit generation copies of the dequantised base")])
+def test_hf_backend_trains_a_4bit_base_with_corrected_rollouts(weights, mode, line, qwen_dir, prepared, tmp_path):
+    """`sdgrpo train --backend hf --load_in_4bit true`: 3 steps, rollouts from int4 copies (engine/mode 2) or, by
+    default where they fit, 16-bit copies of the dequantised base (mode 3), their mismatch with the policy logged and
+    corrected every step."""
+    steps = _train(qwen_dir, prepared, tmp_path / "hf4", "hf", "--load_in_4bit", "true", "--generation_weights",
+                   weights, compiled=True)
     for x in steps:
-        assert x["engine/mode"] == 2.0, x
+        assert x["engine/mode"] == mode, x
         assert math.isfinite(x["sampling/sampling_logp_difference/mean"]) and "sampling/kl" in x
     log = (tmp_path / "hf4" / "stderr.log").read_text()
-    assert "int4 generation copies" in log and "rollouts corrected by importance sampling" in log
+    assert line in log and "rollouts corrected by importance sampling" in log
