@@ -3,30 +3,40 @@
     python studies/split_articles.py ../shared/data/wikitext-2/valid.txt work/wiki_train.txt work/wiki_heldout.txt
     python studies/domain_study.py --domain_train work/wiki_train.txt --domain_heldout work/wiki_heldout.txt \
         --out studies/results/domain_study [--budget_s 300] [--model PATH] [--general_data ../shared/data]
+    # on a GPU, every arm the same number of optimizer steps, arms in parallel processes:
+    python studies/domain_study.py ... --steps 1000 --jobs 12 --arms base,sft,context_distill,context_distill_token,\
+        distill,distill_token --seeds 0,1,2 --seed_arms distill,distill_token
 
-Arms, each trained for the same wall-clock budget on this machine (LoRA r 16 on all linear layers):
+Arms, each trained for the same wall-clock budget on this machine, or (``--steps``) for the same number of
+optimizer steps of 8 sequences (LoRA r 16 on all linear layers):
 - ``base``: no training;
 - ``sft@LR``: `sdgrpo sft` on the domain text at several learning rates: the frontier a user gets without sdgrpo;
 - ``self_nll``: GRPO with the default reward (the base's likelihood of the policy's samples);
 - ``context_distill``: GRPO with the base shown the true continuation as the teacher;
 - ``distill<-sft``: GRPO distilling a teacher = base + an SFT adapter trained on the same text (the teacher's SFT
-  takes half of this arm's budget);
+  takes half of this arm's budget; with ``--steps``, the teacher is the ``sft@1e-3`` arm's adapter);
+- ``context_distill_token``, ``distill_token`` (named ``...@token``): the same rewards with the per-token
+  advantage (``--advantage token``: each completion token's teacher log-prob minus the policy's), on-policy
+  distillation as GKD / SDPO form it;
 - ``sdft``: TRL's SDFTTrainer, the dense (per-token) form of context_distill: the frozen base shown the true
   continuation before the prompt teaches the policy shown the prompt alone (not in the default ``--arms``).
 
 Measured for each: bits per byte on the domain's held-out file (the gain), bits per byte on the held-out slice of
 the general corpus the model was pretrained on (the last 5% of every book: the forgetting), and distinct-2 and
 seq-rep-4 of samples on held-out domain prompts, beside the base sampled at T = 1, 0.85, 0.7. Writes
-OUT/domain_study.json and OUT/domain_study.png (gain against forgetting, SFT's frontier as a line).
+OUT/domain_study.json (the common results header; rewritten as each arm ends) and OUT/domain_study.png (gain
+against forgetting, SFT's frontier as a line). ``--seeds`` repeats the ``--seed_arms`` (named ``ARM#sN``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
+import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -76,7 +86,7 @@ def load(model_path: str, adapter: Path | None):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return model.eval(), tokenizer
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
 def measure(model_path, adapter, domain_texts, general_texts, prompts, temperatures=(1.0,)) -> dict:
@@ -92,11 +102,17 @@ def measure(model_path, adapter, domain_texts, general_texts, prompts, temperatu
     return out
 
 
+# The arms' step budget (``--steps``; None: the wall-clock budget alone) and seed, set by main.
+STEPS: int | None = None
+SEED = 0
+
+
 def grpo_args(data: Path, out: Path, model: str, reward: str, lr: float, beta: float, *extra) -> list[str]:
     return ["--model_name_or_path", model, "--dataset_path", str(data), "--output_dir", str(out), "--reward", reward,
-            "--learning_rate", str(lr), "--beta", str(beta), "--max_steps", "100000", "--per_device_train_batch_size",
-            "8", "--num_generations", "4", "--max_completion_length", "48", "--report_to", "none",
-            "--save_strategy", "no", "--collapse_guard", "warn", "--logging_steps", "1", "--seed", "0", *extra]
+            "--learning_rate", str(lr), "--beta", str(beta), "--max_steps", str(STEPS or 100000),
+            "--per_device_train_batch_size", "8", "--num_generations", "4", "--max_completion_length", "48",
+            "--report_to", "none", "--save_strategy", "no", "--collapse_guard", "warn", "--logging_steps", "1",
+            "--seed", str(SEED), *extra]
 
 
 def run_grpo(args: list[str], budget: float) -> dict:
@@ -116,8 +132,9 @@ def run_sft(data: Path, out: Path, model: str, lr: float, budget: float) -> dict
     clock = TimeBudget(budget)
     t0 = time.perf_counter()
     main(*parse_sft_args(["--model_name_or_path", model, "--dataset_path", str(data), "--output_dir", str(out),
-                          "--learning_rate", str(lr), "--max_steps", "100000", "--per_device_train_batch_size", "8",
-                          "--report_to", "none", "--save_strategy", "no", "--seed", "0"]), callbacks=[clock])
+                          "--learning_rate", str(lr), "--max_steps", str(STEPS or 100000),
+                          "--per_device_train_batch_size", "8", "--report_to", "none", "--save_strategy", "no",
+                          "--seed", str(SEED)]), callbacks=[clock])
     return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -150,6 +167,13 @@ def run_sdft(data: Path, out: Path, model: str, lr: float, budget: float) -> dic
     return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
 
 
+def kind_of(name: str) -> str:
+    """An arm's kind for the figure: its name without the learning rate or seed (``context_distill@1e-3#s1`` ->
+    ``context_distill``), ``@token`` kept."""
+    base = name.split("#")[0]
+    return base.split("@")[0] + ("@token" if base.endswith("@token") else "")
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -163,28 +187,91 @@ def plot(result: dict, path: Path) -> None:
         forget = 100 * (arm["general_bpb"] - base["general_bpb"]) / base["general_bpb"]
         return gain, forget
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    sft = sorted((point(a), n) for n, a in result["arms"].items() if n.startswith("sft@"))
+    fig, ax = plt.subplots(figsize=(7, 5))
+    sft = sorted((point(a), n) for n, a in result["arms"].items() if n.startswith("sft@") and "#" not in n)
     ax.plot([0] + [p[0] for p, _ in sft], [0] + [p[1] for p, _ in sft], "-o", color="gray", label="sft (frontier)")
     for (x, y), name in sft:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="gray")
     markers = {"self_nll": ("s", "tab:red"), "context_distill": ("D", "tab:blue"), "distill<-sft": ("^", "tab:green"),
-               "sdft": ("P", "tab:purple")}
+               "sdft": ("P", "tab:purple"), "context_distill@token": ("d", "tab:cyan"),
+               "distill<-sft@token": ("v", "tab:olive")}
+    labelled = set()
     for name, arm in result["arms"].items():
-        kind = name.split("@")[0]
+        kind = kind_of(name)
         if kind in markers:
             marker, color = markers[kind]
             x, y = point(arm)
-            ax.plot([x], [y], marker, color=color, markersize=9 if kind == name else 6, label=name)
+            label = kind if kind not in labelled else None
+            labelled.add(kind)
+            ax.plot([x], [y], marker, color=color, markersize=9 if "#" not in name else 6, label=label,
+                    alpha=1.0 if "#" not in name else 0.6)
     ax.plot([0], [0], "k*", markersize=10, label="base")
     ax.axhline(0, color="black", lw=0.5)
     ax.axvline(0, color="black", lw=0.5)
     ax.set_xlabel("domain gain: held-out bits/byte, % lower than the base")
     ax.set_ylabel("forgetting: general held-out bits/byte, % higher")
-    ax.set_title(f"{result['config']['budget_s']:.0f} s per arm, {result['machine']}", fontsize=9)
+    cfg = result["config"]
+    budget = (f"up to {cfg['steps']} steps of 8 sequences per arm" + (f" or {cfg['budget_s']:g} s" if cfg.get(
+              "budget_s") else "") if cfg.get("steps") else
+              f"{cfg['budget_s']:.0f} s per arm")
+    ax.set_title(f"{budget}, {result['machine']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def arms_of(args, data: Path, work: Path, model: str) -> dict:
+    """name -> (train: () -> (info, adapter), the arm it needs first or None), in the order they run."""
+    budget = args.budget_s
+    out: dict = {}
+    names = args.arms.split(",")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    seed_arms = set(args.seed_arms.split(",")) if args.seed_arms else set()
+
+    def add(kind, name, train, needs=None):
+        if kind not in names:
+            return
+        for seed in seeds if kind in seed_arms else seeds[:1]:
+            label = name if seed == seeds[0] else f"{name}#s{seed}"
+            out[label] = ((lambda train=train, seed=seed, label=label: train(seed, label)), needs)
+
+    if "base" in names:
+        out["base"] = (None, None)
+    for lr in args.sft_lrs.split(","):
+        add("sft", f"sft@{lr}", lambda seed, label, lr=lr: (
+            run_sft(data, work / label, model, float(lr), budget), work / label))
+    add("self_nll", "self_nll", lambda seed, label: (
+        run_grpo(grpo_args(data, work / label, model, "self_nll", 3e-4, 0.04), budget), work / label))
+    for token in ("", "_token"):
+        for i, lr in enumerate(args.context_distill_lrs.split(",")):
+            name = "context_distill" + ("" if i == 0 else f"@{lr}") + ("@token" if token else "")
+            extra = ["--advantage", "token"] if token else []
+            add("context_distill" + token, name, lambda seed, label, lr=lr, extra=extra: (
+                run_grpo(grpo_args(data, work / label, model, "context_distill", float(lr), 0.0, *extra), budget),
+                work / label))
+    teacher = f"sft@{args.teacher_lr}"
+    for token in ("", "_token"):
+        name = "distill<-sft" + ("@token" if token else "")
+        extra = ["--advantage", "token"] if token else []
+
+        def distill(seed, label, extra=extra):
+            slug = label.replace("<-", "_from_").replace("@", "_").replace("#", "_")
+            if STEPS:  # the teacher: the sft arm's adapter
+                teacher_dir, info = work / teacher, {"teacher": teacher}
+            else:  # half the budget for the teacher's SFT, half for the distillation
+                teacher_dir = work / f"{slug}_teacher"
+                info = {"teacher_sft_steps": run_sft(data, teacher_dir, model, float(args.teacher_lr),
+                                                     budget / 2)["steps"]}
+            run = run_grpo(grpo_args(data, work / slug, model, "distill", float(args.distill_lr), 0.0,
+                                     "--teacher_adapter", str(teacher_dir), *extra), budget if STEPS else budget / 2)
+            return {**run, **info}, work / slug
+
+        add("distill" + token, name, distill, needs=teacher if STEPS else None)
+    for i, lr in enumerate(args.sdft_lrs.split(",")):
+        name = "sdft" if i == 0 else f"sdft@{lr}"
+        add("sdft", name, lambda seed, label, lr=lr: (run_sdft(data, work / label, model, float(lr), budget),
+                                                      work / label))
+    return out
 
 
 def main() -> None:
@@ -192,18 +279,36 @@ def main() -> None:
     ap.add_argument("--domain_train", nargs="+", required=True)
     ap.add_argument("--domain_heldout", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--budget_s", type=float, default=300)
+    ap.add_argument("--budget_s", type=float, default=None,
+                    help="seconds of training per arm (default 300; with --steps: none unless given, and then an arm "
+                         "stops at whichever comes first, its steps recorded)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train every arm for this many optimizer steps instead of --budget_s seconds")
+    ap.add_argument("--jobs", type=int, default=1, help="arms trained at once, each in its own process")
     ap.add_argument("--model", default=None, help="base model (default: the shipped tiny model)")
     ap.add_argument("--general_data", default=str(ROOT.parent / "shared" / "data"),
                     help="the pretraining corpus whose held-out slice measures forgetting")
     ap.add_argument("--sft_lrs", default="1e-4,3e-4,1e-3")
+    ap.add_argument("--teacher_lr", default="1e-3", help="learning rate of the distill arms' SFT teacher")
+    ap.add_argument("--distill_lr", default="3e-4")
     ap.add_argument("--context_distill_lrs", default="3e-4",
                     help="learning rates of the context_distill arm (the first is named context_distill)")
     ap.add_argument("--sdft_lrs", default="3e-4", help="learning rates of the sdft arm (the first is named sdft)")
-    ap.add_argument("--arms", default="base,sft,self_nll,context_distill,distill")
+    ap.add_argument("--arms", default="base,sft,self_nll,context_distill,distill",
+                    help="of base, sft, self_nll, context_distill, context_distill_token, distill, distill_token, sdft")
+    ap.add_argument("--seeds", default="0", help="seeds of the --seed_arms (the other arms: the first)")
+    ap.add_argument("--seed_arms", default="", help="arm kinds (as in --arms) repeated for every seed")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one arm, in a --jobs child process
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    global STEPS, SEED
+    STEPS = args.steps
+    if args.budget_s is None:
+        args.budget_s = float("inf") if STEPS else 300.0
     torch.manual_seed(0)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import header
+
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.data import load_prompts
     from sdgrpo.probes import load_corpus
@@ -211,71 +316,93 @@ def main() -> None:
 
     model = args.model or TINY_MODEL
     out = Path(args.out)
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    work = out / "work" if not os.environ.get("STUDY_WORK") else Path(os.environ["STUDY_WORK"])
+    (work / "arms").mkdir(parents=True, exist_ok=True)
     data = prepare(args.domain_train, work / "domain_train", model)
     held = prepare([args.domain_heldout], work / "domain_heldout", model, test_size=0.5)
     prompts = list(load_prompts(str(held), "test", 24)["prompt"])
     domain_texts = [read_text_file(args.domain_heldout)]
     general_texts = [h for _, _, h in load_corpus(args.general_data)]
-    arms = args.arms.split(",")
+    arms = arms_of(args, data, work, model)
+
+    def run_arm(name) -> dict:
+        global SEED
+        SEED = int(name.split("#s")[1]) if "#s" in name else int(args.seeds.split(",")[0])
+        if name == "base":
+            return measure(model, None, domain_texts, general_texts, prompts, (1.0, 0.85, 0.7))
+        info, adapter = arms[name][0]()
+        return {**measure(model, adapter, domain_texts, general_texts, prompts), **info}
+
+    if args.only is not None:  # a child: one arm, its row to work/arms/
+        row = run_arm(args.only)
+        (work / "arms" / f"{args.only.replace('/', '_')}.json").write_text(json.dumps(row))
+        return
     path = out / "domain_study.json"
     result = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
-    result.update({"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
-                   f"{torch.get_num_threads()} threads", "torch": torch.__version__, "model": model,
-                   "config": vars(args), "domain_heldout_bytes": len(domain_texts[0].encode()),
+    config = {**vars(args), "model": model, "budget_s": None if args.budget_s == float("inf") else args.budget_s}
+    result.update({**header("domain_study", config), "machine": f"{platform.machine()}, "
+                   f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}"
+                                                             if torch.cuda.is_available() else ""),
+                   "model": model, "config": config, "domain_heldout_bytes": len(domain_texts[0].encode()),
                    "general_heldout_bytes": sum(len(t.encode()) for t in general_texts)})
+    if STEPS:
+        result["budget"] = (f"{STEPS} optimizer steps per arm (or {args.budget_s:g} s, whichever first; each arm's "
+                            f"steps recorded), 8 sequences a step: sft trains on 8 prompt + "
+                            f"continuation pairs, GRPO samples and trains 8 completions of 48 tokens (2 prompts x 4)")
 
     def save():
         path.write_text(json.dumps(result, indent=2))
+        if "base" in result["arms"]:
+            plot(result, out / "domain_study.png")
 
-    def arm(name, train):
-        if name in result["arms"]:
-            return
-        print(f"== {name}", flush=True)
-        info, adapter = train()
-        result["arms"][name] = {**measure(model, adapter, domain_texts, general_texts, prompts), **info}
-        print(name, {k: v for k, v in result["arms"][name].items() if k != "samples"}, flush=True)
+    def done(name, row):
+        result["arms"][name] = row
+        print(name, {k: v for k, v in row.items() if k != "samples"}, flush=True)
         save()
 
-    budget = args.budget_s
-    if "base" in arms and "base" not in result["arms"]:
-        result["arms"]["base"] = measure(model, None, domain_texts, general_texts, prompts, (1.0, 0.85, 0.7))
-        save()
-    if "sft" in arms:
-        for lr in args.sft_lrs.split(","):
-            arm(f"sft@{lr}", lambda lr=lr: (run_sft(data, work / f"sft_{lr}", model, float(lr), budget),
-                                            work / f"sft_{lr}"))
-    if "self_nll" in arms:
-        arm("self_nll", lambda: (run_grpo(grpo_args(data, work / "self_nll", model, "self_nll", 3e-4, 0.04), budget),
-                                 work / "self_nll"))
-    if "context_distill" in arms:
-        for i, lr in enumerate(args.context_distill_lrs.split(",")):
-            name = "context_distill" if i == 0 else f"context_distill@{lr}"
-            arm(name, lambda lr=lr, name=name: (
-                run_grpo(grpo_args(data, work / name, model, "context_distill", float(lr), 0.0), budget), work / name))
-    if "distill" in arms:
-        def distill():
-            teacher = run_sft(data, work / "distill_teacher", model, 1e-3, budget / 2)
-            info = run_grpo(grpo_args(data, work / "distill", model, "distill", 3e-4, 0.0, "--teacher_adapter",
-                                      str(work / "distill_teacher")), budget / 2)
-            return {**info, "teacher_sft_steps": teacher["steps"]}, work / "distill"
-
-        arm("distill<-sft", distill)
-    if "sdft" in arms:
-        for i, lr in enumerate(args.sdft_lrs.split(",")):
-            name = "sdft" if i == 0 else f"sdft@{lr}"
-            arm(name, lambda lr=lr, name=name: (run_sdft(data, work / name, model, float(lr), budget), work / name))
-    plot(result, out / "domain_study.png")
+    todo = [n for n in arms if n not in result["arms"]]
+    if args.jobs <= 1:
+        for name in todo:
+            print(f"== {name}", flush=True)
+            done(name, run_arm(name))
+    else:  # each arm in its own process, at most --jobs at once, an arm after the one it needs
+        argv = [a for a in sys.argv[1:]]
+        running: dict = {}
+        while todo or running:
+            for name in [n for n in todo if len(running) < args.jobs]:
+                needs = arms[name][1]
+                if needs is not None and needs not in result["arms"]:
+                    continue
+                if len(running) >= args.jobs:
+                    break
+                log = open(work / "arms" / f"{name}.log", "w")
+                running[name] = subprocess.Popen([sys.executable, __file__, *argv, "--only", name], stdout=log,
+                                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                todo.remove(name)
+                print(f"== {name} started", flush=True)
+            time.sleep(2)
+            for name, proc in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[name]
+                row_file = work / "arms" / f"{name}.json"
+                if proc.returncode == 0 and row_file.is_file():
+                    done(name, json.loads(row_file.read_text()))
+                else:
+                    tail = (work / "arms" / f"{name}.log").read_text()[-1500:]
+                    print(f"!! {name} failed ({proc.returncode}):\n{tail}", flush=True)
+                    result.setdefault("failed", {})[name] = tail
+                    save()
+                    todo = [n for n in todo if arms[n][1] != name]
     save()
     base = result["arms"]["base"]
-    print(f"{'arm':18s} {'domain bpb':>10s} {'gain %':>7s} {'general bpb':>11s} {'forget %':>8s} {'d2':>6s} "
-          f"{'rep4':>6s}")
+    print(f"{'arm':26s} {'domain bpb':>10s} {'gain %':>7s} {'general bpb':>11s} {'forget %':>8s} {'d2':>6s} "
+          f"{'rep4':>6s} {'steps':>6s}")
     for name, a in result["arms"].items():
         s = a["samples"]["1.0"]
-        print(f"{name:18s} {a['domain_bpb']:10.4f} {100 * (1 - a['domain_bpb'] / base['domain_bpb']):7.2f} "
+        print(f"{name:26s} {a['domain_bpb']:10.4f} {100 * (1 - a['domain_bpb'] / base['domain_bpb']):7.2f} "
               f"{a['general_bpb']:11.4f} {100 * (a['general_bpb'] / base['general_bpb'] - 1):8.2f} "
-              f"{s['distinct_2']:6.3f} {s['seq_rep_4']:6.3f}")
+              f"{s['distinct_2']:6.3f} {s['seq_rep_4']:6.3f} {a.get('steps', 0):6d}")
 
 
 if __name__ == "__main__":
