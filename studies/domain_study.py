@@ -188,7 +188,9 @@ def plot(result: dict, path: Path) -> None:
         return gain, forget
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    sft = sorted((point(a), n) for n, a in result["arms"].items() if n.startswith("sft@") and "#" not in n)
+    # SFT's frontier: its points in the order of the learning rate, from the base
+    sft = sorted(((point(a), n) for n, a in result["arms"].items() if n.startswith("sft@") and "#" not in n),
+                 key=lambda item: float(item[1].split("@")[1]))
     ax.plot([0] + [p[0] for p, _ in sft], [0] + [p[1] for p, _ in sft], "-o", color="gray", label="sft (frontier)")
     for (x, y), name in sft:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="gray")
