@@ -23,8 +23,9 @@ What it does, against ``transformers``' ``generate`` with the same settings:
 - **Or an int4 copy** (:class:`Quantised`), for a quantised base where 16-bit copies do not fit, or where asked:
   base + LoRA folded in fp32, quantised to 4-bit groups and read by PyTorch's int4 weight-only matmul, a quarter of
   the 16-bit bytes held and read per token. Neither sampler is the policy bit for bit; the trainer corrects their
-  rollouts by importance sampling. With no copy that fits, the LoRA layers decode unmerged (PEFT's forward, in the same compiled step; sibling projections' A
-  matrices stacked, :class:`StackedA`); DoRA and other variants always do.
+  rollouts by importance sampling. With no copy that fits, the LoRA layers decode unmerged (PEFT's forward, in the
+  same compiled step; sibling projections' A matrices stacked, :class:`StackedA`); DoRA and other variants always
+  do.
 
 Sampling ``exactly as asked`` means the same processing order and formulas as transformers' logits processors
 (min-new-tokens, temperature, top-k, top-p, min-p) and a draw from the resulting distribution by an exponential race,
