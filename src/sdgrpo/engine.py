@@ -909,8 +909,8 @@ class DecodeEngine:
     ``memory_budget_gib``: what generation may take beyond the memory already allocated (the fold's copies and the
     cache); default: decided from the device (:func:`generation_room`). LoRA is folded only where its copies fit the
     budget; otherwise the LoRA layers decode unmerged (PEFT's own forward, inside the same step and graph), which
-    costs no memory. Decided once per model (``mode``: ``folded``, ``unmerged``, or ``plain`` with nothing to
-    fold), logged in one line.
+    costs no memory. Decided once per model (``mode``: ``folded``, ``dequantised``, ``int4``, ``unmerged``, or
+    ``plain`` with nothing to fold), logged in one line.
     ``generation_weights``: ``model`` decodes the model's own weights (LoRA folded in their dtype, or unmerged);
     ``int4`` decodes int4 copies of base + LoRA (:class:`Quantised`; mode ``int4``) wherever the layers allow;
     ``auto`` folds in the model's dtype where that fits the budget; a quantised (bitsandbytes) base gets 16-bit
