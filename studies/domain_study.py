@@ -18,6 +18,8 @@ optimizer steps of 8 sequences (LoRA r 16 on all linear layers):
 - ``context_distill_token``, ``distill_token`` (named ``...@token``): the same rewards with the per-token
   advantage (``--advantage token``: each completion token's teacher log-prob minus the policy's), on-policy
   distillation as GKD / SDPO form it;
+- ``distill_topk`` (``distill<-sft@topk``): ``distill_token`` plus the reverse KL over the teacher's top-``--topk``
+  tokens at every position (``--distill_topk``), SDPO's vocabulary-level form;
 - ``sdft``: TRL's SDFTTrainer, the dense (per-token) form of context_distill: the frozen base shown the true
   continuation before the prompt teaches the policy shown the prompt alone (not in the default ``--arms``).
 
@@ -171,7 +173,7 @@ def kind_of(name: str) -> str:
     """An arm's kind for the figure: its name without the learning rate or seed (``context_distill@1e-3#s1`` ->
     ``context_distill``), ``@token`` kept."""
     base = name.split("#")[0]
-    return base.split("@")[0] + ("@token" if base.endswith("@token") else "")
+    return base.split("@")[0] + next((f"@{v}" for v in ("token", "topk") if base.endswith(f"@{v}")), "")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -196,7 +198,7 @@ def plot(result: dict, path: Path) -> None:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="gray")
     markers = {"self_nll": ("s", "tab:red"), "context_distill": ("D", "tab:blue"), "distill<-sft": ("^", "tab:green"),
                "sdft": ("P", "tab:purple"), "context_distill@token": ("d", "tab:cyan"),
-               "distill<-sft@token": ("v", "tab:olive")}
+               "distill<-sft@token": ("v", "tab:olive"), "distill<-sft@topk": ("<", "tab:brown")}
     labelled = set()
     for name, arm in result["arms"].items():
         kind = kind_of(name)
@@ -252,9 +254,10 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
                 run_grpo(grpo_args(data, work / label, model, "context_distill", float(lr), 0.0, *extra), budget),
                 work / label))
     teacher = f"sft@{args.teacher_lr}"
-    for token in ("", "_token"):
-        name = "distill<-sft" + ("@token" if token else "")
-        extra = ["--advantage", "token"] if token else []
+    for token in ("", "_token", "_topk"):
+        name = "distill<-sft" + {"": "", "_token": "@token", "_topk": "@topk"}[token]
+        extra = {"": [], "_token": ["--advantage", "token"],
+                 "_topk": ["--advantage", "token", "--distill_topk", str(args.topk)]}[token]
 
         def distill(seed, label, extra=extra):
             slug = label.replace("<-", "_from_").replace("@", "_").replace("#", "_")
@@ -293,11 +296,13 @@ def main() -> None:
     ap.add_argument("--sft_lrs", default="1e-4,3e-4,1e-3")
     ap.add_argument("--teacher_lr", default="1e-3", help="learning rate of the distill arms' SFT teacher")
     ap.add_argument("--distill_lr", default="3e-4")
+    ap.add_argument("--topk", type=int, default=20, help="K of the distill_topk arm (--distill_topk)")
     ap.add_argument("--context_distill_lrs", default="3e-4",
                     help="learning rates of the context_distill arm (the first is named context_distill)")
     ap.add_argument("--sdft_lrs", default="3e-4", help="learning rates of the sdft arm (the first is named sdft)")
     ap.add_argument("--arms", default="base,sft,self_nll,context_distill,distill",
-                    help="of base, sft, self_nll, context_distill, context_distill_token, distill, distill_token, sdft")
+                    help="of base, sft, self_nll, context_distill, context_distill_token, distill, distill_token, "
+                         "distill_topk, sdft")
     ap.add_argument("--seeds", default="0", help="seeds of the --seed_arms (the other arms: the first)")
     ap.add_argument("--seed_arms", default="", help="arm kinds (as in --arms) repeated for every seed")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one arm, in a --jobs child process

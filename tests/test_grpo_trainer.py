@@ -362,3 +362,93 @@ def test_token_advantages_need_a_teacher_based_reward():
         parse_train_args(["--advantage", "token"])
     with pytest.raises(UserError, match="drop --teacher_retokenize"):
         parse_train_args(["--advantage", "token", "--reward", "teacher_nll", "--teacher_retokenize", "true"])
+
+
+def full_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log_softmax over the vocabulary at each completion position ([n, V], fp64), one unpadded eval-mode forward."""
+    ids = torch.tensor([list(prompt) + list(completion)])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    model.train(was_training)
+    return torch.log_softmax(logits, dim=-1)[len(prompt) - 1: len(prompt) - 1 + len(completion)]
+
+
+@pytest.mark.parametrize("reward_name", ["distill", "context_distill"])
+def test_topk_term_is_the_reverse_kl_over_the_teachers_top_k(reward_name, tiny_model_dir, tiny_tokenizer, dataset,
+                                                             tmp_path):
+    """--distill_topk 5: the loss is TRL's GRPO loss plus 0.7 x the mean over completion tokens of KL(policy ||
+    teacher) on the teacher's 5 most likely tokens and one bucket for the rest of the vocabulary, against one
+    unpadded forward per sequence of each model over the whole vocabulary (prompts of different lengths, truncated
+    rows, padding). For context_distill the teacher is the base shown the true continuation first."""
+    from transformers import AutoModelForCausalLM
+    from trl import get_peft_config
+
+    from sdgrpo.rewards import ContextDistillReward, DistillReward
+    from sdgrpo.scoring import adapters_disabled
+
+    ensure_trl_runs_without_triton()
+    train_cfg, model_cfg = parse_train_args([
+        "--output_dir", str(tmp_path), "--max_steps", "1", "--per_device_train_batch_size", "8",
+        "--num_generations", "4", "--max_completion_length", "10", "--report_to", "none", "--save_strategy", "no",
+        "--collapse_guard", "off", "--reward", reward_name, "--advantage", "token", "--beta", "0",
+        "--loss_type", "grpo", "--distill_topk", "5", "--distill_topk_weight", "0.7", "--lora_dropout", "0"])
+    teacher = make_llama(tiny_tokenizer, seed=45, layers=3)
+    reward = (DistillReward(teacher, tiny_tokenizer, policy=None) if reward_name == "distill"
+              else ContextDistillReward(None, tiny_tokenizer))
+    trainer = SelfDistillGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[reward],
+                                     args=train_cfg, train_dataset=dataset, processing_class=tiny_tokenizer,
+                                     peft_config=get_peft_config(model_cfg))
+    reward.model = trainer.model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    trainer.model.train()
+    inputs = next(iter(trainer.get_train_dataloader()))
+    batch = trainer._generate_and_score_completions(inputs)
+    mask = batch["completion_mask"]
+    assert batch["teacher_topk_ids"].shape == (*mask.shape, 5)
+    kls, lengths = [], set()
+    for i in range(mask.size(0)):
+        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+        completion = batch["completion_ids"][i][mask[i].bool()].tolist()
+        lengths.add(len(prompt))
+        if reward_name == "distill":
+            q = full_logps(teacher, prompt, completion)
+        else:
+            shown = reward.teacher_prompts([prompt], [inputs[i]["continuation"]])[0]
+            with adapters_disabled(trainer.model):
+                q = full_logps(trainer.model, shown, completion)
+        p = full_logps(trainer.model, prompt, completion)
+        top_q, ids = q.topk(5, dim=-1)
+        n = len(completion)
+        assert torch.equal(batch["teacher_topk_ids"][i, :n], ids)
+        assert torch.allclose(batch["teacher_topk_logps"][i, :n].double(), top_q, atol=1e-4)
+        top_p = p.gather(-1, ids)
+        sp = torch.cat([top_p, torch.log1p(-top_p.exp().sum(-1, keepdim=True))], -1)
+        sq = torch.cat([top_q, torch.log1p(-top_q.exp().sum(-1, keepdim=True))], -1)
+        kls.append((sp.exp() * (sp - sq)).sum(-1))
+    assert len(lengths) > 1
+    term = torch.cat(kls).mean()
+    assert term > 1e-4
+    adv = batch["advantages"]
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(trainer.model, batch)
+    policy = -((adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    assert loss.item() == pytest.approx(policy.item() + 0.7 * term.item(), abs=2e-6)
+    assert trainer._metrics["train"]["distill/topk_kl"][-1] == pytest.approx(term.item(), abs=1e-6)
+    loss.backward()  # the term reaches the adapters
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in trainer.model.named_parameters()
+               if "lora_A" in n_)
+
+
+def test_topk_needs_a_teacher_based_reward():
+    from sdgrpo.errors import UserError
+
+    with pytest.raises(UserError, match="--distill_topk needs a teacher-based reward"):
+        parse_train_args(["--distill_topk", "8"])
+    with pytest.raises(UserError, match="distill_topk -1 must be 0"):
+        parse_train_args(["--distill_topk", "-1", "--reward", "distill"])

@@ -20,7 +20,8 @@ PINNED = {
     ("trl", "GRPOTrainer", "_tokenize_prompts"): ["self", "prompts"],
     ("trl", "GRPOTrainer", "_generate"): ["self", "prompts"],
     ("trl", "GRPOTrainer", "_get_per_token_logps_and_entropies"):
-        ["self", "model", "input_ids", "attention_mask", "logits_to_keep"],
+        ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+         "compute_aux_loss"],
     ("trl", "GRPOTrainer", "_generate_and_score_completions"): ["self", "inputs"],
     ("trl", "GRPOTrainer", "_calculate_rewards"): ["self", "inputs", "prompts", "completions", "completion_ids_list"],
     ("trl", "GRPOTrainer", "_save_checkpoint"): ["self", "model", "trial"],
@@ -179,6 +180,26 @@ def test_trls_loss_reads_per_token_advantages():
     source = inspect.getsource(GRPOTrainer._compute_loss)
     assert 'advantages = inputs["advantages"]' in source
     assert "if advantages.dim() == 1:\n            advantages = advantages.unsqueeze(1)" in source
+
+
+def test_what_the_topk_term_shadows_and_reuses():
+    """--distill_topk: the loss's pass is TRL's ``_get_per_token_logps_and_entropies`` redone with logits (TRL's own
+    goes through its fused head: ``fused_lm_head=True``, log-probs at ``self.temperature``, no logits), with TRL's
+    ``selective_log_softmax`` and ``entropy_from_logits``; the divergence is TRL's SDPO ``add_tail_bucket`` and
+    ``compute_divergence`` (alpha 1: KL(student || teacher)), checked here in numbers."""
+    import torch
+    from trl import GRPOTrainer
+    from trl.experimental.sdpo.loss_utils import add_tail_bucket, compute_divergence
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax  # noqa: F401
+
+    source = inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies)
+    assert "fused_lm_head=True" in source and "outputs.log_probs[:, -logits_to_keep:]" in source
+    assert "temperature=self.temperature" in inspect.getsource(GRPOTrainer.__init__)
+    s = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), -1)[:, :2]
+    t = torch.log_softmax(torch.tensor([[0.0, 1.5, 0.5, 0.0]]), -1)[:, :2]
+    bs, bt = add_tail_bucket(s), add_tail_bucket(t)
+    assert torch.allclose(bs.exp().sum(-1), torch.ones(1)) and torch.allclose(bt.exp().sum(-1), torch.ones(1))
+    assert torch.allclose(compute_divergence(bs, bt, 1.0), (bs.exp() * (bs - bt)).sum(-1), atol=1e-6)
 
 
 def test_the_int4_weight_only_kernels_the_engine_calls():

@@ -94,6 +94,18 @@ class SDGRPOConfig(GRPOConfig):
         metadata={"help": "With --advantage token: add this weight times the group-normalised sequence advantage to "
                   "every token's."},
     )
+    distill_topk: int = field(
+        default=0,
+        metadata={"help": "K > 0: add to GRPO's loss the reverse KL from the policy to the teacher over the teacher's "
+                  "top-K tokens at every completion position, plus one bucket for the rest of the vocabulary (the "
+                  "vocabulary-level form of SDPO / on-policy distillation; TRL's trl.experimental.sdpo divergence), "
+                  "times --distill_topk_weight. For the teacher-based rewards (teacher_nll, distill, "
+                  "context_distill). The policy's logits are then materialised in training (TRL's fused head "
+                  "is not used)."},
+    )
+    distill_topk_weight: float = field(
+        default=1.0, metadata={"help": "The weight of the --distill_topk term in the loss."},
+    )
     rollout_correction: str = field(
         default="auto",
         metadata={"help": "Correct rollouts that are not the policy bit for bit (the engine's 16-bit generation "
@@ -229,6 +241,14 @@ class SDGRPOConfig(GRPOConfig):
                             f"{self.reward!r}: its per-token advantage is the teacher's log-prob minus the policy's")
         if self.advantage == "token" and self.teacher_retokenize:
             raise UserError("--advantage token needs the teacher to score the policy's own token ids; drop "
+                            "--teacher_retokenize (or use a teacher with the student's tokenizer)")
+        if self.distill_topk < 0:
+            raise UserError(f"distill_topk {self.distill_topk} must be 0 (off) or a number of tokens")
+        if self.distill_topk and self.reward not in TOKEN_REWARDS:
+            raise UserError(f"--distill_topk needs a teacher-based reward ({', '.join(TOKEN_REWARDS)}), not "
+                            f"{self.reward!r}")
+        if self.distill_topk and self.teacher_retokenize:
+            raise UserError("--distill_topk needs the teacher to score the policy's own token ids; drop "
                             "--teacher_retokenize (or use a teacher with the student's tokenizer)")
         if self.generation_weights not in ("auto", "model", "int4"):
             raise UserError(f"generation_weights {self.generation_weights!r} is not one of ['auto', 'model', 'int4']")

@@ -159,6 +159,12 @@ class SelfDistillMixin(CheckpointMixin):
         if self.token_advantages:
             for reward in self.reward_funcs:
                 reward.token_level = True
+        self.distill_topk = int(getattr(self.args, "distill_topk", 0) or 0)
+        if self.distill_topk:
+            for reward in self.reward_funcs:
+                reward.topk = self.distill_topk
+        self._student_topk = None  # the teacher's top-K ids (B, T, K) while _compute_loss runs its pass
+        self._student_topk_logps = None  # the policy's log-probs at them, from that pass
         self.rollout_correction = self._corrects_rollouts()
         if self.rollout_correction:
             logger.info("rollouts corrected by importance sampling (%s, ratio clipped to [%s, %s]): the engine's "
@@ -250,6 +256,8 @@ class SelfDistillMixin(CheckpointMixin):
         return bool(self._lora) and all(layer.disable_adapters for layer in self._lora)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if self._student_topk is not None:
+            return self._logps_with_topk(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                          *args, **kwargs)
         if getattr(self, "_scoring", False) and out[0] is not None:  # passes between generation and the rewards
@@ -283,6 +291,8 @@ class SelfDistillMixin(CheckpointMixin):
             self._scoring = False
         if self.token_advantages:
             self._use_token_advantages(output)
+        if self.distill_topk:
+            self._attach_teacher_topk(output)
         if self.rollout_correction and output.get("sampling_per_token_logps") is not None:
             self._correct_rollouts(output)
         return output
@@ -309,6 +319,65 @@ class SelfDistillMixin(CheckpointMixin):
         count = mask.sum().clamp(min=1)
         self._metrics[mode]["advantage/token_mean"].append(
             self.accelerator.gather((advantages * mask).sum() / count).mean().item())
+
+    # --- the teacher's top-K tokens (--distill_topk) ------------------------------------------------------------
+    def _attach_teacher_topk(self, output: dict) -> None:
+        """The teacher's top-K log-probs and ids at every completion position of this process's rows, as the
+        reward's scoring pass kept them, into ``output`` as (B, T, K) tensors (``teacher_topk_logps``,
+        ``teacher_topk_ids``; TRL splits and shuffles them with the batch); 0 past each completion."""
+        tops = getattr(self.reward_funcs[0], "token_topk", None)
+        mask = output["completion_mask"]
+        if tops is None or len(tops) != mask.size(0):
+            raise RuntimeError("--distill_topk: the reward kept no top-k teacher log-probs for this batch")
+        k = max(v.size(1) for v, _ in tops)  # K, or the vocabulary where that is smaller
+        logps = torch.zeros(*mask.shape, k, dtype=torch.float32, device=mask.device)
+        ids = torch.zeros(*mask.shape, k, dtype=torch.long, device=mask.device)
+        for row, (values, index) in enumerate(tops):
+            n = min(values.size(0), mask.size(1))
+            logps[row, :n] = values[:n].to(logps.device)
+            ids[row, :n] = index[:n].to(ids.device)
+        output["teacher_topk_logps"], output["teacher_topk_ids"] = logps, ids
+
+    def _logps_with_topk(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                         compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """The loss's policy pass under --distill_topk: TRL 1.15's ``_get_per_token_logps_and_entropies`` for a text
+        model (log-probs of the completion tokens and entropies at TRL's temperature, in chunks of ``batch_size``
+        rows), shadowed because TRL's fused LM head returns no logits; from the same logits it keeps the policy's
+        log-probs at temperature 1 at the teacher's top-K ids (``self._student_topk_logps``, (B, T, K))."""
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        if compute_aux_loss or any(v is not None for v in multimodal.values()):
+            raise RuntimeError("--distill_topk supports text models without a router loss")
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies, tops = [], [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            with self.accelerator.autocast():
+                logits = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
+                               logits_to_keep=logits_to_keep + 1).logits
+            logits = logits[:, :-1][:, -logits_to_keep:].float()
+            tops.append(torch.log_softmax(logits, dim=-1).gather(-1, self._student_topk[rows]))
+            scaled = logits / self.temperature
+            logps.append(selective_log_softmax(scaled, input_ids[rows, -logits_to_keep:]))
+            if compute_entropy:
+                entropies.append(entropy_from_logits(scaled))
+        self._student_topk_logps = torch.cat(tops)
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    def _topk_term(self, inputs) -> torch.Tensor:
+        """Mean over the completion tokens of KL(policy || teacher) on the teacher's top-K tokens plus one bucket for
+        the rest of the vocabulary (TRL's ``add_tail_bucket`` and ``compute_divergence`` with alpha 1, as its SDPO
+        distills a teacher server's top-K)."""
+        from trl.experimental.sdpo.loss_utils import add_tail_bucket, compute_divergence
+
+        student = add_tail_bucket(self._student_topk_logps)
+        teacher = add_tail_bucket(inputs["teacher_topk_logps"].to(student.dtype))
+        kl = compute_divergence(student, teacher, 1.0)  # (B, T)
+        mask = inputs["completion_mask"].to(kl.dtype)
+        term = (kl * mask).sum() / mask.sum().clamp(min=1)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["distill/topk_kl"].append(self.accelerator.gather(term.detach()).mean().item())
+        return term
 
     # --- rollouts that are not the policy bit for bit -------------------------------------------------------
     def _correct_rollouts(self, output: dict) -> None:
@@ -347,6 +416,16 @@ class SelfDistillMixin(CheckpointMixin):
         return self.vllm_importance_sampling_mode
 
     def _compute_loss(self, model, inputs):
+        if not self.distill_topk or "teacher_topk_ids" not in inputs:
+            return self._policy_loss(model, inputs)
+        self._student_topk = inputs["teacher_topk_ids"]
+        try:
+            loss = self._policy_loss(model, inputs)
+        finally:
+            self._student_topk = None
+        return loss + float(getattr(self.args, "distill_topk_weight", 1.0)) * self._topk_term(inputs)
+
+    def _policy_loss(self, model, inputs):
         # TRL 1.15 multiplies the per-token loss by inputs["importance_sampling_ratio"] only under
         # `self.use_vllm and self.vllm_importance_sampling_correction` (its one use of use_vllm in _compute_loss;
         # pinned in tests/test_private_api.py): for the engine's corrected rollouts, that branch is taken for the

@@ -132,10 +132,17 @@ class TeacherNLLReward:
     def teacher_logprobs(self, prompts, completion_ids, prompt_ids=None) -> list[torch.Tensor]:
         t_prompts, t_comps = self._teacher_ids(prompts, completion_ids, prompt_ids)
         pad = pad_id(self.teacher_tokenizer)
-        return completion_logprobs(self.teacher, t_prompts, t_comps, pad_token_id=pad, token_budget=self.token_budget)
+        scored = completion_logprobs(self.teacher, t_prompts, t_comps, pad_token_id=pad,
+                                     token_budget=self.token_budget, topk=self.topk)
+        if not self.topk:
+            return scored
+        scored, self.token_topk = scored
+        return scored
 
     token_level = False  # set by the trainer under --advantage token: keep each token's teacher - policy term
     token_terms: list[torch.Tensor] | None = None  # the last call's, one detached CPU tensor per completion
+    topk = 0  # set by the trainer under --distill_topk K: keep the teacher's top-K log-probs and ids per token
+    token_topk: list[tuple] | None = None  # the last call's, one ([n, K] log-probs, [n, K] ids) per completion
 
     def __call__(self, prompts, completions, completion_ids, prompt_ids=None, policy_per_token_logps=None,
                  **kwargs):
@@ -198,6 +205,8 @@ class ContextDistillReward:
         self.separator = separator
         self.teacher_passes = self.policy_passes = 0
         self.token_terms: list[torch.Tensor] | None = None  # the last call's teacher - policy, per token
+        self.topk = 0  # as TeacherNLLReward's
+        self.token_topk: list[tuple] | None = None
 
     def teacher_prompts(self, prompt_ids: list[list[int]], continuations: list[str]) -> list[list[int]]:
         """Each prompt's ids with its continuation (and the separator) placed after its leading special tokens."""
@@ -222,7 +231,9 @@ class ContextDistillReward:
         self.teacher_passes += 1
         with adapters_disabled(self.model):
             teacher = completion_logprobs(self.model, self.teacher_prompts(prompt_ids, continuation), completion_ids,
-                                          pad_token_id=pad, token_budget=self.token_budget)
+                                          pad_token_id=pad, token_budget=self.token_budget, topk=self.topk)
+        if self.topk:
+            teacher, self.token_topk = teacher
         policy = policy_logprobs(self, prompt_ids, completion_ids, policy_per_token_logps)
         self.token_terms = [q - p for q, p in zip(teacher, policy)]
         return [aggregate(t, self.aggregation) for t in self.token_terms]

@@ -123,19 +123,36 @@ def _split_head(model):
     return backbone, head
 
 
-def _token_logps_from_hidden(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    """log_softmax(head(hidden))[target] for rows of ``hidden`` [N, H], ``chunk_tokens`` rows at a time in fp32."""
+def _pick(logits: torch.Tensor, targets: torch.Tensor, topk: int):
+    """log_softmax(logits)[target] ([n]) in fp32, and with ``topk``, the k largest log-probs and their ids
+    ([n, k] each)."""
+    logits = logits.float()
+    norm = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets[:, None]).squeeze(-1) - norm
+    if not topk:
+        return picked, None
+    values, ids = torch.topk(logits, min(topk, logits.size(-1)), dim=-1)
+    return picked, (values - norm[:, None], ids)
+
+
+def _token_logps_from_hidden(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int, topk: int = 0):
+    """log_softmax(head(hidden))[target] for rows of ``hidden`` [N, H], ``chunk_tokens`` rows at a time in fp32;
+    with ``topk``, also the top-k log-probs and ids of every row ([N, k] each)."""
     out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
+    top = []
     for start in range(0, hidden.size(0), chunk_tokens):
-        logits = head(hidden[start : start + chunk_tokens]).float()  # [n, V]
-        picked = logits.gather(-1, targets[start : start + chunk_tokens, None]).squeeze(-1)
-        out[start : start + chunk_tokens] = picked - torch.logsumexp(logits, dim=-1)
-        del logits
-    return out
+        picked, best = _pick(head(hidden[start : start + chunk_tokens]), targets[start : start + chunk_tokens], topk)
+        out[start : start + chunk_tokens] = picked
+        if best is not None:
+            top.append(best)
+    if not topk:
+        return out
+    return out, (torch.cat([v for v, _ in top]), torch.cat([i for _, i in top]))
 
 
-def _forward_group(model, prompts, completions, pad_id: int, device, logits_bytes: int) -> list[torch.Tensor]:
-    """Right-padded forward of one micro-batch; returns each completion's token log-probs (CPU, fp32).
+def _forward_group(model, prompts, completions, pad_id: int, device, logits_bytes: int, topk: int = 0):
+    """Right-padded forward of one micro-batch; returns each completion's token log-probs (CPU, fp32), and with
+    ``topk`` each completion's top-k log-probs and ids at every position ([n, k] each).
 
     Only the hidden states of completion positions go through the LM head, a bounded number of tokens at a time,
     so fp32 logits never exist for more than ``logits_bytes`` at once.
@@ -159,17 +176,23 @@ def _forward_group(model, prompts, completions, pad_id: int, device, logits_byte
         hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, H]
         vocab = head.weight.size(0)
         chunk = max(1, logits_bytes // (vocab * 4))
-        logps = _token_logps_from_hidden(hidden[rows, cols], head, targets, chunk)
+        scored = _token_logps_from_hidden(hidden[rows, cols], head, targets, chunk, topk)
+        logps, top = scored if topk else (scored, None)
     else:
         first = min(len(p) for p in prompts) - 1
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=width - first).logits
         logps = torch.empty(targets.shape, dtype=torch.float32, device=device)
+        tops = []
         for start in range(0, len(targets), 256):
             sl = slice(start, start + 256)
-            z = logits[rows[sl], cols[sl] - first].float()  # [n, V]
-            logps[sl] = z.gather(-1, targets[sl, None]).squeeze(-1) - torch.logsumexp(z, -1)
-    logps = logps.cpu()
-    return list(torch.split(logps, [len(c) for c in completions]))
+            logps[sl], best = _pick(logits[rows[sl], cols[sl] - first], targets[sl], topk)  # [n, V] at a time
+            tops.append(best)
+        top = (torch.cat([v for v, _ in tops]), torch.cat([i for _, i in tops])) if topk else None
+    sizes = [len(c) for c in completions]
+    logps = list(torch.split(logps.cpu(), sizes))
+    if not topk:
+        return logps
+    return logps, list(zip(torch.split(top[0].cpu(), sizes), torch.split(top[1].cpu(), sizes)))
 
 
 def completion_logprobs(
@@ -180,8 +203,12 @@ def completion_logprobs(
     pad_token_id: int,
     token_budget: int = 16384,
     logits_bytes: int = 256 * 2**20,
-) -> list[torch.Tensor]:
+    topk: int = 0,
+):
     """Per-token log p(completion_ids[i][t] | prompt_ids[i], completion_ids[i][:t]) at temperature 1.
+
+    With ``topk`` > 0, returns ``(logps, tops)``: ``tops[i]`` is (the k largest log-probs, their token ids), each
+    [len(completion_ids[i]), k], at every position of completion i (what the sampled token was chosen from).
 
     Runs ``model`` as is (wrap it in :func:`adapters_disabled` to score with the base), in eval mode without
     gradients, in micro-batches of at most ``token_budget`` padded tokens, with at most ``logits_bytes`` of fp32 logits
@@ -191,10 +218,12 @@ def completion_logprobs(
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     results: list[torch.Tensor | None] = [None] * len(prompt_ids)
+    tops: list[tuple | None] = [None] * len(prompt_ids)
     live = [i for i, c in enumerate(completion_ids) if len(c) > 0]
     for i, c in enumerate(completion_ids):
         if len(c) == 0:
             results[i] = torch.empty(0)
+            tops[i] = (torch.empty(0, topk), torch.empty(0, topk, dtype=torch.long))
     for i in live:
         if len(prompt_ids[i]) == 0:
             raise ValueError("a prompt with no tokens cannot condition a completion; the tokenizer should add BOS")
@@ -208,7 +237,7 @@ def completion_logprobs(
             group = pending.pop()
             try:
                 scored = _forward_group(model, [prompt_ids[i] for i in group], [completion_ids[i] for i in group],
-                                        pad_token_id, device, logits_bytes)
+                                        pad_token_id, device, logits_bytes, topk)
             except torch.cuda.OutOfMemoryError:
                 if len(group) == 1:
                     raise
@@ -217,6 +246,7 @@ def completion_logprobs(
                 logger.warning("CUDA out of memory scoring %d sequences; retrying in halves", len(group))
                 pending.extend([group[:half], group[half:]])
                 continue
-            for i, lp in zip(group, scored):
-                results[i] = lp
-    return results  # type: ignore[return-value]
+            scored, best = scored if topk else (scored, [None] * len(group))
+            for i, lp, top in zip(group, scored, best):
+                results[i], tops[i] = lp, top
+    return (results, tops) if topk else results  # type: ignore[return-value]
