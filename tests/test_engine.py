@@ -310,6 +310,41 @@ def test_a_model_without_a_kv_cache_goes_to_generate(kind, tiny_tokenizer):
     assert engine.calls == 0 and engine.fallbacks == 2
 
 
+@pytest.mark.parametrize("where", ["instance", "class"])
+def test_a_model_whose_forwards_unsloth_replaced_goes_to_generate(where, lora, tiny_tokenizer, monkeypatch, caplog):
+    """Unsloth replaces transformers' attention and MLP forwards (on the classes at import, on module instances
+    when it adds LoRA) with its own, which read each projection's weights and LoRA matrices themselves, past the
+    engine's swapped projections: such a model goes to generate, in one log line naming the forward. Here a
+    forward defined in a module named as Unsloth's stands in for its patch (same arithmetic)."""
+    import logging
+    import types
+
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    original = LlamaAttention.forward
+
+    def fast_forward(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    fast_forward.__module__ = "unsloth.models.llama"
+    attention = lora.get_base_model().model.layers[0].self_attn
+    if where == "instance":
+        attention.forward = types.MethodType(fast_forward, attention)
+    else:
+        monkeypatch.setattr(LlamaAttention, "forward", fast_forward)
+    enc = encode(tiny_tokenizer)
+    want = lora.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    engine = DecodeEngine()
+    with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
+        got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
+    assert torch.equal(got, want) and engine.calls == 0 and engine.fallbacks == 1
+    assert "unsloth.models.llama.fast_forward runs a forward that unsloth put in its place" in caplog.text
+    if where == "instance":
+        del attention.forward
+    assert engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer)).shape == want.shape
+    assert engine.calls == (1 if where == "instance" else 0)
+
+
 def test_models_pushed_through_one_engine_in_turn_each_decode_as_their_own(tiny_tokenizer):
     """The fold's copies belong to one model, held by weak references: a later model whose modules reuse a freed
     model's ids gets its own copies, and what the engine holds stays one model's worth."""

@@ -132,6 +132,26 @@ def unsupported(model) -> str | None:
     supports = getattr(cls, "_supports_default_dynamic_cache", None)
     if callable(supports) and not supports():
         return f"{cls.__name__} uses a cache of its own"
+    patched = _patched_forward(_inner(model))
+    if patched is not None:
+        return (f"{patched} runs a forward that {patched.split('.')[0]} put in its place (it reads the projections' "
+                f"weights and LoRA itself, past the engine's generation copies, with a cache of its own)")
+    return None
+
+
+# Libraries that replace transformers' module forwards with their own (Unsloth: at import and at load, on the classes
+# and on module instances), which the engine's swaps of projections and its static cache cannot be trusted through.
+PATCHING_LIBRARIES = ("unsloth", "unsloth_zoo")
+
+
+def _patched_forward(model) -> str | None:
+    """The qualified name of the first forward of ``model`` or its modules that a :data:`PATCHING_LIBRARIES`
+    library defined (on the class or the instance), or None."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward") or type(module).forward
+        owner = getattr(getattr(forward, "__func__", forward), "__module__", "") or ""
+        if owner.split(".")[0] in PATCHING_LIBRARIES:
+            return f"{owner}.{getattr(forward, '__name__', 'forward')}"
     return None
 
 
