@@ -353,8 +353,8 @@ def main() -> None:
                    "model": model, "config": config, "domain_heldout_bytes": len(domain_texts[0].encode()),
                    "general_heldout_bytes": sum(len(t.encode()) for t in general_texts)})
     if STEPS:
-        result["budget"] = (f"{STEPS} optimizer steps per arm (or {args.budget_s:g} s, whichever first; each arm's "
-                            f"steps recorded), 8 sequences a step: sft trains on 8 prompt + "
+        cap = "no time cap" if args.budget_s == float("inf") else f"or {args.budget_s:g} s, whichever first"
+        result["budget"] = (f"{STEPS} optimizer steps per arm ({cap}; each arm's steps recorded), 8 sequences a step: sft trains on 8 prompt + "
                             f"continuation pairs, GRPO samples and trains 8 completions of 48 tokens (2 prompts x 4)")
 
     def save():
