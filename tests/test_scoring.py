@@ -55,3 +55,34 @@ def test_micro_batches_respect_budget():
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     for g in groups:
         assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 60
+
+
+def test_top_k_log_probs_match_a_full_forward_on_both_paths(tiny_tokenizer, cases, monkeypatch):
+    """``topk``: at every completion position, the k largest log-probs and their ids of one unpadded forward of the
+    sequence alone, on the split-head path (logit chunks of 7 tokens) and on the full-logits path; the sampled
+    tokens' log-probs unchanged; an empty completion gets empty [0, k] tensors."""
+    from sdgrpo import scoring
+
+    model = make_llama(tiny_tokenizer, seed=3)
+    prompts, completions = cases
+    prompts, completions = [*prompts, prompts[0]], [*completions, []]
+
+    def full(p, c):
+        ids = torch.tensor([list(p) + list(c)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        return logp[len(p) - 1: len(p) - 1 + len(c)]
+
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(scoring, "_split_head", lambda m: None)
+        logps, tops = completion_logprobs(model, prompts, completions, pad_token_id=tiny_tokenizer.pad_token_id,
+                                          logits_bytes=512 * 4 * 7, topk=4)
+        for p, c, lp, (values, ids) in zip(prompts, completions, logps, tops):
+            assert values.shape == ids.shape == (len(c), 4)
+            if not c:
+                continue
+            want_values, want_ids = full(p, c).topk(4, dim=-1)
+            assert torch.equal(ids, want_ids)
+            torch.testing.assert_close(values.double(), want_values, atol=1e-5, rtol=0)
+            torch.testing.assert_close(lp.double(), reference_logps(model, p, c), atol=1e-5, rtol=0)
