@@ -299,29 +299,25 @@ def test_int4_rollouts_switch_the_correction_on_and_log_their_mismatch(tiny_mode
     assert metrics["sampling/importance_sampling_ratio/zeroed"][-1] == 0.0
 
 
-@pytest.mark.parametrize("reward_name, weight", [("distill", 0.0), ("teacher_nll", 0.0), ("distill", 0.5)])
-def test_token_advantages_are_teacher_minus_policy_per_token(reward_name, weight, tiny_model_dir, tiny_tokenizer,
-                                                             dataset, tmp_path):
-    """--advantage token: each completion token's advantage is log q_teacher(y_t) - log p_policy(y_t) against one
-    unpadded forward per sequence of each model (prompts of different lengths, truncated completions, padding), plus
-    the weight times the group-normalised sequence advantage; 0 past the completion. TRL's loss then reads the
-    (B, T) advantages: the loss equals -mean_rows(sum_t A_t / n) (beta 0, first iteration)."""
+def teacher_trainer(model_dir, tokenizer, dataset, tmp_path, reward_name, teacher, *options):
+    """A trainer of ``model_dir``'s model with one teacher-based reward (``teacher`` scores for distill and
+    teacher_nll; context_distill's is the base), --advantage token, beta 0, TRL's grpo loss, non-zero adapters."""
     from transformers import AutoModelForCausalLM
     from trl import get_peft_config
 
-    from sdgrpo.rewards import DistillReward, TeacherNLLReward
+    from sdgrpo.rewards import ContextDistillReward, DistillReward, TeacherNLLReward
 
     ensure_trl_runs_without_triton()
     train_cfg, model_cfg = parse_train_args([
         "--output_dir", str(tmp_path), "--max_steps", "1", "--per_device_train_batch_size", "8",
         "--num_generations", "4", "--max_completion_length", "10", "--report_to", "none", "--save_strategy", "no",
         "--collapse_guard", "off", "--reward", reward_name, "--advantage", "token", "--beta", "0",
-        "--loss_type", "grpo", "--sequence_advantage_weight", str(weight)])
-    teacher = make_llama(tiny_tokenizer, seed=44, layers=3)
-    reward = (DistillReward(teacher, tiny_tokenizer, policy=None) if reward_name == "distill"
-              else TeacherNLLReward(teacher, tiny_tokenizer))
-    trainer = SelfDistillGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[reward],
-                                     args=train_cfg, train_dataset=dataset, processing_class=tiny_tokenizer,
+        "--loss_type", "grpo", *options])
+    reward = {"distill": lambda: DistillReward(teacher, tokenizer, policy=None),
+              "teacher_nll": lambda: TeacherNLLReward(teacher, tokenizer),
+              "context_distill": lambda: ContextDistillReward(None, tokenizer)}[reward_name]()
+    trainer = SelfDistillGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=[reward],
+                                     args=train_cfg, train_dataset=dataset, processing_class=tokenizer,
                                      peft_config=get_peft_config(model_cfg))
     reward.model = trainer.model
     torch.manual_seed(0)
@@ -330,6 +326,19 @@ def test_token_advantages_are_teacher_minus_policy_per_token(reward_name, weight
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     trainer.model.train()
+    return trainer, reward
+
+
+@pytest.mark.parametrize("reward_name, weight", [("distill", 0.0), ("teacher_nll", 0.0), ("distill", 0.5)])
+def test_token_advantages_are_teacher_minus_policy_per_token(reward_name, weight, tiny_model_dir, tiny_tokenizer,
+                                                             dataset, tmp_path):
+    """--advantage token: each completion token's advantage is log q_teacher(y_t) - log p_policy(y_t) against one
+    unpadded forward per sequence of each model (prompts of different lengths, truncated completions, padding), plus
+    the weight times the group-normalised sequence advantage; 0 past the completion. TRL's loss then reads the
+    (B, T) advantages: the loss equals -mean_rows(sum_t A_t / n) (beta 0, first iteration)."""
+    teacher = make_llama(tiny_tokenizer, seed=44, layers=3)
+    trainer, _ = teacher_trainer(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, reward_name, teacher,
+                                 "--sequence_advantage_weight", str(weight))
     batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
     adv, mask = batch["advantages"], batch["completion_mask"]
     assert adv.shape == mask.shape
@@ -382,31 +391,11 @@ def test_topk_term_is_the_reverse_kl_over_the_teachers_top_k(reward_name, tiny_m
     teacher) on the teacher's 5 most likely tokens and one bucket for the rest of the vocabulary, against one
     unpadded forward per sequence of each model over the whole vocabulary (prompts of different lengths, truncated
     rows, padding). For context_distill the teacher is the base shown the true continuation first."""
-    from transformers import AutoModelForCausalLM
-    from trl import get_peft_config
-
-    from sdgrpo.rewards import ContextDistillReward, DistillReward
     from sdgrpo.scoring import adapters_disabled
 
-    ensure_trl_runs_without_triton()
-    train_cfg, model_cfg = parse_train_args([
-        "--output_dir", str(tmp_path), "--max_steps", "1", "--per_device_train_batch_size", "8",
-        "--num_generations", "4", "--max_completion_length", "10", "--report_to", "none", "--save_strategy", "no",
-        "--collapse_guard", "off", "--reward", reward_name, "--advantage", "token", "--beta", "0",
-        "--loss_type", "grpo", "--distill_topk", "5", "--distill_topk_weight", "0.7", "--lora_dropout", "0"])
     teacher = make_llama(tiny_tokenizer, seed=45, layers=3)
-    reward = (DistillReward(teacher, tiny_tokenizer, policy=None) if reward_name == "distill"
-              else ContextDistillReward(None, tiny_tokenizer))
-    trainer = SelfDistillGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[reward],
-                                     args=train_cfg, train_dataset=dataset, processing_class=tiny_tokenizer,
-                                     peft_config=get_peft_config(model_cfg))
-    reward.model = trainer.model
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in trainer.model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    trainer.model.train()
+    trainer, reward = teacher_trainer(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, reward_name, teacher,
+                                      "--distill_topk", "5", "--distill_topk_weight", "0.7", "--lora_dropout", "0")
     inputs = next(iter(trainer.get_train_dataloader()))
     batch = trainer._generate_and_score_completions(inputs)
     mask = batch["completion_mask"]
