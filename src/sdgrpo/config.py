@@ -236,20 +236,18 @@ class SDGRPOConfig(GRPOConfig):
                             "['auto', 'true', 'false']")
         if self.advantage not in ("sequence", "token"):
             raise UserError(f"advantage {self.advantage!r} is not one of ['sequence', 'token']")
-        if self.advantage == "token" and self.reward not in TOKEN_REWARDS:
-            raise UserError(f"--advantage token needs a teacher-based reward ({', '.join(TOKEN_REWARDS)}), not "
-                            f"{self.reward!r}: its per-token advantage is the teacher's log-prob minus the policy's")
-        if self.advantage == "token" and self.teacher_retokenize:
-            raise UserError("--advantage token needs the teacher to score the policy's own token ids; drop "
-                            "--teacher_retokenize (or use a teacher with the student's tokenizer)")
         if self.distill_topk < 0:
             raise UserError(f"distill_topk {self.distill_topk} must be 0 (off) or a number of tokens")
-        if self.distill_topk and self.reward not in TOKEN_REWARDS:
-            raise UserError(f"--distill_topk needs a teacher-based reward ({', '.join(TOKEN_REWARDS)}), not "
-                            f"{self.reward!r}")
-        if self.distill_topk and self.teacher_retokenize:
-            raise UserError("--distill_topk needs the teacher to score the policy's own token ids; drop "
-                            "--teacher_retokenize (or use a teacher with the student's tokenizer)")
+        # the options that need a teacher scoring the policy's own token ids
+        for option, on, why in (("--advantage token", self.advantage == "token",
+                                 ": its per-token advantage is the teacher's log-prob minus the policy's"),
+                                ("--distill_topk", bool(self.distill_topk), "")):
+            if on and self.reward not in TOKEN_REWARDS:
+                raise UserError(f"{option} needs a teacher-based reward ({', '.join(TOKEN_REWARDS)}), not "
+                                f"{self.reward!r}{why}")
+            if on and self.teacher_retokenize:
+                raise UserError(f"{option} needs the teacher to score the policy's own token ids; drop "
+                                "--teacher_retokenize (or use a teacher with the student's tokenizer)")
         if self.generation_weights not in ("auto", "model", "int4"):
             raise UserError(f"generation_weights {self.generation_weights!r} is not one of ['auto', 'model', 'int4']")
         if self.int4_correction_mode not in ("token_truncate", "trl"):
