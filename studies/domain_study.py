@@ -171,8 +171,11 @@ def run_sdft(data: Path, out: Path, model: str, lr: float, budget: float) -> dic
 
 def kind_of(name: str) -> str:
     """An arm's kind for the figure: its name without the learning rate or seed (``context_distill@1e-3#s1`` ->
-    ``context_distill``), ``@token`` kept."""
+    ``context_distill``), ``@token``/``@topk`` kept, and a distill arm's teacher where it is named
+    (``distill<-sft@1e-4@token``)."""
     base = name.split("#")[0]
+    if base.startswith("distill<-sft@") and base.split("@")[1] not in ("token", "topk"):
+        return base
     return base.split("@")[0] + next((f"@{v}" for v in ("token", "topk") if base.endswith(f"@{v}")), "")
 
 
@@ -199,9 +202,12 @@ def plot(result: dict, path: Path) -> None:
     markers = {"self_nll": ("s", "tab:red"), "context_distill": ("D", "tab:blue"), "distill<-sft": ("^", "tab:green"),
                "sdft": ("P", "tab:purple"), "context_distill@token": ("d", "tab:cyan"),
                "distill<-sft@token": ("v", "tab:olive"), "distill<-sft@topk": ("<", "tab:brown")}
+    others = iter([("X", "tab:pink"), ("p", "tab:orange"), ("h", "darkgreen"), ("8", "navy"), ("*", "maroon")])
     labelled = set()
     for name, arm in result["arms"].items():
         kind = kind_of(name)
+        if kind not in markers and name != "base" and not name.startswith("sft@"):
+            markers[kind] = next(others, ("o", "black"))
         if kind in markers:
             marker, color = markers[kind]
             x, y = point(arm)
@@ -232,10 +238,10 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
     seeds = [int(x) for x in args.seeds.split(",")]
     seed_arms = set(args.seed_arms.split(",")) if args.seed_arms else set()
 
-    def add(kind, name, train, needs=None):
+    def add(kind, name, train, needs=None, repeat=True):
         if kind not in names:
             return
-        for seed in seeds if kind in seed_arms else seeds[:1]:
+        for seed in seeds if kind in seed_arms and repeat else seeds[:1]:
             label = name if seed == seeds[0] else f"{name}#s{seed}"
             out[label] = ((lambda train=train, seed=seed, label=label: train(seed, label)), needs)
 
@@ -253,25 +259,29 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
             add("context_distill" + token, name, lambda seed, label, lr=lr, extra=extra: (
                 run_grpo(grpo_args(data, work / label, model, "context_distill", float(lr), 0.0, *extra), budget),
                 work / label))
-    teacher = f"sft@{args.teacher_lr}"
-    for token in ("", "_token", "_topk"):
-        name = "distill<-sft" + {"": "", "_token": "@token", "_topk": "@topk"}[token]
-        extra = {"": [], "_token": ["--advantage", "token"],
-                 "_topk": ["--advantage", "token", "--distill_topk", str(args.topk)]}[token]
+    for t, teacher_lr in enumerate(args.teacher_lr.split(",")):
+        teacher = f"sft@{teacher_lr}"
+        for token in ("", "_token", "_topk"):
+            # the first teacher's arms are named distill<-sft[@token|@topk]; another's name it: distill<-sft@1e-4@token
+            name = ("distill<-sft" if t == 0 else f"distill<-{teacher}") + {"": "", "_token": "@token",
+                                                                             "_topk": "@topk"}[token]
+            extra = {"": [], "_token": ["--advantage", "token"],
+                     "_topk": ["--advantage", "token", "--distill_topk", str(args.topk)]}[token]
 
-        def distill(seed, label, extra=extra):
-            slug = label.replace("<-", "_from_").replace("@", "_").replace("#", "_")
-            if STEPS:  # the teacher: the sft arm's adapter
-                teacher_dir, info = work / teacher, {"teacher": teacher}
-            else:  # half the budget for the teacher's SFT, half for the distillation
-                teacher_dir = work / f"{slug}_teacher"
-                info = {"teacher_sft_steps": run_sft(data, teacher_dir, model, float(args.teacher_lr),
-                                                     budget / 2)["steps"]}
-            run = run_grpo(grpo_args(data, work / slug, model, "distill", float(args.distill_lr), 0.0,
-                                     "--teacher_adapter", str(teacher_dir), *extra), budget if STEPS else budget / 2)
-            return {**run, **info}, work / slug
+            def distill(seed, label, extra=extra, teacher=teacher, teacher_lr=teacher_lr):
+                slug = label.replace("<-", "_from_").replace("@", "_").replace("#", "_")
+                if STEPS:  # the teacher: the sft arm's adapter
+                    teacher_dir, info = work / teacher, {"teacher": teacher}
+                else:  # half the budget for the teacher's SFT, half for the distillation
+                    teacher_dir = work / f"{slug}_teacher"
+                    info = {"teacher_sft_steps": run_sft(data, teacher_dir, model, float(teacher_lr),
+                                                         budget / 2)["steps"]}
+                run = run_grpo(grpo_args(data, work / slug, model, "distill", float(args.distill_lr), 0.0,
+                                         "--teacher_adapter", str(teacher_dir), *extra), budget if STEPS else budget / 2)
+                return {**run, **info}, work / slug
 
-        add("distill" + token, name, distill, needs=teacher if STEPS else None)
+            # another teacher's arms run once (the first seed): the seeds measure the first teacher's spread
+            add("distill" + token, name, distill, needs=teacher if STEPS else None, repeat=t == 0)
     for i, lr in enumerate(args.sdft_lrs.split(",")):
         name = "sdft" if i == 0 else f"sdft@{lr}"
         add("sdft", name, lambda seed, label, lr=lr: (run_sdft(data, work / label, model, float(lr), budget),
@@ -294,7 +304,9 @@ def main() -> None:
     ap.add_argument("--general_data", default=str(ROOT.parent / "shared" / "data"),
                     help="the pretraining corpus whose held-out slice measures forgetting")
     ap.add_argument("--sft_lrs", default="1e-4,3e-4,1e-3")
-    ap.add_argument("--teacher_lr", default="1e-3", help="learning rate of the distill arms' SFT teacher")
+    ap.add_argument("--teacher_lr", default="1e-3",
+                    help="learning rate of the distill arms' SFT teacher; several (1e-3,1e-4): the distill arms again "
+                         "for each further teacher, once, named distill<-sft@LR...")
     ap.add_argument("--distill_lr", default="3e-4")
     ap.add_argument("--topk", type=int, default=20, help="K of the distill_topk arm (--distill_topk)")
     ap.add_argument("--context_distill_lrs", default="3e-4",

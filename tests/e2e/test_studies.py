@@ -36,6 +36,26 @@ def test_domain_study_sdft_arm_trains_and_saves_an_adapter(tmp_path, prepared, t
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
 
 
+def test_domain_study_names_each_teachers_arms_and_waits_for_its_sft_arm(tmp_path):
+    """With two teachers, the first teacher's distill arms keep their names and seeds; the second's run once, named
+    after the SFT arm that teaches them, each after that arm; the figure tells the two teachers apart."""
+    import argparse
+
+    study = load("domain_study")
+    study.STEPS = 10
+    args = argparse.Namespace(budget_s=None, arms="base,sft,distill_token,distill_topk", seeds="0,1",
+                              seed_arms="distill_token,distill_topk", sft_lrs="1e-4,1e-3", teacher_lr="1e-3,1e-4",
+                              topk=20, distill_lr="3e-4", context_distill_lrs="3e-4", sdft_lrs="3e-4")
+    arms = study.arms_of(args, tmp_path, tmp_path, "model")
+    needs = {name: need for name, (_, need) in arms.items()}
+    assert needs == {"base": None, "sft@1e-4": None, "sft@1e-3": None,
+                     "distill<-sft@token": "sft@1e-3", "distill<-sft@token#s1": "sft@1e-3",
+                     "distill<-sft@topk": "sft@1e-3", "distill<-sft@topk#s1": "sft@1e-3",
+                     "distill<-sft@1e-4@token": "sft@1e-4", "distill<-sft@1e-4@topk": "sft@1e-4"}
+    assert [study.kind_of(n) for n in ("distill<-sft@token#s1", "distill<-sft@1e-4@token", "context_distill@1e-3#s2")
+            ] == ["distill<-sft@token", "distill<-sft@1e-4@token", "context_distill"]
+
+
 def test_distill_study_dense_arm_trains_and_saves_an_adapter(tmp_path, tiny_model_dir, tiny_tokenizer):
     """The dense on-policy distillation arm runs three steps on the student's own samples and saves a LoRA adapter
     whose B matrices moved."""

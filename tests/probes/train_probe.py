@@ -35,6 +35,25 @@ class RankLog(TrainerCallback):
 PROMPT_MAX: list[int] = []
 
 
+def worst_tokens(tokenizer, kept, pairs, prompt_ids, completion_ids) -> list[dict]:
+    """Per reused row: where the reused and own log-probs differ most, the token there and its neighbours, and
+    where the pad/eos ids sit in the row (to find what the reference pass did differently)."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out = []
+    for i, (reused, own) in zip(kept, pairs):
+        diff = (reused - own).abs()
+        j = int(diff.argmax())
+        ids, prompt = [int(t) for t in completion_ids[i]], [int(t) for t in prompt_ids[i]]
+        out.append({"row": i, "pos": j, "diff": float(diff[j]), "reused": float(reused[j]), "own": float(own[j]),
+                    "second_diff": float(diff.topk(2).values[-1]) if len(diff) > 1 else 0.0,
+                    "over_half_nat_at": [k for k, d in enumerate(diff.tolist()) if d > 0.5],
+                    "id": ids[j], "prev": ids[j - 1] if j else prompt[-1], "completion_len": len(ids),
+                    "prompt_len": len(prompt), "pad_at": [k for k, t in enumerate(ids) if t == pad],
+                    "eos_at": [k for k, t in enumerate(ids) if t == eos],
+                    "prompt_pad_at": [k for k, t in enumerate(prompt) if t == pad]})
+    return out
+
+
 def patch_reward(folder: Path, check_reuse: bool) -> None:
     from sdgrpo.rewards import SelfNLLReward, aggregate
 
@@ -49,11 +68,12 @@ def patch_reward(folder: Path, check_reuse: bool) -> None:
             passes = self.forward_passes
             own = self.token_logprobs(prompt_ids, completion_ids)
             self.forward_passes = passes  # a check, not a scoring pass
-            pairs = [(r[: len(c)].float().cpu(), o) for r, o, c in zip(ref_per_token_logps, own, completion_ids)
-                     if r is not None and len(c)]
+            kept = [i for i, (r, c) in enumerate(zip(ref_per_token_logps, completion_ids)) if r is not None and len(c)]
+            pairs = [(ref_per_token_logps[i][: len(completion_ids[i])].float().cpu(), own[i]) for i in kept]
             record = {"rows": len(completion_ids), "rows_reused": len(pairs),
                       "max_token_diff": max(((a - b).abs().max().item() for a, b in pairs), default=0.0),
-                      "rewards": [(aggregate(a, "mean"), aggregate(b, "mean")) for a, b in pairs]}
+                      "rewards": [(aggregate(a, "mean"), aggregate(b, "mean")) for a, b in pairs],
+                      "worst": worst_tokens(self.tokenizer, kept, pairs, prompt_ids, completion_ids)}
             with open(folder / f"reuse_check_{os.getpid()}.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         return out
