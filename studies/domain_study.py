@@ -238,10 +238,10 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
     seeds = [int(x) for x in args.seeds.split(",")]
     seed_arms = set(args.seed_arms.split(",")) if args.seed_arms else set()
 
-    def add(kind, name, train, needs=None, repeat=True):
+    def add(kind, name, train, needs=None):
         if kind not in names:
             return
-        for seed in seeds if kind in seed_arms and repeat else seeds[:1]:
+        for seed in seeds if kind in seed_arms else seeds[:1]:
             label = name if seed == seeds[0] else f"{name}#s{seed}"
             out[label] = ((lambda train=train, seed=seed, label=label: train(seed, label)), needs)
 
@@ -280,8 +280,7 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
                                          "--teacher_adapter", str(teacher_dir), *extra), budget if STEPS else budget / 2)
                 return {**run, **info}, work / slug
 
-            # another teacher's arms run once (the first seed): the seeds measure the first teacher's spread
-            add("distill" + token, name, distill, needs=teacher if STEPS else None, repeat=t == 0)
+            add("distill" + token, name, distill, needs=teacher if STEPS else None)
     for i, lr in enumerate(args.sdft_lrs.split(",")):
         name = "sdft" if i == 0 else f"sdft@{lr}"
         add("sdft", name, lambda seed, label, lr=lr: (run_sdft(data, work / label, model, float(lr), budget),
@@ -306,7 +305,7 @@ def main() -> None:
     ap.add_argument("--sft_lrs", default="1e-4,3e-4,1e-3")
     ap.add_argument("--teacher_lr", default="1e-3",
                     help="learning rate of the distill arms' SFT teacher; several (1e-3,1e-4): the distill arms again "
-                         "for each further teacher, once, named distill<-sft@LR...")
+                         "for each further teacher, named distill<-sft@LR...")
     ap.add_argument("--distill_lr", default="3e-4")
     ap.add_argument("--topk", type=int, default=20, help="K of the distill_topk arm (--distill_topk)")
     ap.add_argument("--context_distill_lrs", default="3e-4",
