@@ -211,7 +211,9 @@ def plot(result: dict, path: Path) -> None:
         if kind in markers:
             marker, color = markers[kind]
             x, y = point(arm)
-            label = kind if kind not in labelled else None
+            named = kind if "teacher" not in arm or kind_of(name) != kind or "<-sft@1" in kind else kind.replace(
+                "distill<-sft", f"distill<-{arm['teacher']}")  # the legend names every distill arm's teacher
+            label = named if kind not in labelled else None
             labelled.add(kind)
             ax.plot([x], [y], marker, color=color, markersize=9 if "#" not in name else 6, label=label,
                     alpha=1.0 if "#" not in name else 0.6)
@@ -373,8 +375,8 @@ def main() -> None:
         if "base" in result["arms"]:
             plot(result, out / "domain_study.png")
 
-    def done(name, row):
-        result["arms"][name] = row
+    def done(name, row):  # each arm keeps the commit and date of the call that ran it (a study may span calls)
+        result["arms"][name] = {**row, "commit": result["commit"], "date": result["date"]}
         print(name, {k: v for k, v in row.items() if k != "samples"}, flush=True)
         save()
 

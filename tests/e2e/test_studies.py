@@ -37,8 +37,8 @@ def test_domain_study_sdft_arm_trains_and_saves_an_adapter(tmp_path, prepared, t
 
 
 def test_domain_study_names_each_teachers_arms_and_waits_for_its_sft_arm(tmp_path):
-    """With two teachers, the first teacher's distill arms keep their names and seeds; the second's run once, named
-    after the SFT arm that teaches them, each after that arm; the figure tells the two teachers apart."""
+    """With two teachers, the first teacher's distill arms keep their names; the second's are named after the SFT arm
+    that teaches them; both repeat over the seeds, each after its teacher's arm; the figure tells them apart."""
     import argparse
 
     study = load("domain_study")
@@ -51,7 +51,8 @@ def test_domain_study_names_each_teachers_arms_and_waits_for_its_sft_arm(tmp_pat
     assert needs == {"base": None, "sft@1e-4": None, "sft@1e-3": None,
                      "distill<-sft@token": "sft@1e-3", "distill<-sft@token#s1": "sft@1e-3",
                      "distill<-sft@topk": "sft@1e-3", "distill<-sft@topk#s1": "sft@1e-3",
-                     "distill<-sft@1e-4@token": "sft@1e-4", "distill<-sft@1e-4@topk": "sft@1e-4"}
+                     "distill<-sft@1e-4@token": "sft@1e-4", "distill<-sft@1e-4@token#s1": "sft@1e-4",
+                     "distill<-sft@1e-4@topk": "sft@1e-4", "distill<-sft@1e-4@topk#s1": "sft@1e-4"}
     assert [study.kind_of(n) for n in ("distill<-sft@token#s1", "distill<-sft@1e-4@token", "context_distill@1e-3#s2")
             ] == ["distill<-sft@token", "distill<-sft@1e-4@token", "context_distill"]
 
