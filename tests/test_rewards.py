@@ -104,10 +104,12 @@ def test_unsloth_left_packed_layout_maps_back_to_completion_columns(tiny_tokeniz
     prompts, completions = cases
     completions = [list(c) for c in completions]
     completions[3][4] = pad  # a pad token sampled inside a completion
+    completions[5][6] = pad  # the same, masked out of attention (as a mask made from ids != pad has it)
     P, C = max(map(len, prompts)), max(map(len, completions))
     rows = [[pad] * (P - len(p)) + p + c + [pad] * (C - len(c)) for p, c in zip(prompts, completions)]
     mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (C - len(c))
                          for p, c in zip(prompts, completions)])
+    mask[5, P + 6] = 0
     ids = torch.tensor(rows)  # TRL's layout: left-padded prompts, right-padded completions
     packed = torch.gather(ids, 1, torch.argsort(ids != pad, dim=1, descending=True, stable=True))
     max_left_pad = int((ids[:, :P] == pad).sum(1).max())
@@ -119,13 +121,14 @@ def test_unsloth_left_packed_layout_maps_back_to_completion_columns(tiny_tokeniz
 
     columns, ok = completion_columns(logps, ids, mask, C, pad, left_packed=True)
     assert columns.shape == (len(rows), C)
-    assert ok.tolist() == [i != 3 for i in range(len(rows))]
+    assert ok.tolist() == [i not in (3, 5) for i in range(len(rows))]
     for i, (p, c) in enumerate(zip(prompts, completions)):
         want = reference_logps(model, p, c)
-        if i != 3:
+        if i not in (3, 5):
             assert columns[i, : len(c)].tolist() == pytest.approx(want.tolist(), abs=1e-9)
         else:  # the packed row is another sequence: its values are wrong from the pad on
-            assert columns[i, 4 : len(c)].tolist() != pytest.approx(want[4:].tolist(), abs=1e-3)
+            at = 4 if i == 3 else 6
+            assert columns[i, at : len(c)].tolist() != pytest.approx(want[at:].tolist(), abs=1e-3)
     # TRL's own layout passes through unchanged; an unknown width is refused.
     same, ok = completion_columns(logps[:, :C], ids, mask, C, pad)
     assert torch.equal(same, logps[:, :C]) and ok.all()

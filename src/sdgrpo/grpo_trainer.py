@@ -63,8 +63,11 @@ def completion_columns(logps: torch.Tensor, input_ids: torch.Tensor, attention_m
     TRL returns ``(B, C)`` already. Unsloth's patched trainer first moves every pad-id token of each row to its end
     ("left-packs" the rows) and returns the last ``C + max_left_pad`` positions, ``(B, C + max_left_pad)``: row ``i``
     (``pad_i`` pad tokens in its prompt part) has its completion at columns ``max_left_pad - pad_i`` onwards. A row
-    in which a real token (attention mask 1) has the pad id, e.g. a sampled pad token or an EOS that doubles as pad,
-    was scored by Unsloth as a different sequence: it is marked False and must be scored by another pass.
+    in which a pad-id token sits between two other tokens (a pad token sampled inside a completion), or a real token
+    (attention mask 1) has the pad id (an EOS that doubles as pad), was scored by Unsloth as a different sequence:
+    it is marked False and must be scored by another pass. The first is decided from the ids alone, whatever the
+    mask says: Unsloth's packing moves every pad-id token, and on the GPU (Qwen2.5-0.5B shape, random weights, which
+    sample the pad id) such rows had passed a mask-only test and were read shifted by one column from the pad on.
     """
     rows = logps.size(0)
     if not left_packed:
@@ -77,7 +80,11 @@ def completion_columns(logps: torch.Tensor, input_ids: torch.Tensor, attention_m
     pads = (input_ids[:, :-logits_to_keep] == pad_token_id).sum(dim=1)
     if int(pads.max()) != extra:
         return None, None
-    ok = ~((input_ids == pad_token_id) & attention_mask.bool()).any(dim=1)
+    is_pad = input_ids == pad_token_id
+    real = ~is_pad
+    # pad-id tokens after the row's first other token and before its last one: the packing closes that gap
+    inside = (real.int().cumsum(dim=1) > 0) & (real.flip(1).int().cumsum(dim=1).flip(1) > 0)
+    ok = ~((is_pad & inside) | (is_pad & attention_mask.bool())).any(dim=1)
     index = (extra - pads)[:, None] + torch.arange(logits_to_keep, device=pads.device)[None, :]
     return logps.gather(1, index.to(logps.device)), ok.cpu()
 
