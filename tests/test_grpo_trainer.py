@@ -240,7 +240,15 @@ def test_rollouts_with_a_mismatched_sampler_are_corrected_in_the_loss(tiny_model
 
     trainer._sampling_logps = shifted
     trainer.model.train()
+    passes = []
+    real_pass = trainer._logps_pass
+    trainer._logps_pass = lambda *a, **k: passes.append(a[0]) or real_pass(*a, **k)
     batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    # beta 0, one optimizer step per generation: no pass of the policy before its loss (the ratio comes from it)
+    assert passes == [] and "importance_sampling_ratio" not in batch
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this test does not run
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert len(passes) == 1
     mask, ratio = batch["completion_mask"], batch["importance_sampling_ratio"]
     want = torch.zeros_like(ratio)
     for i, d in shift.items():
@@ -250,13 +258,46 @@ def test_rollouts_with_a_mismatched_sampler_are_corrected_in_the_loss(tiny_model
     flat = torch.tensor([x for d in shift.values() for x in d])
     assert metrics["sampling/sampling_logp_difference/mean"][-1] == pytest.approx(flat.abs().mean().item(), abs=1e-4)
     assert metrics["sampling/kl"][-1] == pytest.approx((torch.expm1(flat) - flat).mean().item(), abs=1e-4)
-    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this test does not run
-    loss = trainer.compute_loss(trainer.model, batch)
     adv = batch["advantages"]
     adv = adv[:, None] if adv.dim() == 1 else adv
     independent = -((adv * want * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
     assert loss.item() == pytest.approx(independent.item(), abs=1e-5)
     assert not trainer.use_vllm  # the branch was taken for the call only
+
+
+def test_a_policy_that_changes_before_its_loss_is_corrected_from_trls_old_log_probs(tiny_model_dir, tiny_tokenizer,
+                                                                                   dataset, tmp_path):
+    """Two iterations per generation: the policy of the second loss is not the one that sampled, so the ratio is set
+    at generation from TRL's old_per_token_logps (the sampling policy's), not from a later loss's pass; it equals
+    exp(old - sampler) per token, truncated at the clip, against an unpadded forward per sequence."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer, _ = build_trainer(model, tiny_tokenizer, dataset, tmp_path, "--generation_engine", "true",
+                               "--rollout_correction", "true", "--beta", "0", "--num_iterations", "2",
+                               "--vllm_importance_sampling_mode", "token_truncate",
+                               "--vllm_importance_sampling_clip_max", "1.5")
+    recorded = []
+    real = trainer._sampling_logps
+
+    def shifted(decoded, ids):  # a sampler off by a known +-0.5 nats a token
+        g = torch.Generator().manual_seed(5)
+        recorded.append([[x - (torch.rand((), generator=g).item() - 0.5) for x in row] for row in real(decoded, ids)])
+        return recorded[-1]
+
+    trainer._sampling_logps = shifted
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    assert batch["old_per_token_logps"] is not None and "importance_sampling_ratio" in batch
+    assert (batch["importance_sampling_ratio"][batch["completion_mask"].bool()] - 1).abs().max() > 0.1
+    mask = batch["completion_mask"].bool()
+    for i, sampled in enumerate(recorded[-1]):
+        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+        completion = batch["completion_ids"][i][mask[i]].tolist()
+        policy = reference_logps(trainer.model, prompt, completion)
+        want = (policy - torch.tensor(sampled, dtype=torch.float64)).exp().clamp(max=1.5)
+        assert batch["importance_sampling_ratio"][i][mask[i]].double().tolist() == pytest.approx(want.tolist(),
+                                                                                                abs=1e-4)
 
 
 def test_int4_rollouts_switch_the_correction_on_and_log_their_mismatch(tiny_model_dir, tiny_tokenizer, dataset,
@@ -277,6 +318,8 @@ def test_int4_rollouts_switch_the_correction_on_and_log_their_mismatch(tiny_mode
     trainer.model.train()
     batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
     assert trainer.engine.mode == "int4" and trainer.rollout_correction
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.compute_loss(trainer.model, batch)  # the ratio comes from the loss's pass
     metrics = trainer._metrics["train"]
     assert metrics["engine/mode"][-1] == 2.0 and "importance_sampling_ratio" in batch
     sampler = torch.cat([d.logprobs for d in recorded])

@@ -168,6 +168,13 @@ def test_trls_loss_applies_the_importance_ratio_under_its_vllm_branch_only():
     for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
         assert f'"{mode}"' in prepare
     assert 'output["sampling_per_token_logps"] = sampling_per_token_logps' in prepare
+    # The ratio is set by the loss's own policy pass (trainer._set_importance_ratio from
+    # _get_per_token_logps_and_entropies) where TRL made no old log-probs: TRL must read it after that pass, and
+    # then take the pass's detached log-probs as the old ones.
+    assert (source.index("self._get_per_token_logps_and_entropies(") < source.index("importance_sampling_ratio")
+            < source.index('inputs["importance_sampling_ratio"]'))
+    assert "old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None" in source
+    assert "self.args.gradient_accumulation_steps % generate_every != 0" in prepare  # when TRL makes them
     fields = GRPOConfig.__dataclass_fields__
     assert {"vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
             "vllm_importance_sampling_clip_min"} <= set(fields)

@@ -172,6 +172,7 @@ class SelfDistillMixin(CheckpointMixin):
                 reward.topk = self.distill_topk
         self._student_topk = None  # the teacher's top-K ids (B, T, K) while _compute_loss runs its pass
         self._student_topk_logps = None  # the policy's log-probs at them, from that pass
+        self._ratio_for: dict | None = None  # a batch whose importance ratio the loss's own pass will give
         self.rollout_correction = self._corrects_rollouts()
         if self.rollout_correction:
             logger.info("rollouts corrected by importance sampling (%s, ratio clipped to [%s, %s]): the engine's "
@@ -263,8 +264,15 @@ class SelfDistillMixin(CheckpointMixin):
         return bool(self._lora) and all(layer.disable_adapters for layer in self._lora)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        if self._student_topk is not None:
-            return self._logps_with_topk(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        out = (self._logps_with_topk(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+               if self._student_topk is not None else
+               self._logps_pass(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs))
+        if self._ratio_for is not None and out[0] is not None:  # the loss's policy pass: the ratio from it
+            batch, self._ratio_for = self._ratio_for, None
+            self._set_importance_ratio(batch, out[0].detach())
+        return out
+
+    def _logps_pass(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                          *args, **kwargs)
         if getattr(self, "_scoring", False) and out[0] is not None:  # passes between generation and the rewards
@@ -389,27 +397,39 @@ class SelfDistillMixin(CheckpointMixin):
     # --- rollouts that are not the policy bit for bit -------------------------------------------------------
     def _correct_rollouts(self, output: dict) -> None:
         """Truncated importance sampling for the engine's rollouts, as TRL corrects vLLM's: the policy's log-probs
-        of the sampled tokens (TRL's ``old_per_token_logps``, one no-grad pass where TRL made none) against the
-        sampler's; the ratio (:func:`importance_weights`) goes into ``importance_sampling_ratio``, which TRL's loss
-        multiplies in (:meth:`_compute_loss`); the mismatch is logged every step."""
-        from trl.models.utils import disable_gradient_checkpointing
+        of the sampled tokens against the sampler's; the ratio (:func:`importance_weights`) goes into
+        ``importance_sampling_ratio``, which TRL's loss multiplies in (:meth:`_compute_loss`); the mismatch is logged.
 
-        completion_ids, mask = output["completion_ids"], output["completion_mask"]
-        mode = "train" if self.model.training else "eval"
+        The policy's log-probs: TRL's ``old_per_token_logps`` where it made them (the policy changes before this
+        batch's loss: several iterations or optimizer steps per generation). Where it made none, the policy at the
+        loss is the policy that sampled, so the loss's own pass gives them (detached: the values a no-grad pass
+        would give) and the ratio is set from it there (:meth:`_get_per_token_logps_and_entropies`): no extra
+        forward. TRL itself runs one more pass for vLLM's rollouts in that case."""
         old = output.get("old_per_token_logps")
-        if old is None:
-            ids = torch.cat([output["prompt_ids"], completion_ids], dim=1)
-            attention = torch.cat([output["prompt_mask"], mask], dim=1)
-            batch = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        if old is None and not getattr(self, "use_liger_kernel", False):
+            output.pop("importance_sampling_ratio", None)  # set by the loss's pass
+            return
+        if old is None:  # Liger's loss runs no pass of ours: one no-grad pass here
+            from trl.models.utils import disable_gradient_checkpointing
+
+            ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+            batch = (self.args.per_device_train_batch_size if self.model.training
+                     else self.args.per_device_eval_batch_size)
             with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 old, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attention,
-                                                                    completion_ids.size(1), batch_size=batch)
+                                                                    output["completion_ids"].size(1), batch_size=batch)
             output["old_per_token_logps"] = old
-        sampling = output["sampling_per_token_logps"].to(old.device)
-        ratio = importance_weights(old, sampling, mask, self.correction_mode(),
+        self._set_importance_ratio(output, old)
+
+    def _set_importance_ratio(self, batch: dict, policy: torch.Tensor) -> None:
+        mask = batch["completion_mask"]
+        mode = "train" if self.model.training else "eval"
+        sampling = batch["sampling_per_token_logps"].to(policy.device)
+        ratio = importance_weights(policy, sampling, mask, self.correction_mode(),
                                    self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
-        output["importance_sampling_ratio"] = ratio
-        for key, value in {**rollout_mismatch(old, sampling, mask), **ratio_stats(ratio, mask)}.items():
+        batch["importance_sampling_ratio"] = ratio
+        for key, value in {**rollout_mismatch(policy, sampling, mask), **ratio_stats(ratio, mask)}.items():
             gathered = self.accelerator.gather(value)  # the largest difference over processes is the max, as TRL's
             self._metrics[mode][f"sampling/{key}"].append((gathered.max() if key.endswith("/max")
                                                            else gathered.mean()).item())
@@ -437,7 +457,10 @@ class SelfDistillMixin(CheckpointMixin):
         # `self.use_vllm and self.vllm_importance_sampling_correction` (its one use of use_vllm in _compute_loss;
         # pinned in tests/test_private_api.py): for the engine's corrected rollouts, that branch is taken for the
         # duration of the call.
-        if "importance_sampling_ratio" not in inputs or self.use_vllm:
+        if self.rollout_correction and "importance_sampling_ratio" not in inputs \
+                and inputs.get("sampling_per_token_logps") is not None and not self.use_vllm:
+            self._ratio_for = inputs  # the ratio comes from this call's policy pass, before TRL's loss reads it
+        elif "importance_sampling_ratio" not in inputs or self.use_vllm:
             return super()._compute_loss(model, inputs)
         saved = self.use_vllm, self.vllm_importance_sampling_correction
         self.use_vllm, self.vllm_importance_sampling_correction = True, True
@@ -445,6 +468,7 @@ class SelfDistillMixin(CheckpointMixin):
             return super()._compute_loss(model, inputs)
         finally:
             self.use_vllm, self.vllm_importance_sampling_correction = saved
+            self._ratio_for = None
 
     # --- rewards -------------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
