@@ -273,7 +273,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     if metrics_file.exists():  # sdgrpo's own per-step records: the engine's mode and the sampler-policy mismatch
         rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][WARMUP:]
         for key in ("engine/mode", "sampling/sampling_logp_difference/mean", "sampling/kl",
-                    "sampling/importance_sampling_ratio/mean"):
+                    "sampling/importance_sampling_ratio/mean", "engine/refresh_s", "engine/prefill_s",
+                    "engine/decode_s", "engine/decode_ms_per_step"):
             values = [r[key] for r in rows if r.get(key) is not None]
             logged[key] = statistics.median(values) if values else None
     return {

@@ -246,6 +246,12 @@ def test_rollouts_with_a_mismatched_sampler_are_corrected_in_the_loss(tiny_model
     batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
     # beta 0, one optimizer step per generation: no pass of the policy before its loss (the ratio comes from it)
     assert passes == [] and "importance_sampling_ratio" not in batch
+    # the engine's phases are logged: 10 tokens a row are the prefill's and 9 token steps (no early stop: the
+    # engine checks for finished rows every 16 steps)
+    timed = trainer._metrics["train"]
+    assert trainer.engine.timing["steps"] == 9 and all(timed[f"engine/{k}"][-1] > 0 for k in ("refresh_s",
+                                                                                              "prefill_s", "decode_s"))
+    assert timed["engine/decode_ms_per_step"][-1] == pytest.approx(1000 * timed["engine/decode_s"][-1] / 9)
     trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this test does not run
     loss = trainer.compute_loss(trainer.model, batch)
     assert len(passes) == 1

@@ -47,6 +47,7 @@ import inspect
 import logging
 import re
 import sys
+import time
 import weakref
 from dataclasses import astuple, dataclass
 
@@ -912,6 +913,20 @@ class _State:
         self.eos = torch.tensor(eos, dtype=torch.long, device=device)
 
 
+class _Clock:
+    """Wall-clock laps, each ended by a device synchronisation on a GPU (one per phase of a call, not per token)."""
+
+    def __init__(self, device):
+        self.device, self.last = device, time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        lap, self.last = now - self.last, now
+        return lap
+
+
 class DecodeEngine:
     """Batched decoding with a static cache and one (compiled) step function; see the module docstring.
 
@@ -975,6 +990,10 @@ class DecodeEngine:
         self._step = None
         self._state: tuple | None = None  # (key, _State)
         self._graph: tuple | None = None  # (key, torch.cuda.CUDAGraph or None where capture failed)
+        # the last call's wall time by phase (device-synchronised): the generation copies' refresh, the cache set-up
+        # and prefill (with a compile and capture where one happened), and the token steps, with their number
+        self.timing: dict[str, float] = {}
+        self.timings: list[dict] | None = None  # set to a list to collect every call's timing
 
     # the whole decoding step: forward of one token per row, then the choice
     def _decode_step(self, model, cache, mask, token, position, cache_position, step, finished, s, eos):
@@ -1072,6 +1091,7 @@ class DecodeEngine:
         inner = _inner(model)
         on_gpu = torch.device(device).type == "cuda"
         mode = self._decide_mode(model, batch, length, device)
+        clock = _Clock(device if on_gpu else None)
         copies = (self.fold(model) if mode == "folded" else self.quantised(model, _quantisable_lora_layers(model))
                   if mode == "int4" else self.dense(model, _quantisable_lora_layers(model, 16))
                   if mode == "dequantised" else self.stacked(model) if mode == "unmerged" and self.fuse_projections
@@ -1080,6 +1100,7 @@ class DecodeEngine:
         # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
         with copies, eval_mode(inner), \
                 grouped_attention(inner, self.grouped_attention):
+            refresh_s = clock.lap()
             length = self._setup(inner, batch, length, device, on_gpu)
             key = (batch, length, s.max_new_tokens, str(device), attention_mask.dtype, s.eos_token_ids, s.pad_token_id)
             if self._state is None or self._state[0] != key:
@@ -1100,6 +1121,7 @@ class DecodeEngine:
                     torch.cuda.set_rng_state(rng, device)
                     self._prefill(inner, input_ids, attention_mask, st, s)
                 graph = self._graph[1]
+            prefill_s = clock.lap()
             ran = s.max_new_tokens
             for t in range(1, s.max_new_tokens):
                 if t % self.check_every == 0 and bool(st.finished.all()):
@@ -1109,6 +1131,9 @@ class DecodeEngine:
                     graph.replay()
                 else:
                     self._advance(inner, st, s)
+            self.timing = {"refresh_s": refresh_s, "prefill_s": prefill_s, "decode_s": clock.lap(), "steps": ran - 1}
+            if self.timings is not None:
+                self.timings.append(self.timing)
             tokens, logps = st.tokens[:, :ran], st.logps[:, :ran]
             # generate stops at the step where the last row ends: keep the columns up to there
             if st.eos.numel():

@@ -224,7 +224,7 @@ class SelfDistillMixin(CheckpointMixin):
         skip_hooks = getattr(self.args, "fsdp_skip_hooks_in_generation", True)
         engine = self.engine if (self.engine is not None and not self.use_vllm) else None
         if engine is not None:
-            engine.record = []
+            engine.record, engine.timings = [], []
         with (gathered_weights(self.model_wrapped, skip_hooks) if gather else nullcontext(),
               serving(self.accelerator.unwrap_model(self.model), engine) if engine else nullcontext()):
             out = super()._generate(prompts)
@@ -234,6 +234,12 @@ class SelfDistillMixin(CheckpointMixin):
             for key in ("calls", "fallbacks", "setups", "captures"):
                 self._metrics[mode][f"engine/{key}"].append(getattr(engine, key))
             self._metrics[mode]["engine/mode"].append(MODES.get(engine.mode, 0.0))
+            if engine.timings:  # this generation's calls, by phase (bench_step reads them)
+                for key in ("refresh_s", "prefill_s", "decode_s"):
+                    self._metrics[mode][f"engine/{key}"].append(sum(t[key] for t in engine.timings))
+                steps = sum(t["steps"] for t in engine.timings)
+                self._metrics[mode]["engine/decode_ms_per_step"].append(
+                    1000 * sum(t["decode_s"] for t in engine.timings) / max(steps, 1))
             setting = getattr(self.args, "rollout_correction", "false")
             if engine.mode == "int4" and not getattr(self, "_told_int4", False):
                 self._told_int4 = True
