@@ -314,8 +314,10 @@ def test_a_model_without_a_kv_cache_goes_to_generate(kind, tiny_tokenizer):
 def test_a_model_whose_forwards_unsloth_replaced_goes_to_generate(where, lora, tiny_tokenizer, monkeypatch, caplog):
     """Unsloth replaces transformers' attention and MLP forwards (on the classes at import, on module instances
     when it adds LoRA) with its own, which read each projection's weights and LoRA matrices themselves, past the
-    engine's swapped projections: such a model goes to generate, in one log line naming the forward. Here a
-    forward defined in a module named as Unsloth's stands in for its patch (same arithmetic)."""
+    engine's swapped projections. A class forward replaced without transformers' own recorded first sends the model
+    to generate, in one log line naming the forward; one replaced on an instance only is taken off for the engine's
+    call (the class's forward is transformers') and put back after it. Here a forward defined in a module named as
+    Unsloth's stands in for its patch (same arithmetic)."""
     import logging
     import types
 
@@ -337,12 +339,86 @@ def test_a_model_whose_forwards_unsloth_replaced_goes_to_generate(where, lora, t
     engine = DecodeEngine()
     with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
         got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
-    assert torch.equal(got, want) and engine.calls == 0 and engine.fallbacks == 1
-    assert "unsloth.models.llama.fast_forward runs a forward that unsloth put in its place" in caplog.text
-    if where == "instance":
+    assert torch.equal(got, want)
+    if where == "class":
+        assert engine.calls == 0 and engine.fallbacks == 1
+        assert ("unsloth.models.llama.fast_forward runs a forward that unsloth put in its place" in caplog.text
+                and "transformers' own was not recorded before it" in caplog.text)
+    else:
+        assert engine.calls == 1 and engine.fallbacks == 0
+        assert attention.__dict__["forward"].__func__ is fast_forward  # back in place
         del attention.forward
-    assert engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer)).shape == want.shape
-    assert engine.calls == (1 if where == "instance" else 0)
+
+
+def test_a_patched_model_decodes_with_transformers_forwards_put_back(model, tiny_tokenizer, monkeypatch):
+    """With transformers' own forwards recorded before the patch (as backends/unsloth.py records them before it
+    imports Unsloth), a model patched the way Unsloth patches a Llama (the attention, decoder-layer, model and
+    causal-LM class forwards; the MLP instances' forwards; the modeling module's rotary embedding class, so the
+    model's instance is the library's) decodes through the engine with transformers' forwards and a transformers
+    rotary embedding put back for the call: greedy tokens equal generate's through the patches, no patched forward
+    runs during the engine's call, and every patch is in place again after it, for a second call too."""
+    import copy
+    import types
+
+    import transformers.models.llama.modeling_llama as llama
+
+    import sdgrpo.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_ORIGINAL_FORWARDS", {})
+    monkeypatch.setattr(engine_module, "_ORIGINAL_CLASSES", {})
+    engine_module.remember_originals(llama)
+    ran = []
+
+    def patch(cls):
+        original = cls.forward
+
+        def fast_forward(self, *args, **kwargs):
+            ran.append(cls.__name__)
+            return original(self, *args, **kwargs)
+
+        fast_forward.__module__ = "unsloth.models.llama"
+        monkeypatch.setattr(cls, "forward", fast_forward)
+
+    for cls in (llama.LlamaAttention, llama.LlamaDecoderLayer, llama.LlamaModel, llama.LlamaForCausalLM):
+        patch(cls)
+
+    base_rotary = llama.LlamaRotaryEmbedding
+
+    def rotary_forward(self, *args, **kwargs):
+        ran.append("rotary")
+        return base_rotary.forward(self, *args, **kwargs)
+
+    rotary = type("LlamaRotaryEmbedding", (base_rotary,),
+                  {"forward": rotary_forward, "__module__": "unsloth.models.llama"})
+    monkeypatch.setattr(llama, "LlamaRotaryEmbedding", rotary)
+    patched = make_llama(tiny_tokenizer, seed=21)  # made after the patch: its rotary embedding is the library's
+    patched.load_state_dict(model.state_dict())
+    patched = with_lora(patched, 0.3, seed=22)
+    assert type(patched.get_base_model().model.rotary_emb) is rotary
+
+    def mlp_forward(self, x):
+        ran.append("mlp")
+        return llama.LlamaMLP.forward(self, x)
+
+    mlp_forward.__module__ = "unsloth.models.llama"
+    mlps = [layer.mlp for layer in patched.get_base_model().model.layers]
+    for mlp in mlps:
+        mlp.forward = types.MethodType(mlp_forward, mlp)
+    enc = encode(tiny_tokenizer)
+    want = patched.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    assert {"LlamaAttention", "rotary", "mlp"} <= set(ran)  # generate ran through every patch
+    reference = copy.deepcopy(patched)
+    engine = DecodeEngine()
+    for _ in range(2):
+        ran.clear()
+        got = engine.generate(patched, **enc, do_sample=False, **settings(tiny_tokenizer))
+        assert ran == [] and torch.equal(got, want)
+    assert engine.calls == 2 and engine.fallbacks == 0
+    assert llama.LlamaAttention.forward.__module__ == "unsloth.models.llama"
+    assert all(mlp.__dict__["forward"].__func__ is mlp_forward for mlp in mlps)
+    assert type(patched.get_base_model().model.rotary_emb) is rotary
+    for (name, a), b in zip(patched.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name  # the trained weights untouched
 
 
 def test_models_pushed_through_one_engine_in_turn_each_decode_as_their_own(tiny_tokenizer):

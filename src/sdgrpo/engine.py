@@ -126,7 +126,8 @@ def unsupported(model) -> str | None:
     themselves in ``config.layer_types`` and get the static cache's recurrent layers), and generate itself gives it
     transformers' standard cache (``_supports_default_dynamic_cache``)."""
     cls = type(_inner(model))
-    if "past_key_values" not in inspect.signature(cls.forward).parameters:
+    forward = _ORIGINAL_FORWARDS.get(cls, cls.forward)  # transformers' own, where a patch replaced it
+    if "past_key_values" not in inspect.signature(forward).parameters:
         return f"{cls.__name__} takes no past_key_values cache"
     if not getattr(cls, "_can_compile_fullgraph", False):
         return f"{cls.__name__} does not declare static-cache support"
@@ -134,9 +135,10 @@ def unsupported(model) -> str | None:
     if callable(supports) and not supports():
         return f"{cls.__name__} uses a cache of its own"
     patched = _patched_forward(_inner(model))
-    if patched is not None:
+    if patched is not None and not restorable(_inner(model)):
         return (f"{patched} runs a forward that {patched.split('.')[0]} put in its place (it reads the projections' "
-                f"weights and LoRA itself, past the engine's generation copies, with a cache of its own)")
+                f"weights and LoRA itself, past the engine's generation copies, with a cache of its own), and "
+                f"transformers' own was not recorded before it")
     return None
 
 
@@ -154,6 +156,99 @@ def _patched_forward(model) -> str | None:
         if owner.split(".")[0] in PATCHING_LIBRARIES:
             return f"{owner}.{getattr(forward, '__name__', 'forward')}"
     return None
+
+
+def _library(fn) -> str:
+    """The top-level package that defined function (or bound method) ``fn``."""
+    return (getattr(getattr(fn, "__func__", fn), "__module__", "") or "").split(".")[0]
+
+
+# transformers' own forwards and classes of its modeling modules, recorded before a patching library replaced them
+# (backends/unsloth.py records the model's module before it imports Unsloth): the engine decodes a patched model with
+# them put back for the call (:func:`originals_put_back`). Unsloth replaces, for a Llama-type model: the attention,
+# decoder-layer, model and causal-LM classes' forwards, the MLP instances' forwards, and the rotary embedding class
+# in the modeling module (so the model's instance is Unsloth's, with another call signature).
+_ORIGINAL_FORWARDS: dict[type, object] = {}
+_ORIGINAL_CLASSES: dict[str, dict[str, type]] = {}  # modeling module -> {name: class as transformers defined it}
+
+
+def remember_originals(*modules) -> None:
+    """Record the forwards and classes of transformers modeling ``modules`` as they are now (before a patch)."""
+    for module in modules:
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == module.__name__:
+                _ORIGINAL_CLASSES.setdefault(module.__name__, {}).setdefault(name, obj)
+                if "forward" in vars(obj) and _library(vars(obj)["forward"]) not in PATCHING_LIBRARIES:
+                    _ORIGINAL_FORWARDS.setdefault(obj, vars(obj)["forward"])
+
+
+def _put_back_plan(model) -> tuple[list, list, list] | None:
+    """What :func:`originals_put_back` changes in ``model``: (class, forward) pairs, modules with a patched forward of
+    their own, and (parent, name, patched module, transformers' class) for modules of a patching library's class;
+    None where something patched has no recorded original."""
+    classes, instances, modules = {}, [], []
+    for parent in model.modules():
+        for cls in type(parent).__mro__:
+            forward = vars(cls).get("forward")
+            if forward is not None and _library(forward) in PATCHING_LIBRARIES:
+                if cls not in _ORIGINAL_FORWARDS:
+                    return None
+                classes[cls] = _ORIGINAL_FORWARDS[cls]
+        forward = parent.__dict__.get("forward")
+        if forward is not None and _library(forward) in PATCHING_LIBRARIES:
+            instances.append(parent)
+        for name, child in parent.named_children():
+            if type(child).__module__.split(".")[0] not in PATCHING_LIBRARIES:
+                continue
+            home = sys.modules.get(type(model).__module__)
+            recorded = _ORIGINAL_CLASSES.get(getattr(home, "__name__", ""), {})
+            # the name under which the patch took the place of transformers' class in the modeling module
+            names = [n for n, c in recorded.items() if getattr(home, n, None) is type(child) and c is not type(child)]
+            if not names:
+                return None
+            modules.append((parent, name, child, recorded[names[0]]))
+    return list(classes.items()), instances, modules
+
+
+def restorable(model) -> bool:
+    """Whether every forward and module a patching library replaced in ``model`` has transformers' original
+    recorded (:func:`remember_originals`)."""
+    return _put_back_plan(model) is not None
+
+
+_STAND_INS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # patched module -> transformers' instance
+
+
+@contextlib.contextmanager
+def originals_put_back(model):
+    """For the duration, ``model`` runs transformers' own forwards and modules where a patching library replaced
+    them (nothing changes in a model that was not patched). A replaced module (Unsloth's rotary embedding) gets an
+    instance of transformers' class, made once per module and kept, so a captured graph's buffers stay where they
+    were."""
+    plan = _put_back_plan(model) if _patched_forward(model) is not None else ([], [], [])
+    if plan is None:
+        raise ValueError("a forward replaced by a patching library has no recorded original")
+    classes, instances, modules = plan
+    saved_classes = [(cls, vars(cls)["forward"]) for cls, _ in classes]
+    saved_instances = [(m, m.__dict__["forward"]) for m in instances]
+    try:
+        for cls, forward in classes:
+            cls.forward = forward
+        for m in instances:
+            del m.forward
+        for parent, name, child, cls in modules:
+            if child not in _STAND_INS:
+                weight = next(iter(child.buffers()), None)
+                _STAND_INS[child] = cls(config=model.config).to(weight.device if weight is not None else "cpu")
+            setattr(parent, name, _STAND_INS[child])
+        yield
+    finally:
+        for parent, name, child, _ in modules:
+            setattr(parent, name, child)
+        for m, forward in saved_instances:
+            m.forward = forward
+        for cls, forward in saved_classes:
+            cls.forward = forward
 
 
 def dropout_in_rollouts(model) -> bool:
@@ -1098,7 +1193,7 @@ class DecodeEngine:
                   else contextlib.nullcontext())
         # Eval mode: in train mode with gradient checkpointing on (TRL's default, and the Trainer's mode while it
         # generates), transformers' layers drop the KV cache, which one-token steps cannot do without.
-        with copies, eval_mode(inner), \
+        with copies, originals_put_back(inner), eval_mode(inner), \
                 grouped_attention(inner, self.grouped_attention):
             refresh_s = clock.lap()
             length = self._setup(inner, batch, length, device, on_gpu)

@@ -129,6 +129,22 @@ def test_unsloth_reward_reuses_the_left_packed_reference_pass(model, qwen_dir, p
 
 
 @pytest.mark.skipif(not _unsloth_available(), reason="unsloth is not installed (see make-wheelhouse.sh)")
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_unsloth_model_decodes_through_the_engine(four_bit, qwen_dir, prepared, tmp_path):
+    """`--backend unsloth --generation_engine true`: the engine decodes Unsloth's model with transformers' forwards
+    put back (recorded before Unsloth's import), every call served (no fallback to generate), the sampler within
+    bf16 rounding of the policy (16-bit: LoRA folded in bf16; 4-bit: 16-bit copies of the dequantised base)."""
+    extra = ("--load_in_4bit", "true") if four_bit else ()
+    steps = _train(qwen_dir, prepared, tmp_path / "us", "unsloth", "--generation_engine", "true",
+                   "--rollout_correction", "true", *extra, compiled=True)
+    log = (tmp_path / "us" / "stderr.log").read_text()
+    assert "put in its place" not in log, log[-3000:]  # no call handed to generate for Unsloth's forwards
+    for x in steps:
+        assert x["engine/fallbacks"] == 0 and x["engine/calls"] >= 1, x
+        assert x["sampling/sampling_logp_difference/mean"] < 0.1, x
+
+
+@pytest.mark.skipif(not _unsloth_available(), reason="unsloth is not installed (see make-wheelhouse.sh)")
 @pytest.mark.parametrize("model", ["tiny", "qwen"])
 def test_backends_give_the_same_rewards_for_the_same_completions(model, qwen_dir, tmp_path):
     """16-bit weights, fixed prompt and completion ids: the hf and unsloth policies score them alike."""

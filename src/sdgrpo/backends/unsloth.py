@@ -31,12 +31,36 @@ def import_unsloth():
     return FastLanguageModel
 
 
+def remember_transformers_forwards(model_path: str, trust_remote_code: bool) -> None:
+    """Before Unsloth is imported: record transformers' own forwards of the model's modeling module, which Unsloth
+    replaces on import and load, so that sdgrpo's decoding engine can decode with them (``--generation_engine
+    true``; engine.originals_put_back). Where the module cannot be found the engine hands the calls to generate."""
+    import importlib
+    import sys
+
+    from transformers import AutoConfig
+
+    from sdgrpo.engine import remember_originals
+
+    if "unsloth" in sys.modules:  # already patched in this process: nothing of transformers' own is left to record
+        return
+    try:
+        kind = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).model_type.replace("-", "_")
+        module = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+    except Exception as err:  # a model type without a transformers module of its own: generate serves it
+        logger.info("transformers' forwards of %s not recorded (%s): Unsloth's generation serves it", model_path, err)
+        return
+    remember_originals(module)
+
+
 def build_unsloth_policy(train_cfg, model_cfg):
     """Unsloth model with LoRA adapters (same options as the hf backend); returns (peft_model, tokenizer, None)."""
-    FastLanguageModel = import_unsloth()
     from sdgrpo.modeling import check_model_path, resolve_dtype
 
     check_model_path(model_cfg.model_name_or_path)
+    require_gpu()
+    remember_transformers_forwards(model_cfg.model_name_or_path, train_cfg.trust_remote_code)
+    FastLanguageModel = import_unsloth()
     load_in_4bit = bool(model_cfg.load_in_4bit)
     max_len = (train_cfg.max_prompt_length or 512) + (train_cfg.max_completion_length or 256)
     model, tokenizer = FastLanguageModel.from_pretrained(
