@@ -412,10 +412,10 @@ class SelfDistillMixin(CheckpointMixin):
         would give) and the ratio is set from it there (:meth:`_get_per_token_logps_and_entropies`): no extra
         forward. TRL itself runs one more pass for vLLM's rollouts in that case."""
         old = output.get("old_per_token_logps")
-        if old is None and not getattr(self, "use_liger_kernel", False):
+        if old is None and not getattr(self, "use_liger_kernel", False) and not self.left_packed_logps:
             output.pop("importance_sampling_ratio", None)  # set by the loss's pass
             return
-        if old is None:  # Liger's loss runs no pass of ours: one no-grad pass here
+        if old is None:  # Liger's loss and Unsloth's run no pass of ours: one no-grad pass here
             from trl.models.utils import disable_gradient_checkpointing
 
             ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
