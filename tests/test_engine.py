@@ -421,6 +421,38 @@ def test_a_patched_model_decodes_with_transformers_forwards_put_back(model, tiny
         assert torch.equal(a, b), name  # the trained weights untouched
 
 
+def test_a_patched_forward_on_a_class_that_inherited_its_own_is_taken_off_for_the_call(monkeypatch):
+    """A class that had no forward of its own (transformers' is its base's) and was given one by a patch: for the
+    call the patch is taken off (the base's forward runs), and it is back after; a patched class whose original was
+    never recorded makes the model unrestorable."""
+    import sys
+    import types
+
+    import sdgrpo.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_ORIGINAL_FORWARDS", {})
+    monkeypatch.setattr(engine_module, "_ORIGINAL_CLASSES", {})
+    home = types.ModuleType("transformers.models.toy.modeling_toy")
+    base = type("ToyBase", (torch.nn.Module,), {"forward": lambda self, x: x + 1, "__module__": home.__name__})
+    sub = type("ToySub", (base,), {"__module__": home.__name__})
+    home.ToyBase, home.ToySub = base, sub
+    monkeypatch.setitem(sys.modules, home.__name__, home)
+    engine_module.remember_originals(home)
+
+    def fast(self, x):
+        return x + 100
+
+    fast.__module__ = "unsloth.models.toy"
+    monkeypatch.setattr(sub, "forward", fast, raising=False)
+    model = sub()
+    assert model(torch.zeros(1)).item() == 100 and engine_module.restorable(model)
+    with engine_module.originals_put_back(model):
+        assert model(torch.zeros(1)).item() == 1
+    assert model(torch.zeros(1)).item() == 100
+    monkeypatch.setattr(engine_module, "_ORIGINAL_FORWARDS", {})
+    assert not engine_module.restorable(model)
+
+
 def test_models_pushed_through_one_engine_in_turn_each_decode_as_their_own(tiny_tokenizer):
     """The fold's copies belong to one model, held by weak references: a later model whose modules reuse a freed
     model's ids gets its own copies, and what the engine holds stays one model's worth."""

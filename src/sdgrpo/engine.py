@@ -126,8 +126,7 @@ def unsupported(model) -> str | None:
     themselves in ``config.layer_types`` and get the static cache's recurrent layers), and generate itself gives it
     transformers' standard cache (``_supports_default_dynamic_cache``)."""
     cls = type(_inner(model))
-    forward = _ORIGINAL_FORWARDS.get(cls, cls.forward)  # transformers' own, where a patch replaced it
-    if "past_key_values" not in inspect.signature(forward).parameters:
+    if "past_key_values" not in inspect.signature(_original_forward(cls)).parameters:
         return f"{cls.__name__} takes no past_key_values cache"
     if not getattr(cls, "_can_compile_fullgraph", False):
         return f"{cls.__name__} does not declare static-cache support"
@@ -168,8 +167,9 @@ def _library(fn) -> str:
 # them put back for the call (:func:`originals_put_back`). Unsloth replaces, for a Llama-type model: the attention,
 # decoder-layer, model and causal-LM classes' forwards, the MLP instances' forwards, and the rotary embedding class
 # in the modeling module (so the model's instance is Unsloth's, with another call signature).
-_ORIGINAL_FORWARDS: dict[type, object] = {}
+_ORIGINAL_FORWARDS: dict[type, object] = {}  # class -> its own forward, or _INHERITED where it had none
 _ORIGINAL_CLASSES: dict[str, dict[str, type]] = {}  # modeling module -> {name: class as transformers defined it}
+_INHERITED = object()
 
 
 def remember_originals(*modules) -> None:
@@ -178,8 +178,9 @@ def remember_originals(*modules) -> None:
         for name, obj in vars(module).items():
             if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == module.__name__:
                 _ORIGINAL_CLASSES.setdefault(module.__name__, {}).setdefault(name, obj)
-                if "forward" in vars(obj) and _library(vars(obj)["forward"]) not in PATCHING_LIBRARIES:
-                    _ORIGINAL_FORWARDS.setdefault(obj, vars(obj)["forward"])
+                own = vars(obj).get("forward", _INHERITED)
+                if own is _INHERITED or _library(own) not in PATCHING_LIBRARIES:
+                    _ORIGINAL_FORWARDS.setdefault(obj, own)
 
 
 def _put_back_plan(model) -> tuple[list, list, list] | None:
@@ -210,6 +211,15 @@ def _put_back_plan(model) -> tuple[list, list, list] | None:
     return list(classes.items()), instances, modules
 
 
+def _original_forward(cls: type):
+    """``cls``'s forward as transformers defined it, where a patch replaced it and the original was recorded."""
+    for c in cls.__mro__:
+        own = _ORIGINAL_FORWARDS.get(c, vars(c).get("forward", _INHERITED))
+        if own is not _INHERITED:
+            return own
+    return cls.forward
+
+
 def restorable(model) -> bool:
     """Whether every forward and module a patching library replaced in ``model`` has transformers' original
     recorded (:func:`remember_originals`)."""
@@ -233,7 +243,10 @@ def originals_put_back(model):
     saved_instances = [(m, m.__dict__["forward"]) for m in instances]
     try:
         for cls, forward in classes:
-            cls.forward = forward
+            if forward is _INHERITED:  # the patch gave the class a forward of its own; transformers' is its base's
+                del cls.forward
+            else:
+                cls.forward = forward
         for m in instances:
             del m.forward
         for parent, name, child, cls in modules:
