@@ -127,14 +127,14 @@ def run_grpo(args: list[str], budget: float) -> dict:
     return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
 
 
-def run_sft(data: Path, out: Path, model: str, lr: float, budget: float) -> dict:
+def run_sft(data: Path, out: Path, model: str, lr: float, budget: float, steps: int | None = None) -> dict:
     from sdgrpo.config import parse_sft_args
     from sdgrpo.sft import main
 
     clock = TimeBudget(budget)
     t0 = time.perf_counter()
     main(*parse_sft_args(["--model_name_or_path", model, "--dataset_path", str(data), "--output_dir", str(out),
-                          "--learning_rate", str(lr), "--max_steps", str(STEPS or 100000),
+                          "--learning_rate", str(lr), "--max_steps", str(steps or STEPS or 100000),
                           "--per_device_train_batch_size", "8", "--report_to", "none", "--save_strategy", "no",
                           "--seed", str(SEED)]), callbacks=[clock])
     return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
@@ -193,11 +193,20 @@ def plot(result: dict, path: Path) -> None:
         return gain, forget
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    # SFT's frontier: its points in the order of the learning rate, from the base
-    sft = sorted(((point(a), n) for n, a in result["arms"].items() if n.startswith("sft@") and "#" not in n),
-                 key=lambda item: float(item[1].split("@")[1]))
+    # SFT's frontier: its full-budget points in the order of the learning rate, from the base; and where one lr was
+    # also stopped early (--sft_trajectory), its points in the order of their steps, from the base
+    sft = sorted(((point(a), n) for n, a in result["arms"].items() if n.count("@") == 1 and n.startswith("sft@")
+                  and "#" not in n), key=lambda item: float(item[1].split("@")[1]))
     ax.plot([0] + [p[0] for p, _ in sft], [0] + [p[1] for p, _ in sft], "-o", color="gray", label="sft (frontier)")
-    for (x, y), name in sft:
+    early = sorted(((point(a), n) for n, a in result["arms"].items() if n.startswith("sft@") and n.count("@") == 2),
+                   key=lambda item: int(item[1].split("@")[2]))
+    if early:
+        lr = early[0][1].split("@")[1]
+        full = [p for p, n in sft if n == f"sft@{lr}"]
+        ax.plot([0] + [p[0] for p, _ in early] + [p[0] for p in full],
+                [0] + [p[1] for p, _ in early] + [p[1] for p in full], "--s", color="silver",
+                label=f"sft@{lr} after fewer steps")
+    for (x, y), name in sft + early:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="gray")
     markers = {"self_nll": ("s", "tab:red"), "context_distill": ("D", "tab:blue"), "distill<-sft": ("^", "tab:green"),
                "sdft": ("P", "tab:purple"), "context_distill@token": ("d", "tab:cyan"),
@@ -252,6 +261,11 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
     for lr in args.sft_lrs.split(","):
         add("sft", f"sft@{lr}", lambda seed, label, lr=lr: (
             run_sft(data, work / label, model, float(lr), budget), work / label))
+    if args.sft_trajectory:  # SFT's frontier below its full-budget gain: one lr stopped after fewer steps
+        lr, counts = args.sft_trajectory.split(":")
+        for n in counts.split(","):
+            add("sft", f"sft@{lr}@{n}", lambda seed, label, lr=lr, n=n: (
+                run_sft(data, work / label, model, float(lr), budget, int(n)), work / label))
     add("self_nll", "self_nll", lambda seed, label: (
         run_grpo(grpo_args(data, work / label, model, "self_nll", 3e-4, 0.04), budget), work / label))
     for token in ("", "_token"):
@@ -305,6 +319,9 @@ def main() -> None:
     ap.add_argument("--general_data", default=str(ROOT.parent / "shared" / "data"),
                     help="the pretraining corpus whose held-out slice measures forgetting")
     ap.add_argument("--sft_lrs", default="1e-4,3e-4,1e-3")
+    ap.add_argument("--sft_trajectory", default=None, metavar="LR:N1,N2,...",
+                    help="also SFT at LR stopped after N1, N2, ... steps (arms sft@LR@N): the frontier below the "
+                         "full-budget gain")
     ap.add_argument("--teacher_lr", default="1e-3",
                     help="learning rate of the distill arms' SFT teacher; several (1e-3,1e-4): the distill arms again "
                          "for each further teacher, named distill<-sft@LR...")

@@ -36,6 +36,14 @@ def test_domain_study_sdft_arm_trains_and_saves_an_adapter(tmp_path, prepared, t
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
 
 
+def test_domain_study_sft_arm_stops_after_the_steps_it_is_given(tmp_path, prepared, tiny_model_dir):
+    """An arm of --sft_trajectory trains exactly its own number of steps, whatever --steps the other arms have."""
+    study = load("domain_study")
+    study.STEPS = 50
+    info = study.run_sft(prepared, tmp_path / "sft", str(tiny_model_dir), 1e-3, budget=float("inf"), steps=2)
+    assert info["steps"] == 2 and (tmp_path / "sft" / "adapter_model.safetensors").is_file()
+
+
 def test_domain_study_names_each_teachers_arms_and_waits_for_its_sft_arm(tmp_path):
     """With two teachers, the first teacher's distill arms keep their names; the second's are named after the SFT arm
     that teaches them; both repeat over the seeds, each after its teacher's arm; the figure tells them apart."""
@@ -45,10 +53,11 @@ def test_domain_study_names_each_teachers_arms_and_waits_for_its_sft_arm(tmp_pat
     study.STEPS = 10
     args = argparse.Namespace(budget_s=None, arms="base,sft,distill_token,distill_topk", seeds="0,1",
                               seed_arms="distill_token,distill_topk", sft_lrs="1e-4,1e-3", teacher_lr="1e-3,1e-4",
-                              topk=20, distill_lr="3e-4", context_distill_lrs="3e-4", sdft_lrs="3e-4")
+                              topk=20, distill_lr="3e-4", context_distill_lrs="3e-4", sdft_lrs="3e-4",
+                              sft_trajectory="1e-4:25,50")
     arms = study.arms_of(args, tmp_path, tmp_path, "model")
     needs = {name: need for name, (_, need) in arms.items()}
-    assert needs == {"base": None, "sft@1e-4": None, "sft@1e-3": None,
+    assert needs == {"base": None, "sft@1e-4": None, "sft@1e-3": None, "sft@1e-4@25": None, "sft@1e-4@50": None,
                      "distill<-sft@token": "sft@1e-3", "distill<-sft@token#s1": "sft@1e-3",
                      "distill<-sft@topk": "sft@1e-3", "distill<-sft@topk#s1": "sft@1e-3",
                      "distill<-sft@1e-4@token": "sft@1e-4", "distill<-sft@1e-4@token#s1": "sft@1e-4",
