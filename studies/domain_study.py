@@ -169,12 +169,18 @@ def run_sdft(data: Path, out: Path, model: str, lr: float, budget: float) -> dic
     return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
 
 
+def names_teacher(name: str) -> bool:
+    """Whether a distill arm's name says which SFT arm teaches it (``distill<-sft@1e-4@token``; the first teacher's
+    arms are ``distill<-sft[@token|@topk]``)."""
+    return name.startswith("distill<-sft@") and name.split("@")[1] not in ("token", "topk")
+
+
 def kind_of(name: str) -> str:
     """An arm's kind for the figure: its name without the learning rate or seed (``context_distill@1e-3#s1`` ->
     ``context_distill``), ``@token``/``@topk`` kept, and a distill arm's teacher where it is named
     (``distill<-sft@1e-4@token``)."""
     base = name.split("#")[0]
-    if base.startswith("distill<-sft@") and base.split("@")[1] not in ("token", "topk"):
+    if names_teacher(base):
         return base
     return base.split("@")[0] + next((f"@{v}" for v in ("token", "topk") if base.endswith(f"@{v}")), "")
 
@@ -220,8 +226,8 @@ def plot(result: dict, path: Path) -> None:
         if kind in markers:
             marker, color = markers[kind]
             x, y = point(arm)
-            named = kind if "teacher" not in arm or kind_of(name) != kind or "<-sft@1" in kind else kind.replace(
-                "distill<-sft", f"distill<-{arm['teacher']}")  # the legend names every distill arm's teacher
+            named = (kind.replace("distill<-sft", f"distill<-{arm['teacher']}", 1)  # the legend names every teacher
+                     if "teacher" in arm and not names_teacher(kind) else kind)
             label = named if kind not in labelled else None
             labelled.add(kind)
             ax.plot([x], [y], marker, color=color, markersize=9 if "#" not in name else 6, label=label,
@@ -293,7 +299,8 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
                     info = {"teacher_sft_steps": run_sft(data, teacher_dir, model, float(teacher_lr),
                                                          budget / 2)["steps"]}
                 run = run_grpo(grpo_args(data, work / slug, model, "distill", float(args.distill_lr), 0.0,
-                                         "--teacher_adapter", str(teacher_dir), *extra), budget if STEPS else budget / 2)
+                                         "--teacher_adapter", str(teacher_dir), *extra),
+                               budget if STEPS else budget / 2)
                 return {**run, **info}, work / slug
 
             add("distill" + token, name, distill, needs=teacher if STEPS else None)
@@ -384,8 +391,9 @@ def main() -> None:
                    "general_heldout_bytes": sum(len(t.encode()) for t in general_texts)})
     if STEPS:
         cap = "no time cap" if args.budget_s == float("inf") else f"or {args.budget_s:g} s, whichever first"
-        result["budget"] = (f"{STEPS} optimizer steps per arm ({cap}; each arm's steps recorded), 8 sequences a step: sft trains on 8 prompt + "
-                            f"continuation pairs, GRPO samples and trains 8 completions of 48 tokens (2 prompts x 4)")
+        result["budget"] = (f"{STEPS} optimizer steps per arm ({cap}; each arm's steps recorded), 8 sequences a step: "
+                            "sft trains on 8 prompt + continuation pairs, GRPO samples and trains 8 completions of 48 "
+                            "tokens (2 prompts x 4)")
 
     def save():
         path.write_text(json.dumps(result, indent=2))

@@ -213,6 +213,26 @@ def test_importance_weights_follow_trls_modes():
                           torch.tensor([[math.exp(-0.5)], [0.0]]))
 
 
+def shift_the_sampler(trainer, seed: int) -> tuple[dict, list]:
+    """Make the engine's recorded log-probs of each sampled token off by a known amount (the log-ratio policy -
+    sampler, uniform in +-0.5 per token): returns {row: its shifts} and the shifted rows, filled by the next
+    generation."""
+    shift, rows_out = {}, []
+    original = trainer._sampling_logps
+
+    def shifted(decoded, completion_ids):
+        rows = original(decoded, completion_ids)
+        g = torch.Generator().manual_seed(seed)
+        for i, row in enumerate(rows):
+            shift[i] = (torch.rand(len(row), generator=g) - 0.5).tolist()
+            rows[i] = [x - d for x, d in zip(row, shift[i])]
+        rows_out[:] = rows
+        return rows
+
+    trainer._sampling_logps = shifted
+    return shift, rows_out
+
+
 def test_rollouts_with_a_mismatched_sampler_are_corrected_in_the_loss(tiny_model_dir, tiny_tokenizer, dataset,
                                                                       tmp_path):
     """An injected sampler mismatch (the engine's log-probs shifted by a known amount per token): the trainer logs
@@ -227,18 +247,7 @@ def test_rollouts_with_a_mismatched_sampler_are_corrected_in_the_loss(tiny_model
                                "0", "--loss_type", "grpo", "--vllm_importance_sampling_mode", "token_truncate",
                                "--vllm_importance_sampling_clip_max", "1.5")
     assert trainer.rollout_correction and trainer.engine is not None
-    shift = {}
-    original = trainer._sampling_logps
-
-    def shifted(decoded, completion_ids):
-        rows = original(decoded, completion_ids)
-        g = torch.Generator().manual_seed(3)
-        for i, row in enumerate(rows):
-            shift[i] = (torch.rand(len(row), generator=g) - 0.5).tolist()  # log-ratio policy - sampler in +-0.5
-            rows[i] = [x - d for x, d in zip(row, shift[i])]
-        return rows
-
-    trainer._sampling_logps = shifted
+    shift, _ = shift_the_sampler(trainer, seed=3)
     trainer.model.train()
     passes = []
     real_pass = trainer._logps_pass
@@ -283,21 +292,13 @@ def test_a_policy_that_changes_before_its_loss_is_corrected_from_trls_old_log_pr
                                "--rollout_correction", "true", "--beta", "0", "--num_iterations", "2",
                                "--vllm_importance_sampling_mode", "token_truncate",
                                "--vllm_importance_sampling_clip_max", "1.5")
-    recorded = []
-    real = trainer._sampling_logps
-
-    def shifted(decoded, ids):  # a sampler off by a known +-0.5 nats a token
-        g = torch.Generator().manual_seed(5)
-        recorded.append([[x - (torch.rand((), generator=g).item() - 0.5) for x in row] for row in real(decoded, ids)])
-        return recorded[-1]
-
-    trainer._sampling_logps = shifted
+    _, recorded = shift_the_sampler(trainer, seed=5)
     trainer.model.train()
     batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
     assert batch["old_per_token_logps"] is not None and "importance_sampling_ratio" in batch
     assert (batch["importance_sampling_ratio"][batch["completion_mask"].bool()] - 1).abs().max() > 0.1
     mask = batch["completion_mask"].bool()
-    for i, sampled in enumerate(recorded[-1]):
+    for i, sampled in enumerate(recorded):
         prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
         completion = batch["completion_ids"][i][mask[i]].tolist()
         policy = reference_logps(trainer.model, prompt, completion)

@@ -151,9 +151,8 @@ def _patched_forward(model) -> str | None:
     library defined (on the class or the instance), or None."""
     for module in model.modules():
         forward = module.__dict__.get("forward") or type(module).forward
-        owner = getattr(getattr(forward, "__func__", forward), "__module__", "") or ""
-        if owner.split(".")[0] in PATCHING_LIBRARIES:
-            return f"{owner}.{getattr(forward, '__name__', 'forward')}"
+        if _library(forward) in PATCHING_LIBRARIES:
+            return f"{getattr(forward, '__func__', forward).__module__}.{getattr(forward, '__name__', 'forward')}"
     return None
 
 
@@ -188,6 +187,8 @@ def _put_back_plan(model) -> tuple[list, list, list] | None:
     their own, and (parent, name, patched module, transformers' class) for modules of a patching library's class;
     None where something patched has no recorded original."""
     classes, instances, modules = {}, [], []
+    home = sys.modules.get(type(model).__module__)
+    recorded = _ORIGINAL_CLASSES.get(getattr(home, "__name__", ""), {})
     for parent in model.modules():
         for cls in type(parent).__mro__:
             forward = vars(cls).get("forward")
@@ -201,8 +202,6 @@ def _put_back_plan(model) -> tuple[list, list, list] | None:
         for name, child in parent.named_children():
             if type(child).__module__.split(".")[0] not in PATCHING_LIBRARIES:
                 continue
-            home = sys.modules.get(type(model).__module__)
-            recorded = _ORIGINAL_CLASSES.get(getattr(home, "__name__", ""), {})
             # the name under which the patch took the place of transformers' class in the modeling module
             names = [n for n, c in recorded.items() if getattr(home, n, None) is type(child) and c is not type(child)]
             if not names:
