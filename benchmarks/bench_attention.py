@@ -11,6 +11,9 @@ as in the engine, so the time is the kernels' and not their launches':
   matmul           scores = q k^T (one batched matmul), masked softmax in fp32, then p v: what Inductor compiles
                    into two cuBLAS calls and one fused softmax
   matmul_compiled  the same under torch.compile (as inside the engine's compiled step)
+  matmul_fp32      the same with the scores' matmul writing fp32 (bmm's out_dtype), compiled
+  flex             FlexAttention (compiled; its decoding kernel splits the keys across blocks), GQA native, the
+                   mask added through score_mod
   cudnn_grouped    SDPA forced onto cuDNN's kernel, grouped layout (skipped where cuDNN refuses)
   flash_no_mask    flash attention without the mask (wrong for padded rows: a floor, not a candidate)
 
@@ -68,6 +71,27 @@ def matmul(q, k, v, mask):
     return out.reshape(b, h, 1, d)
 
 
+def matmul_fp32(q, k, v, mask):
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    grouped = q.reshape(b * kv, h // kv, d)
+    scores = torch.bmm(grouped, k.reshape(b * kv, -1, d).transpose(-1, -2), out_dtype=torch.float32)
+    scores = scores.view(b, kv, h // kv, -1) * d**-0.5 + mask
+    out = torch.matmul(scores.softmax(-1).to(v.dtype), v)
+    return out.reshape(b, h, 1, d)
+
+
+def flex(q, k, v, mask):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    bias = mask[:, 0, 0, :]
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, kv_idx]
+
+    return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=True)
+
+
 def cudnn_grouped(q, k, v, mask):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -118,7 +142,9 @@ def main():
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "results")
     variants = {"sdpa_grouped": sdpa_grouped, "sdpa_repeat_kv": sdpa_repeat_kv, "matmul": matmul,
-                "matmul_compiled": torch.compile(matmul, dynamic=False), "cudnn_grouped": cudnn_grouped,
+                "matmul_compiled": torch.compile(matmul, dynamic=False),
+                "matmul_fp32": torch.compile(matmul_fp32, dynamic=False), "flex": torch.compile(flex, dynamic=False),
+                "cudnn_grouped": cudnn_grouped,
                 "flash_no_mask": flash_no_mask}
     rows = []
     for shape, (heads, kv_heads, dim) in SHAPES.items():
