@@ -24,7 +24,8 @@ Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB
 r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
 step's time is the wall time between consecutive optimizer-step ends (CUDA-synchronised), so it includes generation
 wherever a trainer does it. BENCH_CAP_GIB=24 caps each variant's process at 24 GiB
-(``torch.cuda.set_per_process_memory_fraction``), as on a 24 GB card.
+(``torch.cuda.set_per_process_memory_fraction``), as on a 24 GB card. Each variant runs in its own process, its
+log in OUT_DIR/bench_step_<variant>.stderr.log; BENCH_VARIANT_SECONDS stops one that runs longer (its row records it).
 Usage: python benchmarks/bench_step.py OUT_DIR [shape] [variant ...]
 """
 
@@ -44,6 +45,7 @@ VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_4bit", "sdgrpo_hf_4bit_int4", "
             "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb", "unsloth_bare",
             "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit", "sdgrpo_unsloth_4bit_engine"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
+VARIANT_SECONDS = float(os.environ["BENCH_VARIANT_SECONDS"]) if os.environ.get("BENCH_VARIANT_SECONDS") else None
 CAP_GIB = float(os.environ["BENCH_CAP_GIB"]) if os.environ.get("BENCH_CAP_GIB") else None
 
 
@@ -312,10 +314,18 @@ def main():
     results = []
     for variant in variants:
         t0 = time.time()
-        proc = subprocess.run([sys.executable, __file__, str(out), shape, variant], capture_output=True, text=True,
-                              env={**os.environ, "BENCH_CHILD": "1"})
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        row = json.loads(lines[-1][7:]) if lines else {"variant": variant, "error": proc.stderr[-1500:]}
+        log = Path(out) / f"bench_step_{variant}.stderr.log"  # the child's log, kept where it is cut short
+        with log.open("w") as stderr:
+            try:
+                proc = subprocess.run([sys.executable, __file__, str(out), shape, variant], stdout=subprocess.PIPE,
+                                      stderr=stderr, text=True, env={**os.environ, "BENCH_CHILD": "1"},
+                                      timeout=VARIANT_SECONDS)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            except subprocess.TimeoutExpired:
+                lines = []
+        row = json.loads(lines[-1][7:]) if lines else {"variant": variant, "error": log.read_text()[-1500:]}
+        if not lines and time.time() - t0 >= (VARIANT_SECONDS or float("inf")):
+            row["error"] = f"timed out after {VARIANT_SECONDS} s (BENCH_VARIANT_SECONDS); " + row["error"]
         row["wall_s"] = time.time() - t0
         results.append(row)
         print(json.dumps(row), flush=True)

@@ -217,7 +217,9 @@ def test_serving_answers_model_generate_and_then_steps_aside(model, tiny_tokeniz
     assert engine.calls == 1
 
 
-def test_grouped_attention_is_transformers_sdpa_without_the_copies():
+@pytest.mark.parametrize("additive", [False, True])
+def test_grouped_attention_is_transformers_sdpa_without_the_copies(additive):
+    """Boolean masks (transformers' SDPA masks) and additive float masks alike."""
     from types import SimpleNamespace
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -229,6 +231,8 @@ def test_grouped_attention_is_transformers_sdpa_without_the_copies():
     mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
     mask[0, ..., :4] = False  # left padding
     mask[1, ..., 7:] = False  # the cache's unwritten tail
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
     want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
     got, _ = grouped_sdpa(module, q, k, v, mask, scaling=0.25)
