@@ -455,6 +455,11 @@ def test_a_patched_forward_on_a_class_that_inherited_its_own_is_taken_off_for_th
     assert model(torch.zeros(1)).item() == 100
     monkeypatch.setattr(engine_module, "_ORIGINAL_FORWARDS", {})
     assert not engine_module.restorable(model)
+    # what has no original is named (the fallback's line ends with it), and in the error
+    assert engine_module._put_back_plan(model) == "transformers.models.toy.modeling_toy.ToySub.forward"
+    with pytest.raises(ValueError, match="ToySub.forward, replaced by a patching library"):
+        with engine_module.originals_put_back(model):
+            pass
 
 
 def test_models_pushed_through_one_engine_in_turn_each_decode_as_their_own(tiny_tokenizer):

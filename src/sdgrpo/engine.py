@@ -134,10 +134,11 @@ def unsupported(model) -> str | None:
     if callable(supports) and not supports():
         return f"{cls.__name__} uses a cache of its own"
     patched = _patched_forward(_inner(model))
-    if patched is not None and not restorable(_inner(model)):
+    plan = _put_back_plan(_inner(model)) if patched is not None else None
+    if isinstance(plan, str):
         return (f"{patched} runs a forward that {patched.split('.')[0]} put in its place (it reads the projections' "
                 f"weights and LoRA itself, past the engine's generation copies, with a cache of its own), and "
-                f"transformers' own was not recorded before it")
+                f"transformers' own was not recorded before it for {plan}")
     return None
 
 
@@ -182,10 +183,10 @@ def remember_originals(*modules) -> None:
                     _ORIGINAL_FORWARDS.setdefault(obj, own)
 
 
-def _put_back_plan(model) -> tuple[list, list, list] | None:
+def _put_back_plan(model) -> tuple[list, list, list] | str:
     """What :func:`originals_put_back` changes in ``model``: (class, forward) pairs, modules with a patched forward of
     their own, and (parent, name, patched module, transformers' class) for modules of a patching library's class;
-    None where something patched has no recorded original."""
+    where something patched has no recorded original, what it is (a string)."""
     classes, instances, modules = {}, [], []
     home = sys.modules.get(type(model).__module__)
     recorded = _ORIGINAL_CLASSES.get(getattr(home, "__name__", ""), {})
@@ -194,7 +195,7 @@ def _put_back_plan(model) -> tuple[list, list, list] | None:
             forward = vars(cls).get("forward")
             if forward is not None and _library(forward) in PATCHING_LIBRARIES:
                 if cls not in _ORIGINAL_FORWARDS:
-                    return None
+                    return f"{cls.__module__}.{cls.__qualname__}.forward"
                 classes[cls] = _ORIGINAL_FORWARDS[cls]
         forward = parent.__dict__.get("forward")
         if forward is not None and _library(forward) in PATCHING_LIBRARIES:
@@ -205,7 +206,7 @@ def _put_back_plan(model) -> tuple[list, list, list] | None:
             # the name under which the patch took the place of transformers' class in the modeling module
             names = [n for n, c in recorded.items() if getattr(home, n, None) is type(child) and c is not type(child)]
             if not names:
-                return None
+                return f"the module {name} ({type(child).__module__}.{type(child).__qualname__})"
             modules.append((parent, name, child, recorded[names[0]]))
     return list(classes.items()), instances, modules
 
@@ -222,7 +223,7 @@ def _original_forward(cls: type):
 def restorable(model) -> bool:
     """Whether every forward and module a patching library replaced in ``model`` has transformers' original
     recorded (:func:`remember_originals`)."""
-    return _put_back_plan(model) is not None
+    return not isinstance(_put_back_plan(model), str)
 
 
 _STAND_INS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # patched module -> transformers' instance
@@ -235,8 +236,8 @@ def originals_put_back(model):
     instance of transformers' class, made once per module and kept, so a captured graph's buffers stay where they
     were."""
     plan = _put_back_plan(model) if _patched_forward(model) is not None else ([], [], [])
-    if plan is None:
-        raise ValueError("a forward replaced by a patching library has no recorded original")
+    if isinstance(plan, str):
+        raise ValueError(f"{plan}, replaced by a patching library, has no recorded original")
     classes, instances, modules = plan
     saved_classes = [(cls, vars(cls)["forward"]) for cls, _ in classes]
     saved_instances = [(m, m.__dict__["forward"]) for m in instances]

@@ -95,15 +95,20 @@ def test_unsloth_backend_trains(model, qwen_dir, prepared, tmp_path):
     _train(TINY_MODEL if model == "tiny" else qwen_dir, prepared, tmp_path / "unsloth", "unsloth")
 
 
+UNSLOTH_REUSE_OFF = ("the reproduction of why reuse is off under Unsloth: on the random Qwen2.5-0.5B shape, Unsloth's "
+                     "reference pass read one token of 2 of 8 rows ~6 nats off an own pass (row means 0.20 nats), in "
+                     "rows with no sampled pad token too (one H200, 2026-12-03); the cause is not found")
+
+
 @pytest.mark.skipif(not _unsloth_available(), reason="unsloth is not installed (see make-wheelhouse.sh)")
-@pytest.mark.parametrize("model", ["tiny", "qwen"])
+@pytest.mark.parametrize("model", ["tiny", pytest.param("qwen", marks=pytest.mark.xfail(strict=True,
+                                                                                        reason=UNSLOTH_REUSE_OFF))])
 def test_unsloth_reward_reuses_the_left_packed_reference_pass(model, qwen_dir, prepared, tmp_path):
     """Under Unsloth the reward is read from the KL pass's (B, C + max_left_pad) log-probs, equal to an own pass.
 
-    On the random Qwen2.5-0.5B shape some completions hold a sampled pad-id token: Unsloth's packing reads those
-    rows shifted from it on (2 of 8 rows off by ~0.2 nats, the last token by ~6, before completion_columns sent
-    them to the own pass), so every reused row must be free of inner pad tokens. Also checks that Unsloth's trainer
-    goes through sdgrpo's prompt hooks: max_prompt_length holds.
+    Rows holding a sampled pad-id token are sent to the own pass (completion_columns), so every reused row must be
+    free of inner pad tokens. On the Qwen shape reuse is still wrong (UNSLOTH_REUSE_OFF; auto leaves it off under
+    Unsloth). Also checks that Unsloth's trainer goes through sdgrpo's prompt hooks: max_prompt_length holds.
     """
     from sdgrpo.config import TINY_MODEL
 
