@@ -354,23 +354,28 @@ def test_a_model_whose_forwards_unsloth_replaced_goes_to_generate(where, lora, t
         del attention.forward
 
 
-def test_a_patched_model_decodes_with_transformers_forwards_put_back(model, tiny_tokenizer, monkeypatch):
-    """With transformers' own forwards recorded before the patch (as backends/unsloth.py records them before it
-    imports Unsloth), a model patched the way Unsloth patches a Llama (the attention, decoder-layer, model and
-    causal-LM class forwards; the MLP instances' forwards; the modeling module's rotary embedding class, so the
-    model's instance is the library's) decodes through the engine with transformers' forwards and a transformers
-    rotary embedding put back for the call: greedy tokens equal generate's through the patches, no patched forward
-    runs during the engine's call, and every patch is in place again after it, for a second call too."""
+def test_a_patched_model_decodes_with_transformers_forwards_put_back(model, tiny_tokenizer, monkeypatch, tmp_path):
+    """With transformers' own forwards recorded before the patch (backends/unsloth.py's
+    remember_transformers_forwards, as it runs before it imports Unsloth), a model patched the way Unsloth patches a
+    Llama (the attention, decoder-layer, model and causal-LM class forwards; the MLP instances' forwards; the
+    modeling module's rotary embedding class, so the model's instance is the library's; PEFT's LoRA layer class, as
+    Unsloth replaces peft.tuners.lora.bnb.Linear4bit's) decodes through the engine with transformers' forwards and a
+    transformers rotary embedding put back for the call: greedy tokens equal generate's through the patches, no
+    patched forward runs during the engine's call, and every patch is in place again after it, for a second call
+    too. Without PEFT's classes recorded, the patched LoRA class sent every call to generate."""
     import copy
     import types
 
+    import peft.tuners.lora.layer as lora_layer
     import transformers.models.llama.modeling_llama as llama
 
     import sdgrpo.engine as engine_module
+    from sdgrpo.backends.unsloth import remember_transformers_forwards
 
     monkeypatch.setattr(engine_module, "_ORIGINAL_FORWARDS", {})
     monkeypatch.setattr(engine_module, "_ORIGINAL_CLASSES", {})
-    engine_module.remember_originals(llama)
+    model.config.save_pretrained(tmp_path)
+    remember_transformers_forwards(str(tmp_path), False)
     ran = []
 
     def patch(cls):
@@ -383,7 +388,8 @@ def test_a_patched_model_decodes_with_transformers_forwards_put_back(model, tiny
         fast_forward.__module__ = "unsloth.models.llama"
         monkeypatch.setattr(cls, "forward", fast_forward)
 
-    for cls in (llama.LlamaAttention, llama.LlamaDecoderLayer, llama.LlamaModel, llama.LlamaForCausalLM):
+    for cls in (llama.LlamaAttention, llama.LlamaDecoderLayer, llama.LlamaModel, llama.LlamaForCausalLM,
+                lora_layer.Linear):
         patch(cls)
 
     base_rotary = llama.LlamaRotaryEmbedding

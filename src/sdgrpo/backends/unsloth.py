@@ -31,10 +31,19 @@ def import_unsloth():
     return FastLanguageModel
 
 
+# Modules beyond the model's modeling module whose classes' forwards Unsloth replaces too (unsloth 2026.10.9:
+# ``peft.tuners.lora.bnb.Linear4bit.forward = fast_lora_forward`` in unsloth/models/_utils.py,
+# ``bitsandbytes.nn.Linear4bit.forward = _nf4_forward`` in unsloth/kernels/bnb_override.py); recorded with it where
+# importable. On one H200 (2026-12-03) the engine handed every call of a patched Qwen2 model to generate because
+# something patched had no original recorded, with only the modeling module recorded.
+ALSO_PATCHED = ("peft.tuners.lora.layer", "peft.tuners.lora.bnb", "bitsandbytes.nn.modules")
+
+
 def remember_transformers_forwards(model_path: str, trust_remote_code: bool) -> None:
-    """Before Unsloth is imported: record transformers' own forwards of the model's modeling module, which Unsloth
-    replaces on import and load, so that sdgrpo's decoding engine can decode with them (``--generation_engine
-    true``; engine.originals_put_back). Where the module cannot be found the engine hands the calls to generate."""
+    """Before Unsloth is imported: record transformers' own forwards of the model's modeling module (and PEFT's and
+    bitsandbytes' of :data:`ALSO_PATCHED`), which Unsloth replaces on import and load, so that sdgrpo's decoding
+    engine can decode with them (``--generation_engine true``; engine.originals_put_back). Where the module cannot
+    be found the engine hands the calls to generate."""
     import importlib
     import sys
 
@@ -50,7 +59,13 @@ def remember_transformers_forwards(model_path: str, trust_remote_code: bool) -> 
     except Exception as err:  # a model type without a transformers module of its own: generate serves it
         logger.info("transformers' forwards of %s not recorded (%s): Unsloth's generation serves it", model_path, err)
         return
-    remember_originals(module)
+    others = []
+    for name in ALSO_PATCHED:
+        try:
+            others.append(importlib.import_module(name))
+        except Exception:  # noqa: BLE001 - bitsandbytes absent (or unusable here): nothing of it to record
+            pass
+    remember_originals(module, *others)
 
 
 def build_unsloth_policy(train_cfg, model_cfg):
