@@ -314,14 +314,17 @@ def test_a_model_without_a_kv_cache_goes_to_generate(kind, tiny_tokenizer):
     assert engine.calls == 0 and engine.fallbacks == 2
 
 
-@pytest.mark.parametrize("where", ["instance", "class"])
-def test_a_model_whose_forwards_unsloth_replaced_goes_to_generate(where, lora, tiny_tokenizer, monkeypatch, caplog):
+@pytest.mark.parametrize("where, library", [("instance", "unsloth.models.llama"), ("class", "unsloth.models.llama"),
+                                            ("class", "unsloth_compiled_module_llama")])
+def test_a_model_whose_forwards_unsloth_replaced_goes_to_generate(where, library, lora, tiny_tokenizer, monkeypatch,
+                                                                  caplog):
     """Unsloth replaces transformers' attention and MLP forwards (on the classes at import, on module instances
     when it adds LoRA) with its own, which read each projection's weights and LoRA matrices themselves, past the
     engine's swapped projections. A class forward replaced without transformers' own recorded first sends the model
     to generate, in one log line naming the forward; one replaced on an instance only is taken off for the engine's
     call (the class's forward is transformers') and put back after it. Here a forward defined in a module named as
-    Unsloth's stands in for its patch (same arithmetic)."""
+    Unsloth's stands in for its patch (same arithmetic), or in one of the modules unsloth_zoo's compiler writes
+    (``unsloth_compiled_module_<model>``), which the engine took for transformers' own before."""
     import logging
     import types
 
@@ -332,7 +335,7 @@ def test_a_model_whose_forwards_unsloth_replaced_goes_to_generate(where, lora, t
     def fast_forward(self, *args, **kwargs):
         return original(self, *args, **kwargs)
 
-    fast_forward.__module__ = "unsloth.models.llama"
+    fast_forward.__module__ = library
     attention = lora.get_base_model().model.layers[0].self_attn
     if where == "instance":
         attention.forward = types.MethodType(fast_forward, attention)
@@ -346,7 +349,7 @@ def test_a_model_whose_forwards_unsloth_replaced_goes_to_generate(where, lora, t
     assert torch.equal(got, want)
     if where == "class":
         assert engine.calls == 0 and engine.fallbacks == 1
-        assert ("unsloth.models.llama.fast_forward runs a forward that unsloth put in its place" in caplog.text
+        assert (f"{library}.fast_forward runs a forward that {library.split('.')[0]} put in its place" in caplog.text
                 and "transformers' own was not recorded before it" in caplog.text)
     else:
         assert engine.calls == 1 and engine.fallbacks == 0

@@ -147,12 +147,19 @@ def unsupported(model) -> str | None:
 PATCHING_LIBRARIES = ("unsloth", "unsloth_zoo")
 
 
+def _patching(package: str) -> bool:
+    """Whether top-level ``package`` is a patching library's: one of :data:`PATCHING_LIBRARIES`, or a module that one
+    generated (unsloth_zoo's compiler writes rewritten modeling code as ``unsloth_compiled_module_<model>`` modules in
+    ``unsloth_compiled_cache``, imported under those names)."""
+    return package in PATCHING_LIBRARIES or package.startswith(("unsloth_compiled_module", "unsloth_compiled_cache"))
+
+
 def _patched_forward(model) -> str | None:
     """The qualified name of the first forward of ``model`` or its modules that a :data:`PATCHING_LIBRARIES`
     library defined (on the class or the instance), or None."""
     for module in model.modules():
         forward = module.__dict__.get("forward") or type(module).forward
-        if _library(forward) in PATCHING_LIBRARIES:
+        if _patching(_library(forward)):
             return f"{getattr(forward, '__func__', forward).__module__}.{getattr(forward, '__name__', 'forward')}"
     return None
 
@@ -179,7 +186,7 @@ def remember_originals(*modules) -> None:
             if isinstance(obj, type) and issubclass(obj, torch.nn.Module) and obj.__module__ == module.__name__:
                 _ORIGINAL_CLASSES.setdefault(module.__name__, {}).setdefault(name, obj)
                 own = vars(obj).get("forward", _INHERITED)
-                if own is _INHERITED or _library(own) not in PATCHING_LIBRARIES:
+                if own is _INHERITED or not _patching(_library(own)):
                     _ORIGINAL_FORWARDS.setdefault(obj, own)
 
 
@@ -193,15 +200,15 @@ def _put_back_plan(model) -> tuple[list, list, list] | str:
     for parent in model.modules():
         for cls in type(parent).__mro__:
             forward = vars(cls).get("forward")
-            if forward is not None and _library(forward) in PATCHING_LIBRARIES:
+            if forward is not None and _patching(_library(forward)):
                 if cls not in _ORIGINAL_FORWARDS:
                     return f"{cls.__module__}.{cls.__qualname__}.forward"
                 classes[cls] = _ORIGINAL_FORWARDS[cls]
         forward = parent.__dict__.get("forward")
-        if forward is not None and _library(forward) in PATCHING_LIBRARIES:
+        if forward is not None and _patching(_library(forward)):
             instances.append(parent)
         for name, child in parent.named_children():
-            if type(child).__module__.split(".")[0] not in PATCHING_LIBRARIES:
+            if not _patching(type(child).__module__.split(".")[0]):
                 continue
             # the name under which the patch took the place of transformers' class in the modeling module
             names = [n for n, c in recorded.items() if getattr(home, n, None) is type(child) and c is not type(child)]
