@@ -227,12 +227,6 @@ def _original_forward(cls: type):
     return cls.forward
 
 
-def restorable(model) -> bool:
-    """Whether every forward and module a patching library replaced in ``model`` has transformers' original
-    recorded (:func:`remember_originals`)."""
-    return not isinstance(_put_back_plan(model), str)
-
-
 _STAND_INS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # patched module -> transformers' instance
 
 
