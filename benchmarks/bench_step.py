@@ -315,6 +315,7 @@ def main():
     for variant in variants:
         t0 = time.time()
         log = Path(out) / f"bench_step_{variant}.stderr.log"  # the child's log, kept where it is cut short
+        timed_out = False
         with log.open("w") as stderr:
             try:
                 proc = subprocess.run([sys.executable, __file__, str(out), shape, variant], stdout=subprocess.PIPE,
@@ -322,9 +323,9 @@ def main():
                                       timeout=VARIANT_SECONDS)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             except subprocess.TimeoutExpired:
-                lines = []
+                lines, timed_out = [], True
         row = json.loads(lines[-1][7:]) if lines else {"variant": variant, "error": log.read_text()[-1500:]}
-        if not lines and time.time() - t0 >= (VARIANT_SECONDS or float("inf")):
+        if timed_out:
             row["error"] = f"timed out after {VARIANT_SECONDS} s (BENCH_VARIANT_SECONDS); " + row["error"]
         row["wall_s"] = time.time() - t0
         results.append(row)
