@@ -401,8 +401,11 @@ def test_a_patched_model_decodes_with_transformers_forwards_put_back(model, tiny
         ran.append("rotary")
         return base_rotary.forward(self, *args, **kwargs)
 
-    rotary = type("LlamaRotaryEmbedding", (base_rotary,),
-                  {"forward": rotary_forward, "__module__": "unsloth.models.llama"})
+    # as Unsloth's: the class inherits its forward from a mixin of the library's (_PerDeviceRopeCache), whose
+    # forward has no recorded original; the module is swapped whole, so that is no reason to go to generate
+    rotary_forward.__module__ = "unsloth.models.llama"
+    mixin = type("_PerDeviceRopeCache", (), {"forward": rotary_forward, "__module__": "unsloth.models.llama"})
+    rotary = type("LlamaRotaryEmbedding", (mixin, base_rotary), {"__module__": "unsloth.models.llama"})
     monkeypatch.setattr(llama, "LlamaRotaryEmbedding", rotary)
     patched = make_llama(tiny_tokenizer, seed=21)  # made after the patch: its rotary embedding is the library's
     patched.load_state_dict(model.state_dict())

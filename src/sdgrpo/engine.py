@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import re
 import sys
@@ -198,14 +199,17 @@ def _put_back_plan(model) -> tuple[list, list, list] | str:
     home = sys.modules.get(type(model).__module__)
     recorded = _ORIGINAL_CLASSES.get(getattr(home, "__name__", ""), {})
     for parent in model.modules():
-        for cls in type(parent).__mro__:
+        # a module of a patching library's class (Unsloth's rotary embedding, whose forward is its mixin's) is
+        # swapped whole for transformers' class below, from its parent: its own forwards are never called
+        swapped = parent is not model and _patching(type(parent).__module__.split(".")[0])
+        for cls in () if swapped else type(parent).__mro__:
             forward = vars(cls).get("forward")
             if forward is not None and _patching(_library(forward)):
                 if cls not in _ORIGINAL_FORWARDS:
                     return f"{cls.__module__}.{cls.__qualname__}.forward"
                 classes[cls] = _ORIGINAL_FORWARDS[cls]
         forward = parent.__dict__.get("forward")
-        if forward is not None and _patching(_library(forward)):
+        if forward is not None and _patching(_library(forward)) and not swapped:
             instances.append(parent)
         for name, child in parent.named_children():
             if not _patching(type(child).__module__.split(".")[0]):
@@ -252,8 +256,10 @@ def originals_put_back(model):
             del m.forward
         for parent, name, child, cls in modules:
             if child not in _STAND_INS:
-                weight = next(iter(child.buffers()), None)
-                _STAND_INS[child] = cls(config=model.config).to(weight.device if weight is not None else "cpu")
+                # on its parent's device: Unsloth's rotary embedding may keep its inv_freq where it was built and
+                # make cos/sin per device on the fly
+                near = next(itertools.chain(parent.parameters(), child.buffers()), None)
+                _STAND_INS[child] = cls(config=model.config).to(near.device if near is not None else "cpu")
             setattr(parent, name, _STAND_INS[child])
         yield
     finally:
