@@ -207,6 +207,9 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
                   beta=0.04, learning_rate=1e-5, bf16=True, report_to="none", save_strategy="no", logging_steps=1)
     torch.cuda.reset_peak_memory_stats()
     if variant.startswith("sdgrpo"):
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as the CLI logs
         from sdgrpo.config import parse_train_args
         from sdgrpo.train import main
 
@@ -276,7 +279,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][WARMUP:]
         for key in ("engine/mode", "sampling/sampling_logp_difference/mean", "sampling/kl",
                     "sampling/importance_sampling_ratio/mean", "engine/refresh_s", "engine/prefill_s",
-                    "engine/decode_s", "engine/decode_ms_per_step"):
+                    "engine/decode_s", "engine/decode_ms_per_step", "engine/calls", "engine/fallbacks"):
             values = [r[key] for r in rows if r.get(key) is not None]
             logged[key] = statistics.median(values) if values else None
     return {

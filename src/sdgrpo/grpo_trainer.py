@@ -24,7 +24,7 @@ TRL's ``unwrapped_model.generate`` call inside ``_generate`` (``--generation_eng
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from trl import GRPOTrainer
@@ -153,6 +153,7 @@ class SelfDistillMixin(CheckpointMixin):
                                          and not dropout)
         self._lora = _lora_layers(self.accelerator.unwrap_model(self.model))
         self._prompt_ids: list[list[int]] | None = None
+        self._sampling_rows: list | None = None  # the engine's log-probs of this generation's rollouts, per row
         self._ref_logps: tuple | None = None  # (log-probs, rows scored as sampled, completion tokens attended)
         self._policy_logps: tuple | None = None
         self._scoring = False
@@ -254,6 +255,7 @@ class SelfDistillMixin(CheckpointMixin):
             decoded, engine.record = engine.record, None
             if self.rollout_correction and out[4] is None:
                 out = (*out[:4], self._sampling_logps(decoded, out[1]), *out[5:])
+            self._sampling_rows = out[4] if self.rollout_correction else None
         return out
 
     def _sampling_logps(self, decoded: list, completion_ids: list) -> list | None:
@@ -306,12 +308,21 @@ class SelfDistillMixin(CheckpointMixin):
 
     def _generate_and_score_completions(self, inputs):
         self._ref_logps = self._policy_logps = None
-        self._prompt_ids = None
+        self._prompt_ids = self._sampling_rows = None
         self._scoring = True
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._scoring = False
+        if self.rollout_correction and output.get("sampling_per_token_logps") is None and self._sampling_rows:
+            # Unsloth's rewrite of TRL's _generate_and_score_completions keeps the rollouts' log-probs only under
+            # use_vllm: padded here as TRL pads them (right, with 0)
+            from trl.trainer.utils import pad
+
+            device = output["completion_ids"].device
+            output["sampling_per_token_logps"] = pad([torch.tensor(r, dtype=torch.float32, device=device)
+                                                      for r in self._sampling_rows], padding_value=0.0,
+                                                     padding_side="right")
         if self.token_advantages:
             self._use_token_advantages(output)
         if self.distill_topk:
@@ -428,6 +439,8 @@ class SelfDistillMixin(CheckpointMixin):
                 old, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, attention,
                                                                     output["completion_ids"].size(1), batch_size=batch)
             output["old_per_token_logps"] = old
+        if self.left_packed_logps:  # Unsloth's loss corrects and logs from old and sampling log-probs (compute_loss)
+            return
         self._set_importance_ratio(output, old)
 
     def _set_importance_ratio(self, batch: dict, policy: torch.Tensor) -> None:
@@ -450,6 +463,26 @@ class SelfDistillMixin(CheckpointMixin):
             return self.args.int4_correction_mode
         return self.vllm_importance_sampling_mode
 
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # Unsloth's compute_loss (unsloth_zoo's grpo_compute_loss; it never calls _compute_loss) applies TRL's
+        # truncated importance sampling from old_per_token_logps and sampling_per_token_logps, with the trainer's
+        # vllm_importance_sampling_* settings, and logs the mismatch, only under use_vllm and
+        # vllm_importance_sampling_correction: for the engine's corrected rollouts those hold for the call.
+        if (self.left_packed_logps and self.rollout_correction and not self.use_vllm
+                and inputs.get("sampling_per_token_logps") is not None):
+            with self._as_vllm_rollouts():
+                return super().compute_loss(model, inputs, *args, **kwargs)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    @contextmanager
+    def _as_vllm_rollouts(self):
+        saved = self.use_vllm, self.vllm_importance_sampling_correction
+        self.use_vllm, self.vllm_importance_sampling_correction = True, True
+        try:
+            yield
+        finally:
+            self.use_vllm, self.vllm_importance_sampling_correction = saved
+
     def _compute_loss(self, model, inputs):
         if not self.distill_topk or "teacher_topk_ids" not in inputs:
             return self._policy_loss(model, inputs)
@@ -470,12 +503,10 @@ class SelfDistillMixin(CheckpointMixin):
             self._ratio_for = inputs  # the ratio comes from this call's policy pass, before TRL's loss reads it
         elif "importance_sampling_ratio" not in inputs or self.use_vllm:
             return super()._compute_loss(model, inputs)
-        saved = self.use_vllm, self.vllm_importance_sampling_correction
-        self.use_vllm, self.vllm_importance_sampling_correction = True, True
         try:
-            return super()._compute_loss(model, inputs)
+            with self._as_vllm_rollouts():
+                return super()._compute_loss(model, inputs)
         finally:
-            self.use_vllm, self.vllm_importance_sampling_correction = saved
             self._ratio_for = None
 
     # --- rewards -------------------------------------------------------------------------------------------

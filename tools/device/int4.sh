@@ -19,4 +19,5 @@ for f in sorted(glob.glob(sys.argv[1] + "/bench_step_partial_*.json")):
     print(r["variant"], {k: r.get(k) for k in ("step_s", "generation_s", "peak_gpu_gib", "engine_mode",
                                                "mismatch_mean", "wall_s")}, (r.get("error") or "")[-600:])
 PY
+grep -h "decoding engine\|rollouts corrected" "$OUT"/bench_step_*.stderr.log 2>/dev/null | sort | uniq -c | cut -c1-400
 echo "total wall seconds: $(( $(date +%s) - start ))"
