@@ -209,7 +209,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     if variant.startswith("sdgrpo"):
         import logging
 
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as the CLI logs
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)  # as the CLI
         from sdgrpo.config import parse_train_args
         from sdgrpo.train import main
 

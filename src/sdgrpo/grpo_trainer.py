@@ -256,6 +256,11 @@ class SelfDistillMixin(CheckpointMixin):
             if self.rollout_correction and out[4] is None:
                 out = (*out[:4], self._sampling_logps(decoded, out[1]), *out[5:])
             self._sampling_rows = out[4] if self.rollout_correction else None
+            if self.rollout_correction and out[4] is None and not getattr(self, "_told_uncorrected", False):
+                self._told_uncorrected = True
+                logger.warning("rollout correction: no sampler log-probs for this generation (%d engine calls for "
+                               "%d completions; %d went to generate); these rollouts are not corrected",
+                               len(decoded or []), len(out[1]), engine.fallbacks)
         return out
 
     def _sampling_logps(self, decoded: list, completion_ids: list) -> list | None:
