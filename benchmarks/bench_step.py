@@ -187,6 +187,10 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     if CAP_GIB:
         torch.cuda.set_per_process_memory_fraction(CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     if unsloth:
+        if variant.startswith("sdgrpo"):  # as `sdgrpo train` does: transformers' forwards, for the engine
+            from sdgrpo.backends.unsloth import remember_transformers_forwards
+
+            remember_transformers_forwards(str(model_dir), False)
         import unsloth  # noqa: F401  (before trl)
     import trl
     from datasets import load_from_disk

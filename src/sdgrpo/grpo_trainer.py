@@ -253,10 +253,10 @@ class SelfDistillMixin(CheckpointMixin):
                                 "[%s, %s]; --int4_correction_mode)", self.correction_mode(),
                                 self.vllm_importance_sampling_clip_min or 0, self.vllm_importance_sampling_clip_max)
             decoded, engine.record = engine.record, None
-            if self.rollout_correction and out[4] is None:
+            if self.rollout_correction and not out[4]:  # None from TRL; Unsloth's rewrite may give an empty list
                 out = (*out[:4], self._sampling_logps(decoded, out[1]), *out[5:])
             self._sampling_rows = out[4] if self.rollout_correction else None
-            if self.rollout_correction and out[4] is None and not getattr(self, "_told_uncorrected", False):
+            if self.rollout_correction and not out[4] and not getattr(self, "_told_uncorrected", False):
                 self._told_uncorrected = True
                 logger.warning("rollout correction: no sampler log-probs for this generation (%d engine calls for "
                                "%d completions; %d went to generate); these rollouts are not corrected",
