@@ -473,10 +473,18 @@ class SelfDistillMixin(CheckpointMixin):
         # truncated importance sampling from old_per_token_logps and sampling_per_token_logps, with the trainer's
         # vllm_importance_sampling_* settings, and logs the mismatch, only under use_vllm and
         # vllm_importance_sampling_correction: for the engine's corrected rollouts those hold for the call.
-        if (self.left_packed_logps and self.rollout_correction and not self.use_vllm
-                and inputs.get("sampling_per_token_logps") is not None):
-            with self._as_vllm_rollouts():
-                return super().compute_loss(model, inputs, *args, **kwargs)
+        if self.left_packed_logps and self.rollout_correction and not self.use_vllm:
+            if inputs.get("sampling_per_token_logps") is not None:
+                if not getattr(self, "_told_unsloth_corrects", False):
+                    self._told_unsloth_corrects = True
+                    logger.info("Unsloth's loss corrects the engine's rollouts (importance sampling from their "
+                                "log-probs, %s)", self.vllm_importance_sampling_mode)
+                with self._as_vllm_rollouts():
+                    return super().compute_loss(model, inputs, *args, **kwargs)
+            if not getattr(self, "_told_unsloth_uncorrected", False):
+                self._told_unsloth_uncorrected = True
+                logger.warning("rollout correction: a batch reached Unsloth's loss without the rollouts' log-probs "
+                               "(keys: %s); it is not corrected", ", ".join(sorted(inputs)))
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     @contextmanager

@@ -146,6 +146,7 @@ def test_unsloth_model_decodes_through_the_engine(four_bit, qwen_dir, prepared, 
     assert "put in its place" not in log, log[-3000:]  # no call handed to generate for Unsloth's forwards
     for x in steps:
         assert x["engine/fallbacks"] == 0 and x["engine/calls"] >= 1, x
+        assert "sampling/sampling_logp_difference/mean" in x, (sorted(x), log[-3000:])
         assert x["sampling/sampling_logp_difference/mean"] < 0.1, x
 
 
