@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU machine: benchmarks/bench_step.py for VARIANTS on SHAPE (real vocabulary) under a CAP GiB memory cap (empty:
+# GPU machine: benchmarks/bench_step.py for VARIANTS on SHAPE (VOCAB=real: its own vocabulary, else 32k) under a CAP GiB memory cap (empty:
 # none), written to /tmp/bench_<tag>; its results JSON, the bench log and each variant's stderr log and metrics file
 # come back as one tar in $OUT (a call returns at most 8 files). A second call on the same warm machine reuses the
 # random model made by the first (BENCH_WORK=/tmp/bench_step). Carry .whl.
@@ -7,7 +7,7 @@ set -u
 source tools/device/env.sh
 tag=${TAG:-run}; work=/tmp/bench_$tag; mkdir -p "$work"
 start=$(date +%s)
-BENCH_VOCAB=real BENCH_CAP_GIB=${CAP-24} BENCH_STEPS=${BENCH_STEPS:-4} BENCH_VARIANT_SECONDS=${BENCH_VARIANT_SECONDS:-260} \
+BENCH_VOCAB=${VOCAB:-real} BENCH_CAP_GIB=${CAP-24} BENCH_STEPS=${BENCH_STEPS:-4} BENCH_VARIANT_SECONDS=${BENCH_VARIANT_SECONDS:-260} \
   BENCH_TAG=${BENCH_TAG:-} timeout "${BENCH_SECONDS:-540}" python3 benchmarks/bench_step.py "$work" "${SHAPE:-qwen2.5-7b}" \
   ${VARIANTS:-sdgrpo_hf_4bit sdgrpo_hf} > "$work/bench_$tag.log" 2>&1
 python3 - "$work" <<'PY'
