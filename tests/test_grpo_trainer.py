@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from trl import GRPOTrainer
 
 from conftest import boost, make_llama, reference_logps
 from sdgrpo.checkpointing import COMPLETE_MARKER
@@ -34,7 +35,8 @@ class RecordingReward(SelfNLLReward):
         return super().token_logprobs(prompt_ids, completion_ids)
 
 
-def build_trainer(model, tokenizer, dataset, tmp_path, *options, lora_scale: float = 0.03):
+def build_trainer(model, tokenizer, dataset, tmp_path, *options, lora_scale: float = 0.03,
+                  trainer_cls=SelfDistillGRPOTrainer):
     from trl import get_peft_config
 
     ensure_trl_runs_without_triton()
@@ -43,7 +45,7 @@ def build_trainer(model, tokenizer, dataset, tmp_path, *options, lora_scale: flo
         "--num_generations", "4", "--max_completion_length", "10", "--report_to", "none", "--save_strategy", "no",
         "--collapse_guard", "off", *options])
     reward = RecordingReward(None, tokenizer, max_prompt_length=train_cfg.max_prompt_length)
-    trainer = SelfDistillGRPOTrainer(model=model, reward_funcs=[reward], args=train_cfg, train_dataset=dataset,
+    trainer = trainer_cls(model=model, reward_funcs=[reward], args=train_cfg, train_dataset=dataset,
                                      processing_class=tokenizer, peft_config=get_peft_config(model_cfg),
                                      max_prompt_length=train_cfg.max_prompt_length)
     reward.model = trainer.model
@@ -305,6 +307,57 @@ def test_a_policy_that_changes_before_its_loss_is_corrected_from_trls_old_log_pr
         want = (policy - torch.tensor(sampled, dtype=torch.float64)).exp().clamp(max=1.5)
         assert batch["importance_sampling_ratio"][i][mask[i]].double().tolist() == pytest.approx(want.tolist(),
                                                                                                 abs=1e-4)
+
+
+class UnslothLikeTrainer(GRPOTrainer):
+    """Stands in for Unsloth 2026.10.9's rewrite of TRL's trainer where the rollout correction relies on it
+    (unsloth/models/rl_replacements.py): its ``_generate_and_score_completions`` keeps the rollouts' log-probs only
+    under ``use_vllm``, and its ``compute_loss`` (unsloth_zoo's grpo_accumulated_loss) applies the importance ratio
+    from ``old_per_token_logps`` and ``sampling_per_token_logps`` and logs the mismatch only under ``use_vllm`` and
+    ``vllm_importance_sampling_correction``. Its loss here records what it was given."""
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if not (self.use_vllm and self.vllm_importance_sampling_correction):
+            out.pop("sampling_per_token_logps", None)
+        return out
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.loss_saw = {"use_vllm": self.use_vllm, "correction": self.vllm_importance_sampling_correction,
+                         "inputs": dict(inputs)}
+        return torch.zeros(())
+
+
+def test_unsloths_loss_gets_the_engines_rollout_log_probs_and_the_policys(tiny_model_dir, tiny_tokenizer, dataset,
+                                                                          tmp_path):
+    """On top of a trainer that drops the rollouts' log-probs outside vLLM (as Unsloth's does), the batch that
+    reaches its loss still holds the engine's log-probs of the sampled tokens (the injected shift included) and the
+    policy's own (one no-grad pass: Unsloth's loss runs none of sdgrpo's), the latter equal to an unpadded forward
+    per sequence; the loss runs with TRL's vLLM correction flags set, and only for the call."""
+    from transformers import AutoModelForCausalLM
+
+    from sdgrpo.grpo_trainer import trainer_class
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cls = trainer_class(UnslothLikeTrainer, left_packed_logps=True)
+    trainer, _ = build_trainer(model, tiny_tokenizer, dataset, tmp_path, "--generation_engine", "true",
+                               "--rollout_correction", "true", "--beta", "0", trainer_cls=cls)
+    _, recorded = shift_the_sampler(trainer, seed=7)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    mask = batch["completion_mask"].bool()
+    assert batch["sampling_per_token_logps"] is not None and batch["old_per_token_logps"] is not None
+    for i, sampled in enumerate(recorded):
+        assert batch["sampling_per_token_logps"][i][mask[i]].tolist() == pytest.approx(sampled, abs=1e-6)
+        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+        completion = batch["completion_ids"][i][mask[i]].tolist()
+        policy = reference_logps(trainer.model, prompt, completion)
+        assert batch["old_per_token_logps"][i][mask[i]].double().tolist() == pytest.approx(policy.tolist(), abs=1e-4)
+    trainer.vllm_importance_sampling_correction = False  # TRL's default is True: off, to see it set for the call
+    trainer.compute_loss(trainer.model, batch)
+    assert trainer.loss_saw["use_vllm"] and trainer.loss_saw["correction"]
+    assert trainer.loss_saw["inputs"]["sampling_per_token_logps"] is batch["sampling_per_token_logps"]
+    assert not trainer.use_vllm and not trainer.vllm_importance_sampling_correction
 
 
 def test_int4_rollouts_switch_the_correction_on_and_log_their_mismatch(tiny_model_dir, tiny_tokenizer, dataset,
