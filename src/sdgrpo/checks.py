@@ -1,4 +1,5 @@
-"""The checks every verb's options pass before any work starts: numeric ranges, kinds of path, files that must exist.
+"""The checks every verb's options pass before any work starts: numeric ranges, kinds of path, files that must exist,
+what the machine must have.
 
 :func:`sdgrpo.args.parse_args` runs :func:`check_options` on the parsed values of every verb, so a bad value is one
 line naming the option, what it must be and what was given (exit 2), before a model is loaded or a sample drawn,
@@ -122,3 +123,37 @@ def check_paths(configs, source: str = "command line") -> None:
         value = values.get(name)
         if isinstance(value, str) and value and _local(value) and not Path(value).expanduser().exists():
             _fail(source, name, f"{value}: no such folder (a local path; a hub name looks like org/name)")
+
+
+def check_machine(configs) -> None:
+    """Raise :class:`UserError` where the options ask for a quantisation sdgrpo does not train, or for what this
+    machine lacks, before any work (preparing a folder of text can take minutes): 8-bit bases, 4-bit bases with
+    every weight trained (``--use_peft false``); a CUDA GPU for ``--backend unsloth``, a CUDA GPU and bitsandbytes
+    for a base or teacher loaded in 4 bits. The loaders check the machine again (modeling.require_4bit,
+    backends.unsloth)."""
+    import dataclasses
+
+    values = {}
+    for cfg in configs:
+        for f in dataclasses.fields(cfg):
+            values.setdefault(f.name, getattr(cfg, f.name))
+    if values.get("load_in_8bit"):
+        raise UserError("--load_in_8bit: sdgrpo quantises a base to 4 bits only; use --load_in_4bit true (QLoRA) or "
+                        "a 16-bit base")
+    if values.get("load_in_4bit") and values.get("use_peft") is False:
+        raise UserError("--load_in_4bit true trains LoRA adapters on a frozen 4-bit base (QLoRA); with --use_peft "
+                        "false every weight is trained, which 4-bit weights cannot be: drop one of the two")
+    if values.get("backend") == "unsloth":
+        from sdgrpo.backends.unsloth import require_gpu
+
+        require_gpu()
+    four_bit = ["--load_in_4bit"] if values.get("load_in_4bit") else []
+    if values.get("teacher_load_in_4bit") and not values.get("teacher_adapter") and (
+            values.get("teacher_model_name_or_path") or values.get("reward") in ("teacher_nll", "distill")):
+        four_bit.append("--teacher_load_in_4bit")
+    if four_bit:
+        import torch
+
+        from sdgrpo.modeling import require_4bit
+
+        require_4bit(four_bit[0], "cuda" if torch.cuda.is_available() else "cpu")

@@ -61,6 +61,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
+def require_4bit(where: str, device: str) -> None:
+    """4-bit loading needs a CUDA device and bitsandbytes: one line naming ``where`` otherwise."""
+    if device != "cuda":
+        raise UserError(f"{where}: 4-bit loading needs a CUDA GPU (bitsandbytes); drop the 4-bit option")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f'{where}: 4-bit loading needs bitsandbytes: pip install -e ".[qlora]" (or pip install '
+                        'bitsandbytes)') from None
+
+
 def load_model(name_or_path: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False,
                attn_implementation: str | None = None, load_in_4bit: bool = False, quant_type: str = "nf4",
                double_quant: bool = False):
@@ -71,13 +82,7 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: str, trust_remote_
     check_model_path(name_or_path)
     extra = {}
     if load_in_4bit:
-        if device != "cuda":
-            raise UserError(f"{name_or_path}: 4-bit loading needs a CUDA GPU (bitsandbytes); drop the 4-bit option")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError('4-bit loading needs bitsandbytes: pip install -e ".[qlora]" (or pip install '
-                            'bitsandbytes)') from None
+        require_4bit(name_or_path, device)
         from transformers import BitsAndBytesConfig
 
         extra = {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,

@@ -161,7 +161,8 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     # trained weights stay fp32 (16-bit weights lose small updates); autocast still runs; the frozen teacher keeps dtype
     student_dtype = torch.float32 if full and model_cfg.dtype in (None, "auto") else dtype
     model = load_model(model_cfg.model_name_or_path, student_dtype, device, cfg.trust_remote_code,
-                       model_cfg.attn_implementation)
+                       model_cfg.attn_implementation, load_in_4bit=bool(model_cfg.load_in_4bit),
+                       quant_type=model_cfg.bnb_4bit_quant_type, double_quant=bool(model_cfg.use_bnb_nested_quant))
     teacher = load_sft_teacher(cfg, tokenizer, dtype, device)
     heldout = heldout_callback(cfg, tokenizer, out)
     start_output(out, config_to_dict(cfg, model_cfg))

@@ -51,7 +51,8 @@ def test_cli_original_recipe_batch_settings_run(tmp_path, prepared, tiny_model_d
     assert len(read_metrics(out / "metrics.jsonl")) == 1
 
 
-def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir):
+def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir, corpus):
+    four_bit = "4-bit loading needs a CUDA GPU" if not torch.cuda.is_available() else "needs bitsandbytes"
     cases = [
         (["prepare", tmp_path / "missing", "--output", tmp_path / "o"], "no such file or directory"),
         (["train", "--dataset_path", tmp_path / "nothing"], "no such dataset folder"),
@@ -59,10 +60,20 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir):
         (["train", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
           tmp_path / "x", "--lora_target_modules", "nope_proj", "--max_steps", 1], "LoRA: Target modules"),
         (["train", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
-          tmp_path / "q", "--load_in_4bit", "true"],
-         "4-bit loading needs a CUDA GPU" if not torch.cuda.is_available() else "needs bitsandbytes"),
+          tmp_path / "q", "--load_in_4bit", "true"], four_bit),
         (["train", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
           tmp_path / "q8", "--load_in_8bit", "true"], "--load_in_8bit: sdgrpo quantises a base to 4 bits only"),
+        # raw text: refused before it is prepared (a folder of text can take minutes)
+        (["train", "--dataset_path", corpus / "jonah.txt", "--model_name_or_path", tiny_model_dir, "--output_dir",
+          tmp_path / "qraw", "--load_in_4bit", "true"], four_bit),
+        (["train", "--dataset_path", corpus / "jonah.txt", "--model_name_or_path", tiny_model_dir, "--output_dir",
+          tmp_path / "traw", "--reward", "teacher_nll", "--teacher_model_name_or_path", tiny_model_dir,
+          "--teacher_load_in_4bit", "true"], four_bit),
+        # sft took --load_in_4bit and trained a 16-bit base
+        (["sft", "--dataset_path", corpus / "jonah.txt", "--model_name_or_path", tiny_model_dir, "--output_dir",
+          tmp_path / "sq", "--load_in_4bit", "true", "--max_steps", 1], four_bit),
+        (["sft", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
+          tmp_path / "sfull", "--load_in_4bit", "true", "--use_peft", "false"], "with --use_peft false every weight"),
         (["frobnicate"], "unknown command"),
     ]
     for args, message in cases:
@@ -71,7 +82,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir):
         lines = [line for line in r.stderr.splitlines() if "error" in line]
         assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr
-    for refused in ("q", "q8"):  # nothing half-written where a run was refused
+    for refused in ("q", "q8", "qraw", "traw", "sq", "sfull"):  # nothing written where a run was refused
         assert not (tmp_path / refused).exists() or not any((tmp_path / refused).iterdir())
 
 
