@@ -163,6 +163,9 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     model = load_model(model_cfg.model_name_or_path, student_dtype, device, cfg.trust_remote_code,
                        model_cfg.attn_implementation, load_in_4bit=bool(model_cfg.load_in_4bit),
                        quant_type=model_cfg.bnb_4bit_quant_type, double_quant=bool(model_cfg.use_bnb_nested_quant))
+    weights = f"4-bit {model_cfg.bnb_4bit_quant_type.upper()} (QLoRA)" if model_cfg.load_in_4bit else str(student_dtype)
+    logger.info("base %s: %s, %.1f MiB on %s", model_cfg.model_name_or_path, weights,
+                model.get_memory_footprint() / 2**20, device)
     teacher = load_sft_teacher(cfg, tokenizer, dtype, device)
     heldout = heldout_callback(cfg, tokenizer, out)
     start_output(out, config_to_dict(cfg, model_cfg))

@@ -183,6 +183,28 @@ def test_four_bit_teacher(prepared, tmp_path):
     assert "4-bit NF4" in log, log[-3000:]
 
 
+def test_sft_trains_lora_on_a_4bit_base(qwen_dir, prepared, tmp_path):
+    """`sdgrpo sft --load_in_4bit true`: the base loads as 4-bit NF4 (smaller than its bf16 weights) and the LoRA
+    trains (before, the option was ignored and a 16-bit base trained)."""
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+
+    sizes = {}
+    for four_bit in ("false", "true"):
+        out = tmp_path / f"sft-{four_bit}"
+        r = run_cli("sft", "--model_name_or_path", qwen_dir, "--dataset_path", prepared, "--output_dir", out,
+                    "--max_steps", 3, "--per_device_train_batch_size", 4, "--load_in_4bit", four_bit,
+                    "--report_to", "none", "--save_strategy", "no")
+        assert r.returncode == 0, r.stderr[-3000:]
+        line = next(x for x in r.stderr.splitlines() if "sdgrpo.sft: base " in x)
+        assert ("4-bit NF4" in line) == (four_bit == "true"), line
+        sizes[four_bit] = float(line.split(", ")[-1].split(" MiB")[0])
+        lora_b = [v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k]
+        assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
+    assert sizes["true"] < 0.6 * sizes["false"], sizes
+
+
 def test_engine_on_the_gpu_agrees_with_generate_and_a_teacher_forced_pass(tiny_tokenizer):
     """bf16, compiled step (CUDA graph), LoRA folded, on the shipped model: greedy tokens against generate (unmerged
     LoRA), counted both as whole sequences and step by step (is each engine token the unmerged model's argmax after
