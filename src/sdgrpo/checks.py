@@ -81,17 +81,22 @@ def check_ranges(values: dict, source: str) -> None:
                 _fail(source, name, f"must all be above 0, not {value!r}")
 
 
+def _option_values(configs) -> dict:
+    """Every option of ``configs`` (a verb's parsed config objects) by name, the first config's value winning."""
+    import dataclasses
+
+    values = {}
+    for cfg in configs:
+        for f in dataclasses.fields(cfg):
+            values.setdefault(f.name, getattr(cfg, f.name))
+    return values
+
+
 def check_paths(configs, source: str = "command line") -> None:
     """Raise :class:`UserError` for the first path option of ``configs`` (a verb's parsed config objects) of the
     wrong kind: an output folder that is a file (or under one), an input that does not exist, an adapter folder
     without ``adapter_config.json``, a local model path that does not exist."""
-    import dataclasses
-
-    values, names = {}, set()
-    for cfg in configs:
-        names.add(type(cfg).__name__)
-        for f in dataclasses.fields(cfg):
-            values.setdefault(f.name, getattr(cfg, f.name))
+    values, names = _option_values(configs), {type(cfg).__name__ for cfg in configs}
     files_out = {n for cls in names for n in OUTPUT_FILES.get(cls, ())}
     for name in (*OUTPUT_FOLDERS, "output"):
         value = values.get(name)
@@ -130,13 +135,8 @@ def check_machine(configs) -> None:
     machine lacks, before any work (preparing a folder of text can take minutes): 8-bit bases, 4-bit bases with
     every weight trained (``--use_peft false``); a CUDA GPU for ``--backend unsloth``, a CUDA GPU and bitsandbytes
     for a base or teacher loaded in 4 bits. The loaders check the machine again (modeling.require_4bit,
-    backends.unsloth)."""
-    import dataclasses
-
-    values = {}
-    for cfg in configs:
-        for f in dataclasses.fields(cfg):
-            values.setdefault(f.name, getattr(cfg, f.name))
+    backends.unsloth). Run by ``sdgrpo train`` and ``sdgrpo sft`` before their text is prepared."""
+    values = _option_values(configs)
     if values.get("load_in_8bit"):
         raise UserError("--load_in_8bit: sdgrpo quantises a base to 4 bits only; use --load_in_4bit true (QLoRA) or "
                         "a 16-bit base")
@@ -147,13 +147,12 @@ def check_machine(configs) -> None:
         from sdgrpo.backends.unsloth import require_gpu
 
         require_gpu()
-    four_bit = ["--load_in_4bit"] if values.get("load_in_4bit") else []
-    if values.get("teacher_load_in_4bit") and not values.get("teacher_adapter") and (
-            values.get("teacher_model_name_or_path") or values.get("reward") in ("teacher_nll", "distill")):
-        four_bit.append("--teacher_load_in_4bit")
-    if four_bit:
+    teacher_4bit = values.get("teacher_load_in_4bit") and not values.get("teacher_adapter") and (
+        values.get("teacher_model_name_or_path") or values.get("reward") in ("teacher_nll", "distill"))
+    if values.get("load_in_4bit") or teacher_4bit:
         import torch
 
         from sdgrpo.modeling import require_4bit
 
-        require_4bit(four_bit[0], "cuda" if torch.cuda.is_available() else "cpu")
+        require_4bit("--load_in_4bit" if values.get("load_in_4bit") else "--teacher_load_in_4bit",
+                     "cuda" if torch.cuda.is_available() else "cpu")

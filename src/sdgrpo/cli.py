@@ -7,7 +7,7 @@ import logging
 import sys
 
 from sdgrpo.args import parse_args
-from sdgrpo.checks import check_machine, check_paths
+from sdgrpo.checks import check_paths
 from sdgrpo.errors import UserError
 
 logger = logging.getLogger("sdgrpo")
@@ -66,7 +66,6 @@ def _train(argv: list[str]) -> int:
     resume = "--resume" in argv
     train_cfg, model_cfg = parse_train_args([a for a in argv if a != "--resume"])
     check_paths([train_cfg, model_cfg])
-    check_machine([train_cfg, model_cfg])
     try:
         out = main(train_cfg, model_cfg, resume=resume)
     except Interrupted as stop:
@@ -82,7 +81,6 @@ def _sft(argv: list[str]) -> int:
 
     cfg, model_cfg = parse_sft_args(argv)
     check_paths([cfg, model_cfg])
-    check_machine([cfg, model_cfg])
     out = main(cfg, model_cfg)
     print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
     return 0

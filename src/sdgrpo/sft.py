@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sdgrpo.checks import check_machine
 from sdgrpo.config import SDModelConfig, SDSFTConfig, config_to_dict
 from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
@@ -147,6 +148,7 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     choose_attention_kernels(model_cfg.cudnn_attention)
     if not cfg.dataset_path:
         raise UserError("no text: pass --dataset_path DIR (raw text, or a folder written by `sdgrpo prepare`)")
+    check_machine([cfg, model_cfg])
     cfg.dataset_path = prepared_or_raw(cfg.dataset_path, cfg.output_dir,
                                        model_cfg.model_name_or_path, cfg)
     out = Path(cfg.output_dir)

@@ -16,6 +16,7 @@ from sdgrpo.checkpointing import (
     last_complete_checkpoint,
     write_failure_message,
 )
+from sdgrpo.checks import check_machine
 from sdgrpo.config import SDGRPOConfig, SDModelConfig, config_to_dict
 from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
@@ -134,6 +135,7 @@ def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> 
     if not model_cfg.use_peft:
         raise UserError("--use_peft false: sdgrpo train trains LoRA adapters only (the base is the adapters-off "
                         "model its reward and KL term read); to train every weight use `sdgrpo sft --use_peft false`")
+    check_machine([train_cfg, model_cfg])
     check_one_gpu_per_process()
     resolve_runtime(train_cfg)
     choose_attention_kernels(model_cfg.cudnn_attention)

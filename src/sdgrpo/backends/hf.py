@@ -3,8 +3,6 @@ hooks. ``load`` has the same face as ``backends/unsloth.py``'s."""
 
 from __future__ import annotations
 
-from sdgrpo.errors import UserError
-
 
 def load(train_cfg, model_cfg):
     """(model, tokenizer, peft_config, trainer class) for ``sdgrpo train``.
@@ -21,9 +19,6 @@ def load(train_cfg, model_cfg):
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
     from sdgrpo.runs import training_device
 
-    if model_cfg.load_in_8bit:
-        raise UserError("--load_in_8bit: sdgrpo quantises a base to 4 bits only; use --load_in_4bit true (QLoRA) or "
-                        "a 16-bit base")
     device = training_device(train_cfg)
     dtype = resolve_dtype(model_cfg.dtype, device)
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, train_cfg.trust_remote_code)
