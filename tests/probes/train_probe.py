@@ -1,12 +1,15 @@
 """`sdgrpo train` with test probes attached, for tests that run training in other processes (accelerate launch,
 the GPU machine). Library code carries no test hooks; this script adds them from outside.
 
-    python tests/probes/train_probe.py PROBE_DIR [--check_reuse] [--resume] TRAIN_ARGS...
+    python tests/probes/train_probe.py PROBE_DIR [--check_reuse] [--trace_loss] [--resume] TRAIN_ARGS...
 
 - Every process appends its logged collapse metrics and the longest prompt it saw to PROBE_DIR/rank{i}.jsonl
   (a callback), so a test can check that all ranks judged the same, whole batch.
 - With --check_reuse, every self-NLL reward call that was served from the KL pass is also scored by the reward's own
   pass, and both are appended to PROBE_DIR/reuse_check_{pid}.jsonl.
+- With --trace_loss, each generation and each loss call appends what the trainer holds to PROBE_DIR/loss_trace.jsonl:
+  the class that answers compute_loss, the flags that gate the rollout correction, whether the batch carries the
+  sampler's log-probs, and the sampling/* metrics logged so far (to follow a batch through another trainer's loss).
 """
 
 from __future__ import annotations
@@ -81,6 +84,37 @@ def patch_reward(folder: Path, check_reuse: bool) -> None:
     SelfNLLReward.__call__ = call
 
 
+def patch_trace(folder: Path) -> None:
+    from sdgrpo.grpo_trainer import SelfDistillMixin
+
+    def write(kind, trainer, batch):
+        owner = next((c for c in type(trainer).__mro__ if "compute_loss" in vars(c)), None)
+        sampling = batch.get("sampling_per_token_logps")
+        record = {"kind": kind, "class": type(trainer).__name__,
+                  "mro": [c.__module__ + "." + c.__name__ for c in type(trainer).__mro__[:5]],
+                  "compute_loss_of": owner and owner.__module__ + "." + owner.__name__,
+                  "use_vllm": bool(trainer.use_vllm), "left_packed": trainer.left_packed_logps,
+                  "rollout_correction": trainer.rollout_correction,
+                  "correction_flag": bool(trainer.vllm_importance_sampling_correction), "keys": sorted(batch),
+                  "sampling_shape": None if sampling is None else list(sampling.shape),
+                  "sampling_metrics": sorted(k for k in trainer._metrics["train"] if k.startswith("sampling/"))}
+        with open(folder / "loss_trace.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    generate, loss = SelfDistillMixin._generate_and_score_completions, SelfDistillMixin.compute_loss
+
+    def traced_generate(self, inputs):
+        out = generate(self, inputs)
+        write("generation", self, out)
+        return out
+
+    def traced_loss(self, model, inputs, *args, **kwargs):
+        write("loss", self, inputs)
+        return loss(self, model, inputs, *args, **kwargs)
+
+    SelfDistillMixin._generate_and_score_completions, SelfDistillMixin.compute_loss = traced_generate, traced_loss
+
+
 def main(argv: list[str]) -> None:
     from sdgrpo.config import parse_train_args
     from sdgrpo.train import main as train
@@ -90,8 +124,10 @@ def main(argv: list[str]) -> None:
     folder, argv = Path(argv[0]), argv[1:]
     folder.mkdir(parents=True, exist_ok=True)
     patch_reward(folder, "--check_reuse" in argv)
+    if "--trace_loss" in argv:
+        patch_trace(folder)
     resume = "--resume" in argv
-    train_cfg, model_cfg = parse_train_args([a for a in argv if a not in ("--resume", "--check_reuse")])
+    train_cfg, model_cfg = parse_train_args([a for a in argv if a not in ("--resume", "--check_reuse", "--trace_loss")])
     train(train_cfg, model_cfg, resume=resume, callbacks=[RankLog(folder)])
 
 
