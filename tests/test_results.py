@@ -40,3 +40,35 @@ def test_the_check_fails_when_a_file_changes(tmp_path, monkeypatch):
     (tmp_path / source.name).write_text(json.dumps(data))
     monkeypatch.setattr(module, "RESULTS", tmp_path)
     assert "123" in module.table() and module.table() != (ROOT / "docs" / "results.md").read_text()
+
+
+def test_merge_keeps_every_rows_figures_and_refuses_parts_of_different_runs(tmp_path):
+    """benchmarks/merge_results.py: the rows of two calls on one machine in one file, each part's command kept; a
+    part with another config (or device) is refused in one line, exit 2, and nothing is written."""
+    import subprocess
+    import sys
+
+    def part(variant, step, cap=24.0, steps=3):
+        return {"benchmark": "bench_step", "date": f"2026-12-06T0{int(step)}:00:00+00:00", "commit": "abc",
+                "command": f"python benchmarks/bench_step.py /tmp qwen2.5-7b {variant}", "device": "NVIDIA H200",
+                "versions": {"torch": "2.11.0"}, "config": {"shape": "qwen2.5-7b", "memory_cap_gib": cap,
+                                                             "steps_timed": steps},
+                "results": [{"variant": variant, "step_s": step}]}
+
+    for name, data in (("a", part("sdgrpo_hf_4bit", 3.55)), ("b", part("unsloth_bare_4bit", 28.7, steps=2)),
+                       ("c", part("sdgrpo_hf", 4.8, cap=None))):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    script = ROOT / "benchmarks" / "merge_results.py"
+    r = subprocess.run([sys.executable, script, tmp_path / "ab.json", tmp_path / "a.json", tmp_path / "b.json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    merged = json.loads((tmp_path / "ab.json").read_text())
+    assert [(x["variant"], x["step_s"]) for x in merged["results"]] == [("sdgrpo_hf_4bit", 3.55),
+                                                                       ("unsloth_bare_4bit", 28.7)]
+    assert [p["rows"] for p in merged["parts"]] == [["sdgrpo_hf_4bit"], ["unsloth_bare_4bit"]]
+    assert "unsloth_bare_4bit" in merged["command"] and "sdgrpo_hf_4bit" in merged["command"]
+    assert results_table().missing_header(tmp_path / "ab.json") == []
+    r = subprocess.run([sys.executable, script, tmp_path / "ac.json", tmp_path / "a.json", tmp_path / "c.json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "config differs" in r.stderr, r.stderr
+    assert not (tmp_path / "ac.json").exists()
