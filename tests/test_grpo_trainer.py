@@ -328,6 +328,24 @@ class UnslothLikeTrainer(GRPOTrainer):
         return torch.zeros(())
 
 
+def test_the_unsloth_trainer_reads_left_packed_log_probs_whatever_the_import_order(monkeypatch):
+    """`sdgrpo train --backend unsloth` imports sdgrpo.grpo_trainer after Unsloth has replaced trl.GRPOTrainer, so
+    the class the backend asks for is the module's own GRPOTrainer. It must still be the left-packed class: before,
+    it was the hf backend's SelfDistillGRPOTrainer (left_packed_logps False), and on the GPU the engine's rollouts
+    reached Unsloth's loss uncorrected (no sampling/* metric) while the reward misread the KL pass's columns."""
+    import trl
+
+    from sdgrpo.backends import unsloth as backend
+    from sdgrpo.grpo_trainer import GRPOTrainer, SelfDistillGRPOTrainer, SelfDistillMixin
+
+    monkeypatch.setattr(backend, "import_unsloth", lambda: None)  # no GPU here: trl.GRPOTrainer stands for Unsloth's
+    monkeypatch.setattr(trl, "GRPOTrainer", GRPOTrainer)  # the module imported after the patch: the same class
+    cls = backend.unsloth_trainer_class()
+    assert cls.left_packed_logps is True and cls is not SelfDistillGRPOTrainer
+    assert issubclass(cls, SelfDistillMixin) and issubclass(cls, GRPOTrainer)
+    assert SelfDistillGRPOTrainer.left_packed_logps is False
+
+
 def test_unsloths_loss_gets_the_engines_rollout_log_probs_and_the_policys(tiny_model_dir, tiny_tokenizer, dataset,
                                                                           tmp_path):
     """On top of a trainer that drops the rollouts' log-probs outside vLLM (as Unsloth's does), the batch that

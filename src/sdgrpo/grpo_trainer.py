@@ -570,7 +570,11 @@ class SelfDistillGRPOTrainer(SelfDistillMixin, GRPOTrainer):
 
 
 def trainer_class(base: type | None = None, left_packed_logps: bool = False) -> type:
-    """The self-distillation trainer on top of ``base`` (e.g. the GRPOTrainer that Unsloth patched on import)."""
-    if base is None or base is GRPOTrainer:
+    """The self-distillation trainer on top of ``base`` (e.g. the GRPOTrainer that Unsloth patched on import).
+
+    Where this module is first imported after Unsloth (``sdgrpo train --backend unsloth``), its ``GRPOTrainer`` is
+    Unsloth's already, so ``base is GRPOTrainer`` does not tell the backends apart: ``left_packed_logps`` does."""
+    if (base is None or base is GRPOTrainer) and not left_packed_logps:
         return SelfDistillGRPOTrainer
+    base = base or GRPOTrainer
     return type(f"SelfDistill{base.__name__}", (SelfDistillMixin, base), {"left_packed_logps": left_packed_logps})
