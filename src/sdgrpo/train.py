@@ -155,16 +155,16 @@ def load_data(train_cfg: SDGRPOConfig):
 
 
 def build_trainer(trainer_cls, train_cfg, model, tokenizer, peft_config, dataset, reward, callbacks: list):
-    # auto: not under Unsloth, whose left-packed reference pass disagreed with an independent pass on a Qwen2 model
-    # (tests/gpu/test_gpu.py, 2 of 8 rows off by 0.2 nats, also with rows holding a sampled pad-id token sent to the
-    # own pass by completion_columns; cause not found); there the reward runs its own pass.
+    # auto: not under Unsloth, whose left-packed reference pass was read 0.2 nats off an independent pass in 2 of 8 rows
+    # on a Qwen2 model (tests/gpu/test_gpu.py): the rows with a pad-id token sampled inside, which completion_columns
+    # sends to the own pass, but which the CLI never sent there before 8b47a92 (it got the hf trainer class). Off
+    # until the GPU test passes with that fix; there the reward runs its own pass.
     wanted = {"true": True, "false": False}.get(train_cfg.reuse_reference_logprobs, train_cfg.backend == "hf")
     reuse = wanted and train_cfg.score_with == "base" and train_cfg.reward == "self_nll"
     if reuse and train_cfg.backend == "unsloth":
-        logger.warning("--reuse_reference_logprobs true under Unsloth: its reference pass once disagreed with an "
-                       "independent pass on a Qwen2 model (2 of 8 rows off by ~0.2 nats), and again with rows holding "
-                       "a sampled pad token scored by the reward's own pass (docs/gpu.md); rewards may be off by as "
-                       "much")
+        logger.warning("--reuse_reference_logprobs true under Unsloth: its reference pass was read ~0.2 nats off "
+                       "an independent pass in 2 of 8 rows on a Qwen2 model; the cause is fixed but not yet checked on "
+                       "a GPU (docs/gpu.md); rewards may be off by as much")
     try:
         trainer = trainer_cls(model=model, reward_funcs=[reward], args=train_cfg, train_dataset=dataset,
                               processing_class=tokenizer, peft_config=peft_config,

@@ -95,20 +95,17 @@ def test_unsloth_backend_trains(model, qwen_dir, prepared, tmp_path):
     _train(TINY_MODEL if model == "tiny" else qwen_dir, prepared, tmp_path / "unsloth", "unsloth")
 
 
-UNSLOTH_REUSE_OFF = ("the reproduction of why reuse is off under Unsloth: on the random Qwen2.5-0.5B shape, Unsloth's "
-                     "reference pass read one token of 2 of 8 rows ~6 nats off an own pass (row means 0.20 nats), in "
-                     "rows with no sampled pad token too (one H200, 2026-12-03); the cause is not found")
-
-
 @pytest.mark.skipif(not _unsloth_available(), reason="unsloth is not installed (see make-wheelhouse.sh)")
-@pytest.mark.parametrize("model", ["tiny", pytest.param("qwen", marks=pytest.mark.xfail(strict=True,
-                                                                                        reason=UNSLOTH_REUSE_OFF))])
+@pytest.mark.parametrize("model", ["tiny", "qwen"])
 def test_unsloth_reward_reuses_the_left_packed_reference_pass(model, qwen_dir, prepared, tmp_path):
     """Under Unsloth the reward is read from the KL pass's (B, C + max_left_pad) log-probs, equal to an own pass.
 
     Rows holding a sampled pad-id token are sent to the own pass (completion_columns), so every reused row must be
-    free of inner pad tokens. On the Qwen shape reuse is still wrong (UNSLOTH_REUSE_OFF; auto leaves it off under
-    Unsloth). Also checks that Unsloth's trainer goes through sdgrpo's prompt hooks: max_prompt_length holds.
+    free of inner pad tokens. On the Qwen shape this failed on the GPU before 8b47a92 (2 of 8 rows ~0.2 nats off, exactly the rows
+    with a pad sampled inside): `sdgrpo train --backend unsloth` got the hf backend's trainer class, which reads the
+    KL pass's columns as TRL lays them out and never refused those rows (test_grpo_trainer.py,
+    test_the_unsloth_trainer_reads_left_packed_log_probs_whatever_the_import_order). Also checks that Unsloth's
+    trainer goes through sdgrpo's prompt hooks: max_prompt_length holds.
     """
     from sdgrpo.config import TINY_MODEL
 
