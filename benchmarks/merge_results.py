@@ -15,6 +15,10 @@ from pathlib import Path
 SAME = ("benchmark", "device", "versions")
 
 
+def _rows(part: dict) -> list[dict]:
+    return part.get("results") or part.get("rows") or []
+
+
 def merge(parts: list[dict]) -> dict:
     first = parts[0]
     for part in parts[1:]:
@@ -25,12 +29,12 @@ def merge(parts: list[dict]) -> dict:
         b = {k: v for k, v in part["config"].items() if k != "steps_timed"}
         if a != b:
             raise ValueError(f"config differs between the parts: {a!r} and {b!r}")
-    rows = [row for part in parts for row in part.get("results") or part.get("rows") or []]
+    rows = [row for part in parts for row in _rows(part)]
     key = "results" if "results" in first else "rows"
     return {**{k: v for k, v in first.items() if k not in ("results", "rows")},
             "command": " && ".join(p["command"] for p in parts),
             "parts": [{"date": p["date"], "commit": p.get("commit"), "command": p["command"],
-                       "rows": [r.get("variant") or r.get("name") for r in p.get("results") or p.get("rows") or []]}
+                       "rows": [r.get("variant") or r.get("name") for r in _rows(p)]}
                       for p in parts],
             key: rows}
 

@@ -10,6 +10,7 @@ the GPU machine). Library code carries no test hooks; this script adds them from
 - With --trace_loss, each generation and each loss call appends what the trainer holds to PROBE_DIR/loss_trace.jsonl:
   the class that answers compute_loss, the flags that gate the rollout correction, whether the batch carries the
   sampler's log-probs, and the sampling/* metrics logged so far (to follow a batch through another trainer's loss).
+  It imports sdgrpo.grpo_trainer before Unsloth is imported, an order `sdgrpo train` does not have.
 """
 
 from __future__ import annotations
