@@ -19,6 +19,8 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
   sdgrpo_unsloth    `sdgrpo train --backend unsloth`
   ..._4bit          the same with the base loaded in 4 bits (NF4; Unsloth's own loading)
   sdgrpo_unsloth_4bit_engine  the same, its rollouts decoded by sdgrpo's engine (--generation_engine true)
+  ..._reuse         the same with the reward read from the KL pass (--reuse_reference_logprobs true; the hf
+                    backend's default, off by default under Unsloth)
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
 r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
@@ -43,7 +45,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_4bit", "sdgrpo_hf_4bit_int4", "sdgrpo_hf_model", "sdgrpo_hf_cudnn",
             "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb", "unsloth_bare",
-            "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit", "sdgrpo_unsloth_4bit_engine"]
+            "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit", "sdgrpo_unsloth_4bit_engine",
+            "sdgrpo_unsloth_4bit_engine_reuse"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
 VARIANT_SECONDS = float(os.environ["BENCH_VARIANT_SECONDS"]) if os.environ.get("BENCH_VARIANT_SECONDS") else None
 CAP_GIB = float(os.environ["BENCH_CAP_GIB"]) if os.environ.get("BENCH_CAP_GIB") else None
@@ -229,8 +232,10 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--generation_compile", "false"]
         if variant == "sdgrpo_hf_compile":
             argv += ["--generation_compile", "true"]
-        if variant.endswith("_engine"):  # Unsloth's model decoded by sdgrpo's engine, not Unsloth's generation
+        if "_engine" in variant:  # Unsloth's model decoded by sdgrpo's engine, not Unsloth's generation
             argv += ["--generation_engine", "true", "--generation_compile", "true"]
+        if variant.endswith("_reuse"):
+            argv += ["--reuse_reference_logprobs", "true"]
         if variant.endswith("_int4"):
             argv += ["--generation_weights", "int4"]
         if variant == "sdgrpo_hf_model":
