@@ -104,8 +104,9 @@ def test_shipped_accelerate_configs_parse(path):
 
 def test_compiled_generation_default(monkeypatch):
     """On for --backend hf on a GPU (one process, DDP, FSDP2 with the weights held and FSDP's hooks off for
-    generation), with a static cache; off on CPU, Unsloth, vLLM, DeepSpeed and FSDP re-gathering the weights. The
-    decoding engine's default follows the same launches (it is on for CPU too, uncompiled)."""
+    generation), with a static cache; off on CPU, vLLM, DeepSpeed, FSDP re-gathering the weights and Unsloth's own
+    generation. The decoding engine's default follows the same launches (on for CPU too, uncompiled), on either
+    backend."""
     from sdgrpo.runtime import default_generation_compile as default
     from sdgrpo.runtime import resolve_runtime
 
@@ -115,7 +116,8 @@ def test_compiled_generation_default(monkeypatch):
     assert cpu.generation_compile is False and cpu.cache_implementation is None and model.dtype == "auto"
     assert default("hf", True, False, False, None) is True
     assert default("hf", False, False, False, None) is False
-    assert default("unsloth", True, False, False, None) is False
+    assert default("unsloth", True, False, False, None) is False  # Unsloth's own generation
+    assert default("unsloth", True, False, False, None, engine=True) is True  # Unsloth's model through the engine
     assert default("hf", True, True, False, None) is False  # weights re-gathered (DeepSpeed, FSDP per step)
     assert default("hf", True, False, True, None) is False  # vLLM
     assert default("hf", True, False, False, "dynamic") is False
@@ -141,6 +143,12 @@ def test_compiled_generation_default(monkeypatch):
         assert not cfg.use_cpu and cfg.generation_compile is expected, (env, extra)
         assert cfg.generation_engine is expected, (env, extra)  # the engine where the weights stay put
         assert cfg.cache_implementation == ("static" if expected else None)
+    for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(key, raising=False)
+    for extra, engine in [([], True), (["--generation_engine", "false"], False)]:  # Unsloth's model on a GPU
+        cfg = resolve_runtime(parse_train_args(gpu + ["--backend", "unsloth", *extra])[0])
+        assert cfg.generation_engine is engine and cfg.generation_compile is engine, extra
+        assert cfg.cache_implementation == ("static" if engine else None), extra
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the no-GPU fallback")

@@ -58,28 +58,30 @@ def resolve_runtime(cfg):
     held = (os.environ.get("FSDP_VERSION") == "2" and cfg.fsdp_gather_for_generation
             and cfg.fsdp_skip_hooks_in_generation)
     regathered = deepspeed or (fsdp and not held)
+    if cfg.generation_engine is None:  # Unsloth's model too: 8x its own generation (README, docs/gpu.md)
+        cfg.generation_engine = not cfg.use_vllm and not regathered
     if cfg.generation_compile is None:
         cfg.generation_compile = default_generation_compile(cfg.backend, not cfg.use_cpu and _has_cuda(), regathered,
-                                                            cfg.use_vllm, cfg.cache_implementation)
+                                                            cfg.use_vllm, cfg.cache_implementation,
+                                                            cfg.generation_engine)
     if cfg.generation_compile and cfg.cache_implementation is None:
         cfg.cache_implementation = "static"
-    if cfg.generation_engine is None:
-        cfg.generation_engine = cfg.backend == "hf" and not cfg.use_vllm and not regathered
     return cfg
 
 
 def default_generation_compile(backend: str, on_gpu: bool, regathered: bool, use_vllm: bool,
-                               cache_implementation: str | None) -> bool:
+                               cache_implementation: str | None, engine: bool = False) -> bool:
     """Compiled static-cache decoding by default where it was measured to help.
 
     Measured on H100s: 2.9x faster GRPO steps than the dynamic cache on one GPU
     (benchmarks/results/bench_step_qwen2.5-0.5b_h100_2026-11-26.json), and under FSDP2 with the weights held gathered
     and FSDP's hooks off for generation, 5,840 against 2,136 completion tokens/s on two GPUs
-    (bench_multigpu_qwen2.5-1.5b_h100x2_2026-11-26_hookless*.json). Off on CPU (not compiled there), with Unsloth and
-    vLLM (their own generation), and where the weights are ``regathered`` during generation: DeepSpeed (not measured)
-    and FSDP with --fsdp_gather_for_generation or --fsdp_skip_hooks_in_generation off (a graph break at every module).
+    (bench_multigpu_qwen2.5-1.5b_h100x2_2026-11-26_hookless*.json). Off on CPU (not compiled there), with vLLM and
+    with Unsloth's own generation (under Unsloth it is on only where the ``engine`` decodes), and where the weights
+    are ``regathered`` during generation: DeepSpeed (not measured) and FSDP with --fsdp_gather_for_generation or
+    --fsdp_skip_hooks_in_generation off (a graph break at every module).
     """
-    return (backend == "hf" and on_gpu and not regathered and not use_vllm
+    return ((backend == "hf" or engine) and on_gpu and not regathered and not use_vllm
             and cache_implementation in (None, "static"))
 
 
