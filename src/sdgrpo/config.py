@@ -55,15 +55,16 @@ class SDGRPOConfig(GRPOConfig):
     generation_engine: bool | None = field(
         default=None,
         metadata={"help": "Decode rollouts with sdgrpo's engine (static cache, one compiled step on GPU, LoRA folded "
-                          "into a generation copy); false: transformers' generate. Default: on with --backend hf in "
-                          "one process, DDP, or FSDP2 with the weights held for generation; off with Unsloth, vLLM, "
-                          "DeepSpeed and FSDP re-gathering the weights."},
+                          "into a generation copy); false: transformers' generate (Unsloth's own under --backend "
+                          "unsloth). Default: on in one process, DDP, or FSDP2 with the weights held for generation, "
+                          "on either backend; off with vLLM, DeepSpeed and FSDP re-gathering the weights."},
     )
     generation_compile: bool | None = field(
         default=None,
         metadata={"help": "Generate with a static KV cache and transformers' compiled (CUDA-graph) decoding step, "
                   "which TRL turns off. Default: on for --backend hf on a GPU (one process, DDP, or FSDP2 with the "
-                  "weights held for generation); off on CPU, with Unsloth, vLLM and DeepSpeed."},
+                  "weights held for generation) and for Unsloth's model decoded by the engine; off on CPU, with "
+                  "Unsloth's own generation, vLLM and DeepSpeed."},
     )
     generation_memory_gib: float | None = field(
         default=None,
