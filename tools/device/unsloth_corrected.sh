@@ -8,8 +8,9 @@ set -u
 source tools/device/env.sh
 start=$(date +%s)
 bash tools/device/make_7b.sh > "$OUT/make_7b.log" 2>&1 &
-for k in "decodes_through_the_engine and False" "decodes_through_the_engine and True" \
-         "reuses_the_left_packed and tiny" "reuses_the_left_packed and qwen"; do
+# TESTS: the pytest -k expressions, one process each, separated by ';' (empty: none)
+IFS=';' read -ra tests <<< "${TESTS-decodes_through_the_engine and False;decodes_through_the_engine and True;reuses_the_left_packed and tiny;reuses_the_left_packed and qwen}"
+for k in "${tests[@]}"; do
   name=$(echo "$k" | tr -c 'A-Za-z0-9\n' _)
   timeout -s INT "${TEST_SECONDS:-170}" python3 -m pytest -m gpu -q -rA --tb=short -p no:cacheprovider \
     --basetemp="/tmp/pt_$name" -k "$k" tests/gpu/test_gpu.py > "$OUT/pytest_$name.log" 2>&1 &
