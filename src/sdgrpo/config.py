@@ -137,8 +137,7 @@ class SDGRPOConfig(GRPOConfig):
     reuse_reference_logprobs: str = field(
         default="auto",
         metadata={"help": "With beta > 0 and temperature 1, take the reward from the KL term's reference pass "
-                  "instead of running a second forward pass: true, false, or auto (true with --backend hf; false "
-                  "with unsloth, whose left-packed pass disagreed with an independent pass on a Qwen2 model)."},
+                  "instead of running a second forward pass: true, false, or auto (true, on either backend)."},
     )
     max_prompt_length: int | None = field(
         default=512,

@@ -68,9 +68,8 @@ def completion_columns(logps: torch.Tensor, input_ids: torch.Tensor, attention_m
     it is marked False and must be scored by another pass. The first is decided from the ids alone, whatever the
     mask says: Unsloth's packing moves every pad-id token, and on the GPU (Qwen2.5-0.5B shape, random weights, which
     sample the pad id) such rows had passed a mask-only test and were read shifted by one column from the pad on.
-    Until 8b47a92 `sdgrpo train --backend unsloth` did not reach this path at all (trainer_class gave it the hf
-    class), so those rows were still read shifted on the GPU; reuse stays off under Unsloth unless asked for
-    (train.build_trainer) until the GPU test passes with the fix.
+    That refusal only works where the trainer class says the layout is left-packed (trainer_class; the CLI once got
+    the hf class under Unsloth, and those rows were read shifted: docs/gpu.md).
     """
     rows = logps.size(0)
     if not left_packed:

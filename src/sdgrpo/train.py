@@ -155,16 +155,11 @@ def load_data(train_cfg: SDGRPOConfig):
 
 
 def build_trainer(trainer_cls, train_cfg, model, tokenizer, peft_config, dataset, reward, callbacks: list):
-    # auto: not under Unsloth, whose left-packed reference pass was read 0.2 nats off an independent pass in 2 of 8 rows
-    # on a Qwen2 model (tests/gpu/test_gpu.py): the rows with a pad-id token sampled inside, which completion_columns
-    # sends to the own pass, but which the CLI never sent there before 8b47a92 (it got the hf trainer class). Off
-    # until the GPU test passes with that fix; there the reward runs its own pass.
-    wanted = {"true": True, "false": False}.get(train_cfg.reuse_reference_logprobs, train_cfg.backend == "hf")
+    # auto: on for either backend. Under Unsloth the reward reads its left-packed KL pass (completion_columns sends
+    # rows with a pad-id token sampled inside to the own pass); tests/gpu/test_gpu.py checks it against an
+    # independent pass on tiny and Qwen2 models.
+    wanted = train_cfg.reuse_reference_logprobs != "false"
     reuse = wanted and train_cfg.score_with == "base" and train_cfg.reward == "self_nll"
-    if reuse and train_cfg.backend == "unsloth":
-        logger.warning("--reuse_reference_logprobs true under Unsloth: its reference pass was read ~0.2 nats off "
-                       "an independent pass in 2 of 8 rows on a Qwen2 model; the cause is fixed but not yet checked on "
-                       "a GPU (docs/gpu.md); rewards may be off by as much")
     try:
         trainer = trainer_cls(model=model, reward_funcs=[reward], args=train_cfg, train_dataset=dataset,
                               processing_class=tokenizer, peft_config=peft_config,

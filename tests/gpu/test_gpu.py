@@ -101,9 +101,9 @@ def test_unsloth_reward_reuses_the_left_packed_reference_pass(model, qwen_dir, p
     """Under Unsloth the reward is read from the KL pass's (B, C + max_left_pad) log-probs, equal to an own pass.
 
     Rows holding a sampled pad-id token are sent to the own pass (completion_columns), so every reused row must be
-    free of inner pad tokens. On the Qwen shape this failed on the GPU before 8b47a92 (2 of 8 rows ~0.2 nats off, exactly the rows
-    with a pad sampled inside): `sdgrpo train --backend unsloth` got the hf backend's trainer class, which reads the
-    KL pass's columns as TRL lays them out and never refused those rows (test_grpo_trainer.py,
+    free of inner pad tokens. On the Qwen shape this once failed (2 of 8 rows ~0.2 nats off, exactly the rows with a
+    pad sampled inside): `sdgrpo train --backend unsloth` got the hf backend's trainer class, which reads the KL
+    pass's columns as TRL lays them out and never refused those rows (test_grpo_trainer.py,
     test_the_unsloth_trainer_reads_left_packed_log_probs_whatever_the_import_order). Also checks that Unsloth's
     trainer goes through sdgrpo's prompt hooks: max_prompt_length holds.
     """
@@ -111,7 +111,7 @@ def test_unsloth_reward_reuses_the_left_packed_reference_pass(model, qwen_dir, p
 
     out = tmp_path / "run"
     _train(TINY_MODEL if model == "tiny" else qwen_dir, prepared, out, "unsloth", "--max_prompt_length", 24,
-           "--reuse_reference_logprobs", "true", probe=tmp_path)  # auto leaves it off under Unsloth
+           probe=tmp_path)  # reuse and the engine by default
     log = (out / "stderr.log").read_text()
     ours = [line for line in log.splitlines() if "sdgrpo" in line or "reuse" in line or "dropout" in line]
     assert "reward reused from the KL pass in 3 of the reward calls" in log, "\n".join(ours)[-4000:]
