@@ -16,11 +16,12 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
   sdgrpo_hf_compile generate with a static cache and transformers' compiled decoding (--generation_compile true)
   sdgrpo_hf_cb      TRL's transformers continuous batching (use_transformers_continuous_batching)
   unsloth_bare      Unsloth model + Unsloth-patched GRPOTrainer, the original recipe's reward
-  sdgrpo_unsloth    `sdgrpo train --backend unsloth`
+  sdgrpo_unsloth    `sdgrpo train --backend unsloth` with its defaults (since 2026-12-06: rollouts by sdgrpo's
+                    engine, the reward read from Unsloth's KL pass; before, Unsloth's generation and an own pass)
   ..._4bit          the same with the base loaded in 4 bits (NF4; Unsloth's own loading)
-  sdgrpo_unsloth_4bit_engine  the same, its rollouts decoded by sdgrpo's engine (--generation_engine true)
-  ..._reuse         the same with the reward read from the KL pass (--reuse_reference_logprobs true; the hf
-                    backend's default, off by default under Unsloth)
+  sdgrpo_unsloth_4bit_engine  the same with --generation_engine true (the default now; named so in earlier results)
+  ..._reuse         the same with --reuse_reference_logprobs true (the default now)
+  sdgrpo_unsloth_4bit_generate  Unsloth's own generation (--generation_engine false)
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
 r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
@@ -46,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = ["trl_plain", "sdgrpo_hf", "sdgrpo_hf_4bit", "sdgrpo_hf_4bit_int4", "sdgrpo_hf_model", "sdgrpo_hf_cudnn",
             "sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb", "unsloth_bare",
             "sdgrpo_unsloth", "unsloth_bare_4bit", "sdgrpo_unsloth_4bit", "sdgrpo_unsloth_4bit_engine",
-            "sdgrpo_unsloth_4bit_engine_reuse"]
+            "sdgrpo_unsloth_4bit_engine_reuse", "sdgrpo_unsloth_4bit_generate"]
 STEPS, WARMUP, G, COMPLETION, PROMPT = int(os.environ.get("BENCH_STEPS", 4)), 1, 8, 512, 128
 VARIANT_SECONDS = float(os.environ["BENCH_VARIANT_SECONDS"]) if os.environ.get("BENCH_VARIANT_SECONDS") else None
 CAP_GIB = float(os.environ["BENCH_CAP_GIB"]) if os.environ.get("BENCH_CAP_GIB") else None
@@ -224,7 +225,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
                 str(out / variant), "--collapse_guard", "off", "--backend", "unsloth" if unsloth else "hf"]
         for k, v in common.items():
             argv += [f"--{k}", str(v)]
-        if variant in ("sdgrpo_hf_generate", "sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb"):
+        if variant.endswith("_generate") or variant in ("sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb"):
             argv += ["--generation_engine", "false"]
         if variant in ("sdgrpo_hf_static", "sdgrpo_hf_compile"):
             argv += ["--cache_implementation", "static"]
