@@ -152,15 +152,26 @@ def int4_dequantised(weight: torch.Tensor, group: int) -> torch.Tensor:
     return ((q.reshape(n, k // group, group).float() - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
 
 
-def int4_reference(reference, lora, bits: int = 4):
+def affine_dequantised(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """The weight a gemlite int4 copy stands for, from hqq's affine definition ``w = q * scale + low`` with the group's
+    low and scale rounded to bf16 and q the nearest level, in fp32 (computed here, not by the engine)."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    low = w.amin(-1).to(torch.bfloat16).float()
+    scale = ((w.amax(-1) - w.amin(-1)).clamp(min=1e-6) / 15).to(torch.bfloat16).float()
+    q = ((w - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+    return (q * scale[..., None] + low[..., None]).reshape(n, k)
+
+
+def int4_reference(reference, lora, bits: int = 4, kernel: str = "tinygemm"):
     """``reference`` (a plain model of ``lora``'s base architecture) given, for every LoRA layer of ``lora`` that an
     int4 copy serves, the dequantised int4 form of base + LoRA (a bitsandbytes base dequantised first): the model an
     int4 sampler stands for, made without the engine's copies."""
     from peft.utils.integrations import dequantize_bnb_weight
 
-    from sdgrpo.engine import _quantisable_lora_layers, int4_layout
+    from sdgrpo.engine import _quantisable_lora_layers, gemlite_layout, int4_layout
 
-    served = {id(m) for m in _quantisable_lora_layers(lora, bits)}
+    served = {id(m) for m in _quantisable_lora_layers(lora, bits, kernel)}
     with torch.no_grad():
         for name, module in lora.named_modules():
             if id(module) not in served:
@@ -171,7 +182,9 @@ def int4_reference(reference, lora, bits: int = 4):
             merged = weight.float() + (module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
                                        ) * module.scaling["default"]
             target = reference.get_submodule(name.removeprefix("base_model.model."))
-            if bits == 4:
+            if bits == 4 and kernel == "gemlite":
+                merged = affine_dequantised(merged, gemlite_layout(*merged.shape))
+            elif bits == 4:
                 merged = int4_dequantised(merged, int4_layout(*merged.shape)[0])
             target.weight.copy_(merged.to(target.weight.dtype))
     return reference

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import boost, int4_dequantised, int4_reference, make_llama, reference_logps, with_lora
+from conftest import (affine_dequantised, boost, int4_dequantised, int4_reference, make_llama, reference_logps,
+                      with_lora)
 from sdgrpo.engine import DecodeEngine, serving
 
 PROMPTS = ["In the beginning God created", "And the LORD said unto Noah", "Then", "And it came to pass, when men"]
@@ -805,3 +806,137 @@ def test_generation_room_is_what_the_cap_leaves_less_trainings_reserve(monkeypat
     assert room / gib == pytest.approx(6.0) and "kept for training" in why
     peak["value"] = 19.4 * gib
     assert engine_module.generation_room("cuda")[0] / gib == pytest.approx(24 - 14.4 - 5.0)
+
+
+# --- int4 copies read by gemlite (its reference matmul off CUDA; the kernel itself in tests/gpu) -----------------
+def test_gemlite_packing_is_eight_values_a_word_along_k_transposed():
+    """pack_gemlite against the layout written out by hand (value j of a row in bits 4 (j % 8) of word j // 8, words
+    [K / 8, N]), and unpack_gemlite undoes it."""
+    from sdgrpo.engine import pack_gemlite, unpack_gemlite
+
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (24, 64), dtype=torch.uint8)
+    words = pack_gemlite(q)
+    assert words.shape == (8, 24) and words.dtype == torch.int32 and words.is_contiguous()
+    for n in (0, 5, 23):
+        for w in (0, 3, 7):
+            want = sum(int(q[n, 8 * w + j]) << (4 * j) for j in range(8))
+            assert int(words[w, n]) & 0xFFFFFFFF == want
+    assert torch.equal(unpack_gemlite(words), q)
+
+
+def test_affine_quantisation_is_round_to_nearest_within_half_a_step():
+    """quantise_affine: levels 0..15 on the group's [low, high], each value within half a step of q * scale + low."""
+    from sdgrpo.engine import quantise_affine
+
+    torch.manual_seed(1)
+    w = torch.randn(16, 256) * torch.linspace(0.1, 3, 256)
+    q, scale, low = quantise_affine(w, 64)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == low.shape == (16, 4)
+    groups = w.reshape(16, 4, 64)
+    assert torch.allclose(scale.float(), (groups.amax(-1) - groups.amin(-1)) / 15, rtol=1e-2)
+    back = q.reshape(16, 4, 64).float() * scale.float()[..., None] + low.float()[..., None]
+    assert torch.equal(back.reshape(16, 256), affine_dequantised(w, 64))
+    assert bool(((back - groups).abs() <= scale.float()[..., None] / 2 * 1.02 + 1e-6).all())
+
+
+def test_gemlite_linear_off_cuda_is_the_dequantised_matmul():
+    """GemliteLinear loaded in two chunks of rows and packed: its output is x @ W^T + b with W the affine form of the
+    weight (computed independently), to bf16 rounding."""
+    from sdgrpo.engine import GemliteLinear
+
+    torch.manual_seed(2)
+    w, b = torch.randn(48, 128), torch.randn(48)
+    layer = GemliteLinear(48, 128, 64, "cpu", bias=True)
+    values = torch.empty(48, 128, dtype=torch.uint8)
+    layer.load(values, 0, w[:16])
+    layer.load(values, 16, w[16:])
+    layer.pack(values)
+    layer.bias.data.copy_(b)
+    x = torch.randn(3, 5, 128)
+    want = x @ affine_dequantised(w, 64).t() + b.bfloat16().float()
+    got = layer(x)
+    assert got.shape == (3, 5, 48) and got.dtype == x.dtype
+    assert torch.allclose(got, want, atol=0.05 * want.abs().max().item())
+
+
+def test_gemlite_copies_decode_as_the_model_with_their_weights_would(tiny_tokenizer):
+    """Mode ``int4`` with ``int4_kernel`` gemlite (here its reference matmul: gemlite runs on CUDA only): every LoRA
+    layer swapped for an affine int4 copy of ``W + scale * B @ A``; the engine's greedy tokens are the argmax and its
+    log-probs the log-probs of an independent model whose weights are those affine forms, teacher-forced one
+    unpadded row at a time (to bf16's rounding); the trained weights untouched."""
+    import copy
+
+    from sdgrpo.engine import GemliteLinear
+
+    base = make_llama(tiny_tokenizer, seed=63).to(torch.bfloat16)
+    reference = copy.deepcopy(base)
+    lora = with_lora(base, 0.3, seed=64)
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    int4_reference(reference, lora, kernel="gemlite")
+    enc = encode(tiny_tokenizer)
+    engine = DecodeEngine(generation_weights="int4", int4_kernel="gemlite")
+    engine.record = []
+    got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
+    assert engine.mode == "int4" and engine.quantised.kernel == "gemlite" and engine.quantised.held() == 14
+    copies = [c for known in engine.quantised.groups.values() for c, _ in known.values()]
+    assert {type(c) for c in copies} == {GemliteLinear}
+    assert all(torch.equal(v, before[k]) for k, v in lora.state_dict().items())
+    width = enc["input_ids"].size(1)
+    out = engine.record[0].logprobs
+    for row in range(got.size(0)):
+        start = int((enc["attention_mask"][row] == 0).sum())
+        completion = got[row, width:]
+        ended = (completion == tiny_tokenizer.eos_token_id).nonzero()
+        n = int(ended[0]) + 1 if len(ended) else completion.numel()
+        with torch.no_grad():
+            logits = reference(input_ids=got[row:row + 1, start:width + n]).logits[0].float()
+        logps = torch.log_softmax(logits[width - start - 1: width - start - 1 + n], -1)
+        chosen = logps.gather(-1, completion[:n, None])[:, 0]
+        assert bool((chosen >= logps.amax(-1) - 0.02).all())
+        assert torch.allclose(out[row, :n], chosen, atol=0.02)
+
+
+def test_the_int4_kernel_is_gemlite_where_it_runs_else_tinygemm(monkeypatch):
+    """choose_int4_kernel: auto takes tinygemm off CUDA and where gemlite cannot run (saying why), gemlite where it
+    can; gemlite asked for on a GPU where it cannot run is one line (UserError), never a silent other kernel."""
+    from sdgrpo import engine as engine_module
+    from sdgrpo.engine import choose_int4_kernel
+    from sdgrpo.errors import UserError
+
+    assert choose_int4_kernel("auto", "cpu") == ("tinygemm", "auto: not a CUDA device")
+    assert choose_int4_kernel("tinygemm", "cuda") == ("tinygemm", "as asked")
+    monkeypatch.setattr(engine_module, "gemlite_available", lambda: None)
+    assert choose_int4_kernel("auto", "cuda") == ("gemlite", "auto")
+    monkeypatch.setattr(engine_module, "gemlite_available", lambda: "gemlite is not installed (pip install gemlite)")
+    assert choose_int4_kernel("auto", "cuda") == ("tinygemm", "auto: gemlite is not installed (pip install gemlite)")
+    with pytest.raises(UserError, match="--generation_int4_kernel gemlite: gemlite is not installed"):
+        choose_int4_kernel("gemlite", "cuda")
+
+
+def test_a_quantised_base_gets_int4_copies_first_where_the_int4_kernel_is_as_fast(tiny_tokenizer, caplog,
+                                                                                  monkeypatch):
+    """``generation_weights`` auto, a quantised base (stood in for by ``_quantised_base``), int4 read by a kernel of
+    INT4_FIRST (gemlite): int4 copies where they fit, even where 16-bit copies would (memory first), and 16-bit copies
+    never; with tinygemm the 16-bit copies come first, as before."""
+    import logging
+
+    from sdgrpo import engine as engine_module
+    from sdgrpo.engine import _quantisable_lora_layers, cache_bytes, dense_bytes, int4_bytes
+
+    lora = with_lora(make_llama(tiny_tokenizer, seed=73).to(torch.bfloat16), 0.3, seed=74)
+    enc = encode(tiny_tokenizer)
+    monkeypatch.setattr(engine_module, "_quantised_base", lambda layers: True)
+    monkeypatch.setattr(engine_module, "_foldable_lora_layers", lambda model: None)
+    cache = cache_bytes(lora.get_base_model(), 4, 64)
+    plenty = dense_bytes(_quantisable_lora_layers(lora, 16)) + cache
+    need4 = int4_bytes(_quantisable_lora_layers(lora, 4, "gemlite"), "gemlite")
+    for kernel, budget, mode in (("gemlite", plenty, "int4"), ("gemlite", need4 + cache, "int4"),
+                                 ("tinygemm", plenty, "dequantised")):
+        engine = DecodeEngine(memory_budget_gib=budget / 2**30, int4_kernel=kernel)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
+            engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
+        assert engine.mode == mode and engine.quantised.kernel == kernel, (kernel, caplog.text)
+        if mode == "int4":
+            assert "int4 generation copies of the quantised base, read by gemlite" in caplog.text

@@ -282,6 +282,48 @@ def test_rollouts_with_a_mismatched_sampler_are_corrected_in_the_loss(tiny_model
     assert not trainer.use_vllm  # the branch was taken for the call only
 
 
+@pytest.mark.parametrize("setting", ["auto", "trl"])
+def test_engine_rollouts_are_corrected_per_token_by_default_and_trls_sequence_ratio_is_logged_per_row(
+        setting, tiny_model_dir, tiny_tokenizer, dataset, corpus, tmp_path, caplog):
+    """--rollout_correction_mode auto corrects each token (token_truncate, whatever TRL's own default), so the weight
+    a row keeps does not shrink with its length; ``trl`` takes TRL's vllm_importance_sampling_mode (sequence_mask,
+    its default): one ratio a row, exp of the row's summed log-ratio, 0 outside [0, clip_max], and its statistics
+    are over rows (TRL's logging), not repeated over each row's tokens. Against the injected shifts; a mean weight
+    under 0.8 is warned about once."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    boost(model, tiny_tokenizer.eos_token_id, 6.0, tiny_tokenizer, (corpus / "jonah.txt").read_text()[:2000])
+    trainer, _ = build_trainer(model, tiny_tokenizer, dataset, tmp_path, "--generation_engine", "true",
+                               "--rollout_correction", "true", "--beta", "0", "--rollout_correction_mode", setting)
+    assert trainer.args.vllm_importance_sampling_mode == "sequence_mask"  # TRL's default, left as it is
+    shift, _ = shift_the_sampler(trainer, seed=7)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    trainer.current_gradient_accumulation_steps = 1
+    with caplog.at_level(logging.WARNING, logger="sdgrpo.grpo_trainer"):
+        trainer.compute_loss(trainer.model, batch)
+    ratio, mask = batch["importance_sampling_ratio"], batch["completion_mask"].bool()
+    metrics = trainer._metrics["train"]
+    assert len({len(d) for d in shift.values()}) > 1  # rows of different lengths: a per-token mean would differ
+    if setting == "auto":
+        assert ratio.shape == mask.shape
+        want = torch.cat([torch.tensor(d).exp().clamp(max=3.0) for _, d in sorted(shift.items())])
+        assert torch.allclose(ratio[mask], want, atol=1e-4)
+    else:
+        assert ratio.shape == (mask.size(0), 1)
+        sums = torch.tensor([sum(d) for _, d in sorted(shift.items())])
+        want = sums.exp().masked_fill(sums.exp() > 3.0, 0.0)
+        assert torch.allclose(ratio[:, 0], want, atol=1e-4)
+    assert metrics["sampling/importance_sampling_ratio/mean"][-1] == pytest.approx(want.mean().item(), abs=1e-4)
+    assert metrics["sampling/importance_sampling_ratio/min"][-1] == pytest.approx(want.min().item(), abs=1e-4)
+    assert metrics["sampling/importance_sampling_ratio/max"][-1] == pytest.approx(want.max().item(), abs=1e-4)
+    assert metrics["sampling/importance_sampling_ratio/zeroed"][-1] == pytest.approx((want == 0).float().mean().item())
+    assert ("the mean importance weight of this batch" in caplog.text) == (want.mean().item() < 0.8)
+
+
 def test_a_policy_that_changes_before_its_loss_is_corrected_from_trls_old_log_probs(tiny_model_dir, tiny_tokenizer,
                                                                                    dataset, tmp_path):
     """Two iterations per generation: the policy of the second loss is not the one that sampled, so the ratio is set
@@ -410,7 +452,7 @@ def test_int4_rollouts_switch_the_correction_on_and_log_their_mismatch(tiny_mode
     flat = torch.cat(deltas)
     assert flat.abs().mean() > 1e-3  # int4 copies are not the policy
     assert metrics["sampling/sampling_logp_difference/mean"][-1] == pytest.approx(flat.abs().mean().item(), abs=2e-4)
-    # token-level truncation (--int4_correction_mode's default): each token's ratio exp(delta) clipped at 3
+    # token-level truncation (--rollout_correction_mode auto): each token's ratio exp(delta) clipped at 3
     mask = batch["completion_mask"].bool()
     want = torch.zeros(mask.shape, dtype=torch.float64)
     want[mask] = flat.exp().clamp(max=3.0)

@@ -35,6 +35,7 @@ BACKENDS = ("hf", "unsloth")
 
 
 TOKEN_REWARDS = ("teacher_nll", "distill", "context_distill")  # the rewards with a per-token advantage
+CORRECTION_MODES = ("auto", "trl", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 @dataclass
@@ -116,13 +117,22 @@ class SDGRPOConfig(GRPOConfig):
                   "no-grad policy pass per generation. auto: on where the engine decodes 16-bit or int4 weights; "
                   "true, false."},
     )
-    int4_correction_mode: str = field(
-        default="token_truncate",
-        metadata={"help": "Importance-sampling mode for rollouts decoded from int4 copies: token_truncate (each "
-                  "token's ratio clipped at --vllm_importance_sampling_clip_max), or trl (TRL's "
-                  "--vllm_importance_sampling_mode, default sequence_mask). Their per-token mismatch is ~30x the "
-                  "16-bit fold's (0.15 against 0.005 nats on the shipped model), so a ratio over a whole sequence "
-                  "would weight most rows near 0 or mask them."},
+    rollout_correction_mode: str = field(
+        default="auto",
+        metadata={"help": "Importance-sampling mode for the engine's rollouts: auto (token_truncate, whatever the "
+                  "engine decodes: each token's ratio clipped at --vllm_importance_sampling_clip_max, so the weight "
+                  "a batch keeps does not shrink with completion length), trl (TRL's --vllm_importance_sampling_mode, "
+                  "default sequence_mask), or one of TRL's modes by name (token_truncate, token_mask, "
+                  "sequence_truncate, sequence_mask). A ratio over a whole sequence is a product over its tokens: "
+                  "at 0.055 nats of mismatch a token (16-bit copies, random 7B weights) sequence_mask kept a median "
+                  "row weight of 0.23 over 512 tokens (docs/gpu.md)."},
+    )
+    generation_int4_kernel: str = field(
+        default="auto",
+        metadata={"help": "The kernel that reads int4 generation copies: auto (gemlite's Triton kernels where "
+                  "gemlite is installed and the GPU is Ampere or newer, else PyTorch's tinygemm), gemlite, "
+                  "tinygemm. With gemlite, --generation_weights auto gives a 4-bit base int4 copies first (a "
+                  "quarter of 16-bit copies' memory; docs/gpu.md has the measurements)."},
     )
     fsdp_gather_for_generation: bool = field(
         default=True,
@@ -250,9 +260,12 @@ class SDGRPOConfig(GRPOConfig):
                                 "--teacher_retokenize (or use a teacher with the student's tokenizer)")
         if self.generation_weights not in ("auto", "model", "int4"):
             raise UserError(f"generation_weights {self.generation_weights!r} is not one of ['auto', 'model', 'int4']")
-        if self.int4_correction_mode not in ("token_truncate", "trl"):
-            raise UserError(f"int4_correction_mode {self.int4_correction_mode!r} is not one of "
-                            "['token_truncate', 'trl']")
+        if self.rollout_correction_mode not in CORRECTION_MODES:
+            raise UserError(f"rollout_correction_mode {self.rollout_correction_mode!r} is not one of "
+                            f"{list(CORRECTION_MODES)}")
+        if self.generation_int4_kernel not in ("auto", "gemlite", "tinygemm"):
+            raise UserError(f"generation_int4_kernel {self.generation_int4_kernel!r} is not one of "
+                            "['auto', 'gemlite', 'tinygemm']")
         self.rollout_correction = str(self.rollout_correction).lower()
         if self.rollout_correction not in ("auto", "true", "false"):
             raise UserError(f"rollout_correction {self.rollout_correction!r} is not one of ['auto', 'true', 'false']")

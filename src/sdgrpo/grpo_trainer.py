@@ -111,14 +111,23 @@ def importance_weights(policy: torch.Tensor, sampler: torch.Tensor, mask: torch.
 
 
 def ratio_stats(ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The importance ratio over the completion tokens ((B, T), or (B, 1) per sequence): its mean, and the share of
-    tokens it zeroes (the ``*_mask`` modes)."""
-    weights = ratio.expand_as(mask)[mask.bool()].float()
+    """The importance ratio's min, mean and max and the share it zeroes (the ``*_mask`` modes), as TRL 1.15 logs
+    vLLM's: over the completion tokens for a per-token ratio ((B, T)), over the sequences for a per-sequence one
+    ((B, 1): one value a row, not repeated over its tokens, so that long rows do not weigh more)."""
+    if ratio.size(-1) == 1 and mask.size(-1) != 1:
+        weights = ratio[:, 0][mask.bool().any(dim=-1)].float()
+    else:
+        weights = ratio.expand_as(mask)[mask.bool()].float()
     if not weights.numel():
         zero = torch.zeros((), device=ratio.device)
-        return {"importance_sampling_ratio/mean": zero, "importance_sampling_ratio/zeroed": zero}
-    return {"importance_sampling_ratio/mean": weights.mean(),
+        return {f"importance_sampling_ratio/{k}": zero for k in ("min", "mean", "max", "zeroed")}
+    return {"importance_sampling_ratio/min": weights.min(), "importance_sampling_ratio/mean": weights.mean(),
+            "importance_sampling_ratio/max": weights.max(),
             "importance_sampling_ratio/zeroed": (weights == 0).float().mean()}
+
+
+# Below this mean importance weight a generation's rollouts mostly do not count: warned once (docs/gpu.md).
+LOW_WEIGHT = 0.8
 
 
 def rollout_mismatch(policy: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,7 +172,8 @@ class SelfDistillMixin(CheckpointMixin):
         # Rollouts through sdgrpo's decoding engine (engine.py): TRL's generate call is answered by it.
         self.engine = (DecodeEngine(compile=bool(getattr(self.args, "generation_compile", False)),
                                     memory_budget_gib=getattr(self.args, "generation_memory_gib", None),
-                                    generation_weights=getattr(self.args, "generation_weights", "auto"))
+                                    generation_weights=getattr(self.args, "generation_weights", "auto"),
+                                    int4_kernel=getattr(self.args, "generation_int4_kernel", "auto"))
                        if getattr(self.args, "generation_engine", False) else None)
         self.token_advantages = getattr(self.args, "advantage", "sequence") == "token"
         if self.token_advantages:
@@ -179,7 +189,7 @@ class SelfDistillMixin(CheckpointMixin):
         self.rollout_correction = self._corrects_rollouts()
         if self.rollout_correction:
             logger.info("rollouts corrected by importance sampling (%s, ratio clipped to [%s, %s]): the engine's "
-                        "decoding is not the policy bit for bit", self.vllm_importance_sampling_mode,
+                        "decoding is not the policy bit for bit", self.correction_mode(),
                         self.vllm_importance_sampling_clip_min or 0, self.vllm_importance_sampling_clip_max)
         if self.engine is not None and self.engine.compile:
             # One cache length for the whole run: a compiled step is compiled again for each new one.
@@ -250,7 +260,7 @@ class SelfDistillMixin(CheckpointMixin):
                     self.rollout_correction = True
                 if self.rollout_correction:
                     logger.info("rollouts from int4 copies corrected by importance sampling (%s, ratio clipped to "
-                                "[%s, %s]; --int4_correction_mode)", self.correction_mode(),
+                                "[%s, %s]; --rollout_correction_mode)", self.correction_mode(),
                                 self.vllm_importance_sampling_clip_min or 0, self.vllm_importance_sampling_clip_max)
             decoded, engine.record = engine.record, None
             if self.rollout_correction and not out[4]:  # None from TRL; Unsloth's rewrite may give an empty list
@@ -456,17 +466,25 @@ class SelfDistillMixin(CheckpointMixin):
                                    self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max)
         batch["importance_sampling_ratio"] = ratio
         for key, value in {**rollout_mismatch(policy, sampling, mask), **ratio_stats(ratio, mask)}.items():
-            gathered = self.accelerator.gather(value)  # the largest difference over processes is the max, as TRL's
-            self._metrics[mode][f"sampling/{key}"].append((gathered.max() if key.endswith("/max")
-                                                           else gathered.mean()).item())
+            gathered = self.accelerator.gather(value)  # over processes: the largest max, the smallest min, as TRL's
+            value = (gathered.max() if key.endswith("/max") else gathered.min() if key.endswith("/min")
+                     else gathered.mean()).item()
+            self._metrics[mode][f"sampling/{key}"].append(value)
+            if key == "importance_sampling_ratio/mean" and value < LOW_WEIGHT and not getattr(self, "_told_low", 0):
+                self._told_low = True
+                logger.warning("rollout correction: the mean importance weight of this batch is %.2f (%s): most of "
+                               "its policy gradient is discarded; --rollout_correction_mode token_truncate keeps a "
+                               "weight that does not shrink with completion length", value, self.correction_mode())
 
     def correction_mode(self) -> str:
-        """The importance-sampling mode for this generation's rollouts: ``--int4_correction_mode`` where the engine
-        decoded int4 copies, else TRL's ``vllm_importance_sampling_mode``."""
-        if (self.engine is not None and self.engine.mode == "int4"
-                and getattr(self.args, "int4_correction_mode", "trl") != "trl"):
-            return self.args.int4_correction_mode
-        return self.vllm_importance_sampling_mode
+        """The importance-sampling mode for the engine's rollouts (``--rollout_correction_mode``): auto is
+        token_truncate whatever the engine decodes (a per-token ratio keeps a weight that does not shrink with
+        completion length; the mismatch per engine mode is in docs/gpu.md), trl is TRL's
+        ``vllm_importance_sampling_mode``, and a mode by name is that mode."""
+        setting = getattr(self.args, "rollout_correction_mode", "trl")
+        if setting == "auto":
+            return "token_truncate"
+        return self.vllm_importance_sampling_mode if setting == "trl" else setting
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         # Unsloth's compute_loss (unsloth_zoo's grpo_compute_loss; it never calls _compute_loss) applies TRL's
@@ -478,7 +496,7 @@ class SelfDistillMixin(CheckpointMixin):
                 if not getattr(self, "_told_unsloth_corrects", False):
                     self._told_unsloth_corrects = True
                     logger.info("Unsloth's loss corrects the engine's rollouts (importance sampling from their "
-                                "log-probs, %s)", self.vllm_importance_sampling_mode)
+                                "log-probs, %s)", self.correction_mode())
                 with self._as_vllm_rollouts():
                     return super().compute_loss(model, inputs, *args, **kwargs)
             if not getattr(self, "_told_unsloth_uncorrected", False):
@@ -489,12 +507,15 @@ class SelfDistillMixin(CheckpointMixin):
 
     @contextmanager
     def _as_vllm_rollouts(self):
-        saved = self.use_vllm, self.vllm_importance_sampling_correction
+        """For the call: TRL's (and Unsloth's) vLLM correction flags on, and its mode the engine's
+        (:meth:`correction_mode`; Unsloth's loss computes the ratio itself from it)."""
+        saved = self.use_vllm, self.vllm_importance_sampling_correction, self.vllm_importance_sampling_mode
         self.use_vllm, self.vllm_importance_sampling_correction = True, True
+        self.vllm_importance_sampling_mode = self.correction_mode()
         try:
             yield
         finally:
-            self.use_vllm, self.vllm_importance_sampling_correction = saved
+            self.use_vllm, self.vllm_importance_sampling_correction, self.vllm_importance_sampling_mode = saved
 
     def _compute_loss(self, model, inputs):
         if not self.distill_topk or "teacher_topk_ids" not in inputs:
