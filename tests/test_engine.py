@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (affine_dequantised, boost, int4_dequantised, int4_reference, make_llama, reference_logps,
-                      with_lora)
+from conftest import affine_dequantised, boost, int4_dequantised, int4_reference, make_llama, reference_logps, with_lora
 from sdgrpo.engine import DecodeEngine, serving
 
 PROMPTS = ["In the beginning God created", "And the LORD said unto Noah", "Then", "And it came to pass, when men"]

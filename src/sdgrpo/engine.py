@@ -775,8 +775,9 @@ def gemlite_available() -> str | None:
         return "gemlite is not installed (pip install gemlite)"
     if not torch.cuda.is_available():
         return "gemlite needs a CUDA GPU"
-    if torch.cuda.get_device_capability() < (8, 0):
-        return f"gemlite needs an Ampere or newer GPU (this one is sm {'.'.join(map(str, torch.cuda.get_device_capability()))})"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 0):
+        return f"gemlite needs an Ampere or newer GPU (this one is sm {major}.{minor})"
     return None
 
 
