@@ -799,6 +799,7 @@ class GemliteLinear(torch.nn.Module):
         self.bias = (torch.nn.Parameter(torch.zeros(out_features, dtype=torch.bfloat16, device=device),
                                         requires_grad=False) if bias else None)
         self._meta_args = self._tensor_extra = None
+        self.matmul_type = -1  # gemlite's own choice by rows; an index of its GEMLITE_MATMUL_TYPES forces one
         if torch.device(device).type == "cuda":
             self._meta_args, self._tensor_extra = self._gemlite_args(device)
 
@@ -849,7 +850,7 @@ class GemliteLinear(torch.nn.Module):
             from gemlite import forward_functional
 
             out = forward_functional(flat, self.bias, [self.W_q, self.scales, self.zeros, *self._tensor_extra],
-                                     self._meta_args, -1)
+                                     self._meta_args, self.matmul_type)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

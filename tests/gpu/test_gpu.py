@@ -261,7 +261,7 @@ def test_engine_on_the_gpu_agrees_with_generate_and_a_teacher_forced_pass(tiny_t
     assert torch.equal(again, seq) and not torch.equal(other, seq)
 
 
-def _int4_agreement(base, qwen_dir, tok, label, seed, weights="int4", mode="int4", bits=4):
+def _int4_agreement(base, qwen_dir, tok, label, seed, weights="int4", mode="int4", bits=4, kernel="tinygemm"):
     """``base`` with random LoRA r 16 on every linear layer, decoded by the engine with int4 copies (compiled step,
     CUDA graph), against a reference (the bf16 model of ``qwen_dir`` with the int4 forms as plain weights,
     conftest.int4_reference), teacher-forced: greedy tokens are its argmax, sampled tokens' log-probs its."""
@@ -278,7 +278,7 @@ def _int4_agreement(base, qwen_dir, tok, label, seed, weights="int4", mode="int4
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     reference = int4_reference(AutoModelForCausalLM.from_pretrained(qwen_dir, dtype=torch.bfloat16).cuda(), model,
-                               bits)
+                               bits, kernel)
 
     enc = tok(["In the beginning God created", "And the LORD said unto Noah", "Then the king", "It was a dark"],
               return_tensors="pt", padding=True, padding_side="left").to("cuda")
@@ -295,9 +295,10 @@ def _int4_agreement(base, qwen_dir, tok, label, seed, weights="int4", mode="int4
         ended = torch.cumsum((seq[:, width:] == tok.eos_token_id).int(), 1)
         return (ended == 0) | ((ended == 1) & (seq[:, width:] == tok.eos_token_id))
 
-    engine = DecodeEngine(compile=True, generation_weights=weights)
+    engine = DecodeEngine(compile=True, generation_weights=weights, int4_kernel=kernel)
     got = engine.generate(model, **enc, do_sample=False, **kw)
     assert engine.mode == mode and engine.captures >= 1
+    assert mode != "int4" or engine.quantised.kernel == kernel
     agreement = (teacher_forced(got).argmax(-1) == got[:, width:])[live(got)].float().mean().item()
     torch.manual_seed(0)
     out = engine.decode(model, enc["input_ids"], enc["attention_mask"],
@@ -328,24 +329,64 @@ def test_a_4bit_base_decodes_through_int4_copies(qwen_dir, tiny_tokenizer):
     _int4_agreement(base, qwen_dir, tiny_tokenizer, "NF4 base, int4 copies", seed=2)
 
 
+def test_gemlite_reads_the_copies_as_its_reference_and_packs_as_gemlite_does():
+    """GemliteLinear on the GPU (gemlite's A16W4 kernel) against its own dequantised matmul at 1, 8 and 32 rows, on
+    the 7B shape's gate/up stack; and pack_gemlite's words equal those of gemlite's own packing
+    (``GemLiteLinear.pack``) for the same values."""
+    from gemlite import DType, GemLiteLinear
+
+    from sdgrpo.engine import GemliteLinear, pack_gemlite, quantise_affine
+
+    torch.manual_seed(0)
+    n, k = 2 * 18944, 3584
+    w = torch.randn(n, k, device="cuda") * 0.02
+    layer = GemliteLinear(n, k, 64, "cuda", bias=False)
+    values = torch.empty(n, k, dtype=torch.uint8, device="cuda")
+    layer.load(values, 0, w)
+    layer.pack(values)
+    reference = layer.dequantised()
+    for rows in (1, 8, 32):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        got, want = layer(x).float(), (x.float() @ reference.float().t())
+        assert (got - want).abs().max() < 0.02 * want.abs().max(), rows
+    q, scale, low = quantise_affine(w, 64)
+    theirs = GemLiteLinear(4, group_size=64, in_features=k, out_features=n, input_dtype=DType.BF16,
+                           output_dtype=DType.BF16)
+    theirs.pack(q, scale, -low.float() / scale.float(), fma_mode=True, packing_bitwidth=32)
+    assert torch.equal(theirs.W_q, pack_gemlite(q))
+
+
+def test_a_4bit_base_decodes_through_gemlite_int4_copies(qwen_dir, tiny_tokenizer):
+    """NF4 base with QLoRA adapters, int4 copies read by gemlite's kernels in the captured step: they decode as the
+    independent reference (the affine forms as plain bf16 weights) does."""
+    from sdgrpo.modeling import load_model
+
+    base = load_model(str(qwen_dir), torch.bfloat16, "cuda", load_in_4bit=True)
+    _int4_agreement(base, qwen_dir, tiny_tokenizer, "NF4 base, gemlite int4 copies", seed=4, kernel="gemlite")
+
+
 def test_a_4bit_base_decodes_through_16bit_copies_where_they_fit(qwen_dir, tiny_tokenizer):
-    """NF4 base, ``generation_weights`` auto with the card's memory: every LoRA layer served by a 16-bit copy of
+    """NF4 base, ``generation_weights`` auto with the card's memory and tinygemm reading int4 (with gemlite, int4
+    copies come first): every LoRA layer served by a 16-bit copy of
     the dequantised base + LoRA (mode ``dequantised``), decoding as the reference with those weights does."""
     from sdgrpo.modeling import load_model
 
     base = load_model(str(qwen_dir), torch.bfloat16, "cuda", load_in_4bit=True)
     _int4_agreement(base, qwen_dir, tiny_tokenizer, "NF4 base, 16-bit copies", seed=3, weights="auto",
-                    mode="dequantised", bits=16)
+                    mode="dequantised", bits=16, kernel="tinygemm")
 
 
-@pytest.mark.parametrize("weights, mode, line", [("int4", 2.0, "int4 generation copies"),
-                                                 ("auto", 3.0, "16-bit generation copies of the dequantised base")])
-def test_hf_backend_trains_a_4bit_base_with_corrected_rollouts(weights, mode, line, qwen_dir, prepared, tmp_path):
-    """`sdgrpo train --backend hf --load_in_4bit true`: 3 steps, rollouts from int4 copies (engine/mode 2) or, by
-    default where they fit, 16-bit copies of the dequantised base (mode 3), their mismatch with the policy logged and
-    corrected every step."""
+@pytest.mark.parametrize("weights, kernel, mode, line", [
+    ("int4", "tinygemm", 2.0, "int4 generation copies"),
+    ("auto", "auto", 2.0, "int4 generation copies of the quantised base, read by gemlite"),
+    ("auto", "tinygemm", 3.0, "16-bit generation copies of the dequantised base")])
+def test_hf_backend_trains_a_4bit_base_with_corrected_rollouts(weights, kernel, mode, line, qwen_dir, prepared,
+                                                               tmp_path):
+    """`sdgrpo train --backend hf --load_in_4bit true`: 3 steps, rollouts from int4 copies (engine/mode 2; by default
+    with gemlite installed) or, with tinygemm reading int4, 16-bit copies of the dequantised base (mode 3) where they
+    fit, their mismatch with the policy logged and corrected every step."""
     steps = _train(qwen_dir, prepared, tmp_path / "hf4", "hf", "--load_in_4bit", "true", "--generation_weights",
-                   weights, compiled=True)
+                   weights, "--generation_int4_kernel", kernel, compiled=True)
     for x in steps:
         assert x["engine/mode"] == mode, x
         assert math.isfinite(x["sampling/sampling_logp_difference/mean"]) and "sampling/kl" in x
