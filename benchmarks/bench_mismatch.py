@@ -3,11 +3,12 @@ a batch each importance-correction mode keeps.
 
 The shipped model (trained; bf16) with LoRA r 16 on every linear layer (B ~ N(0, 0.02): a policy that differs from
 its base), as a bf16 base and as an NF4 base (bitsandbytes, as ``--load_in_4bit`` loads it). Per engine mode, 32
-prompts of 64 tokens of the demo text decoded at T = 1 to exactly N new tokens (N = 512, 1024, 2048; the model was
-trained at 1024 positions, so 2048 measures the sampler past them); the policy's log-prob of every sampled token from
-one forward of the PEFT model (LoRA unmerged, the weights training reads). Reported per (base, mode, N): mean and max
-|delta log p| per token, KL(sampler || policy) (k3), and for each of TRL's correction modes (clip_max 3) the mean
-weight it gives (per token, or per row for the sequence modes, as TRL logs them) and the share it zeroes.
+prompts of 64 tokens of the demo text decoded at T = 1 to exactly N new tokens (no EOS stops a row; N = 512, 1024,
+2048: the model was trained at 1024 positions, so 2048 measures the sampler past them); the policy's log-prob of
+every sampled token from one forward of the PEFT model (LoRA unmerged, the weights training reads). Reported per
+(base, mode, N): mean and max |delta log p| per token, KL(sampler || policy) (k3), and for each of TRL's correction
+modes (clip_max 3) the mean weight it gives (per token, or per row for the sequence modes, as TRL logs them) and the
+share it zeroes.
 
 Modes: bf16 base: folded (16-bit copies), unmerged, int4 (tinygemm), int4 (gemlite); NF4 base: dequantised (16-bit
 copies), unmerged over NF4 (bitsandbytes reads the base as it is), int4 (tinygemm), int4 (gemlite).
@@ -79,7 +80,7 @@ def main() -> None:
     from common import device_tag, header
 
     from sdgrpo.config import TINY_MODEL
-    from sdgrpo.engine import DecodeEngine, sampling_from
+    from sdgrpo.engine import DecodeEngine, Sampling
     from sdgrpo.grpo_trainer import importance_weights, ratio_stats, rollout_mismatch
     from sdgrpo.modeling import load_tokenizer
 
@@ -95,15 +96,17 @@ def main() -> None:
     for base, modes in MODES.items():
         model = model_for(base)
         for mode, weights, kernel in modes:
-            engine = DecodeEngine(compile=True, generation_weights=weights, int4_kernel=kernel)
+            engine = DecodeEngine(compile=True, generation_weights=weights, int4_kernel=kernel,
+                                  reserve=PROMPT + max(LENGTHS))  # one cache length: compiled once per mode
             if base == "bf16" and mode == "unmerged":  # the fold fits this small model: unmerged decoding asked for
                 engine.mode, engine._mode_for = "unmerged", weakref.ref(model)
             for length in LENGTHS:
                 t0 = time.perf_counter()
                 torch.manual_seed(1)
-                s = sampling_from(model, None, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                                  max_new_tokens=length, min_new_tokens=length, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id)
+                # no EOS: every row runs to N tokens, and one compiled step serves every N (a new min_new_tokens
+                # would compile it again)
+                s = Sampling(max_new_tokens=length, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             eos_token_ids=(), pad_token_id=tok.pad_token_id)
                 try:
                     decoded = engine.decode(model, input_ids, mask, s)
                 except Exception as err:  # noqa: BLE001 - recorded as the row's error
