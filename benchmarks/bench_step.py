@@ -22,6 +22,11 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
   sdgrpo_unsloth_4bit_engine  the same with --generation_engine true (the default now; named so in earlier results)
   ..._reuse         the same with --reuse_reference_logprobs true (the default now)
   sdgrpo_unsloth_4bit_generate  Unsloth's own generation (--generation_engine false)
+Options after a variant's name, joined by '+': ``tinygemm`` / ``gemlite`` (--generation_int4_kernel), ``spgN``
+(--steps_per_generation N: N optimizer steps per generation of N x G rows; the first N steps are the warm-up and
+BENCH_STEPS - 1 whole generation cycles are timed, their mean per optimizer step reported as ``cycle_mean_s``),
+``capN`` (this variant's process capped at N GiB, overriding BENCH_CAP_GIB), ``lenN`` (N completion tokens), e.g.
+``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
 r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
@@ -183,13 +188,32 @@ def original_recipe_reward(model, tokenizer):
     return reward
 
 
+def variant_options(variant: str) -> tuple[str, dict]:
+    """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N}."""
+    name, *extra = variant.split("+")
+    options = {}
+    for item in extra:
+        if item in ("tinygemm", "gemlite"):
+            options["kernel"] = item
+        elif item[:3] in ("spg", "cap", "len") and item[3:].replace(".", "", 1).isdigit():
+            options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
+        else:
+            raise ValueError(f"unknown option {item!r} of variant {variant!r}")
+    return name, options
+
+
 def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dict:
     import torch
 
+    full, (variant, options) = variant, variant_options(variant)
+    cap = options.get("cap", CAP_GIB)
+    spg = options.get("spg", 1)
+    warmup = WARMUP * spg  # the whole first generation cycle (it compiles)
+    completion = options.get("len", COMPLETION)
     unsloth = "unsloth" in variant
     four_bit = "_4bit" in variant
-    if CAP_GIB:
-        torch.cuda.set_per_process_memory_fraction(CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    if cap:
+        torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     if unsloth:
         if variant.startswith("sdgrpo"):  # as `sdgrpo train` does: transformers' forwards, for the engine
             from sdgrpo.backends.unsloth import remember_transformers_forwards
@@ -211,8 +235,9 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
 
     step_clock = StepClock()
     diagnostics = step_diagnostics()
-    common = dict(max_steps=STEPS, per_device_train_batch_size=G, num_generations=G, max_completion_length=COMPLETION,
-                  beta=0.04, learning_rate=1e-5, bf16=True, report_to="none", save_strategy="no", logging_steps=1)
+    common = dict(max_steps=STEPS * spg, per_device_train_batch_size=G, num_generations=G,
+                  max_completion_length=completion, beta=0.04, learning_rate=1e-5, bf16=True, report_to="none",
+                  save_strategy="no", logging_steps=1)
     torch.cuda.reset_peak_memory_stats()
     if variant.startswith("sdgrpo"):
         import logging
@@ -247,6 +272,10 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--use_transformers_continuous_batching", "true"]
         if four_bit:
             argv += ["--load_in_4bit", "true"]
+        if "kernel" in options:
+            argv += ["--generation_int4_kernel", options["kernel"]]
+        if spg > 1:
+            argv += ["--steps_per_generation", str(spg)]
         train_cfg, model_cfg = parse_train_args(argv)
         main(train_cfg, model_cfg, callbacks=[step_clock, diagnostics])
     else:
@@ -277,28 +306,32 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
                                   train_dataset=load_from_disk(str(data_dir))["train"], processing_class=tok,
                                   peft_config=peft_config, callbacks=[step_clock, diagnostics])
         trainer.train()
-    per_step = timer.per_step(step_clock.ends)[WARMUP:]
+    per_step = timer.per_step(step_clock.ends)[warmup:]
     timed = {k: [row.get(k, 0.0) for row in per_step] for k in timer.records}
-    timed["step"] = step_clock.durations[WARMUP:]
+    timed["step"] = step_clock.durations[warmup:]
     med = {k: statistics.median(v) for k, v in timed.items() if v}
     import torch._dynamo.utils as dynamo_utils
     step = med.get("step", float("nan"))
     logged = {}
     metrics_file = out / variant / "metrics.jsonl"
     if metrics_file.exists():  # sdgrpo's own per-step records: the engine's mode and the sampler-policy mismatch
-        rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][WARMUP:]
+        rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][warmup:]
         for key in ("engine/mode", "sampling/sampling_logp_difference/mean", "sampling/kl",
                     "sampling/importance_sampling_ratio/mean", "engine/refresh_s", "engine/prefill_s",
                     "engine/decode_s", "engine/decode_ms_per_step", "engine/calls", "engine/fallbacks"):
             values = [r[key] for r in rows if r.get(key) is not None]
             logged[key] = statistics.median(values) if values else None
+    cycles = len(timed["step"]) // spg  # whole generation cycles timed
     return {
-        "variant": variant, "memory_cap_gib": CAP_GIB, "steps_timed": len(timed["step"]),
-        "step_times_s": timed["step"], "mismatch_mean": logged.get("sampling/sampling_logp_difference/mean"),
+        "variant": full, "memory_cap_gib": cap, "steps_per_generation": spg, "completion_tokens": completion,
+        "steps_timed": len(timed["step"]), "step_times_s": timed["step"],
+        "cycle_mean_s": sum(timed["step"][: cycles * spg]) / (cycles * spg) if cycles else None,
+        "mismatch_mean": logged.get("sampling/sampling_logp_difference/mean"),
         "engine_mode": logged.get("engine/mode"), "logged": logged,
         "step_s": step, "generation_s": med.get("generation"), "scoring_s": med.get("scoring"),
         "policy_and_reference_s": step - med.get("generation", 0) - med.get("scoring", 0),
-        "completion_tokens_per_s": G * COMPLETION / step,
+        "completion_tokens_per_s": (G * completion / (sum(timed["step"][: cycles * spg]) / (cycles * spg))
+                                    if cycles else None),
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
         "per_step_s": per_step, "medians_s": med, "per_step_diagnostics": diagnostics.rows[WARMUP:],
         "dynamo_stats": {k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("stats", "recompiles")},
