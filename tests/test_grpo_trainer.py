@@ -366,6 +366,8 @@ class UnslothLikeTrainer(GRPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.loss_saw = {"use_vllm": self.use_vllm, "correction": self.vllm_importance_sampling_correction,
+                         # unsloth_zoo's grpo_accumulated_loss reads the mode from the trainer's args
+                         "mode": self.args.vllm_importance_sampling_mode,
                          "inputs": dict(inputs)}
         return torch.zeros(())
 
@@ -416,6 +418,8 @@ def test_unsloths_loss_gets_the_engines_rollout_log_probs_and_the_policys(tiny_m
     trainer.vllm_importance_sampling_correction = False  # TRL's default is True: off, to see it set for the call
     trainer.compute_loss(trainer.model, batch)
     assert trainer.loss_saw["use_vllm"] and trainer.loss_saw["correction"]
+    # the engine's correction mode (auto: token_truncate), not TRL's default sequence_mask, for the call only
+    assert trainer.loss_saw["mode"] == "token_truncate" and trainer.args.vllm_importance_sampling_mode == "sequence_mask"
     assert trainer.loss_saw["inputs"]["sampling_per_token_logps"] is batch["sampling_per_token_logps"]
     assert not trainer.use_vllm and not trainer.vllm_importance_sampling_correction
 

@@ -508,14 +508,20 @@ class SelfDistillMixin(CheckpointMixin):
     @contextmanager
     def _as_vllm_rollouts(self):
         """For the call: TRL's (and Unsloth's) vLLM correction flags on, and its mode the engine's
-        (:meth:`correction_mode`; Unsloth's loss computes the ratio itself from it)."""
-        saved = self.use_vllm, self.vllm_importance_sampling_correction, self.vllm_importance_sampling_mode
+        (:meth:`correction_mode`), on the trainer and on its args: Unsloth's loss (unsloth_zoo 2026.10.9's
+        grpo_accumulated_loss) computes the ratio itself and reads the mode from ``trainer.args``. Without that it
+        took TRL's default sequence_mask there, and a 7B's 512-token rows under int4 copies were all masked (ratio
+        0 logged: no policy gradient)."""
+        mode = self.correction_mode()
+        saved = (self.use_vllm, self.vllm_importance_sampling_correction, self.vllm_importance_sampling_mode,
+                 self.args.vllm_importance_sampling_mode)
         self.use_vllm, self.vllm_importance_sampling_correction = True, True
-        self.vllm_importance_sampling_mode = self.correction_mode()
+        self.vllm_importance_sampling_mode = self.args.vllm_importance_sampling_mode = mode
         try:
             yield
         finally:
-            self.use_vllm, self.vllm_importance_sampling_correction, self.vllm_importance_sampling_mode = saved
+            (self.use_vllm, self.vllm_importance_sampling_correction, self.vllm_importance_sampling_mode,
+             self.args.vllm_importance_sampling_mode) = saved
 
     def _compute_loss(self, model, inputs):
         if not self.distill_topk or "teacher_topk_ids" not in inputs:
