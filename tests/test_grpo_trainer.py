@@ -419,7 +419,8 @@ def test_unsloths_loss_gets_the_engines_rollout_log_probs_and_the_policys(tiny_m
     trainer.compute_loss(trainer.model, batch)
     assert trainer.loss_saw["use_vllm"] and trainer.loss_saw["correction"]
     # the engine's correction mode (auto: token_truncate), not TRL's default sequence_mask, for the call only
-    assert trainer.loss_saw["mode"] == "token_truncate" and trainer.args.vllm_importance_sampling_mode == "sequence_mask"
+    assert trainer.loss_saw["mode"] == "token_truncate"
+    assert trainer.args.vllm_importance_sampling_mode == "sequence_mask"
     assert trainer.loss_saw["inputs"]["sampling_per_token_logps"] is batch["sampling_per_token_logps"]
     assert not trainer.use_vllm and not trainer.vllm_importance_sampling_correction
 
