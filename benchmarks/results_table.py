@@ -17,8 +17,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "docs" / "results.md"
 HEADER = ("benchmark", "date", "commit", "command", "device", "versions", "config")
 # Columns shown where a row has them, in this order.
-COLUMNS = ("memory_cap_gib", "step_s", "generation_s", "ms_per_step", "peak_gpu_gib", "above_weights_gib",
-           "engine_mode", "mismatch_mean", "passed", "failed", "xfailed", "wall_s", "error")
+COLUMNS = ("memory_cap_gib", "steps_per_generation", "step_s", "cycle_mean_s", "generation_s", "ms_per_step",
+           "x_bytes", "peak_gpu_gib", "above_weights_gib", "engine_mode", "mismatch_mean",
+           "sampling_logp_difference/mean", "token_truncate/mean_weight", "sequence_mask/mean_weight", "passed",
+           "failed", "xfailed", "wall_s", "error")
 
 
 def current_files() -> list[Path]:
@@ -31,6 +33,11 @@ def missing_header(path: Path) -> list[str]:
 
 
 def _name(row: dict) -> str:
+    if "kernel" in row and "rows" in row:  # bench_int4: a kernel at a row count
+        return f"{row['kernel']}, {row['rows']} rows"
+    if "new_tokens" in row:  # bench_mismatch: an engine mode on a base at a completion length
+        kernel = f" ({row['kernel']})" if row.get("kernel") else ""
+        return f"{row['base']} {row.get('mode')}{kernel}, {row['new_tokens']} tokens"
     return str(row.get("variant") or row.get("loss_form") or row.get("name") or "")
 
 
