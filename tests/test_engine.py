@@ -896,19 +896,20 @@ def test_gemlite_copies_decode_as_the_model_with_their_weights_would(tiny_tokeni
         assert torch.allclose(out[row, :n], chosen, atol=0.02)
 
 
-def test_the_int4_kernel_is_gemlite_where_it_runs_else_tinygemm(monkeypatch):
-    """choose_int4_kernel: auto takes tinygemm off CUDA and where gemlite cannot run (saying why), gemlite where it
-    can; gemlite asked for on a GPU where it cannot run is one line (UserError), never a silent other kernel."""
+def test_the_int4_kernel_is_tinygemm_unless_gemlite_is_asked_for_and_runs(monkeypatch):
+    """choose_int4_kernel: auto is tinygemm (gemlite's engine path is not yet checked on a GPU); gemlite asked for is
+    gemlite where it can run, its reference matmul off CUDA, and on a GPU where it cannot run one line (UserError),
+    never silently another kernel."""
     from sdgrpo import engine as engine_module
     from sdgrpo.engine import choose_int4_kernel
     from sdgrpo.errors import UserError
 
-    assert choose_int4_kernel("auto", "cpu") == ("tinygemm", "auto: not a CUDA device")
-    assert choose_int4_kernel("tinygemm", "cuda") == ("tinygemm", "as asked")
     monkeypatch.setattr(engine_module, "gemlite_available", lambda: None)
-    assert choose_int4_kernel("auto", "cuda") == ("gemlite", "auto")
+    assert choose_int4_kernel("auto", "cuda") == ("tinygemm", "auto")
+    assert choose_int4_kernel("tinygemm", "cuda") == ("tinygemm", "as asked")
+    assert choose_int4_kernel("gemlite", "cuda") == ("gemlite", "as asked")
+    assert choose_int4_kernel("gemlite", "cpu")[0] == "gemlite"
     monkeypatch.setattr(engine_module, "gemlite_available", lambda: "gemlite is not installed (pip install gemlite)")
-    assert choose_int4_kernel("auto", "cuda") == ("tinygemm", "auto: gemlite is not installed (pip install gemlite)")
     with pytest.raises(UserError, match="--generation_int4_kernel gemlite: gemlite is not installed"):
         choose_int4_kernel("gemlite", "cuda")
 

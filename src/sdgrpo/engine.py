@@ -858,33 +858,37 @@ class GemliteLinear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-# Which kernel reads int4 generation copies (``int4_kernel`` auto): gemlite where it can run, PyTorch's tinygemm
-# elsewhere (its CUDA and CPU kernels need nothing installed). Measured on one H100 (7B shape's 28 x 7 projections,
-# CUDA graph, ms per token step): see benchmarks/results/bench_int4_*.json and docs/gpu.md.
+# Which kernel reads int4 generation copies. Measured on one H100 (benchmarks/results/bench_int4_qwen2.5-7b_h100_
+# 2026-12-06.json: the 7B shape's 28 x 4 projection groups in one CUDA graph, ms per token step; their bf16 bytes need
+# 4.34 ms at the copy bandwidth, int4's about 1.2): bf16 5.0 at 1-32 rows; gemlite (groups of 64) 2.4 / 4.1 / 5.1 /
+# 4.9 at 1 / 8 / 16 / 32 rows; tinygemm 2.1 / 4.7 / 7.9 / 14.7; bitsandbytes NF4 (the base as it is) 3.6 / 9.7 / 9.6
+# / 9.4. So on an H100 gemlite reads a quarter of the bytes at least as fast as bf16 at every row count a generation
+# decodes, tinygemm only below 16 rows. ``auto`` is still tinygemm: gemlite's engine path failed its GPU test
+# (tests/gpu/test_gpu.py::test_a_4bit_base_decodes_through_gemlite_int4_copies, Qwen2.5-0.5B shape, 2026-12-06) and
+# has not been run on a GPU since its fix of split-K rounding; it is there to be asked for
+# (``--generation_int4_kernel gemlite``) until that test passes (docs/gpu.md).
 INT4_KERNELS = ("auto", "gemlite", "tinygemm")
-# The kernels that decode int4 copies at least as fast as 16-bit copies are read, on the GPUs measured: with
-# ``generation_weights`` auto, a quantised base then gets int4 copies first (a quarter of the memory), not 16-bit
-# ones. Measured on one H100: see docs/gpu.md.
+# The kernels that decode int4 copies at least as fast as 16-bit copies are read (above): with ``generation_weights``
+# auto, a quantised base then gets int4 copies first (a quarter of the memory), not 16-bit ones.
 INT4_FIRST = ("gemlite",)
 
 
 def choose_int4_kernel(asked: str, device) -> tuple[str, str]:
-    """(kernel, why) for int4 copies on ``device``: ``asked`` where it can run; auto: gemlite on a CUDA GPU where
-    it can run (:func:`gemlite_available`), else tinygemm. Raises :class:`UserError` when gemlite is asked for and
-    cannot run."""
+    """(kernel, why) for int4 copies on ``device``: ``asked`` where it can run; auto: tinygemm (see
+    :data:`INT4_KERNELS`). Raises :class:`UserError` when gemlite is asked for on a GPU where it cannot run
+    (:func:`gemlite_available`); off CUDA it is its reference matmul (tests)."""
     if asked not in INT4_KERNELS:
         raise ValueError(f"int4 kernel {asked!r} is not one of {list(INT4_KERNELS)}")
-    if asked == "tinygemm":
-        return "tinygemm", "as asked"
-    on_cuda = torch.device(device).type == "cuda"
-    reason = gemlite_available() if on_cuda or asked == "gemlite" else "not a CUDA device"
-    if asked == "gemlite":
-        if reason is not None and on_cuda:
-            from sdgrpo.errors import UserError
+    if asked != "gemlite":
+        return "tinygemm", "as asked" if asked == "tinygemm" else "auto"
+    if torch.device(device).type != "cuda":
+        return "gemlite", "as asked (off CUDA: its reference matmul)"
+    reason = gemlite_available()
+    if reason is not None:
+        from sdgrpo.errors import UserError
 
-            raise UserError(f"--generation_int4_kernel gemlite: {reason}; install it or use tinygemm")
-        return "gemlite", "as asked" if on_cuda else "as asked (off CUDA: its reference matmul)"
-    return ("gemlite", "auto") if reason is None else ("tinygemm", f"auto: {reason}")
+        raise UserError(f"--generation_int4_kernel gemlite: {reason}; install it or use tinygemm")
+    return "gemlite", "as asked"
 
 
 def _int4_layout_for(kernel: str, out_features: int, in_features: int):
