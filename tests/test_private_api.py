@@ -190,18 +190,25 @@ def test_trls_loss_reads_per_token_advantages():
 
 
 def test_what_the_topk_term_shadows_and_reuses():
-    """--distill_topk: the loss's pass is TRL's ``_get_per_token_logps_and_entropies`` redone with logits (TRL's own
-    goes through its fused head: ``fused_lm_head=True``, log-probs at ``self.temperature``, no logits), with TRL's
-    ``selective_log_softmax`` and ``entropy_from_logits``; the divergence is TRL's SDPO ``add_tail_bucket`` and
-    ``compute_divergence`` (alpha 1: KL(student || teacher)), checked here in numbers."""
+    """--distill_topk: the loss's pass is TRL's own ``_get_per_token_logps_and_entropies`` with its fused head's
+    operands routed to sdgrpo (``compat.fused_head_route``): TRL's loop over ``batch_size`` rows builds the labels
+    sdgrpo rebuilds to align the teacher's top-K ids, and its patched forward calls the module-level
+    ``_ChunkedLogProbFunction.apply`` with the labelled positions' hidden states (log-probs at ``self.temperature``);
+    the divergence is TRL's SDPO ``add_tail_bucket`` and ``compute_divergence`` (alpha 1: KL(student || teacher)),
+    checked here in numbers."""
     import torch
+    import trl.trainer.utils as trl_utils
     from trl import GRPOTrainer
     from trl.experimental.sdpo.loss_utils import add_tail_bucket, compute_divergence
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax  # noqa: F401
 
     source = inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies)
     assert "fused_lm_head=True" in source and "outputs.log_probs[:, -logits_to_keep:]" in source
+    assert "for start in range(0, input_ids.size(0), batch_size):" in source
+    assert "labels = input_ids_batch.masked_fill(attention_mask_batch == 0, -100)" in source
+    assert "labels[:, :-logits_to_keep] = -100" in source
     assert "temperature=self.temperature" in inspect.getsource(GRPOTrainer.__init__)
+    head = inspect.getsource(trl_utils.add_fused_lm_head)
+    assert "_ChunkedLogProbFunction.apply(\n                hidden_states[mask]," in head
     s = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), -1)[:, :2]
     t = torch.log_softmax(torch.tensor([[0.0, 1.5, 0.5, 0.0]]), -1)[:, :2]
     bs, bt = add_tail_bucket(s), add_tail_bucket(t)

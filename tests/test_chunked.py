@@ -1,0 +1,110 @@
+"""Log-probs without whole logits (sdgrpo.chunked): every pass sdgrpo runs, against an independent computation from
+the model's whole logits (values, and LoRA gradients where the pass trains), and the bound itself: no tensor of more
+than a chunk of tokens x the vocabulary, forward or backward, while the sequences are several chunks long."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import LargestLogits, make_llama, make_qwen2
+from test_grpo_trainer import dataset, teacher_trainer  # noqa: F401 (a fixture)
+
+
+@pytest.fixture(params=["tiny", "qwen2"])
+def policy_dir(request, tmp_path_factory, tiny_tokenizer):
+    """The shipped tiny model with its tokenizer, or a random Qwen2 (tied embeddings, 3000 ids) with the test
+    tokenizer."""
+    from transformers import AutoTokenizer
+
+    from sdgrpo.config import TINY_MODEL
+
+    if request.param == "tiny":
+        return TINY_MODEL, AutoTokenizer.from_pretrained(TINY_MODEL)
+    path = tmp_path_factory.mktemp("qwen2-random")
+    make_qwen2(vocab=3000, seed=4).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path, tiny_tokenizer
+
+
+def grpo_batch(tokenizer, vocab: int, seed: int = 0):
+    """Four rows of TRL's (prompt, completion) layout: left-padded prompts, right-padded completions (one row with
+    no completion token attended), 6 + 12 tokens; and random top-5 ids (B, 12, 5)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, min(vocab, 500), (4, 6), generator=g)
+    completion = torch.randint(3, min(vocab, 500), (4, 12), generator=g)
+    prompt_mask = torch.ones(4, 6, dtype=torch.long)
+    prompt_mask[1, :2] = 0
+    prompt_mask[3, :4] = 0
+    completion_mask = torch.ones(4, 12, dtype=torch.long)
+    completion_mask[0, 9:] = 0
+    completion_mask[2, 3:] = 0
+    completion_mask[3, :] = 0  # a truncated row TRL masks whole
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompt[prompt_mask == 0] = pad
+    completion[completion_mask == 0] = pad
+    ids = torch.randint(0, vocab, (4, 12, 5), generator=g)
+    return torch.cat([prompt, completion], 1), torch.cat([prompt_mask, completion_mask], 1), completion_mask, ids
+
+
+def lora_grads(model) -> dict:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+    model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("topk", [False, True])
+def test_grpo_policy_pass_equals_whole_logits_and_holds_a_chunk(topk, policy_dir, dataset, tmp_path,  # noqa: F811
+                                                                monkeypatch):
+    """The loss's policy pass (TRL's fused head on CPU, and under --distill_topk the pass that also gives the
+    policy's log-probs at the teacher's top-K ids), at temperature 0.8, rows in two of TRL's micro-batches: log-probs,
+    entropies, top-K log-probs (temperature 1) and the adapters' gradients of a loss of all three equal those of the
+    model's whole logits; meanwhile no tensor exceeds 8 tokens x vocabulary, with 30 labelled tokens a call."""
+    from sdgrpo import chunked
+
+    monkeypatch.setattr(chunked, "CHUNK_TOKENS", 8)
+    path, tokenizer = policy_dir
+    trainer, _ = teacher_trainer(path, tokenizer, dataset, tmp_path, "distill", make_llama(tokenizer, seed=45),
+                                 "--lora_dropout", "0", "--temperature", "0.8",
+                                 *(("--distill_topk", "5") if topk else ()))
+    model = trainer.model
+    vocab, hidden = model.get_output_embeddings().weight.shape
+    input_ids, attention, mask, ids = grpo_batch(tokenizer, vocab)
+    completion = input_ids[:, -12:]
+    g = torch.Generator().manual_seed(1)
+    w_logp, w_ent, w_top = torch.randn(4, 12, generator=g), torch.randn(4, 12, generator=g), torch.randn(4, 12, 5,
+                                                                                                        generator=g)
+    m = mask.float()
+
+    def loss_of(logps, entropy, top):
+        loss = (logps * w_logp * m).sum() + (entropy * w_ent * m).sum()
+        return loss + ((top * w_top).sum(-1) * m).sum() if topk else loss
+
+    trainer._student_topk = ids if topk else None
+    with LargestLogits(vocab, hidden) as seen:
+        logps, entropy, _ = trainer._get_per_token_logps_and_entropies(model, input_ids, attention, 12, batch_size=3,
+                                                                       compute_entropy=True)
+        top = trainer._student_topk_logps if topk else None
+        loss_of(logps, entropy, top).backward()
+    trainer._student_topk = None
+    got = lora_grads(model)
+    assert 0 < seen.largest <= 8 * vocab, seen.shape
+    assert int(attention[:3, 1:].sum()) > 30  # several chunks in the first call
+
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, -13:-1].float()  # the whole logits
+    logp = torch.log_softmax(logits / 0.8, -1)
+    want_logps = logp.gather(-1, completion[..., None]).squeeze(-1)
+    want_entropy = -(logp.exp() * logp).sum(-1)
+    want_top = torch.log_softmax(logits, -1).gather(-1, ids)
+    loss_of(want_logps, want_entropy, want_top).backward()
+    want = lora_grads(model)
+    keep = mask.bool()
+    torch.testing.assert_close(logps[keep], want_logps[keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy[keep], want_entropy[keep], atol=1e-5, rtol=1e-5)
+    assert not logps[~keep].any() and not entropy[~keep].any()  # TRL's 0 where no label is scored
+    if topk:
+        assert top.shape == ids.shape
+        torch.testing.assert_close(top[keep], want_top[keep], atol=1e-5, rtol=1e-5)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
