@@ -108,3 +108,58 @@ def test_grpo_policy_pass_equals_whole_logits_and_holds_a_chunk(topk, policy_dir
     assert got.keys() == want.keys() and len(got) > 0
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def scoring_models(tiny_tokenizer):
+    """(name, model, vocab) of the passes' models: the shipped tiny model, a random Qwen2, a soft-capped Gemma-2."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    from sdgrpo.config import TINY_MODEL
+
+    torch.manual_seed(2)
+    gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=600, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                           final_logit_softcapping=0.5, pad_token_id=0)).eval()
+    return [("tiny", AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()),
+            ("qwen2", make_qwen2(vocab=3000, seed=5)), ("gemma2-softcap", gemma)]
+
+
+def whole_logps(model, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the model's whole logits of one unpadded sequence ([T, V], fp64)."""
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+
+
+def test_reward_and_probe_passes_equal_whole_logits_and_hold_a_chunk(tiny_tokenizer, monkeypatch):
+    """The reward passes (``completion_logprobs``: self_nll's and the policy's own pass, teacher_nll's, the distill
+    rewards' teacher pass with its top-K) and the probes (held-out NLL, per-token log-probs) of completions 30-70
+    tokens long, in chunks of 8 tokens: each model's whole-logits values, and no tensor above 8 x vocabulary."""
+    from sdgrpo import chunked, probes
+    from sdgrpo.scoring import completion_logprobs
+
+    monkeypatch.setattr(chunked, "CHUNK_TOKENS", 8)
+    g = torch.Generator().manual_seed(0)
+    for name, model in scoring_models(tiny_tokenizer):
+        vocab, hidden = model.get_output_embeddings().weight.shape
+        prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 9, 3)]
+        completions = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (30, 70, 41)]
+        stream = torch.randint(3, 500, (150,), generator=g)
+        with LargestLogits(vocab, hidden) as seen:
+            logps, tops = completion_logprobs(model, prompts, completions, pad_token_id=0, topk=3)
+            nll = probes.heldout_nll(model, stream, 64, "cpu")
+            rows = probes._token_logps(model, [stream[:50].tolist(), stream[50:100].tolist()], "cpu")
+        assert 0 < seen.largest <= 8 * vocab, (name, seen.shape)
+        for p, c, lp, (values, ids) in zip(prompts, completions, logps, tops):
+            want = whole_logps(model, p + c)[len(p) - 1 : -1]
+            torch.testing.assert_close(lp.double(), want[torch.arange(len(c)), c], atol=1e-5, rtol=0, msg=name)
+            want_values, want_ids = want.topk(3, dim=-1)
+            assert torch.equal(ids, want_ids), name
+            torch.testing.assert_close(values.double(), want_values, atol=1e-5, rtol=0, msg=name)
+        want_nll = 0.0
+        for s in range(0, 149, 63):
+            x = stream[s : s + 64].tolist()
+            want_nll -= whole_logps(model, x)[torch.arange(len(x) - 1), x[1:]].sum().item()
+        assert nll == pytest.approx(want_nll, rel=1e-6), name
+        for row, got in zip((stream[:50].tolist(), stream[50:100].tolist()), rows):
+            want = whole_logps(model, row)[torch.arange(len(row) - 1), row[1:]]
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=name)

@@ -239,3 +239,35 @@ def test_the_int4_weight_only_kernels_the_engine_calls():
     s, z = scales_zeros[..., 0].t().float(), scales_zeros[..., 1].t().float()
     w = ((q.reshape(n, k // group, group).float() - 8) * s[..., None] + z[..., None]).reshape(n, k)
     assert torch.allclose(got, x.float() @ w.to(torch.bfloat16).float().t(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_logit_scale_and_cap_are_read_as_trls_fused_head_reads_them():
+    """``chunked.head_transform`` mirrors what TRL 1.15's ``add_fused_lm_head`` reads from a config: on a soft-capped
+    Gemma-2, a Cohere (``logit_scale``) and a Granite (``logits_scaling``), the scale and cap TRL's patched forward
+    passes to its kernel are the ones sdgrpo reads."""
+    import torch
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
+                              GraniteForCausalLM)
+    from trl.trainer.utils import add_fused_lm_head
+
+    from sdgrpo.chunked import head_transform
+    from sdgrpo.compat import fused_head_route
+
+    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=32, pad_token_id=0)
+    models = [Gemma2ForCausalLM(Gemma2Config(**small, head_dim=8, final_logit_softcapping=3.0)),
+              CohereForCausalLM(CohereConfig(**small, logit_scale=0.25)),
+              GraniteForCausalLM(GraniteConfig(**small, logits_scaling=4.0))]
+    for model in models:
+        add_fused_lm_head(model)
+        seen = []
+
+        def head(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, scale=1.0, outputs=()):
+            seen.append((scale, softcap))
+            return torch.zeros(len(targets)), None, None, None, None
+
+        ids = torch.tensor([[1, 2, 3]])
+        with fused_head_route(head), torch.no_grad():
+            model(input_ids=ids, labels=ids, fused_lm_head=True)
+        assert seen == [head_transform(model.config)], type(model).__name__
+    assert [head_transform(m.config) for m in models] == [(1.0, 3.0), (0.25, None), (0.25, None)]
