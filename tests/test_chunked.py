@@ -163,3 +163,66 @@ def test_reward_and_probe_passes_equal_whole_logits_and_hold_a_chunk(tiny_tokeni
         for row, got in zip((stream[:50].tolist(), stream[50:100].tolist()), rows):
             want = whole_logps(model, row)[torch.arange(len(row) - 1), row[1:]]
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("student", ["tiny", "qwen2"])
+def test_sft_distillation_equals_kd_loss_of_whole_logits_and_holds_a_chunk(student, tiny_tokenizer, tmp_path,
+                                                                          monkeypatch):
+    """``sdgrpo sft`` with a teacher: the loss, its two logged terms and the adapters' gradients equal ``kd_loss`` of
+    both models' whole logits (itself checked against fp64 passes in test_sft), with vocabularies of different
+    widths (the teacher's wider, then narrower); meanwhile no tensor exceeds 8 tokens x vocabulary."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from sdgrpo import chunked
+    from sdgrpo.compat import ensure_trl_runs_without_triton
+    from sdgrpo.config import TINY_MODEL
+    from sdgrpo.sft import _distilling_trainer, kd_loss
+
+    ensure_trl_runs_without_triton()
+    monkeypatch.setattr(chunked, "CHUNK_TOKENS", 8)
+    if student == "tiny":
+        tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+        model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
+        teacher = make_qwen2(vocab=len(tokenizer) + 64, seed=6, hidden=48)
+    else:
+        tokenizer, model = tiny_tokenizer, make_qwen2(vocab=3000, seed=7)
+        teacher = make_llama(tiny_tokenizer, seed=8)
+    teacher.requires_grad_(False)
+    texts = ["In the beginning God created the heaven and the earth. And the earth was without form, and void",
+             "And God said, Let there be light: and there was light.", "And God saw the light, that it was good"]
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=3, max_length=64,
+                     save_strategy="no", bf16=False, use_cpu=True)
+    trainer = _distilling_trainer(teacher, 0.3)(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                                                processing_class=tokenizer,
+                                                peft_config=LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    policy = trainer.model.train()
+    vocab, hidden = policy.get_output_embeddings().weight.shape
+    seen_teacher = LargestLogits(teacher.config.vocab_size, teacher.config.hidden_size)
+    with LargestLogits(vocab, hidden) as seen_student, seen_teacher:
+        loss = trainer.compute_loss(policy, batch, num_items_in_batch=None)
+        loss.backward()
+    got = lora_grads(policy)
+    assert int((batch["labels"][:, 1:] != -100).sum()) > 3 * 8
+    assert 0 < seen_student.largest <= 8 * vocab, seen_student.shape
+    assert 0 < seen_teacher.largest <= 8 * teacher.config.vocab_size, seen_teacher.shape
+
+    keys = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    with torch.no_grad():
+        t_logits = teacher(**keys).logits
+    want, ce, kl = kd_loss(policy(**keys).logits, t_logits, batch["labels"], 0.3)
+    want.backward()
+    want_grads = lora_grads(policy)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert trainer._metrics["train"]["kd/cross_entropy"][-1] == pytest.approx(ce.item(), rel=1e-5)
+    assert trainer._metrics["train"]["kd/kl"][-1] == pytest.approx(kl.item(), rel=1e-5)
+    assert got.keys() == want_grads.keys() and len(got) > 0
+    for name in got:
+        torch.testing.assert_close(got[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)

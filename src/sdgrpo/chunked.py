@@ -154,3 +154,33 @@ def token_stats(hidden, weight, bias, targets, temperature: float = 1.0, logit_s
                            outputs=tuple(outputs))
     rows = (targets,) if topk_ids is None else (targets, topk_ids)
     return over_chunks(fn, hidden, weight, bias, *rows, chunk=chunk, constant=(2, 3, 4))
+
+
+def _kd_chunk(hidden, weight, bias, targets, teacher_rows, *, teacher_logits, temperature, logit_scale, softcap,
+              outputs):
+    logits = head_logits(hidden, weight, bias, logit_scale, softcap)  # [n, V]
+    teacher = teacher_logits(teacher_rows)  # [n, V_teacher], fp32, no gradient
+    width = min(logits.size(-1), teacher.size(-1))  # a vocabulary padded wider on one side is cut
+    s_logp = torch.log_softmax(logits[:, :width], dim=-1)
+    t_logp = torch.log_softmax(teacher[:, :width], dim=-1)
+    log_probs = s_logp.gather(-1, targets[:, None]).squeeze(-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    scaled = logits / temperature
+    entropy = is_top1 = None
+    if "entropy" in outputs:
+        logp = torch.log_softmax(scaled, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+    if "is_top1" in outputs:
+        is_top1 = (scaled.argmax(-1) == targets).float()
+    return log_probs, kl, entropy, is_top1
+
+
+def kd_stats(hidden, weight, bias, targets, teacher_rows, teacher_logits, temperature: float = 1.0,
+             logit_scale: float = 1.0, softcap: float | None = None, outputs=("entropy",), chunk: int | None = None):
+    """Per token, chunk by chunk: the student's log-prob of ``targets`` and KL(teacher || student) over the
+    vocabulary (both over the narrower of the two vocabularies, as ``sft.kd_loss``), and TRL's entropy and
+    is-argmax of the student's whole head at ``temperature`` (None where not in ``outputs``). ``teacher_rows``
+    ``[N, ...]`` go through ``teacher_logits`` (fp32 ``[n, V_teacher]``, a chunk at a time, no gradient)."""
+    fn = functools.partial(_kd_chunk, teacher_logits=teacher_logits, temperature=temperature,
+                           logit_scale=logit_scale, softcap=softcap, outputs=tuple(outputs))
+    return over_chunks(fn, hidden, weight, bias, targets, teacher_rows, chunk=chunk, constant=(3,))
