@@ -18,7 +18,7 @@ OUT = ROOT / "docs" / "results.md"
 HEADER = ("benchmark", "date", "commit", "command", "device", "versions", "config")
 # Columns shown where a row has them, in this order.
 COLUMNS = ("memory_cap_gib", "step_s", "generation_s", "ms_per_step", "peak_gpu_gib", "above_weights_gib",
-           "engine_mode", "mismatch_mean", "passed", "failed", "xfailed", "wall_s", "error")
+           "peak_rss_gib", "engine_mode", "mismatch_mean", "passed", "failed", "xfailed", "wall_s", "error")
 
 
 def current_files() -> list[Path]:

@@ -25,7 +25,8 @@ import torch
 
 # Tokens per chunk. At Qwen's 152k vocabulary one fp32 [256, V] tensor is 156 MB and a chunk's log-softmax with its
 # backward holds about four of them (< 0.7 GB), whatever the batch; 256 rows still make the head's matmul a large
-# GEMM (M = 256), so the loop over chunks costs no measurable speed against one [N, V] matmul.
+# GEMM (M = 256). The price is the backward's second matmul of each chunk's logits (as in TRL's kernel):
+# benchmarks/bench_chunked_memory.py measures both.
 CHUNK_TOKENS = 256
 
 
