@@ -45,7 +45,8 @@ def main(out_dir: str | None = None):
         t_loop, m_loop = cuda_time(lambda: original_recipe_loop(model, prompts, completions))
         t_own, m_own = cuda_time(lambda: completion_logprobs(model, prompts, completions, pad_token_id=2))
         t_own1g, m_own1g = cuda_time(lambda: completion_logprobs(model, prompts, completions, pad_token_id=2,
-                                                                 logits_bytes=2**30, token_budget=65536))
+                                                                 chunk_tokens=2**30 // (4 * model.config.vocab_size),
+                                                                 token_budget=65536))
         ref = torch.randn(8, comp_len, device="cuda").clamp(max=0)  # what TRL's KL pass hands over
         reward = SelfNLLReward(None, _Tok())
         t_reuse, m_reuse = cuda_time(lambda: reward(prompts=[""] * 8, completions=[""] * 8,

@@ -18,7 +18,7 @@ OUT = ROOT / "docs" / "results.md"
 HEADER = ("benchmark", "date", "commit", "command", "device", "versions", "config")
 # Columns shown where a row has them, in this order.
 COLUMNS = ("memory_cap_gib", "steps_per_generation", "step_s", "cycle_mean_s", "generation_s", "ms_per_step",
-           "x_bytes", "peak_gpu_gib", "above_weights_gib", "engine_mode", "mismatch_mean",
+           "x_bytes", "peak_gpu_gib", "above_weights_gib", "peak_rss_gib", "engine_mode", "mismatch_mean",
            "sampling_logp_difference/mean", "token_truncate/mean_weight", "sequence_mask/mean_weight", "passed",
            "failed", "xfailed", "wall_s", "error")
 

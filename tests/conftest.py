@@ -202,3 +202,44 @@ def with_lora(model, std: float, seed: int):
             if "lora_B" in name:
                 p.normal_(0, std)
     return peft_model.eval()
+
+
+def make_qwen2(vocab: int = 1000, seed: int = 0, layers: int = 2, hidden: int = 32, tie: bool = True):
+    """A random Qwen2 (tied embeddings, as Qwen2.5's small models) with a vocabulary of ``vocab`` ids."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=512,
+                         tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return Qwen2ForCausalLM(config).eval()
+
+
+class LargestLogits:
+    """Records the largest tensor (most elements) whose last dimension is ``vocab`` that any operation makes while
+    it is on, forward and backward (a torch dispatch mode sees every kernel call; views are not new tensors). A
+    tensor of the LM head's transposed shape ``(hidden, vocab)`` (its weight's gradient) is not logits: not counted
+    when ``hidden`` is given."""
+
+    def __init__(self, vocab: int, hidden: int | None = None):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        record = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if (isinstance(t, torch.Tensor) and t.dim() and t.size(-1) == record.vocab and not t._is_view()
+                            and tuple(t.shape) != (record.hidden, record.vocab) and t.numel() > record.largest):
+                        record.largest, record.shape = t.numel(), tuple(t.shape)
+                return out
+
+        self.vocab, self.hidden, self.largest, self.shape, self.mode = vocab, hidden, 0, None, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)

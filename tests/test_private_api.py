@@ -190,18 +190,25 @@ def test_trls_loss_reads_per_token_advantages():
 
 
 def test_what_the_topk_term_shadows_and_reuses():
-    """--distill_topk: the loss's pass is TRL's ``_get_per_token_logps_and_entropies`` redone with logits (TRL's own
-    goes through its fused head: ``fused_lm_head=True``, log-probs at ``self.temperature``, no logits), with TRL's
-    ``selective_log_softmax`` and ``entropy_from_logits``; the divergence is TRL's SDPO ``add_tail_bucket`` and
-    ``compute_divergence`` (alpha 1: KL(student || teacher)), checked here in numbers."""
+    """--distill_topk: the loss's pass is TRL's own ``_get_per_token_logps_and_entropies`` with its fused head's
+    operands routed to sdgrpo (``compat.fused_head_route``): TRL's loop over ``batch_size`` rows builds the labels
+    sdgrpo rebuilds to align the teacher's top-K ids, and its patched forward calls the module-level
+    ``_ChunkedLogProbFunction.apply`` with the labelled positions' hidden states (log-probs at ``self.temperature``);
+    the divergence is TRL's SDPO ``add_tail_bucket`` and ``compute_divergence`` (alpha 1: KL(student || teacher)),
+    checked here in numbers."""
     import torch
+    import trl.trainer.utils as trl_utils
     from trl import GRPOTrainer
     from trl.experimental.sdpo.loss_utils import add_tail_bucket, compute_divergence
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax  # noqa: F401
 
     source = inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies)
     assert "fused_lm_head=True" in source and "outputs.log_probs[:, -logits_to_keep:]" in source
+    assert "for start in range(0, input_ids.size(0), batch_size):" in source
+    assert "labels = input_ids_batch.masked_fill(attention_mask_batch == 0, -100)" in source
+    assert "labels[:, :-logits_to_keep] = -100" in source
     assert "temperature=self.temperature" in inspect.getsource(GRPOTrainer.__init__)
+    head = inspect.getsource(trl_utils.add_fused_lm_head)
+    assert "_ChunkedLogProbFunction.apply(\n                hidden_states[mask]," in head
     s = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0]]), -1)[:, :2]
     t = torch.log_softmax(torch.tensor([[0.0, 1.5, 0.5, 0.0]]), -1)[:, :2]
     bs, bt = add_tail_bucket(s), add_tail_bucket(t)
@@ -232,3 +239,35 @@ def test_the_int4_weight_only_kernels_the_engine_calls():
     s, z = scales_zeros[..., 0].t().float(), scales_zeros[..., 1].t().float()
     w = ((q.reshape(n, k // group, group).float() - 8) * s[..., None] + z[..., None]).reshape(n, k)
     assert torch.allclose(got, x.float() @ w.to(torch.bfloat16).float().t(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_logit_scale_and_cap_are_read_as_trls_fused_head_reads_them():
+    """``chunked.head_transform`` mirrors what TRL 1.15's ``add_fused_lm_head`` reads from a config: on a soft-capped
+    Gemma-2, a Cohere (``logit_scale``) and a Granite (``logits_scaling``), the scale and cap TRL's patched forward
+    passes to its kernel are the ones sdgrpo reads."""
+    import torch
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
+                              GraniteForCausalLM)
+    from trl.trainer.utils import add_fused_lm_head
+
+    from sdgrpo.chunked import head_transform
+    from sdgrpo.compat import fused_head_route
+
+    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=32, pad_token_id=0)
+    models = [Gemma2ForCausalLM(Gemma2Config(**small, head_dim=8, final_logit_softcapping=3.0)),
+              CohereForCausalLM(CohereConfig(**small, logit_scale=0.25)),
+              GraniteForCausalLM(GraniteConfig(**small, logits_scaling=4.0))]
+    for model in models:
+        add_fused_lm_head(model)
+        seen = []
+
+        def head(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, scale=1.0, outputs=()):
+            seen.append((scale, softcap))
+            return torch.zeros(len(targets)), None, None, None, None
+
+        ids = torch.tensor([[1, 2, 3]])
+        with fused_head_route(head), torch.no_grad():
+            model(input_ids=ids, labels=ids, fused_lm_head=True)
+        assert seen == [head_transform(model.config)], type(model).__name__
+    assert [head_transform(m.config) for m in models] == [(1.0, 3.0), (0.25, None), (0.25, None)]

@@ -30,13 +30,13 @@ def test_induction_score_by_hand(tiny_tokenizer, corpus):
             super().__init__()
             self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, input_ids):
+        def forward(self, input_ids, attention_mask=None, use_cache=None, logits_to_keep=0):  # a causal LM's face
             b, t = input_ids.shape
             logits = torch.zeros(b, t, vocab)
             for i in range(t):  # position i predicts token i + 1
                 if i + 1 - length >= 1:
                     logits[torch.arange(b), i, input_ids[:, i + 1 - length]] = 60.0
-            return type("Out", (), {"logits": logits})()
+            return type("Out", (), {"logits": logits[:, -logits_to_keep:]})()
 
     score = induction_score(Copier(), tiny_tokenizer, [(corpus / "jonah.txt").read_text()], length, count=3)
     assert score == pytest.approx(math.log(vocab), abs=1e-4)

@@ -11,22 +11,22 @@ from sdgrpo.scoring import completion_logprobs, micro_batches
 def test_completion_logprobs_match_reference_in_padded_batches(tiny_tokenizer, cases):
     model = make_llama(tiny_tokenizer, seed=2)
     prompts, completions = cases
-    for budget, logits_bytes in ((10_000, 2**30), (40, 512 * 4 * 7), (1, 1)):
+    for budget, chunk_tokens in ((10_000, 4096), (40, 7), (1, 1)):
         # one batch, several micro-batches with 7-token logit chunks, one sequence and one token at a time
         got = completion_logprobs(model, prompts, completions, pad_token_id=tiny_tokenizer.pad_token_id,
-                                  token_budget=budget, logits_bytes=logits_bytes)
+                                  token_budget=budget, chunk_tokens=chunk_tokens)
         for p, c, lp in zip(prompts, completions, got):
             assert lp.shape == (len(c),)
             torch.testing.assert_close(lp.double(), reference_logps(model, p, c), atol=1e-5, rtol=0)
 
 
-def test_softcapped_model_takes_the_full_logits_path(tiny_tokenizer, cases):
-    """A model whose logits are not a plain ``lm_head(hidden)`` (Gemma-2's soft cap) is scored from its own logits."""
+def test_softcapped_model_is_scored_in_chunks_with_its_cap(tiny_tokenizer, cases):
+    """A model whose logits are not a plain ``lm_head(hidden)`` (Gemma-2's soft cap) goes through its head in chunks
+    of 7 tokens too, the cap applied as its own forward applies it: its own logits' log-probs."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from sdgrpo.scoring import _split_head
 
-    assert _split_head(make_llama(tiny_tokenizer, seed=2)) is not None
     torch.manual_seed(2)
     config = Gemma2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=16, intermediate_size=128, final_logit_softcapping=0.5,
@@ -35,9 +35,9 @@ def test_softcapped_model_takes_the_full_logits_path(tiny_tokenizer, cases):
     model = Gemma2ForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 1.0)  # logits far beyond the cap, so capping changes every number
-    assert _split_head(model) is None
+    assert _split_head(model)[2:] == (1.0, 0.5)
     prompts, completions = cases
-    got = completion_logprobs(model, prompts, completions, pad_token_id=tiny_tokenizer.pad_token_id)
+    got = completion_logprobs(model, prompts, completions, pad_token_id=tiny_tokenizer.pad_token_id, chunk_tokens=7)
     for p, c, lp in zip(prompts, completions, got):
         torch.testing.assert_close(lp.double(), reference_logps(model, p, c), atol=1e-5, rtol=0)
     # The cap matters here: the uncapped head's log-probs are far from the capped ones.
@@ -77,7 +77,7 @@ def test_top_k_log_probs_match_a_full_forward_on_both_paths(tiny_tokenizer, case
         if not split:
             monkeypatch.setattr(scoring, "_split_head", lambda m: None)
         logps, tops = completion_logprobs(model, prompts, completions, pad_token_id=tiny_tokenizer.pad_token_id,
-                                          logits_bytes=512 * 4 * 7, topk=4)
+                                          chunk_tokens=7, topk=4)
         for p, c, lp, (values, ids) in zip(prompts, completions, logps, tops):
             assert values.shape == ids.shape == (len(c), 4)
             if not c:

@@ -3,13 +3,14 @@
 TRL 1.15 computes per-token log-probs through a fused LM head whose kernel is written in Triton; when Triton cannot
 be imported it leaves ``trl.trainer.utils._ChunkedLogProbFunction = None`` and training fails on the first forward.
 The CPU wheels of torch ship without Triton, so on CPU we install a plain-PyTorch function with the same interface
-and the same outputs (exact, but it materializes the ``[N, V]`` logits of each call, which is fine at CPU scale).
-On GPUs, where Triton is present, nothing is changed.
+and the same outputs, computed a bounded number of tokens at a time (``sdgrpo.chunked``): no ``[N, V]`` logits exist
+in its forward or its backward. On GPUs, where Triton is present, nothing is changed.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -18,26 +19,13 @@ logger = logging.getLogger(__name__)
 
 def _plain_chunked_logprob(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
                            logit_scale=1.0, outputs=("entropy",)):
-    """Same contract as ``trl.kernels.ChunkedLogProbFunction.apply``; autograd does the backward."""
-    logits = hidden @ weight.to(hidden.dtype).t()  # [N, V]
-    if bias is not None:
-        logits = logits + bias.to(hidden.dtype)
-    logits = logits.float() * logit_scale
-    if final_logit_softcapping is not None:
-        logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
-    logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    log_probs = logp.gather(-1, targets[:, None]).squeeze(-1)
-    entropy = log_sum_sq = mean_logits = is_top1 = None
-    if "entropy" in outputs:
-        entropy = -(logp.exp() * logp).sum(-1)
-    if "log_sum_sq_probs" in outputs:
-        log_sum_sq = torch.logsumexp(2 * logp, dim=-1)
-    if "mean_logits" in outputs:
-        mean_logits = logits.mean(-1)
-    if "is_top1" in outputs:
-        is_top1 = (logits.argmax(-1) == targets).float()
-    return log_probs, entropy, log_sum_sq, mean_logits, is_top1
+    """Same contract as ``trl.kernels.ChunkedLogProbFunction.apply``, in ``sdgrpo.chunked.CHUNK_TOKENS`` tokens at a
+    time, forward and backward (``chunk_size``, TRL's vocabulary tile, does not apply: a chunk takes the whole
+    vocabulary)."""
+    from sdgrpo.chunked import token_stats
+
+    return token_stats(hidden, weight, bias, targets, temperature, logit_scale, final_logit_softcapping,
+                       outputs)[:5]
 
 
 class _PlainChunkedLogProb:
@@ -49,9 +37,12 @@ class _DeviceDispatch:
     run on CPU tensors: training on the CPU of a machine with Triton installed failed with '0 active drivers')."""
 
     triton = None
+    route = None  # a function that takes every call, on any device, while :func:`fused_head_route` is on
 
     @classmethod
     def apply(cls, hidden, *args, **kwargs):
+        if cls.route is not None:
+            return cls.route(hidden, *args, **kwargs)
         if hidden.is_cuda and cls.triton is not None:
             return cls.triton.apply(hidden, *args, **kwargs)
         return _plain_chunked_logprob(hidden, *args, **kwargs)
@@ -70,3 +61,21 @@ def ensure_trl_runs_without_triton() -> bool:
     if current is None:
         logger.info("Triton is not available: TRL's fused log-prob kernel runs as plain PyTorch")
     return True
+
+
+@contextmanager
+def fused_head_route(fn):
+    """For the duration, TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)`` of a model patched by
+    ``trl.trainer.utils.add_fused_lm_head``) hands its operands to ``fn`` instead of its kernel, on any device:
+    ``fn(hidden [N, H] of the labelled positions, weight, bias, labels [N], temperature, chunk_size, softcap,
+    logit_scale, outputs)`` returns TRL's five per-token outputs. The pass keeps going through the model's own
+    forward (PEFT, DDP, FSDP and ZeRO-3 as TRL runs them) and ``fn`` can compute more from the same head (top-K
+    log-probs, a teacher's divergence), chunk by chunk."""
+    ensure_trl_runs_without_triton()
+    if _DeviceDispatch.route is not None:
+        raise RuntimeError("a fused-head route is already on")
+    _DeviceDispatch.route = fn
+    try:
+        yield
+    finally:
+        _DeviceDispatch.route = None

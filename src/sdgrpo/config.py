@@ -102,8 +102,8 @@ class SDGRPOConfig(GRPOConfig):
                   "top-K tokens at every completion position, plus one bucket for the rest of the vocabulary (the "
                   "vocabulary-level form of SDPO / on-policy distillation; TRL's trl.experimental.sdpo divergence), "
                   "times --distill_topk_weight. For the teacher-based rewards (teacher_nll, distill, "
-                  "context_distill). The policy's logits are then materialised in training (TRL's fused head "
-                  "is not used)."},
+                  "context_distill). The loss's pass stays TRL's fused head, whose operands sdgrpo takes chunk by "
+                  "chunk (sdgrpo.chunked): no whole logits."},
     )
     distill_topk_weight: float = field(
         default=1.0, metadata={"help": "The weight of the --distill_topk term in the loss."},

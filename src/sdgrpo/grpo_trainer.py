@@ -387,31 +387,50 @@ class SelfDistillMixin(CheckpointMixin):
             ids[row, :n] = index[:n].to(ids.device)
         output["teacher_topk_logps"], output["teacher_topk_ids"] = logps, ids
 
-    def _logps_with_topk(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                         compute_entropy=False, compute_aux_loss=False, **multimodal):
-        """The loss's policy pass under --distill_topk: TRL 1.15's ``_get_per_token_logps_and_entropies`` for a text
-        model (log-probs of the completion tokens and entropies at TRL's temperature, in chunks of ``batch_size``
-        rows), shadowed because TRL's fused LM head returns no logits; from the same logits it keeps the policy's
-        log-probs at temperature 1 at the teacher's top-K ids (``self._student_topk_logps``, (B, T, K))."""
-        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+    def _logps_with_topk(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, *args, **kwargs):
+        """The loss's policy pass under --distill_topk: TRL 1.15's own ``_get_per_token_logps_and_entropies`` (its
+        fused LM head: log-probs of the completion tokens and entropies at TRL's temperature, in chunks of
+        ``batch_size`` rows), whose head operands are routed (``compat.fused_head_route``) to
+        ``chunked.token_stats``, which also gives the policy's log-probs at temperature 1 at the teacher's top-K ids
+        (``self._student_topk_logps``, (B, T, K); 0 where TRL's head scores no label: padding, masked rows). Token
+        chunk by token chunk, forward and backward: no (rows, tokens, vocabulary) logits (TRL's kernel returns no
+        logits, and liger-kernel's GRPO loss no per-token values: sdgrpo.chunked says why neither fits)."""
+        from sdgrpo.chunked import token_stats
+        from sdgrpo.compat import fused_head_route
 
-        if compute_aux_loss or any(v is not None for v in multimodal.values()):
-            raise RuntimeError("--distill_topk supports text models without a router loss")
+        topk = self._student_topk  # (B, T, K)
         batch_size = batch_size or input_ids.size(0)
-        logps, entropies, tops = [], [], []
+        # The labels TRL's pass builds (pinned in tests/test_private_api.py): completion tokens the mask attends.
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+        calls = []  # per model call of TRL's loop: (labelled positions (b, T - 1), their labels, their top-K ids)
         for start in range(0, input_ids.size(0), batch_size):
-            rows = slice(start, start + batch_size)
-            with self.accelerator.autocast():
-                logits = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
-                               logits_to_keep=logits_to_keep + 1).logits
-            logits = logits[:, :-1][:, -logits_to_keep:].float()
-            tops.append(torch.log_softmax(logits, dim=-1).gather(-1, self._student_topk[rows]))
-            scaled = logits / self.temperature
-            logps.append(selective_log_softmax(scaled, input_ids[rows, -logits_to_keep:]))
-            if compute_entropy:
-                entropies.append(entropy_from_logits(scaled))
-        self._student_topk_logps = torch.cat(tops)
-        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+            shifted = labels[start : start + batch_size, 1:]
+            ids = topk.new_zeros(*shifted.shape, topk.size(-1))
+            ids[:, -logits_to_keep:] = topk[start : start + batch_size]
+            mask = shifted != -100
+            calls.append((mask, shifted[mask], ids[mask]))
+        pending, tops = iter(calls), []
+
+        def head(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+                 outputs=("entropy",)):
+            mask, expected, ids = next(pending, (None, None, None))
+            if mask is None or not torch.equal(targets, expected.to(targets.device)):
+                raise RuntimeError("--distill_topk: TRL's fused head scored other tokens than its labels of this "
+                                   "pass (has TRL's _get_per_token_logps_and_entropies changed?)")
+            *stats, at_ids = token_stats(hidden, weight, bias, targets, temperature, logit_scale, softcap, outputs,
+                                         topk_ids=ids.to(targets.device))
+            tops.append(at_ids.new_zeros(*mask.shape, ids.size(-1)).masked_scatter(mask[..., None].to(at_ids.device),
+                                                                                   at_ids))
+            return tuple(stats)
+
+        with fused_head_route(head):
+            out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                             batch_size, *args, **kwargs)
+        if len(tops) != len(calls):
+            raise RuntimeError("--distill_topk: TRL's pass made another number of fused-head calls than expected")
+        self._student_topk_logps = torch.cat(tops)[:, -logits_to_keep:]
+        return out
 
     def _topk_term(self, inputs) -> torch.Tensor:
         """Mean over the completion tokens of KL(policy || teacher) on the teacher's top-K tokens plus one bucket for

@@ -40,16 +40,14 @@ def _windows(ids_per_text: list[list[int]], length: int, count: int, seed: int) 
     return out
 
 
-@torch.no_grad()
-def _token_logps(model, rows: list[list[int]], device) -> list[torch.Tensor]:
-    """log p(row[t] | row[:t]) for t >= 1 of equal-length rows, one forward per batch of 16."""
-    out = []
-    for b in range(0, len(rows), 16):
-        x = torch.tensor(rows[b : b + 16], device=device)
-        logits = model(input_ids=x).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None]).squeeze(-1)
-        out.extend(logp.cpu())
-    return out
+def _token_logps(model, rows: list[list[int]], device=None) -> list[torch.Tensor]:
+    """log p(row[t] | row[:t]) for t >= 1 of each row (fp32, CPU): ``scoring.completion_logprobs`` of everything
+    after the first token, so the LM head sees a bounded chunk of tokens at a time (no [rows, tokens, vocabulary]
+    logits)."""
+    from sdgrpo.scoring import completion_logprobs
+
+    rows = [list(map(int, r)) for r in rows]
+    return completion_logprobs(model, [r[:1] for r in rows], [r[1:] for r in rows], pad_token_id=0)
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -132,30 +130,15 @@ def load_corpus(data_dir: str | Path, heldout_fraction: float = 0.05) -> list[tu
     return out
 
 
-@torch.no_grad()
-def heldout_nll(model, ids: torch.Tensor, seq_len: int, device, batch_size: int = 32) -> float:
-    """Summed NLL in nats of every token of ``ids`` after the first, each predicted exactly once.
+def heldout_nll(model, ids: torch.Tensor, seq_len: int, device=None) -> float:
+    """Summed NLL in nats of every token of ``ids`` after the first, each predicted exactly once (eval mode).
 
     Chunk ``i`` is ``ids[i*(T-1) : i*(T-1)+T]`` and scores its tokens 1..T-1, so the targets tile the stream.
     """
     model.eval()
     step = seq_len - 1
-    starts = list(range(0, len(ids) - 1, step))
-    total = 0.0
-    for b in range(0, len(starts), batch_size):
-        chunk = [ids[s : s + seq_len] for s in starts[b : b + batch_size]]
-        lengths = [len(c) for c in chunk]
-        width = max(lengths)
-        x = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, c in enumerate(chunk):
-            x[i, : len(c)] = c
-            mask[i, : len(c)] = 1
-        x, mask = x.to(device), mask.to(device)
-        logits = model(input_ids=x, attention_mask=mask).logits.float()  # [B, T, V]
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
-        total -= (logp * mask[:, 1:]).sum().item()
-    return total
+    rows = [ids[s : s + seq_len].tolist() for s in range(0, len(ids) - 1, step)]
+    return -sum(lp.double().sum().item() for lp in _token_logps(model, rows))
 
 
 def unigram_nll(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab_size: int) -> float:

@@ -104,23 +104,22 @@ def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
 
 
 def _split_head(model):
-    """(backbone, lm_head) when logits are a plain ``lm_head(hidden)``, else None (scaled or soft-capped logits)."""
+    """(backbone, lm_head, logit scale, soft cap) when logits are ``lm_head(hidden)`` then scaled and soft-capped as
+    TRL's fused head reads the config (``chunked.head_transform``), else None (no separate head, or a DeepSpeed
+    ZeRO-3 partition of it)."""
+    from sdgrpo.chunked import head_transform
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                 "logits_scaling"):
-        if getattr(text_config, attr, None) not in (None, 1, 1.0):
-            return None
     try:
         backbone, head = base.get_decoder(), base.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         return None
-    if backbone is None or head is None or backbone is base:
+    if backbone is None or head is None or backbone is base or config is None:
         return None
     if head.weight.numel() == 0 or hasattr(head.weight, "ds_id"):
         return None  # a DeepSpeed ZeRO-3 partition: only the module's own forward gathers it
-    return backbone, head
+    return (backbone, head, *head_transform(config))
 
 
 def _pick(logits: torch.Tensor, targets: torch.Tensor, topk: int):
@@ -135,13 +134,18 @@ def _pick(logits: torch.Tensor, targets: torch.Tensor, topk: int):
     return picked, (values - norm[:, None], ids)
 
 
-def _token_logps_from_hidden(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int, topk: int = 0):
-    """log_softmax(head(hidden))[target] for rows of ``hidden`` [N, H], ``chunk_tokens`` rows at a time in fp32;
-    with ``topk``, also the top-k log-probs and ids of every row ([N, k] each)."""
+def _token_logps_from_hidden(hidden: torch.Tensor, head, targets: torch.Tensor, chunk_tokens: int, topk: int = 0,
+                             logit_scale: float = 1.0, softcap: float | None = None):
+    """log_softmax(head(hidden))[target] for rows of ``hidden`` [N, H], ``chunk_tokens`` rows at a time in fp32
+    (the head's logits scaled and soft-capped as the model does); with ``topk``, also the top-k log-probs and ids of
+    every row ([N, k] each)."""
     out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
     top = []
     for start in range(0, hidden.size(0), chunk_tokens):
-        picked, best = _pick(head(hidden[start : start + chunk_tokens]), targets[start : start + chunk_tokens], topk)
+        logits = head(hidden[start : start + chunk_tokens]).float() * logit_scale  # [chunk, V]
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        picked, best = _pick(logits, targets[start : start + chunk_tokens], topk)
         out[start : start + chunk_tokens] = picked
         if best is not None:
             top.append(best)
@@ -150,12 +154,13 @@ def _token_logps_from_hidden(hidden: torch.Tensor, head, targets: torch.Tensor, 
     return out, (torch.cat([v for v, _ in top]), torch.cat([i for _, i in top]))
 
 
-def _forward_group(model, prompts, completions, pad_id: int, device, logits_bytes: int, topk: int = 0):
+def _forward_group(model, prompts, completions, pad_id: int, device, chunk_tokens: int, topk: int = 0):
     """Right-padded forward of one micro-batch; returns each completion's token log-probs (CPU, fp32), and with
     ``topk`` each completion's top-k log-probs and ids at every position ([n, k] each).
 
-    Only the hidden states of completion positions go through the LM head, a bounded number of tokens at a time,
-    so fp32 logits never exist for more than ``logits_bytes`` at once.
+    Only the hidden states of completion positions go through the LM head, ``chunk_tokens`` tokens at a time, so
+    no logits of more than ``chunk_tokens`` x vocabulary exist at once (a model without a separate head is scored
+    from its own logits of the completion positions).
     """
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     width = max(len(s) for s in seqs)
@@ -172,19 +177,17 @@ def _forward_group(model, prompts, completions, pad_id: int, device, logits_byte
     targets = ids[rows, cols + 1]
     split = _split_head(model)
     if split is not None:
-        backbone, head = split
+        backbone, head, scale, softcap = split
         hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, H]
-        vocab = head.weight.size(0)
-        chunk = max(1, logits_bytes // (vocab * 4))
-        scored = _token_logps_from_hidden(hidden[rows, cols], head, targets, chunk, topk)
+        scored = _token_logps_from_hidden(hidden[rows, cols], head, targets, chunk_tokens, topk, scale, softcap)
         logps, top = scored if topk else (scored, None)
     else:
         first = min(len(p) for p in prompts) - 1
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=width - first).logits
         logps = torch.empty(targets.shape, dtype=torch.float32, device=device)
         tops = []
-        for start in range(0, len(targets), 256):
-            sl = slice(start, start + 256)
+        for start in range(0, len(targets), chunk_tokens):
+            sl = slice(start, start + chunk_tokens)
             logps[sl], best = _pick(logits[rows[sl], cols[sl] - first], targets[sl], topk)  # [n, V] at a time
             tops.append(best)
         top = (torch.cat([v for v, _ in tops]), torch.cat([i for _, i in tops])) if topk else None
@@ -202,7 +205,7 @@ def completion_logprobs(
     *,
     pad_token_id: int,
     token_budget: int = 16384,
-    logits_bytes: int = 256 * 2**20,
+    chunk_tokens: int | None = None,
     topk: int = 0,
 ):
     """Per-token log p(completion_ids[i][t] | prompt_ids[i], completion_ids[i][:t]) at temperature 1.
@@ -211,10 +214,12 @@ def completion_logprobs(
     [len(completion_ids[i]), k], at every position of completion i (what the sampled token was chosen from).
 
     Runs ``model`` as is (wrap it in :func:`adapters_disabled` to score with the base), in eval mode without
-    gradients, in micro-batches of at most ``token_budget`` padded tokens, with at most ``logits_bytes`` of fp32 logits
-    alive at once. On CUDA out-of-memory a micro-batch is halved and retried. Empty completions get an empty
-    tensor. Returns fp32 CPU tensors.
+    gradients, in micro-batches of at most ``token_budget`` padded tokens, the LM head run on ``chunk_tokens`` tokens
+    at a time (default ``sdgrpo.chunked.CHUNK_TOKENS``). On CUDA out-of-memory a micro-batch is halved and retried.
+    Empty completions get an empty tensor. Returns fp32 CPU tensors.
     """
+    from sdgrpo.chunked import CHUNK_TOKENS
+
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     results: list[torch.Tensor | None] = [None] * len(prompt_ids)
@@ -237,7 +242,7 @@ def completion_logprobs(
             group = pending.pop()
             try:
                 scored = _forward_group(model, [prompt_ids[i] for i in group], [completion_ids[i] for i in group],
-                                        pad_token_id, device, logits_bytes, topk)
+                                        pad_token_id, device, chunk_tokens or CHUNK_TOKENS, topk)
             except torch.cuda.OutOfMemoryError:
                 if len(group) == 1:
                     raise

@@ -51,7 +51,8 @@ def _kd_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target:
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, weight: float,
             num_items_in_batch=None, logits_bytes: int = 256 * 2**20) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
-    """(loss, cross-entropy, KL): position t's logits predict ``labels[t + 1]`` (labels -100 are not counted); sums
+    """(loss, cross-entropy, KL) from whole logits (``sdgrpo sft`` computes the same from hidden states, chunk by
+    chunk: ``chunked.kd_stats``): position t's logits predict ``labels[t + 1]`` (labels -100 are not counted); sums
     over the counted tokens divided by ``num_items_in_batch`` (what the Trainer counted) or by their number. Logits
     wider than the tokenizer's padded vocabulary are cut to the narrower of the two before the softmax.
 
@@ -80,30 +81,76 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return (1 - weight) * ce + weight * kl, ce.detach(), kl.detach()
 
 
+def _teacher_rows(teacher, inputs: dict, mask: torch.Tensor):
+    """The teacher on the batch (no gradient), at the positions ``mask`` ``[B, T - 1]`` counts: its final hidden
+    states ``[n, H]`` and a function turning a chunk of them into fp32 logits (its head, scaled and capped as its
+    forward does), or, for a model without a separate head, its logits ``[n, V]`` there and ``float``."""
+    from sdgrpo.scoring import _split_head
+
+    keys = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+    split = _split_head(teacher)
+    with torch.no_grad():
+        if split is None:
+            return teacher(**keys, use_cache=False).logits[:, :-1][mask], torch.Tensor.float
+        backbone, head, scale, softcap = split
+        hidden = backbone(**keys, use_cache=False).last_hidden_state[:, :-1][mask]
+
+    def logits(rows):
+        with torch.no_grad():
+            out = head(rows).float() * scale
+            return softcap * torch.tanh(out / softcap) if softcap is not None else out
+
+    return hidden, logits
+
+
 def _distilling_trainer(teacher, weight: float):
-    """TRL's SFTTrainer whose loss is :func:`kd_loss` with ``teacher`` (through TRL's ``compute_loss_func`` hook,
-    which hands it the student's logits; the batch's inputs, for the teacher's pass, are kept from compute_loss)."""
+    """TRL's SFTTrainer whose loss is ``kd_loss``'s with ``teacher``, computed in TRL's own ``compute_loss`` (its fused
+    LM head, its metrics) with the head's operands routed (``compat.fused_head_route``) to ``chunked.kd_stats``:
+    token chunk by token chunk, forward and backward, so neither model's [rows, tokens, vocabulary] logits exist (TRL's
+    ``compute_loss_func`` hook, used before, hands over the student's whole logits)."""
     from trl import SFTTrainer
 
     class DistillingSFTTrainer(SFTTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.compute_loss_func = self._kd
+            if self.args.loss_type != "nll" or self.args.label_smoothing_factor:
+                raise UserError("distillation from a teacher computes its own loss: drop --loss_type "
+                                f"{self.args.loss_type} and --label_smoothing_factor, or the teacher")
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            self._kd_inputs = inputs
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from sdgrpo.chunked import kd_stats
+            from sdgrpo.compat import fused_head_route
 
-        def _kd(self, outputs, labels, num_items_in_batch=None):
-            inputs = self._kd_inputs
-            keys = ("input_ids", "attention_mask", "position_ids")
-            with torch.no_grad():
-                teacher_logits = teacher(**{k: inputs[k] for k in keys if k in inputs}, use_cache=False).logits
-            loss, ce, kl = kd_loss(outputs.logits, teacher_logits, labels, weight, num_items_in_batch)
+            if "shift_labels" in inputs or "labels" not in inputs:
+                raise RuntimeError("distillation needs the batch's labels, unshifted (no context parallelism)")
+            shifted = inputs["labels"][:, 1:]
+            mask = shifted != -100  # the positions TRL's fused head scores: position t predicts labels[t + 1]
+            expected = shifted[mask]
+            teacher_rows, teacher_logits = _teacher_rows(teacher, inputs, mask)
+            sums = []
+
+            def head(hidden, w, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+                     outputs=("entropy",)):
+                if not torch.equal(targets, expected.to(targets.device)):
+                    raise RuntimeError("distillation: TRL's fused head scored other tokens than the batch's labels")
+                log_probs, kl, entropy, is_top1 = kd_stats(hidden, w, bias, targets, teacher_rows.to(hidden.device),
+                                                           teacher_logits, temperature, logit_scale, softcap,
+                                                           outputs)
+                sums.append((-log_probs.detach().sum(), kl.detach().sum()))
+                # TRL's loss is -sum(log_probs) / its token count: handed this mix, it is kd_loss's
+                # (1 - w) * CE + w * KL with TRL's own normaliser and scaling across processes.
+                return (1 - weight) * log_probs - weight * kl, entropy, None, None, is_top1
+
+            with fused_head_route(head):
+                out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if len(sums) != 1:
+                raise RuntimeError(f"distillation: TRL's loss made {len(sums)} fused-head calls, not one")
+            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            n = torch.as_tensor(count).clamp(min=1).to(sums[0][0].device)
             mode = "train" if self.model.training else "eval"
-            for name, term in (("kd/cross_entropy", ce), ("kd/kl", kl)):
+            for name, term in (("kd/cross_entropy", sums[0][0] / n), ("kd/kl", sums[0][1] / n)):
                 self._metrics[mode][name].append(self._step_share(term, num_items_in_batch))
-            return loss
+            return out
 
         def _step_share(self, term: torch.Tensor, num_items_in_batch) -> float:
             """What to log for one micro-batch's term so that TRL's mean over the step's entries is the term's
