@@ -195,7 +195,8 @@ def test_sft_distillation_equals_kd_loss_of_whole_logits_and_holds_a_chunk(stude
              "And God said, Let there be light: and there was light.", "And God saw the light, that it was good"]
     args = SFTConfig(output_dir=str(tmp_path), report_to="none", per_device_train_batch_size=3, max_length=64,
                      save_strategy="no", bf16=False, use_cpu=True)
-    trainer = _distilling_trainer(teacher, 0.3)(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+    data = Dataset.from_dict({"text": texts})
+    trainer = _distilling_trainer(teacher, 0.3)(model=model, args=args, train_dataset=data,
                                                 processing_class=tokenizer,
                                                 peft_config=LoraConfig(r=4, target_modules="all-linear"))
     with torch.no_grad():

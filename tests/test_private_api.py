@@ -246,8 +246,14 @@ def test_the_logit_scale_and_cap_are_read_as_trls_fused_head_reads_them():
     Gemma-2, a Cohere (``logit_scale``) and a Granite (``logits_scaling``), the scale and cap TRL's patched forward
     passes to its kernel are the ones sdgrpo reads."""
     import torch
-    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
-                              GraniteForCausalLM)
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
     from trl.trainer.utils import add_fused_lm_head
 
     from sdgrpo.chunked import head_transform
@@ -262,7 +268,8 @@ def test_the_logit_scale_and_cap_are_read_as_trls_fused_head_reads_them():
         add_fused_lm_head(model)
         seen = []
 
-        def head(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, scale=1.0, outputs=()):
+        def head(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, scale=1.0, outputs=(),
+                 seen=seen):
             seen.append((scale, softcap))
             return torch.zeros(len(targets)), None, None, None, None
 

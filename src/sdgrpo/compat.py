@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 
