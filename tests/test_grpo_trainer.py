@@ -324,6 +324,49 @@ def test_engine_rollouts_are_corrected_per_token_by_default_and_trls_sequence_ra
     assert ("the mean importance weight of this batch" in caplog.text) == (want.mean().item() < 0.8)
 
 
+def test_several_steps_per_generation_keep_each_rows_sampler_log_probs_and_ratio(tiny_model_dir, tiny_tokenizer,
+                                                                               dataset, tmp_path):
+    """--steps_per_generation 2: one engine call serves two optimizer steps; TRL shuffles the generation batch and
+    splits it, and every row of both halves keeps its own sampler log-probs (policy - sampler is exactly the shift
+    injected for that completion) and its ratio exp(old - sampler), truncated at 3, with old the policy that sampled
+    (an unpadded forward per sequence)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer, _ = build_trainer(model, tiny_tokenizer, dataset, tmp_path, "--generation_engine", "true",
+                               "--rollout_correction", "true", "--beta", "0", "--steps_per_generation", "2",
+                               "--per_device_train_batch_size", "4")
+    shift, _ = shift_the_sampler(trainer, seed=11)
+    trainer.model.train()
+    generation = next(iter(trainer.get_train_dataloader()))
+    assert len(generation) == 8  # 2 steps x 4 rows
+    halves = []
+    for step in range(2):
+        trainer._step = step
+        halves.append(trainer._prepare_inputs(generation))
+    assert trainer.engine.calls == 1 and len(shift) == 8
+    injected = [torch.tensor(d, dtype=torch.float64) for d in shift.values()]
+    found = []
+    for half in halves:
+        mask = half["completion_mask"].bool()
+        assert half["old_per_token_logps"] is not None and half["importance_sampling_ratio"].shape == mask.shape
+        for i in range(mask.size(0)):
+            prompt = half["prompt_ids"][i][half["prompt_mask"][i].bool()].tolist()
+            completion = half["completion_ids"][i][mask[i]].tolist()
+            policy = reference_logps(trainer.model, prompt, completion)
+            sampler = half["sampling_per_token_logps"][i][mask[i]].double()
+            found.append(policy - sampler)
+            want = (policy - sampler).exp().clamp(max=3.0)
+            assert half["importance_sampling_ratio"][i][mask[i]].double().tolist() == pytest.approx(want.tolist(),
+                                                                                                   abs=1e-4)
+    # each completion's delta is one injected shift, and each shift is one completion's: no row lost its own
+    for delta in found:
+        match = [j for j, d in enumerate(injected) if d.shape == delta.shape and (d - delta).abs().max() < 2e-4]
+        assert len(match) == 1, delta
+        injected.pop(match[0])
+    assert not injected
+
+
 def test_a_policy_that_changes_before_its_loss_is_corrected_from_trls_old_log_probs(tiny_model_dir, tiny_tokenizer,
                                                                                    dataset, tmp_path):
     """Two iterations per generation: the policy of the second loss is not the one that sampled, so the ratio is set
