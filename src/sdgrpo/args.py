@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sdgrpo.checks import check_ranges
+from sdgrpo.checks import check_options
 from sdgrpo.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,8 @@ def parse_args(argv: list[str], classes: tuple, prog: str, description: str = ""
             setattr(namespace, positional, [*(getattr(namespace, positional) or []), *words])
     if extra:
         error(f"unexpected argument(s) {' '.join(extra)}")
+    # What was asked is checked before the machine's step, which reads it (sdgrpo.checks.OPTIONS).
+    check_options(vars(namespace), classes, source)
     asked = {a[2:].split("=")[0] for a in yaml_argv + argv if a.startswith("--")}
     overrides = machine(dict(vars(namespace))) if callable(machine) else (machine or {})
     for key, value in overrides.items():
@@ -161,7 +163,6 @@ def parse_args(argv: list[str], classes: tuple, prog: str, description: str = ""
             if key in asked and getattr(namespace, key) != value:
                 logger.warning("%s %s is not possible on this machine: using %s", key, getattr(namespace, key), value)
             setattr(namespace, key, value)
-    check_ranges(vars(namespace), source)
     out = []
     for cls in classes:
         names = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -259,7 +259,7 @@ BAD_INPUTS = {  # kind -> (argv with {file} {binary} {out} {model} {data} placeh
     "missing adapter": (["eval", "--adapter", "{out}/no-such-run", "--data", "{data}", "--output", "{out}/eval"],
                         "--adapter {out}/no-such-run: no adapter_config.json there"),
     "eval temperatures": (["eval", "--data", "{data}", "--temperatures", "1.0,-0.5", "--output", "{out}/eval"],
-                          "--temperatures must all be above 0"),
+                          "--temperatures must be comma-separated numbers, each above 0, not '1.0,-0.5'"),
     "missing dataset": (["train", "--dataset_path", "{out}/no-text", "--output_dir", "{out}/run"],
                         "--dataset_path {out}/no-text: no such dataset folder"),
     "missing local model": (["sft", "--model_name_or_path", "./no-such-model", "--dataset_path", "{data}",
