@@ -56,18 +56,26 @@ def _check_known(keys, where: str, classes: tuple, prog: str) -> None:
 
 def load_yaml(path_text: str, classes: tuple, prog: str) -> dict:
     """A YAML mapping of option: value, checked against ``classes``; an ``env:`` mapping is exported first."""
+    from sdgrpo.textio import TextDecodeError, read_text_file
+
     path = Path(path_text)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text_file(path))
+    except TextDecodeError as err:
+        raise UserError(str(err)) from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: must be a YAML mapping of option: value")
-    for key, value in (data.pop("env", None) or {}).items():
-        os.environ[key] = str(value)
-    _check_known(data, str(path), classes, prog)
+        kind = "empty" if data is None else f"a YAML {type(data).__name__}"
+        raise UserError(f"{path}: must be a YAML mapping of option: value, one per line (it is {kind})")
+    env = data.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise UserError(f"{path}: env must be a mapping of VARIABLE: value, not a {type(env).__name__}")
+    for key, value in env.items():
+        os.environ[str(key)] = str(value)
+    _check_known([str(k) for k in data], str(path), classes, prog)
     return data
 
 

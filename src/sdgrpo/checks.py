@@ -171,6 +171,29 @@ def rules_for(classes) -> dict[str, Rule]:
     return out
 
 
+# Folders a verb writes into (an existing file there is refused), and files it writes (an existing folder is, and a
+# missing folder to write them in).
+OUTPUT_FOLDERS = ("output_dir",)
+OUTPUT_FILES = {"GenerateConfig": ("output",)}  # elsewhere `output` is a folder
+# Inputs that must exist: files, folders, either; adapters (a folder with adapter_config.json).
+INPUT_FILES = ("prompts",)
+INPUT_PATHS = {
+    "dataset_path": "no such dataset folder or text file; pass raw text or a folder written by `sdgrpo prepare`",
+    "data": "no such dataset folder; pass a folder written by `sdgrpo prepare`",
+    "data_dir": "no such folder; pass --data_dir with .txt files",
+    "inputs": "no such file or directory",
+    "unseen_path": "no such file or directory",
+}
+ADAPTERS = {"EvalConfig": ("adapter",), "ExportConfig": ("adapter",), "GenerateConfig": ("adapter",),
+            "SDGRPOConfig": ("teacher_adapter",)}
+# Model options: checked only where the value is written as a local path (a hub name is checked when loaded).
+MODEL_PATHS = ("model_name_or_path", "teacher_model_name_or_path", "tokenizer_path", "model")
+
+
+def _local(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~")) or Path(value).exists()
+
+
 def _fail(source: str, name: str, message: str):
     raise UserError(f"{source}: --{name} {message}")
 
@@ -230,6 +253,8 @@ def check_paths(configs, source: str = "command line") -> None:
         if name in files_out:
             if path.is_dir():
                 _fail(source, name, f"{value} is a folder; pass the file to write")
+            if not path.parent.is_dir():
+                _fail(source, name, f"{value}: there is no folder {path.parent} to write it in; create it first")
         elif path.exists() and not path.is_dir():
             _fail(source, name, f"{value} is a file, not a folder; pass a folder to write into")
         elif any(p.exists() and not p.is_dir() for p in path.parents):
@@ -280,3 +305,42 @@ def check_machine(configs) -> None:
 
         require_4bit("--load_in_4bit" if values.get("load_in_4bit") else "--teacher_load_in_4bit",
                      "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_generation_memory(train_cfg, model_cfg, config) -> None:
+    """Raise :class:`UserError` where ``--generation_memory_gib`` is below the decoding engine's KV cache for the
+    settings (``engine.cache_bytes``: the rows TRL generates at once, per_device_train_batch_size x
+    steps_per_generation, at max_prompt_length + max_completion_length positions rounded up to the engine's length
+    bucket, in the dtype the model loads in), naming the smallest value that works. ``config``: the model's (None:
+    not checked). The engine checks each call again, from the prompts it gets."""
+    import inspect
+    import math
+    from types import SimpleNamespace
+
+    budget = train_cfg.generation_memory_gib
+    lengths = (train_cfg.max_prompt_length, train_cfg.max_completion_length)
+    if budget is None or config is None or None in lengths:
+        return
+    from sdgrpo.runtime import engine_decodes
+
+    if not engine_decodes(vars(train_cfg)):
+        return
+    import torch
+
+    from sdgrpo.engine import DecodeEngine, cache_bytes
+    from sdgrpo.modeling import resolve_dtype
+
+    bucket = inspect.signature(DecodeEngine).parameters["length_bucket"].default
+    rows = train_cfg.per_device_train_batch_size * train_cfg.steps_per_generation
+    length = -(-sum(lengths) // bucket) * bucket
+    dtype = resolve_dtype(model_cfg.dtype, "cpu" if train_cfg.use_cpu else "cuda")
+    # cache_bytes reads a model's config and its parameters' dtype: both are known without loading it
+    shape = SimpleNamespace(config=config, parameters=lambda: iter([torch.empty(0, dtype=dtype)]))
+    need = cache_bytes(shape, rows, length) / 2**30
+    if budget < need:
+        digits = 2 - math.floor(math.log10(need))  # three significant digits, rounded up
+        smallest = math.ceil(need * 10**digits) / 10**digits
+        raise UserError(f"--generation_memory_gib {budget:g}: decoding {rows} rows of {length} positions "
+                        f"(max_prompt_length {lengths[0]} + max_completion_length {lengths[1]}, rounded up to "
+                        f"{bucket}) needs {need:.3g} GiB for the KV cache alone; pass --generation_memory_gib "
+                        f"{smallest:g} or more, fewer rows or positions, or leave it unset to decide from the device")

@@ -268,6 +268,15 @@ BAD_INPUTS = {  # kind -> (argv with {file} {binary} {out} {model} {data} placeh
                           "--lora_dropout must be in [0, 1), not 1.0"),
     "prepare test size": (["prepare", "{data}", "--output", "{out}/p", "--test_size", "1.5"],
                           "--test_size must be in [0, 1), not 1.5"),
+    "a mode's typo": (["train", "--dataset_path", "{data}", "--output_dir", "{out}/run", "--loss_type", "dapoo"],
+                      "--loss_type must be one of grpo, dr_grpo, dapo, bnpo, cispo, sapo, luspo, vespo, not 'dapoo'"),
+    "no iterations": (["train", "--dataset_path", "{data}", "--output_dir", "{out}/run", "--num_iterations", "0"],
+                      "--num_iterations must be at least 1, not 0"),
+    "generation memory below the cache": (["train", "--model_name_or_path", "{model}", "--dataset_path", "{data}",
+                                           "--output_dir", "{out}/run", "--generation_memory_gib", "0.0001"],
+                                          "--generation_memory_gib 0.0001: decoding 8 rows of 640 positions"),
+    "generate output folder missing": (["generate", "--prompt", "x", "--output", "{out}/none/s.jsonl"],
+                                       "--output {out}/none/s.jsonl: there is no folder {out}/none to write it in"),
 }
 
 
