@@ -65,6 +65,16 @@ def test_a_bad_value_is_one_line_before_anything_is_written(verb, name, bad, tmp
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("option, value", [("temperature", "inf"), ("max_grad_norm", "nan"),
+                                           ("generation_memory_gib", "inf")])
+def test_numbers_must_be_finite(option, value):
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.errors import UserError
+
+    with pytest.raises(UserError, match=rf"^command line: --{option} must be a finite number, not {value}$"):
+        parse_train_args([f"--{option}", value])
+
+
 def test_choices_and_the_yaml_file_are_named(tmp_path):
     from sdgrpo.config import parse_train_args
     from sdgrpo.errors import UserError

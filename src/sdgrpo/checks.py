@@ -13,6 +13,7 @@ option no range applies to.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,6 +206,8 @@ def check_options(values: dict, classes, source: str) -> None:
         value = values.get(name)
         if value is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):  # nan fails every range; inf would pass some
+            _fail(source, name, f"must be a finite number, not {value}")
         try:
             good = rule.test(value)
         except TypeError:  # a value of a type the rule does not take (argparse checked the option's own type)
