@@ -4,6 +4,7 @@ combinations refused up front, what a model's own files allow."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 
 import pytest
@@ -88,6 +89,20 @@ def test_choices_and_the_yaml_file_are_named(tmp_path):
     for choice in ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"):
         assert parse_train_args(["--loss_type", choice])[0].loss_type == choice
     assert parse_train_args(["--rollout_correction", "True"])[0].rollout_correction == "true"
+
+
+def test_the_choices_of_trls_modes_are_the_ones_trl_branches_on():
+    """The table lists TRL's modes by hand (TRL refuses a typo only when training reaches it): each listed value is a
+    string TRL's GRPO trainer or its vLLM generation compares with (trl 1.15, pinned)."""
+    import trl.generation.vllm_generation
+    import trl.trainer.grpo_trainer
+
+    source = inspect.getsource(trl.trainer.grpo_trainer) + inspect.getsource(trl.generation.vllm_generation)
+    for name in ("loss_type", "scale_rewards", "importance_sampling_level", "multi_objective_aggregation",
+                 "vllm_mode", "vllm_importance_sampling_mode"):
+        choices = OPTIONS.get(f"GRPOConfig.{name}", OPTIONS.get(name)).describe().removeprefix("one of ").split(", ")
+        for choice in choices:
+            assert f'"{choice}"' in source, (name, choice)
 
 
 def test_repetition_penalty_is_refused_with_the_engine_and_served_by_generate():
