@@ -38,21 +38,15 @@ def base_model(model_name_or_path: str, adapter: str) -> str:
     return model_name_or_path or named or TINY_MODEL
 
 
-def load_tokenizer_for(model_name_or_path: str, adapter: str, trust_remote_code: bool = False):
-    from sdgrpo.modeling import load_tokenizer
-
-    return load_tokenizer(base_model(model_name_or_path, adapter), trust_remote_code)
-
-
 def load(model_name_or_path: str, adapter: str, trust_remote_code: bool = False, tokenizer=None):
     """(model, tokenizer) for sampling: a model folder or hub name, with an adapter on top when given."""
     import torch
 
-    from sdgrpo.modeling import load_model, resolve_dtype
+    from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
 
     base = base_model(model_name_or_path, adapter)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = tokenizer or load_tokenizer_for(model_name_or_path, adapter, trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(base, trust_remote_code)
     model = load_model(base, resolve_dtype(None, device), device, trust_remote_code)
     if adapter:
         from peft import PeftModel
@@ -78,10 +72,10 @@ def main(args: GenerateConfig) -> int:
             raise UserError(str(err)) from None
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
-    from sdgrpo.modeling import check_positions, model_config
+    from sdgrpo.modeling import check_positions, load_tokenizer, model_config
 
-    base = base_model(args.model_name_or_path, args.adapter)
-    tokenizer = load_tokenizer_for(args.model_name_or_path, args.adapter, args.trust_remote_code)
+    base = base_model(args.model_name_or_path, args.adapter)  # the positions are checked before the model loads
+    tokenizer = load_tokenizer(base, args.trust_remote_code)
     longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
     check_positions(model_config(base, args.trust_remote_code), longest + args.max_new_tokens,
                     f"the longest prompt ({longest} tokens) and --max_new_tokens {args.max_new_tokens}", base)
