@@ -79,6 +79,21 @@ def test_bad_yaml_names_the_file(tmp_path):
         parse_args(["--config", str(tmp_path / "p.yaml")], (PretrainConfig,), "p")
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"seq_len: 64\nseed: \xe9\n", "p.yaml: not valid UTF-8 (byte 18); re-save it as UTF-8"),
+    ("\ufeffseq_len: 64\n".encode("utf-16"), "p.yaml: looks like UTF-16 text"),
+    (b"- seq_len\n- 64\n", "p.yaml: must be a YAML mapping of option: value, one per line (it is a YAML list)"),
+    (b"seq_len 64\n", "p.yaml: must be a YAML mapping of option: value, one per line (it is a YAML str)"),
+    (b"env: HF_HOME\nseq_len: 64\n", "p.yaml: env must be a mapping of VARIABLE: value, not a str"),
+    (b"64: seq_len\n", "p.yaml: unknown option(s) 64"),
+])
+def test_a_config_file_that_is_not_a_utf8_mapping_is_one_line(tmp_path, content, message):
+    (tmp_path / "p.yaml").write_bytes(content)
+    with pytest.raises(UserError) as err:
+        parse_args(["--config", str(tmp_path / "p.yaml")], (PretrainConfig,), "p")
+    assert str(err.value).startswith(f"{tmp_path}/{message}") and "\n" not in str(err.value)
+
+
 OPTION = {"prepare": "--max_prompts", "train": "--beta", "sft": "--heldout_eval_steps", "eval": "--temperatures",
           "export": "--max_delta", "generate": "--num_samples", "demo": "--baseline_temperatures",
           "pretrain": "--repeat_fraction"}

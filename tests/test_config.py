@@ -79,7 +79,7 @@ def test_original_recipe_batch_settings_work():
     ("- a\n- b\n", "must be a YAML mapping"),
     ("a: [\n", "not valid YAML"),
     ("num_generations: 1\n", "at least 2 completions"),
-    ("backend: tpu\n", "backend 'tpu' is not one of"),
+    ("backend: tpu\n", "bad.yaml: --backend must be one of hf, unsloth, not 'tpu'"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, yaml_text, message):
     cfg = tmp_path / "bad.yaml"

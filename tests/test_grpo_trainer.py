@@ -650,5 +650,5 @@ def test_topk_needs_a_teacher_based_reward():
 
     with pytest.raises(UserError, match="--distill_topk needs a teacher-based reward"):
         parse_train_args(["--distill_topk", "8"])
-    with pytest.raises(UserError, match="distill_topk -1 must be 0"):
+    with pytest.raises(UserError, match="--distill_topk must be 0 or more, not -1"):
         parse_train_args(["--distill_topk", "-1", "--reward", "distill"])

@@ -260,7 +260,7 @@ def test_reference_reuse_is_auto_on_for_either_backend(tmp_path, prepared, tiny_
 
 
 def test_reference_reuse_option_refuses_other_words(tmp_path):
-    with pytest.raises(UserError, match="reuse_reference_logprobs 'maybe'"):
+    with pytest.raises(UserError, match="--reuse_reference_logprobs must be one of auto, true, false, not 'maybe'"):
         parse_train_args(["--output_dir", str(tmp_path), "--reuse_reference_logprobs", "maybe"])
 
 

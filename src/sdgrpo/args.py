@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from sdgrpo.checks import check_ranges
+from sdgrpo.checks import check_options
 from sdgrpo.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -56,18 +56,26 @@ def _check_known(keys, where: str, classes: tuple, prog: str) -> None:
 
 def load_yaml(path_text: str, classes: tuple, prog: str) -> dict:
     """A YAML mapping of option: value, checked against ``classes``; an ``env:`` mapping is exported first."""
+    from sdgrpo.textio import TextDecodeError, read_text_file
+
     path = Path(path_text)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_text_file(path))
+    except TextDecodeError as err:
+        raise UserError(str(err)) from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: must be a YAML mapping of option: value")
-    for key, value in (data.pop("env", None) or {}).items():
-        os.environ[key] = str(value)
-    _check_known(data, str(path), classes, prog)
+        kind = "empty" if data is None else f"a YAML {type(data).__name__}"
+        raise UserError(f"{path}: must be a YAML mapping of option: value, one per line (it is {kind})")
+    env = data.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise UserError(f"{path}: env must be a mapping of VARIABLE: value, not a {type(env).__name__}")
+    for key, value in env.items():
+        os.environ[str(key)] = str(value)
+    _check_known([str(k) for k in data], str(path), classes, prog)
     return data
 
 
@@ -154,6 +162,8 @@ def parse_args(argv: list[str], classes: tuple, prog: str, description: str = ""
             setattr(namespace, positional, [*(getattr(namespace, positional) or []), *words])
     if extra:
         error(f"unexpected argument(s) {' '.join(extra)}")
+    # What was asked is checked before the machine's step, which reads it (sdgrpo.checks.OPTIONS).
+    check_options(vars(namespace), classes, source)
     asked = {a[2:].split("=")[0] for a in yaml_argv + argv if a.startswith("--")}
     overrides = machine(dict(vars(namespace))) if callable(machine) else (machine or {})
     for key, value in overrides.items():
@@ -161,7 +171,6 @@ def parse_args(argv: list[str], classes: tuple, prog: str, description: str = ""
             if key in asked and getattr(namespace, key) != value:
                 logger.warning("%s %s is not possible on this machine: using %s", key, getattr(namespace, key), value)
             setattr(namespace, key, value)
-    check_ranges(vars(namespace), source)
     out = []
     for cls in classes:
         names = {f.name for f in dataclasses.fields(cls) if f.init}

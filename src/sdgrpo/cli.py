@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 from sdgrpo.args import parse_args
 from sdgrpo.checks import check_paths
@@ -66,6 +67,7 @@ def _train(argv: list[str]) -> int:
     resume = "--resume" in argv
     train_cfg, model_cfg = parse_train_args([a for a in argv if a != "--resume"])
     check_paths([train_cfg, model_cfg])
+    _check_training_models(train_cfg, model_cfg)
     try:
         out = main(train_cfg, model_cfg, resume=resume)
     except Interrupted as stop:
@@ -81,6 +83,7 @@ def _sft(argv: list[str]) -> int:
 
     cfg, model_cfg = parse_sft_args(argv)
     check_paths([cfg, model_cfg])
+    _check_training_models(cfg, model_cfg)
     out = main(cfg, model_cfg)
     print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
     return 0
@@ -91,6 +94,10 @@ def _export(argv: list[str]) -> int:
 
     (cfg,) = parse_args(argv, (ExportConfig,), "sdgrpo export", VERBS["export"])
     check_paths([cfg])
+    if cfg.adapter:
+        from sdgrpo.export import adapter_base
+
+        _check_models(cfg.model_name_or_path or adapter_base(Path(cfg.adapter)), cfg.adapter, cfg.trust_remote_code)
     result = main(cfg)
     print(f"exported to {result['output']} ({result['bytes'] / 2**20:.1f} MiB, {result['seconds']} s); parity on "
           f"{result['prompts_from']}: max |delta logit| {result['max_abs_logit_delta']:.3g} (tolerance "
@@ -99,10 +106,11 @@ def _export(argv: list[str]) -> int:
 
 
 def _generate(argv: list[str]) -> int:
-    from sdgrpo.generate import GenerateConfig, main
+    from sdgrpo.generate import GenerateConfig, base_model, main
 
     (cfg,) = parse_args(argv, (GenerateConfig,), "sdgrpo generate", VERBS["generate"])
     check_paths([cfg])
+    _check_models(base_model(cfg.model_name_or_path, cfg.adapter), cfg.adapter, cfg.trust_remote_code)
     return main(cfg)
 
 
@@ -111,10 +119,47 @@ def _eval(argv: list[str]) -> int:
 
     (cfg,) = parse_args(argv, (EvalConfig,), "sdgrpo eval", VERBS["eval"])
     check_paths([cfg])
+    from sdgrpo.config import TINY_MODEL
+
+    _check_models(cfg.model_name_or_path or TINY_MODEL, cfg.adapter, cfg.trust_remote_code)
     result = main(cfg)
     print(result.get("verdict", "base model evaluated"))
     print(f"eval.json, frontier.png and report.md in {result['config']['output']}")
     return 0
+
+
+def _check_models(model: str, adapter: str | None, trust_remote_code: bool):
+    """What the files of the model a verb loads, and of the adapter it puts on it, allow (sdgrpo.modeling), before
+    they load; returns the model's configuration or None."""
+    if not model:
+        return None
+    from sdgrpo.modeling import check_adapter, check_model
+
+    config = check_model(model, trust_remote_code)
+    if adapter:
+        check_adapter(adapter, model, trust_remote_code)
+    return config
+
+
+def _check_training_models(cfg, model_cfg) -> None:
+    """``train`` and ``sft``: the base and the teacher (with ``train``'s --teacher_adapter on it), the decoding
+    engine's memory budget, the completion length against the base's position limit."""
+    from sdgrpo.checks import check_generation_memory
+    from sdgrpo.modeling import check_adapter, check_model, check_positions
+
+    name = model_cfg.model_name_or_path
+    config = _check_models(name, None, cfg.trust_remote_code)
+    teacher = cfg.teacher_model_name_or_path
+    if teacher:
+        check_model(teacher, cfg.trust_remote_code, "--teacher_model_name_or_path")
+    if getattr(cfg, "teacher_adapter", None):
+        check_adapter(cfg.teacher_adapter, teacher or name, cfg.trust_remote_code, "--teacher_adapter",
+                      "--teacher_model_name_or_path")
+    if hasattr(cfg, "generation_memory_gib"):
+        check_generation_memory(cfg, model_cfg, config)
+        if cfg.max_completion_length:
+            check_positions(config, 1 + cfg.max_completion_length,
+                            f"a 1-token prompt and --max_completion_length {cfg.max_completion_length}", name)
 
 
 def _demo(argv: list[str]) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from trl import GRPOConfig, ModelConfig, SFTConfig
 
 from sdgrpo.args import parse_args
+from sdgrpo.checks import BACKENDS
 from sdgrpo.errors import UserError
 from sdgrpo.runtime import machine_settings
 
@@ -31,11 +32,9 @@ def tiny_model_recipe():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
-BACKENDS = ("hf", "unsloth")
 
 
 TOKEN_REWARDS = ("teacher_nll", "distill", "context_distill")  # the rewards with a per-token advantage
-CORRECTION_MODES = ("auto", "trl", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 @dataclass
@@ -235,20 +234,9 @@ class SDGRPOConfig(GRPOConfig):
     output_dir: str | None = field(default="outputs/sdgrpo", metadata={"help": "Where adapters and logs go."})
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise UserError(f"backend {self.backend!r} is not one of {list(BACKENDS)}")
-        if self.score_with not in ("base", "policy"):
-            raise UserError(f"score_with {self.score_with!r} is not one of ['base', 'policy']")
-        if self.collapse_guard not in ("off", "warn", "stop", "restore"):
-            raise UserError(f"collapse_guard {self.collapse_guard!r} is not one of ['off', 'warn', 'stop', 'restore']")
+        # Each option's own range and choices: sdgrpo.checks.OPTIONS, checked by the parser; here what they need
+        # together.
         self.reuse_reference_logprobs = str(self.reuse_reference_logprobs).lower()
-        if self.reuse_reference_logprobs not in ("auto", "true", "false"):
-            raise UserError(f"reuse_reference_logprobs {self.reuse_reference_logprobs!r} is not one of "
-                            "['auto', 'true', 'false']")
-        if self.advantage not in ("sequence", "token"):
-            raise UserError(f"advantage {self.advantage!r} is not one of ['sequence', 'token']")
-        if self.distill_topk < 0:
-            raise UserError(f"distill_topk {self.distill_topk} must be 0 (off) or a number of tokens")
         # the options that need a teacher scoring the policy's own token ids
         for option, on, why in (("--advantage token", self.advantage == "token",
                                  ": its per-token advantage is the teacher's log-prob minus the policy's"),
@@ -259,24 +247,7 @@ class SDGRPOConfig(GRPOConfig):
             if on and self.teacher_retokenize:
                 raise UserError(f"{option} needs the teacher to score the policy's own token ids; drop "
                                 "--teacher_retokenize (or use a teacher with the student's tokenizer)")
-        if self.generation_weights not in ("auto", "model", "int4"):
-            raise UserError(f"generation_weights {self.generation_weights!r} is not one of ['auto', 'model', 'int4']")
-        if self.rollout_correction_mode not in CORRECTION_MODES:
-            raise UserError(f"rollout_correction_mode {self.rollout_correction_mode!r} is not one of "
-                            f"{list(CORRECTION_MODES)}")
-        if self.generation_int4_kernel not in ("auto", "gemlite", "tinygemm"):
-            raise UserError(f"generation_int4_kernel {self.generation_int4_kernel!r} is not one of "
-                            "['auto', 'gemlite', 'tinygemm']")
         self.rollout_correction = str(self.rollout_correction).lower()
-        if self.rollout_correction not in ("auto", "true", "false"):
-            raise UserError(f"rollout_correction {self.rollout_correction!r} is not one of ['auto', 'true', 'false']")
-        if self.reward_aggregation not in ("mean", "sum"):
-            raise UserError(f"reward_aggregation {self.reward_aggregation!r} is not one of ['mean', 'sum']")
-        if self.num_generations is not None and self.num_generations < 2:
-            raise UserError(f"num_generations {self.num_generations}: GRPO needs at least 2 completions per prompt "
-                            "to compare; set --num_generations 2 or more")
-        if self.min_completion_length < 0:
-            raise UserError(f"min_completion_length {self.min_completion_length}: must be 0 or more")
         if self.min_completion_length:
             if self.max_completion_length is not None and self.min_completion_length > self.max_completion_length:
                 raise UserError(f"min_completion_length {self.min_completion_length} is above max_completion_length "
@@ -353,8 +324,6 @@ class SDSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        if not 0.0 <= self.kd_weight <= 1.0:
-            raise UserError(f"config: kd_weight {self.kd_weight} is outside 0-1")
         try:
             super().__post_init__()
         except ValueError as err:

@@ -154,6 +154,11 @@ def build_examples(docs: Iterable[Document], tokenizer, cfg: PrepareConfig) -> t
     counts = {"documents": 0, "windows": 0, "dropped_near_empty": 0, "dropped_duplicate": 0}
     for doc in docs:
         counts["documents"] += 1
+        bar = None
+        if len(doc.text) > BLOCK_CHARS:  # a long document takes minutes to cut (with or without newlines): show how far
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(doc.text), unit="char", unit_scale=True, desc=f"reading {doc.source}")
         for block in blocks(doc.text):
             # One generator per block, seeded by its content: the same text always gets the same cuts, whatever
             # the file order, so a copied document yields exact duplicate prompts that are then dropped.
@@ -169,6 +174,10 @@ def build_examples(docs: Iterable[Document], tokenizer, cfg: PrepareConfig) -> t
                     continue
                 seen.add(key)
                 examples.append({**ex, "source": doc.source})
+            if bar is not None:
+                bar.update(len(block))
+        if bar is not None:
+            bar.close()
     return examples, counts
 
 

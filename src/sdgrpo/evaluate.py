@@ -137,7 +137,7 @@ def main(cfg: EvalConfig) -> dict:
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.data import load_prompts
     from sdgrpo.errors import UserError
-    from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
+    from sdgrpo.modeling import check_positions, load_model, load_tokenizer, model_config, resolve_dtype
     from sdgrpo.report import fmt, markdown_table, samples_table
 
     name = cfg.model_name_or_path or TINY_MODEL
@@ -147,17 +147,20 @@ def main(cfg: EvalConfig) -> dict:
         raise UserError(f"{cfg.data}: no 'continuation' column; make the data with `sdgrpo prepare`")
     prompts, conts = list(ds["prompt"]), list(ds["continuation"])
     tokenizer = load_tokenizer(name, cfg.trust_remote_code)
+    longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    check_positions(model_config(name, cfg.trust_remote_code), longest + cfg.max_new_tokens,
+                    f"the longest prompt of {cfg.data} ({longest} tokens) and --max_new_tokens {cfg.max_new_tokens}",
+                    name)
+    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{cfg.adapter}: no adapter_config.json; pass the output_dir of `sdgrpo train`")
     base = load_model(name, resolve_dtype(None, device), device, cfg.trust_remote_code)
     temps = [float(t) for t in cfg.temperatures.split(",") if t.strip()]
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.output)  # made only once there is something to write: a failure leaves no empty folder
     eos_ids = set(stop_token_ids(base, tokenizer))
     true_ids = tokenizer(conts, add_special_tokens=False)["input_ids"]
     result = {"config": dataclasses.asdict(cfg), "prompts": len(prompts),
               "true_continuations": collapse_metrics(true_ids, conts, eos_ids),
               "base": {"continuation_nll": continuation_nll(base, tokenizer, prompts, conts), "temperatures": {}}}
-    if cfg.adapter and not (Path(cfg.adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{cfg.adapter}: no adapter_config.json; pass the output_dir of `sdgrpo train`")
     base_stats, _, _, samples_by = frontier(base, tokenizer, prompts, cfg.samples, cfg.max_new_tokens, temps,
                                             cfg.seed)
     result["base"]["temperatures"] = {str(t): v for t, v in base_stats.items()}
@@ -169,6 +172,7 @@ def main(cfg: EvalConfig) -> dict:
         samples_by.update(more)
         result["trained"] = {"continuation_nll": continuation_nll(policy, tokenizer, prompts, conts), **trained}
         result["verdict"] = verdict(trained, base_stats)
+    out.mkdir(parents=True, exist_ok=True)
     plot_frontier({float(t): v for t, v in result["base"]["temperatures"].items()}, trained, out / "frontier.png")
     (out / "eval.json").write_text(json.dumps(result, indent=2))
 

@@ -29,18 +29,24 @@ class GenerateConfig:
     trust_remote_code: bool = False
 
 
-def load(model_name_or_path: str, adapter: str, trust_remote_code: bool = False):
+def base_model(model_name_or_path: str, adapter: str) -> str:
+    """The model generate samples from: the one given, else the adapter's base, else the shipped tiny model."""
+    from sdgrpo.config import TINY_MODEL
+    from sdgrpo.export import adapter_base
+
+    named = adapter_base(Path(adapter)) if adapter else ""  # refuses a folder without adapter_config.json
+    return model_name_or_path or named or TINY_MODEL
+
+
+def load(model_name_or_path: str, adapter: str, trust_remote_code: bool = False, tokenizer=None):
     """(model, tokenizer) for sampling: a model folder or hub name, with an adapter on top when given."""
     import torch
 
-    from sdgrpo.config import TINY_MODEL
-    from sdgrpo.export import adapter_base
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
 
-    named = adapter_base(Path(adapter)) if adapter else ""  # refuses a folder without adapter_config.json
-    base = model_name_or_path or named or TINY_MODEL
+    base = base_model(model_name_or_path, adapter)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(base, trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(base, trust_remote_code)
     model = load_model(base, resolve_dtype(None, device), device, trust_remote_code)
     if adapter:
         from peft import PeftModel
@@ -66,9 +72,14 @@ def main(args: GenerateConfig) -> int:
             raise UserError(str(err)) from None
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise UserError("--num_samples and --max_new_tokens must be at least 1")
-    model, tokenizer = load(args.model_name_or_path, args.adapter, args.trust_remote_code)
+    from sdgrpo.modeling import check_positions, load_tokenizer, model_config
+
+    base = base_model(args.model_name_or_path, args.adapter)  # the positions are checked before the model loads
+    tokenizer = load_tokenizer(base, args.trust_remote_code)
+    longest = max(len(ids) for ids in tokenizer(prompts)["input_ids"])
+    check_positions(model_config(base, args.trust_remote_code), longest + args.max_new_tokens,
+                    f"the longest prompt ({longest} tokens) and --max_new_tokens {args.max_new_tokens}", base)
+    model, tokenizer = load(args.model_name_or_path, args.adapter, args.trust_remote_code, tokenizer)
     out = open(args.output, "w") if args.output else None
     try:
         for i, prompt in enumerate(prompts):

@@ -2,6 +2,11 @@
 
 Safe by default: ``trust_remote_code`` only when asked, safetensors only. A hub name or a local folder both work;
 with ``HF_HUB_OFFLINE=1`` only the local cache is used.
+
+Before a model loads, what its own files allow is checked from them (config.json, the tokenizer, an adapter's
+safetensors header; no weights): an embedding with fewer rows than the tokenizer has tokens (:func:`check_model`),
+positions past its limit (:func:`check_positions`), an adapter made for another architecture or size
+(:func:`check_adapter`). Each is one line (:class:`UserError`).
 """
 
 from __future__ import annotations
@@ -103,3 +108,122 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: str, trust_remote_
     except (OSError, ValueError) as err:
         raise UserError(f"{name_or_path}: cannot load the model ({str(err).splitlines()[0]})") from None
     return model if load_in_4bit else model.to(device)
+
+
+# --- what a model's own files allow, checked before it loads (config.json, the tokenizer, an adapter's files) -------
+def model_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model's configuration (its config.json, without weights), or None where it cannot be read here (a hub
+    name offline, a folder that is not a model's: the loader then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def check_model(name_or_path: str, trust_remote_code: bool = False, option: str = "--model_name_or_path"):
+    """Raise :class:`UserError` where the model's embedding has fewer rows than its tokenizer has tokens (the ids
+    past it would index out of the table, a device-side assert on a GPU); returns its configuration or None."""
+    config = model_config(name_or_path, trust_remote_code)
+    if config is None:
+        return None
+    rows = getattr(config.get_text_config(decoder=True), "vocab_size", None)
+    tokens = len(load_tokenizer(name_or_path, trust_remote_code))
+    if rows is not None and rows < tokens:
+        raise UserError(f"{option} {name_or_path}: its embedding has {rows} rows but its tokenizer has {tokens} "
+                        f"tokens, so ids from {rows} on would index past it; resize it (model.resize_token_embeddings"
+                        "(len(tokenizer)), then save_pretrained) or pass the tokenizer it was trained with")
+    return config
+
+
+def position_limit(config) -> int | None:
+    """The most positions the model takes (``max_position_embeddings``, GPT-2's ``n_positions``), or None."""
+    text = config.get_text_config(decoder=True)
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+
+
+def check_positions(config, positions: int, what: str, name: str) -> None:
+    """Raise :class:`UserError` where ``positions`` (``what``: how they add up) pass the model's position limit."""
+    limit = position_limit(config) if config is not None else None
+    if limit and positions > limit:
+        raise UserError(f"{what} make {positions} positions, past {name}'s limit of {limit} "
+                        "(max_position_embeddings); lower them")
+
+
+def _features(module) -> tuple[int, int] | None:
+    """(in, out) of a layer LoRA wraps: Linear, transformers' Conv1D (GPT-2), Embedding (rows, width)."""
+    import torch.nn as nn
+
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features
+    if hasattr(module, "nx") and hasattr(module, "nf"):
+        return module.nx, module.nf
+    return None
+
+
+def _adapter_mismatch(skeleton, shapes: dict[str, list[int]]) -> str | None:
+    """What in an adapter's tensors (name -> shape, as PEFT saves them) does not fit ``skeleton`` (the model on the
+    meta device), or None."""
+    for key, shape in shapes.items():
+        name = key.removeprefix("base_model.model.")
+        for suffix, side in ((".lora_A.weight", 0), (".lora_B.weight", 1), (".lora_embedding_A", 0),
+                             (".lora_embedding_B", 1)):
+            if name.endswith(suffix):
+                path = name[: -len(suffix)]
+                try:
+                    features = _features(skeleton.get_submodule(path))
+                except AttributeError:
+                    return f"it has LoRA weights for {path}, which this model does not have"
+                got = shape[1] if side == 0 else shape[0]
+                if features is not None and got != features[side]:
+                    return (f"its LoRA on {path} takes {'inputs' if side == 0 else 'outputs'} of {got}, this "
+                            f"model's layer {features[side]}")
+                break
+        else:
+            if "lora_" in name:  # another adapter variant's tensors (DoRA's magnitudes, ...): PEFT checks them
+                continue
+            path = name.replace(".base_layer.", ".")  # a whole weight saved with the adapter (modules_to_save)
+            try:
+                want = list(skeleton.get_parameter(path).shape)
+            except AttributeError:
+                return f"it holds the weight {path}, which this model does not have"
+            if want != list(shape):
+                return f"its {path} is {'x'.join(map(str, shape))}, this model's {'x'.join(map(str, want))}"
+    return None
+
+
+def check_adapter(adapter: str, base: str, trust_remote_code: bool = False, option: str = "--adapter",
+                  base_option: str = "--model_name_or_path") -> None:
+    """Raise :class:`UserError` where the LoRA adapter folder ``adapter`` was made for another architecture or size
+    than ``base``: every tensor in its adapter_model.safetensors (read from the file's header) against the layer it
+    wraps in ``base`` built from its config.json on the meta device (no weights read). Not checked where the base's
+    config cannot be read here or the adapter is not saved as safetensors; PEFT then checks as it loads."""
+    import json
+
+    path = Path(adapter).expanduser()
+    try:
+        recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"{option} {adapter}: adapter_config.json cannot be read ({str(err).splitlines()[0]}); "
+                        "pass a folder written by `sdgrpo train` or `sft`") from None
+    weights = path / "adapter_model.safetensors"
+    config = model_config(base, trust_remote_code)
+    if config is None or not weights.is_file():
+        return
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - a model class that cannot be built bare is checked by PEFT as it loads
+        return
+    why = _adapter_mismatch(skeleton, shapes)
+    if why:
+        raise UserError(f"{option} {adapter}: made for another model than {base} ({why}; its base was "
+                        f"{recorded or 'not recorded'}); pass the model it was trained on as {base_option}")

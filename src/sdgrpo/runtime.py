@@ -52,14 +52,9 @@ def resolve_runtime(cfg):
     (``--generation_engine``), compiled decoding (``--generation_compile``) and, with it, the static cache. Both are
     off where the weights are gathered again at every decoding step (DeepSpeed, FSDP without the weights held).
     Returns ``cfg``, changed in place."""
-    fsdp = bool(cfg.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-    deepspeed = bool(cfg.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    # Held weights, hook-free decoding: FSDP2 only (accelerate launch exports FSDP_VERSION); FSDP1 unmeasured.
-    held = (os.environ.get("FSDP_VERSION") == "2" and cfg.fsdp_gather_for_generation
-            and cfg.fsdp_skip_hooks_in_generation)
-    regathered = deepspeed or (fsdp and not held)
-    if cfg.generation_engine is None:  # Unsloth's model too: 8x its own generation (README, docs/gpu.md)
-        cfg.generation_engine = not cfg.use_vllm and not regathered
+    regathered = weights_regathered(vars(cfg))
+    if cfg.generation_engine is None:
+        cfg.generation_engine = engine_decodes(vars(cfg))
     if cfg.generation_compile is None:
         cfg.generation_compile = default_generation_compile(cfg.backend, not cfg.use_cpu and _has_cuda(), regathered,
                                                             cfg.use_vllm, cfg.cache_implementation,
@@ -67,6 +62,26 @@ def resolve_runtime(cfg):
     if cfg.generation_compile and cfg.cache_implementation is None:
         cfg.cache_implementation = "static"
     return cfg
+
+
+def weights_regathered(values: dict) -> bool:
+    """Whether the launch gathers the weights again at every decoding step: DeepSpeed, or FSDP without the weights
+    held for generation (``values``: the parsed options or a config's ``vars``)."""
+    fsdp = bool(values.get("fsdp")) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    deepspeed = bool(values.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    # Held weights, hook-free decoding: FSDP2 only (accelerate launch exports FSDP_VERSION); FSDP1 unmeasured.
+    held = (os.environ.get("FSDP_VERSION") == "2" and values.get("fsdp_gather_for_generation", True)
+            and values.get("fsdp_skip_hooks_in_generation", True))
+    return deepspeed or (fsdp and not held)
+
+
+def engine_decodes(values: dict) -> bool:
+    """Whether sdgrpo's decoding engine draws the rollouts: ``--generation_engine`` where given, else on unless vLLM
+    generates or the weights are regathered (:func:`weights_regathered`). Unsloth's model too: 8x its own
+    generation (README, docs/gpu.md)."""
+    if values.get("generation_engine") is not None:
+        return bool(values["generation_engine"])
+    return not values.get("use_vllm") and not weights_regathered(values)
 
 
 def default_generation_compile(backend: str, on_gpu: bool, regathered: bool, use_vllm: bool,

@@ -32,7 +32,11 @@ class ReadReport:
 
 
 def is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    try:
+        return path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json",
+                                                                   "state.json"))
+    except OSError:  # a folder that cannot be searched: not one (walking it reports why)
+        return False
 
 
 def _records_text(records: Iterator[tuple[str, dict]], text_field: str) -> Iterator[Document]:
@@ -126,9 +130,71 @@ def _read_file(path: Path, text_field: str) -> Iterator[Document]:
         yield from _read_csv(path, text, text_field)
 
 
-def _expand(paths: list[str], ignored: list[str] | None = None) -> list[Path]:
-    """The files (and saved-dataset folders) under ``paths``; files of other types go to ``ignored``."""
+@dataclass
+class _Walk:
+    """What a walk over folders found besides the files it returns, each reported in one warning."""
+
+    ignored: list[str] = field(default_factory=list)  # files of a type sdgrpo does not read
+    looped: list[str] = field(default_factory=list)  # symlinks to a folder or file already reached
+    unreadable: list[str] = field(default_factory=list)  # "path (why)": folders that cannot be listed, files read
+
+    def warn(self, report: ReadReport, unreadable: bool) -> None:
+        """One warning per kind (files of other types and symlinks once the walk is done; what could not be read,
+        folders and files together, once the files are read), each listed in ``report.skipped``."""
+        kinds = [("unreadable", "unreadable file(s) or folder(s)", "unreadable")] if unreadable else [
+            ("ignored", "file(s) of a type sdgrpo does not read (.txt .md .jsonl .json .csv .parquet)",
+             "not a text or record file"),
+            ("looped", "link(s) to a folder or file already read (a loop or a second path; each is read once)",
+             "a link to what was already read")]
+        for attr, what, why in kinds:
+            items = getattr(self, attr)
+            if items:
+                shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+                logger.warning("skipping %d %s: %s", len(items), what, shown)
+                report.skipped.extend(f"{item}: {why}" for item in items)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()  # follows symlinks: a folder or file is the same one by whatever path it is reached
+    return st.st_dev, st.st_ino
+
+
+def _walk(folder: Path, top: Path, seen: set, walk: _Walk, files: list[Path]) -> None:
+    """The files (and saved-dataset folders) under ``folder``, sorted, into ``files``; hidden entries skipped,
+    symlinked folders followed once (``seen``: the folders and files reached so far, by device and inode), what
+    cannot be listed or reached counted in ``walk``."""
+    try:
+        children = sorted(folder.iterdir())
+    except OSError as err:
+        walk.unreadable.append(f"{folder} ({err.strerror or type(err).__name__})")
+        return
+    for child in children:
+        if child.name.startswith("."):
+            continue
+        try:
+            identity = _identity(child)
+        except OSError as err:  # a dangling symlink, a file gone since the listing
+            walk.unreadable.append(f"{child} ({err.strerror or type(err).__name__})")
+            continue
+        if identity in seen:
+            walk.looped.append(str(child.relative_to(top)) if child.is_relative_to(top) else str(child))
+            continue
+        seen.add(identity)
+        if is_saved_dataset(child):
+            files.append(child)
+        elif child.is_dir():
+            _walk(child, top, seen, walk, files)
+        elif child.is_file():
+            if child.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES:
+                files.append(child)
+            else:
+                walk.ignored.append(str(child))
+
+
+def _expand(paths: list[str], walk: _Walk) -> list[Path]:
+    """The files (and saved-dataset folders) under ``paths`` (see :func:`_walk`)."""
     files: list[Path] = []
+    seen: set = set()
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -136,16 +202,10 @@ def _expand(paths: list[str], ignored: list[str] | None = None) -> list[Path]:
         if is_saved_dataset(path) or path.is_file():
             files.append(path)
         else:
-            for child in sorted(path.rglob("*")):
-                if any(part.startswith(".") for part in child.relative_to(path).parts):
-                    continue
-                if is_saved_dataset(child):
-                    files.append(child)
-                elif child.is_file() and not any(is_saved_dataset(p) for p in child.parents):
-                    if child.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES:
-                        files.append(child)
-                    elif ignored is not None:
-                        ignored.append(str(child))
+            seen.add(_identity(path))
+            found: list[Path] = []
+            _walk(path, path, seen, walk, found)
+            files += sorted(found)  # the order of a sorted recursive listing, whatever links were followed
     return files
 
 
@@ -153,16 +213,16 @@ def iter_documents(paths: list[str], text_field: str = "text", report: ReadRepor
     """Yield every usable document under ``paths`` (files or directories, recursively), one file at a time.
 
     A file that is not UTF-8 is skipped with a warning while other files are usable; if nothing usable was found,
-    :class:`UserError` is raised once the walk is done.
+    :class:`UserError` is raised once the walk is done. In folders, symlinked subfolders are followed once (a loop or
+    a second path to a folder already read is skipped), and what cannot be read (a folder that cannot be listed, a
+    file that cannot be opened) is skipped: each kind is one warning with its count, and listed in
+    ``report.skipped``. A file named on its own that cannot be read is an error.
     """
     report = report if report is not None else ReadReport()
-    ignored: list[str] = []
-    files = _expand(paths, ignored)
-    if ignored:
-        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
-        logger.warning("skipping %d file(s) of a type sdgrpo does not read (.txt .md .jsonl .json .csv .parquet): %s",
-                       len(ignored), shown)
-        report.skipped.extend(f"{f}: not a text or record file" for f in ignored)
+    walk = _Walk()
+    files = _expand(paths, walk)
+    named = {Path(p) for p in paths}
+    walk.warn(report, unreadable=False)
     found_any = False
     for path in files:
         if path.is_file() and path.suffix.lower() not in TEXT_SUFFIXES | RECORD_SUFFIXES:
@@ -176,14 +236,20 @@ def iter_documents(paths: list[str], text_field: str = "text", report: ReadRepor
             logger.warning("skipping %s", err)
             report.skipped.append(str(err))
             continue
-        except PermissionError:
-            raise UserError(f"{path}: permission denied; make the file readable") from None
+        except OSError as err:
+            if path in named:
+                why = "permission denied; make the file readable" if isinstance(err, PermissionError) else (
+                    f"cannot be read ({err.strerror or err})")
+                raise UserError(f"{path}: {why}") from None
+            walk.unreadable.append(f"{path} ({err.strerror or type(err).__name__})")
+            continue
         report.files_read += 1
         for doc in found:
             if doc.text.strip():
                 found_any = True
                 yield doc
         del found
+    walk.warn(report, unreadable=True)
     if not found_any:
         where = ", ".join(paths)
         raise UserError(f"{where}: no usable text found (looked for .txt, .md, .jsonl, .json, .csv, .parquet "

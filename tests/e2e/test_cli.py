@@ -75,6 +75,14 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir, cor
         (["sft", "--dataset_path", prepared, "--model_name_or_path", tiny_model_dir, "--output_dir",
           tmp_path / "sfull", "--load_in_4bit", "true", "--use_peft", "false"], "with --use_peft false every weight"),
         (["frobnicate"], "unknown command"),
+        # refused by the parser before the model loads (sdgrpo.checks.OPTIONS), not when training reaches them
+        (["train", "--dataset_path", prepared, "--output_dir", tmp_path / "seed", "--seed", -1],
+         "--seed must be in [0, 2**32 - 1]"),
+        (["train", "--dataset_path", prepared, "--output_dir", tmp_path / "rp", "--repetition_penalty", 1.2],
+         "--repetition_penalty 1.2: the decoding engine does not apply a repetition penalty"),
+        # gemlite's kernels asked for where they cannot run (not installed, or no GPU): before the text is prepared
+        (["train", "--dataset_path", corpus / "jonah.txt", "--model_name_or_path", tiny_model_dir, "--output_dir",
+          tmp_path / "gk", "--generation_int4_kernel", "gemlite"], "--generation_int4_kernel gemlite: gemlite"),
     ]
     for args, message in cases:
         r = run_cli(*args)
@@ -82,7 +90,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir, cor
         lines = [line for line in r.stderr.splitlines() if "error" in line]
         assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr
-    for refused in ("q", "q8", "qraw", "traw", "sq", "sfull"):  # nothing written where a run was refused
+    for refused in ("q", "q8", "qraw", "traw", "sq", "sfull", "seed", "rp", "gk"):  # nothing written where a run was refused
         assert not (tmp_path / refused).exists() or not any((tmp_path / refused).iterdir())
 
 

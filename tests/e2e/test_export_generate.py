@@ -121,7 +121,9 @@ def test_a_corrupted_adapter_fails_in_one_line_and_leaves_nothing(trained, tmp_p
     r = run_cli("export", "--adapter", bad, "--output", tmp_path / "merged")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("sdgrpo export: error:") and "export refused" in last
+    # a tensor of the wrong shape is refused before the base loads, non-finite weights once it has
+    refused = "export refused" if damage == "nan" else f"--adapter {bad}: made for another model than "
+    assert last.startswith("sdgrpo export: error:") and refused in last, last
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
 
@@ -143,5 +145,7 @@ def test_generate_from_base_adapter_and_exported_folder(trained, tiny_model_dir,
         texts[name] = [x["sample"] for x in rows]
     assert texts["adapter"] == texts["exported"]  # same distribution, same seed: the merge is exact in fp32
     assert texts["adapter"] != texts["base"]
-    r = run_cli("generate", "--adapter", root)
+    r = run_cli("generate", "--adapter", out)
     assert r.returncode == 2 and "no prompt" in r.stderr.strip().splitlines()[-1]
+    r = run_cli("generate", "--adapter", root, "--prompt", "And")  # a folder with no adapter: before any work
+    assert r.returncode == 2 and "no adapter_config.json there" in r.stderr.strip().splitlines()[-1]

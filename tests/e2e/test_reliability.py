@@ -259,7 +259,7 @@ BAD_INPUTS = {  # kind -> (argv with {file} {binary} {out} {model} {data} placeh
     "missing adapter": (["eval", "--adapter", "{out}/no-such-run", "--data", "{data}", "--output", "{out}/eval"],
                         "--adapter {out}/no-such-run: no adapter_config.json there"),
     "eval temperatures": (["eval", "--data", "{data}", "--temperatures", "1.0,-0.5", "--output", "{out}/eval"],
-                          "--temperatures must all be above 0"),
+                          "--temperatures must be comma-separated numbers, each above 0, not '1.0,-0.5'"),
     "missing dataset": (["train", "--dataset_path", "{out}/no-text", "--output_dir", "{out}/run"],
                         "--dataset_path {out}/no-text: no such dataset folder"),
     "missing local model": (["sft", "--model_name_or_path", "./no-such-model", "--dataset_path", "{data}",
@@ -268,6 +268,15 @@ BAD_INPUTS = {  # kind -> (argv with {file} {binary} {out} {model} {data} placeh
                           "--lora_dropout must be in [0, 1), not 1.0"),
     "prepare test size": (["prepare", "{data}", "--output", "{out}/p", "--test_size", "1.5"],
                           "--test_size must be in [0, 1), not 1.5"),
+    "a mode's typo": (["train", "--dataset_path", "{data}", "--output_dir", "{out}/run", "--loss_type", "dapoo"],
+                      "--loss_type must be one of grpo, dr_grpo, dapo, bnpo, cispo, sapo, luspo, vespo, not 'dapoo'"),
+    "no iterations": (["train", "--dataset_path", "{data}", "--output_dir", "{out}/run", "--num_iterations", "0"],
+                      "--num_iterations must be at least 1, not 0"),
+    "generation memory below the cache": (["train", "--model_name_or_path", "{model}", "--dataset_path", "{data}",
+                                           "--output_dir", "{out}/run", "--generation_memory_gib", "0.0001"],
+                                          "--generation_memory_gib 0.0001: decoding 8 rows of 640 positions"),
+    "generate output folder missing": (["generate", "--prompt", "x", "--output", "{out}/none/s.jsonl"],
+                                       "--output {out}/none/s.jsonl: there is no folder {out}/none to write it in"),
 }
 
 
