@@ -247,7 +247,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         from sdgrpo.train import main
 
         argv = ["--model_name_or_path", str(model_dir), "--dataset_path", str(data_dir), "--output_dir",
-                str(out / variant), "--collapse_guard", "off", "--backend", "unsloth" if unsloth else "hf"]
+                str(out / full), "--collapse_guard", "off", "--backend", "unsloth" if unsloth else "hf"]
         for k, v in common.items():
             argv += [f"--{k}", str(v)]
         if variant.endswith("_generate") or variant in ("sdgrpo_hf_static", "sdgrpo_hf_compile", "sdgrpo_hf_cb"):
@@ -302,7 +302,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
 
         ensure_trl_runs_without_triton()
         trainer = trl.GRPOTrainer(model=model, reward_funcs=[original_recipe_reward(model, tok)],
-                                  args=trl.GRPOConfig(output_dir=str(out / variant), **common),
+                                  args=trl.GRPOConfig(output_dir=str(out / full), **common),
                                   train_dataset=load_from_disk(str(data_dir))["train"], processing_class=tok,
                                   peft_config=peft_config, callbacks=[step_clock, diagnostics])
         trainer.train()
@@ -313,7 +313,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     import torch._dynamo.utils as dynamo_utils
     step = med.get("step", float("nan"))
     logged = {}
-    metrics_file = out / variant / "metrics.jsonl"
+    metrics_file = out / full / "metrics.jsonl"  # the whole name: variants of one base name apart
     if metrics_file.exists():  # sdgrpo's own per-step records: the engine's mode and the sampler-policy mismatch
         rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][warmup:]
         for key in ("engine/mode", "sampling/sampling_logp_difference/mean", "sampling/kl",

@@ -147,6 +147,7 @@ OPTIONS: dict[str, Rule] = {
     "rollout_correction_mode": one_of("auto", "trl", "token_truncate", "token_mask", "sequence_truncate",
                                       "sequence_mask"),
     "generation_int4_kernel": one_of("auto", "gemlite", "tinygemm"),
+    "gpu_memory_gib": POSITIVE,
     **dict.fromkeys(("rollout_correction", "reuse_reference_logprobs"), SWITCH),
 }
 # Numeric options without a rule here, and why (tests/test_checks.py holds every verb's numeric options to the two).

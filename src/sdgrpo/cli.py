@@ -73,7 +73,8 @@ def _train(argv: list[str]) -> int:
     except Interrupted as stop:
         print(f"sdgrpo train: {stop}", file=sys.stderr)
         return 130
-    print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
+    if out is not None:  # None: --dry_run
+        print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
     return 0
 
 

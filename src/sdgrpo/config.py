@@ -134,6 +134,23 @@ class SDGRPOConfig(GRPOConfig):
                   "11.9 GiB peak against 4.32 s at 20.7 GiB with 16-bit copies. Not the default yet: its decoding "
                   "is not yet checked against a reference on a GPU (docs/gpu.md)."},
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={"help": "Print the run's memory plan (weights, LoRA and its optimizer, the engine's copies and "
+                  "cache, training activations) and whether it fits the GPU (or --gpu_memory_gib), then stop: "
+                  "nothing is loaded, prepared or written."},
+    )
+    gpu_memory_gib: float | None = field(
+        default=None,
+        metadata={"help": "The GPU memory this run may use: the process is capped there "
+                  "(torch.cuda.set_per_process_memory_fraction), as on a card of that size, and the plan is made "
+                  "for it (with --dry_run on a machine without a GPU too). Default: the whole GPU."},
+    )
+    memory_check: bool = field(
+        default=True,
+        metadata={"help": "Refuse, before loading anything, a run whose estimated peak GPU memory is above what it "
+                  "may use (the estimate ran 1-5% above measured peaks; false: try anyway)."},
+    )
     fsdp_gather_for_generation: bool = field(
         default=True,
         metadata={"help": "Under FSDP2, keep the all-gathered weights for the whole of generation instead of "

@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+from sdgrpo import plan
 from sdgrpo.callbacks import MetricsFileCallback, StopRequest, heldout_callback, keep_best_heldout
 from sdgrpo.cards import write_card
 from sdgrpo.checkpointing import (
@@ -138,12 +139,34 @@ def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> 
     check_machine([train_cfg, model_cfg])
     check_one_gpu_per_process()
     resolve_runtime(train_cfg)
+    plan.apply_cap(train_cfg)
+    plan.check(train_cfg, model_cfg, *plan.for_run(train_cfg, model_cfg))
     choose_attention_kernels(model_cfg.cudnn_attention)
     train_cfg.dataset_path = prepared_or_raw(train_cfg.dataset_path, train_cfg.output_dir,
                                              model_cfg.model_name_or_path, train_cfg)
     out = Path(train_cfg.output_dir)
     resolved = config_to_dict(train_cfg, model_cfg)
     return out, resolved, (check_resume(out, resolved) if resume else None)
+
+
+def dry_run(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> None:
+    """``--dry_run``: the machine's checks and the run's memory plan, printed; nothing loaded, prepared or written.
+    Raises :class:`UserError` where the plan does not fit (as the run would be refused). With --gpu_memory_gib on a
+    machine without a GPU it plans for a card of that size elsewhere, so this machine's own lacks are not refused."""
+    import torch
+
+    if train_cfg.gpu_memory_gib is None or torch.cuda.is_available():
+        check_machine([train_cfg, model_cfg])
+    resolve_runtime(train_cfg)
+    estimate, cap = plan.for_run(train_cfg, model_cfg)
+    where = (f"{train_cfg.gpu_memory_gib:g} GiB (--gpu_memory_gib)" if train_cfg.gpu_memory_gib is not None
+             else "this GPU" if cap is not None else "no GPU here: pass --gpu_memory_gib to plan for a card")
+    print(f"memory plan of `sdgrpo train` for {model_cfg.model_name_or_path} on {where}:")
+    print(estimate.table(cap) if estimate is not None else "  not estimated: the model's config.json could not be "
+          "read here, or its family is not one the estimate knows")
+    plan.check(train_cfg, model_cfg, estimate, cap)
+    if cap is not None and estimate is not None:
+        print(f"  fits, with {(cap - estimate.peak()) / 2**30:.2f} GiB to spare")
 
 
 def load_data(train_cfg: SDGRPOConfig):
@@ -200,6 +223,8 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
     Ctrl-C finishes the current step, saves a checkpoint and the adapter, and raises :class:`Interrupted`.
     With ``resume``, training continues from the last complete checkpoint of ``output_dir``.
     """
+    if train_cfg.dry_run:
+        return dry_run(train_cfg, model_cfg)
     out, resolved, checkpoint = resolve(train_cfg, model_cfg, resume)
     dataset = load_data(train_cfg)
     model, tokenizer, peft_config, trainer_cls = load_backend(train_cfg, model_cfg)

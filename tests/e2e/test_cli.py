@@ -90,7 +90,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, prepared, tiny_model_dir, cor
         lines = [line for line in r.stderr.splitlines() if "error" in line]
         assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
         assert "Traceback" not in r.stderr
-    for refused in ("q", "q8", "qraw", "traw", "sq", "sfull", "seed", "rp", "gk"):  # nothing written where a run was refused
+    # nothing written where a run was refused
+    for refused in ("q", "q8", "qraw", "traw", "sq", "sfull", "seed", "rp", "gk"):
         assert not (tmp_path / refused).exists() or not any((tmp_path / refused).iterdir())
 
 

@@ -1,0 +1,120 @@
+"""sdgrpo.plan: the memory plan of a training run, against the models' own parameter counts, against the peaks measured
+on a GPU (benchmarks/results/), and through the CLI (--dry_run, the refusal of a run that does not fit)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from sdgrpo.plan import GiB, estimate, longest_completion, parameter_count, projections
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+              num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+
+
+def qwen7b():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**QWEN7B)
+
+
+@pytest.mark.parametrize("family", ["qwen2-7b", "qwen2-tied", "llama"])
+def test_parameter_counts_are_the_models_own(family):
+    """parameter_count against the model itself, built on the meta device from the same config: the layers' linear
+    projections' weights, and every other parameter (embeddings, head, norms, biases)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config = {"qwen2-7b": lambda: qwen7b(),
+              "qwen2-tied": lambda: Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=3,
+                                                num_attention_heads=14, num_key_value_heads=2, vocab_size=1000,
+                                                tie_word_embeddings=True),
+              "llama": lambda: LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=4, vocab_size=4096,
+                                           tie_word_embeddings=True)}[family]()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    linear = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".weight") and n.split(".")[-2] in names)
+    total = sum(p.numel() for p in model.parameters())
+    assert parameter_count(config) == (linear, total - linear)
+    layer = model.model.layers[0]
+    modules = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+               layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+    assert projections(config) == [(m.out_features, m.in_features) for m in modules]
+
+
+def _measured_rows():
+    """(row, its file's config, the int4 kernel it ran) of every sdgrpo hf 4-bit row of the 7B results of 2026-12-06
+    (one H100): at commit 8dae728 gemlite read int4 copies unless +tinygemm was asked; at 566047c, tinygemm."""
+    rows = []
+    for name, kernel in (("bench_step_qwen2.5-7b_h100_2026-12-06_int4.json", "gemlite"),
+                         ("bench_step_qwen2.5-7b_h100_2026-12-06_cap24_corrected.json", "tinygemm")):
+        data = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+        for row in data["results"]:
+            if row["variant"].startswith("sdgrpo_hf_4bit"):
+                rows.append((row, data["config"], "tinygemm" if "+tinygemm" in row["variant"] else kernel))
+    return rows
+
+
+def test_the_estimate_is_within_ten_percent_of_every_measured_peak_and_refuses_the_run_that_ran_out():
+    """The 7B shape with a 4-bit base on one H100 (benchmarks/results/): 16-bit copies, gemlite's int4 copies, four
+    steps per generation: each estimate within 10% of the peak the run measured (and not below it by more than 2%:
+    a plan that says a run fits should not be far under what it takes); the run that ran out of memory under a 12 GiB
+    cap is one the estimate puts above its cap."""
+    checked = ran_out = 0
+    for row, config, kernel in _measured_rows():
+        name = row["variant"]
+        spg = int(name.split("+spg")[1].split("+")[0]) if "+spg" in name else 1
+        cap = float(name.split("+cap")[1].split("+")[0]) if "+cap" in name else config["memory_cap_gib"]
+        plan = estimate(qwen7b(), four_bit=True, train_rows=8, generate_rows=8 * spg, prompt=config["prompt_tokens"],
+                        completion=config["completion_tokens"], int4_kernel=kernel, cap=cap * GiB)
+        if row.get("peak_gpu_gib") is None:
+            assert "out of memory" in (row.get("error") or "").lower() or "OutOfMemory" in (row.get("error") or "")
+            assert plan.peak() > cap * GiB, (name, plan.peak() / GiB)
+            ran_out += 1
+            continue
+        if row.get("engine_mode") is not None:  # (the steps_per_generation rows' metrics were not read back)
+            assert {2.0: "int4", 3.0: "dequantised"}[row["engine_mode"]] == plan.mode, name
+        ratio = plan.peak() / (row["peak_gpu_gib"] * GiB)
+        assert 0.98 <= ratio <= 1.10, (name, plan.peak() / GiB, row["peak_gpu_gib"])
+        checked += 1
+    assert checked >= 5 and ran_out == 1
+
+
+def test_the_longest_completion_that_fits_is_the_last_step_under_the_cap():
+    plan = estimate(qwen7b(), four_bit=True, train_rows=8, generate_rows=8, prompt=128, completion=2048,
+                    int4_kernel="gemlite", cap=16 * GiB)
+    n = longest_completion(plan, 16 * GiB, 128, 2048, 8, 8, qwen7b())
+    assert 0 < n < 2048 and n % 64 == 0
+    fits = estimate(qwen7b(), four_bit=True, train_rows=8, generate_rows=8, prompt=128, completion=n,
+                    int4_kernel="gemlite", cap=16 * GiB)
+    over = estimate(qwen7b(), four_bit=True, train_rows=8, generate_rows=8, prompt=128, completion=n + 64,
+                    int4_kernel="gemlite", cap=16 * GiB)
+    assert fits.mode == over.mode == plan.mode == "int4"
+    assert fits.peak() <= 16 * GiB < over.peak()
+
+
+def test_dry_run_prints_the_plan_and_prepares_and_writes_nothing(tmp_path, corpus):
+    """`sdgrpo train --dry_run` on raw text with the shipped model: the plan on stdout, exit 0, no output folder,
+    nothing prepared; planned for a 16 GB card from a machine without one (--gpu_memory_gib)."""
+    out = tmp_path / "run"
+    r = run_cli("train", "--dry_run", "true", "--dataset_path", corpus / "jonah.txt", "--output_dir", out,
+                "--gpu_memory_gib", "16", "--max_completion_length", "256")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "estimated peak" in r.stdout and "16 GiB (--gpu_memory_gib)" in r.stdout and "fits, with" in r.stdout
+    assert not out.exists()
+
+
+def test_a_run_above_its_memory_is_refused_in_one_line_before_anything_is_written(tmp_path, corpus):
+    out = tmp_path / "run"
+    r = run_cli("train", "--dataset_path", corpus / "jonah.txt", "--output_dir", out, "--gpu_memory_gib", "0.01")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "GiB of GPU memory" in lines[0] and "may use 0.0 GiB" in lines[0]
+    assert "no completion length fits" in lines[0] and "--dry_run" in lines[0]
+    assert not out.exists()
