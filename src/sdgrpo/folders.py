@@ -173,7 +173,8 @@ def check_replaceable(target: Path, option: str) -> None:
     """Refuse a ``target`` that exists, is not empty, and is not sdgrpo's (see :func:`is_own`)."""
     target = Path(target)
     if target.is_dir() and not is_empty(target) and not is_own(target):
-        held = [f for f in _files(target) if f not in (MANIFEST, LOCK)][:3]
+        listed = (read_manifest(target) or {}).get("files", {})
+        held = [f for f in _files(target) if f not in (MANIFEST, LOCK) and f not in listed][:3]
         raise UserError(f"{option} {target}: this folder holds files sdgrpo did not write ({', '.join(held)}); "
                         "sdgrpo never replaces them: pass a new or empty folder")
 

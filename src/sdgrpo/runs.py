@@ -85,6 +85,9 @@ def run_folder(out: Path, verb: str, resume: bool, start_over: bool) -> Iterator
                         f"{', ...' if len(held) > 3 else ''}); sdgrpo writes only into a new or empty folder, or its "
                         "own: pass another --output_dir")
     was_empty = not existed or is_empty(out)
+    made = out.absolute()  # the outermost folder this makes, removed again where the run is refused
+    while not made.parent.exists():
+        made = made.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -110,7 +113,10 @@ def run_folder(out: Path, verb: str, resume: bool, start_over: bool) -> Iterator
         if was_empty and {p.name for p in out.iterdir()} <= {MANIFEST}:
             (out / MANIFEST).unlink(missing_ok=True)  # refused before writing anything: leave the folder as it was
             if not existed:
-                out.rmdir()
+                for folder in [out.absolute(), *out.absolute().parents]:
+                    folder.rmdir()
+                    if folder == made:
+                        break
         raise
     release_lock(out)
 
