@@ -203,11 +203,14 @@ def stop_if_broken(stop, out: Path) -> None:
     if not stop.fatal:
         return
     good = last_complete_checkpoint(out)
-    if good is not None and (good / "adapter_model.safetensors").is_file():
+    if good is None:
+        where = "no checkpoint was saved"
+    elif (good / "adapter_model.safetensors").is_file():
         copy_adapter(good, out)
-    raise UserError(f"training stopped: {stop.reason}; "
-                    + (f"the last good adapter ({good.name}) is in {out}" if good else "no checkpoint was saved")
-                    + "; lower --learning_rate or check the data")
+        where = f"the last good adapter ({good.name}) is in {out}"
+    else:  # every weight trained: the checkpoint is the model
+        where = f"the last good model is {good}"
+    raise UserError(f"training stopped: {stop.reason}; {where}; lower --learning_rate or check the data")
 
 
 def save_or_interrupt(trainer, stop, out: Path) -> None:
