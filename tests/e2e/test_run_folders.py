@@ -133,7 +133,8 @@ def lora_adapter(model_dir: Path, folder: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, target_modules="all-linear"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
