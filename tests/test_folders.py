@@ -46,3 +46,23 @@ def test_a_reused_pid_is_not_a_live_holder_but_another_hosts_lock_is_kept(tmp_pa
         take_lock(tmp_path, "train")
     release_lock(tmp_path)  # not this process's: kept
     assert lock_holder(tmp_path / LOCK)["host"] == "elsewhere"
+
+
+def test_a_run_folder_is_never_replaced_by_a_whole_result(tmp_path):
+    """`prepare --output RUN` must not swap a training run's folder (its checkpoints) for a dataset: a run's manifest
+    lists no files, so the folder is not replaceable, while a finished result of sdgrpo's is, until a file is added."""
+    from sdgrpo.folders import check_replaceable, write_manifest
+
+    run, result = tmp_path / "run", tmp_path / "result"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"x")
+    write_manifest(run, "train")
+    with pytest.raises(UserError, match="the folder of a run of sdgrpo train"):
+        check_replaceable(run, "--output")
+    result.mkdir()
+    (result / "dataset_dict.json").write_text("{}")
+    write_manifest(result, "prepare", list_files=True)
+    check_replaceable(result, "--output")
+    (result / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"did not write \(notes.txt\)"):
+        check_replaceable(result, "--output")

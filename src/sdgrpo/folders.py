@@ -3,11 +3,11 @@
 The contract (docs/usage.md, "What sdgrpo promises about your files"):
 
 - A folder is sdgrpo's when it holds ``sdgrpo_manifest.json``, written when sdgrpo created the folder (or found it
-  empty). Where the manifest lists files (a finished dataset or export), the folder is sdgrpo's only while it holds
-  no other file. A folder without it is the user's: sdgrpo refuses, in one line, to write into it, replace it, move
-  it or delete it.
+  empty). A folder without it is the user's: sdgrpo refuses, in one line, to write into it, replace it, move it or
+  delete it.
 - Whole results (``prepare``'s dataset, ``export``'s model) are written into ``NAME.partial`` and renamed to
-  ``NAME`` once complete; they replace an older ``NAME`` only where that folder is sdgrpo's.
+  ``NAME`` once complete, with a manifest that lists every file; they replace an older ``NAME`` only where its
+  manifest lists every file in it (a run folder is never replaced).
 - One process writes a folder at a time: ``sdgrpo.lock`` holds the writer's pid, host and start. A lock whose
   process is gone (same host) is stale: taken over with a warning. One held by a live process, or on another host,
   is refused, naming the holder.
@@ -69,14 +69,15 @@ def write_manifest(folder: Path, verb: str, list_files: bool = False) -> None:
     write_atomic(folder / MANIFEST, json.dumps(data, indent=2))
 
 
-def is_own(folder: Path) -> bool:
-    """Whether sdgrpo may replace ``folder``: its manifest is there and names every file in it (or names none, for a
-    run folder), or it is a dataset folder written before manifests (a saved dataset and prepare.json, only)."""
+def is_replaceable(folder: Path) -> bool:
+    """Whether sdgrpo may replace ``folder`` by a new whole result: its manifest names every file in it, or it is a
+    dataset folder written before manifests (a saved dataset and prepare.json, only). A run folder (its manifest
+    names no files: it holds checkpoints, and perhaps the user's notes) is never replaced."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     present = [f for f in _files(folder) if f not in (MANIFEST, LOCK)]
     if manifest is not None:
-        return "files" not in manifest or set(present) <= set(manifest["files"])
+        return "files" in manifest and set(present) <= set(manifest["files"])
     return (folder / "prepare.json").is_file() and all(any(Path(f).match(g) for g in _DATASET_FILES) for f in present)
 
 
@@ -170,13 +171,18 @@ def release_lock(folder: Path) -> None:
 # -- whole results: written aside, renamed into place ---------------------------------------------------------------
 
 def check_replaceable(target: Path, option: str) -> None:
-    """Refuse a ``target`` that exists, is not empty, and is not sdgrpo's (see :func:`is_own`)."""
+    """Refuse a ``target`` that exists, is not empty, and may not be replaced (see :func:`is_replaceable`)."""
     target = Path(target)
-    if target.is_dir() and not is_empty(target) and not is_own(target):
-        listed = (read_manifest(target) or {}).get("files", {})
-        held = [f for f in _files(target) if f not in (MANIFEST, LOCK) and f not in listed][:3]
-        raise UserError(f"{option} {target}: this folder holds files sdgrpo did not write ({', '.join(held)}); "
-                        "sdgrpo never replaces them: pass a new or empty folder")
+    if not target.is_dir() or is_empty(target) or is_replaceable(target):
+        return
+    manifest = read_manifest(target)
+    if manifest is not None and "files" not in manifest:
+        raise UserError(f"{option} {target}: the folder of a run of {manifest.get('written_by', 'sdgrpo')}; pass a "
+                        "new or empty folder")
+    listed = (manifest or {}).get("files", {})
+    held = [f for f in _files(target) if f not in (MANIFEST, LOCK) and f not in listed][:3]
+    raise UserError(f"{option} {target}: this folder holds files sdgrpo did not write ({', '.join(held)}); sdgrpo "
+                    "never replaces them: pass a new or empty folder")
 
 
 @contextmanager
