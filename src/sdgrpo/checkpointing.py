@@ -251,7 +251,7 @@ def write_failure_message(what, err: BaseException, output_dir: Path) -> str:
     full = code == errno.ENOSPC or "No space left" in reason
     where = (f"the last complete checkpoint is {last}: {'free space, then ' if full else ''}run the same command "
              "with --resume to continue from it" if last else
-             "no checkpoint was complete yet: run the same command again (without --resume)")
+             "no checkpoint was complete yet: run the same command with --start_over (this run is moved aside)")
     return f"writing {what} failed ({reason}); nothing before it is lost: {where}"
 
 
