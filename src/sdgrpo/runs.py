@@ -6,7 +6,8 @@ without the Trainer's pickle), and stopping on Ctrl-C or SIGTERM with everything
 A run folder (``--output_dir``) is written only where it is missing, empty, or sdgrpo's (``folders.MANIFEST``;
 a folder holding an earlier sdgrpo run's ``resolved_config.yaml`` counts as one); one process writes it at a time
 (``folders.LOCK``). A folder that holds an earlier run (a checkpoint, weights, metrics) is continued with
-``--resume`` or, with ``--start_over``, moved aside into ``previous-DATE/`` (never deleted); otherwise refused.
+``--resume`` or, with ``--start_over``, what that run wrote (``RUN_WRITES``) is moved aside into ``previous-DATE/``
+(never deleted); otherwise refused.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from sdgrpo.checkpointing import (
 )
 from sdgrpo.errors import UserError
 from sdgrpo.folders import (
-    LOCK,
     MANIFEST,
     PREVIOUS,
     cannot_write,
@@ -43,9 +43,15 @@ from sdgrpo.folders import (
 
 logger = logging.getLogger(__name__)
 
-# Entries of a run folder that are not a run's results: what --start_over leaves in place (the prepared copy of raw
-# text is reused while the text is unchanged).
-RUN_KEEPS = {MANIFEST, LOCK, "data", "data.partial"}
+# What a run writes at the top of its folder (sdgrpo's files, and transformers', TRL's and PEFT's saves), and
+# `sdgrpo eval --output RUN/eval` (the model card reads it): what --start_over moves aside. The prepared copy of raw
+# text (data/) stays, reused while the text is unchanged, and so does anything else (the user's notes).
+RUN_WRITES = ("checkpoint-*", "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
+              "model-*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "README.md", "training_args.bin",
+              "metrics.jsonl", "resolved_config.yaml", "runs", "heldout.json", "best_heldout", "collapsed",
+              "collapse_guard.json", "eval")
 # What shows that a run trained: a folder holding none of these is started again without asking.
 PROGRESS = ("checkpoint-*", "adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
@@ -68,7 +74,7 @@ def earlier_run(out: Path) -> list[str]:
     trained = any(next(out.glob(p), None) for p in PROGRESS) or (metrics.is_file() and metrics.stat().st_size > 0)
     if not trained:
         return []
-    return sorted(p.name for p in out.iterdir() if p.name not in RUN_KEEPS and not p.name.startswith(PREVIOUS))
+    return sorted(p.name for p in out.iterdir() if any(p.match(pattern) for pattern in RUN_WRITES))
 
 
 @contextmanager

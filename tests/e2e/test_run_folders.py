@@ -205,10 +205,12 @@ def test_a_rerun_is_refused_and_start_over_moves_the_earlier_run_aside(tmp_path,
     assert f"--output_dir {out} holds an earlier run" in line and "--resume (from checkpoint-4)" in line
     assert "--start_over" in line and snapshot(out) == before
 
+    (out / "notes.txt").write_text("mine\n")
     again = run_cli(*args, "--max_steps", 2, "--start_over", "--learning_rate", "1e-3")
     assert again.returncode == 0, again.stderr[-3000:]
     (aside,) = out.glob("previous-*")
     assert snapshot(aside) == {k: v for k, v in before.items() if not k.startswith("sdgrpo_manifest")}
+    assert (out / "notes.txt").read_text() == "mine\n"  # not the run's: left where it was
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"] and steps_logged(out) == [1, 2]
     resumed = run_cli(*args, "--max_steps", 4, "--resume", "--learning_rate", "1e-3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
