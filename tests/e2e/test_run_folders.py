@@ -67,6 +67,7 @@ def test_a_folder_of_other_files_is_not_written_into(tmp_path, tiny_model_dir, p
     assert snapshot(mine) == {"README.md": b"my project\n", "notes.txt": b"keep\n"}
 
 
+@pytest.mark.slow
 def test_prepare_replaces_only_its_own_output(tmp_path, tiny_model_dir, corpus):
     prep = ["--model", tiny_model_dir, "--max_prompt_tokens", 24]
     mine = tmp_path / "mine"
