@@ -1,5 +1,6 @@
-"""Optimizer, scheduler and RNG state round-trip through safetensors + JSON exactly."""
+"""Optimizer, scheduler and RNG state round-trip through safetensors + JSON exactly; what resuming trusts."""
 
+import json
 import random
 
 import numpy as np
@@ -46,3 +47,31 @@ def test_rng_round_trip(tmp_path):
     assert checkpoint_state.load_rng(tmp_path)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
     assert not checkpoint_state.load_rng(tmp_path, rank=5)
+
+
+def test_metrics_cut_back_to_a_step_drop_a_torn_last_line(tmp_path):
+    """A crash while a record was appended leaves half a line: cutting back for --resume drops it instead of
+    stopping on it."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "reward": -s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "rew')
+    checkpoint_state.truncate_metrics(path, 2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [{"step": 1, "reward": -1},
+                                                                      {"step": 2, "reward": -2}]
+
+
+def test_a_checkpoint_whose_file_changed_size_is_passed_over(tmp_path):
+    """The completion marker records each file's size; a checkpoint whose file is shorter (or missing) is not the
+    one resumed from, the newest whole one before it is."""
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        (folder / "sub").mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(bytes(100 * step))
+        (folder / "sub" / "state.json").write_text("{}")
+        checkpoint_state.write_marker(folder, {"step": step})
+    assert checkpoint_state.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+    (tmp_path / "checkpoint-4" / "adapter_model.safetensors").write_bytes(bytes(7))
+    assert checkpoint_state.checkpoint_damage(tmp_path / "checkpoint-4") == \
+        "adapter_model.safetensors holds 7 bytes where 400 were written"
+    assert checkpoint_state.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    (tmp_path / "checkpoint-2" / "sub" / "state.json").unlink()
+    assert checkpoint_state.last_complete_checkpoint(tmp_path) is None

@@ -176,3 +176,19 @@ def test_a_half_written_prepare_json_means_prepare_again(tmp_path, tiny_model_di
     summary = json.loads((tmp_path / "run" / "data" / "prepare.json").read_text())
     assert summary["prompts"] > 0 and summary["fingerprint"]
     assert not list((tmp_path / "run" / "data").glob("*.tmp"))
+
+
+def test_the_prepared_copy_is_rebuilt_only_where_sdgrpo_wrote_every_file(tmp_path, tiny_model_dir, corpus):
+    """Other text makes ``output_dir/data`` stale; it is rebuilt while it holds only what sdgrpo wrote, and refused
+    (the file kept) once something else is in it."""
+    from sdgrpo.data import prepared_or_raw
+
+    run, data = tmp_path / "run", tmp_path / "run" / "data"
+    prepared_or_raw(str(corpus / "ruth.txt"), str(run), str(tiny_model_dir))
+    prepared_or_raw(str(corpus / "jonah.txt"), str(run), str(tiny_model_dir))
+    assert json.loads((data / "prepare.json").read_text())["config"]["inputs"] == [str(corpus / "jonah.txt")]
+    (data / "notes.txt").write_text("mine\n")
+    with pytest.raises(UserError, match=r"holds files sdgrpo did not write \(notes.txt\)"):
+        prepared_or_raw(str(corpus / "ruth.txt"), str(run), str(tiny_model_dir))
+    assert (data / "notes.txt").read_text() == "mine\n"
+    assert json.loads((data / "prepare.json").read_text())["config"]["inputs"] == [str(corpus / "jonah.txt")]

@@ -26,6 +26,7 @@ PINNED = {
     ("trl", "GRPOTrainer", "_calculate_rewards"): ["self", "inputs", "prompts", "completions", "completion_ids_list"],
     ("trl", "GRPOTrainer", "_save_checkpoint"): ["self", "model", "trial"],
     ("trl", "GRPOTrainer", "_load_optimizer_and_scheduler"): ["self", "checkpoint"],
+    ("trl", "SFTTrainer", "_save_checkpoint"): ["self", "model", "trial"],  # sft.py: CheckpointMixin over SFTTrainer
     ("transformers", "Trainer", "_save_checkpoint"): ["self", "model", "trial"],
     ("transformers", "Trainer", "_save_optimizer_and_scheduler"): ["self", "output_dir"],
     ("transformers", "Trainer", "_load_optimizer_and_scheduler"): ["self", "checkpoint"],

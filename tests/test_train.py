@@ -275,7 +275,7 @@ def test_cudnn_attention_is_off_unless_asked_for(tmp_path, prepared):
             torch.backends.cuda.enable_cudnn_sdp(not expected)
             train_cfg, model_cfg = parse_train_args(["--output_dir", str(tmp_path), "--dataset_path", str(prepared),
                                                      *extra])
-            resolve(train_cfg, model_cfg, resume=False)
+            resolve(train_cfg, model_cfg)
             assert torch.backends.cuda.cudnn_sdp_enabled() is expected, extra
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was)

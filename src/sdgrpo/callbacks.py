@@ -112,14 +112,17 @@ class HeldoutEval(TrainerCallback):
 
 
 class StopRequest(TrainerCallback):
-    """Stops training cleanly at the end of the current step, saving a checkpoint: for Ctrl-C and NaN losses."""
+    """Stops training cleanly at the end of the current step, saving a checkpoint: for Ctrl-C, SIGTERM and NaN
+    losses."""
 
     def __init__(self):
         self.reason: str | None = None
+        self.exit_code: int | None = None  # a signal's: 128 + its number
         self.fatal = False  # the model itself is broken (non-finite): keep no checkpoint of it
 
-    def request(self, reason: str) -> None:
-        self.reason = self.reason or reason
+    def request(self, reason: str, exit_code: int | None = None) -> None:
+        if self.reason is None:
+            self.reason, self.exit_code = reason, exit_code
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Trainer's logging_nan_inf_filter hides a NaN loss from the logs; the gradient norm still shows it.

@@ -3,7 +3,9 @@
 transformers' Trainer saves optimizer, scheduler and RNG state with ``torch.save`` (``optimizer.pt``,
 ``scheduler.pt``, ``rng_state.pth``). sdgrpo writes ``optimizer.safetensors`` + ``optimizer.json``,
 ``scheduler.json`` and ``rng_state[_R].safetensors`` + ``rng_state[_R].json``, so no checkpoint that sdgrpo writes
-holds a pickle, and marks a checkpoint folder complete only once every process has written its files.
+holds a pickle, and marks a checkpoint folder complete only once every process has written its files. The marker
+records every file's size: resuming trusts the newest checkpoint whose files still have them, and falls back past a
+damaged one (a truncated adapter) with a warning.
 
 :class:`CheckpointMixin` overrides private methods of transformers' ``Trainer`` (pinned: transformers 5.17) and of
 TRL's ``GRPOTrainer`` (pinned: trl 1.15.0), whose signatures tests/test_private_api.py checks:
@@ -15,6 +17,7 @@ calls ``_get_output_dir(trial=...)``. DeepSpeed and FSDP keep their own (pickled
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -28,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from sdgrpo.errors import UserError
 from sdgrpo.textio import write_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def _jsonable(value):
@@ -109,47 +114,120 @@ def load_rng(folder: str | Path, rank: int | None = None) -> bool:
 COMPLETE_MARKER = "sdgrpo_complete.json"
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The highest-step ``checkpoint-N`` folder that was fully written (has sdgrpo's completion marker)."""
-    found = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        step = path.name.split("-")[-1]
-        if step.isdigit() and (path / COMPLETE_MARKER).is_file():
-            found.append((int(step), path))
-    return max(found)[1] if found else None
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted, or None: no completion marker (never finished), or a file missing or
+    of another size than the marker recorded at save (a truncated or lost file). Markers written before sizes were
+    recorded are trusted as they are."""
+    try:
+        marker = json.loads((Path(folder) / COMPLETE_MARKER).read_text())
+    except FileNotFoundError:
+        return "never completed"
+    except (OSError, ValueError):
+        return "its completion marker is damaged"
+    for name, size in marker.get("files", {}).items():
+        try:
+            found = (Path(folder) / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if found != size:
+            return f"{name} holds {found} bytes where {size} were written"
+    return None
+
+
+def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """The ``checkpoint-N`` folders of ``output_dir``, newest first."""
+    found = [(int(p.name.split("-")[-1]), p) for p in Path(output_dir).glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit()]
+    return sorted(found, reverse=True)
+
+
+def last_complete_checkpoint(output_dir: str | Path, warn: bool = False) -> Path | None:
+    """The highest-step ``checkpoint-N`` folder that was fully written and is still whole (see
+    :func:`checkpoint_damage`); with ``warn``, each newer one that was completed but is damaged is named."""
+    for _, path in checkpoints(output_dir):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path
+        if warn and damage != "never completed":
+            logger.warning("%s is damaged (%s): falling back to the checkpoint before it", path, damage)
+    return None
 
 
 def write_marker(folder: Path, content: dict) -> None:
     """Write the completion marker durably (:func:`sdgrpo.textio.write_atomic`), so a crash leaves either no marker
-    or a whole one over complete files."""
-    write_atomic(Path(folder) / COMPLETE_MARKER, json.dumps(content))
+    or a whole one over complete files. It records every file's size, which resuming checks."""
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != COMPLETE_MARKER}
+    write_atomic(folder / COMPLETE_MARKER, json.dumps({**content, "files": files}))
 
 
 # Options that may differ between a run and its --resume: they do not change what is being trained.
 RESUME_MAY_DIFFER = {"max_steps", "num_train_epochs", "resume_from_checkpoint", "logging_dir", "save_steps",
-                     "logging_steps", "report_to", "save_total_limit", "dataloader_num_workers"}
+                     "logging_steps", "report_to", "save_total_limit", "dataloader_num_workers", "output_dir"}
+_PATH_OPTION = re.compile(r"path|_dir$|adapter$")
+
+
+def _place(value: str, run_folder: str | None) -> tuple[str, str]:
+    """A path option as the place it names: inside the run folder, relative to that folder (which may have moved
+    since, or be written ``run/`` one time and ``run`` the next); elsewhere, resolved."""
+    path = os.path.normpath(os.path.expanduser(value))
+    if run_folder:
+        root = os.path.normpath(os.path.expanduser(run_folder))
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return "run folder", os.path.relpath(path, root)
+    return "path", str(Path(path).resolve())
+
+
+def _same(key: str, saved, now, saved_run: str | None, run: str) -> bool:
+    if saved == now:
+        return True
+    if isinstance(saved, str) and isinstance(now, str) and _PATH_OPTION.search(key):
+        return _place(saved, saved_run) == _place(now, run)
+    return False
 
 
 def check_resume(out: Path, current: dict) -> Path:
-    """The checkpoint to resume from, after refusing a config that differs from the interrupted run's."""
+    """The checkpoint to resume from (the newest whole one, a damaged newer one named in a warning), after refusing
+    a config that differs from the interrupted run's. Paths are compared as places, not strings: a path inside the
+    run folder relative to it, so that a moved run folder resumes."""
     saved_path = out / "resolved_config.yaml"
-    checkpoint = last_complete_checkpoint(out)
+    checkpoint = last_complete_checkpoint(out, warn=True)
     if checkpoint is None or not saved_path.is_file():
-        raise UserError(f"{out}: no complete checkpoint to resume from; run without --resume to start afresh")
-    saved = yaml.safe_load(saved_path.read_text())
+        if not saved_path.is_file() and not checkpoints(out):
+            raise UserError(f"{out}: no run there to resume; run without --resume to start one")
+        raise UserError(f"{out}: no complete checkpoint to resume from (none was saved yet, or each is damaged); "
+                        "pass --start_over instead of --resume to move this run aside and start again")
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved_run, run = saved.get("output_dir"), str(current.get("output_dir") or out)
     diffs = [f"{k}: {saved.get(k)!r} there, {current.get(k)!r} now" for k in sorted(set(saved) | set(current))
-             if k not in RESUME_MAY_DIFFER and saved.get(k) != current.get(k)]
+             if k not in RESUME_MAY_DIFFER and not _same(k, saved.get(k), current.get(k), saved_run, run)]
     if diffs:
-        raise UserError(f"{out} was trained with other settings ({'; '.join(diffs[:3])}); resume with the same "
-                        "config, or give a new --output_dir")
+        raise UserError(f"{out} was trained with other settings ({'; '.join(diffs[:3])}); resume with the settings "
+                        f"in {saved_path}, or pass --start_over instead of --resume to move this run aside and start "
+                        "again")
     return checkpoint
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric records past ``step``: a resumed run logs those steps again."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+    """Drop metric records past ``step``: a resumed run logs those steps again. A line that is not whole JSON (the
+    last one, cut by a crash while it was written) is dropped with a warning."""
+    if not path.is_file():
+        return
+    kept, torn = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    if torn:
+        logger.warning("%s: %d line(s) cut short (a crash while writing) dropped", path, torn)
+    path.write_text("".join(ln + "\n" for ln in kept))
 
 
 def is_write_failure(err: BaseException) -> bool:
@@ -173,7 +251,7 @@ def write_failure_message(what, err: BaseException, output_dir: Path) -> str:
     full = code == errno.ENOSPC or "No space left" in reason
     where = (f"the last complete checkpoint is {last}: {'free space, then ' if full else ''}run the same command "
              "with --resume to continue from it" if last else
-             "no checkpoint was complete yet: run the same command again (without --resume)")
+             "no checkpoint was complete yet: run the same command with --start_over (this run is moved aside)")
     return f"writing {what} failed ({reason}); nothing before it is lost: {where}"
 
 

@@ -15,8 +15,8 @@ logger = logging.getLogger("sdgrpo")
 
 VERBS = {
     "prepare": "turn raw text files into a prompt dataset",
-    "train": "self-distillation GRPO of LoRA adapters ([--config FILE] [--key value ...])",
-    "sft": "plain LoRA fine-tuning on the prepared text, the control to compare with ([--config FILE] ...)",
+    "train": "self-distillation GRPO of LoRA adapters ([--config FILE] [--key value ...] [--resume | --start_over])",
+    "sft": "plain LoRA fine-tuning on the prepared text, the control to compare with ([--config FILE] ... [--resume])",
     "eval": "compare a trained adapter with its base and with the base sampled colder (--adapter DIR --data DIR)",
     "export": "merge an adapter into its base and save a plain model folder, parity-checked (--adapter --output)",
     "generate": "sample from a base, a base + adapter (--adapter) or an exported folder (--prompt TEXT ...)",
@@ -60,34 +60,38 @@ def _print_summary(summary: dict) -> None:
     Console(stderr=False).print(table)
 
 
-def _train(argv: list[str]) -> int:
-    from sdgrpo.config import parse_train_args
-    from sdgrpo.train import Interrupted, main
+RUN_FLAGS = ("--resume", "--start_over")  # flags of the training verbs' command, not options of their config
 
-    resume = "--resume" in argv
-    train_cfg, model_cfg = parse_train_args([a for a in argv if a != "--resume"])
-    check_paths([train_cfg, model_cfg])
-    _check_training_models(train_cfg, model_cfg)
+
+def _training(verb: str, argv: list[str], parse, main) -> int:
+    """``train`` and ``sft``: parse, check, run; an interrupted run says how to continue, with 128 + the signal."""
+    from sdgrpo.runs import Interrupted
+
+    cfg, model_cfg = parse([a for a in argv if a not in RUN_FLAGS])
+    check_paths([cfg, model_cfg])
+    _check_training_models(cfg, model_cfg)
     try:
-        out = main(train_cfg, model_cfg, resume=resume)
+        out = main(cfg, model_cfg, resume="--resume" in argv, start_over="--start_over" in argv)
     except Interrupted as stop:
-        print(f"sdgrpo train: {stop}", file=sys.stderr)
-        return 130
+        print(f"sdgrpo {verb}: {stop}", file=sys.stderr)
+        return stop.code
     if out is not None:  # None: --dry_run
         print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
     return 0
+
+
+def _train(argv: list[str]) -> int:
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.train import main
+
+    return _training("train", argv, parse_train_args, main)
 
 
 def _sft(argv: list[str]) -> int:
     from sdgrpo.config import parse_sft_args
     from sdgrpo.sft import main
 
-    cfg, model_cfg = parse_sft_args(argv)
-    check_paths([cfg, model_cfg])
-    _check_training_models(cfg, model_cfg)
-    out = main(cfg, model_cfg)
-    print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
-    return 0
+    return _training("sft", argv, parse_sft_args, main)
 
 
 def _export(argv: list[str]) -> int:

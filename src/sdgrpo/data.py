@@ -188,7 +188,23 @@ def _stats(values: list[int]) -> dict:
 
 
 def prepare(cfg: PrepareConfig, tokenizer, extra: dict | None = None) -> dict:
-    """Read, cut, split and save; returns the summary that is also written to ``prepare.json`` (with ``extra``)."""
+    """Read, cut, split and save; returns the summary that is also written to ``prepare.json`` (with ``extra``).
+
+    The folder is written under ``OUTPUT.partial`` and renamed to ``OUTPUT`` once whole (:func:`sdgrpo.folders.staged`:
+    an older ``OUTPUT`` is replaced only where sdgrpo wrote it, and a second writer is refused); an output inside an
+    input, or an input inside the output, is refused before anything is read."""
+    from sdgrpo.folders import overlaps, staged
+
+    for path in cfg.inputs:
+        if overlaps(path, cfg.output):
+            raise UserError(f"--output {cfg.output} and the input {path} overlap: a later prepare would read its own "
+                            "output as text, or replacing it would remove the input; pass an --output outside the "
+                            "inputs")
+    with staged(cfg.output, "prepare") as folder:
+        return _prepare_into(folder, cfg, tokenizer, extra)
+
+
+def _prepare_into(folder: Path, cfg: PrepareConfig, tokenizer, extra: dict | None) -> dict:
     from datasets import Dataset, DatasetDict
 
     report = ReadReport()
@@ -206,7 +222,7 @@ def prepare(cfg: PrepareConfig, tokenizer, extra: dict | None = None) -> dict:
     splits = {"train": examples[n_test:], "test": examples[:n_test]}
     if not splits["train"]:
         raise UserError(f"only {len(examples)} prompt(s): nothing left to train on; lower --test_size")
-    out = Path(cfg.output)
+    out = folder
     # An empty split is left out: datasets saves it with no shards and then cannot load the folder back.
     DatasetDict({k: Dataset.from_list(v) for k, v in splits.items() if v}).save_to_disk(str(out))
     cont_tokens = [len(tokenizer(e["continuation"], add_special_tokens=False)["input_ids"]) for e in examples[:2000]]
@@ -251,18 +267,45 @@ def load_prompts(path: str | None, split: str = "train", limit: int | None = Non
     return ds
 
 
+def _raw_text(path: str | None) -> bool:
+    from sdgrpo.sources import is_saved_dataset
+
+    return bool(path) and Path(path).exists() and not is_saved_dataset(Path(path))
+
+
+def prepared_location(path: str | None, output_dir: str) -> str | None:
+    """Where the run reads its prompts from: ``path`` itself when it is a saved dataset (or missing), else the
+    prepared copy ``output_dir/data``."""
+    return str(Path(output_dir) / "data") if _raw_text(path) else path
+
+
+def check_text_outside(path: str | None, output_dir: str) -> None:
+    """Refuse raw text (not a saved dataset) that overlaps the run folder: text inside it could be replaced by the
+    prepared copy or moved aside with the run, and a run folder inside the text would be read by the next run."""
+    from sdgrpo.folders import overlaps
+
+    if not _raw_text(path) or not overlaps(path, output_dir):
+        return
+    here, out = Path(path).resolve(), Path(output_dir).resolve()
+    if out == here or here in out.parents:
+        raise UserError(f"--output_dir {output_dir} is inside the text of --dataset_path {path}: the next run would "
+                        "read this run's own files as text; pass an --output_dir outside it")
+    raise UserError(f"--dataset_path {path} is inside --output_dir {output_dir}, where sdgrpo writes (raw text is "
+                    f"prepared into {Path(output_dir) / 'data'}): move the text out of it or pass another --output_dir")
+
+
 def prepared_or_raw(path: str | None, output_dir: str, model: str, args=None) -> str | None:
     """``path`` itself when it is a dataset saved by ``prepare``; raw text files or folders are prepared with the
     default options into ``output_dir/data`` (reused while the inputs and tokenizer are unchanged, rebuilt
-    otherwise) and that folder is returned. With several processes (``args``: the run's ``TrainingArguments``) the
-    main one prepares while the others wait at the Trainer's barrier (``args.main_process_first``), then find its
-    ``prepare.json`` (written atomically, last)."""
+    otherwise, where sdgrpo wrote it: see :func:`prepare`) and that folder is returned. Text that overlaps
+    ``output_dir`` is refused (:func:`check_text_outside`). With several processes (``args``: the run's
+    ``TrainingArguments``) the main one prepares while the others wait at the Trainer's barrier
+    (``args.main_process_first``), then find its ``prepare.json``."""
     import contextlib
 
-    from sdgrpo.sources import is_saved_dataset
-
-    if not path or is_saved_dataset(Path(path)) or not Path(path).exists():
+    if not _raw_text(path):
         return path
+    check_text_outside(path, output_dir)
     target = Path(output_dir) / "data"
     fingerprint = _fingerprint(path, model)
     summary = target / "prepare.json"
@@ -281,11 +324,8 @@ def prepared_or_raw(path: str | None, output_dir: str, model: str, args=None) ->
             return str(target)
         if not main:
             raise UserError(f"{target}: the main process did not prepare {path}; run `sdgrpo prepare` first")
-        import shutil
-
         from sdgrpo.modeling import load_tokenizer
 
-        shutil.rmtree(target, ignore_errors=True)
         cfg = PrepareConfig(inputs=[path], output=str(target), model=model)
         result = prepare(cfg, load_tokenizer(model), extra={"fingerprint": fingerprint})
         logger.warning("raw text %s: prepared with the default options into %s (%d prompts: %d train, %d test)",

@@ -70,7 +70,7 @@ def main(cfg: DemoConfig) -> int:
         "--max_completion_length", str(cfg.max_completion_length), "--save_strategy", "no",
         "--lr_scheduler_type", "constant", "--seed", str(cfg.seed), "--report_to", "tensorboard",
     ])
-    train_main(train_cfg, model_cfg)
+    train_main(train_cfg, model_cfg, start_over=True)  # a demo run again: the last one is moved aside
     rows = read_metrics(out / "adapter" / "metrics.jsonl")
 
     console.rule("[bold]3/3 sample the base (at each temperature) and the trained adapters on held-out prompts")

@@ -3,15 +3,15 @@
 The merged folder loads with plain ``transformers.AutoModelForCausalLM`` (no PEFT), vLLM or conversion tools. The
 parity check always runs: on held-out prompts (the adapter's prepared test split when its resolved config names one,
 else a few built-in lines), the merged model's logits against base + adapter (max |delta logit|) and greedy-token
-agreement. Outside tolerance the export fails with one line and leaves nothing: the folder is written under a
-temporary name and renamed only after the check passed.
+agreement. Outside tolerance the export fails with one line and leaves nothing: the folder is written under
+``OUTPUT.partial`` (made and locked before the models load: an unwritable target is one line at once) and renamed
+only after the check passed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +83,8 @@ def parity(merged, reference, prompts: list[list[int]], new_tokens: int = 16) ->
 
 
 def main(cfg: ExportConfig) -> dict:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from sdgrpo.modeling import DTYPES, check_model_path, load_tokenizer
+    from sdgrpo.folders import staged
+    from sdgrpo.modeling import check_model_path
 
     adapter, out = Path(cfg.adapter), Path(cfg.output)
     if not cfg.adapter or not cfg.output:
@@ -100,6 +98,24 @@ def main(cfg: ExportConfig) -> dict:
         raise UserError(f"{out}: already exists; pass a new --output folder")
     check_model_path(base)
     t0 = time.perf_counter()
+    # Before loading anything: OUTPUT.partial made and locked here, so an unwritable target, or another export to
+    # it, is one line now rather than after the merge; renamed to OUTPUT once whole, removed on failure.
+    with staged(out, "export") as tmp:
+        check = _merge_into(tmp, cfg, adapter, base)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    result = {**check, "output": str(out), "seconds": round(time.perf_counter() - t0, 2), "bytes": size}
+    if cfg.push_to_hub:
+        push(out, cfg.push_to_hub)
+    return result
+
+
+def _merge_into(tmp: Path, cfg: ExportConfig, adapter: Path, base: str) -> dict:
+    """Merge, check parity, and write the merged model into ``tmp``; returns the parity check."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sdgrpo.modeling import DTYPES, load_tokenizer
+
     # PEFT's adapter_config records no quantisation: the training config says whether the base ran in 4 bits, and a
     # base folder saved quantised says so in its config.json (it cannot be merged into without its 16-bit weights).
     if training_config(adapter).get("load_in_4bit"):
@@ -128,24 +144,13 @@ def main(cfg: ExportConfig) -> dict:
     if not check["passed"]:
         raise UserError(f"{adapter}: merged model differs from base + adapter by {check['max_abs_logit_delta']:.3g} "
                         f"in the logits (tolerance {check['tolerance']:g}, {cfg.dtype}); nothing was written")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
-        tokenizer.save_pretrained(tmp)
-        (tmp / "parity.json").write_text(json.dumps(check, indent=2))
-        from sdgrpo.cards import export_card
+    from sdgrpo.cards import export_card
 
-        (tmp / "README.md").write_text(export_card(adapter, base, check))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    result = {**check, "output": str(out), "seconds": round(time.perf_counter() - t0, 2), "bytes": size}
-    if cfg.push_to_hub:
-        push(out, cfg.push_to_hub)
-    return result
+    merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+    tokenizer.save_pretrained(tmp)
+    (tmp / "parity.json").write_text(json.dumps(check, indent=2))
+    (tmp / "README.md").write_text(export_card(adapter, base, check))
+    return check
 
 
 def push(folder: Path, repo_id: str) -> None:

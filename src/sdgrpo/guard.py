@@ -124,7 +124,9 @@ class CollapseGuard(TrainerCallback):
         if not path.is_file():
             return False
         data = json.loads(path.read_text())
-        data["good_checkpoints"] = [tuple(x) for x in data.get("good_checkpoints", [])]
+        # by name in this checkpoint's run folder: the folder may have moved since they were saved
+        data["good_checkpoints"] = [(step, str(Path(folder).parent / Path(path).name))
+                                    for step, path in data.get("good_checkpoints", [])]
         self.state = GuardState(**data)
         return True
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from sdgrpo.checks import check_machine
-from sdgrpo.config import SDModelConfig, SDSFTConfig, config_to_dict
-from sdgrpo.data import load_prompts, prepared_or_raw
+from sdgrpo.config import SDModelConfig, SDSFTConfig
+from sdgrpo.data import load_prompts
 from sdgrpo.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -103,14 +103,26 @@ def _teacher_rows(teacher, inputs: dict, mask: torch.Tensor):
     return hidden, logits
 
 
+def _sft_trainer():
+    """TRL's SFTTrainer with sdgrpo's checkpoints (pickle-free, marked complete with their files' sizes), so that
+    ``--resume`` finds them as ``train``'s."""
+    from trl import SFTTrainer
+
+    from sdgrpo.checkpointing import CheckpointMixin
+
+    class CheckpointedSFTTrainer(CheckpointMixin, SFTTrainer):
+        pass
+
+    return CheckpointedSFTTrainer
+
+
 def _distilling_trainer(teacher, weight: float):
     """TRL's SFTTrainer whose loss is ``kd_loss``'s with ``teacher``, computed in TRL's own ``compute_loss`` (its fused
     LM head, its metrics) with the head's operands routed (``compat.fused_head_route``) to ``chunked.kd_stats``:
     token chunk by token chunk, forward and backward, so neither model's [rows, tokens, vocabulary] logits exist (TRL's
     ``compute_loss_func`` hook, used before, hands over the student's whole logits)."""
-    from trl import SFTTrainer
 
-    class DistillingSFTTrainer(SFTTrainer):
+    class DistillingSFTTrainer(_sft_trainer()):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             if self.args.loss_type != "nll" or self.args.label_smoothing_factor:
@@ -181,31 +193,41 @@ def load_sft_teacher(cfg: SDSFTConfig, tokenizer, dtype, device: str):
     return teacher
 
 
-def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = None) -> Path:
-    """Fine-tune a LoRA adapter on the prepared text; returns the output folder."""
-    from trl import SFTTrainer, get_peft_config
+def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = None, resume: bool = False,
+         start_over: bool = False) -> Path:
+    """Fine-tune a LoRA adapter on the prepared text; returns the output folder.
 
-    from sdgrpo.callbacks import MetricsFileCallback, heldout_callback, keep_best_heldout
-    from sdgrpo.cards import write_card
+    The run folder, Ctrl-C / SIGTERM, ``resume`` and ``start_over`` behave as in ``sdgrpo train``
+    (:mod:`sdgrpo.runs`)."""
     from sdgrpo.compat import ensure_trl_runs_without_triton
-    from sdgrpo.modeling import choose_attention_kernels, load_model, load_tokenizer, resolve_dtype
-    from sdgrpo.runs import save_final, start_output, training_device
+    from sdgrpo.modeling import choose_attention_kernels
+    from sdgrpo.runs import open_run
 
     ensure_trl_runs_without_triton()
     choose_attention_kernels(model_cfg.cudnn_attention)
     if not cfg.dataset_path:
         raise UserError("no text: pass --dataset_path DIR (raw text, or a folder written by `sdgrpo prepare`)")
     check_machine([cfg, model_cfg])
-    cfg.dataset_path = prepared_or_raw(cfg.dataset_path, cfg.output_dir,
-                                       model_cfg.model_name_or_path, cfg)
-    out = Path(cfg.output_dir)
+    if not model_cfg.use_peft and cfg.keep_best_heldout:
+        raise UserError("--keep_best_heldout keeps the best adapter; with --use_peft false there is none (use "
+                        "--save_steps and the held-out figures in heldout.json to pick a checkpoint)")
+    with open_run(cfg, model_cfg, "sft", resume, start_over) as (out, resolved, checkpoint):
+        return _sft(cfg, model_cfg, out, resolved, checkpoint, callbacks)
+
+
+def _sft(cfg: SDSFTConfig, model_cfg: SDModelConfig, out: Path, resolved: dict, checkpoint: Path | None,
+         callbacks: list | None) -> Path:
+    from trl import get_peft_config
+
+    from sdgrpo.callbacks import MetricsFileCallback, StopRequest, heldout_callback, keep_best_heldout
+    from sdgrpo.cards import write_card
+    from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
+    from sdgrpo.runs import save_or_interrupt, start_output, stop_if_broken, train, training_device
+
     device = training_device(cfg)
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, cfg.trust_remote_code)
     dataset = sft_dataset(cfg.dataset_path, cfg.max_train_prompts)
     full = not model_cfg.use_peft
-    if full and cfg.keep_best_heldout:
-        raise UserError("--keep_best_heldout keeps the best adapter; with --use_peft false there is none (use "
-                        "--save_steps and the held-out figures in heldout.json to pick a checkpoint)")
     dtype = resolve_dtype(model_cfg.dtype, device)
     # trained weights stay fp32 (16-bit weights lose small updates); autocast still runs; the frozen teacher keeps dtype
     student_dtype = torch.float32 if full and model_cfg.dtype in (None, "auto") else dtype
@@ -216,17 +238,20 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     logger.info("base %s: %s, %.1f MiB on %s", model_cfg.model_name_or_path, weights,
                 model.get_memory_footprint() / 2**20, device)
     teacher = load_sft_teacher(cfg, tokenizer, dtype, device)
-    heldout = heldout_callback(cfg, tokenizer, out)
-    start_output(out, config_to_dict(cfg, model_cfg))
-    trainer_class = SFTTrainer if teacher is None else _distilling_trainer(teacher, cfg.kd_weight)
+    heldout, stop = heldout_callback(cfg, tokenizer, out), StopRequest()
+    if checkpoint is not None and heldout is not None and not heldout.load_state(checkpoint):
+        logger.warning("%s holds no held-out history; the held-out record starts again at this step", checkpoint)
+    start_output(out, resolved, checkpoint)
+    trainer_class = _sft_trainer() if teacher is None else _distilling_trainer(teacher, cfg.kd_weight)
     trainer = trainer_class(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=get_peft_config(model_cfg),
                             callbacks=[MetricsFileCallback(out / "metrics.jsonl"), *([heldout] if heldout else []),
-                                       *(callbacks or [])])
+                                       stop, *(callbacks or [])])
     if heldout:
         heldout.trainer = trainer
-    trainer.train()
-    save_final(trainer, out)
+    train(trainer, stop, checkpoint)
+    stop_if_broken(stop, out)
+    save_or_interrupt(trainer, stop, out)
     if heldout:
         keep_best_heldout(heldout, out, trainer)
     write_card(trainer, out, model_cfg.model_name_or_path, "sft")

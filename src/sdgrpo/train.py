@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from pathlib import Path
 
 from sdgrpo import plan
 from sdgrpo.callbacks import MetricsFileCallback, StopRequest, heldout_callback, keep_best_heldout
 from sdgrpo.cards import write_card
-from sdgrpo.checkpointing import (
-    check_resume,
-    copy_adapter,
-    is_write_failure,
-    last_complete_checkpoint,
-    write_failure_message,
-)
+from sdgrpo.checkpointing import copy_adapter, is_write_failure, write_failure_message
 from sdgrpo.checks import check_machine
-from sdgrpo.config import SDGRPOConfig, SDModelConfig, config_to_dict
-from sdgrpo.data import load_prompts, prepared_or_raw
+from sdgrpo.config import SDGRPOConfig, SDModelConfig
+from sdgrpo.data import load_prompts
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.modeling import choose_attention_kernels
 from sdgrpo.rewards import build_reward
-from sdgrpo.runs import save_final, start_output, training_device
+from sdgrpo.runs import (
+    open_run,
+    save_final,
+    save_or_interrupt,
+    start_output,
+    stop_if_broken,
+    train,
+    training_device,
+)
 from sdgrpo.runtime import resolve_runtime
 
 logger = logging.getLogger(__name__)
@@ -86,24 +87,11 @@ def check_one_gpu_per_process() -> None:
                         f"{n} -m sdgrpo.cli train ...`, or pick one with CUDA_VISIBLE_DEVICES=0")
 
 
-class Interrupted(Exception):
-    """Training stopped on Ctrl-C after saving; the message says where and how to continue."""
-
-
 def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
     """Save the final adapter; after a guard stop or a NaN loss, the last adapter within limits where there is one."""
-    if stop.fatal:
-        good = last_complete_checkpoint(out)
-        if good is not None:
-            copy_adapter(good, out)
-        raise UserError(f"training stopped: {stop.reason}; "
-                        + (f"the last good adapter ({good.name}) is in {out}" if good else "no checkpoint was saved")
-                        + "; lower --learning_rate or check the data")
+    stop_if_broken(stop, out)
     if guard.state.tripped_at is None:
-        save_final(trainer, out)
-        if stop.reason:
-            raise Interrupted(f"{stop.reason} at step {trainer.state.global_step}: adapter and trainer state saved "
-                              f"in {out}; continue with the same command and --resume")
+        save_or_interrupt(trainer, stop, out)
         return
     save_final(trainer, out / "collapsed")
     good = guard.good_checkpoint() if guard.action == "restore" else None
@@ -128,8 +116,8 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
-def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> tuple[Path, dict, Path | None]:
-    """Check the runtime, resolve the configuration; with ``resume`` the checkpoint to continue from."""
+def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> None:
+    """Check the runtime and the options, before any work."""
     from sdgrpo.compat import ensure_trl_runs_without_triton
 
     ensure_trl_runs_without_triton()
@@ -142,11 +130,6 @@ def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> 
     plan.apply_cap(train_cfg)
     plan.check(train_cfg, model_cfg, *plan.for_run(train_cfg, model_cfg))
     choose_attention_kernels(model_cfg.cudnn_attention)
-    train_cfg.dataset_path = prepared_or_raw(train_cfg.dataset_path, train_cfg.output_dir,
-                                             model_cfg.model_name_or_path, train_cfg)
-    out = Path(train_cfg.output_dir)
-    resolved = config_to_dict(train_cfg, model_cfg)
-    return out, resolved, (check_resume(out, resolved) if resume else None)
 
 
 def dry_run(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> None:
@@ -200,32 +183,24 @@ def build_trainer(trainer_cls, train_cfg, model, tokenizer, peft_config, dataset
     return trainer
 
 
-def run(trainer, stop: StopRequest, checkpoint: Path | None) -> None:
-    """Train; the first Ctrl-C finishes the step and saves, a second one stops at once."""
-
-    def on_sigint(signum, frame):
-        if stop.reason:
-            raise KeyboardInterrupt
-        logger.warning("Ctrl-C: finishing this step, then saving (press again to stop at once)")
-        stop.request("interrupted by Ctrl-C")
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False,
-         callbacks: list | None = None) -> Path:
+         callbacks: list | None = None, start_over: bool = False) -> Path:
     """Train and save adapters, resolved config and metrics under ``output_dir``; returns that folder.
 
-    Ctrl-C finishes the current step, saves a checkpoint and the adapter, and raises :class:`Interrupted`.
-    With ``resume``, training continues from the last complete checkpoint of ``output_dir``.
+    Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and the adapter, and raises
+    :class:`sdgrpo.runs.Interrupted`. With ``resume``, training continues from the last whole checkpoint of
+    ``output_dir``; an earlier run there is otherwise refused, or moved aside with ``start_over``
+    (:func:`sdgrpo.runs.open_run`).
     """
     if train_cfg.dry_run:
         return dry_run(train_cfg, model_cfg)
-    out, resolved, checkpoint = resolve(train_cfg, model_cfg, resume)
+    resolve(train_cfg, model_cfg)
+    with open_run(train_cfg, model_cfg, "train", resume, start_over) as (out, resolved, checkpoint):
+        return _train(train_cfg, model_cfg, out, resolved, checkpoint, callbacks)
+
+
+def _train(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, out: Path, resolved: dict, checkpoint: Path | None,
+           callbacks: list | None) -> Path:
     dataset = load_data(train_cfg)
     model, tokenizer, peft_config, trainer_cls = load_backend(train_cfg, model_cfg)
     teacher, teacher_tokenizer = load_teacher(train_cfg, model_cfg.model_name_or_path)
@@ -246,7 +221,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
     trainer = build_trainer(trainer_cls, train_cfg, model, tokenizer, peft_config, dataset, reward,
                             [MetricsFileCallback(out / "metrics.jsonl"), *([heldout] if heldout else []), guard, stop,
                              *(callbacks or [])])
-    run(trainer, stop, checkpoint)
+    train(trainer, stop, checkpoint)
     try:
         finish(trainer, guard, stop, out)
         if heldout:

@@ -41,13 +41,15 @@ def wait_for(cond, proc, timeout=300):
         time.sleep(0.2)
 
 
-def test_ctrl_c_saves_adapter_and_state(tmp_path, prepared, tiny_model_dir):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_adapter_and_state(sig, code, tmp_path, prepared, tiny_model_dir):
+    """Ctrl-C, and SIGTERM (what a scheduler or `timeout` sends), finish the step and save everything."""
     out = tmp_path / "run"
     proc = cli(*train_args(tiny_model_dir, prepared, out, "--max_steps", 500, "--save_steps", 1000))
     wait_for(lambda: len(steps_logged(out)) >= 2, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == code, err[-3000:]
     assert "continue with the same command and --resume" in err.splitlines()[-1]
     assert (out / "adapter_model.safetensors").is_file()
     ckpt = last_complete_checkpoint(out)
@@ -110,6 +112,67 @@ def test_kill_9_then_resume_keeps_the_best_heldout_adapter_of_the_uninterrupted_
     assert want["best"][0] <= 4 and got["best"] == want["best"]
     a, b = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "whole", out))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+def test_sft_saves_on_ctrl_c_and_resumes_to_the_uninterrupted_runs_adapter(tmp_path, prepared, tiny_model_dir):
+    """`sdgrpo sft` as `train`: Ctrl-C saves a whole checkpoint and the adapter (exit 130, the command to continue);
+    --resume continues from it, logs each step once, and ends with the adapter of a run never interrupted."""
+    from safetensors.torch import load_file
+
+    def sft_args(out, steps, *extra):
+        return ["sft", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
+                "--per_device_train_batch_size", 4, "--learning_rate", "3e-3", "--report_to", "none",
+                "--save_steps", 1000, "--max_steps", steps, "--lr_scheduler_type", "constant", *extra]
+
+    def loss_steps(out):
+        return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    out = tmp_path / "run"
+    proc = cli(*sft_args(out, 500))
+    wait_for(lambda: (out / "metrics.jsonl").is_file() and len(loss_steps(out)) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.splitlines()[-1].startswith("sdgrpo sft: interrupted by Ctrl-C at step ")
+    assert "continue with the same command and --resume" in err.splitlines()[-1]
+    ckpt = last_complete_checkpoint(out)
+    assert ckpt is not None and (out / "adapter_model.safetensors").is_file()
+    assert not [p.name for p in ckpt.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".pkl")]  # no pickles
+    stopped = int(ckpt.name.split("-")[1])
+    total = stopped + 2
+    resumed = subprocess.run([sys.executable, "-m", "sdgrpo.cli", *map(str, sft_args(out, total)), "--resume"],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert loss_steps(out) == list(range(1, total + 1))
+    whole = subprocess.run([sys.executable, "-m", "sdgrpo.cli", *map(str, sft_args(tmp_path / "whole", total))],
+                           capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "whole", out))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_a_damaged_last_checkpoint_and_a_torn_metrics_line_resume_from_the_one_before(tmp_path, prepared,
+                                                                                      tiny_model_dir):
+    """The newest checkpoint's adapter cut short and the last metrics line torn (a crash while writing): --resume
+    names the damage, continues from the checkpoint before, logs each step once, and sets the damaged one aside."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "sdgrpo.cli", *map(str, train_args(tiny_model_dir, prepared, out, "--save_steps", 2))]
+    first = subprocess.run([*args, "--max_steps", "4"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    adapter = out / "checkpoint-4" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 5, "rew')
+    resumed = subprocess.run([*args, "--max_steps", "6", "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "checkpoint-4 is damaged (adapter_model.safetensors holds" in resumed.stderr
+    assert "line(s) cut short" in resumed.stderr
+    assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
+    assert [p.name for p in out.glob("previous-*/*")] == ["checkpoint-4"]
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and [h["step"] for h in state["log_history"] if "reward" in h] == [1, 2, 3, 4,
+                                                                                                        5, 6]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_adapter(tmp_path, prepared, tiny_model_dir, monkeypatch):

@@ -1,0 +1,68 @@
+"""The lock on a folder being written: who holds it, and when a holder is gone (the e2e tests run two real runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from sdgrpo.errors import UserError
+from sdgrpo.folders import LOCK, lock_holder, release_lock, take_lock
+
+
+def write_lock(folder, **holder):
+    (folder / LOCK).write_text(json.dumps({"host": socket.gethostname(), "verb": "train", **holder}))
+
+
+def test_a_lock_is_refused_while_its_process_runs_and_taken_over_after(tmp_path, caplog):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        write_lock(tmp_path, pid=sleeper.pid)
+        with pytest.raises(UserError, match=f"sdgrpo train \\(pid {sleeper.pid} on "):
+            take_lock(tmp_path, "sft")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    take_lock(tmp_path, "sft")
+    assert "no longer runs" in caplog.text
+    assert lock_holder(tmp_path / LOCK)["pid"] == os.getpid()
+    release_lock(tmp_path)
+    assert not (tmp_path / LOCK).exists()
+
+
+def test_a_reused_pid_is_not_a_live_holder_but_another_hosts_lock_is_kept(tmp_path):
+    """The lock records its process's start time: the same pid started later (here, this very process) is another
+    process. A lock from another host cannot be checked, so it is refused and left in place."""
+    write_lock(tmp_path, pid=os.getpid(), start="1")
+    take_lock(tmp_path, "train")
+    assert lock_holder(tmp_path / LOCK)["start"] != "1"
+    release_lock(tmp_path)
+    (tmp_path / LOCK).write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere", "verb": "train"}))
+    with pytest.raises(UserError, match="on elsewhere"):
+        take_lock(tmp_path, "train")
+    release_lock(tmp_path)  # not this process's: kept
+    assert lock_holder(tmp_path / LOCK)["host"] == "elsewhere"
+
+
+def test_a_run_folder_is_never_replaced_by_a_whole_result(tmp_path):
+    """`prepare --output RUN` must not swap a training run's folder (its checkpoints) for a dataset: a run's manifest
+    lists no files, so the folder is not replaceable, while a finished result of sdgrpo's is, until a file is added."""
+    from sdgrpo.folders import check_replaceable, write_manifest
+
+    run, result = tmp_path / "run", tmp_path / "result"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"x")
+    write_manifest(run, "train")
+    with pytest.raises(UserError, match="the folder of a run of sdgrpo train"):
+        check_replaceable(run, "--output")
+    result.mkdir()
+    (result / "dataset_dict.json").write_text("{}")
+    write_manifest(result, "prepare", list_files=True)
+    check_replaceable(result, "--output")
+    (result / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"did not write \(notes.txt\)"):
+        check_replaceable(result, "--output")
