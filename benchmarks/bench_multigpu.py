@@ -59,7 +59,7 @@ def child(model_dir: str, data_dir: str, out: str, completion: int, steps: int) 
             "--report_to", "none", "--logging_steps", "1", "--collapse_guard", "off", "--learning_rate", "1e-5"]
     argv += os.environ.get("BENCH_EXTRA_ARGS", "").split()
     train_cfg, model_cfg = parse_train_args(argv)
-    main(train_cfg, model_cfg, callbacks=[StepClock(Path(out) / "steps.jsonl")])
+    main(train_cfg, model_cfg, callbacks=[StepClock(Path(out) / "steps.jsonl")], start_over=True)
 
 
 def summarize(out: Path, world: int) -> dict:

@@ -277,7 +277,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         if spg > 1:
             argv += ["--steps_per_generation", str(spg)]
         train_cfg, model_cfg = parse_train_args(argv)
-        main(train_cfg, model_cfg, callbacks=[step_clock, diagnostics])
+        main(train_cfg, model_cfg, callbacks=[step_clock, diagnostics], start_over=True)
     else:
         from peft import LoraConfig
 

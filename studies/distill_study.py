@@ -188,13 +188,13 @@ def main() -> None:
             for k, v in {**SFT, "learning_rate": args.sft_lr, "seed": 0}.items():
                 argv += [f"--{k}", str(v)]
             argv += args.sft_extra.split()
-            sft(*parse_sft_args(argv))
+            sft(*parse_sft_args(argv), start_over=True)
         else:
             argv = ["--dataset_path", str(prompts_dir), "--output_dir", str(out / name), "--max_steps", str(steps),
                     "--teacher_model_name_or_path", str(teacher_dir), "--model_name_or_path", str(student_dir)]
             for k, v in {**COMMON, **RUNS[name]}.items():
                 argv += [f"--{k}", str(v)]
-            train(*parse_train_args(argv))
+            train(*parse_train_args(argv), start_over=True)
         if (out / name / "adapter_config.json").is_file():
             trained = PeftModel.from_pretrained(load_model(str(student_dir), torch.float32, device), str(out / name))
             trained = trained.merge_and_unload().eval()

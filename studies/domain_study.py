@@ -123,7 +123,7 @@ def run_grpo(args: list[str], budget: float) -> dict:
 
     clock = TimeBudget(budget)
     t0 = time.perf_counter()
-    main(*parse_train_args(args), callbacks=[clock])
+    main(*parse_train_args(args), callbacks=[clock], start_over=True)  # the study owns its arms' folders
     return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -136,7 +136,7 @@ def run_sft(data: Path, out: Path, model: str, lr: float, budget: float, steps: 
     main(*parse_sft_args(["--model_name_or_path", model, "--dataset_path", str(data), "--output_dir", str(out),
                           "--learning_rate", str(lr), "--max_steps", str(steps or STEPS or 100000),
                           "--per_device_train_batch_size", "8", "--report_to", "none", "--save_strategy", "no",
-                          "--seed", str(SEED)]), callbacks=[clock])
+                          "--seed", str(SEED)]), callbacks=[clock], start_over=True)
     return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
 
 
