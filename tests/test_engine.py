@@ -940,3 +940,39 @@ def test_a_quantised_base_gets_int4_copies_first_where_the_int4_kernel_is_as_fas
         assert engine.mode == mode and engine.quantised.kernel == kernel, (kernel, caplog.text)
         if mode == "int4":
             assert "int4 generation copies of the quantised base, read by gemlite" in caplog.text
+
+
+def test_the_budget_is_checked_again_when_a_call_needs_a_bigger_cache(tiny_tokenizer, caplog):
+    """--generation_memory_gib: the first call (2 short prompts) fits the fold's copies beside its cache; a later
+    call with more rows and longer prompts needs a cache that does not fit beside them: the engine says so, drops the
+    copies and decodes that call unmerged (generate's tokens, fp32); a call whose cache alone is above the budget is
+    one line (UserError), never an allocation past what the user set."""
+    import logging
+
+    from sdgrpo.engine import cache_bytes, fold_bytes
+    from sdgrpo.errors import UserError
+
+    lora = with_lora(make_llama(tiny_tokenizer, seed=75), 0.3, seed=76)
+    short = encode(tiny_tokenizer, PROMPTS[:2])
+    long = encode(tiny_tokenizer, [p * 6 for p in PROMPTS] * 4)
+    kw = settings(tiny_tokenizer)
+    inner = lora.get_base_model()
+    bucket = DecodeEngine().length_bucket
+    positions = [-(-(e["input_ids"].size(1) + kw["max_new_tokens"]) // bucket) * bucket for e in (short, long)]
+    small, big = cache_bytes(inner, 2, positions[0]), cache_bytes(inner, 16, positions[1])
+    copies = fold_bytes(lora)
+    budget = big + copies / 2  # the fold fits the first call only; the second call's cache alone fits
+    assert small + copies <= budget < big + copies
+    engine = DecodeEngine(memory_budget_gib=budget / 2**30)
+    engine.generate(lora, **short, do_sample=False, **kw)
+    assert engine.mode == "folded" and engine.fold.held() > 0
+    want = lora.generate(**long, do_sample=False, **kw)
+    with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
+        got = engine.generate(lora, **long, do_sample=False, **kw)
+    assert "does not fit beside the folded mode's" in caplog.text
+    assert engine.mode == "unmerged" and engine.fold.held() == 0
+    assert torch.equal(got, want)
+    tight = DecodeEngine(memory_budget_gib=(small + copies) / 2**30)
+    tight.generate(lora, **short, do_sample=False, **kw)
+    with pytest.raises(UserError, match="for its cache alone"):
+        tight.generate(lora, **long, do_sample=False, **kw)

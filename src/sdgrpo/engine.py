@@ -448,6 +448,12 @@ class _PerModel:
                 table.clear()
             self._owner = weakref.ref(model)
 
+    def release(self) -> None:
+        """Drop what it holds (its copies go with the last reference)."""
+        for table in self._tables:
+            table.clear()
+        self._owner = None
+
     def held(self) -> int:
         """Layers served from what it holds: each of its groups' members once (``groups``: parent -> {names: ...})."""
         return sum(len(names) for known in self.groups.values() for names in known)
@@ -1313,6 +1319,7 @@ class DecodeEngine:
         self.fuse_projections = fuse_projections
         self.mode: str | None = None
         self._mode_for = None  # weakref to the model the mode was decided for
+        self._decided: tuple[int, int] | None = None  # (cache bytes, copies bytes) the mode was decided with
         self.record: list[Decoded] | None = None  # set to a list to collect every call's Decoded
         self.reserve = reserve
         self.grouped_attention = grouped_attention
@@ -1432,6 +1439,8 @@ class DecodeEngine:
         length = -(-max(prompt_len + s.max_new_tokens, self.reserve) // self.length_bucket) * self.length_bucket
         inner = _inner(model)
         on_gpu = torch.device(device).type == "cuda"
+        if not self._fits_again(model, batch, length, device):
+            self._release_copies()
         mode = self._decide_mode(model, batch, length, device)
         clock = _Clock(device if on_gpu else None)
         copies = (self.fold(model) if mode == "folded" else
@@ -1489,6 +1498,33 @@ class DecodeEngine:
             if self.record is not None:
                 self.record.append(out)
             return out
+
+    def _fits_again(self, model, batch: int, length: int, device) -> bool:
+        """Whether the mode decided for ``model`` holds for this call: a call with more rows or positions than the one
+        it was decided for needs a bigger cache, which must fit the budget beside the copies held (the user's
+        budget), or in what the device has free (the copies are allocated already). True where nothing is decided
+        yet or the cache is no bigger."""
+        if self.mode is None or self._mode_for is None or self._mode_for() is not model or self._decided is None:
+            return True
+        cache = cache_bytes(_inner(model), batch, length)
+        decided_cache, copies = self._decided
+        if cache <= decided_cache:
+            return True
+        if self.memory_budget_gib is not None:
+            fits = copies + cache <= self.memory_budget_gib * 2**30
+        else:
+            fits = cache <= generation_room(device)[0]
+        if not fits:
+            logger.warning("decoding engine: %d rows of %d positions need a %.2f GiB cache, which does not fit beside "
+                           "the %s mode's %.2f GiB of copies; deciding the mode again", batch, length, cache / 2**30,
+                           self.mode, copies / 2**30)
+        return fits
+
+    def _release_copies(self) -> None:
+        """Forget the mode and drop every generation copy and the captured step that reads them."""
+        for holder in (self.fold, self.quantised, self.dense, self.stacked):
+            holder.release()
+        self.mode, self._mode_for, self._decided, self._graph = None, None, None, None
 
     def _decide_mode(self, model, batch: int, length: int, device) -> str:
         """``int4`` where asked (``generation_weights`` int4); else ``folded`` where the fold's copies fit the
@@ -1557,6 +1593,7 @@ class DecodeEngine:
         if line:
             logger.log(logging.WARNING if self.mode == "unmerged" else logging.INFO, "decoding engine: %s", line)
         self._mode_for = weakref.ref(model)
+        self._decided = (cache, {"folded": need, "int4": need4, "dequantised": need16}.get(self.mode, 0))
         return self.mode
 
     def generate(self, model, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
