@@ -19,7 +19,8 @@ HEADER = ("benchmark", "date", "commit", "command", "device", "versions", "confi
 # Columns shown where a row has them, in this order.
 COLUMNS = ("memory_cap_gib", "steps_per_generation", "step_s", "cycle_mean_s", "generation_s", "ms_per_step",
            "x_bytes", "peak_gpu_gib", "above_weights_gib", "peak_rss_gib", "engine_mode", "mismatch_mean",
-           "sampling_logp_difference/mean", "token_truncate/mean_weight", "sequence_mask/mean_weight", "passed",
+           "sampling_logp_difference/mean", "token_truncate/mean_weight", "sequence_mask/mean_weight", "us_per_call",
+           "passed",
            "failed", "xfailed", "wall_s", "error")
 
 
@@ -55,7 +56,7 @@ def table() -> str:
         data = json.loads(path.read_text())
         config = data["config"]
         for row in data.get("results") or data.get("rows") or []:
-            key = (data["benchmark"], config.get("shape", ""), config.get("vocab_size", ""),
+            key = (data["benchmark"], config.get("shape") or row.get("shape", ""), config.get("vocab_size", ""),
                    row.get("memory_cap_gib", config.get("memory_cap_gib")), _name(row))
             if key not in latest or latest[key][0] < data["date"]:
                 latest[key] = (data["date"], path, row, data)
@@ -67,9 +68,8 @@ def table() -> str:
     for benchmark in sorted({k[0] for k in latest}):
         keys = sorted(k for k in latest if k[0] == benchmark)
         shown = [c for c in COLUMNS if any(c in latest[k][2] for k in keys)]
-        lines += [f"## {benchmark}", "",
-                  "| shape | vocabulary | variant | " + " | ".join(shown) + " | device | date | file |",
-                  "|---" * (len(shown) + 6) + "|"]
+        header = ["shape", "vocabulary", "variant", *shown, "device", "date", "file"]
+        lines += [f"## {benchmark}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
         for key in keys:
             date, path, row, data = latest[key]
             cells = [_cell(key[1]), _cell(key[2]), _cell(key[4])] + [_cell(row.get(c)) for c in shown]
