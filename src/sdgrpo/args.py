@@ -127,6 +127,9 @@ HELP_GROUPS = {
     "run folder and logging": ("output_dir", "save_steps", "logging_steps", "report_to", "log_level"),
 }
 INHERITED = "inherited from TRL and transformers"  # the heading of the options sdgrpo leaves as they are
+# what sdgrpo adds to the help of an inherited option it gives another meaning
+HELP_NOTES = {"log_level": "sdgrpo: debug or detail prints each logging step's whole metric record instead of its "
+                           "compact line, and keeps every library's progress bar (sdgrpo.progress)."}
 
 
 def declared_by_sdgrpo(classes: tuple) -> set[str]:
@@ -165,6 +168,8 @@ def _group_help(parser, classes: tuple) -> None:
                   if dest in ours or (dest in named and dest in inherited) else None)
         if target is None:
             target = base if dest in inherited else other
+        if dest in HELP_NOTES and action.help and HELP_NOTES[dest] not in action.help:
+            action.help = f"{action.help} {HELP_NOTES[dest]}"
         parser._optionals._group_actions.remove(action)
         target._group_actions.append(action)
     # sdgrpo's groups in HELP_GROUPS' order, each option in that order too; the inherited ones keep TRL's order
