@@ -109,7 +109,7 @@ def _merge_repeated(argv: list[str], lists: set[str]) -> list[str]:
 # these groups and this order; one of sdgrpo's in none of them is listed under "other sdgrpo options". An inherited
 # option named here is one whose meaning sdgrpo changes (log_level debug: the full metric dicts on the terminal).
 HELP_GROUPS = {
-    "data": ("inputs", "dataset_path", "max_train_prompts", "max_prompt_length", "max_length"),
+    "data": ("dataset_path", "max_train_prompts", "max_prompt_length", "max_length"),
     "reward": ("reward", "reward_aggregation", "reward_token_budget", "score_with", "beta", "advantage",
                "sequence_advantage_weight", "distill_topk", "distill_topk_weight", "teacher_model_name_or_path",
                "teacher_adapter", "teacher_load_in_4bit", "teacher_retokenize", "kd_weight",
@@ -160,6 +160,9 @@ def _group_help(parser, classes: tuple) -> None:
     if "output_dir" in ours:
         groups["run folder and logging"].description = (
             "--resume continues the run in --output_dir from its last checkpoint; --start_over moves it aside")
+    # argparse keeps each group's options in ``_group_actions`` and the groups in ``_action_groups``, which its help
+    # formatter reads (private names of the standard library, unchanged since Python 3.2): moving an option between
+    # groups changes the help only.
     for action in list(parser._optionals._group_actions):
         dest = action.dest
         if dest == "help":
