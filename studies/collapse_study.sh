@@ -5,9 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 sdgrpo prepare src/sdgrpo/assets/demo/openings.txt --output data/demo --min_prompt_tokens 8 --max_prompt_tokens 20 \
   --continuation_tokens 32 --test_size 0.2 > /dev/null
-for run in tiny-selfdistill tiny-collapse-beta0 tiny-score-with-policy; do
+# run name (its output_dir under outputs/ and its key in the results) = config under configs/tiny/
+for pair in tiny-selfdistill=grpo-demo tiny-collapse-beta0=collapse-beta0 \
+            tiny-score-with-policy=collapse-score-with-policy; do
+  run="${pair%%=*}"
   rm -rf "outputs/$run"
-  sdgrpo train --config "configs/$run.yaml"
+  sdgrpo train --config "configs/tiny/${pair#*=}.yaml"
   sdgrpo eval --adapter "outputs/$run" --data data/demo --output "outputs/$run/eval" --max_new_tokens 32 \
     --temperatures 1.0,0.85,0.7,0.5
 done

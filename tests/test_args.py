@@ -104,3 +104,37 @@ def test_every_verb_prints_its_options(verb, capsys):
     assert cli_main([verb, "--help"]) == 0
     out = capsys.readouterr().out
     assert f"usage: sdgrpo {verb}" in out and OPTION[verb] in out
+
+
+@pytest.mark.parametrize("verb, first", [("train", ("--dataset_path", "--reward", "--beta")),
+                                         ("sft", ("--dataset_path", "--teacher_model_name_or_path", "--kd_weight"))])
+def test_help_leads_with_sdgrpos_options_and_lists_every_option_once(verb, first):
+    """`sdgrpo train --help` (and sft's): sdgrpo's options, grouped, on the first screen; every option of the verb
+    listed exactly once; TRL's and transformers' own after all of sdgrpo's, under their heading."""
+    import dataclasses
+    import re
+
+    from conftest import run_cli
+
+    from sdgrpo.args import INHERITED, declared_by_sdgrpo
+    from sdgrpo.config import SDGRPOConfig, SDModelConfig, SDSFTConfig
+
+    classes = (SDGRPOConfig if verb == "train" else SDSFTConfig, SDModelConfig)
+    r = run_cli(verb, "--help", env={"COLUMNS": "100"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"usage: sdgrpo {verb} [--config FILE.yaml]") and len(lines[0]) <= 100
+    screen = "\n".join(lines[:40])
+    for option in first:
+        assert re.search(rf"^  {option}\b", screen, re.M), (option, screen)
+    assert "sdgrpo: data:" in screen and "sdgrpo: reward:" in screen
+    heading = next(i for i, line in enumerate(lines) if line.startswith(INHERITED))
+    where = {}
+    for f in (f for cls in classes for f in dataclasses.fields(cls) if f.init):
+        at = [i for i, line in enumerate(lines) if re.match(rf"  --{f.name}( |,|$)", line)]
+        assert len(at) == 1, (f.name, at)
+        where[f.name] = at[0]
+    ours = declared_by_sdgrpo(classes)
+    assert ours and all(where[name] < heading for name in ours)
+    assert all(where[name] > heading for name in where.keys() - ours - {"log_level"})
+    assert where["per_device_train_batch_size"] > heading > where["learning_rate"]

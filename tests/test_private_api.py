@@ -5,7 +5,7 @@ any of these fails here, in CI, instead of silently changing what a run computes
 ``grpo_trainer.py`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the Triton stand-in),
 ``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals), ``engine.py`` (transformers' generation
 config resolution, PEFT's per-layer adapter switch, transformers' SDPA attention and its head pairing),
-``sft.py`` (SFTTrainer's ``compute_loss_func`` hook).
+``sft.py`` (SFTTrainer's ``compute_loss_func`` hook), ``progress.py`` (transformers' progress callback).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ INIT_ATTRIBUTES = {
                              "self.ref_model", "self.mask_truncated_completions"],
     ("trl", "SFTTrainer"): ["self._metrics"],
     ("peft.tuners.lora", "LoraLayer"): ["self._disable_adapters", "self.lora_variant", "self.scaling"],
+    ("transformers.trainer_callback", "ProgressCallback"): ["self.training_bar"],
 }
 
 
@@ -279,3 +280,18 @@ def test_the_logit_scale_and_cap_are_read_as_trls_fused_head_reads_them():
             model(input_ids=ids, labels=ids, fused_lm_head=True)
         assert seen == [head_transform(model.config)], type(model).__name__
     assert [head_transform(m.config) for m in models] == [(1.0, 3.0), (0.25, None), (0.25, None)]
+
+
+def test_the_progress_callback_that_sdgrpo_replaces():
+    """progress.CompactProgress subclasses transformers' ProgressCallback, keeping its bar (``training_bar``, made in
+    on_train_begin, advanced by ``global_step - current_step``), and quiet_terminal takes out the progress or printer
+    callback that the Trainer adds by class."""
+    from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
+
+    begin = inspect.getsource(ProgressCallback.on_train_begin)
+    assert "self.training_bar = tqdm(" in begin and "self.current_step = 0" in begin
+    assert "state.global_step - self.current_step" in inspect.getsource(ProgressCallback.on_step_end)
+    assert "self.training_bar.write(" in inspect.getsource(ProgressCallback.on_log)
+    assert ("PrinterCallback if self.args.disable_tqdm else DEFAULT_PROGRESS_CALLBACK"
+            in inspect.getsource(Trainer.__init__))

@@ -72,3 +72,25 @@ def test_merge_keeps_every_rows_figures_and_refuses_parts_of_different_runs(tmp_
                        capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "config differs" in r.stderr, r.stderr
     assert not (tmp_path / "ac.json").exists()
+
+
+def test_every_current_results_file_names_the_script_that_runs_it_again():
+    """tools/device/README.md gives, for each current results file, the call of a script kept in tools/device/ (not
+    archive/) that runs it again (or a CPU command), and every script the README names exists where it says."""
+    import re
+
+    readme = (ROOT / "tools" / "device" / "README.md").read_text()
+    rows = {m[1]: m[0] for m in re.findall(r"^(\| `([^`]+\.json)` \|.*)$", readme, re.M)}
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        assert path.name in rows, f"tools/device/README.md does not say which script makes {path.name}"
+        again = rows[path.name].split(" | ")[-1]
+        if again.startswith("as `"):  # the same call as another file's row
+            again = rows[again.split("`")[1]].split(" | ")[-1]
+        kept = re.findall(r"tools/device/(\w+\.sh)", again)
+        assert kept or "cpu" in path.name, f"{path.name}: no script of tools/device/ runs it again"
+        for name in kept:
+            assert (ROOT / "tools" / "device" / name).is_file(), f"{path.name}: tools/device/{name} is not there"
+    named = set(re.findall(r"^\| `(\w+\.sh)`", readme, re.M))
+    named |= {n for cell in re.findall(r"^\| `(\w+\.sh)`, `(\w+\.sh)`", readme, re.M) for n in cell}
+    on_disk = {p.name for p in (ROOT / "tools" / "device").rglob("*.sh")}
+    assert named == on_disk, f"README lists {sorted(named - on_disk)} that are not there, omits {sorted(on_disk - named)}"

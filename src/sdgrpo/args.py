@@ -3,7 +3,9 @@
 YAML values replace a field's default and command-line values replace YAML. Every value, from the file or the command
 line, goes through transformers' ``HfArgumentParser`` (the parser TRL's scripts use), so a mistyped value is refused
 with the option's name, and a bad option or value is one line (:class:`UserError`), never argparse's usage and exit.
-Light at import: transformers is imported when a verb parses.
+``--help`` lists the options sdgrpo adds or changes first, in the groups of :data:`HELP_GROUPS`, and TRL's and
+transformers' inherited ones after them under their own heading. Light at import: transformers is imported when a
+verb parses.
 """
 
 from __future__ import annotations
@@ -103,6 +105,83 @@ def _merge_repeated(argv: list[str], lists: set[str]) -> list[str]:
     return out
 
 
+# `--help`: sdgrpo's options (the fields sdgrpo's dataclasses declare, new or with a changed default or meaning), in
+# these groups and this order; one of sdgrpo's in none of them is listed under "other sdgrpo options". An inherited
+# option named here is one whose meaning sdgrpo changes (log_level debug: the full metric dicts on the terminal).
+HELP_GROUPS = {
+    "data": ("dataset_path", "max_train_prompts", "max_prompt_length", "max_length"),
+    "reward": ("reward", "reward_aggregation", "reward_token_budget", "score_with", "beta", "advantage",
+               "sequence_advantage_weight", "distill_topk", "distill_topk_weight", "teacher_model_name_or_path",
+               "teacher_adapter", "teacher_load_in_4bit", "teacher_retokenize", "kd_weight",
+               "reuse_reference_logprobs"),
+    "model and LoRA": ("model_name_or_path", "use_peft", "dtype", "lora_target_modules", "backend", "cudnn_attention",
+                       "learning_rate", "disable_dropout"),
+    "engine (rollouts)": ("generation_engine", "generation_compile", "generation_weights", "generation_int4_kernel",
+                          "rollout_correction", "rollout_correction_mode", "max_completion_length",
+                          "min_completion_length"),
+    "memory": ("dry_run", "gpu_memory_gib", "memory_check", "generation_memory_gib", "fsdp_gather_for_generation",
+               "fsdp_skip_hooks_in_generation"),
+    "collapse guard and held-out text": ("collapse_guard", "guard_max_seq_rep_increase", "guard_max_distinct2_drop",
+                                         "guard_min_length_fraction", "guard_max_heldout_increase", "guard_patience",
+                                         "heldout_eval_steps", "heldout_eval_prompts", "keep_best_heldout"),
+    "run folder and logging": ("output_dir", "save_steps", "logging_steps", "report_to", "log_level"),
+}
+INHERITED = "inherited from TRL and transformers"  # the heading of the options sdgrpo leaves as they are
+# what sdgrpo adds to the help of an inherited option it gives another meaning
+HELP_NOTES = {"log_level": "sdgrpo: debug or detail prints each logging step's whole metric record instead of its "
+                           "compact line, and keeps every library's progress bar (sdgrpo.progress)."}
+
+
+def declared_by_sdgrpo(classes: tuple) -> set[str]:
+    """The fields of ``classes`` that a dataclass of sdgrpo declares: its own options and those whose default or help
+    it changes (the rest are TRL's and transformers' as they define them)."""
+    import inspect
+
+    return {f.name for cls in classes for f in dataclasses.fields(cls) if f.init
+            and any(f.name in inspect.get_annotations(c) for c in cls.__mro__
+                    if c.__module__.split(".")[0] == "sdgrpo")}
+
+
+def _group_help(parser, classes: tuple) -> None:
+    """Regroup ``parser``'s options for ``--help`` (see :data:`HELP_GROUPS`) where ``classes`` extend TRL's or
+    transformers' dataclasses (a verb whose options are all sdgrpo's keeps one list); parsing does not read the
+    groups."""
+    owners = sorted({c.__name__ for cls in classes for c in cls.__mro__[1:]
+                     if c.__module__.split(".")[0] in ("trl", "transformers") and dataclasses.is_dataclass(c)
+                     and not c.__name__.startswith("_")})
+    if not owners:
+        return
+    ours = declared_by_sdgrpo(classes)
+    inherited = {f.name for cls in classes for f in dataclasses.fields(cls) if f.init} - ours
+    named = {name for names in HELP_GROUPS.values() for name in names}
+    groups = {title: parser.add_argument_group(f"sdgrpo: {title}") for title in HELP_GROUPS}
+    other = parser.add_argument_group("other sdgrpo options")
+    base = parser.add_argument_group(f"{INHERITED} ({', '.join(owners)}): their own meanings and defaults")
+    if "output_dir" in ours:
+        groups["run folder and logging"].description = (
+            "--resume continues the run in --output_dir from its last checkpoint; --start_over moves it aside")
+    # argparse keeps each group's options in ``_group_actions`` and the groups in ``_action_groups``, which its help
+    # formatter reads (private names of the standard library, unchanged since Python 3.2): moving an option between
+    # groups changes the help only.
+    for action in list(parser._optionals._group_actions):
+        dest = action.dest
+        if dest == "help":
+            continue
+        target = (next((groups[t] for t, names in HELP_GROUPS.items() if dest in names), None)
+                  if dest in ours or (dest in named and dest in inherited) else None)
+        if target is None:
+            target = base if dest in inherited else other
+        if dest in HELP_NOTES and action.help and HELP_NOTES[dest] not in action.help:
+            action.help = f"{action.help} {HELP_NOTES[dest]}"
+        parser._optionals._group_actions.remove(action)
+        target._group_actions.append(action)
+    # sdgrpo's groups in HELP_GROUPS' order, each option in that order too; the inherited ones keep TRL's order
+    for title, group in groups.items():
+        order = {name: i for i, name in enumerate(HELP_GROUPS[title])}
+        group._group_actions.sort(key=lambda a: order.get(a.dest, len(order)))
+    parser._action_groups = [g for g in parser._action_groups if g._group_actions or g is parser._optionals]
+
+
 def _parser(classes: tuple, prog: str, description: str, positional: str | None):
     from transformers import HfArgumentParser
 
@@ -128,7 +207,11 @@ def parse_args(argv: list[str], classes: tuple, prog: str, description: str = ""
     """
     argv = list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        _parser(classes, prog, description, positional).print_help()
+        parser = _parser(classes, prog, description, positional)
+        parser.usage = f"{prog} [--config FILE.yaml] [--OPTION VALUE ...]" + (f" [{positional.upper()} ...]"
+                                                                              if positional else "")
+        _group_help(parser, classes)
+        parser.print_help()
         raise SystemExit(0)
     yaml_argv: list[str] = []
     source = "command line"

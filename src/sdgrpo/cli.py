@@ -69,6 +69,9 @@ def _training(verb: str, argv: list[str], parse, main) -> int:
 
     cfg, model_cfg = parse([a for a in argv if a not in RUN_FLAGS])
     check_paths([cfg, model_cfg])
+    from sdgrpo.progress import one_bar
+
+    one_bar(cfg.log_level)
     _check_training_models(cfg, model_cfg)
     try:
         out = main(cfg, model_cfg, resume="--resume" in argv, start_over="--start_over" in argv)
@@ -172,6 +175,9 @@ def _demo(argv: list[str]) -> int:
 
     (cfg,) = parse_args(argv, (DemoConfig,), "sdgrpo demo", VERBS["demo"])
     check_paths([cfg])
+    from sdgrpo.progress import one_bar
+
+    one_bar("passive")
     return main(cfg)
 
 

@@ -222,6 +222,7 @@ def _sft(cfg: SDSFTConfig, model_cfg: SDModelConfig, out: Path, resolved: dict, 
     from sdgrpo.callbacks import MetricsFileCallback, StopRequest, heldout_callback, keep_best_heldout
     from sdgrpo.cards import write_card
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
+    from sdgrpo.progress import quiet_terminal
     from sdgrpo.runs import save_or_interrupt, start_output, stop_if_broken, train, training_device
 
     device = training_device(cfg)
@@ -249,6 +250,7 @@ def _sft(cfg: SDSFTConfig, model_cfg: SDModelConfig, out: Path, resolved: dict, 
                                        stop, *(callbacks or [])])
     if heldout:
         heldout.trainer = trainer
+    quiet_terminal(trainer)
     train(trainer, stop, checkpoint)
     stop_if_broken(stop, out)
     save_or_interrupt(trainer, stop, out)

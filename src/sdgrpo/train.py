@@ -16,6 +16,7 @@ from sdgrpo.data import load_prompts
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.modeling import choose_attention_kernels
+from sdgrpo.progress import quiet_terminal
 from sdgrpo.rewards import build_reward
 from sdgrpo.runs import (
     open_run,
@@ -177,6 +178,7 @@ def build_trainer(trainer_cls, train_cfg, model, tokenizer, peft_config, dataset
                             "that exist, or all-linear)") from None
         raise
     reward.model = trainer.model  # the reward scores with the trainer's PEFT model (adapters off for the base)
+    quiet_terminal(trainer)
     for callback in callbacks:
         if hasattr(callback, "trainer"):
             callback.trainer = trainer

@@ -44,7 +44,7 @@ CANDIDATES = {
     "r3-h384-l8-drop0.4-b128-compiled": dict(ROUND3, hidden_dropout=0.4, batch_size=128, learning_rate=2e-3),
     # Round 4 (not run yet): round 3's b128 run, which was ahead per step, alone on the GPU and continued over three
     # calls on one warm machine (480 s each, 1,440 s in all, the schedule paced by the whole): TEST_SECONDS=0
-    # TEACHERS=r4-h384-l8-drop0.4-b128-chained bash tools/device/teacher_and_gpu_tests.sh, three times in a row.
+    # TEACHERS=r4-h384-l8-drop0.4-b128-chained bash tools/device/archive/teacher_and_gpu_tests.sh, three times in a row.
     "r4-h384-l8-drop0.4-b128-chained": dict(ROUND3, hidden_dropout=0.4, batch_size=128, learning_rate=2e-3,
                                             max_seconds=1440, session_seconds=480,
                                             resume_dir="/tmp/teacher_state/r4-h384-l8-drop0.4-b128-chained"),

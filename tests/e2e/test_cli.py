@@ -19,13 +19,43 @@ EXPECTED_KEYS = {"reward", "reward_std", "kl", "loss", "completions/mean_length"
                  "frac_reward_zero_std"}
 
 
+def compact_lines(stdout: str) -> list[dict]:
+    """The per-step lines of sdgrpo.progress on the terminal, each as {key: value} ("step": "N/M", "s/step": "x")."""
+    rows = []
+    for line in stdout.splitlines():
+        if line.startswith("step "):
+            assert len(line) <= 120, line
+            *fields, last = line.split("  ")
+            row = dict(field.rsplit(" ", 1) for field in fields)
+            value, unit = last.split(" ")
+            rows.append({**row, unit: value})
+    return rows
+
+
 def test_cli_prepare_then_two_training_steps(tmp_path, prepared, tiny_model_dir):
     out = tmp_path / "run"
     r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
                "--max_steps", 2, "--per_device_train_batch_size", 4, "--num_generations", 4,
-               "--max_completion_length", 12, "--learning_rate", "1e-3", "--save_steps", 100)
+               "--max_completion_length", 12, "--learning_rate", "1e-3", "--save_steps", 100,
+               "--heldout_eval_steps", 2, "--heldout_eval_prompts", 4)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
+    # The terminal: one compact line per logging step (sdgrpo.progress), not the whole metric record; its figures
+    # are the step's record in metrics.jsonl.
+    lines = compact_lines(r.stdout)
+    assert [line["step"] for line in lines] == ["1/2", "2/2"]
+    assert set(lines[0]) == {"step", "reward", "kl", "entropy", "distinct-2", "s/step"}
+    assert set(lines[1]) == set(lines[0]) | {"heldout/bpb"}
+    for line, row in zip(lines, rows):
+        for key, name in (("reward", "reward"), ("kl", "kl"), ("entropy", "entropy"), ("distinct-2",
+                                                                                    "collapse/distinct_2"),
+                          ("heldout/bpb", "heldout/bpb")):
+            if key in line:
+                assert float(line[key]) == pytest.approx(row[name], rel=1e-3, abs=1e-6), (key, line, row)
+        assert float(line["s/step"]) > 0
+    assert "{'" not in r.stdout and "completions/mean_length" not in r.stdout + r.stderr
+    assert "trained to step 2/2 in" in r.stdout
+    assert "Loading weights" not in r.stderr  # the training bar is the run's one
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
         assert EXPECTED_KEYS <= set(row)

@@ -1,7 +1,8 @@
-# Sourced by the gpu_*.sh scripts on the GPU machine, from the project root with .whl (make-wheelhouse.sh) and
-# .device_pack carried (.device_pack/corpus.tar.xz: a tar of ../shared/data's tinyshakespeare, gutenberg and
-# gutenberg-more folders). Installs the wheelhouse into /tmp/site, sets the environment (NVLink multicast off, as
-# the machine requires), unpacks the corpus as ../shared/data and .gpu_data, and sets OUT (default /tmp/out).
+# Sourced by the scripts here and in archive/ on the GPU machine, from the project root with .whl
+# (make-wheelhouse.sh) and .device_pack carried (.device_pack/corpus.tar.xz: a tar of ../shared/data's
+# tinyshakespeare, gutenberg and gutenberg-more folders). Installs the wheelhouse into /tmp/site, sets the
+# environment (NVLink multicast off, as the machine requires), unpacks the corpus as ../shared/data and
+# .gpu_data, and sets OUT (default /tmp/out).
 # deepspeed (tools/device/add_deepspeed_wheels.sh) only with WITH_DEEPSPEED=1: once installed, accelerate and
 # transformers import it on every save, and any import failure of it stops runs that never use it.
 wheels=$(ls .whl/*.whl | { if [ "${WITH_DEEPSPEED:-0}" = 1 ]; then cat; else grep -v '/deepspeed-'; fi; })
