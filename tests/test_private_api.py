@@ -207,6 +207,11 @@ def test_what_the_topk_term_shadows_and_reuses():
     bs, bt = add_tail_bucket(s), add_tail_bucket(t)
     assert torch.allclose(bs.exp().sum(-1), torch.ones(1)) and torch.allclose(bt.exp().sum(-1), torch.ones(1))
     assert torch.allclose(compute_divergence(bs, bt, 1.0), (bs.exp() * (bs - bt)).sum(-1), atol=1e-6)
+    # The term is divided for gradient accumulation as TRL divides its dapo loss; the Trainer divides nothing more.
+    assert GRPOTrainer.loss_is_scaled_for_ga is True
+    loss = inspect.getsource(GRPOTrainer._compute_loss)
+    assert ('normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes' in loss
+            and "normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation" in loss)
 
 
 def test_the_int4_weight_only_kernels_the_engine_calls():
