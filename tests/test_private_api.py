@@ -32,6 +32,8 @@ PINNED = {
     ("transformers", "Trainer", "_save_rng_state"): ["self", "output_dir"],
     ("transformers", "Trainer", "_load_rng_state"): ["self", "checkpoint"],
     ("transformers", "Trainer", "_get_output_dir"): ["self", "trial"],
+    # not overridden: callbacks.STORED_WEIGHTS keeps the best held-out adapter out of its adapter sub-folder scan
+    ("transformers", "Trainer", "_load_from_checkpoint"): ["self", "resume_from_checkpoint", "model"],
     ("torch.distributed.fsdp", "FSDPModule", "set_reshard_after_forward"): ["self", "reshard_after_forward", "recurse"],
     ("torch.distributed.fsdp", "FSDPModule", "reshard"): ["self"],
     ("torch.distributed.fsdp", "FSDPModule", "_get_fsdp_state"): ["self"],
