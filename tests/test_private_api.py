@@ -191,6 +191,13 @@ def test_trls_loss_reads_per_token_advantages():
     assert "if advantages.dim() == 1:\n            advantages = advantages.unsqueeze(1)" in source
 
 
+def test_what_leave_runs_before_os_exit():
+    """runs.leave runs the exit handlers itself (CPython's ``atexit._run_exitfuncs``) before ``os._exit``."""
+    import atexit
+
+    assert callable(atexit._run_exitfuncs)
+
+
 def test_what_the_topk_term_shadows_and_reuses():
     """--distill_topk: the loss's pass is TRL's ``_get_per_token_logps_and_entropies`` redone with logits (TRL's own
     goes through its fused head: ``fused_lm_head=True``, log-probs at ``self.temperature``, no logits), with TRL's

@@ -142,7 +142,7 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     from sdgrpo.cards import write_card
     from sdgrpo.compat import ensure_trl_runs_without_triton
     from sdgrpo.modeling import choose_attention_kernels, load_model, load_tokenizer, resolve_dtype
-    from sdgrpo.runs import save_final, start_output, training_device
+    from sdgrpo.runs import end_distributed, save_final, start_output, training_device
 
     ensure_trl_runs_without_triton()
     choose_attention_kernels(model_cfg.cudnn_attention)
@@ -179,9 +179,12 @@ def main(cfg: SDSFTConfig, model_cfg: SDModelConfig, callbacks: list | None = No
     if heldout:
         heldout.trainer = trainer
     trainer.train()
-    save_final(trainer, out)
-    if heldout:
-        keep_best_heldout(heldout, out, trainer)
-    write_card(trainer, out, model_cfg.model_name_or_path, "sft")
+    try:
+        save_final(trainer, out)
+        if heldout:
+            keep_best_heldout(heldout, out, trainer)
+        write_card(trainer, out, model_cfg.model_name_or_path, "sft")
+    finally:
+        end_distributed()
     logger.info("%s saved to %s", "model (every weight trained)" if full else "adapter", out)
     return out

@@ -23,7 +23,7 @@ from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.modeling import choose_attention_kernels
 from sdgrpo.rewards import build_reward
-from sdgrpo.runs import save_final, start_output, training_device
+from sdgrpo.runs import end_distributed, save_final, start_output, training_device
 from sdgrpo.runtime import resolve_runtime
 
 logger = logging.getLogger(__name__)
@@ -116,15 +116,6 @@ def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
     guard.write(out / "collapse_guard.json")
     logger.warning("collapse guard stopped training at step %d: %s; %s (the collapsed one is in %s)",
                    guard.state.tripped_at, guard.state.reason, where, out / "collapsed")
-
-
-def _end_distributed() -> None:
-    """Tear the process group down before exit: a live gloo group aborts the process at interpreter shutdown."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool) -> tuple[Path, dict, Path | None]:
@@ -232,7 +223,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
             raise
         raise UserError(write_failure_message(f"the final adapter into {out}", err, out)) from None
     finally:
-        _end_distributed()
+        end_distributed()
     logger.info("adapter saved to %s (reward reused from the KL pass in %d of the reward calls)",
                 out, trainer.reference_reuses)
     return out
