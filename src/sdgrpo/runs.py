@@ -67,7 +67,7 @@ def leave(code: int) -> int:
     import atexit
     import logging
 
-    atexit._run_exitfuncs()  # what the interpreter would run first (CPython's, as os._exit skips it)
+    atexit._run_exitfuncs()  # the handlers os._exit would skip (CPython's own runner; there is no public one)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
