@@ -217,6 +217,29 @@ def test_serving_answers_model_generate_and_then_steps_aside(model, tiny_tokeniz
     assert engine.calls == 1
 
 
+def test_serving_puts_back_the_instances_own_generate(tiny_tokenizer):
+    """A model with its own ``generate`` on the instance (Unsloth sets one at load): the engine answers inside, even
+    when the call raises, and afterwards that very attribute is back and answers again. It once was deleted, for the
+    rest of the process."""
+    model, enc = make_llama(tiny_tokenizer, seed=21), encode(tiny_tokenizer)
+    own_calls = []
+
+    def own_generate(*args, **kwargs):  # what Unsloth's does first, then transformers' generate
+        own_calls.append(kwargs)
+        return type(model).generate(model, *args, **kwargs)
+
+    model.generate = own_generate
+    engine = DecodeEngine()
+    with pytest.raises(RuntimeError, match="inside"):
+        with serving(model, engine):
+            got = model.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+            raise RuntimeError("inside")
+    assert engine.calls == 1 and not own_calls
+    assert vars(model)["generate"] is own_generate
+    want = model.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
+    assert len(own_calls) == 1 and engine.calls == 1 and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("additive", [False, True])
 def test_grouped_attention_is_transformers_sdpa_without_the_copies(additive):
     """Boolean masks (transformers' SDPA masks) and additive float masks alike."""

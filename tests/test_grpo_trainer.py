@@ -645,6 +645,96 @@ def test_topk_term_is_the_reverse_kl_over_the_teachers_top_k(reward_name, tiny_m
                if "lora_A" in n_)
 
 
+class StepGradients:
+    """A callback keeping the trainable parameters and their gradients at the first optimizer step (after the
+    step's micro-batches, before the optimizer moves them)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Keep(TrainerCallback):
+            grads = params = None
+
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                if self.grads is None:
+                    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                    self.grads = {n: p.grad.detach().clone() for n, p in trained}
+                    self.params = {n: p.detach().clone() for n, p in trained}
+
+        return _Keep()
+
+
+@pytest.mark.parametrize("loss_type, accumulation", [("dapo", 1), ("dapo", 2), ("dapo", 4), ("grpo", 4)])
+def test_topk_gradient_does_not_depend_on_accumulation(loss_type, accumulation, tiny_model_dir, tiny_tokenizer,
+                                                       dataset, tmp_path):
+    """--distill_topk 5, weight 0.7: the LoRA gradient of one optimizer step made of ``accumulation`` micro-batches
+    (8 / accumulation rows each, one generation batch of 8) equals the gradient at accumulation 1 of the loss over
+    the same 8 rows, computed here from one unpadded forward per row of the policy and of the teacher: TRL's policy
+    term (dapo: -A log p summed over the completion tokens / their number; grpo: per row, then the mean of the rows)
+    plus 0.7 x the top-K KL summed over the completion tokens / their number. The term was once added whole to each
+    micro-batch's loss, which TRL had already divided by the accumulation: its weight became 0.7 x accumulation."""
+    teacher = make_llama(tiny_tokenizer, seed=45, layers=3)
+    trainer, _ = teacher_trainer(tiny_model_dir, tiny_tokenizer, dataset, tmp_path, "distill", teacher,
+                                 "--distill_topk", "5", "--distill_topk_weight", "0.7", "--lora_dropout", "0",
+                                 "--loss_type", loss_type, "--per_device_train_batch_size", str(8 // accumulation),
+                                 "--gradient_accumulation_steps", str(accumulation), "--max_grad_norm", "0")
+    # completions of different lengths: micro-batches of different token counts
+    boost(trainer.model.get_base_model(), tiny_tokenizer.eos_token_id, 5.0, tiny_tokenizer, dataset[0]["prompt"])
+    batches = []
+    generate = trainer._generate_and_score_completions
+
+    def recording(inputs):
+        out = generate(inputs)
+        batches.append({k: v.detach().clone() for k, v in out.items() if torch.is_tensor(v)})
+        return out
+
+    trainer._generate_and_score_completions = recording
+    keep = StepGradients()
+    trainer.add_callback(keep)
+    trainer.train()
+    assert len(batches) == 1 and batches[0]["completion_ids"].size(0) == 8
+    model = trainer.model
+    with torch.no_grad():  # back to the parameters the step's gradient was taken at
+        for n, p in model.named_parameters():
+            if n in keep.params:
+                p.copy_(keep.params[n])
+    model.zero_grad()
+    model.train()
+    batch = batches[0]
+    mask, adv = batch["completion_mask"], batch["advantages"].double()
+    total = mask.sum()
+    policy, kl_sum, lengths = [], 0.0, set()
+    for i in range(mask.size(0)):
+        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+        completion = batch["completion_ids"][i][mask[i].bool()].tolist()
+        lengths.add(len(completion))
+        n = len(completion)
+        if not n:
+            policy.append(torch.zeros((), dtype=torch.float64))
+            continue
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].double()
+        p = torch.log_softmax(logits / trainer.temperature, -1)
+        taken = p.gather(-1, torch.tensor(completion)[:, None])[:, 0]
+        a = adv[i, :n] if adv.dim() == 2 else adv[i].expand(n)
+        policy.append(-(a * taken).sum() / (n if loss_type == "grpo" else 1))
+        q = full_logps(teacher, prompt, completion)
+        top_q, ids = q.topk(5, dim=-1)
+        top_p = torch.log_softmax(logits, -1).gather(-1, ids)
+        sp = torch.cat([top_p, torch.log1p(-top_p.exp().sum(-1, keepdim=True))], -1)
+        sq = torch.cat([top_q, torch.log1p(-top_q.exp().sum(-1, keepdim=True))], -1)
+        kl_sum = kl_sum + (sp.exp() * (sp - sq)).sum()
+    assert len(lengths) > 2, lengths
+    policy_loss = torch.stack(policy).sum() / (mask.size(0) if loss_type == "grpo" else total)
+    (policy_loss + 0.7 * kl_sum / total).backward()
+    worst = 0.0
+    for n, p in model.named_parameters():
+        if n in keep.grads:
+            want, got = p.grad.float(), keep.grads[n]
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (n, (got - want).abs().max().item())
+            worst = max(worst, want.abs().max().item())
+    assert worst > 1e-4  # the gradient is not vanishing
+
+
 def test_topk_needs_a_teacher_based_reward():
     from sdgrpo.errors import UserError
 

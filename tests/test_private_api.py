@@ -33,6 +33,8 @@ PINNED = {
     ("transformers", "Trainer", "_save_rng_state"): ["self", "output_dir"],
     ("transformers", "Trainer", "_load_rng_state"): ["self", "checkpoint"],
     ("transformers", "Trainer", "_get_output_dir"): ["self", "trial"],
+    # not overridden: callbacks.STORED_WEIGHTS keeps the best held-out adapter out of its adapter sub-folder scan
+    ("transformers", "Trainer", "_load_from_checkpoint"): ["self", "resume_from_checkpoint", "model"],
     ("torch.distributed.fsdp", "FSDPModule", "set_reshard_after_forward"): ["self", "reshard_after_forward", "recurse"],
     ("torch.distributed.fsdp", "FSDPModule", "reshard"): ["self"],
     ("torch.distributed.fsdp", "FSDPModule", "_get_fsdp_state"): ["self"],
@@ -191,6 +193,13 @@ def test_trls_loss_reads_per_token_advantages():
     assert "if advantages.dim() == 1:\n            advantages = advantages.unsqueeze(1)" in source
 
 
+def test_what_leave_runs_before_os_exit():
+    """runs.leave runs the exit handlers itself (CPython's ``atexit._run_exitfuncs``) before ``os._exit``."""
+    import atexit
+
+    assert callable(atexit._run_exitfuncs)
+
+
 def test_what_the_topk_term_shadows_and_reuses():
     """--distill_topk: the loss's pass is TRL's own ``_get_per_token_logps_and_entropies`` with its fused head's
     operands routed to sdgrpo (``compat.fused_head_route``): TRL's loop over ``batch_size`` rows builds the labels
@@ -216,6 +225,11 @@ def test_what_the_topk_term_shadows_and_reuses():
     bs, bt = add_tail_bucket(s), add_tail_bucket(t)
     assert torch.allclose(bs.exp().sum(-1), torch.ones(1)) and torch.allclose(bt.exp().sum(-1), torch.ones(1))
     assert torch.allclose(compute_divergence(bs, bt, 1.0), (bs.exp() * (bs - bt)).sum(-1), atol=1e-6)
+    # The term is divided for gradient accumulation as TRL divides its dapo loss; the Trainer divides nothing more.
+    assert GRPOTrainer.loss_is_scaled_for_ga is True
+    loss = inspect.getsource(GRPOTrainer._compute_loss)
+    assert ('normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes' in loss
+            and "normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation" in loss)
 
 
 def test_the_int4_weight_only_kernels_the_engine_calls():

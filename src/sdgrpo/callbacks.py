@@ -10,9 +10,12 @@ can keep the adapter with the lowest figure (``best_heldout/``) for the run to e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import shutil
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -25,6 +28,10 @@ logger = logging.getLogger(__name__)
 
 BEST_DIR = "best_heldout"
 STATE_FILE = "heldout_state.json"  # in each checkpoint folder
+# The best adapter's weights as a checkpoint keeps them (in its BEST_DIR): not under PEFT's name, because
+# transformers' resume (Trainer._load_from_checkpoint) loads every sub-folder holding an `adapter_model.safetensors`
+# as one more adapter and then skips the checkpoint's own: the trained adapter would restart from its initial values.
+STORED_WEIGHTS = "best_adapter.safetensors"
 
 
 def continuation_bits_per_byte(model, tokenizer, prompt_ids: list[list[int]], cont_ids: list[list[int]],
@@ -81,14 +88,16 @@ class HeldoutEval(TrainerCallback):
 
     def save_state(self, folder: str | Path) -> None:
         """Into a checkpoint folder: the history so far, the best step, and (``keep_best``) a copy of the best
-        adapter as it was at this checkpoint, so that a resumed run continues the same record and ends with the
-        same adapter (a best found after the last checkpoint belongs to steps that the resumed run makes again)."""
+        adapter as it was at this checkpoint (its weights as ``STORED_WEIGHTS``), so that a resumed run continues
+        the same record and ends with the same adapter (a best found after the last checkpoint belongs to steps that
+        the resumed run makes again)."""
         folder = Path(folder)
         (folder / STATE_FILE).write_text(json.dumps({"history": self.history, "best": self.best}, indent=2))
         best = self.output_dir / BEST_DIR
         if self.keep_best and (best / "adapter_model.safetensors").is_file():
             (folder / BEST_DIR).mkdir(exist_ok=True)
-            copy_adapter(best, folder / BEST_DIR)
+            shutil.copy2(best / "adapter_model.safetensors", folder / BEST_DIR / STORED_WEIGHTS)
+            shutil.copy2(best / "adapter_config.json", folder / BEST_DIR / "adapter_config.json")
 
     def load_state(self, folder: str | Path) -> bool:
         """Restore what :meth:`save_state` wrote (the best adapter back into ``output_dir``); False when the
@@ -100,13 +109,18 @@ class HeldoutEval(TrainerCallback):
         data = json.loads(path.read_text())
         self.history = data["history"]
         self.best = tuple(data["best"]) if data["best"] is not None else None
+        stored = folder / BEST_DIR
+        if (stored / "adapter_model.safetensors").is_file():  # sdgrpo's own earlier layout, renamed (STORED_WEIGHTS)
+            logger.info("%s: the best held-out adapter's weights renamed to %s, so that resuming loads the "
+                        "checkpoint's own adapter", stored, STORED_WEIGHTS)
+            with contextlib.suppress(FileNotFoundError):  # another process renamed it first
+                os.replace(stored / "adapter_model.safetensors", stored / STORED_WEIGHTS)
         best = self.output_dir / BEST_DIR
-        if (folder / BEST_DIR / "adapter_model.safetensors").is_file():
+        if (stored / STORED_WEIGHTS).is_file():
             best.mkdir(parents=True, exist_ok=True)
-            copy_adapter(folder / BEST_DIR, best)
+            shutil.copy2(stored / STORED_WEIGHTS, best / "adapter_model.safetensors")
+            shutil.copy2(stored / "adapter_config.json", best / "adapter_config.json")
         elif best.is_dir():
-            import shutil
-
             shutil.rmtree(best)  # written after the checkpoint, by steps the resumed run makes again
         return True
 

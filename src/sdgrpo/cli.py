@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -204,6 +205,16 @@ def _close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit code; a process of a multi-process launch ends inside (:func:`sdgrpo.runs.leave`)."""
+    code = _main(argv)
+    if "WORLD_SIZE" in os.environ:  # set by torchrun / accelerate launch (runs.py imports torch)
+        from sdgrpo.runs import leave
+
+        return leave(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: sdgrpo {" + ",".join(VERBS) + "} ...\n")

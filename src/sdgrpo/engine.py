@@ -1614,9 +1614,13 @@ class DecodeEngine:
 
 @contextlib.contextmanager
 def serving(model, engine: DecodeEngine):
-    """``model.generate`` answered by ``engine`` for the duration (an instance attribute over the class method)."""
+    """``model.generate`` answered by ``engine`` for the duration (an instance attribute over the class method, or
+    over the instance's own: Unsloth sets one, which is put back as it was)."""
+    had_own, own = "generate" in vars(model), vars(model).get("generate")
     model.generate = lambda *args, **kwargs: engine.generate(model, *args, **kwargs)
     try:
         yield engine
     finally:
         del model.generate
+        if had_own:
+            model.generate = own

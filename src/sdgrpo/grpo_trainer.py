@@ -433,19 +433,28 @@ class SelfDistillMixin(CheckpointMixin):
         return out
 
     def _topk_term(self, inputs) -> torch.Tensor:
-        """Mean over the completion tokens of KL(policy || teacher) on the teacher's top-K tokens plus one bucket for
-        the rest of the vocabulary (TRL's ``add_tail_bucket`` and ``compute_divergence`` with alpha 1, as its SDPO
-        distills a teacher server's top-K)."""
+        """KL(policy || teacher) on the teacher's top-K tokens plus one bucket for the rest of the vocabulary (TRL's
+        ``add_tail_bucket`` and ``compute_divergence`` with alpha 1, as its SDPO distills a teacher server's top-K),
+        summed over this micro-batch's completion tokens and divided as TRL 1.15's ``_compute_loss`` divides its
+        dapo loss: by the completion tokens of one accumulation window on one process (``num_items_in_batch``, the
+        generation batch's over all processes, / processes x accumulation steps / steps per generation; in eval the
+        batch is not split). TRL's loss is already scaled for accumulation (``loss_is_scaled_for_ga``: the Trainer
+        divides nothing), so a step's micro-batches add up to the mean over the step's tokens, whatever the
+        accumulation; logged (``distill/topk_kl``) is the micro-batch's mean."""
         from trl.experimental.sdpo.loss_utils import add_tail_bucket, compute_divergence
 
         student = add_tail_bucket(self._student_topk_logps)
         teacher = add_tail_bucket(inputs["teacher_topk_logps"].to(student.dtype))
         kl = compute_divergence(student, teacher, 1.0)  # (B, T)
         mask = inputs["completion_mask"].to(kl.dtype)
-        term = (kl * mask).sum() / mask.sum().clamp(min=1)
+        total = (kl * mask).sum()
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["distill/topk_kl"].append(self.accelerator.gather(term.detach()).mean().item())
-        return term
+        mean = total.detach() / mask.sum().clamp(min=1)
+        self._metrics[mode]["distill/topk_kl"].append(self.accelerator.gather(mean).mean().item())
+        normaliser = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normaliser = normaliser * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return total / normaliser
 
     # --- rollouts that are not the policy bit for bit -------------------------------------------------------
     def _correct_rollouts(self, output: dict) -> None:

@@ -7,7 +7,8 @@ A run folder (``--output_dir``) is written only where it is missing, empty, or s
 a folder holding an earlier sdgrpo run's ``resolved_config.yaml`` counts as one); one process writes it at a time
 (``folders.LOCK``). A folder that holds an earlier run (a checkpoint, weights, metrics) is continued with
 ``--resume`` or, with ``--start_over``, what that run wrote (``RUN_WRITES``) is moved aside into ``previous-DATE/``
-(never deleted); otherwise refused.
+(never deleted); otherwise refused. A process of a multi-process launch ends by tearing the process group down, then
+:func:`leave`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -226,3 +228,29 @@ def save_or_interrupt(trainer, stop, out: Path) -> None:
         raise Interrupted(f"{stop.reason} at step {trainer.state.global_step}: weights and trainer state saved in "
                           f"{out}; continue with the same command and --resume", stop.exit_code or 130)
 
+def end_distributed() -> None:
+    """Tear the process group down once every process got here (a barrier, then ``destroy_process_group``)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def leave(code: int) -> int:
+    """``code`` for ``sys.exit``; in a process of a multi-process launch (``WORLD_SIZE`` > 1) the process ends here
+    instead: its exit handlers run (``atexit``: logging, report_to integrations), its streams are flushed, then
+    ``os._exit(code)`` skips the interpreter's teardown of its objects. ``destroy_process_group`` does not stop gloo's
+    threads (two run loops, the TCP loop): they live as long as the group object, which the DDP-wrapped model and
+    the accelerator still hold, so they met that teardown, and now and then a process aborted there after all its
+    work ("terminate called without an active exception", exit -6, and torchrun failed the launch)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return code
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()  # the handlers os._exit would skip (CPython's own runner; there is no public one)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

@@ -223,7 +223,7 @@ def _sft(cfg: SDSFTConfig, model_cfg: SDModelConfig, out: Path, resolved: dict, 
     from sdgrpo.cards import write_card
     from sdgrpo.modeling import load_model, load_tokenizer, resolve_dtype
     from sdgrpo.progress import quiet_terminal
-    from sdgrpo.runs import save_or_interrupt, start_output, stop_if_broken, train, training_device
+    from sdgrpo.runs import end_distributed, save_or_interrupt, start_output, stop_if_broken, train, training_device
 
     device = training_device(cfg)
     tokenizer = load_tokenizer(model_cfg.model_name_or_path, cfg.trust_remote_code)
@@ -251,11 +251,14 @@ def _sft(cfg: SDSFTConfig, model_cfg: SDModelConfig, out: Path, resolved: dict, 
     if heldout:
         heldout.trainer = trainer
     quiet_terminal(trainer)
-    train(trainer, stop, checkpoint)
-    stop_if_broken(stop, out)
-    save_or_interrupt(trainer, stop, out)
-    if heldout:
-        keep_best_heldout(heldout, out, trainer)
-    write_card(trainer, out, model_cfg.model_name_or_path, "sft")
+    try:
+        train(trainer, stop, checkpoint)
+        stop_if_broken(stop, out)
+        save_or_interrupt(trainer, stop, out)
+        if heldout:
+            keep_best_heldout(heldout, out, trainer)
+        write_card(trainer, out, model_cfg.model_name_or_path, "sft")
+    finally:
+        end_distributed()
     logger.info("%s saved to %s", "model (every weight trained)" if full else "adapter", out)
     return out

@@ -19,6 +19,7 @@ from sdgrpo.modeling import choose_attention_kernels
 from sdgrpo.progress import quiet_terminal
 from sdgrpo.rewards import build_reward
 from sdgrpo.runs import (
+    end_distributed,
     open_run,
     save_final,
     save_or_interrupt,
@@ -106,15 +107,6 @@ def finish(trainer, guard: CollapseGuard, stop: StopRequest, out: Path) -> None:
     guard.write(out / "collapse_guard.json")
     logger.warning("collapse guard stopped training at step %d: %s; %s (the collapsed one is in %s)",
                    guard.state.tripped_at, guard.state.reason, where, out / "collapsed")
-
-
-def _end_distributed() -> None:
-    """Tear the process group down before exit: a live gloo group aborts the process at interpreter shutdown."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> None:
@@ -234,7 +226,7 @@ def _train(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, out: Path, resolve
             raise
         raise UserError(write_failure_message(f"the final adapter into {out}", err, out)) from None
     finally:
-        _end_distributed()
+        end_distributed()
     logger.info("adapter saved to %s (reward reused from the KL pass in %d of the reward calls)",
                 out, trainer.reference_reuses)
     return out

@@ -11,6 +11,7 @@ the GPU machine). Library code carries no test hooks; this script adds them from
   the class that answers compute_loss, the flags that gate the rollout correction, whether the batch carries the
   sampler's log-probs, and the sampling/* metrics logged so far (to follow a batch through another trainer's loss).
   It imports sdgrpo.grpo_trainer before Unsloth is imported, an order `sdgrpo train` does not have.
+- How each process ends is watched (exit_watch.py), and it ends as `sdgrpo` does (sdgrpo.runs.leave).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from exit_watch import watch
 from transformers import TrainerCallback
 
 
@@ -124,6 +126,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folder, argv = Path(argv[0]), argv[1:]
     folder.mkdir(parents=True, exist_ok=True)
+    watch(folder)
     patch_reward(folder, "--check_reuse" in argv)
     if "--trace_loss" in argv:
         patch_trace(folder)
@@ -133,4 +136,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from sdgrpo.runs import leave
+
     main(sys.argv[1:])
+    sys.exit(leave(0))
