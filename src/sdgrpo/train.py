@@ -22,6 +22,7 @@ from sdgrpo.data import load_prompts, prepared_or_raw
 from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.modeling import choose_attention_kernels
+from sdgrpo.replay import mix
 from sdgrpo.rewards import build_reward
 from sdgrpo.runs import save_final, start_output, training_device
 from sdgrpo.runtime import resolve_runtime
@@ -203,6 +204,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
     out, resolved, checkpoint = resolve(train_cfg, model_cfg, resume)
     dataset = load_data(train_cfg)
     model, tokenizer, peft_config, trainer_cls = load_backend(train_cfg, model_cfg)
+    dataset = mix(train_cfg, dataset, model, tokenizer, model_cfg.model_name_or_path, prompts=True)  # --replay_share
     teacher, teacher_tokenizer = load_teacher(train_cfg, model_cfg.model_name_or_path)
     reward = build_reward(train_cfg.reward, None, tokenizer, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
                           aggregation=train_cfg.reward_aggregation, token_budget=train_cfg.reward_token_budget,
