@@ -237,6 +237,7 @@ def test_a_tokenizer_without_bos_starts_from_neutral_prefixes(tiny_tokenizer, tm
     ("train", ["--replay_share", "half"], "--replay_share/--replay-share: invalid float value: 'half'"),
     ("train", ["--replay_share", "0.25"], "--replay_share 0.25 needs --reward distill"),
     ("sft", ["--replay_share", "0.5", "--packing", "true"], "--replay_share 0.5 with --packing true"),
+    ("sft", ["--replay_share", "0.5", "--loss_type", "dft"], "--replay_share 0.5: sft computes its own loss"),
     ("sft", ["--replay_samples", "0"], "--replay_samples must be at least 1, not 0"),
 ])
 def test_bad_replay_settings_are_one_line_before_anything_is_written(verb, extra, message, tmp_path, capsys):

@@ -233,6 +233,9 @@ def check_combinations(values: dict, source: str) -> None:
             if values.get(option):
                 _fail(source, "replay_share", f"{share:g} with --{option} true: the replay rows would be joined to "
                       f"the domain rows in one sequence and lose their own loss; drop --{option}")
+        if "reward" not in values and (values.get("loss_type", "nll") != "nll" or values.get("label_smoothing_factor")):
+            _fail(source, "replay_share", f"{share:g}: sft computes its own loss with replay rows; drop --loss_type "
+                  f"{values.get('loss_type')} and --label_smoothing_factor")
     penalty = values.get("repetition_penalty")
     if penalty not in (None, 1, 1.0) and "generation_engine" in values:
         from sdgrpo.runtime import engine_decodes

@@ -123,10 +123,9 @@ def _distilling_trainer(teacher, weight: float, base=None):
     class DistillingSFTTrainer(SFTTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            if self.args.loss_type != "nll" or self.args.label_smoothing_factor:
-                raise UserError(f"{'distillation from a teacher' if teacher is not None else '--replay_share'} "
-                                f"computes its own loss: drop --loss_type {self.args.loss_type} and "
-                                "--label_smoothing_factor, or the " + ("teacher" if teacher is not None else "replay"))
+            if self.args.loss_type != "nll" or self.args.label_smoothing_factor:  # (replay: refused by checks.py)
+                raise UserError("distillation from a teacher computes its own loss: drop --loss_type "
+                                f"{self.args.loss_type} and --label_smoothing_factor, or the teacher")
             if base is not None:
                 from sdgrpo.replay import collate_flags
 
