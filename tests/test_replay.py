@@ -289,8 +289,10 @@ def test_sft_with_replay_through_the_cli(tmp_path, prepared, tiny_model_dir):
 
 
 def test_train_with_replay_resumes_with_the_same_samples(tmp_path, prepared, tiny_model_dir, tiny_tokenizer):
-    """`train --reward distill --replay_share 0.5`: one of the two prompt groups of every generation batch is a
-    replay prompt; interrupted after 2 steps and resumed to 3, the run reuses the samples it made."""
+    """`train --reward distill --replay_share 0.25` at two prompts a generation: every fourth prompt is a replay
+    prompt, the second of every other generation, so the steps' shares are 0, 0.5, 0, 0.5 and only those with replay
+    rows log a KL. Interrupted after 2 steps and resumed to 4, the run reuses the samples it made and goes on in the
+    same order (a resumed run that started the order again would have share 0 at step 4)."""
     teacher = tmp_path / "teacher"
     make_llama(tiny_tokenizer, seed=5).save_pretrained(teacher)
     tiny_tokenizer.save_pretrained(teacher)
@@ -298,14 +300,22 @@ def test_train_with_replay_resumes_with_the_same_samples(tmp_path, prepared, tin
     argv = ["train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
             "--reward", "distill", "--teacher_model_name_or_path", teacher, "--advantage", "token", "--beta", 0,
             "--per_device_train_batch_size", 4, "--num_generations", 2, "--max_completion_length", 6,
-            "--report_to", "none", "--save_steps", 1, "--replay_share", 0.5, "--replay_samples", 4,
+            "--report_to", "none", "--save_steps", 1, "--replay_share", 0.25, "--replay_samples", 4,
             "--replay_tokens", 10]
     r = run_cli(*argv, "--max_steps", 2)
     assert r.returncode == 0, r.stderr[-3000:]
     written = (out / "replay" / "samples.jsonl").stat().st_mtime_ns
-    r = run_cli(*argv, "--max_steps", 3, "--resume")
+    r = run_cli(*argv, "--max_steps", 4, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reusing the base's" in r.stderr and (out / "replay" / "samples.jsonl").stat().st_mtime_ns == written
     rows = metric_rows(out)
-    assert [x["step"] for x in rows] == [1, 2, 3] and all(x["replay/share"] == 0.5 for x in rows)
-    assert rows[0]["replay/kl"] == 0 and all(math.isfinite(x["replay/kl"]) for x in rows)
+    assert [x["step"] for x in rows] == [1, 2, 3, 4] and [x["replay/share"] for x in rows] == [0, 0.5, 0, 0.5]
+    assert ["replay/kl" in x for x in rows] == [False, True, False, True]
+    assert all(math.isfinite(x["replay/kl"]) for x in rows[1::2])
+
+
+def test_grpo_replay_metrics_are_the_share_and_the_policys_kl_on_replay_tokens():
+    terms = [torch.tensor([-0.5, 0.1]), torch.tensor([0.2]), torch.tensor([-1.0, -2.0, 0.0]), torch.empty(0)]
+    got = replay.grpo_metrics(terms, [True, False, True, True])
+    assert got["replay/share"] == 0.75 and got["replay/kl"] == pytest.approx((0.5 - 0.1 + 1 + 2 - 0) / 5)
+    assert math.isnan(replay.grpo_metrics(terms, [False] * 4)["replay/kl"])

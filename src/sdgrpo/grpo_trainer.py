@@ -602,6 +602,7 @@ class SelfDistillMixin(CheckpointMixin):
             mode = "train" if self.model.training else "eval"
             terms = getattr(self.reward_funcs[0], "token_terms", None)
             for key, value in grpo_metrics(terms, [x["replay"] for x in inputs]).items():
+                # NaN where no process had replay rows: TRL's log leaves NaN entries out of its mean
                 gathered = self.accelerator.gather(torch.tensor([value], device=self.accelerator.device))
                 self._metrics[mode][key].append(gathered.nanmean().item())
         return rewards
