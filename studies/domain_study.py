@@ -23,11 +23,24 @@ optimizer steps of 8 sequences (LoRA r 16 on all linear layers):
 - ``sdft``: TRL's SDFTTrainer, the dense (per-token) form of context_distill: the frozen base shown the true
   continuation before the prompt teaches the policy shown the prompt alone (not in the default ``--arms``).
 
+Arms for forgetting (none in the default ``--arms``), each at ``--replay_lr``:
+- ``sft_kl@W``: SFT with a KL-to-base penalty on the domain rows: `sdgrpo sft --teacher_model_name_or_path BASE
+  --kd_weight W`, the loss per token (1 - W) * cross-entropy + W * KL(base || model), for W in ``--kl_weights``;
+- ``sft_replay@S``: SFT with self-replay (``--replay_share S``: a share S of every batch is the base's own samples,
+  trained by KL(base || model)), for S in ``--replay_shares``;
+- ``distill_replay@S``: ``distill_token`` from the SFT teacher (``sft@`` the first ``--teacher_lr``) with
+  ``--replay_share S`` (replay prompts taught by the base); share 0 of both is ``sft@LR`` and ``distill_token``;
+- SFT stopped early is the trajectory of one run: ``--trajectory LR:EVERY`` measures the ``sft@LR`` arm's
+  checkpoint every EVERY steps (drawn as the frontier: the points along one run, not a line from the base to its
+  last point); ``--sft_trajectory`` instead trains separate runs of fewer steps.
+
 Measured for each: bits per byte on the domain's held-out file (the gain), bits per byte on the held-out slice of
 the general corpus the model was pretrained on (the last 5% of every book: the forgetting), and distinct-2 and
-seq-rep-4 of samples on held-out domain prompts, beside the base sampled at T = 1, 0.85, 0.7. Writes
-OUT/domain_study.json (the common results header; rewritten as each arm ends) and OUT/domain_study.png (gain
-against forgetting, SFT's frontier as a line). ``--seeds`` repeats the ``--seed_arms`` (named ``ARM#sN``).
+seq-rep-4 of samples on held-out domain prompts, beside the base sampled at T = 1, 0.85, 0.7, and a second measure
+of forgetting: KL(trained || base) over the vocabulary per token of the general held-out text (``general_kl``, nats;
+its first ``--kl_tokens`` tokens). Writes OUT/domain_study.json (the common results header; rewritten as each arm
+ends) and OUT/domain_study.png (gain against each measure of forgetting, SFT's frontier as a line). ``--seeds``
+repeats the ``--seed_arms`` (named ``ARM#sN``).
 """
 
 from __future__ import annotations
@@ -91,13 +104,38 @@ def load(model_path: str, adapter: Path | None):
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
+@torch.no_grad()
+def kl_to_base(model, base, tokenizer, texts: list[str], max_tokens: int, seq_len: int = 256) -> float:
+    """Mean over the first ``max_tokens`` tokens of ``texts`` (windows of ``seq_len``, each token once) of
+    KL(model || base) over the vocabulary at that position, in nats: how far training moved the next-token
+    distribution on general text, whether or not the true token got likelier."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        for start in range(0, len(ids), seq_len):
+            window = torch.tensor([ids[start : start + min(seq_len, max_tokens - count)]], device=device)
+            p = torch.log_softmax(model(input_ids=window).logits[0].float(), -1)
+            q = torch.log_softmax(base(input_ids=window).logits[0].float(), -1)
+            total += (p.exp() * (p - q)).sum().item()
+            count += window.size(1)
+            if count >= max_tokens:
+                return total / count
+    return total / max(count, 1)
+
+
+# Tokens of the general held-out text KL(trained || base) is measured on (--kl_tokens), set by main.
+KL_TOKENS = 100_000
+
+
 def measure(model_path, adapter, domain_texts, general_texts, prompts, temperatures=(1.0,)) -> dict:
     from sdgrpo.evaluate import summarize
 
     model, tokenizer = load(model_path, adapter)
     base, _ = load(model_path, None)
     out = {"domain_bpb": bits_per_byte(model, tokenizer, domain_texts),
-           "general_bpb": bits_per_byte(model, tokenizer, general_texts), "samples": {}}
+           "general_bpb": bits_per_byte(model, tokenizer, general_texts),
+           "general_kl": kl_to_base(model, base, tokenizer, general_texts, KL_TOKENS), "samples": {}}
     for t in temperatures:
         summary, _ = summarize(model, tokenizer, base, prompts, 4, 48, t, seed=0)
         out["samples"][str(t)] = {k: summary[k] for k in ("reward_mean", "distinct_2", "seq_rep_4", "length")}
@@ -127,17 +165,36 @@ def run_grpo(args: list[str], budget: float) -> dict:
     return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
 
 
-def run_sft(data: Path, out: Path, model: str, lr: float, budget: float, steps: int | None = None) -> dict:
+def run_sft(data: Path, out: Path, model: str, lr: float, budget: float, steps: int | None = None, *extra,
+            every: int | None = None) -> dict:
+    """`sdgrpo sft` (``extra``: more of its options); ``every``: a checkpoint every that many steps (the
+    trajectory)."""
     from sdgrpo.config import parse_sft_args
     from sdgrpo.sft import main
 
     clock = TimeBudget(budget)
     t0 = time.perf_counter()
+    save = ["--save_strategy", "steps", "--save_steps", str(every), "--save_only_model", "true"] if every else [
+        "--save_strategy", "no"]
     main(*parse_sft_args(["--model_name_or_path", model, "--dataset_path", str(data), "--output_dir", str(out),
                           "--learning_rate", str(lr), "--max_steps", str(steps or STEPS or 100000),
-                          "--per_device_train_batch_size", "8", "--report_to", "none", "--save_strategy", "no",
-                          "--seed", str(SEED)]), callbacks=[clock], start_over=True)
+                          "--per_device_train_batch_size", "8", "--report_to", "none", *save,
+                          "--seed", str(SEED), *map(str, extra)]), callbacks=[clock], start_over=True)
     return {"steps": clock.steps, "train_s": round(time.perf_counter() - t0, 1)}
+
+
+def trajectory(model_path, out: Path, domain_texts, general_texts) -> list[dict]:
+    """Gain and forgetting of every checkpoint of one run (``out/checkpoint-N``), in the order of their steps: the
+    frontier that stopping that run early gives."""
+    points = []
+    for ckpt in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        model, tokenizer = load(model_path, ckpt)
+        base, _ = load(model_path, None)
+        points.append({"step": int(ckpt.name.split("-")[1]),
+                       "domain_bpb": bits_per_byte(model, tokenizer, domain_texts),
+                       "general_bpb": bits_per_byte(model, tokenizer, general_texts),
+                       "general_kl": kl_to_base(model, base, tokenizer, general_texts, KL_TOKENS)})
+    return points
 
 
 def run_sdft(data: Path, out: Path, model: str, lr: float, budget: float) -> dict:
@@ -175,37 +232,57 @@ def names_teacher(name: str) -> bool:
     return name.startswith("distill<-sft@") and name.split("@")[1] not in ("token", "topk")
 
 
+# arms whose parameter is their kind (a share, a weight): one marker each
+PARAMETER_KINDS = ("sft_kl@", "sft_replay@", "distill_replay@")
+
+
 def kind_of(name: str) -> str:
     """An arm's kind for the figure: its name without the learning rate or seed (``context_distill@1e-3#s1`` ->
     ``context_distill``), ``@token``/``@topk`` kept, and a distill arm's teacher where it is named
     (``distill<-sft@1e-4@token``)."""
     base = name.split("#")[0]
-    if names_teacher(base):
+    if names_teacher(base) or base.startswith(PARAMETER_KINDS):
         return base
     return base.split("@")[0] + next((f"@{v}" for v in ("token", "topk") if base.endswith(f"@{v}")), "")
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
+def point(arm: dict, base: dict, forgetting: str) -> tuple[float, float] | None:
+    """(domain gain, forgetting) of an arm or a trajectory point: gain as held-out bits per byte % lower than the
+    base's; forgetting as general bits per byte % higher (``general_bpb``) or as KL(trained || base) in nats
+    (``general_kl``); None where the arm has no such figure."""
+    if forgetting not in arm:
+        return None
+    gain = 100 * (base["domain_bpb"] - arm["domain_bpb"]) / base["domain_bpb"]
+    if forgetting == "general_kl":
+        return gain, arm["general_kl"]
+    return gain, 100 * (arm["general_bpb"] - base["general_bpb"]) / base["general_bpb"]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    base = result["arms"]["base"]
+MARKERS = {"self_nll": ("s", "tab:red"), "context_distill": ("D", "tab:blue"), "distill<-sft": ("^", "tab:green"),
+           "sdft": ("P", "tab:purple"), "context_distill@token": ("d", "tab:cyan"),
+           "distill<-sft@token": ("v", "tab:olive"), "distill<-sft@topk": ("<", "tab:brown")}
+OTHERS = [("X", "tab:pink"), ("p", "tab:orange"), ("h", "darkgreen"), ("8", "navy"), ("*", "maroon"),
+          ("H", "teal"), ("o", "darkviolet"), (">", "goldenrod"), ("1", "crimson"), ("2", "slateblue")]
 
-    def point(arm):
-        gain = 100 * (base["domain_bpb"] - arm["domain_bpb"]) / base["domain_bpb"]
-        forget = 100 * (arm["general_bpb"] - base["general_bpb"]) / base["general_bpb"]
-        return gain, forget
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    # SFT's frontier: its full-budget points in the order of the learning rate, from the base; and where one lr was
-    # also stopped early (--sft_trajectory), its points in the order of their steps, from the base
-    sft = sorted(((point(a), n) for n, a in result["arms"].items() if n.count("@") == 1 and n.startswith("sft@")
-                  and "#" not in n), key=lambda item: float(item[1].split("@")[1]))
-    ax.plot([0] + [p[0] for p, _ in sft], [0] + [p[1] for p, _ in sft], "-o", color="gray", label="sft (frontier)")
-    early = sorted(((point(a), n) for n, a in result["arms"].items() if n.startswith("sft@") and n.count("@") == 2),
-                   key=lambda item: int(item[1].split("@")[2]))
+def draw(ax, result: dict, forgetting: str) -> None:
+    """One panel: every arm's gain against ``forgetting``; SFT's trajectory along one run (``--trajectory``) as the
+    frontier, its learning rates (and runs stopped early) as lines from the base."""
+    arms, base = result["arms"], result["arms"]["base"]
+    sft = sorted(((point(a, base, forgetting), n) for n, a in arms.items() if n.count("@") == 1
+                  and n.startswith("sft@") and "#" not in n and point(a, base, forgetting)),
+                 key=lambda item: float(item[1].split("@")[1]))
+    ax.plot([0] + [p[0] for p, _ in sft], [0] + [p[1] for p, _ in sft], ":o", color="gray",
+            label="sft at each learning rate")
+    for name, arm in arms.items():
+        points = [q for q in (point(t, base, forgetting) for t in arm.get("trajectory", [])) if q]
+        if points and point(arm, base, forgetting):
+            # the frontier: the points along one run, from the base through each checkpoint to its end
+            line = [(0, 0), *points, point(arm, base, forgetting)]
+            ax.plot([x for x, _ in line], [y for _, y in line], "-", color="black", lw=1.5, marker=".",
+                    label=f"{name} along one run (frontier)")
+    early = sorted(((point(a, base, forgetting), n) for n, a in arms.items() if n.startswith("sft@")
+                    and n.count("@") == 2 and point(a, base, forgetting)), key=lambda item: int(item[1].split("@")[2]))
     if early:
         lr = early[0][1].split("@")[1]
         full = [p for p, n in sft if n == f"sft@{lr}"]
@@ -214,35 +291,42 @@ def plot(result: dict, path: Path) -> None:
                 label=f"sft@{lr} after fewer steps")
     for (x, y), name in sft + early:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="gray")
-    markers = {"self_nll": ("s", "tab:red"), "context_distill": ("D", "tab:blue"), "distill<-sft": ("^", "tab:green"),
-               "sdft": ("P", "tab:purple"), "context_distill@token": ("d", "tab:cyan"),
-               "distill<-sft@token": ("v", "tab:olive"), "distill<-sft@topk": ("<", "tab:brown")}
-    others = iter([("X", "tab:pink"), ("p", "tab:orange"), ("h", "darkgreen"), ("8", "navy"), ("*", "maroon")])
-    labelled = set()
-    for name, arm in result["arms"].items():
-        kind = kind_of(name)
+    markers, others, labelled = dict(MARKERS), iter(OTHERS), set()
+    for name, arm in arms.items():
+        kind, xy = kind_of(name), point(arm, base, forgetting)
         if kind not in markers and name != "base" and not name.startswith("sft@"):
             markers[kind] = next(others, ("o", "black"))
-        if kind in markers:
+        if kind in markers and xy:
             marker, color = markers[kind]
-            x, y = point(arm)
             named = (kind.replace("distill<-sft", f"distill<-{arm['teacher']}", 1)  # the legend names every teacher
-                     if "teacher" in arm and not names_teacher(kind) else kind)
-            label = named if kind not in labelled else None
+                     if "teacher" in arm and not names_teacher(kind) and kind.startswith("distill<-") else kind)
+            ax.plot(*xy, marker, color=color, markersize=9 if "#" not in name else 6,
+                    label=named if kind not in labelled else None, alpha=1.0 if "#" not in name else 0.6)
             labelled.add(kind)
-            ax.plot([x], [y], marker, color=color, markersize=9 if "#" not in name else 6, label=label,
-                    alpha=1.0 if "#" not in name else 0.6)
     ax.plot([0], [0], "k*", markersize=10, label="base")
     ax.axhline(0, color="black", lw=0.5)
     ax.axvline(0, color="black", lw=0.5)
     ax.set_xlabel("domain gain: held-out bits/byte, % lower than the base")
-    ax.set_ylabel("forgetting: general held-out bits/byte, % higher")
+    ax.set_ylabel("forgetting: general held-out bits/byte, % higher" if forgetting == "general_bpb" else
+                  "forgetting: KL(trained || base) on general text, nats/token")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_kl = any("general_kl" in a for n, a in result["arms"].items() if n != "base")
+    fig, axes = plt.subplots(1, 2 if with_kl else 1, figsize=(14 if with_kl else 7, 5), squeeze=False)
+    for ax, forgetting in zip(axes[0], ("general_bpb", "general_kl")):
+        draw(ax, result, forgetting)
+    axes[0][0].legend(fontsize=7)
     cfg = result["config"]
     budget = (f"up to {cfg['steps']} steps of 8 sequences per arm" + (f" or {cfg['budget_s']:g} s" if cfg.get(
               "budget_s") else "") if cfg.get("steps") else
               f"{cfg['budget_s']:.0f} s per arm")
-    ax.set_title(f"{budget}, {result['machine']}", fontsize=9)
-    ax.legend(fontsize=8)
+    fig.suptitle(f"{budget}, {result['machine']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -264,9 +348,10 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
 
     if "base" in names:
         out["base"] = (None, None)
-    for lr in args.sft_lrs.split(","):
-        add("sft", f"sft@{lr}", lambda seed, label, lr=lr: (
-            run_sft(data, work / label, model, float(lr), budget), work / label))
+    along, every = args.trajectory.split(":") if args.trajectory else (None, None)
+    for lr in args.sft_lrs.split(","):  # with --trajectory, that lr's run saves its checkpoints to be measured
+        add("sft", f"sft@{lr}", lambda seed, label, lr=lr, every=int(every) if lr == along else None: (
+            run_sft(data, work / label, model, float(lr), budget, every=every), work / label))
     if args.sft_trajectory:  # SFT's frontier below its full-budget gain: one lr stopped after fewer steps
         lr, counts = args.sft_trajectory.split(":")
         for n in counts.split(","):
@@ -281,6 +366,22 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
             add("context_distill" + token, name, lambda seed, label, lr=lr, extra=extra: (
                 run_grpo(grpo_args(data, work / label, model, "context_distill", float(lr), 0.0, *extra), budget),
                 work / label))
+    def distill_arm(extra, teacher, teacher_lr):
+        def distill(seed, label):
+            slug = label.replace("<-", "_from_").replace("@", "_").replace("#", "_")
+            if STEPS:  # the teacher: the sft arm's adapter
+                teacher_dir, info = work / teacher, {"teacher": teacher}
+            else:  # half the budget for the teacher's SFT, half for the distillation
+                teacher_dir = work / f"{slug}_teacher"
+                info = {"teacher_sft_steps": run_sft(data, teacher_dir, model, float(teacher_lr),
+                                                     budget / 2)["steps"]}
+            run = run_grpo(grpo_args(data, work / slug, model, "distill", float(args.distill_lr), 0.0,
+                                     "--teacher_adapter", str(teacher_dir), *extra),
+                           budget if STEPS else budget / 2)
+            return {**run, **info}, work / slug
+
+        return distill
+
     for t, teacher_lr in enumerate(args.teacher_lr.split(",")):
         teacher = f"sft@{teacher_lr}"
         for token in ("", "_token", "_topk"):
@@ -289,21 +390,20 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
                                                                              "_topk": "@topk"}[token]
             extra = {"": [], "_token": ["--advantage", "token"],
                      "_topk": ["--advantage", "token", "--distill_topk", str(args.topk)]}[token]
-
-            def distill(seed, label, extra=extra, teacher=teacher, teacher_lr=teacher_lr):
-                slug = label.replace("<-", "_from_").replace("@", "_").replace("#", "_")
-                if STEPS:  # the teacher: the sft arm's adapter
-                    teacher_dir, info = work / teacher, {"teacher": teacher}
-                else:  # half the budget for the teacher's SFT, half for the distillation
-                    teacher_dir = work / f"{slug}_teacher"
-                    info = {"teacher_sft_steps": run_sft(data, teacher_dir, model, float(teacher_lr),
-                                                         budget / 2)["steps"]}
-                run = run_grpo(grpo_args(data, work / slug, model, "distill", float(args.distill_lr), 0.0,
-                                         "--teacher_adapter", str(teacher_dir), *extra),
-                               budget if STEPS else budget / 2)
-                return {**run, **info}, work / slug
-
-            add("distill" + token, name, distill, needs=teacher if STEPS else None)
+            add("distill" + token, name, distill_arm(extra, teacher, teacher_lr), needs=teacher if STEPS else None)
+    # forgetting: a KL-to-base penalty on the domain rows, and self-replay at each share
+    for w in args.kl_weights.split(","):
+        add("sft_kl", f"sft_kl@{w}", lambda seed, label, w=w: (
+            run_sft(data, work / label, model, float(args.replay_lr), budget, None,
+                    "--teacher_model_name_or_path", model, "--kd_weight", w), work / label))
+    first_teacher = args.teacher_lr.split(",")[0]
+    for share in args.replay_shares.split(","):
+        replay = ["--replay_share", share, "--replay_samples", args.replay_samples]
+        add("sft_replay", f"sft_replay@{share}", lambda seed, label, replay=replay: (
+            run_sft(data, work / label, model, float(args.replay_lr), budget, None, *replay), work / label))
+        add("distill_replay", f"distill_replay@{share}",
+            distill_arm(["--advantage", "token", *map(str, replay)], f"sft@{first_teacher}", first_teacher),
+            needs=f"sft@{first_teacher}" if STEPS else None)
     for i, lr in enumerate(args.sdft_lrs.split(",")):
         name = "sdft" if i == 0 else f"sdft@{lr}"
         add("sdft", name, lambda seed, label, lr=lr: (run_sdft(data, work / label, model, float(lr), budget),
@@ -339,14 +439,26 @@ def main() -> None:
     ap.add_argument("--sdft_lrs", default="3e-4", help="learning rates of the sdft arm (the first is named sdft)")
     ap.add_argument("--arms", default="base,sft,self_nll,context_distill,distill",
                     help="of base, sft, self_nll, context_distill, context_distill_token, distill, distill_token, "
-                         "distill_topk, sdft")
+                         "distill_topk, sdft, sft_kl, sft_replay, distill_replay")
+    ap.add_argument("--trajectory", default=None, metavar="LR:EVERY",
+                    help="the sft@LR arm saves a checkpoint every EVERY steps and each is measured: SFT stopped early, "
+                         "along one run (the frontier of the figure)")
+    ap.add_argument("--replay_lr", default="1e-4", help="learning rate of the sft_kl and sft_replay arms")
+    ap.add_argument("--kl_weights", default="0.5", help="--kd_weight of the sft_kl arms (the base as the teacher)")
+    ap.add_argument("--replay_shares", default="0.25,0.5",
+                    help="--replay_share of the sft_replay and distill_replay arms (their share 0: sft@LR and "
+                         "distill_token)")
+    ap.add_argument("--replay_samples", default="512", help="--replay_samples of the replay arms")
+    ap.add_argument("--kl_tokens", type=int, default=100_000,
+                    help="tokens of the general held-out text on which KL(trained || base) is measured")
+    ap.add_argument("--eval_prompts", type=int, default=24, help="held-out domain prompts the samples start from")
     ap.add_argument("--seeds", default="0", help="seeds of the --seed_arms (the other arms: the first)")
     ap.add_argument("--seed_arms", default="", help="arm kinds (as in --arms) repeated for every seed")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # one arm, in a --jobs child process
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    global STEPS, SEED
-    STEPS = args.steps
+    global STEPS, SEED, KL_TOKENS
+    STEPS, KL_TOKENS = args.steps, args.kl_tokens
     if args.budget_s is None:
         args.budget_s = float("inf") if STEPS else 300.0
     torch.manual_seed(0)
@@ -364,7 +476,7 @@ def main() -> None:
     (work / "arms").mkdir(parents=True, exist_ok=True)
     data = prepare(args.domain_train, work / "domain_train", model)
     held = prepare([args.domain_heldout], work / "domain_heldout", model, test_size=0.5)
-    prompts = list(load_prompts(str(held), "test", 24)["prompt"])
+    prompts = list(load_prompts(str(held), "test", args.eval_prompts)["prompt"])
     domain_texts = [read_text_file(args.domain_heldout)]
     general_texts = [h for _, _, h in load_corpus(args.general_data)]
     arms = arms_of(args, data, work, model)
@@ -375,7 +487,10 @@ def main() -> None:
         if name == "base":
             return measure(model, None, domain_texts, general_texts, prompts, (1.0, 0.85, 0.7))
         info, adapter = arms[name][0]()
-        return {**measure(model, adapter, domain_texts, general_texts, prompts), **info}
+        row = {**measure(model, adapter, domain_texts, general_texts, prompts), **info}
+        if any(adapter.glob("checkpoint-*")):  # --trajectory: the run's checkpoints
+            row["trajectory"] = trajectory(model, adapter, domain_texts, general_texts)
+        return row
 
     if args.only is not None:  # a child: one arm, its row to work/arms/
         row = run_arm(args.only)

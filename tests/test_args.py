@@ -115,7 +115,6 @@ def test_help_leads_with_sdgrpos_options_and_lists_every_option_once(verb, first
     import re
 
     from conftest import run_cli
-
     from sdgrpo.args import INHERITED, declared_by_sdgrpo
     from sdgrpo.config import SDGRPOConfig, SDModelConfig, SDSFTConfig
 

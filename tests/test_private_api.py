@@ -5,7 +5,8 @@ any of these fails here, in CI, instead of silently changing what a run computes
 ``grpo_trainer.py`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the Triton stand-in),
 ``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals), ``engine.py`` (transformers' generation
 config resolution, PEFT's per-layer adapter switch, transformers' SDPA attention and its head pairing),
-``sft.py`` (SFTTrainer's ``compute_loss_func`` hook), ``progress.py`` (transformers' progress callback).
+``sft.py`` (SFTTrainer's ``compute_loss_func`` hook), ``progress.py`` (transformers' progress callback), ``replay.py``
+with ``sft.py`` and ``grpo_trainer.py`` (the samplers of self-replay, the column its collator keeps).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ PINNED = {
     ("transformers", "Trainer", "_get_output_dir"): ["self", "trial"],
     # not overridden: callbacks.STORED_WEIGHTS keeps the best held-out adapter out of its adapter sub-folder scan
     ("transformers", "Trainer", "_load_from_checkpoint"): ["self", "resume_from_checkpoint", "model"],
+    ("transformers", "Trainer", "_get_train_sampler"): ["self", "train_dataset"],
+    ("trl", "GRPOTrainer", "_get_train_sampler"): ["self", "dataset"],
+    ("trl", "SFTTrainer", "_set_signature_columns_if_needed"): ["self"],
     ("torch.distributed.fsdp", "FSDPModule", "set_reshard_after_forward"): ["self", "reshard_after_forward", "recurse"],
     ("torch.distributed.fsdp", "FSDPModule", "reshard"): ["self"],
     ("torch.distributed.fsdp", "FSDPModule", "_get_fsdp_state"): ["self"],
@@ -51,6 +55,8 @@ INIT_ATTRIBUTES = {
     ("trl", "SFTTrainer"): ["self._metrics"],
     ("peft.tuners.lora", "LoraLayer"): ["self._disable_adapters", "self.lora_variant", "self.scaling"],
     ("transformers.trainer_callback", "ProgressCallback"): ["self.training_bar"],
+    # replay.repeat_sampler reads TRL's GRPO sampler's repetition
+    ("trl.trainer.utils", "RepeatSampler"): ["self.mini_repeat_count", "self.batch_size", "self.repeat_count"],
 }
 
 

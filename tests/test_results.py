@@ -93,4 +93,5 @@ def test_every_current_results_file_names_the_script_that_runs_it_again():
     named = set(re.findall(r"^\| `(\w+\.sh)`", readme, re.M))
     named |= {n for cell in re.findall(r"^\| `(\w+\.sh)`, `(\w+\.sh)`", readme, re.M) for n in cell}
     on_disk = {p.name for p in (ROOT / "tools" / "device").rglob("*.sh")}
-    assert named == on_disk, f"README lists {sorted(named - on_disk)} that are not there, omits {sorted(on_disk - named)}"
+    assert named == on_disk, (f"README lists {sorted(named - on_disk)} that are not there, "
+                              f"omits {sorted(on_disk - named)}")

@@ -92,7 +92,7 @@ OPTIONS: dict[str, Rule] = {
         "max_tool_calling_iterations", "vllm_max_model_length", "vllm_tensor_parallel_size", "dataset_num_proc",
         "num_samples", "samples", "eval_samples", "max_prompts", "max_train_prompts", "heldout_eval_prompts",
         "prompts_per_step", "reward_token_budget", "guard_patience", "lora_r", "min_prompt_tokens", "max_prompt_tokens",
-        "continuation_tokens",
+        "continuation_tokens", "replay_samples", "replay_tokens",
         # the tiny model's pretraining
         "seq_len", "batch_size", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "intermediate_size", "eval_every", "repeat_min_tokens", "repeat_max_tokens",
@@ -115,7 +115,8 @@ OPTIONS: dict[str, Rule] = {
         "repetition_penalty", "epsilon", "epsilon_high", "sapo_temperature_neg", "sapo_temperature_pos",
         "vllm_server_timeout", "off_policy_mask_threshold", "lora_alpha", "generation_memory_gib"), POSITIVE),
     **dict.fromkeys(("adam_beta1", "adam_beta2", "label_smoothing_factor", "lora_dropout", "test_size",
-                     "hidden_dropout", "attention_dropout", "heldout_fraction", "repeat_fraction"), FRACTION),
+                     "hidden_dropout", "attention_dropout", "heldout_fraction", "repeat_fraction", "replay_share"),
+                    FRACTION),
     **dict.fromkeys(("min_p", "ref_model_mixup_alpha", "top_entropy_quantile", "guard_max_distinct2_drop",
                      "guard_min_length_fraction", "vllm_importance_sampling_clip_min", "kd_weight", "min_lr_ratio"),
                     UNIT),
@@ -224,6 +225,18 @@ def check_options(values: dict, classes, source: str) -> None:
 
 def check_combinations(values: dict, source: str) -> None:
     """Options that are each in range but do not work together, known before anything loads."""
+    share = values.get("replay_share")
+    if share:
+        if "reward" in values and values["reward"] != "distill":
+            _fail(source, "replay_share", f"{share:g} needs --reward distill (the replay rows' teacher is the base in "
+                  f"place of the distilled teacher), not {values['reward']!r}; drop --replay_share or distill")
+        for option in ("packing", "padding_free"):
+            if values.get(option):
+                _fail(source, "replay_share", f"{share:g} with --{option} true: the replay rows would be joined to "
+                      f"the domain rows in one sequence and lose their own loss; drop --{option}")
+        if "reward" not in values and (values.get("loss_type", "nll") != "nll" or values.get("label_smoothing_factor")):
+            _fail(source, "replay_share", f"{share:g}: sft computes its own loss with replay rows; drop --loss_type "
+                  f"{values.get('loss_type')} and --label_smoothing_factor")
     penalty = values.get("repetition_penalty")
     if penalty not in (None, 1, 1.0) and "generation_engine" in values:
         from sdgrpo.runtime import engine_decodes

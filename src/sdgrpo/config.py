@@ -107,6 +107,21 @@ class SDGRPOConfig(GRPOConfig):
     distill_topk_weight: float = field(
         default=1.0, metadata={"help": "The weight of the --distill_topk term in the loss."},
     )
+    replay_share: float = field(
+        default=0.0,
+        metadata={"help": "Self-replay (--reward distill): this share of the prompts (0 <= share < 1) are prefixes of "
+                  "text the base itself wrote before training, whose teacher is the frozen base (adapters off) "
+                  "instead of --teacher_adapter / --teacher_model_name_or_path: there the per-token term is "
+                  "log p_base - log p_policy, the reverse KL to the base, holding the policy to what the base knew. "
+                  "0: off. The samples are made once into OUTPUT_DIR/replay (sdgrpo.replay)."},
+    )
+    replay_samples: int = field(
+        default=512, metadata={"help": "With --replay_share: how many samples the base writes (once, cached)."},
+    )
+    replay_tokens: int = field(
+        default=128,
+        metadata={"help": "With --replay_share: tokens per base sample; a replay prompt is a sample's first half."},
+    )
     rollout_correction: str = field(
         default="auto",
         metadata={"help": "Correct rollouts that are not the policy bit for bit (the engine's 16-bit generation "
@@ -339,6 +354,18 @@ class SDSFTConfig(SFTConfig):
     kd_weight: float = field(
         default=0.5, metadata={"help": "Weight of the teacher's KL term in the loss (0-1; with a teacher only)."}
     )
+    replay_share: float = field(
+        default=0.0,
+        metadata={"help": "Self-replay: this share of every batch's rows (0 <= share < 1) is text the base itself "
+                  "wrote before training, trained by KL(base || model) over the vocabulary at every position (the "
+                  "base's distribution, not its sampled tokens as labels), beside the domain rows' unchanged loss: "
+                  "holds the model to what the base knew. 0: off. The samples are made once into OUTPUT_DIR/replay "
+                  "(sdgrpo.replay)."},
+    )
+    replay_samples: int = field(
+        default=512, metadata={"help": "With --replay_share: how many samples the base writes (once, cached)."},
+    )
+    replay_tokens: int = field(default=128, metadata={"help": "With --replay_share: tokens per base sample."})
 
     def __post_init__(self):
         try:

@@ -224,6 +224,14 @@ class SelfDistillMixin(CheckpointMixin):
         return longest
 
     # --- prompts -------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, dataset=None):
+        # --replay_share: TRL's repetition over an order that gives every generation batch its share of replay
+        # prompts (sdgrpo.replay)
+        from sdgrpo.replay import repeat_sampler
+
+        return repeat_sampler(super()._get_train_sampler(dataset), self.train_dataset if dataset is None else dataset,
+                              getattr(self.args, "replay_share", 0.0), self.args.seed)
+
     def _tokenize_prompts(self, prompts: list):
         prompt_ids, *rest = super()._tokenize_prompts(prompts)
         if self.max_prompt_length is not None:
@@ -597,6 +605,15 @@ class SelfDistillMixin(CheckpointMixin):
             inputs = [{**x, **{k: v[i] for k, v in extra.items()}} for i, x in enumerate(inputs)]
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._log_collapse_metrics(completions, completion_ids_list, rewards)
+        if inputs and "replay" in inputs[0]:  # self-replay rows: their share and the policy's KL to the base there
+            from sdgrpo.replay import grpo_metrics
+
+            mode = "train" if self.model.training else "eval"
+            terms = getattr(self.reward_funcs[0], "token_terms", None)
+            for key, value in grpo_metrics(terms, [x["replay"] for x in inputs]).items():
+                # NaN where no process had replay rows: TRL's log leaves NaN entries out of its mean
+                gathered = self.accelerator.gather(torch.tensor([value], device=self.accelerator.device))
+                self._metrics[mode][key].append(gathered.nanmean().item())
         return rewards
 
     def _log_collapse_metrics(self, completions, completion_ids_list, rewards: torch.Tensor) -> None:

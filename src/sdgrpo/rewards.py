@@ -129,15 +129,27 @@ class TeacherNLLReward:
         t_comps = [c + ([t_eos] if ids and ids[-1] == eos else []) for c, ids in zip(t_comps, completion_ids)]
         return t_prompts, t_comps
 
-    def teacher_logprobs(self, prompts, completion_ids, prompt_ids=None) -> list[torch.Tensor]:
+    def teacher_logprobs(self, prompts, completion_ids, prompt_ids=None, replay=None) -> list[torch.Tensor]:
+        """The teacher's per-token log-probs (and with ``topk`` its top-K, kept in ``token_topk``); rows flagged in
+        ``replay`` (self-replay, ``sdgrpo.replay``) are scored by the base instead: the policy with its adapters off."""
         t_prompts, t_comps = self._teacher_ids(prompts, completion_ids, prompt_ids)
         pad = pad_id(self.teacher_tokenizer)
-        scored = completion_logprobs(self.teacher, t_prompts, t_comps, pad_token_id=pad,
-                                     token_budget=self.token_budget, topk=self.topk)
-        if not self.topk:
-            return scored
-        scored, self.token_topk = scored
-        return scored
+
+        def score(model, rows):
+            out = completion_logprobs(model, [t_prompts[i] for i in rows], [t_comps[i] for i in rows],
+                                      pad_token_id=pad, token_budget=self.token_budget, topk=self.topk)
+            return list(zip(*out)) if self.topk else [(lp, None) for lp in out]
+
+        own = [i for i, flag in enumerate(replay or ()) if flag]
+        given: list = [None] * len(t_comps)
+        if own:
+            with adapters_disabled(self.model):
+                for i, row in zip(own, score(self.model, own)):
+                    given[i] = row
+        scored = fill_rows(given, lambda rows: score(self.teacher, rows))
+        if self.topk:
+            self.token_topk = [top for _, top in scored]
+        return [lp for lp, _ in scored]
 
     token_level = False  # set by the trainer under --advantage token: keep each token's teacher - policy term
     token_terms: list[torch.Tensor] | None = None  # the last call's, one detached CPU tensor per completion
@@ -148,7 +160,7 @@ class TeacherNLLReward:
                  **kwargs):
         if self.token_level and prompt_ids is None:
             prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
-        teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids)
+        teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids, kwargs.get("replay"))
         if self.token_level:
             policy = policy_logprobs(self, prompt_ids, completion_ids, policy_per_token_logps)
             self.token_terms = [q - p for q, p in zip(teacher, policy)]
@@ -160,6 +172,8 @@ class DistillReward(TeacherNLLReward):
 
     Maximising its expectation minimises KL(p_policy || q_teacher): the fixed point is the teacher itself, not a
     sharpened copy. Needs the teacher's tokenizer (no re-tokenization: the per-token difference needs the same ids).
+    Rows of the dataset's ``replay`` column (self-replay, ``--replay_share``) take the base (the policy with its
+    adapters off) as their teacher.
     The policy's log-probs come from the trainer's own policy pass when TRL made one before the rewards (its "old"
     log-probs, when generation and optimisation steps are misaligned, at temperature 1; with LoRA dropout > 0 that
     pass is in training mode), else from a pass of the live policy (adapters on, eval mode) at temperature 1.
@@ -177,7 +191,7 @@ class DistillReward(TeacherNLLReward):
                  **kwargs):
         if prompt_ids is None:
             prompt_ids = tokenize_prompts(self.tokenizer, prompts, self.max_prompt_length)
-        teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids)
+        teacher = self.teacher_logprobs(prompts, completion_ids, prompt_ids, kwargs.get("replay"))
         policy = policy_logprobs(self, prompt_ids, completion_ids, policy_per_token_logps)
         self.token_terms = [q - p for q, p in zip(teacher, policy)]
         return [aggregate(t, "mean") for t in self.token_terms]

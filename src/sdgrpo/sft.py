@@ -12,6 +12,10 @@ true text, off-policy): the loss per token is ``(1 - kd_weight) * CE + kd_weight
 over the whole vocabulary at every position the cross-entropy counts, both normalised like TRL's loss (by the
 batch's label tokens). Its fixed point is the teacher's next-token distribution on the user's text; ``distill`` (the
 GRPO reward) asks the same of the student's own samples, one scalar per completion.
+
+With ``--replay_share S`` a share S of every batch's rows is text the base wrote before training (``sdgrpo.replay``),
+trained by KL(base || student) over the vocabulary at every position instead of cross-entropy: the domain rows' loss
+is unchanged, and the batch's sum is divided by the same token count.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from sdgrpo.checks import check_machine
 from sdgrpo.config import SDModelConfig, SDSFTConfig
 from sdgrpo.data import load_prompts
 from sdgrpo.errors import UserError
+from sdgrpo.replay import mix
 
 logger = logging.getLogger(__name__)
 
@@ -116,53 +121,123 @@ def _sft_trainer():
     return CheckpointedSFTTrainer
 
 
-def _distilling_trainer(teacher, weight: float):
+def _distilling_trainer(teacher, weight: float, base=None):
     """TRL's SFTTrainer whose loss is ``kd_loss``'s with ``teacher``, computed in TRL's own ``compute_loss`` (its fused
     LM head, its metrics) with the head's operands routed (``compat.fused_head_route``) to ``chunked.kd_stats``:
     token chunk by token chunk, forward and backward, so neither model's [rows, tokens, vocabulary] logits exist (TRL's
-    ``compute_loss_func`` hook, used before, hands over the student's whole logits)."""
+    ``compute_loss_func`` hook, used before, hands over the student's whole logits).
+
+    With ``base`` (self-replay, ``--replay_share``: a frozen copy of the base, or ``"adapters"``: the trained model
+    with its adapters off) the rows of the dataset's ``replay`` column are trained by KL(base || student) alone
+    (``replay.mixed_kd``), and are drawn at their share of every batch (``replay.ReplaySampler``); ``teacher`` may
+    then be None (the domain rows keep plain cross-entropy)."""
 
     class DistillingSFTTrainer(_sft_trainer()):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            if self.args.loss_type != "nll" or self.args.label_smoothing_factor:
+            if self.args.loss_type != "nll" or self.args.label_smoothing_factor:  # (replay: refused by checks.py)
                 raise UserError("distillation from a teacher computes its own loss: drop --loss_type "
                                 f"{self.args.loss_type} and --label_smoothing_factor, or the teacher")
+            if base is not None:
+                from sdgrpo.replay import collate_flags
+
+                self.data_collator = collate_flags(self.data_collator)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if base is not None and "replay" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "replay"]  # kept for the collator
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if base is None or "replay" not in dataset.column_names:
+                return super()._get_train_sampler(train_dataset)
+            from sdgrpo.replay import ReplaySampler
+
+            return ReplaySampler(dataset["replay"], self.args.replay_share, self.args.data_seed or self.args.seed)
+
+        def _parts(self, inputs: dict, mask: torch.Tensor, flags: torch.Tensor | None) -> dict[bool, tuple]:
+            """``replay.mixed_kd``'s parts of the labelled positions, by whether they are replay rows: the domain
+            rows' (the teacher's hidden rows and ``kd_weight``, or no teacher), the replay rows' (the base's, weight
+            1); a part without rows in this batch left out."""
+            from sdgrpo.replay import base_rows
+
+            keys = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+            flags = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device) if flags is None else flags.bool()
+            at = flags[:, None].expand_as(mask)[mask]  # [n]: each labelled position's row is a replay row
+            parts = {}
+            for replay_rows, model in ((False, teacher), (True, base)):
+                rows = (flags == replay_rows).nonzero()[:, 0]
+                positions = (at == replay_rows).nonzero()[:, 0]
+                if not len(rows):
+                    continue
+                sub = {k: v.index_select(0, rows) for k, v in keys.items()}
+                if model is None:
+                    parts[replay_rows] = (positions, None, None, 0.0)
+                elif isinstance(model, str):  # the trained model, its adapters off
+                    parts[replay_rows] = (positions, *base_rows(self.accelerator.unwrap_model(self.model), sub,
+                                                                mask.index_select(0, rows)), 1.0)
+                else:
+                    parts[replay_rows] = (positions, *_teacher_rows(model, sub, mask.index_select(0, rows)),
+                                          1.0 if replay_rows else weight)
+            return parts
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            from sdgrpo.chunked import kd_stats
             from sdgrpo.compat import fused_head_route
+            from sdgrpo.replay import mixed_kd
 
             if "shift_labels" in inputs or "labels" not in inputs:
                 raise RuntimeError("distillation needs the batch's labels, unshifted (no context parallelism)")
+            flags = inputs.pop("replay", None)
             shifted = inputs["labels"][:, 1:]
             mask = shifted != -100  # the positions TRL's fused head scores: position t predicts labels[t + 1]
             expected = shifted[mask]
-            teacher_rows, teacher_logits = _teacher_rows(teacher, inputs, mask)
+            parts = self._parts(inputs, mask, flags)
             sums = []
 
             def head(hidden, w, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
                      outputs=("entropy",)):
                 if not torch.equal(targets, expected.to(targets.device)):
                     raise RuntimeError("distillation: TRL's fused head scored other tokens than the batch's labels")
-                log_probs, kl, entropy, is_top1 = kd_stats(hidden, w, bias, targets, teacher_rows.to(hidden.device),
-                                                           teacher_logits, temperature, logit_scale, softcap,
-                                                           outputs)
-                sums.append((-log_probs.detach().sum(), kl.detach().sum()))
+                term, entropy, is_top1, part_sums = mixed_kd(hidden, w, bias, targets, list(parts.values()),
+                                                             temperature, logit_scale, softcap, outputs)
+                sums.append(part_sums)
                 # TRL's loss is -sum(log_probs) / its token count: handed this mix, it is kd_loss's
                 # (1 - w) * CE + w * KL with TRL's own normaliser and scaling across processes.
-                return (1 - weight) * log_probs - weight * kl, entropy, None, None, is_top1
+                return term, entropy, None, None, is_top1
 
             with fused_head_route(head):
                 out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if len(sums) != 1:
                 raise RuntimeError(f"distillation: TRL's loss made {len(sums)} fused-head calls, not one")
             count = mask.sum() if num_items_in_batch is None else num_items_in_batch
-            n = torch.as_tensor(count).clamp(min=1).to(sums[0][0].device)
+            n = torch.as_tensor(count).clamp(min=1).to(expected.device)
             mode = "train" if self.model.training else "eval"
-            for name, term in (("kd/cross_entropy", sums[0][0] / n), ("kd/kl", sums[0][1] / n)):
-                self._metrics[mode][name].append(self._step_share(term, num_items_in_batch))
+            self._log_terms(mode, dict(zip(parts, sums[0])), flags, mask, n, num_items_in_batch)
             return out
+
+        def _log_terms(self, mode, sums: dict, flags, mask, n, num_items_in_batch) -> None:
+            """With a teacher ``kd/cross_entropy`` and ``kd/kl``: the domain rows' sums over TRL's token count. With
+            ``base``: ``replay/loss`` (the replay rows' KL sum over that count, so that the loss is the domain rows'
+            terms plus it), ``replay/kl`` (their mean KL per token, this micro-batch) and ``replay/share`` (of its
+            rows)."""
+            zero = n.new_zeros((), dtype=torch.float32)
+            ce, kl = sums.get(False, (zero, zero))
+            if teacher is not None:
+                for name, term in (("kd/cross_entropy", ce / n), ("kd/kl", kl / n)):
+                    self._metrics[mode][name].append(self._step_share(term, num_items_in_batch))
+            if base is None:
+                return
+            flags = flags.bool() if flags is not None else torch.zeros(mask.size(0), dtype=torch.bool,
+                                                                        device=mask.device)
+            replay_kl = sums.get(True, (zero, zero))[1]
+            self._metrics[mode]["replay/loss"].append(self._step_share(replay_kl / n, num_items_in_batch))
+            tokens = (mask & flags[:, None]).sum()
+            gathered = self.accelerator.gather_for_metrics(torch.stack([replay_kl.float(), tokens.float()])[None])
+            if gathered[:, 1].sum() > 0:
+                self._metrics[mode]["replay/kl"].append((gathered[:, 0].sum() / gathered[:, 1].sum()).item())
+            self._metrics[mode]["replay/share"].append(
+                self.accelerator.gather_for_metrics(flags.float().mean()[None]).mean().item())
 
         def _step_share(self, term: torch.Tensor, num_items_in_batch) -> float:
             """What to log for one micro-batch's term so that TRL's mean over the step's entries is the term's
@@ -239,11 +314,17 @@ def _sft(cfg: SDSFTConfig, model_cfg: SDModelConfig, out: Path, resolved: dict, 
     logger.info("base %s: %s, %.1f MiB on %s", model_cfg.model_name_or_path, weights,
                 model.get_memory_footprint() / 2**20, device)
     teacher = load_sft_teacher(cfg, tokenizer, dtype, device)
+    dataset = mix(cfg, dataset, model, tokenizer, model_cfg.model_name_or_path, prompts=False)  # --replay_share
+    base = None
+    if cfg.replay_share:  # the replay rows' teacher: the model with its adapters off, or a frozen copy of the base
+        base = load_model(model_cfg.model_name_or_path, student_dtype, device, cfg.trust_remote_code).eval(
+                          ).requires_grad_(False) if full else "adapters"
     heldout, stop = heldout_callback(cfg, tokenizer, out), StopRequest()
     if checkpoint is not None and heldout is not None and not heldout.load_state(checkpoint):
         logger.warning("%s holds no held-out history; the held-out record starts again at this step", checkpoint)
     start_output(out, resolved, checkpoint)
-    trainer_class = _sft_trainer() if teacher is None else _distilling_trainer(teacher, cfg.kd_weight)
+    trainer_class = (_sft_trainer() if teacher is None and base is None else
+                     _distilling_trainer(teacher, cfg.kd_weight, base))
     trainer = trainer_class(model=model, args=cfg, train_dataset=dataset, processing_class=tokenizer,
                             peft_config=get_peft_config(model_cfg),
                             callbacks=[MetricsFileCallback(out / "metrics.jsonl"), *([heldout] if heldout else []),

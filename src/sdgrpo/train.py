@@ -17,6 +17,7 @@ from sdgrpo.errors import UserError
 from sdgrpo.guard import CollapseGuard
 from sdgrpo.modeling import choose_attention_kernels
 from sdgrpo.progress import quiet_terminal
+from sdgrpo.replay import mix
 from sdgrpo.rewards import build_reward
 from sdgrpo.runs import (
     end_distributed,
@@ -197,6 +198,7 @@ def _train(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, out: Path, resolve
            callbacks: list | None) -> Path:
     dataset = load_data(train_cfg)
     model, tokenizer, peft_config, trainer_cls = load_backend(train_cfg, model_cfg)
+    dataset = mix(train_cfg, dataset, model, tokenizer, model_cfg.model_name_or_path, prompts=True)  # --replay_share
     teacher, teacher_tokenizer = load_teacher(train_cfg, model_cfg.model_name_or_path)
     reward = build_reward(train_cfg.reward, None, tokenizer, teacher=teacher, teacher_tokenizer=teacher_tokenizer,
                           aggregation=train_cfg.reward_aggregation, token_budget=train_cfg.reward_token_budget,
