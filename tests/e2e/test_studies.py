@@ -85,7 +85,7 @@ def test_distill_study_dense_arm_trains_and_saves_an_adapter(tmp_path, tiny_mode
 
 
 def test_domain_study_forgetting_arms_are_named_by_their_parameter_and_wait_for_their_teacher(tmp_path):
-    """The arms of issue #46: sft_kl@W, sft_replay@S and distill_replay@S, each over the seeds; distill_replay waits
+    """The forgetting arms: sft_kl@W, sft_replay@S and distill_replay@S, each over the seeds; distill_replay waits
     for its teacher's sft arm; each share and weight is its own kind in the figure."""
     import argparse
 
