@@ -54,25 +54,6 @@ VARIANTS = ["generate", "generate_compiled", "engine", "engine_unfused", "engine
 REPEATS = int(os.environ.get("BENCH_REPEATS", REPEATS))
 
 
-def copy_bandwidth() -> float:
-    """Device memory bandwidth in bytes/s from a 2 GiB device-to-device copy (read + write counted)."""
-    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
-    torch.cuda.empty_cache()
-    return nbytes / statistics.median(times)
-
-
 def timed(fn) -> tuple[float, float, object]:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -250,7 +231,7 @@ def run_shape(shape: str, bandwidth: float) -> dict:
 
 
 def main() -> None:
-    from common import environment, save
+    from common import copy_bandwidth, environment, save
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "results")
     shapes = sys.argv[2:] or ["qwen2.5-0.5b", "qwen2.5-1.5b"]

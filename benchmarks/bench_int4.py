@@ -42,25 +42,6 @@ REPLAYS = 50
 DOUBLE_QUANT = False  # as sdgrpo's --load_in_4bit loads a base (modeling.load_model)
 
 
-def copy_bandwidth() -> float:
-    """Device bandwidth in bytes/s from a 2 GiB device-to-device copy (read + write counted)."""
-    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
-    torch.cuda.empty_cache()
-    return nbytes / statistics.median(times)
-
-
 def projections(shape: str) -> list[tuple[str, int, int]]:
     from common import SHAPES
 
@@ -154,7 +135,7 @@ def agreement(layers: list, reference: list, rows: int = 8) -> float:
 
 
 def main() -> None:
-    from common import SHAPES, device_tag, header
+    from common import SHAPES, copy_bandwidth, device_tag, header
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "results")
     shape = sys.argv[2] if len(sys.argv) > 2 else "qwen2.5-7b"

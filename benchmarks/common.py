@@ -77,6 +77,25 @@ def random_model(shape: str, dtype=torch.bfloat16, vocab_size: int | None = None
     return model.eval()
 
 
+def copy_bandwidth() -> float:
+    """Device memory bandwidth in bytes/s from a 2 GiB device-to-device copy (read + write counted)."""
+    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    nbytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    torch.cuda.empty_cache()
+    return nbytes / statistics.median(times)
+
+
 def cuda_time(fn, repeats: int = 5, warmup: int = 2) -> tuple[float, float]:
     """Median seconds of ``fn()`` and peak memory in GiB above what was allocated before it."""
     for _ in range(warmup):

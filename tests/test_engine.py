@@ -11,6 +11,23 @@ from sdgrpo.engine import DecodeEngine, serving
 PROMPTS = ["In the beginning God created", "And the LORD said unto Noah", "Then", "And it came to pass, when men"]
 
 
+def assert_decodes_as(reference, got, logprobs, enc, eos: int, tol: float = 0.02) -> None:
+    """The reference model teacher-forced on the engine's greedy tokens ``got`` (one unpadded forward per row): each
+    token is its argmax up to bf16's rounding (``tol`` nats), and the engine's ``logprobs`` are its log-probs."""
+    width = enc["input_ids"].size(1)
+    for row in range(got.size(0)):
+        start = int((enc["attention_mask"][row] == 0).sum())
+        completion = got[row, width:]
+        ended = (completion == eos).nonzero()
+        n = int(ended[0]) + 1 if len(ended) else completion.numel()
+        with torch.no_grad():
+            logits = reference(input_ids=got[row:row + 1, start:width + n]).logits[0].float()
+        logps = torch.log_softmax(logits[width - start - 1: width - start - 1 + n], -1)
+        chosen = logps.gather(-1, completion[:n, None])[:, 0]
+        assert bool((chosen >= logps.amax(-1) - tol).all())
+        assert torch.allclose(logprobs[row, :n], chosen, atol=tol)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_tokenizer, corpus):
     """A random 2-layer Llama that ends some completions: its EOS made likely after any context."""
@@ -671,21 +688,7 @@ def test_int4_copies_decode_as_the_model_with_their_weights_would(bias, chunk, t
     got = engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer))
     assert engine.mode == "int4" and engine.quantised.held() == 14
     assert all(torch.equal(v, before[k]) for k, v in lora.state_dict().items())
-    # the reference, teacher-forced on the engine's tokens (one unpadded forward per row): each token is its argmax
-    # up to bf16's rounding, and the engine's log-probs are its log-probs
-    width = enc["input_ids"].size(1)
-    out = engine.record[0].logprobs
-    for row in range(got.size(0)):
-        start = int((enc["attention_mask"][row] == 0).sum())
-        completion = got[row, width:]
-        ended = (completion == tiny_tokenizer.eos_token_id).nonzero()
-        n = int(ended[0]) + 1 if len(ended) else completion.numel()
-        with torch.no_grad():
-            logits = reference(input_ids=got[row:row + 1, start:width + n]).logits[0].float()
-        logps = torch.log_softmax(logits[width - start - 1: width - start - 1 + n], -1)
-        chosen = logps.gather(-1, completion[:n, None])[:, 0]
-        assert bool((chosen >= logps.amax(-1) - 0.02).all())
-        assert torch.allclose(out[row, :n], chosen, atol=0.02)
+    assert_decodes_as(reference, got, engine.record[0].logprobs, enc, tiny_tokenizer.eos_token_id)
 
 
 def test_auto_weights_fold_where_that_fits_and_give_int4_copies_to_quantised_bases_only(tiny_tokenizer, caplog,
@@ -904,19 +907,7 @@ def test_gemlite_copies_decode_as_the_model_with_their_weights_would(tiny_tokeni
     copies = [c for known in engine.quantised.groups.values() for c, _ in known.values()]
     assert {type(c) for c in copies} == {GemliteLinear}
     assert all(torch.equal(v, before[k]) for k, v in lora.state_dict().items())
-    width = enc["input_ids"].size(1)
-    out = engine.record[0].logprobs
-    for row in range(got.size(0)):
-        start = int((enc["attention_mask"][row] == 0).sum())
-        completion = got[row, width:]
-        ended = (completion == tiny_tokenizer.eos_token_id).nonzero()
-        n = int(ended[0]) + 1 if len(ended) else completion.numel()
-        with torch.no_grad():
-            logits = reference(input_ids=got[row:row + 1, start:width + n]).logits[0].float()
-        logps = torch.log_softmax(logits[width - start - 1: width - start - 1 + n], -1)
-        chosen = logps.gather(-1, completion[:n, None])[:, 0]
-        assert bool((chosen >= logps.amax(-1) - 0.02).all())
-        assert torch.allclose(out[row, :n], chosen, atol=0.02)
+    assert_decodes_as(reference, got, engine.record[0].logprobs, enc, tiny_tokenizer.eos_token_id)
 
 
 def test_the_int4_kernel_is_tinygemm_unless_gemlite_is_asked_for_and_runs(monkeypatch):
