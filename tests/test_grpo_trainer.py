@@ -163,7 +163,11 @@ def test_checkpoint_marker_written_after_every_rank_and_fsynced(tmp_path, tiny_t
                         lambda: events.append(("barrier", (folder / COMPLETE_MARKER).exists())) or real_wait())
     monkeypatch.setattr(trainer_module.os, "fsync", lambda fd: events.append(("fsync", None)) or real_fsync(fd))
     trainer.train()
-    assert json.loads((folder / COMPLETE_MARKER).read_text()) == {"step": 1}
+    marker = json.loads((folder / COMPLETE_MARKER).read_text())
+    assert marker["step"] == 1 and "adapter_model.safetensors" in marker["files"]
+    # every file of the checkpoint with its size as written (what resume checks before it trusts the checkpoint)
+    assert marker["files"] == {f.name: f.stat().st_size for f in folder.iterdir()
+                               if f.is_file() and f.name != COMPLETE_MARKER}
     barrier = events.index(("barrier", False))  # the barrier ran before the marker existed
     assert ("fsync", None) in events[barrier:]
     assert not (folder / (COMPLETE_MARKER + ".tmp")).exists()
