@@ -67,7 +67,7 @@ class HeldoutEval(TrainerCallback):
             self.best = (state.global_step, value)
             if args.should_save:
                 model.save_pretrained(self.output_dir / BEST_DIR)
-        logger.info("step %d: held-out %.4f bits per byte", state.global_step, value)
+        logger.debug("step %d: held-out %.4f bits per byte", state.global_step, value)  # the step line has it
         return value
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

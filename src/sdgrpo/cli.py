@@ -17,7 +17,7 @@ logger = logging.getLogger("sdgrpo")
 VERBS = {
     "prepare": "turn raw text files into a prompt dataset",
     "train": "self-distillation GRPO of LoRA adapters ([--config FILE] [--key value ...] [--resume | --start_over])",
-    "sft": "plain LoRA fine-tuning on the prepared text, the control to compare with ([--config FILE] ... [--resume])",
+    "sft": "LoRA fine-tuning on your text: what learns a new domain ([--config FILE] ... [--resume])",
     "eval": "compare a trained adapter with its base and with the base sampled colder (--adapter DIR --data DIR)",
     "export": "merge an adapter into its base and save a plain model folder, parity-checked (--adapter --output)",
     "generate": "sample from a base, a base + adapter (--adapter) or an exported folder (--prompt TEXT ...)",

@@ -57,7 +57,7 @@ def ensure_trl_runs_without_triton() -> bool:
     _DeviceDispatch.triton = current if current is not _PlainChunkedLogProb else None
     trl_utils._ChunkedLogProbFunction = _DeviceDispatch
     if current is None:
-        logger.info("Triton is not available: TRL's fused log-prob kernel runs as plain PyTorch")
+        logger.debug("Triton is not available: TRL's fused log-prob kernel runs as plain PyTorch")
     return True
 
 

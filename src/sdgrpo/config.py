@@ -42,7 +42,8 @@ class SDGRPOConfig(GRPOConfig):
     """GRPOConfig plus the data, reward and backend settings of sdgrpo; defaults that differ from TRL's at the end."""
 
     dataset_path: str | None = field(
-        default=None, metadata={"help": "Folder written by `sdgrpo prepare` (a DatasetDict with a `prompt` column)."}
+        default=None, metadata={"help": "Your text: a file or folder of .txt / .md / JSON / JSONL / CSV / Parquet "
+                                        "(prepared into output_dir/data), or a folder written by `sdgrpo prepare`."}
     )
     backend: str = field(default="hf", metadata={"help": f"Model backend, one of {BACKENDS}."})
     reward: str = field(default="self_nll", metadata={"help": "Reward name from sdgrpo.rewards.REWARDS."})
@@ -327,7 +328,8 @@ class SDSFTConfig(SFTConfig):
     control every GRPO recipe is compared with."""
 
     dataset_path: str | None = field(
-        default=None, metadata={"help": "Folder written by `sdgrpo prepare` (prompt and continuation columns)."}
+        default=None, metadata={"help": "Your text: a file or folder of .txt / .md / JSON / JSONL / CSV / Parquet "
+                                        "(prepared into output_dir/data), or a folder written by `sdgrpo prepare`."}
     )
     max_train_prompts: int | None = field(
         default=None, metadata={"help": "Use only the first N training examples (quick runs)."}
@@ -382,7 +384,7 @@ def parse_train_args(argv: list[str]) -> tuple[SDGRPOConfig, SDModelConfig]:
 
 def parse_sft_args(argv: list[str]) -> tuple[SDSFTConfig, SDModelConfig]:
     """The SFT verb's configuration (see :func:`sdgrpo.args.parse_args`)."""
-    return parse_args(argv, (SDSFTConfig, SDModelConfig), "sdgrpo sft", "plain LoRA fine-tuning, the control",
+    return parse_args(argv, (SDSFTConfig, SDModelConfig), "sdgrpo sft", "LoRA fine-tuning on your text",
                       machine=machine_settings)
 
 

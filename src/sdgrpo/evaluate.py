@@ -99,9 +99,14 @@ def verdict(trained: dict, baselines: dict) -> str:
                   if v["reward_mean"] >= trained["reward_mean"] and v["distinct_2"] >= trained["distinct_2"]]
     if dominating:
         t, v = max(dominating, key=lambda tv: tv[1]["reward_mean"])
-        return (f"Training did not beat the temperature frontier: the base model sampled at T={t} has a higher "
-                f"reward ({v['reward_mean']:.3f} vs {trained['reward_mean']:.3f}) and more diversity (distinct-2 "
-                f"{v['distinct_2']:.3f} vs {trained['distinct_2']:.3f}); this run only sharpened the base.")
+        if v["reward_mean"] == trained["reward_mean"] and v["distinct_2"] == trained["distinct_2"]:
+            return (f"Training made no measurable difference: the base model sampled at T={t} has the same reward "
+                    f"({v['reward_mean']:.3f}) and diversity (distinct-2 {v['distinct_2']:.3f}) as the trained "
+                    "model.")
+        return (f"Training did not beat the temperature frontier: the base model sampled at T={t} has at least the "
+                f"trained model's reward ({v['reward_mean']:.3f} vs {trained['reward_mean']:.3f}) and diversity "
+                f"(distinct-2 {v['distinct_2']:.3f} vs {trained['distinct_2']:.3f}); this run only sharpened the "
+                "base.")
     return ("Training beat the temperature frontier: no temperature tried gives the base model both the trained "
             f"model's reward ({trained['reward_mean']:.3f}) and its diversity (distinct-2 "
             f"{trained['distinct_2']:.3f}).")
@@ -137,11 +142,15 @@ def main(cfg: EvalConfig) -> dict:
     from sdgrpo.config import TINY_MODEL
     from sdgrpo.data import load_prompts
     from sdgrpo.errors import UserError
+    from sdgrpo.folders import check_replaceable, staged
     from sdgrpo.modeling import check_positions, load_model, load_tokenizer, model_config, resolve_dtype
     from sdgrpo.report import fmt, markdown_table, samples_table
 
     name = cfg.model_name_or_path or TINY_MODEL
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # the output folder: new, empty, or an earlier eval's (every file in it sdgrpo's), checked before any work and
+    # written as a whole at the end (folders.staged): a folder of the user's is never written into
+    check_replaceable(Path(cfg.output), "--output")
     ds = load_prompts(cfg.data, cfg.split, cfg.max_prompts)
     if "continuation" not in ds.column_names:
         raise UserError(f"{cfg.data}: no 'continuation' column; make the data with `sdgrpo prepare`")
@@ -155,7 +164,7 @@ def main(cfg: EvalConfig) -> dict:
         raise UserError(f"{cfg.adapter}: no adapter_config.json; pass the output_dir of `sdgrpo train`")
     base = load_model(name, resolve_dtype(None, device), device, cfg.trust_remote_code)
     temps = [float(t) for t in cfg.temperatures.split(",") if t.strip()]
-    out = Path(cfg.output)  # made only once there is something to write: a failure leaves no empty folder
+    out = Path(cfg.output)  # written only once there is something to write: a failure leaves no folder
     eos_ids = set(stop_token_ids(base, tokenizer))
     true_ids = tokenizer(conts, add_special_tokens=False)["input_ids"]
     result = {"config": dataclasses.asdict(cfg), "prompts": len(prompts),
@@ -172,9 +181,7 @@ def main(cfg: EvalConfig) -> dict:
         samples_by.update(more)
         result["trained"] = {"continuation_nll": continuation_nll(policy, tokenizer, prompts, conts), **trained}
         result["verdict"] = verdict(trained, base_stats)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_frontier({float(t): v for t, v in result["base"]["temperatures"].items()}, trained, out / "frontier.png")
-    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    files = {"eval.json": json.dumps(result, indent=2)}
 
     keys = ["reward_mean", "distinct_2", "seq_rep_4", "compression_ratio", "length", "eos_rate"]
     rows = [[f"base, T={t}", *(fmt(v[k]) for k in keys)] for t, v in result["base"]["temperatures"].items()]
@@ -206,5 +213,10 @@ Held-out perplexity of the true continuations (lower is better):
 
 {samples_table(prompts, cols[0], cols[1])}
 """
-    (out / "report.md").write_text(report)
+    files["report.md"] = report
+    with staged(out, "eval") as folder:
+        plot_frontier({float(t): v for t, v in result["base"]["temperatures"].items()}, trained,
+                      folder / "frontier.png")
+        for file, text in files.items():
+            (folder / file).write_text(text)
     return result

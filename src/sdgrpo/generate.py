@@ -72,6 +72,8 @@ def main(args: GenerateConfig) -> int:
             raise UserError(str(err)) from None
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
+    if args.output and Path(args.output).exists():  # sdgrpo never overwrites a file it did not write
+        raise UserError(f"--output {args.output} already exists; pass a new file name (nothing was written)")
     from sdgrpo.modeling import check_positions, load_tokenizer, model_config
 
     base = base_model(args.model_name_or_path, args.adapter)  # the positions are checked before the model loads

@@ -107,7 +107,8 @@ def run_folder(out: Path, verb: str, resume: bool, start_over: bool) -> Iterator
         earlier = [] if resume else earlier_run(out)
         if earlier and not start_over:
             last = last_complete_checkpoint(out)
-            cont = (f"continue it with --resume (from {last.name})" if last else
+            cont = (f"continue it with --resume (from {last.name}; a run that reached its --max_steps needs a "
+                    "larger one)" if last else
                     "it has no complete checkpoint to continue from")
             raise UserError(f"--output_dir {out} holds an earlier run ({', '.join(earlier[:4])}"
                             f"{', ...' if len(earlier) > 4 else ''}): {cont}, or pass --start_over to move it aside "
@@ -198,9 +199,12 @@ def train(trainer, stop, checkpoint: Path | None) -> None:
         logger.warning("%s: finishing this step, then saving (send it again to stop at once)", STOP_SIGNALS[signum])
         stop.request(f"interrupted by {STOP_SIGNALS[signum]}", exit_code=128 + signum)
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

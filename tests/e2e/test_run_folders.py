@@ -269,3 +269,28 @@ def test_resume_takes_the_folder_written_another_way_and_a_moved_run(tmp_path, t
     line = one_error_line(r, "train")
     assert "was trained with other settings (learning_rate" in line
     assert f"resume with the settings in {tmp_path / 'moved' / 'resolved_config.yaml'}" in line
+
+
+def test_eval_and_generate_never_write_over_the_users_files(tmp_path, prepared, tiny_model_dir):
+    """`eval --output` into a folder of the user's and `generate --output` onto an existing file: one line each,
+    before any model loads, the user's files as they were; an earlier eval's own folder is replaced whole."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my report")
+    r = run_cli("eval", "--model_name_or_path", tiny_model_dir, "--data", prepared, "--output", mine,
+                "--max_prompts", 2, "--samples", 1, "--max_new_tokens", 4, "--temperatures", "1.0")
+    assert "holds files sdgrpo did not write (report.md)" in one_error_line(r, "eval")
+    assert (mine / "report.md").read_text() == "my report" and sorted(p.name for p in mine.iterdir()) == ["report.md"]
+    ours = tmp_path / "eval"
+    for _ in range(2):  # the second run replaces the first's folder, which sdgrpo wrote
+        r = run_cli("eval", "--model_name_or_path", tiny_model_dir, "--data", prepared, "--output", ours,
+                    "--max_prompts", 2, "--samples", 1, "--max_new_tokens", 4, "--temperatures", "1.0")
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert {"eval.json", "report.md", "frontier.png"} <= {p.name for p in ours.iterdir()}
+    assert not ours.with_name("eval.partial").exists()
+    existing = tmp_path / "samples.jsonl"
+    existing.write_text("precious\n")
+    r = run_cli("generate", "--model_name_or_path", tiny_model_dir, "--prompt", "In the beginning",
+                "--max_new_tokens", 4, "--output", existing)
+    assert "already exists; pass a new file name" in one_error_line(r, "generate")
+    assert existing.read_text() == "precious\n"
