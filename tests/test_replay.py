@@ -283,7 +283,7 @@ def test_sft_with_replay_through_the_cli(tmp_path, prepared, tiny_model_dir):
     assert all(x["replay/kl"] > 1e-4 and 0 < x["replay/loss"] < x["replay/kl"] for x in rows[1:])
     assert "replay_share: 0.5" in (out / "resolved_config.yaml").read_text()
     written = (out / "replay" / "samples.jsonl").stat().st_mtime_ns
-    r = run_cli(*argv)
+    r = run_cli(*argv, "--start_over")  # the earlier run set aside; the base's samples stay and are reused
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reusing the base's" in r.stderr and (out / "replay" / "samples.jsonl").stat().st_mtime_ns == written
 
