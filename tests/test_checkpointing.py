@@ -4,7 +4,6 @@ import json
 import random
 
 import numpy as np
-import pytest
 import torch
 
 from sdgrpo import checkpointing as checkpoint_state
@@ -77,21 +76,3 @@ def test_a_checkpoint_whose_file_changed_size_is_passed_over(tmp_path):
     (tmp_path / "checkpoint-2" / "sub" / "state.json").unlink()
     assert checkpoint_state.last_complete_checkpoint(tmp_path) is None
 
-
-def test_a_run_that_reached_max_steps_is_not_resumed_past_them(tmp_path):
-    """--resume from a checkpoint at --max_steps: one line naming the way on (transformers' Trainer would train one
-    step past it on every resume); a larger --max_steps resumes from that checkpoint."""
-    import yaml
-
-    from sdgrpo.checkpointing import check_resume, write_marker
-    from sdgrpo.errors import UserError
-
-    config = {"output_dir": str(tmp_path), "max_steps": 2, "learning_rate": 1e-4}
-    (tmp_path / "resolved_config.yaml").write_text(yaml.safe_dump(config))
-    folder = tmp_path / "checkpoint-2"
-    folder.mkdir()
-    (folder / "adapter_model.safetensors").write_bytes(b"x" * 10)
-    write_marker(folder, {"step": 2})
-    with pytest.raises(UserError, match="reached --max_steps 2 at checkpoint-2; to train on, --resume with a larger"):
-        check_resume(tmp_path, config)
-    assert check_resume(tmp_path, {**config, "max_steps": 4}) == folder

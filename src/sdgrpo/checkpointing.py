@@ -206,12 +206,6 @@ def check_resume(out: Path, current: dict) -> Path:
         raise UserError(f"{out} was trained with other settings ({'; '.join(diffs[:3])}); resume with the settings "
                         f"in {saved_path}, or pass --start_over instead of --resume to move this run aside and start "
                         "again")
-    # transformers' Trainer, resumed from a checkpoint at max_steps, trains one step past it (and another at every
-    # --resume): a finished run is refused instead
-    step, limit = int(checkpoint.name.split("-")[-1]), current.get("max_steps")
-    if isinstance(limit, int) and 0 < limit <= step:
-        raise UserError(f"{out}: the run reached --max_steps {limit} at {checkpoint.name}; to train on, --resume with "
-                        "a larger --max_steps, or --start_over to move it aside and train again")
     return checkpoint
 
 

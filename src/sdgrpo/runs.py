@@ -107,8 +107,7 @@ def run_folder(out: Path, verb: str, resume: bool, start_over: bool) -> Iterator
         earlier = [] if resume else earlier_run(out)
         if earlier and not start_over:
             last = last_complete_checkpoint(out)
-            cont = (f"continue it with --resume (from {last.name}; a run that reached its --max_steps needs a "
-                    "larger one)" if last else
+            cont = (f"continue it with --resume (from {last.name})" if last else
                     "it has no complete checkpoint to continue from")
             raise UserError(f"--output_dir {out} holds an earlier run ({', '.join(earlier[:4])}"
                             f"{', ...' if len(earlier) > 4 else ''}): {cont}, or pass --start_over to move it aside "
@@ -201,6 +200,8 @@ def train(trainer, stop, checkpoint: Path | None) -> None:
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    if checkpoint is not None and finished(trainer, checkpoint):
+        return
     previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
         with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
@@ -208,6 +209,27 @@ def train(trainer, stop, checkpoint: Path | None) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def finished(trainer, checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is at the run's ``--max_steps`` (a run killed after its last checkpoint, or resumed once
+    it had ended); if so its weights and state are loaded for the run's end to save, and nothing is trained:
+    transformers' Trainer, resumed there, trains one step past ``max_steps`` (and one more at every resume).
+    Shadows ``Trainer._load_from_checkpoint`` (pinned in tests/test_private_api.py)."""
+    from transformers import TrainerState
+
+    state_file = checkpoint / "trainer_state.json"
+    limit = trainer.args.max_steps
+    if limit is None or limit <= 0 or not state_file.is_file():
+        return False
+    state = TrainerState.load_from_json(str(state_file))
+    if state.global_step < limit:
+        return False
+    logger.info("%s is the run's last step (--max_steps %d): its weights are the final ones, nothing is trained; "
+                "pass a larger --max_steps to train on", checkpoint.name, limit)
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = state
+    return True
 
 
 def stop_if_broken(stop, out: Path) -> None:

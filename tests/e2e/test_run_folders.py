@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import run_cli
 
@@ -294,3 +295,27 @@ def test_eval_and_generate_never_write_over_the_users_files(tmp_path, prepared, 
                 "--max_new_tokens", 4, "--output", existing)
     assert "already exists; pass a new file name" in one_error_line(r, "generate")
     assert existing.read_text() == "precious\n"
+
+
+def test_resuming_a_run_that_reached_max_steps_trains_nothing(tmp_path, tiny_model_dir, prepared):
+    """A run that reached --max_steps, resumed (as a run killed after its last checkpoint would be): nothing is
+    trained (transformers' Trainer trains one step past max_steps there, and with a constant learning rate changed
+    the adapter), the final adapter is the last checkpoint's, the metrics stop at max_steps; a larger --max_steps
+    trains on from there."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    args = verb_args("train", tiny_model_dir, prepared, out, "--save_steps", 1, "--lr_scheduler_type", "constant",
+                     "--learning_rate", "1e-3")
+    assert run_cli(*args, "--max_steps", 2).returncode == 0
+    before = load_file(out / "adapter_model.safetensors")
+    r = run_cli(*args, "--max_steps", 2, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "checkpoint-2 is the run's last step (--max_steps 2)" in r.stderr
+    assert not (out / "checkpoint-3").exists() and steps_logged(out) == [1, 2]
+    after = load_file(out / "adapter_model.safetensors")
+    last = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) and torch.equal(last[k], after[k])
+                                                 for k in after)
+    assert run_cli(*args, "--max_steps", 3, "--resume").returncode == 0
+    assert steps_logged(out) == [1, 2, 3]
