@@ -25,7 +25,8 @@ Variants (each in its own process, since importing Unsloth patches TRL for the w
 Options after a variant's name, joined by '+': ``tinygemm`` / ``gemlite`` (--generation_int4_kernel), ``spgN``
 (--steps_per_generation N: N optimizer steps per generation of N x G rows; the first N steps are the warm-up and
 BENCH_STEPS - 1 whole generation cycles are timed, their mean per optimizer step reported as ``cycle_mean_s``),
-``capN`` (this variant's process capped at N GiB, overriding BENCH_CAP_GIB), ``lenN`` (N completion tokens), e.g.
+``capN`` (this variant's process capped at N GiB, overriding BENCH_CAP_GIB), ``lenN`` (N completion tokens), ``mbN``
+(N rows a backward, G/N micro-batches a step: the same G rows a generation and an optimizer step), e.g.
 ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
@@ -189,7 +190,7 @@ def original_recipe_reward(model, tokenizer):
 
 
 def variant_options(variant: str) -> tuple[str, dict]:
-    """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N}."""
+    """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N}."""
     name, *extra = variant.split("+")
     options = {}
     for item in extra:
@@ -197,6 +198,8 @@ def variant_options(variant: str) -> tuple[str, dict]:
             options["kernel"] = item
         elif item[:3] in ("spg", "cap", "len") and item[3:].replace(".", "", 1).isdigit():
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
+        elif item[:2] == "mb" and item[2:].isdigit() and G % int(item[2:]) == 0:
+            options["mb"] = int(item[2:])
         else:
             raise ValueError(f"unknown option {item!r} of variant {variant!r}")
     return name, options
@@ -235,7 +238,9 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
 
     step_clock = StepClock()
     diagnostics = step_diagnostics()
-    common = dict(max_steps=STEPS * spg, per_device_train_batch_size=G, num_generations=G,
+    mb = options.get("mb", G)  # rows a backward; the same G rows a generation and an optimizer step
+    common = dict(max_steps=STEPS * spg, per_device_train_batch_size=mb, gradient_accumulation_steps=G // mb,
+                  num_generations=G,
                   max_completion_length=completion, beta=0.04, learning_rate=1e-5, bf16=True, report_to="none",
                   save_strategy="no", logging_steps=1)
     torch.cuda.reset_peak_memory_stats()

@@ -910,20 +910,29 @@ def test_gemlite_copies_decode_as_the_model_with_their_weights_would(tiny_tokeni
     assert_decodes_as(reference, got, engine.record[0].logprobs, enc, tiny_tokenizer.eos_token_id)
 
 
-def test_the_int4_kernel_is_tinygemm_unless_gemlite_is_asked_for_and_runs(monkeypatch):
-    """choose_int4_kernel: auto is tinygemm (gemlite's engine path is not yet checked on a GPU); gemlite asked for is
-    gemlite where it can run, its reference matmul off CUDA, and on a GPU where it cannot run one line (UserError),
-    never silently another kernel."""
+def test_the_int4_kernel_is_gemlite_on_an_h100_where_installed_else_tinygemm_and_never_silently_another(
+        monkeypatch):
+    """choose_int4_kernel: auto is gemlite on sm 9.0 (measured fastest there) where gemlite runs, else tinygemm with
+    the reason; gemlite asked for is gemlite where it can run, its reference matmul off CUDA, and on a GPU where it
+    cannot run one line (UserError), never silently another kernel."""
     from sdgrpo import engine as engine_module
     from sdgrpo.engine import choose_int4_kernel
     from sdgrpo.errors import UserError
 
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     monkeypatch.setattr(engine_module, "gemlite_available", lambda: None)
-    assert choose_int4_kernel("auto", "cuda") == ("tinygemm", "auto")
+    assert choose_int4_kernel("auto", "cuda") == ("gemlite", "auto: the fastest measured on sm 9.0")
+    assert choose_int4_kernel("auto", "cpu") == ("tinygemm", "auto")
     assert choose_int4_kernel("tinygemm", "cuda") == ("tinygemm", "as asked")
     assert choose_int4_kernel("gemlite", "cuda") == ("gemlite", "as asked")
     assert choose_int4_kernel("gemlite", "cpu")[0] == "gemlite"
+    capability[0] = (8, 9)
+    assert choose_int4_kernel("auto", "cuda") == ("tinygemm", "auto: gemlite not measured on sm 8.9")
+    capability[0] = (9, 0)
     monkeypatch.setattr(engine_module, "gemlite_available", lambda: "gemlite is not installed (pip install gemlite)")
+    assert choose_int4_kernel("auto", "cuda") == ("tinygemm", "auto: gemlite is not installed (pip install gemlite)")
     with pytest.raises(UserError, match="--generation_int4_kernel gemlite: gemlite is not installed"):
         choose_int4_kernel("gemlite", "cuda")
 

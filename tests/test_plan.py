@@ -118,3 +118,35 @@ def test_a_run_above_its_memory_is_refused_in_one_line_before_anything_is_writte
     assert len(lines) == 1 and "GiB of GPU memory" in lines[0] and "may use 0.0 GiB" in lines[0]
     assert "no completion length fits" in lines[0] and "--dry_run" in lines[0]
     assert not out.exists()
+
+
+def test_micro_batches_are_offered_where_activations_do_not_fit_and_planned_with_the_rows_a_generation_decodes(
+        tmp_path, corpus):
+    """The 7B shape, a 4-bit base with gemlite's int4 copies, on a 12 GiB card: 8 rows a backward do not fit and the
+    refusal offers 4 rows with 2 micro-batches (the same 8 rows a generation and an optimizer step); that run fits,
+    its activations those of 4 rows and its KV cache that of the 8 rows one generation decodes (TRL's
+    steps_per_generation defaults to gradient_accumulation_steps)."""
+    from sdgrpo.plan import cache_bytes
+
+    model = tmp_path / "qwen7b"
+    qwen7b().save_pretrained(model)
+    for f in (ROOT / "src/sdgrpo/assets/tiny-llama").glob("tokenizer*"):
+        (model / f.name).write_bytes(f.read_bytes())
+    common = ["--dry_run", "true", "--model_name_or_path", model, "--dataset_path", corpus / "jonah.txt",
+              "--output_dir", tmp_path / "run", "--load_in_4bit", "true", "--gpu_memory_gib", "12",
+              "--generation_int4_kernel", "gemlite", "--num_generations", "8", "--max_prompt_length", "128",
+              "--max_completion_length", "512"]
+    r = run_cli("train", *common, "--per_device_train_batch_size", "8")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("--per_device_train_batch_size 4 --gradient_accumulation_steps 2 (the same rows a step, half the "
+            "activations)") in r.stderr
+    r = run_cli("train", *common, "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    parts = {}
+    for line in r.stdout.splitlines():  # "  KV cache      0.27 GiB"
+        label, _, rest = line.strip().rpartition("  ")
+        if label and rest.endswith(" GiB"):
+            parts[label.strip()] = float(rest.split()[0])
+    assert parts["KV cache"] == round(cache_bytes(qwen7b(), 8, 128 + 512) / GiB, 2)
+    assert "training activations (2560 tokens)" in parts  # 4 rows x (128 + 512)
+    assert "fits, with" in r.stdout and not (tmp_path / "run").exists()

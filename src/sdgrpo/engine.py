@@ -877,16 +877,38 @@ INT4_KERNELS = ("auto", "gemlite", "tinygemm")
 # The kernels that decode int4 copies at least as fast as 16-bit copies are read (above): with ``generation_weights``
 # auto, a quantised base then gets int4 copies first (a quarter of the memory), not 16-bit ones.
 INT4_FIRST = ("gemlite",)
+# Where auto picks gemlite: the architectures (compute capability) where it was measured to read int4 copies faster
+# than tinygemm at the engine's row counts. One H100 (sm 9.0), 7B layers, ms per token step at 1 / 8 / 16 / 32 rows
+# (benchmarks/results/bench_int4_qwen2.5-7b_h100_2026-12-06.json): gemlite g64 2.39 / 4.13 / 5.08 / 4.89, tinygemm
+# 2.12 / 4.72 / 7.89 / 14.7, bf16 4.95 / 5.03 / 5.00 / 5.02. Elsewhere (Ampere, Ada, Blackwell) nothing was measured
+# here: tinygemm, as before; --generation_int4_kernel gemlite asks for it.
+GEMLITE_AUTO = ((9, 0),)
+
+
+def auto_int4_kernel(device=None) -> tuple[str, str]:
+    """(kernel, why) that ``--generation_int4_kernel auto`` reads int4 copies with on ``device`` (the current CUDA
+    device when None): gemlite on the architectures of :data:`GEMLITE_AUTO` where it is installed, else tinygemm."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return "tinygemm", "auto"
+    capability = torch.cuda.get_device_capability(device)
+    if capability not in GEMLITE_AUTO:
+        return "tinygemm", f"auto: gemlite not measured on sm {capability[0]}.{capability[1]}"
+    reason = gemlite_available()
+    if reason is not None:
+        return "tinygemm", f"auto: {reason}"
+    return "gemlite", f"auto: the fastest measured on sm {capability[0]}.{capability[1]}"
 
 
 def choose_int4_kernel(asked: str, device) -> tuple[str, str]:
-    """(kernel, why) for int4 copies on ``device``: ``asked`` where it can run; auto: tinygemm (see
-    :data:`INT4_KERNELS`). Raises :class:`UserError` when gemlite is asked for on a GPU where it cannot run
-    (:func:`gemlite_available`); off CUDA it is its reference matmul (tests)."""
+    """(kernel, why) for int4 copies on ``device``: ``asked`` where it can run; auto: :func:`auto_int4_kernel`.
+    Raises :class:`UserError` when gemlite is asked for on a GPU where it cannot run (:func:`gemlite_available`);
+    off CUDA it is its reference matmul (tests)."""
     if asked not in INT4_KERNELS:
         raise ValueError(f"int4 kernel {asked!r} is not one of {list(INT4_KERNELS)}")
-    if asked != "gemlite":
-        return "tinygemm", "as asked" if asked == "tinygemm" else "auto"
+    if asked == "auto":
+        return auto_int4_kernel(device)
+    if asked == "tinygemm":
+        return "tinygemm", "as asked"
     if torch.device(device).type != "cuda":
         return "gemlite", "as asked (off CUDA: its reference matmul)"
     reason = gemlite_available()

@@ -201,10 +201,15 @@ def for_run(train_cfg, model_cfg) -> tuple[Plan | None, float | None]:
              else torch.bfloat16)
     rows = train_cfg.per_device_train_batch_size
     lora = model_cfg.lora_r if model_cfg.use_peft else 0
+    kernel = train_cfg.generation_int4_kernel
+    if kernel == "auto":  # as the engine will choose on this GPU; planned for another card: tinygemm
+        from sdgrpo.engine import auto_int4_kernel
+
+        kernel = auto_int4_kernel()[0] if here else "tinygemm"
     plan = estimate(config, four_bit=bool(model_cfg.load_in_4bit), dtype_bytes=torch.finfo(dtype).bits // 8,
-                    lora_r=lora, train_rows=rows, generate_rows=rows * (train_cfg.steps_per_generation or 1),
+                    lora_r=lora, train_rows=rows, generate_rows=generation_rows(train_cfg),
                     prompt=train_cfg.max_prompt_length or 0, completion=train_cfg.max_completion_length or 0,
-                    generation_weights=train_cfg.generation_weights, int4_kernel=train_cfg.generation_int4_kernel,
+                    generation_weights=train_cfg.generation_weights, int4_kernel=kernel,
                     cap=cap, engine=bool(train_cfg.generation_engine))
     return plan, cap
 
@@ -218,9 +223,12 @@ def check(train_cfg, model_cfg, plan: Plan | None, cap: float | None) -> None:
         return
     prompt, completion = train_cfg.max_prompt_length or 0, train_cfg.max_completion_length or 0
     rows = train_cfg.per_device_train_batch_size
-    longest = longest_completion(plan, cap, prompt, completion, rows, rows * (train_cfg.steps_per_generation or 1),
+    longest = longest_completion(plan, cap, prompt, completion, rows, generation_rows(train_cfg),
                                  _config(train_cfg, model_cfg))
     room = []
+    if rows % 2 == 0 and rows > 1:  # the same rows a generation and an optimizer step, half the activations
+        room.append(f"--per_device_train_batch_size {rows // 2} --gradient_accumulation_steps "
+                    f"{2 * train_cfg.gradient_accumulation_steps} (the same rows a step, half the activations)")
     if plan.mode in ("dequantised", "folded"):
         room.append("--generation_weights int4 (a quarter of the copies' memory)")
     if plan.mode == "int4":
@@ -232,6 +240,16 @@ def check(train_cfg, model_cfg, plan: Plan | None, cap: float | None) -> None:
                     f"{rows} rows x {prompt}+{completion} tokens) and may use {cap / GiB:.1f} GiB: {fits}"
                     + (f"; or {', or '.join(room)}" if room else "")
                     + "; `sdgrpo train --dry_run` shows the parts (--memory_check false tries anyway)")
+
+
+def generation_rows(train_cfg) -> int:
+    """Rows one generation decodes: TRL's generation_batch_size (per_device_train_batch_size x steps_per_generation,
+    which defaults to gradient_accumulation_steps; GRPOConfig.__post_init__ in TRL 1.15), or generation_batch_size
+    (over all processes) where set."""
+    if getattr(train_cfg, "generation_batch_size", None):
+        return train_cfg.generation_batch_size // max(1, getattr(train_cfg, "world_size", 1))
+    return train_cfg.per_device_train_batch_size * (train_cfg.steps_per_generation
+                                                    or train_cfg.gradient_accumulation_steps or 1)
 
 
 def _config(train_cfg, model_cfg):

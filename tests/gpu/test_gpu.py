@@ -379,12 +379,18 @@ def test_a_4bit_base_decodes_through_16bit_copies_where_they_fit(qwen_dir, tiny_
 @pytest.mark.parametrize("weights, kernel, mode, line", [
     ("int4", "tinygemm", 2.0, "int4 generation copies"),
     ("auto", "gemlite", 2.0, "int4 generation copies of the quantised base, read by gemlite"),
-    ("auto", "auto", 3.0, "16-bit generation copies of the dequantised base")])
+    ("auto", "tinygemm", 3.0, "16-bit generation copies of the dequantised base"),
+    ("auto", "auto", None, None)])
 def test_hf_backend_trains_a_4bit_base_with_corrected_rollouts(weights, kernel, mode, line, qwen_dir, prepared,
                                                                tmp_path):
     """`sdgrpo train --backend hf --load_in_4bit true`: 3 steps, rollouts from int4 copies (engine/mode 2; as asked,
     or first with gemlite reading them) or, by default, 16-bit copies of the dequantised base (mode 3) where they
     fit, their mismatch with the policy logged and corrected every step."""
+    if kernel == "auto":  # the defaults: gemlite's int4 copies first on an H100 (where installed), else 16-bit copies
+        from sdgrpo.engine import auto_int4_kernel
+
+        mode, line = ((2.0, "int4 generation copies of the quantised base, read by gemlite")
+                      if auto_int4_kernel()[0] == "gemlite" else (3.0, "16-bit generation copies of the dequantised base"))
     steps = _train(qwen_dir, prepared, tmp_path / "hf4", "hf", "--load_in_4bit", "true", "--generation_weights",
                    weights, "--generation_int4_kernel", kernel, compiled=True)
     for x in steps:
