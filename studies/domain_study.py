@@ -30,6 +30,9 @@ Arms for forgetting (none in the default ``--arms``), each at ``--replay_lr``:
   trained by KL(base || model)), for S in ``--replay_shares``;
 - ``distill_replay@S``: ``distill_token`` from the SFT teacher (``sft@`` the first ``--teacher_lr``) with
   ``--replay_share S`` (replay prompts taught by the base); share 0 of both is ``sft@LR`` and ``distill_token``;
+- ``distill_sampler`` (``distill<-sft@token@S``): ``distill_token`` from the same teacher with rollouts from the
+  sampler S of ``--samplers`` (transformers' generate, int4 copies, 2 or 4 steps per generation): a faster sampler
+  must train as well as the default one (``distill<-sft@token``; seeds for both);
 - SFT stopped early is the trajectory of one run: ``--trajectory LR:EVERY`` measures the ``sft@LR`` arm's
   checkpoint every EVERY steps (drawn as the frontier: the points along one run, not a line from the base to its
   last point); ``--sft_trajectory`` instead trains separate runs of fewer steps.
@@ -232,8 +235,13 @@ def names_teacher(name: str) -> bool:
     return name.startswith("distill<-sft@") and name.split("@")[1] not in ("token", "topk")
 
 
-# arms whose parameter is their kind (a share, a weight): one marker each
-PARAMETER_KINDS = ("sft_kl@", "sft_replay@", "distill_replay@")
+# arms whose parameter is their kind (a share, a weight, a sampler): one marker each
+PARAMETER_KINDS = ("sft_kl@", "sft_replay@", "distill_replay@", "distill<-sft@token@")
+# the distill_sampler arms' rollouts (distill<-sft@token@NAME), against distill<-sft@token's (the engine's default:
+# LoRA folded into 16-bit generation copies, its rollouts corrected): transformers' generate (exact, no correction),
+# int4 copies (read by gemlite on an H100), and 2 or 4 optimizer steps per generation (a policy lag)
+SAMPLERS = {"generate": ["--generation_engine", "false"], "int4": ["--generation_weights", "int4"],
+            "spg2": ["--steps_per_generation", "2"], "spg4": ["--steps_per_generation", "4"]}
 
 
 def kind_of(name: str) -> str:
@@ -404,6 +412,11 @@ def arms_of(args, data: Path, work: Path, model: str) -> dict:
         add("distill_replay", f"distill_replay@{share}",
             distill_arm(["--advantage", "token", *map(str, replay)], f"sft@{first_teacher}", first_teacher),
             needs=f"sft@{first_teacher}" if STEPS else None)
+    # the sampler's quality gate: distill_token from the same teacher with rollouts from another sampler
+    for sampler in getattr(args, "samplers", "").split(",") if getattr(args, "samplers", "") else []:
+        add("distill_sampler", f"distill<-sft@token@{sampler}",
+            distill_arm(["--advantage", "token", *SAMPLERS[sampler]], f"sft@{first_teacher}", first_teacher),
+            needs=f"sft@{first_teacher}" if STEPS else None)
     for i, lr in enumerate(args.sdft_lrs.split(",")):
         name = "sdft" if i == 0 else f"sdft@{lr}"
         add("sdft", name, lambda seed, label, lr=lr: (run_sdft(data, work / label, model, float(lr), budget),
@@ -439,7 +452,10 @@ def main() -> None:
     ap.add_argument("--sdft_lrs", default="3e-4", help="learning rates of the sdft arm (the first is named sdft)")
     ap.add_argument("--arms", default="base,sft,self_nll,context_distill,distill",
                     help="of base, sft, self_nll, context_distill, context_distill_token, distill, distill_token, "
-                         "distill_topk, sdft, sft_kl, sft_replay, distill_replay")
+                         "distill_topk, sdft, sft_kl, sft_replay, distill_replay, distill_sampler")
+    ap.add_argument("--samplers", default="generate,int4,spg2,spg4",
+                    help="the distill_sampler arms: distill_token from the first --teacher_lr's SFT with rollouts from "
+                         f"each of {', '.join(SAMPLERS)} (see SAMPLERS)")
     ap.add_argument("--trajectory", default=None, metavar="LR:EVERY",
                     help="the sft@LR arm saves a checkpoint every EVERY steps and each is measured: SFT stopped early, "
                          "along one run (the frontier of the figure)")

@@ -106,6 +106,33 @@ def test_domain_study_forgetting_arms_are_named_by_their_parameter_and_wait_for_
         "sft_replay@0.25", "distill_replay@0.5", "sft_kl@0.2"]
 
 
+def test_domain_study_sampler_arms_distill_the_same_teacher_with_each_samplers_options(tmp_path, monkeypatch):
+    """The quality gate's arms: distill<-sft@token@S for each sampler S over the seeds, waiting for the first
+    teacher's sft arm, trained as distill_token (--advantage token, the teacher's adapter) plus S's options; each
+    sampler its own kind in the figure."""
+    import argparse
+
+    study = load("domain_study")
+    study.STEPS = 10
+    args = argparse.Namespace(budget_s=None, arms="base,sft,distill_token,distill_sampler", seeds="0,1",
+                              seed_arms="distill_token,distill_sampler", sft_lrs="1e-4", teacher_lr="1e-4", topk=20,
+                              distill_lr="3e-4", context_distill_lrs="3e-4", sdft_lrs="3e-4", sft_trajectory=None,
+                              trajectory=None, kl_weights="0.5", replay_shares="0.25", replay_lr="1e-4",
+                              replay_samples="64", samplers="generate,int4,spg4")
+    arms = study.arms_of(args, tmp_path, tmp_path, "model")
+    assert {name: need for name, (_, need) in arms.items()} == {
+        "base": None, "sft@1e-4": None, "distill<-sft@token": "sft@1e-4", "distill<-sft@token#s1": "sft@1e-4",
+        **{f"distill<-sft@token@{s}{seed}": "sft@1e-4" for s in ("generate", "int4", "spg4") for seed in ("", "#s1")}}
+    seen = []
+    monkeypatch.setattr(study, "run_grpo", lambda argv, budget: seen.append(argv) or {"steps": 10})
+    arms["distill<-sft@token@spg4#s1"][0]()
+    arms["distill<-sft@token@generate"][0]()
+    for argv, extra in zip(seen, (["--steps_per_generation", "4"], ["--generation_engine", "false"])):
+        assert argv[-len(extra):] == extra and argv[argv.index("--advantage") + 1] == "token"
+        assert argv[argv.index("--teacher_adapter") + 1] == str(tmp_path / "sft@1e-4")
+    assert study.kind_of("distill<-sft@token@int4#s1") == "distill<-sft@token@int4"
+
+
 def test_kl_to_base_is_the_mean_kl_per_token_of_the_general_text(tiny_tokenizer):
     """Against whole-text logits in fp64: the mean over the first N tokens of KL(model || base) over the vocabulary;
     0 for the base itself."""
