@@ -122,7 +122,8 @@ def test_a_run_above_its_memory_is_refused_in_one_line_before_anything_is_writte
 
 def test_micro_batches_are_offered_where_activations_do_not_fit_and_planned_with_the_rows_a_generation_decodes(
         tmp_path, corpus):
-    """The 7B shape, a 4-bit base with gemlite's int4 copies, on a 12 GiB card: 8 rows a backward do not fit and the
+    """The 7B shape, a 4-bit base with gemlite's int4 copies, on a 12 GiB card: 8 rows a backward do not fit (without
+    offloading) and the
     refusal offers 4 rows with 2 micro-batches (the same 8 rows a generation and an optimizer step); that run fits,
     its activations those of 4 rows and its KV cache that of the 8 rows one generation decodes (TRL's
     steps_per_generation defaults to gradient_accumulation_steps)."""
@@ -136,7 +137,7 @@ def test_micro_batches_are_offered_where_activations_do_not_fit_and_planned_with
               "--output_dir", tmp_path / "run", "--load_in_4bit", "true", "--gpu_memory_gib", "12",
               "--generation_int4_kernel", "gemlite", "--num_generations", "8", "--max_prompt_length", "128",
               "--max_completion_length", "512"]
-    r = run_cli("train", *common, "--per_device_train_batch_size", "8")
+    r = run_cli("train", *common, "--per_device_train_batch_size", "8", "--offload_activations", "false")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert ("--per_device_train_batch_size 4 --gradient_accumulation_steps 2 (the same rows a step, half the "
             "activations)") in r.stderr
@@ -150,3 +151,46 @@ def test_micro_batches_are_offered_where_activations_do_not_fit_and_planned_with
     assert parts["KV cache"] == round(cache_bytes(qwen7b(), 8, 128 + 512) / GiB, 2)
     assert "training activations (2560 tokens)" in parts  # 4 rows x (128 + 512)
     assert "fits, with" in r.stdout and not (tmp_path / "run").exists()
+
+
+def test_offload_is_chosen_where_the_run_fits_only_with_the_layer_inputs_in_cpu_memory(tmp_path, corpus):
+    """--offload_activations auto, the 7B shape with a 4-bit base decoded unmerged, on a 12 GiB card: 1,024 completion
+    tokens fit as they are (offload stays off), 2,048 fit only with the layer inputs off the card (offload on, the
+    activations those of the estimate less L x H x 2 bytes a token), 4,096 do not fit either way and the refusal names
+    the longest that fits with offloading; --offload_activations false names the shorter one without it."""
+    from sdgrpo.plan import decide_offload
+
+    model = tmp_path / "qwen7b"
+    qwen7b().save_pretrained(model)
+    for f in (ROOT / "src/sdgrpo/assets/tiny-llama").glob("tokenizer*"):
+        (model / f.name).write_bytes(f.read_bytes())
+    common = ["--dry_run", "true", "--model_name_or_path", model, "--dataset_path", corpus / "jonah.txt",
+              "--output_dir", tmp_path / "run", "--load_in_4bit", "true", "--gpu_memory_gib", "12",
+              "--generation_weights", "model", "--num_generations", "8", "--per_device_train_batch_size", "8",
+              "--max_prompt_length", "128"]
+    r = run_cli("train", *common, "--max_completion_length", "1024")
+    assert r.returncode == 0 and "inputs on CPU" not in r.stdout and "offloaded" not in r.stderr
+    r = run_cli("train", *common, "--max_completion_length", "2048")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "training activations (17408 tokens; inputs on CPU)" in r.stdout
+    assert "activations offloaded (--offload_activations auto)" in r.stderr
+    r = run_cli("train", *common, "--max_completion_length", "4096")
+    assert r.returncode == 2 and "--max_completion_length 2048 fits" in r.stderr
+    r = run_cli("train", *common, "--max_completion_length", "4096", "--offload_activations", "false")
+    assert r.returncode == 2 and "--max_completion_length 1280 fits" in r.stderr
+
+    class Cfg:  # the options decide_offload reads
+        offload_activations, backend, gradient_checkpointing = "auto", "hf", True
+
+    plan = estimate(qwen7b(), four_bit=True, train_rows=8, generate_rows=8, prompt=128, completion=2048,
+                    generation_weights="model", cap=12 * GiB)
+    before = plan.activations()
+    cfg = Cfg()
+    decide_offload(cfg, plan, 12 * GiB)
+    assert cfg.offload_activations == "true" and plan.offload
+    assert before - plan.activations() == 28 * 3584 * 2 * 8 * (128 + 2048)
+    cfg, plan = Cfg(), estimate(qwen7b(), four_bit=True, train_rows=8, generate_rows=8, prompt=128, completion=2048,
+                                generation_weights="model", cap=12 * GiB)
+    cfg.backend = "unsloth"  # offloads with its own checkpointing
+    decide_offload(cfg, plan, 12 * GiB)
+    assert cfg.offload_activations == "false" and not plan.offload

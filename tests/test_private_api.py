@@ -315,3 +315,22 @@ def test_the_progress_callback_that_sdgrpo_replaces():
     assert "self.training_bar.write(" in inspect.getsource(ProgressCallback.on_log)
     assert ("PrinterCallback if self.args.disable_tqdm else DEFAULT_PROGRESS_CALLBACK"
             in inspect.getsource(Trainer.__init__))
+
+
+def test_the_checkpoint_function_that_offload_wraps():
+    """offload.install wraps the ``_gradient_checkpointing_func`` that transformers' GradientCheckpointingLayer calls
+    (set by PreTrainedModel._set_gradient_checkpointing on every module with a ``gradient_checkpointing`` flag), and
+    relies on torch's non-reentrant checkpoint saving its inputs before it enters its own saved-tensor hooks
+    (torch 2.13: ``new_frame.save_inputs(*args)``, saved tensors; earlier: ``NoopSaveInputs.apply``), so that the
+    hooks around it (save_on_cpu's) pack them; tests/test_offload.py counts them."""
+    import torch.utils.checkpoint as checkpoint
+    from transformers import PreTrainedModel
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    assert ("self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)"
+            in inspect.getsource(GradientCheckpointingLayer.__call__))
+    assert ('setattr(module, "_gradient_checkpointing_func", gradient_checkpointing_func)'
+            in inspect.getsource(PreTrainedModel._set_gradient_checkpointing))
+    source = inspect.getsource(checkpoint._checkpoint_without_reentrant_generator)
+    saver = next(k for k in ("new_frame.save_inputs(", "NoopSaveInputs.apply(") if k in source)
+    assert source.index(saver) < source.index("with _checkpoint_hook(")

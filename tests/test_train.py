@@ -279,3 +279,31 @@ def test_cudnn_attention_is_off_unless_asked_for(tmp_path, prepared):
             assert torch.backends.cuda.cudnn_sdp_enabled() is expected, extra
     finally:
         torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_offloaded_activations_train_the_same_weights_and_log_what_went_to_cpu_memory(tmp_path, prepared,
+                                                                                      tiny_model_dir, caplog):
+    """--offload_activations true: one GRPO step gives LoRA weights equal bit for bit to the same step without it, the
+    checkpointed layers' inputs counted as they go to CPU memory (memory/offloaded_gib, a whole number of layer
+    inputs), one line logged; false installs nothing."""
+    import logging
+
+    from sdgrpo import offload
+
+    weights = {}
+    for setting in ("false", "true"):
+        torch.manual_seed(0)
+        trainer, _, _ = _trainer(tiny_model_dir, prepared, tmp_path / setting, "--offload_activations", setting,
+                                 "--logging_steps", "1")
+        with caplog.at_level(logging.INFO, logger="sdgrpo.grpo_trainer"):
+            trainer.train()
+        weights[setting] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        wrapped = [isinstance(m._gradient_checkpointing_func, offload.OffloadedCheckpoint)
+                   for m in offload.checkpointed_layers(trainer.model)]
+        assert wrapped and all(wrapped) == (setting == "true") and any(wrapped) == (setting == "true")
+    assert all(torch.equal(weights["false"][n], weights["true"][n]) for n in weights["false"])
+    layers = trainer.model.config.num_hidden_layers
+    assert f"activations offloaded: the inputs of {layers} checkpointed layers" in caplog.text
+    sent = trainer._offloaded[0]  # the last pass's bytes: layers x rows x tokens x hidden x 4 (fp32)
+    per_token = layers * trainer.model.config.hidden_size * 4
+    assert sent > 0 and sent % per_token == 0

@@ -148,6 +148,7 @@ OPTIONS: dict[str, Rule] = {
     "rollout_correction_mode": one_of("auto", "trl", "token_truncate", "token_mask", "sequence_truncate",
                                       "sequence_mask"),
     "generation_int4_kernel": one_of("auto", "gemlite", "tinygemm"),
+    "offload_activations": one_of("auto", "true", "false"),
     "gpu_memory_gib": POSITIVE,
     **dict.fromkeys(("rollout_correction", "reuse_reference_logprobs"), SWITCH),
 }

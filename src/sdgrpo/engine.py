@@ -869,20 +869,21 @@ class GemliteLinear(torch.nn.Module):
 # 4.34 ms at the copy bandwidth, int4's about 1.2): bf16 5.0 at 1-32 rows; gemlite (groups of 64) 2.4 / 4.1 / 5.1 /
 # 4.9 at 1 / 8 / 16 / 32 rows; tinygemm 2.1 / 4.7 / 7.9 / 14.7; bitsandbytes NF4 (the base as it is) 3.6 / 9.7 / 9.6
 # / 9.4. So on an H100 gemlite reads a quarter of the bytes at least as fast as bf16 at every row count a generation
-# decodes, tinygemm only below 16 rows. ``auto`` is still tinygemm: gemlite's engine path failed its GPU test
-# (tests/gpu/test_gpu.py::test_a_4bit_base_decodes_through_gemlite_int4_copies, Qwen2.5-0.5B shape, 2026-12-06) and
-# has not been run on a GPU since its fix of split-K rounding; it is there to be asked for
-# (``--generation_int4_kernel gemlite``) until that test passes (docs/gpu.md).
+# decodes, tinygemm only below 16 rows. ``auto`` is still tinygemm everywhere (GEMLITE_AUTO empty): on 2026-12-07 the
+# engine's gemlite path decoded the Qwen2.5-0.5B shape (4 layers, NF4 base) to NaN log-probs on an H100
+# (tests/gpu/test_gpu.py::test_a_4bit_base_decodes_through_gemlite_int4_copies), while the shipped model (widths 256)
+# decodes as the reference does; suspected: gemlite's split-K kernels with K (896 there) not a multiple of
+# BLOCK_SIZE_K x SPLIT_K read group scales past the end (docs/gpu.md). It is there to be asked for
+# (``--generation_int4_kernel gemlite``).
 INT4_KERNELS = ("auto", "gemlite", "tinygemm")
 # The kernels that decode int4 copies at least as fast as 16-bit copies are read (above): with ``generation_weights``
 # auto, a quantised base then gets int4 copies first (a quarter of the memory), not 16-bit ones.
 INT4_FIRST = ("gemlite",)
 # Where auto picks gemlite: the architectures (compute capability) where it was measured to read int4 copies faster
-# than tinygemm at the engine's row counts. One H100 (sm 9.0), 7B layers, ms per token step at 1 / 8 / 16 / 32 rows
-# (benchmarks/results/bench_int4_qwen2.5-7b_h100_2026-12-06.json): gemlite g64 2.39 / 4.13 / 5.08 / 4.89, tinygemm
-# 2.12 / 4.72 / 7.89 / 14.7, bf16 4.95 / 5.03 / 5.00 / 5.02. Elsewhere (Ampere, Ada, Blackwell) nothing was measured
-# here: tinygemm, as before; --generation_int4_kernel gemlite asks for it.
-GEMLITE_AUTO = ((9, 0),)
+# than tinygemm at the engine's row counts and decodes as the reference does. An H100 (sm 9.0) is measured faster (7B
+# layers, ms per token step at 1 / 8 / 16 / 32 rows: gemlite g64 2.39 / 4.13 / 5.08 / 4.89, tinygemm 2.12 / 4.72 /
+# 7.89 / 14.7) but is not listed until the GPU test above passes there; nothing was measured on other architectures.
+GEMLITE_AUTO: tuple[tuple[int, int], ...] = ()
 
 
 def auto_int4_kernel(device=None) -> tuple[str, str]:
@@ -892,7 +893,7 @@ def auto_int4_kernel(device=None) -> tuple[str, str]:
         return "tinygemm", "auto"
     capability = torch.cuda.get_device_capability(device)
     if capability not in GEMLITE_AUTO:
-        return "tinygemm", f"auto: gemlite not measured on sm {capability[0]}.{capability[1]}"
+        return "tinygemm", f"auto: gemlite not chosen on sm {capability[0]}.{capability[1]} (engine.GEMLITE_AUTO)"
     reason = gemlite_available()
     if reason is not None:
         return "tinygemm", f"auto: {reason}"

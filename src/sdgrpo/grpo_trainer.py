@@ -175,6 +175,9 @@ class SelfDistillMixin(CheckpointMixin):
                                     generation_weights=getattr(self.args, "generation_weights", "auto"),
                                     int4_kernel=getattr(self.args, "generation_int4_kernel", "auto"))
                        if getattr(self.args, "generation_engine", False) else None)
+        # --offload_activations (true once the plan decided): checkpointed layer inputs in CPU memory (offload.py)
+        self._offloaded = ([0] if getattr(self.args, "offload_activations", "false") == "true"
+                           and getattr(self.args, "backend", "hf") == "hf" else None)
         self.token_advantages = getattr(self.args, "advantage", "sequence") == "token"
         if self.token_advantages:
             for reward in self.reward_funcs:
@@ -523,6 +526,30 @@ class SelfDistillMixin(CheckpointMixin):
         return self.vllm_importance_sampling_mode if setting == "trl" else setting
 
     def compute_loss(self, model, inputs, *args, **kwargs):
+        if self._offloaded is not None:
+            self._offload_layer_inputs(model)
+        return self._compute_loss_corrected(model, inputs, *args, **kwargs)
+
+    def _offload_layer_inputs(self, model) -> None:
+        """--offload_activations: the checkpointed layers' inputs of this pass kept in CPU memory (offload.py); the
+        GiB sent logged as memory/offloaded_gib, the first time in one line."""
+        from sdgrpo import offload
+
+        if self._offloaded[0]:
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["memory/offloaded_gib"].append(self._offloaded[0] / 2**30)
+        self._offloaded[0] = 0
+        layers = offload.install(model, self._offloaded)
+        if not getattr(self, "_told_offload", False):
+            self._told_offload = True
+            if layers:
+                logger.info("activations offloaded: the inputs of %d checkpointed layers wait in CPU memory for the "
+                            "backward (--offload_activations)", layers)
+            else:
+                logger.warning("--offload_activations: no layer is checkpointed (--gradient_checkpointing false?), "
+                               "nothing is offloaded")
+
+    def _compute_loss_corrected(self, model, inputs, *args, **kwargs):
         # Unsloth's compute_loss (unsloth_zoo's grpo_compute_loss; it never calls _compute_loss) applies TRL's
         # truncated importance sampling from old_per_token_logps and sampling_per_token_logps, with the trainer's
         # vllm_importance_sampling_* settings, and logs the mismatch, only under use_vllm and

@@ -16,7 +16,9 @@ completion), G rows decoded at a time:
   generations, so they are held while training runs too;
 - ``activations``: per training token, what gradient checkpointing keeps (each layer's input, L x H x 2), one layer's
   recomputed activations with their gradients in the backward (the MLP's 6 x I and the attention's 6 x H values, 2
-  bytes each) and the fused LM head's fp32 gradient of its input (4 x H); times R x T;
+  bytes each) and the fused LM head's fp32 gradient of its input (4 x H); times R x T. With the layer inputs offloaded
+  to CPU memory (``--offload_activations``, sdgrpo.offload), the first term is off the card; auto offloads where the
+  run fits only so;
 - ``head``: TRL's fused LM head's tile (4,096 tokens x 32,768 vocabulary columns, 16-bit), the one part of the
   head that does not grow with tokens.
 
@@ -47,12 +49,18 @@ class Plan:
     cache: int
     per_token: int  # activations per training token
     train_tokens: int  # training rows x (prompt + completion)
+    layer_inputs: int = 0  # of per_token: the checkpointed layers' inputs, which offloading takes off the card
+    offload: bool = False  # the layer inputs in CPU memory (--offload_activations)
+    may_offload: bool = False  # --offload_activations auto could turn it on (decide_offload)
     head: int = HEAD_TILE
     mode: str = "unmerged"  # the engine mode the estimate assumes
     notes: list[str] = field(default_factory=list)
 
+    def on_card_per_token(self) -> int:
+        return self.per_token - (self.layer_inputs if self.offload else 0)
+
     def activations(self) -> int:
-        return self.per_token * self.train_tokens
+        return self.on_card_per_token() * self.train_tokens
 
     def peak(self, mode: str | None = None) -> int:
         mode = mode or self.mode
@@ -62,11 +70,12 @@ class Plan:
         """The plan as lines a person reads."""
         rows = [("model weights", self.weights), ("LoRA, gradients, Adam state", self.adapters),
                 (f"generation copies ({self.mode})", self.copies.get(self.mode, 0)), ("KV cache", self.cache),
-                (f"training activations ({self.train_tokens} tokens)", self.activations()),
+                (f"training activations ({self.train_tokens} tokens"
+                 + ("; inputs on CPU)" if self.offload else ")"), self.activations()),
                 ("fused LM head tile", self.head), ("estimated peak", self.peak())]
-        lines = [f"  {name:<42} {value / GiB:7.2f} GiB" for name, value in rows]
+        lines = [f"  {name:<50} {value / GiB:7.2f} GiB" for name, value in rows]
         if cap is not None:
-            lines.append(f"  {'memory the run may use':<42} {cap / GiB:7.2f} GiB")
+            lines.append(f"  {'memory the run may use':<50} {cap / GiB:7.2f} GiB")
         return "\n".join(lines + [f"  {n}" for n in self.notes])
 
 
@@ -106,7 +115,8 @@ def cache_bytes(config, rows: int, positions: int, width: int = 2) -> int:
 
 def estimate(config, *, four_bit: bool, dtype_bytes: int = 2, lora_r: int = 16, train_rows: int,
              generate_rows: int, prompt: int, completion: int, generation_weights: str = "auto",
-             int4_kernel: str = "tinygemm", cap: float | None = None, engine: bool = True) -> Plan:
+             int4_kernel: str = "tinygemm", cap: float | None = None, engine: bool = True,
+             offload: bool = False) -> Plan:
     """The plan of a run (see the module docstring); the engine mode is the one the decoding engine would choose
     under ``cap`` (engine.DecodeEngine._decide_mode on its first call: what the cap leaves after the resident model,
     less engine.TRAINING_SHARE of it for training)."""
@@ -137,6 +147,7 @@ def estimate(config, *, four_bit: bool, dtype_bytes: int = 2, lora_r: int = 16, 
     h, i = c.hidden_size, c.intermediate_size
     per_token = c.num_hidden_layers * h * 2 + (6 * i + 6 * h) * 2 + 4 * h
     plan = Plan(weights=weights, adapters=adapters, copies=copies, cache=cache, per_token=per_token,
+                layer_inputs=c.num_hidden_layers * h * 2, offload=offload,
                 train_tokens=train_rows * positions)
     plan.mode = _engine_mode(plan, four_bit, generation_weights, int4_kernel, cap, engine,
                              INT4_FIRST, TRAINING_SHARE)
@@ -170,7 +181,7 @@ def longest_completion(plan: Plan, cap: float, prompt: int, completion: int, tra
     for n in range(64, completion + 1, 64):
         tokens = train_rows * (prompt + n)
         cache = cache_bytes(config, generate_rows, prompt + n, dtype_bytes) if plan.cache else 0
-        peak = plan.peak() - plan.activations() - plan.cache + plan.per_token * tokens + cache
+        peak = plan.peak() - plan.activations() - plan.cache + plan.on_card_per_token() * tokens + cache
         if peak <= cap:
             best = n
     return best
@@ -210,8 +221,32 @@ def for_run(train_cfg, model_cfg) -> tuple[Plan | None, float | None]:
                     lora_r=lora, train_rows=rows, generate_rows=generation_rows(train_cfg),
                     prompt=train_cfg.max_prompt_length or 0, completion=train_cfg.max_completion_length or 0,
                     generation_weights=train_cfg.generation_weights, int4_kernel=kernel,
-                    cap=cap, engine=bool(train_cfg.generation_engine))
+                    cap=cap, engine=bool(train_cfg.generation_engine),
+                    offload=train_cfg.offload_activations == "true")
+    decide_offload(train_cfg, plan, cap)
     return plan, cap
+
+
+def decide_offload(train_cfg, plan: Plan, cap: float | None) -> None:
+    """``--offload_activations auto``: on (``train_cfg`` and ``plan`` set to it, one line logged) where the run fits
+    its GPU memory only with the layer inputs in CPU memory (--backend hf with gradient checkpointing, on a GPU or
+    planned for one), else off."""
+    import logging
+
+    if train_cfg.offload_activations != "auto":
+        return
+    train_cfg.offload_activations = "false"
+    if (plan is None or cap is None or plan.peak() <= cap or getattr(train_cfg, "backend", "hf") != "hf"
+            or not train_cfg.gradient_checkpointing):
+        return
+    plan.offload = plan.may_offload = True
+    if plan.peak() > cap:
+        plan.offload = False
+        return
+    train_cfg.offload_activations = "true"
+    logging.getLogger(__name__).info(
+        "activations offloaded (--offload_activations auto): the run fits %.1f GiB only with the checkpointed layer "
+        "inputs in CPU memory (%.2f GiB a step)", cap / GiB, plan.layer_inputs * plan.train_tokens / GiB)
 
 
 def check(train_cfg, model_cfg, plan: Plan | None, cap: float | None) -> None:
@@ -223,8 +258,10 @@ def check(train_cfg, model_cfg, plan: Plan | None, cap: float | None) -> None:
         return
     prompt, completion = train_cfg.max_prompt_length or 0, train_cfg.max_completion_length or 0
     rows = train_cfg.per_device_train_batch_size
+    plan.offload = plan.offload or plan.may_offload  # what fits with auto's offloading, which a shorter run gets
     longest = longest_completion(plan, cap, prompt, completion, rows, generation_rows(train_cfg),
                                  _config(train_cfg, model_cfg))
+    plan.offload = train_cfg.offload_activations == "true"
     room = []
     if rows % 2 == 0 and rows > 1:  # the same rows a generation and an optimizer step, half the activations
         room.append(f"--per_device_train_batch_size {rows // 2} --gradient_accumulation_steps "
