@@ -326,6 +326,9 @@ def test_engine_rollouts_are_corrected_per_token_by_default_and_trls_sequence_ra
     assert metrics["sampling/importance_sampling_ratio/max"][-1] == pytest.approx(want.max().item(), abs=1e-4)
     assert metrics["sampling/importance_sampling_ratio/zeroed"][-1] == pytest.approx((want == 0).float().mean().item())
     assert ("the mean importance weight of this batch" in caplog.text) == (want.mean().item() < 0.8)
+    if want.mean().item() < 0.8:  # the share discarded, and advice that is not the mode already in use
+        assert f"{100 * (1 - want.mean().item()):.0f}% of its policy gradient is discarded" in caplog.text
+        assert ("--rollout_correction_mode token_truncate keeps" in caplog.text) == (setting != "auto")
 
 
 def test_several_steps_per_generation_keep_each_rows_sampler_log_probs_and_ratio(tiny_model_dir, tiny_tokenizer,

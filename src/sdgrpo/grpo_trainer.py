@@ -511,9 +511,13 @@ class SelfDistillMixin(CheckpointMixin):
             self._metrics[mode][f"sampling/{key}"].append(value)
             if key == "importance_sampling_ratio/mean" and value < LOW_WEIGHT and not getattr(self, "_told_low", 0):
                 self._told_low = True
-                logger.warning("rollout correction: the mean importance weight of this batch is %.2f (%s): most of "
-                               "its policy gradient is discarded; --rollout_correction_mode token_truncate keeps a "
-                               "weight that does not shrink with completion length", value, self.correction_mode())
+                mode_now = self.correction_mode()
+                advice = ("--rollout_correction_mode token_truncate keeps a weight that does not shrink with "
+                          "completion length" if mode_now != "token_truncate" else
+                          "the sampler is far from the policy token by token (int4 copies of random or untrained "
+                          "weights are); 16-bit copies or --generation_weights model decode closer")
+                logger.warning("rollout correction: the mean importance weight of this batch is %.2f (%s): %.0f%% of "
+                               "its policy gradient is discarded; %s", value, mode_now, 100 * (1 - value), advice)
 
     def correction_mode(self) -> str:
         """The importance-sampling mode for the engine's rollouts (``--rollout_correction_mode``): auto is
