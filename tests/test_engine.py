@@ -848,6 +848,9 @@ def test_gemlite_packing_is_eight_values_a_word_along_k_transposed():
             want = sum(int(q[n, 8 * w + j]) << (4 * j) for j in range(8))
             assert int(words[w, n]) & 0xFFFFFFFF == want
     assert torch.equal(unpack_gemlite(words), q)
+    # a few rows at a time (a refresh's temporaries bounded) into a given tensor: the same words
+    out = torch.zeros(8, 24, dtype=torch.int32)
+    assert pack_gemlite(q, out=out, rows=5) is out and torch.equal(out, words)
 
 
 def test_affine_quantisation_is_round_to_nearest_within_half_a_step():

@@ -755,14 +755,23 @@ def quantise_affine(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     return q.reshape(n, k), scale, low
 
 
-def pack_gemlite(q: torch.Tensor) -> torch.Tensor:
+def pack_gemlite(q: torch.Tensor, out: torch.Tensor | None = None, rows: int = 4096) -> torch.Tensor:
     """``q`` (values 0..15, [N, K]) packed as gemlite packs 4-bit weights with 32-bit words
     (``pack_weights_over_cols(..., W_nbits=4, packing_bitwidth=32, transpose=True)``, then made contiguous): column
-    ``j`` of a row in bits ``4 * (j % 8)`` of word ``j // 8``; int32 [K / 8, N]."""
+    ``j`` of a row in bits ``4 * (j % 8)`` of word ``j // 8``; int32 [K / 8, N], into ``out`` where given. ``rows``
+    rows at a time, in int32 (the top nibble wraps into the sign bit, as gemlite's words hold it), so a refresh's
+    temporaries stay near ``rows x K x 4`` bytes: packing the 7B's gate/up stack whole in int64 took 1.1 GiB and ran
+    a 12 GiB run out of memory (one H100, 2026-12-07)."""
     n, k = q.shape
-    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
-    words = (q.view(n, k // 8, 8).to(torch.int64) << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).t().contiguous()
+    if out is None:
+        out = torch.empty(k // 8, n, dtype=torch.int32, device=q.device)
+    for first in range(0, n, rows):
+        nibbles = q[first:first + rows].reshape(-1, k // 8, 8).to(torch.int32)
+        words = nibbles[..., 0].clone()
+        for j in range(1, 8):
+            words |= nibbles[..., j] << (4 * j)
+        out[:, first:first + rows] = words.t()
+    return out
 
 
 def unpack_gemlite(words: torch.Tensor) -> torch.Tensor:
@@ -844,7 +853,7 @@ class GemliteLinear(torch.nn.Module):
 
     @torch.no_grad()
     def pack(self, values: torch.Tensor) -> None:
-        self.W_q.copy_(pack_gemlite(values))
+        pack_gemlite(values, out=self.W_q.data)
 
     def dequantised(self) -> torch.Tensor:
         """W as the kernel reads it, bf16 [N, K]."""
