@@ -137,3 +137,19 @@ def test_help_leads_with_sdgrpos_options_and_lists_every_option_once(verb, first
     assert ours and all(where[name] < heading for name in ours)
     assert all(where[name] > heading for name in where.keys() - ours - {"log_level"})
     assert where["per_device_train_batch_size"] > heading > where["learning_rate"]
+
+
+@pytest.mark.parametrize("verb", ["prepare", "eval", "export", "generate", "demo"])
+def test_every_option_of_sdgrpos_own_verbs_says_what_it_does(verb):
+    """`sdgrpo VERB --help` for the verbs whose options are all sdgrpo's: every option has a line of help, none is
+    a bare name."""
+    import re
+
+    from conftest import run_cli
+
+    r = run_cli(verb, "--help", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    text = r.stdout.split("show this help message and exit", 1)[1]
+    entries = re.split(r"\n(?=  --\w)", text)[1:]  # an option's lines, up to the next option
+    bare = [entry.split()[0] for entry in entries if "(default:" not in entry]  # argparse shows it with help only
+    assert len(entries) >= 6 and not bare, bare

@@ -30,17 +30,24 @@ _SENTENCE = re.compile(r"[.!?;:][\"')\]]*\s+|\n")
 
 @dataclass
 class PrepareConfig:
-    inputs: list[str] = field(default_factory=list)
-    output: str = ""  # folder to save the dataset to (required by the verb)
-    model: str | None = None  # tokenizer to count tokens with; None: the shipped tiny model
-    text_field: str = "text"
-    min_prompt_tokens: int = 16
-    max_prompt_tokens: int = 64
-    continuation_tokens: int = 64
-    min_continuation_tokens: int = 8
-    test_size: float = 0.05
-    max_prompts: int | None = None
-    seed: int = 0
+    inputs: list[str] = field(default_factory=list, metadata={
+        "help": "Text files or folders (.txt, .md, JSON/JSONL/CSV/Parquet records, saved datasets)."})
+    output: str = field(default="", metadata={"help": "A new folder for the prepared dataset (train and test splits)."})
+    model: str | None = field(default=None, metadata={
+        "help": "The tokenizer that counts tokens: the model you will train (default: the shipped tiny model)."})
+    text_field: str = field(default="text", metadata={"help": "The field of JSON/CSV/Parquet records that holds text."})
+    min_prompt_tokens: int = field(default=16, metadata={"help": "Shortest prompt, in tokens."})
+    max_prompt_tokens: int = field(default=64, metadata={
+        "help": "Longest prompt, in tokens; prompts end at a sentence or paragraph boundary where one falls between "
+                "the two."})
+    continuation_tokens: int = field(default=64, metadata={
+        "help": "Tokens of the text that follows a prompt, kept as its continuation (sft's target, held-out bits "
+                "per byte)."})
+    min_continuation_tokens: int = field(default=8, metadata={
+        "help": "A prompt whose text ends sooner than this many tokens after it is dropped."})
+    test_size: float = field(default=0.05, metadata={"help": "Share of the prompts held out as the test split."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Keep at most this many prompts (default: all)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the train/test split."})
 
     def __post_init__(self):
         if not 1 <= self.min_prompt_tokens <= self.max_prompt_tokens:

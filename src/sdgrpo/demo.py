@@ -10,7 +10,7 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdgrpo.config import TINY_MODEL, parse_train_args
@@ -22,16 +22,18 @@ DEMO_TEXT = Path(__file__).parent / "assets" / "demo" / "openings.txt"
 
 @dataclass
 class DemoConfig:
-    output: str = "outputs/demo"
-    max_steps: int = 80
-    learning_rate: float = 3e-4
-    beta: float = 0.04
-    num_generations: int = 8
-    prompts_per_step: int = 2
-    max_completion_length: int = 32
-    eval_samples: int = 8  # per held-out prompt
-    baseline_temperatures: str = "0.85,0.7"  # the base sampled colder: what plain sharpening gives
-    seed: int = 0
+    output: str = field(default="outputs/demo", metadata={
+        "help": "Folder for the demo's run, report and figures (new, or an earlier demo's)."})
+    max_steps: int = field(default=80, metadata={"help": "GRPO optimizer steps."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "LoRA learning rate."})
+    beta: float = field(default=0.04, metadata={"help": "Weight of the KL penalty to the base."})
+    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (G)."})
+    prompts_per_step: int = field(default=2, metadata={"help": "Prompts per optimizer step."})
+    max_completion_length: int = field(default=32, metadata={"help": "Tokens per completion."})
+    eval_samples: int = field(default=8, metadata={"help": "Samples per held-out prompt in the comparison."})
+    baseline_temperatures: str = field(default="0.85,0.7", metadata={
+        "help": "Temperatures the base is sampled at for comparison: what plain sharpening gives."})
+    seed: int = field(default=0, metadata={"help": "Seed of training and sampling."})
 
 
 def main(cfg: DemoConfig) -> int:

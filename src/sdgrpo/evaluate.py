@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdgrpo.metrics import collapse_metrics
@@ -25,17 +25,25 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EvalConfig:
-    model_name_or_path: str | None = None
-    adapter: str | None = None
-    data: str = "data/prepared"
-    output: str = "outputs/eval"
-    split: str = "test"
-    max_prompts: int = 64
-    samples: int = 8
-    max_new_tokens: int = 64
-    temperatures: str = "1.0,0.85,0.7,0.5"
-    seed: int = 0
-    trust_remote_code: bool = False
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "The base model (default: the adapter's base, else the shipped tiny model)."})
+    adapter: str | None = field(default=None, metadata={
+        "help": "A LoRA adapter folder written by `sdgrpo train` or `sft`; without it only the base is sampled."})
+    data: str = field(default="data/prepared", metadata={
+        "help": "Prepared data (`sdgrpo prepare`, or OUTPUT_DIR/data of a run): its prompts are sampled."})
+    output: str = field(default="outputs/eval", metadata={
+        "help": "Folder for the report, samples and figures: new, empty, or an earlier eval's (a folder holding "
+                "files sdgrpo did not write is refused)."})
+    split: str = field(default="test", metadata={"help": "Which split of --data gives the prompts."})
+    max_prompts: int = field(default=64, metadata={"help": "Prompts taken from the split."})
+    samples: int = field(default=8, metadata={"help": "Samples per prompt and temperature."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per completion."})
+    temperatures: str = field(default="1.0,0.85,0.7,0.5", metadata={
+        "help": "Comma-separated temperatures the base is sampled at (the trained adapter at 1.0): the frontier a "
+                "colder base draws, to compare the adapter with."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run code shipped with the model (off: only transformers' own architectures load)."})
 
 
 def summarize(model, tokenizer, base_scorer, prompts, k, max_new_tokens, temperature, seed,

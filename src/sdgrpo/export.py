@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,13 +30,20 @@ BUILTIN_PROMPTS = ["The morning was cold, and", "In the beginning", "She opened 
 
 @dataclass
 class ExportConfig:
-    adapter: str = ""
-    output: str = ""
-    model_name_or_path: str = ""  # default: the adapter's base_model_name_or_path
-    dtype: str = "float32"
-    max_delta: float = 0.0  # 0: TOLERANCE[dtype]
-    push_to_hub: str = ""
-    trust_remote_code: bool = False
+    adapter: str = field(default="", metadata={"help": "The LoRA adapter folder to merge (from `sdgrpo train` or `sft`)."})
+    output: str = field(default="", metadata={
+        "help": "A new folder for the merged model (safetensors, tokenizer, export.json); an existing one is refused."})
+    model_name_or_path: str = field(default="", metadata={
+        "help": "The base to merge into (default: the adapter's base_model_name_or_path)."})
+    dtype: str = field(default="float32", metadata={
+        "help": f"dtype of the merged weights, one of {', '.join(TOLERANCE)}."})
+    max_delta: float = field(default=0.0, metadata={
+        "help": "Largest |delta logit| between the merged model and base + adapter that passes the parity check "
+                f"(0: per dtype, {', '.join(f'{k} {v:g}' for k, v in TOLERANCE.items())}); above it nothing is "
+                "written."})
+    push_to_hub: str = field(default="", metadata={"help": "Also upload the merged folder to this hub repository."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run code shipped with the model (off: only transformers' own architectures load)."})
 
 
 def adapter_base(adapter: Path) -> str:

@@ -20,13 +20,14 @@ class GenerateConfig:
     prompt: list[str] = field(default_factory=list, metadata={"help": "Prompts (`--prompt A --prompt B` or "
                                                                       "`--prompt A B`)."})
     prompts: str = field(default="", metadata={"help": "A text file with one prompt per line."})
-    num_samples: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    seed: int = 0
+    num_samples: int = field(default=1, metadata={"help": "Samples per prompt."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (above 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: the smallest set of tokens with this much probability."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per completion."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output: str = field(default="", metadata={"help": "Also write a JSONL file: prompt, sample, mean_logprob."})
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run code shipped with the model (off: only transformers' own architectures load)."})
 
 
 def base_model(model_name_or_path: str, adapter: str) -> str:
