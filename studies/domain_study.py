@@ -488,6 +488,7 @@ def main() -> None:
 
     model = args.model or TINY_MODEL
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # its results file is written there (the work folder may be elsewhere)
     work = out / "work" if not os.environ.get("STUDY_WORK") else Path(os.environ["STUDY_WORK"])
     (work / "arms").mkdir(parents=True, exist_ok=True)
     data = prepare(args.domain_train, work / "domain_train", model)
