@@ -120,23 +120,28 @@ def test_a_run_above_its_memory_is_refused_in_one_line_before_anything_is_writte
     assert not out.exists()
 
 
-def test_micro_batches_are_offered_where_activations_do_not_fit_and_planned_with_the_rows_a_generation_decodes(
-        tmp_path, corpus):
-    """The 7B shape, a 4-bit base with gemlite's int4 copies, on a 12 GiB card: 8 rows a backward do not fit (without
-    offloading) and the
-    refusal offers 4 rows with 2 micro-batches (the same 8 rows a generation and an optimizer step); that run fits,
-    its activations those of 4 rows and its KV cache that of the 8 rows one generation decodes (TRL's
-    steps_per_generation defaults to gradient_accumulation_steps)."""
-    from sdgrpo.plan import cache_bytes
-
+def dry_run_7b_4bit_on_12gib(tmp_path, corpus) -> list:
+    """`sdgrpo train` options of a dry run of the 7B shape (its config.json and the shipped tokenizer in a folder),
+    a 4-bit base, G = 8, 128-token prompts, planned for a 12 GiB card."""
     model = tmp_path / "qwen7b"
     qwen7b().save_pretrained(model)
     for f in (ROOT / "src/sdgrpo/assets/tiny-llama").glob("tokenizer*"):
         (model / f.name).write_bytes(f.read_bytes())
-    common = ["--dry_run", "true", "--model_name_or_path", model, "--dataset_path", corpus / "jonah.txt",
-              "--output_dir", tmp_path / "run", "--load_in_4bit", "true", "--gpu_memory_gib", "12",
-              "--generation_int4_kernel", "gemlite", "--num_generations", "8", "--max_prompt_length", "128",
-              "--max_completion_length", "512"]
+    return ["--dry_run", "true", "--model_name_or_path", model, "--dataset_path", corpus / "jonah.txt",
+            "--output_dir", tmp_path / "run", "--load_in_4bit", "true", "--gpu_memory_gib", "12",
+            "--num_generations", "8", "--max_prompt_length", "128"]
+
+
+def test_micro_batches_are_offered_where_activations_do_not_fit_and_planned_with_the_rows_a_generation_decodes(
+        tmp_path, corpus):
+    """The 7B shape, a 4-bit base with gemlite's int4 copies, on a 12 GiB card: 8 rows a backward do not fit (without
+    offloading) and the refusal offers 4 rows with 2 micro-batches (the same 8 rows a generation and an optimizer step); that run fits,
+    its activations those of 4 rows and its KV cache that of the 8 rows one generation decodes (TRL's
+    steps_per_generation defaults to gradient_accumulation_steps)."""
+    from sdgrpo.plan import cache_bytes
+
+    common = dry_run_7b_4bit_on_12gib(tmp_path, corpus) + ["--generation_int4_kernel", "gemlite",
+                                                           "--max_completion_length", "512"]
     r = run_cli("train", *common, "--per_device_train_batch_size", "8", "--offload_activations", "false")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert ("--per_device_train_batch_size 4 --gradient_accumulation_steps 2 (the same rows a step, half the "
@@ -160,14 +165,8 @@ def test_offload_is_chosen_where_the_run_fits_only_with_the_layer_inputs_in_cpu_
     the longest that fits with offloading; --offload_activations false names the shorter one without it."""
     from sdgrpo.plan import decide_offload
 
-    model = tmp_path / "qwen7b"
-    qwen7b().save_pretrained(model)
-    for f in (ROOT / "src/sdgrpo/assets/tiny-llama").glob("tokenizer*"):
-        (model / f.name).write_bytes(f.read_bytes())
-    common = ["--dry_run", "true", "--model_name_or_path", model, "--dataset_path", corpus / "jonah.txt",
-              "--output_dir", tmp_path / "run", "--load_in_4bit", "true", "--gpu_memory_gib", "12",
-              "--generation_weights", "model", "--num_generations", "8", "--per_device_train_batch_size", "8",
-              "--max_prompt_length", "128"]
+    common = dry_run_7b_4bit_on_12gib(tmp_path, corpus) + ["--generation_weights", "model",
+                                                           "--per_device_train_batch_size", "8"]
     r = run_cli("train", *common, "--max_completion_length", "1024")
     assert r.returncode == 0 and "inputs on CPU" not in r.stdout and "offloaded" not in r.stderr
     r = run_cli("train", *common, "--max_completion_length", "2048")
