@@ -123,6 +123,22 @@ def test_repetition_penalty_is_refused_with_the_engine_and_served_by_generate():
     assert parse_train_args(["--repetition_penalty", "1.0"])[0].repetition_penalty == 1.0
 
 
+
+def test_offloading_is_refused_where_it_would_do_nothing():
+    """--offload_activations true offloads the checkpointed layers' inputs of --backend hf: with Unsloth (its own
+    offloaded checkpointing) or without gradient checkpointing it would do nothing, so one line says so; auto and the
+    hf backend with checkpointing pass."""
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.errors import UserError
+
+    with pytest.raises(UserError, match=r"^command line: --offload_activations true with --backend unsloth: Unsloth "
+                                        r"offloads with its own"):
+        parse_train_args(["--offload_activations", "true", "--backend", "unsloth"])
+    with pytest.raises(UserError, match="--offload_activations true with --gradient_checkpointing false"):
+        parse_train_args(["--offload_activations", "true", "--gradient_checkpointing", "false"])
+    assert parse_train_args(["--offload_activations", "true"])[0].offload_activations == "true"
+    assert parse_train_args(["--backend", "unsloth"])[0].offload_activations == "auto"
+
 # --- what the model's own files allow (--generation_memory_gib, adapters, vocabulary, positions) --------------------
 def _one_error_line(capsys, verb: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()

@@ -238,6 +238,13 @@ def check_combinations(values: dict, source: str) -> None:
         if "reward" not in values and (values.get("loss_type", "nll") != "nll" or values.get("label_smoothing_factor")):
             _fail(source, "replay_share", f"{share:g}: sft computes its own loss with replay rows; drop --loss_type "
                   f"{values.get('loss_type')} and --label_smoothing_factor")
+    if values.get("offload_activations") == "true":
+        if values.get("backend") == "unsloth":
+            _fail(source, "offload_activations", "true with --backend unsloth: Unsloth offloads with its own "
+                  "gradient checkpointing already; leave it auto")
+        if values.get("gradient_checkpointing") is False:
+            _fail(source, "offload_activations", "true with --gradient_checkpointing false: only checkpointed layer "
+                  "inputs are offloaded; turn checkpointing on or leave it auto")
     penalty = values.get("repetition_penalty")
     if penalty not in (None, 1, 1.0) and "generation_engine" in values:
         from sdgrpo.runtime import engine_decodes

@@ -356,6 +356,50 @@ def test_gemlite_reads_the_copies_as_its_reference_and_packs_as_gemlite_does():
     assert torch.equal(theirs.W_q, pack_gemlite(q))
 
 
+@pytest.mark.parametrize("out_features, in_features, bias", [(1152, 896, True), (896, 896, False), (9728, 896, False),
+                                                           (896, 4864, False), (4608, 3584, True),
+                                                           (3584, 18944, False)])
+def test_gemlite_reads_the_qwen_widths_eagerly_and_from_a_cuda_graph(out_features, in_features, bias):
+    """GemliteLinear on the Qwen2.5-0.5B and 7B groups (input widths 896, 4,864, 3,584, 18,944: not all multiples of
+    gemlite's BLOCK_SIZE_K x SPLIT_K) at the rows the engine decodes (1, 4) and prefills (40), eagerly and replayed
+    from a captured CUDA graph with new inputs: finite and within 2% of its dequantised reference. Written after the
+    engine decoded the 0.5B shape to NaN (2026-12-07), to find which width and path does it."""
+    from sdgrpo.engine import GemliteLinear
+
+    torch.manual_seed(0)
+    n, k = out_features, in_features
+    layer = GemliteLinear(n, k, 64, "cuda", bias=bias)
+    values = torch.empty(n, k, dtype=torch.uint8, device="cuda")
+    layer.load(values, 0, torch.randn(n, k, device="cuda") * 0.02)
+    layer.pack(values)
+    if bias:
+        layer.bias.data.normal_(0, 0.5)
+    reference = layer.dequantised().float()
+
+    def want(x):
+        return x.float() @ reference.t() + (layer.bias.float() if bias else 0)
+
+    for rows in (1, 4, 40):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        got = layer(x).float()
+        assert torch.isfinite(got).all() and (got - want(x)).abs().max() < 0.02 * want(x).abs().max(), ("eager", rows)
+        static = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(static)
+        static.copy_(torch.randn(rows, k, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        got = out.float()
+        assert torch.isfinite(got).all() and (got - want(static)).abs().max() < 0.02 * want(static).abs().max(), (
+            "graph", rows)
+
+
 def test_a_4bit_base_decodes_through_gemlite_int4_copies(qwen_dir, tiny_tokenizer):
     """NF4 base with QLoRA adapters, int4 copies read by gemlite's kernels in the captured step: they decode as the
     independent reference (the affine forms as plain bf16 weights) does."""
