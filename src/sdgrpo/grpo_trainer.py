@@ -176,8 +176,8 @@ class SelfDistillMixin(CheckpointMixin):
                                     int4_kernel=getattr(self.args, "generation_int4_kernel", "auto"))
                        if getattr(self.args, "generation_engine", False) else None)
         # --offload_activations (true once the plan decided): checkpointed layer inputs in CPU memory (offload.py)
-        self._offloaded = ([0] if getattr(self.args, "offload_activations", "false") == "true"
-                           and getattr(self.args, "backend", "hf") == "hf" else None)
+        # (checks.check_combinations refuses true with --backend unsloth or without gradient checkpointing)
+        self._offloaded = [0] if getattr(self.args, "offload_activations", "false") == "true" else None
         self.token_advantages = getattr(self.args, "advantage", "sequence") == "token"
         if self.token_advantages:
             for reward in self.reward_funcs:
@@ -535,17 +535,17 @@ class SelfDistillMixin(CheckpointMixin):
         return self._compute_loss_corrected(model, inputs, *args, **kwargs)
 
     def _offload_layer_inputs(self, model) -> None:
-        """--offload_activations: the checkpointed layers' inputs of this pass kept in CPU memory (offload.py); the
-        GiB sent logged as memory/offloaded_gib, the first time in one line."""
+        """--offload_activations: the checkpointed layers' inputs of this pass kept in CPU memory (offload.py, installed
+        on the first call, with one line); the GiB the last pass sent logged as memory/offloaded_gib."""
         from sdgrpo import offload
 
         if self._offloaded[0]:
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["memory/offloaded_gib"].append(self._offloaded[0] / 2**30)
         self._offloaded[0] = 0
-        layers = offload.install(model, self._offloaded)
-        if not getattr(self, "_told_offload", False):
+        if not getattr(self, "_told_offload", False):  # once: the layers keep their wrappers
             self._told_offload = True
+            layers = offload.install(model, self._offloaded)
             if layers:
                 logger.info("activations offloaded: the inputs of %d checkpointed layers wait in CPU memory for the "
                             "backward (--offload_activations)", layers)

@@ -56,8 +56,10 @@ class Plan:
     mode: str = "unmerged"  # the engine mode the estimate assumes
     notes: list[str] = field(default_factory=list)
 
-    def on_card_per_token(self) -> int:
-        return self.per_token - (self.layer_inputs if self.offload else 0)
+    def on_card_per_token(self, offload: bool | None = None) -> int:
+        """Activation bytes a training token keeps on the card, with the layer inputs offloaded or not (default: as
+        planned)."""
+        return self.per_token - (self.layer_inputs if (self.offload if offload is None else offload) else 0)
 
     def activations(self) -> int:
         return self.on_card_per_token() * self.train_tokens
@@ -174,14 +176,15 @@ def _engine_mode(plan: Plan, four_bit: bool, weights: str, kernel: str, cap, eng
 
 
 def longest_completion(plan: Plan, cap: float, prompt: int, completion: int, train_rows: int,
-                       generate_rows: int, config, dtype_bytes: int = 2) -> int:
-    """The longest completion (a multiple of 64 tokens, at most ``completion``) whose plan, in the same engine mode,
-    stays within ``cap``; 0 where none does."""
+                       generate_rows: int, config, dtype_bytes: int = 2, offload: bool | None = None) -> int:
+    """The longest completion (a multiple of 64 tokens, at most ``completion``) whose plan, in the same engine mode
+    (and with the layer inputs offloaded where ``offload``; default: as planned), stays within ``cap``; 0 where none
+    does."""
     best = 0
     for n in range(64, completion + 1, 64):
         tokens = train_rows * (prompt + n)
         cache = cache_bytes(config, generate_rows, prompt + n, dtype_bytes) if plan.cache else 0
-        peak = plan.peak() - plan.activations() - plan.cache + plan.on_card_per_token() * tokens + cache
+        peak = plan.peak() - plan.activations() - plan.cache + plan.on_card_per_token(offload) * tokens + cache
         if peak <= cap:
             best = n
     return best
@@ -258,10 +261,9 @@ def check(train_cfg, model_cfg, plan: Plan | None, cap: float | None) -> None:
         return
     prompt, completion = train_cfg.max_prompt_length or 0, train_cfg.max_completion_length or 0
     rows = train_cfg.per_device_train_batch_size
-    plan.offload = plan.offload or plan.may_offload  # what fits with auto's offloading, which a shorter run gets
+    # what fits with auto's offloading, which a shorter run gets
     longest = longest_completion(plan, cap, prompt, completion, rows, generation_rows(train_cfg),
-                                 _config(train_cfg, model_cfg))
-    plan.offload = train_cfg.offload_activations == "true"
+                                 _config(train_cfg, model_cfg), offload=plan.offload or plan.may_offload)
     room = []
     if rows % 2 == 0 and rows > 1:  # the same rows a generation and an optimizer step, half the activations
         room.append(f"--per_device_train_batch_size {rows // 2} --gradient_accumulation_steps "
