@@ -8,24 +8,11 @@
 # .device_pack (see README.md). To $OUT: domain_study.json, domain_study.png, study.log.
 # Over two calls, as domain_study.sh: KEEP=sft@1e-4 packs that arm's adapter into $OUT/adapters.tar; RESUME=DIR (a
 # carried folder holding the first call's domain_study.json and adapters.tar) runs only the arms not yet in it.
+# domain_study.sh with these arms' defaults and options.
 set -u
-source tools/device/env.sh
-export STUDY_WORK=/tmp/study_work
-mkdir -p "$STUDY_WORK"
-if [ -n "${RESUME:-}" ]; then
-  cp "$RESUME/domain_study.json" "$OUT/" && tar xf "$RESUME/adapters.tar" -C "$STUDY_WORK" || exit 1
-fi
-python3 studies/split_articles.py .device_data/wikitext-2/valid.txt /tmp/wiki_train.txt /tmp/wiki_heldout.txt
-timeout "${STUDY_SECONDS:-570}" python3 studies/domain_study.py \
-  --domain_train /tmp/wiki_train.txt --domain_heldout /tmp/wiki_heldout.txt --out "$OUT" --general_data .device_data \
-  --steps "${STEPS:-600}" --budget_s "${ARM_SECONDS:-400}" --jobs "${JOBS:-20}" \
-  --arms "${ARMS:-base,sft,sft_kl,sft_replay,distill_token,distill_replay}" --sft_lrs 1e-4 --teacher_lr 1e-4 \
-  --trajectory "1e-4:${TRAJECTORY_EVERY:-100}" --replay_lr 1e-4 --kl_weights "${KL_WEIGHTS:-0.5}" \
-  --replay_shares "${REPLAY_SHARES:-0.25,0.5}" --replay_samples "${REPLAY_SAMPLES:-512}" \
-  --seeds 0,1,2 --seed_arms "${SEED_ARMS:-sft_kl,sft_replay,distill_token,distill_replay}" > "$OUT/study.log" 2>&1
-echo "study exit $?"
-if [ -n "${KEEP:-}" ]; then
-  (cd "$STUDY_WORK" && tar cf "$OUT/adapters.tar" --exclude='checkpoint-*' --exclude='*.pt' \
-    $(echo "$KEEP" | tr ',' ' '))
-fi
-grep -v "^== " "$OUT/study.log" | tail -40
+STEPS=${STEPS:-600} ARM_SECONDS=${ARM_SECONDS:-400} JOBS=${JOBS:-20} STUDY_SECONDS=${STUDY_SECONDS:-570} \
+  ARMS=${ARMS:-base,sft,sft_kl,sft_replay,distill_token,distill_replay} SFT_LRS=1e-4 TEACHER_LRS=1e-4 \
+  SEED_ARMS=${SEED_ARMS:-sft_kl,sft_replay,distill_token,distill_replay} \
+  STUDY_ARGS="--trajectory 1e-4:${TRAJECTORY_EVERY:-100} --replay_lr 1e-4 --kl_weights ${KL_WEIGHTS:-0.5} \
+--replay_shares ${REPLAY_SHARES:-0.25,0.5} --replay_samples ${REPLAY_SAMPLES:-512}" \
+  exec bash tools/device/domain_study.sh
