@@ -166,7 +166,9 @@ def test_kl_to_base_is_the_mean_kl_per_token_of_the_general_text(tiny_tokenizer)
 def test_domain_study_smoke_of_the_forgetting_arms(tmp_path, corpus):
     """The study script end to end on the shipped model, two steps an arm: the base, SFT with its trajectory, the
     KL-penalty and replay arms, distillation with and without replay; every arm has both measures of forgetting and
-    the figure is drawn."""
+    the figure is drawn. The arms' work folder elsewhere (STUDY_WORK, as the GPU scripts set it): the study makes its
+    --out folder itself."""
+    import os
     import shutil
     import subprocess
     import sys
@@ -182,8 +184,10 @@ def test_domain_study_smoke_of_the_forgetting_arms(tmp_path, corpus):
                         "base,sft,sft_kl,sft_replay,distill_token,distill_replay", "--sft_lrs", "1e-4",
                         "--teacher_lr", "1e-4", "--trajectory", "1e-4:1", "--replay_shares", "0.5",
                         "--replay_samples", "8", "--kl_tokens", "256", "--eval_prompts", "2"],
-                       capture_output=True, text=True, timeout=1800, cwd=ROOT)
+                       capture_output=True, text=True, timeout=1800, cwd=ROOT,
+                       env={**os.environ, "STUDY_WORK": str(tmp_path / "work")})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "work" / "arms").is_dir() and not (out / "work").exists()
     result = json.loads((out / "domain_study.json").read_text())
     assert set(result["arms"]) == {"base", "sft@1e-4", "sft_kl@0.5", "sft_replay@0.5", "distill<-sft@token",
                                    "distill_replay@0.5"}
