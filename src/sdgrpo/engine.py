@@ -732,6 +732,22 @@ class Int4Linear(torch.nn.Module):
 # Groups of 64 line the copy's groups up with bitsandbytes' NF4 blocks (64 weights a block), so a group of the copy
 # re-quantises exactly one block of the base.
 GEMLITE_GROUP = 64
+# How far past the last group gemlite 0.6's kernels read the scales and zeros. Its split-K loops (GEMM_SPLITK, the
+# GEMV split-K kernels) load one row of scales and zeros per block of BLOCK_SIZE_K (at most the group) input columns
+# with no mask, for every one of cdiv(K, BLOCK_SIZE_K x SPLIT_K) x SPLIT_K blocks; so where K is not a multiple of
+# BLOCK_SIZE_K x SPLIT_K (896, the Qwen2.5-0.5B width, against 512) they read rows past K / group. The activations
+# there are masked to 0, but 0 x NaN is NaN: whatever lies past the end poisoned every column (the 0.5B shape decoded
+# to NaN log-probs on an H100, 2026-12-07). Its configs go up to SPLIT_K 16 with BLOCK_SIZE_K at most the group, so
+# the rows are held to a multiple of 16 groups, plus one row for the unmasked read past N in the last row, all zeros
+# (a finite 0 x 0 + 0). tests/gpu/test_gpu.py fills that padding with NaN to show it is read.
+GEMLITE_SPLIT_K_MAX = 16
+
+
+def gemlite_meta_rows(in_features: int, group: int) -> int:
+    """Rows of scales (and of zeros) a :class:`GemliteLinear` holds: K / group used, the rest zeros that gemlite's
+    split-K kernels read past the end (:data:`GEMLITE_SPLIT_K_MAX`)."""
+    reach = GEMLITE_SPLIT_K_MAX * group
+    return -(-in_features // reach) * reach // group + 1
 
 
 def gemlite_layout(out_features: int, in_features: int) -> int | None:
@@ -808,9 +824,11 @@ class GemliteLinear(torch.nn.Module):
         self.out_features, self.in_features, self.group = out_features, in_features, group
         self.W_q = torch.nn.Parameter(torch.zeros(in_features // 8, out_features, dtype=torch.int32, device=device),
                                       requires_grad=False)
-        meta = torch.zeros(in_features // group, out_features, dtype=torch.bfloat16, device=device)
-        self.scales = torch.nn.Parameter(meta, requires_grad=False)
-        self.zeros = torch.nn.Parameter(meta.clone(), requires_grad=False)
+        # K / group rows used, held in zeros to gemlite_meta_rows: the kernels read past the end (GEMLITE_SPLIT_K_MAX)
+        groups, rows = in_features // group, gemlite_meta_rows(in_features, group)
+        self._meta_store = [torch.zeros(rows, out_features, dtype=torch.bfloat16, device=device) for _ in range(2)]
+        self.scales = torch.nn.Parameter(self._meta_store[0][:groups], requires_grad=False)
+        self.zeros = torch.nn.Parameter(self._meta_store[1][:groups], requires_grad=False)
         self.bias = (torch.nn.Parameter(torch.zeros(out_features, dtype=torch.bfloat16, device=device),
                                         requires_grad=False) if bias else None)
         self._meta_args = self._tensor_extra = None
@@ -839,7 +857,8 @@ class GemliteLinear(torch.nn.Module):
 
     @staticmethod
     def nbytes(out_features: int, in_features: int, group: int) -> int:
-        return out_features * in_features // 2 + (in_features // group) * out_features * 4 + out_features * 2
+        meta = gemlite_meta_rows(in_features, group) * out_features * 4  # scales and zeros, bf16, padded
+        return out_features * in_features // 2 + meta + out_features * 2
 
     @torch.no_grad()
     def load(self, values: torch.Tensor, start: int, weight: torch.Tensor) -> None:
