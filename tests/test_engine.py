@@ -888,6 +888,30 @@ def test_gemlite_linear_off_cuda_is_the_dequantised_matmul():
     assert torch.allclose(got, want, atol=0.05 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("in_features", [64, 256, 896, 3584, 4864, 18944])
+def test_gemlite_scales_are_held_zero_padded_as_far_as_its_split_k_kernels_read(in_features):
+    """gemlite 0.6's split-K kernels read one row of scales and zeros per block of BLOCK_SIZE_K (32 or 64 columns, at
+    most the group) for all cdiv(K, BLOCK_SIZE_K x SPLIT_K) x SPLIT_K blocks, SPLIT_K up to 16, unmasked, and the
+    last row's N columns again past its end: the layer's scales and zeros are views of the first K / 64 rows of
+    zero-filled stores that reach every row such a config reads (counted here over the configs), and its bytes count
+    them. (The 0.5B shape, K 896, decoded to NaN on an H100 before.)"""
+    from sdgrpo.engine import GemliteLinear
+
+    group, n = 64, 32
+    reads = max(-(-in_features // (block * split)) * split * block // group
+                for block in (32, 64) for split in (1, 2, 4, 8, 16))
+    layer = GemliteLinear(n, in_features, group, "cpu", bias=False)
+    values = torch.empty(n, in_features, dtype=torch.uint8)
+    layer.load(values, 0, torch.randn(n, in_features))
+    for param, store in zip((layer.scales, layer.zeros), layer._meta_store):
+        assert param.shape == (in_features // group, n) and param.data_ptr() == store.data_ptr()
+        assert store.shape[0] >= reads + 1 and store.is_contiguous() and torch.equal(store[param.shape[0]:],
+                                                                                   torch.zeros_like(store[param.shape[0]:]))
+        assert param.abs().sum() > 0
+    rows = layer._meta_store[0].shape[0]
+    assert GemliteLinear.nbytes(n, in_features, group) == n * in_features // 2 + rows * n * 4 + n * 2
+
+
 def test_gemlite_copies_decode_as_the_model_with_their_weights_would(tiny_tokenizer):
     """Mode ``int4`` with ``int4_kernel`` gemlite (here its reference matmul: gemlite runs on CUDA only): every LoRA
     layer swapped for an affine int4 copy of ``W + scale * B @ A``; the engine's greedy tokens are the argmax and its
