@@ -905,8 +905,8 @@ def test_gemlite_scales_are_held_zero_padded_as_far_as_its_split_k_kernels_read(
     layer.load(values, 0, torch.randn(n, in_features))
     for param, store in zip((layer.scales, layer.zeros), layer._meta_store):
         assert param.shape == (in_features // group, n) and param.data_ptr() == store.data_ptr()
-        assert store.shape[0] >= reads + 1 and store.is_contiguous() and torch.equal(store[param.shape[0]:],
-                                                                                   torch.zeros_like(store[param.shape[0]:]))
+        padding = store[param.shape[0]:]
+        assert store.shape[0] >= reads + 1 and store.is_contiguous() and torch.equal(padding, torch.zeros_like(padding))
         assert param.abs().sum() > 0
     rows = layer._meta_store[0].shape[0]
     assert GemliteLinear.nbytes(n, in_features, group) == n * in_features // 2 + rows * n * 4 + n * 2
