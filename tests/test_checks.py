@@ -139,6 +139,16 @@ def test_offloading_is_refused_where_it_would_do_nothing():
     assert parse_train_args(["--offload_activations", "true"])[0].offload_activations == "true"
     assert parse_train_args(["--backend", "unsloth"])[0].offload_activations == "auto"
 
+
+def test_tile_mlp_takes_auto_true_or_false():
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.errors import UserError
+
+    with pytest.raises(UserError, match=r"^command line: --tile_mlp must be one of auto, true, false, not 'yes'$"):
+        parse_train_args(["--tile_mlp", "yes"])
+    assert parse_train_args([])[0].tile_mlp == "auto"
+    assert parse_train_args(["--tile_mlp", "true", "--backend", "unsloth"])[0].tile_mlp == "true"
+
 # --- what the model's own files allow (--generation_memory_gib, adapters, vocabulary, positions) --------------------
 def _one_error_line(capsys, verb: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()

@@ -135,14 +135,15 @@ def dry_run_7b_4bit_on_12gib(tmp_path, corpus) -> list:
 def test_micro_batches_are_offered_where_activations_do_not_fit_and_planned_with_the_rows_a_generation_decodes(
         tmp_path, corpus):
     """The 7B shape, a 4-bit base with gemlite's int4 copies, on a 12 GiB card: 8 rows a backward do not fit (without
-    offloading) and the refusal offers 4 rows with 2 micro-batches (the same 8 rows a generation and an optimizer step); that run fits,
-    its activations those of 4 rows and its KV cache that of the 8 rows one generation decodes (TRL's
+    offloading or tiling) and the refusal offers 4 rows with 2 micro-batches (the same 8 rows a generation and an
+    optimizer step); that run fits, its activations those of 4 rows and its KV cache that of the 8 rows one generation decodes (TRL's
     steps_per_generation defaults to gradient_accumulation_steps)."""
     from sdgrpo.plan import cache_bytes
 
     common = dry_run_7b_4bit_on_12gib(tmp_path, corpus) + ["--generation_int4_kernel", "gemlite",
                                                            "--max_completion_length", "512"]
-    r = run_cli("train", *common, "--per_device_train_batch_size", "8", "--offload_activations", "false")
+    r = run_cli("train", *common, "--per_device_train_batch_size", "8", "--offload_activations", "false",
+                "--tile_mlp", "false")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert ("--per_device_train_batch_size 4 --gradient_accumulation_steps 2 (the same rows a step, half the "
             "activations)") in r.stderr
@@ -163,10 +164,10 @@ def test_offload_is_chosen_where_the_run_fits_only_with_the_layer_inputs_in_cpu_
     tokens fit as they are (offload stays off), 2,048 fit only with the layer inputs off the card (offload on, the
     activations those of the estimate less L x H x 2 bytes a token), 4,096 do not fit either way and the refusal names
     the longest that fits with offloading; --offload_activations false names the shorter one without it."""
-    from sdgrpo.plan import decide_offload
+    from sdgrpo.plan import decide_activations
 
     common = dry_run_7b_4bit_on_12gib(tmp_path, corpus) + ["--generation_weights", "model",
-                                                           "--per_device_train_batch_size", "8"]
+                                                           "--per_device_train_batch_size", "8", "--tile_mlp", "false"]
     r = run_cli("train", *common, "--max_completion_length", "1024")
     assert r.returncode == 0 and "inputs on CPU" not in r.stdout and "offloaded" not in r.stderr
     r = run_cli("train", *common, "--max_completion_length", "2048")
@@ -178,18 +179,66 @@ def test_offload_is_chosen_where_the_run_fits_only_with_the_layer_inputs_in_cpu_
     r = run_cli("train", *common, "--max_completion_length", "4096", "--offload_activations", "false")
     assert r.returncode == 2 and "--max_completion_length 1280 fits" in r.stderr
 
-    class Cfg:  # the options decide_offload reads
-        offload_activations, backend, gradient_checkpointing = "auto", "hf", True
+    class Cfg:  # the options decide_activations reads
+        offload_activations, tile_mlp, backend, gradient_checkpointing = "auto", "false", "hf", True
 
     plan = estimate(qwen7b(), four_bit=True, train_rows=8, generate_rows=8, prompt=128, completion=2048,
                     generation_weights="model", cap=12 * GiB)
     before = plan.activations()
     cfg = Cfg()
-    decide_offload(cfg, plan, 12 * GiB)
+    decide_activations(cfg, plan, 12 * GiB)
     assert cfg.offload_activations == "true" and plan.offload
     assert before - plan.activations() == 28 * 3584 * 2 * 8 * (128 + 2048)
     cfg, plan = Cfg(), estimate(qwen7b(), four_bit=True, train_rows=8, generate_rows=8, prompt=128, completion=2048,
                                 generation_weights="model", cap=12 * GiB)
     cfg.backend = "unsloth"  # offloads with its own checkpointing
-    decide_offload(cfg, plan, 12 * GiB)
+    decide_activations(cfg, plan, 12 * GiB)
     assert cfg.offload_activations == "false" and not plan.offload
+
+
+def test_the_mlp_is_tiled_where_the_run_fits_only_so_after_offloading(tmp_path, corpus):
+    """--tile_mlp auto, the 7B shape, a 4-bit base decoded unmerged, 12 GiB: 4,096 completion tokens fit neither as they
+    are nor with offloading alone, and fit with both (two lines logged; the activations those of the layer inputs off
+    the card and the MLP's 6 x I x 2 bytes held for one tile of 1,024 tokens, not for each of the 33,792); 8,192 do
+    not fit and the refusal names the longest that fits with both; with offloading off, tiling alone is chosen where
+    it suffices (2,048); the Unsloth backend (no offloading of ours) plans its own tiles of H tokens (1,536)."""
+    from sdgrpo.plan import decide_activations
+
+    common = dry_run_7b_4bit_on_12gib(tmp_path, corpus) + ["--generation_weights", "model",
+                                                           "--per_device_train_batch_size", "8"]
+    r = run_cli("train", *common, "--max_completion_length", "4096")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "training activations (33792 tokens; inputs on CPU; MLP in tiles of 1024)" in r.stdout
+    assert "activations offloaded (--offload_activations auto)" in r.stderr
+    assert "MLP tiled (--tile_mlp auto)" in r.stderr
+    r = run_cli("train", *common, "--max_completion_length", "8192")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    longest = int(r.stderr.split("--max_completion_length ")[1].split()[0])
+    r = run_cli("train", *common, "--max_completion_length", str(longest))
+    assert r.returncode == 0 and "MLP in tiles of 1024" in r.stdout
+    r = run_cli("train", *common, "--max_completion_length", str(longest + 64))
+    assert r.returncode == 2
+    r = run_cli("train", *common, "--max_completion_length", "2048", "--offload_activations", "false")
+    assert r.returncode == 0 and "(17408 tokens; MLP in tiles of 1024)" in r.stdout and "offloaded" not in r.stderr
+
+    class Cfg:
+        offload_activations, tile_mlp, backend, gradient_checkpointing = "auto", "auto", "hf", True
+
+    h, i, layers = 3584, 18944, 28
+    tokens = 8 * (128 + 4096)
+    plan = estimate(qwen7b(), four_bit=True, train_rows=8, generate_rows=8, prompt=128, completion=4096,
+                    generation_weights="model", cap=12 * GiB)
+    before = plan.activations()
+    assert before == (layers * h * 2 + (6 * i + 6 * h) * 2 + 4 * h) * tokens
+    cfg = Cfg()
+    decide_activations(cfg, plan, 12 * GiB)
+    assert (cfg.offload_activations, cfg.tile_mlp) == ("true", "true") and plan.offload and plan.tile
+    assert plan.activations() == (6 * h * 2 + 4 * h) * tokens + 6 * i * 2 * 1024
+    cfg = Cfg()
+    cfg.backend = "unsloth"  # its own offloaded checkpointing, its own tiles of H tokens
+    plan = estimate(qwen7b(), four_bit=True, train_rows=8, generate_rows=8, prompt=128, completion=1536,
+                    generation_weights="model", cap=12 * GiB)
+    plan.tile_tokens = h
+    decide_activations(cfg, plan, 12 * GiB)
+    assert (cfg.offload_activations, cfg.tile_mlp) == ("false", "true")
+    assert plan.activations() == (layers * h * 2 + 6 * h * 2 + 4 * h) * 8 * (128 + 1536) + 6 * i * 2 * h

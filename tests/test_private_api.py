@@ -334,3 +334,18 @@ def test_the_checkpoint_function_that_offload_wraps():
     source = inspect.getsource(checkpoint._checkpoint_without_reentrant_generator)
     saver = next(k for k in ("new_frame.save_inputs(", "NoopSaveInputs.apply(") if k in source)
     assert source.index(saver) < source.index("with _checkpoint_hook(")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_the_mlp_call_that_tiling_wraps(family):
+    """tiling.install replaces the ``forward`` of each decoder layer's ``mlp`` on the instance: the decoder layers of
+    these families call it with the hidden states alone and take one tensor back; a layer is a
+    GradientCheckpointingLayer (what tiling.mlp_modules looks for)."""
+    import importlib
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    layer = getattr(module, f"{family.capitalize()}DecoderLayer")
+    assert issubclass(layer, GradientCheckpointingLayer)
+    assert "hidden_states = self.mlp(hidden_states)" in inspect.getsource(layer.forward)

@@ -281,6 +281,34 @@ def test_cudnn_attention_is_off_unless_asked_for(tmp_path, prepared):
         torch.backends.cuda.enable_cudnn_sdp(was)
 
 
+def test_a_tiled_mlp_trains_the_same_weights(tmp_path, prepared, tiny_model_dir, caplog, monkeypatch):
+    """--tile_mlp true (tiles of 8 tokens here, so every pass of 4 rows x 22 tokens runs tiled): one GRPO step gives
+    LoRA weights equal to the same step without it, to float32 rounding; every decoder layer's MLP is wrapped and ran
+    tiled; one line logged; false wraps nothing."""
+    import logging
+
+    from sdgrpo import tiling
+
+    monkeypatch.setattr(tiling, "TILE_TOKENS", 8)
+    weights = {}
+    for setting in ("false", "true"):
+        torch.manual_seed(0)
+        with caplog.at_level(logging.INFO, logger="sdgrpo.grpo_trainer"):
+            trainer, _, _ = _trainer(tiny_model_dir, prepared, tmp_path / setting, "--tile_mlp", setting)
+            initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+            trainer.train()
+        weights[setting] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        wrappers = [m.__dict__.get("forward") for m in tiling.mlp_modules(trainer.model)]
+        assert len(wrappers) == trainer.model.config.num_hidden_layers
+        if setting == "true":
+            assert all(isinstance(w, tiling.TiledForward) and w.tiled_calls >= 3 for w in wrappers)
+        else:
+            assert all(w is None for w in wrappers)
+    assert any(not torch.equal(weights["true"][n], initial[n]) for n in initial)  # the step moved the adapters
+    assert all(torch.allclose(weights["false"][n], weights["true"][n], rtol=1e-5, atol=1e-7) for n in weights["false"])
+    assert "MLP tiled: the MLPs of 2 layers run over tiles of 8 tokens" in caplog.text
+
+
 def test_offloaded_activations_train_the_same_weights_and_log_what_went_to_cpu_memory(tmp_path, prepared,
                                                                                       tiny_model_dir, caplog):
     """--offload_activations true: one GRPO step gives LoRA weights equal bit for bit to the same step without it, the

@@ -149,6 +149,7 @@ OPTIONS: dict[str, Rule] = {
                                       "sequence_mask"),
     "generation_int4_kernel": one_of("auto", "gemlite", "tinygemm"),
     "offload_activations": one_of("auto", "true", "false"),
+    "tile_mlp": one_of("auto", "true", "false"),
     "gpu_memory_gib": POSITIVE,
     **dict.fromkeys(("rollout_correction", "reuse_reference_logprobs"), SWITCH),
 }

@@ -157,6 +157,14 @@ class SDGRPOConfig(GRPOConfig):
                   "auto: on where the memory plan says the run fits only so (on a GPU, --backend hf); true; "
                   "false. --backend unsloth offloads with its own checkpointing."},
     )
+    tile_mlp: str = field(
+        default="auto",
+        metadata={"help": "Run each layer's MLP over tiles of 1,024 tokens in the training passes, keeping only its "
+                  "input for the backward and running each tile again there (sdgrpo.tiling; Arctic's and "
+                  "Unsloth's tiled MLP): 0.23 MB less GPU memory per training token on a 7B, for one more MLP "
+                  "forward a layer. auto: on where the memory plan says the run fits only so (after "
+                  "--offload_activations); true; false. --backend unsloth uses Unsloth's own (unsloth_tiled_mlp)."},
+    )
     dry_run: bool = field(
         default=False,
         metadata={"help": "Print the run's memory plan (weights, LoRA and its optimizer, the engine's copies and "

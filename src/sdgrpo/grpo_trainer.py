@@ -178,6 +178,14 @@ class SelfDistillMixin(CheckpointMixin):
         # --offload_activations (true once the plan decided): checkpointed layer inputs in CPU memory (offload.py)
         # (checks.check_combinations refuses true with --backend unsloth or without gradient checkpointing)
         self._offloaded = [0] if getattr(self.args, "offload_activations", "false") == "true" else None
+        # --tile_mlp (true once the plan decided): every pass's MLP over tiles of tokens (tiling.py); Unsloth's
+        # backend tiles with its own (backends/unsloth.py asks from_pretrained for it)
+        if getattr(self.args, "tile_mlp", "false") == "true" and getattr(self.args, "backend", "hf") == "hf":
+            from sdgrpo import tiling
+
+            tiled = tiling.install(self.model)
+            logger.info("MLP tiled: the MLPs of %d layers run over tiles of %d tokens, keeping only their inputs for "
+                        "the backward (--tile_mlp)", tiled, tiling.TILE_TOKENS)
         self.token_advantages = getattr(self.args, "advantage", "sequence") == "token"
         if self.token_advantages:
             for reward in self.reward_funcs:

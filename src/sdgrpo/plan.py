@@ -17,8 +17,10 @@ completion), G rows decoded at a time:
 - ``activations``: per training token, what gradient checkpointing keeps (each layer's input, L x H x 2), one layer's
   recomputed activations with their gradients in the backward (the MLP's 6 x I and the attention's 6 x H values, 2
   bytes each) and the fused LM head's fp32 gradient of its input (4 x H); times R x T. With the layer inputs offloaded
-  to CPU memory (``--offload_activations``, sdgrpo.offload), the first term is off the card; auto offloads where the
-  run fits only so;
+  to CPU memory (``--offload_activations``, sdgrpo.offload), the first term is off the card; with the MLP run over
+  tiles of tokens (``--tile_mlp``, sdgrpo.tiling) the MLP's 6 x I is held for one tile (engine: TILE_TOKENS tokens;
+  Unsloth's: H tokens) instead of every token; auto turns on what the run needs to fit, offloading first (it moves
+  bytes; tiling recomputes the MLP once more);
 - ``head``: TRL's fused LM head's tile (4,096 tokens x 32,768 vocabulary columns, 16-bit), the one part of the
   head that does not grow with tokens.
 
@@ -51,18 +53,29 @@ class Plan:
     train_tokens: int  # training rows x (prompt + completion)
     layer_inputs: int = 0  # of per_token: the checkpointed layers' inputs, which offloading takes off the card
     offload: bool = False  # the layer inputs in CPU memory (--offload_activations)
-    may_offload: bool = False  # --offload_activations auto could turn it on (decide_offload)
+    may_offload: bool = False  # --offload_activations auto could turn it on (decide_activations)
+    mlp: int = 0  # of per_token: the recomputed layer's MLP activations, which tiling holds for one tile only
+    tile: bool = False  # the MLP run over tiles of tile_tokens tokens (--tile_mlp)
+    may_tile: bool = False  # --tile_mlp auto could turn it on (decide_activations)
+    tile_tokens: int = 1024  # sdgrpo.tiling.TILE_TOKENS; Unsloth's tiles are H tokens
     head: int = HEAD_TILE
     mode: str = "unmerged"  # the engine mode the estimate assumes
     notes: list[str] = field(default_factory=list)
 
-    def on_card_per_token(self, offload: bool | None = None) -> int:
-        """Activation bytes a training token keeps on the card, with the layer inputs offloaded or not (default: as
-        planned)."""
-        return self.per_token - (self.layer_inputs if (self.offload if offload is None else offload) else 0)
+    def on_card_per_token(self, offload: bool | None = None, tile: bool | None = None) -> int:
+        """Activation bytes a training token keeps on the card, with the layer inputs offloaded or not and the MLP
+        tiled or not (default: as planned)."""
+        offload = self.offload if offload is None else offload
+        tile = self.tile if tile is None else tile
+        return self.per_token - (self.layer_inputs if offload else 0) - (self.mlp if tile else 0)
 
-    def activations(self) -> int:
-        return self.on_card_per_token() * self.train_tokens
+    def activations(self, tokens: int | None = None, offload: bool | None = None, tile: bool | None = None) -> int:
+        """Activation bytes of a training pass over ``tokens`` (default: the plan's): per token, and one tile's MLP
+        where tiled."""
+        tokens = self.train_tokens if tokens is None else tokens
+        tile = self.tile if tile is None else tile
+        return (self.on_card_per_token(offload, tile) * tokens
+                + (self.mlp * min(tokens, self.tile_tokens) if tile else 0))
 
     def peak(self, mode: str | None = None) -> int:
         mode = mode or self.mode
@@ -72,8 +85,8 @@ class Plan:
         """The plan as lines a person reads."""
         rows = [("model weights", self.weights), ("LoRA, gradients, Adam state", self.adapters),
                 (f"generation copies ({self.mode})", self.copies.get(self.mode, 0)), ("KV cache", self.cache),
-                (f"training activations ({self.train_tokens} tokens"
-                 + ("; inputs on CPU)" if self.offload else ")"), self.activations()),
+                (f"training activations ({self.train_tokens} tokens" + ("; inputs on CPU" if self.offload else "")
+                 + (f"; MLP in tiles of {self.tile_tokens}" if self.tile else "") + ")", self.activations()),
                 ("fused LM head tile", self.head), ("estimated peak", self.peak())]
         lines = [f"  {name:<50} {value / GiB:7.2f} GiB" for name, value in rows]
         if cap is not None:
@@ -118,7 +131,7 @@ def cache_bytes(config, rows: int, positions: int, width: int = 2) -> int:
 def estimate(config, *, four_bit: bool, dtype_bytes: int = 2, lora_r: int = 16, train_rows: int,
              generate_rows: int, prompt: int, completion: int, generation_weights: str = "auto",
              int4_kernel: str = "tinygemm", cap: float | None = None, engine: bool = True,
-             offload: bool = False) -> Plan:
+             offload: bool = False, tile: bool = False) -> Plan:
     """The plan of a run (see the module docstring); the engine mode is the one the decoding engine would choose
     under ``cap`` (engine.DecodeEngine._decide_mode on its first call: what the cap leaves after the resident model,
     less engine.TRAINING_SHARE of it for training)."""
@@ -149,7 +162,7 @@ def estimate(config, *, four_bit: bool, dtype_bytes: int = 2, lora_r: int = 16, 
     h, i = c.hidden_size, c.intermediate_size
     per_token = c.num_hidden_layers * h * 2 + (6 * i + 6 * h) * 2 + 4 * h
     plan = Plan(weights=weights, adapters=adapters, copies=copies, cache=cache, per_token=per_token,
-                layer_inputs=c.num_hidden_layers * h * 2, offload=offload,
+                layer_inputs=c.num_hidden_layers * h * 2, offload=offload, mlp=6 * i * 2, tile=tile,
                 train_tokens=train_rows * positions)
     plan.mode = _engine_mode(plan, four_bit, generation_weights, int4_kernel, cap, engine,
                              INT4_FIRST, TRAINING_SHARE)
@@ -176,15 +189,16 @@ def _engine_mode(plan: Plan, four_bit: bool, weights: str, kernel: str, cap, eng
 
 
 def longest_completion(plan: Plan, cap: float, prompt: int, completion: int, train_rows: int,
-                       generate_rows: int, config, dtype_bytes: int = 2, offload: bool | None = None) -> int:
+                       generate_rows: int, config, dtype_bytes: int = 2, offload: bool | None = None,
+                       tile: bool | None = None) -> int:
     """The longest completion (a multiple of 64 tokens, at most ``completion``) whose plan, in the same engine mode
-    (and with the layer inputs offloaded where ``offload``; default: as planned), stays within ``cap``; 0 where none
-    does."""
+    (and with the layer inputs offloaded where ``offload``, the MLP tiled where ``tile``; default: as planned), stays
+    within ``cap``; 0 where none does."""
     best = 0
     for n in range(64, completion + 1, 64):
         tokens = train_rows * (prompt + n)
         cache = cache_bytes(config, generate_rows, prompt + n, dtype_bytes) if plan.cache else 0
-        peak = plan.peak() - plan.activations() - plan.cache + plan.on_card_per_token(offload) * tokens + cache
+        peak = plan.peak() - plan.activations() - plan.cache + plan.activations(tokens, offload, tile) + cache
         if peak <= cap:
             best = n
     return best
@@ -225,31 +239,52 @@ def for_run(train_cfg, model_cfg) -> tuple[Plan | None, float | None]:
                     prompt=train_cfg.max_prompt_length or 0, completion=train_cfg.max_completion_length or 0,
                     generation_weights=train_cfg.generation_weights, int4_kernel=kernel,
                     cap=cap, engine=bool(train_cfg.generation_engine),
-                    offload=train_cfg.offload_activations == "true")
-    decide_offload(train_cfg, plan, cap)
+                    offload=train_cfg.offload_activations == "true", tile=train_cfg.tile_mlp == "true")
+    if getattr(train_cfg, "backend", "hf") == "unsloth":  # Unsloth's tiles (unsloth_zoo.tiled_mlp, "arctic")
+        plan.tile_tokens = _text(config).hidden_size
+    decide_activations(train_cfg, plan, cap)
     return plan, cap
 
 
-def decide_offload(train_cfg, plan: Plan, cap: float | None) -> None:
-    """``--offload_activations auto``: on (``train_cfg`` and ``plan`` set to it, one line logged) where the run fits
-    its GPU memory only with the layer inputs in CPU memory (--backend hf with gradient checkpointing, on a GPU or
-    planned for one), else off."""
+def decide_activations(train_cfg, plan: Plan, cap: float | None) -> None:
+    """``--offload_activations auto`` and ``--tile_mlp auto``: each off, unless the run fits its GPU memory (on a GPU
+    or planned for one) only with it; offloading is tried first (--backend hf with gradient checkpointing), then
+    tiling, then both. ``train_cfg`` and ``plan`` are set to what was chosen, with one line logged for each turned
+    on. Where nothing fits, the plan keeps ``may_offload``/``may_tile`` so the refusal names what fits with them."""
     import logging
 
-    if train_cfg.offload_activations != "auto":
+    auto_offload, auto_tile = train_cfg.offload_activations == "auto", train_cfg.tile_mlp == "auto"
+    if auto_offload:
+        train_cfg.offload_activations = "false"
+    if auto_tile:
+        train_cfg.tile_mlp = "false"
+    if plan is None or cap is None or plan.peak() <= cap:
         return
-    train_cfg.offload_activations = "false"
-    if (plan is None or cap is None or plan.peak() <= cap or getattr(train_cfg, "backend", "hf") != "hf"
-            or not train_cfg.gradient_checkpointing):
+    can_offload = auto_offload and getattr(train_cfg, "backend", "hf") == "hf" and train_cfg.gradient_checkpointing
+    offload_options = [plan.offload] + ([True] if can_offload and not plan.offload else [])
+    tile_options = [plan.tile] + ([True] if auto_tile and not plan.tile else [])
+    choices = [(o, t) for t in tile_options for o in offload_options][1:]  # offloading first, then tiling, then both
+    if not choices:
         return
-    plan.offload = plan.may_offload = True
-    if plan.peak() > cap:
-        plan.offload = False
+    plan.may_offload, plan.may_tile = can_offload, auto_tile
+    for offload, tile in choices:
+        plan.offload, plan.tile = offload, tile
+        if plan.peak() <= cap:
+            break
+    else:
+        plan.offload, plan.tile = (train_cfg.offload_activations == "true", train_cfg.tile_mlp == "true")
         return
-    train_cfg.offload_activations = "true"
-    logging.getLogger(__name__).info(
-        "activations offloaded (--offload_activations auto): the run fits %.1f GiB only with the checkpointed layer "
-        "inputs in CPU memory (%.2f GiB a step)", cap / GiB, plan.layer_inputs * plan.train_tokens / GiB)
+    log = logging.getLogger(__name__)
+    if plan.offload and auto_offload:
+        train_cfg.offload_activations = "true"
+        log.info("activations offloaded (--offload_activations auto): the run fits %.1f GiB only with the "
+                 "checkpointed layer inputs in CPU memory (%.2f GiB a step)", cap / GiB,
+                 plan.layer_inputs * plan.train_tokens / GiB)
+    if plan.tile and auto_tile:
+        train_cfg.tile_mlp = "true"
+        log.info("MLP tiled (--tile_mlp auto): the run fits %.1f GiB only with the MLP run over tiles of %d tokens "
+                 "(%.2f GiB of activations instead of %.2f)", cap / GiB, plan.tile_tokens, plan.activations() / GiB,
+                 plan.activations(tile=False) / GiB)
 
 
 def check(train_cfg, model_cfg, plan: Plan | None, cap: float | None) -> None:
@@ -261,9 +296,10 @@ def check(train_cfg, model_cfg, plan: Plan | None, cap: float | None) -> None:
         return
     prompt, completion = train_cfg.max_prompt_length or 0, train_cfg.max_completion_length or 0
     rows = train_cfg.per_device_train_batch_size
-    # what fits with auto's offloading, which a shorter run gets
+    # what fits with auto's offloading and tiling, which a shorter run gets
     longest = longest_completion(plan, cap, prompt, completion, rows, generation_rows(train_cfg),
-                                 _config(train_cfg, model_cfg), offload=plan.offload or plan.may_offload)
+                                 _config(train_cfg, model_cfg), offload=plan.offload or plan.may_offload,
+                                 tile=plan.tile or plan.may_tile)
     room = []
     if rows % 2 == 0 and rows > 1:  # the same rows a generation and an optimizer step, half the activations
         room.append(f"--per_device_train_batch_size {rows // 2} --gradient_accumulation_steps "
@@ -274,6 +310,8 @@ def check(train_cfg, model_cfg, plan: Plan | None, cap: float | None) -> None:
         room.append("--generation_weights model (no copies)")
     if not model_cfg.load_in_4bit:
         room.append("--load_in_4bit true")
+    if not (plan.tile or plan.may_tile):
+        room.append("--tile_mlp true (the MLP over tiles of tokens)")
     fits = (f"--max_completion_length {longest} fits" if longest else "no completion length fits")
     raise UserError(f"this run needs about {plan.peak() / GiB:.1f} GiB of GPU memory ({plan.mode} generation, "
                     f"{rows} rows x {prompt}+{completion} tokens) and may use {cap / GiB:.1f} GiB: {fits}"

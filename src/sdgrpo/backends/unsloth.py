@@ -84,6 +84,8 @@ def build_unsloth_policy(train_cfg, model_cfg):
         dtype=None if load_in_4bit else resolve_dtype(model_cfg.dtype, "cuda"),
         load_in_4bit=load_in_4bit,
         trust_remote_code=train_cfg.trust_remote_code,
+        # --tile_mlp: Unsloth's own tiled MLP (unsloth_zoo.tiled_mlp, tiles of H tokens), patched in from_pretrained
+        unsloth_tiled_mlp=getattr(train_cfg, "tile_mlp", "false") == "true",
     )
     targets = model_cfg.lora_target_modules
     if targets in ("all-linear", ["all-linear"], None):
