@@ -27,7 +27,8 @@ Options after a variant's name, joined by '+': ``tinygemm`` / ``gemlite`` (--gen
 BENCH_STEPS - 1 whole generation cycles are timed, their mean per optimizer step reported as ``cycle_mean_s``),
 ``capN`` (this variant's process capped at N GiB, overriding BENCH_CAP_GIB), ``lenN`` (N completion tokens), ``mbN``
 (N rows a backward, G/N micro-batches a step: the same G rows a generation and an optimizer step), ``offload``
-(--offload_activations true: checkpointed layer inputs in CPU memory), e.g.
+(--offload_activations true: checkpointed layer inputs in CPU memory), ``tile`` (--tile_mlp true: the MLP over tiles of
+tokens), ``plain`` (both false; without either option they are auto: on where the plan needs them), e.g.
 ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
@@ -192,14 +193,14 @@ def original_recipe_reward(model, tokenizer):
 
 def variant_options(variant: str) -> tuple[str, dict]:
     """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N,
-    "offload": True}."""
+    "offload": True, "tile": True, "plain": True}."""
     name, *extra = variant.split("+")
     options = {}
     for item in extra:
         if item in ("tinygemm", "gemlite"):
             options["kernel"] = item
-        elif item == "offload":
-            options["offload"] = True
+        elif item in ("offload", "tile", "plain"):
+            options[item] = True
         elif item[:3] in ("spg", "cap", "len") and item[3:].replace(".", "", 1).isdigit():
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
         elif item[:2] == "mb" and item[2:].isdigit() and G % int(item[2:]) == 0:
@@ -287,6 +288,10 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--steps_per_generation", str(spg)]
         if options.get("offload"):
             argv += ["--offload_activations", "true"]
+        if options.get("tile"):
+            argv += ["--tile_mlp", "true"]
+        if options.get("plain"):
+            argv += ["--offload_activations", "false", "--tile_mlp", "false"]
         train_cfg, model_cfg = parse_train_args(argv)
         main(train_cfg, model_cfg, callbacks=[step_clock, diagnostics], start_over=True)
     else:
@@ -299,7 +304,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
 
             model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=PROMPT + COMPLETION + 64,
                                                            load_in_4bit=four_bit,
-                                                           dtype=None if four_bit else torch.bfloat16)
+                                                           dtype=None if four_bit else torch.bfloat16,
+                                                           unsloth_tiled_mlp=bool(options.get("tile")))
             model = FastLanguageModel.get_peft_model(model, target_modules=targets, bias="none", **lora,
                                                      use_gradient_checkpointing="unsloth")
             peft_config = None
