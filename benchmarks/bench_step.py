@@ -28,7 +28,8 @@ BENCH_STEPS - 1 whole generation cycles are timed, their mean per optimizer step
 ``capN`` (this variant's process capped at N GiB, overriding BENCH_CAP_GIB), ``lenN`` (N completion tokens), ``mbN``
 (N rows a backward, G/N micro-batches a step: the same G rows a generation and an optimizer step), ``offload``
 (--offload_activations true: checkpointed layer inputs in CPU memory), ``tile`` (--tile_mlp true: the MLP over tiles of
-tokens), ``plain`` (both false; without either option they are auto: on where the plan needs them), e.g.
+tokens), ``plain`` (both false; without either option they are auto: on where the plan needs them), ``model``
+(--generation_weights model: the base decoded as it is, no generation copies), e.g.
 ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
@@ -193,13 +194,13 @@ def original_recipe_reward(model, tokenizer):
 
 def variant_options(variant: str) -> tuple[str, dict]:
     """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N,
-    "offload": True, "tile": True, "plain": True}."""
+    "offload": True, "tile": True, "plain": True, "model": True}."""
     name, *extra = variant.split("+")
     options = {}
     for item in extra:
         if item in ("tinygemm", "gemlite"):
             options["kernel"] = item
-        elif item in ("offload", "tile", "plain"):
+        elif item in ("offload", "tile", "plain", "model"):
             options[item] = True
         elif item[:3] in ("spg", "cap", "len") and item[3:].replace(".", "", 1).isdigit():
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
@@ -290,6 +291,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--offload_activations", "true"]
         if options.get("tile"):
             argv += ["--tile_mlp", "true"]
+        if options.get("model"):
+            argv += ["--generation_weights", "model"]
         if options.get("plain"):
             argv += ["--offload_activations", "false", "--tile_mlp", "false"]
         train_cfg, model_cfg = parse_train_args(argv)
@@ -302,7 +305,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         if unsloth:
             from unsloth import FastLanguageModel
 
-            model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=PROMPT + COMPLETION + 64,
+            model, tok = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=PROMPT + completion + 64,
                                                            load_in_4bit=four_bit,
                                                            dtype=None if four_bit else torch.bfloat16,
                                                            unsloth_tiled_mlp=bool(options.get("tile")))

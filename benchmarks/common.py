@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-# Real shapes (random weights): public configs of Qwen2.5-0.5B, -1.5B and -7B.
+# Real shapes (random weights): public configs of Qwen2.5-0.5B, -1.5B, -7B and -14B.
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
@@ -20,6 +20,8 @@ SHAPES = {
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-14b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                        num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False),
 }
 
 
@@ -72,8 +74,15 @@ def random_model(shape: str, dtype=torch.bfloat16, vocab_size: int | None = None
         kw["vocab_size"] = vocab_size
     config = Qwen2Config(**kw, max_position_embeddings=8192, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(dtype)
+    default = torch.get_default_dtype()
+    # the 14B made in its own dtype: in fp32 first (59 GB) and then copied it would not fit an 80 GB card
+    if shape == "qwen2.5-14b":
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
     return model.eval()
 
 

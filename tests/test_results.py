@@ -95,3 +95,26 @@ def test_every_current_results_file_names_the_script_that_runs_it_again():
     on_disk = {p.name for p in (ROOT / "tools" / "device").rglob("*.sh")}
     assert named == on_disk, (f"README lists {sorted(named - on_disk)} that are not there, "
                               f"omits {sorted(on_disk - named)}")
+
+
+def test_the_length_plot_groups_rows_by_variant_without_their_length_and_marks_what_did_not_run(tmp_path):
+    """plot_length: rows of two runs, a variant at 3 lengths (one out of memory) and another at one: two series, the
+    lengths read from each row's lenN (the run's completion_tokens where it has none), and a PNG written."""
+    spec = importlib.util.spec_from_file_location("plot_length", ROOT / "benchmarks" / "plot_length.py")
+    plot_length = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_length)
+    first = {"config": {"completion_tokens": 512}, "results": [
+        {"variant": "sdgrpo_hf_4bit+model", "peak_gpu_gib": 8.5, "step_s": 8.6},
+        {"variant": "sdgrpo_hf_4bit+model+len2048", "peak_gpu_gib": 9.7, "step_s": 33.0},
+        {"variant": "unsloth_bare_4bit+len2048", "peak_gpu_gib": 17.0, "step_s": 85.4}]}
+    second = {"config": {"completion_tokens": 512}, "results": [
+        {"variant": "sdgrpo_hf_4bit+model+len4096", "error": "CUDA out of memory", "peak_gpu_gib": None}]}
+    paths = []
+    for i, data in enumerate((first, second)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(data))
+    got = plot_length.series(paths)
+    assert {k: [n for n, _ in v] for k, v in got.items()} == {"sdgrpo_hf_4bit+model": [512, 2048, 4096],
+                                                               "unsloth_bare_4bit": [2048]}
+    plot_length.plot(paths, tmp_path / "length.png")
+    assert (tmp_path / "length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
