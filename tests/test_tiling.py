@@ -153,3 +153,25 @@ def test_a_tiled_mlp_keeps_only_its_input_for_the_backward_and_leaves_short_call
     assert wrapper.tiled_calls == 2
     short = torch.randn(8, 1, 32)
     assert torch.equal(wrapper(short), mlp.forward(short)) and wrapper.tiled_calls == 2
+
+
+def test_the_engine_decodes_a_tiled_model_as_the_untiled_one(tiny_model_dir, tiny_tokenizer):
+    """A tiled model (tiles of 5 tokens: the prompts' prefill runs tiled, each decoding step of 4 rows does not)
+    decodes through sdgrpo's engine to the same greedy tokens and log-probs as without tiling."""
+    from sdgrpo.engine import DecodeEngine
+
+    model = _lora(_tiny(tiny_model_dir)).eval()
+    prompts = ["In the beginning God created", "And the LORD said unto Noah", "Then", "And it came to pass"]
+    enc = tiny_tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id,
+                    eos_token_id=tiny_tokenizer.eos_token_id)
+    plain = DecodeEngine()
+    plain.record = []
+    want = plain.generate(model, **enc, **settings)
+    tiling.install(model, tile=5)
+    tiled = DecodeEngine()
+    tiled.record = []
+    got = tiled.generate(model, **enc, **settings)
+    assert torch.equal(got, want) and tiled.fallbacks == 0
+    assert [m.forward.tiled_calls for m in tiling.mlp_modules(model)] == [1] * model.config.num_hidden_layers
+    assert torch.allclose(tiled.record[0].logprobs, plain.record[0].logprobs, atol=1e-5)
