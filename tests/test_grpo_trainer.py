@@ -440,6 +440,28 @@ def test_the_unsloth_trainer_reads_left_packed_log_probs_whatever_the_import_ord
     assert SelfDistillGRPOTrainer.left_packed_logps is False
 
 
+def test_every_super_call_of_the_hooks_reaches_trl():
+    """SelfDistillMixin composes one mixin per concern (sdgrpo/grpo/). No method is defined by two of sdgrpo's classes
+    above TRL's, and none that a class calls through ``super()`` is defined by a class after it: every ``super()``
+    call reaches TRL's GRPOTrainer (or Unsloth's), as before the split."""
+    import inspect
+    import re
+
+    mro = SelfDistillGRPOTrainer.__mro__
+    ours = mro[1 : mro.index(GRPOTrainer)]
+    assert [c.__name__ for c in ours] == ["SelfDistillMixin", "RolloutMixin", "RewardReuseMixin", "TokenDistillMixin",
+                                          "RolloutCorrectionMixin", "CheckpointMixin"]
+    owners: dict[str, list[str]] = {}
+    for cls in ours:
+        for name, value in vars(cls).items():
+            if callable(value):
+                owners.setdefault(name, []).append(cls.__name__)
+    assert {name: classes for name, classes in owners.items() if len(classes) > 1} == {}
+    for i, cls in enumerate(ours):
+        called = set(re.findall(r"super\(\)\.(\w+)\(", inspect.getsource(cls)))
+        assert called and [(n, c.__name__) for n in sorted(called) for c in ours[i + 1 :] if n in vars(c)] == []
+
+
 def test_unsloths_loss_gets_the_engines_rollout_log_probs_and_the_policys(tiny_model_dir, tiny_tokenizer, dataset,
                                                                           tmp_path):
     """On top of a trainer that drops the rollouts' log-probs outside vLLM (as Unsloth's does), the batch that

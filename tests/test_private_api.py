@@ -2,11 +2,11 @@
 
 sdgrpo pins trl 1.15.0 and transformers <= 5.17.0 (Unsloth's range). An upgrade that renames, removes or re-orders
 any of these fails here, in CI, instead of silently changing what a run computes. Where each is used:
-``grpo_trainer.py`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the Triton stand-in),
-``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals), ``engine.py`` (transformers' generation
-config resolution, PEFT's per-layer adapter switch, transformers' SDPA attention and its head pairing),
+``grpo_trainer.py`` and ``grpo/`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the
+Triton stand-in), ``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals), ``engine.py`` (transformers'
+generation config resolution, PEFT's per-layer adapter switch, transformers' SDPA attention and its head pairing),
 ``sft.py`` (SFTTrainer's ``compute_loss_func`` hook), ``progress.py`` (transformers' progress callback), ``replay.py``
-with ``sft.py`` and ``grpo_trainer.py`` (the samplers of self-replay, the column its collator keeps).
+with ``sft.py`` and ``grpo/rollouts.py`` (the samplers of self-replay, the column its collator keeps).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def test_peft_lora_bias_is_a_per_adapter_flag_on_lora_b():
 def test_trls_loss_applies_the_importance_ratio_under_its_vllm_branch_only():
     """trainer._compute_loss takes TRL's vLLM branch for the engine's corrected rollouts: that branch must still be
     the only use of ``use_vllm`` in the loss, and multiply the per-token loss by ``importance_sampling_ratio``; the
-    ratio's modes (trainer.importance_weights) are TRL's."""
+    ratio's modes (grpo.correction.importance_weights) are TRL's."""
     from trl import GRPOConfig, GRPOTrainer
 
     source = inspect.getsource(GRPOTrainer._compute_loss)

@@ -127,7 +127,7 @@ def test_trainer_asks_for_gathered_weights_only_under_fsdp_with_the_option(tmp_p
     The hooks are skipped unless --fsdp_skip_hooks_in_generation false."""
     from contextlib import contextmanager
 
-    import sdgrpo.grpo_trainer as trainer_module
+    import sdgrpo.grpo.rollouts as rollouts_module  # where _generate looks gathered_weights up
 
     entered = []
 
@@ -136,7 +136,7 @@ def test_trainer_asks_for_gathered_weights_only_under_fsdp_with_the_option(tmp_p
         entered.append((model, skip_hooks))
         yield
 
-    monkeypatch.setattr(trainer_module, "gathered_weights", recording)
+    monkeypatch.setattr(rollouts_module, "gathered_weights", recording)
     prompts = ["The cat sat", "on the mat"]
     for extra, fsdp, expected in [((), False, []), ((), True, [True]),
                                   (("--fsdp_skip_hooks_in_generation", "false"), True, [False]),
