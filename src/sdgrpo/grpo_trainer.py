@@ -18,7 +18,7 @@ Private TRL methods overridden here (pinned: trl 1.15.0; signatures checked by t
 ``_tokenize_prompts``, ``_generate``, ``_get_per_token_logps_and_entropies``, ``_generate_and_score_completions``,
 ``_calculate_rewards``; attributes read: ``_metrics``, ``eos_token_ids``, ``beta``, ``temperature``, ``ref_model``.
 Checkpoint overrides are in ``checkpointing.py``, FSDP2 internals in ``fsdp.py``, the decoding engine that answers
-TRL's ``unwrapped_model.generate`` call inside ``_generate`` (``--generation_engine``) in ``engine.py``.
+TRL's ``unwrapped_model.generate`` call inside ``_generate`` (``--generation_engine``) in ``engine/decode.py``.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class SelfDistillMixin(CheckpointMixin):
         self.reference_reuses = 0  # reward batches served from the KL pass
         if getattr(self.args, "generation_compile", False) and getattr(self, "generation_config", None) is not None:
             self.generation_config.disable_compile = False  # TRL sets it; transformers compiles static-cache decoding
-        # Rollouts through sdgrpo's decoding engine (engine.py): TRL's generate call is answered by it.
+        # Rollouts through sdgrpo's decoding engine (engine/): TRL's generate call is answered by it.
         self.engine = (DecodeEngine(compile=bool(getattr(self.args, "generation_compile", False)),
                                     memory_budget_gib=getattr(self.args, "generation_memory_gib", None),
                                     generation_weights=getattr(self.args, "generation_weights", "auto"),
