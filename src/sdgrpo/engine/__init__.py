@@ -12,9 +12,10 @@ token and nothing else in the way. One concern a file, each opening with its con
 - ``attention.py``: grouped-query attention without copying the keys and values (:func:`grouped_sdpa`).
 - ``budget.py``: the memory generation may take, and the mode decided from it (``DecodeEngine._decide_mode``).
 
-What code outside the package imports is re-exported here. These are other bindings of the same objects, which the
-engine's own code never reads: a test that patches a name patches it in each module that looks it up at call time
-(``sdgrpo.engine.quantised._quantised_base``, ``sdgrpo.engine.int4.GEMLITE_AUTO``, ...), not here.
+Every public name is re-exported here, with the one private name imported from outside (``_quantisable_lora_layers``).
+These are other bindings of the same objects, which the engine's own code never reads: a test patches a name in each
+module that looks it up at call time (``sdgrpo.engine.int4.GEMLITE_AUTO``; tests/test_engine.py's ``CALLERS``), not
+here, where the private ones it patches are absent so that such a patch fails.
 """
 
 from sdgrpo.engine.attention import GROUPED_SDPA, grouped_attention, grouped_sdpa
