@@ -106,8 +106,9 @@ def test_the_choices_of_trls_modes_are_the_ones_trl_branches_on():
 
 
 def test_repetition_penalty_is_refused_with_the_engine_and_served_by_generate():
-    """The decoding engine does not implement a repetition penalty (engine.UNSUPPORTED: such calls would all fall back
-    to transformers' generate): refused while the engine decodes, kept with --generation_engine false or vLLM."""
+    """The decoding engine does not implement a repetition penalty (engine.support.UNSUPPORTED: such calls would all
+    fall back to transformers' generate): refused while the engine decodes, kept with --generation_engine false or
+    vLLM."""
     from sdgrpo.config import parse_train_args
     from sdgrpo.engine import UNSUPPORTED
     from sdgrpo.errors import UserError

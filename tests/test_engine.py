@@ -52,6 +52,33 @@ def settings(tokenizer, **kw):
     return dict(max_new_tokens=24, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw)
 
 
+# The names these tests patch, and the modules of sdgrpo.engine that look each up at call time: a patch must reach
+# each of them (sdgrpo.engine's re-export is one more binding, which the engine's own code never reads).
+CALLERS = {"_quantised_base": ("quantised", "budget"), "_foldable_lora_layers": ("folded", "budget"),
+           "INT4_CHUNK": ("quantised",), "GEMLITE_AUTO": ("int4",), "gemlite_available": ("int4",),
+           "grouped_sdpa": ("attention",), "_ORIGINAL_FORWARDS": ("originals",), "_ORIGINAL_CLASSES": ("originals",)}
+
+
+def patch_engine(monkeypatch, name: str, value) -> None:
+    """``name`` set to ``value`` for the test wherever the engine looks it up (:data:`CALLERS`)."""
+    for module in CALLERS[name]:
+        monkeypatch.setattr(f"sdgrpo.engine.{module}.{name}", value)
+
+
+def test_a_patch_reaches_each_engine_file_that_looks_the_name_up():
+    """Every module of the engine package that binds a name the tests patch (its definition, or an import of it) is
+    among its CALLERS, so that a patch changes what every caller sees."""
+    import importlib
+    import pkgutil
+
+    import sdgrpo.engine
+
+    for name, where in CALLERS.items():
+        binding = {m.name for m in pkgutil.iter_modules(sdgrpo.engine.__path__)
+                   if hasattr(importlib.import_module(f"sdgrpo.engine.{m.name}"), name)}
+        assert binding == set(where), name
+
+
 @pytest.mark.parametrize("which", ["plain", "lora"])
 def test_greedy_gives_generates_tokens_with_padding_and_eos(which, model, lora, tiny_tokenizer):
     m = model if which == "plain" else lora
@@ -283,11 +310,10 @@ def test_grouped_attention_is_transformers_sdpa_without_the_copies(additive):
 def test_the_engine_decodes_with_grouped_attention(lora, tiny_tokenizer, monkeypatch):
     """The tiny Llama has 4 query heads over 2 key/value heads: greedy tokens stay generate's, sampled log-probs a
     teacher-forced pass's, and the grouped function is the one that ran."""
-    import sdgrpo.engine as engine_module
+    from sdgrpo.engine import grouped_sdpa, sampling_from
 
     calls = []
-    original = engine_module.grouped_sdpa
-    monkeypatch.setattr(engine_module, "grouped_sdpa", lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
+    patch_engine(monkeypatch, "grouped_sdpa", lambda *a, **k: calls.append(a[1].shape[2]) or grouped_sdpa(*a, **k))
     assert lora.config._attn_implementation == "sdpa"
     enc = encode(tiny_tokenizer)
     want = lora.generate(**enc, do_sample=False, **settings(tiny_tokenizer))
@@ -296,7 +322,7 @@ def test_the_engine_decodes_with_grouped_attention(lora, tiny_tokenizer, monkeyp
     assert lora.config._attn_implementation == "sdpa" and calls.count(1) >= 2 * 23  # 2 layers x the decoded steps
     torch.manual_seed(3)
     out = engine.decode(lora, enc["input_ids"], enc["attention_mask"],
-                        engine_module.sampling_from(lora, None, do_sample=True, top_k=0, **settings(tiny_tokenizer)))
+                        sampling_from(lora, None, do_sample=True, top_k=0, **settings(tiny_tokenizer)))
     width = enc["input_ids"].size(1)
     for row in range(out.sequences.size(0)):
         ids = out.sequences[row]
@@ -412,11 +438,10 @@ def test_a_patched_model_decodes_with_transformers_forwards_put_back(model, tiny
     import peft.tuners.lora.layer as lora_layer
     import transformers.models.llama.modeling_llama as llama
 
-    import sdgrpo.engine as engine_module
     from sdgrpo.backends.unsloth import remember_transformers_forwards
 
-    monkeypatch.setattr(engine_module, "_ORIGINAL_FORWARDS", {})
-    monkeypatch.setattr(engine_module, "_ORIGINAL_CLASSES", {})
+    patch_engine(monkeypatch, "_ORIGINAL_FORWARDS", {})
+    patch_engine(monkeypatch, "_ORIGINAL_CLASSES", {})
     model.config.save_pretrained(tmp_path)
     remember_transformers_forwards(str(tmp_path), False)
     ran = []
@@ -484,16 +509,16 @@ def test_a_patched_forward_on_a_class_that_inherited_its_own_is_taken_off_for_th
     import sys
     import types
 
-    import sdgrpo.engine as engine_module
+    from sdgrpo.engine import originals
 
-    monkeypatch.setattr(engine_module, "_ORIGINAL_FORWARDS", {})
-    monkeypatch.setattr(engine_module, "_ORIGINAL_CLASSES", {})
+    patch_engine(monkeypatch, "_ORIGINAL_FORWARDS", {})
+    patch_engine(monkeypatch, "_ORIGINAL_CLASSES", {})
     home = types.ModuleType("transformers.models.toy.modeling_toy")
     base = type("ToyBase", (torch.nn.Module,), {"forward": lambda self, x: x + 1, "__module__": home.__name__})
     sub = type("ToySub", (base,), {"__module__": home.__name__})
     home.ToyBase, home.ToySub = base, sub
     monkeypatch.setitem(sys.modules, home.__name__, home)
-    engine_module.remember_originals(home)
+    originals.remember_originals(home)
 
     def fast(self, x):
         return x + 100
@@ -501,16 +526,16 @@ def test_a_patched_forward_on_a_class_that_inherited_its_own_is_taken_off_for_th
     fast.__module__ = "unsloth.models.toy"
     monkeypatch.setattr(sub, "forward", fast, raising=False)
     model = sub()
-    assert model(torch.zeros(1)).item() == 100 and isinstance(engine_module._put_back_plan(model), tuple)
-    with engine_module.originals_put_back(model):
+    assert model(torch.zeros(1)).item() == 100 and isinstance(originals._put_back_plan(model), tuple)
+    with originals.originals_put_back(model):
         assert model(torch.zeros(1)).item() == 1
     assert model(torch.zeros(1)).item() == 100
-    monkeypatch.setattr(engine_module, "_ORIGINAL_FORWARDS", {})
-    assert isinstance(engine_module._put_back_plan(model), str)
+    patch_engine(monkeypatch, "_ORIGINAL_FORWARDS", {})
+    assert isinstance(originals._put_back_plan(model), str)
     # what has no original is named (the fallback's line ends with it), and in the error
-    assert engine_module._put_back_plan(model) == "transformers.models.toy.modeling_toy.ToySub.forward"
+    assert originals._put_back_plan(model) == "transformers.models.toy.modeling_toy.ToySub.forward"
     with pytest.raises(ValueError, match="ToySub.forward, replaced by a patching library"):
-        with engine_module.originals_put_back(model):
+        with originals.originals_put_back(model):
             pass
 
 
@@ -668,10 +693,8 @@ def test_int4_copies_decode_as_the_model_with_their_weights_would(bias, chunk, t
     The trained weights untouched. ``chunk``: weights quantised 8 rows at a time."""
     import copy
 
-    from sdgrpo import engine as engine_module
-
     if chunk:
-        monkeypatch.setattr(engine_module, "INT4_CHUNK", chunk)
+        patch_engine(monkeypatch, "INT4_CHUNK", chunk)
     base = make_llama(tiny_tokenizer, seed=61, attention_bias=bias).to(torch.bfloat16)
     if bias:
         with torch.no_grad():
@@ -700,10 +723,9 @@ def test_auto_weights_fold_where_that_fits_and_give_int4_copies_to_quantised_bas
     quantises. One log line says which and why. (What each mode decodes is tested above.)"""
     import logging
 
-    from sdgrpo import engine as engine_module
     from sdgrpo.engine import _quantisable_lora_layers, cache_bytes, dense_bytes, fold_bytes, int4_bytes
+    from sdgrpo.engine.folded import _foldable_lora_layers as foldable
 
-    foldable = engine_module._foldable_lora_layers
     # 8 layers: a refresh's temporaries (a few fp32 chunks of the widest weight) are then small beside the copies
     lora = with_lora(make_llama(tiny_tokenizer, seed=71, layers=8).to(torch.bfloat16), 0.3, seed=72)
     enc = encode(tiny_tokenizer)
@@ -712,7 +734,7 @@ def test_auto_weights_fold_where_that_fits_and_give_int4_copies_to_quantised_bas
     held4 = sum(m.out_features * m.in_features // 2 for m in lora.modules() if hasattr(m, "base_layer"))
     assert held4 < need4 < need
     middle = (need + need4) / 2 + cache
-    monkeypatch.setattr(engine_module, "_quantised_base", lambda layers: True)
+    patch_engine(monkeypatch, "_quantised_base", lambda layers: True)
     need16 = dense_bytes(_quantisable_lora_layers(lora, 16))  # with a dequantised weight's room for the refresh
     assert need < need16
     cases = [(need + cache, "auto", False, "folded", "LoRA folded into generation copies"),
@@ -724,10 +746,9 @@ def test_auto_weights_fold_where_that_fits_and_give_int4_copies_to_quantised_bas
              (middle, "model", True, "unmerged", "unmerged over the quantised base, as asked"),
              (need4 / 2 + cache, "auto", True, "unmerged", "no generation copy fits the budget")]
     for budget, weights, quantised, mode, line in cases:
-        monkeypatch.setattr(engine_module, "_quantised_base", lambda layers, quantised=quantised: quantised)
+        patch_engine(monkeypatch, "_quantised_base", lambda layers, quantised=quantised: quantised)
         # a quantised base is not foldable in place (its weights are not 16-bit)
-        monkeypatch.setattr(engine_module, "_foldable_lora_layers",
-                            foldable if not quantised else lambda model: None)
+        patch_engine(monkeypatch, "_foldable_lora_layers", foldable if not quantised else lambda model: None)
         engine = DecodeEngine(memory_budget_gib=budget / 2**30, generation_weights=weights)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="sdgrpo.engine"):
@@ -745,11 +766,10 @@ def test_16bit_copies_of_a_quantised_base_decode_generates_tokens(bias, tiny_tok
     bitsandbytes one is tested on the GPU): every LoRA layer, o and down projections included, is swapped for a
     16-bit copy of base + LoRA, sibling groups as one matmul; fp32 here, so greedy tokens are generate's, and the
     sampled tokens' log-probs are an unpadded forward's. The trained weights are untouched."""
-    from sdgrpo import engine as engine_module
     from sdgrpo.engine import Linear16
 
-    monkeypatch.setattr(engine_module, "_quantised_base", lambda layers: True)
-    monkeypatch.setattr(engine_module, "_foldable_lora_layers", lambda model: None)
+    patch_engine(monkeypatch, "_quantised_base", lambda layers: True)
+    patch_engine(monkeypatch, "_foldable_lora_layers", lambda model: None)
     base = make_llama(tiny_tokenizer, seed=91, attention_bias=bias)
     if bias:
         with torch.no_grad():
@@ -817,20 +837,20 @@ def test_generation_room_is_what_the_cap_leaves_less_trainings_reserve(monkeypat
     leaves 6.0 (the 7B shape's int4 copies take 3.9 with their temporaries, its cache 0.3, its 16-bit fold 12.2:
     engine.fold_bytes, int4_bytes, cache_bytes on it with LoRA r 16 on every linear layer). Once training
     took 5 GiB beyond the resident memory, that is the reserve."""
-    from sdgrpo import engine as engine_module
+    from sdgrpo.engine import generation_room
 
     gib = 2**30
-    cuda = engine_module.torch.cuda
+    cuda = torch.cuda
     peak = {"value": 14.4 * gib}
     monkeypatch.setattr(cuda, "mem_get_info", lambda device: (60 * gib, 80 * gib))
     monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device: 24 / 80)
     monkeypatch.setattr(cuda, "memory_allocated", lambda device: 14.4 * gib)
     monkeypatch.setattr(cuda, "memory_reserved", lambda device: 15 * gib)
     monkeypatch.setattr(cuda, "max_memory_allocated", lambda device: peak["value"])
-    room, why = engine_module.generation_room("cuda")
+    room, why = generation_room("cuda")
     assert room / gib == pytest.approx(6.0) and "kept for training" in why
     peak["value"] = 19.4 * gib
-    assert engine_module.generation_room("cuda")[0] / gib == pytest.approx(24 - 14.4 - 5.0)
+    assert generation_room("cuda")[0] / gib == pytest.approx(24 - 14.4 - 5.0)
 
 
 # --- int4 copies read by gemlite (its reference matmul off CUDA; the kernel itself in tests/gpu) -----------------
@@ -940,27 +960,27 @@ def test_gemlite_copies_decode_as_the_model_with_their_weights_would(tiny_tokeni
 def test_the_int4_kernel_is_gemlite_where_chosen_and_installed_else_tinygemm_and_never_silently_another(
         monkeypatch):
     """choose_int4_kernel: auto is gemlite on the architectures of GEMLITE_AUTO (none yet; sm 9.0 stands in) where
-    gemlite runs, else tinygemm with the reason; gemlite asked for is gemlite where it can run, its reference matmul off CUDA, and on a GPU where it
-    cannot run one line (UserError), never silently another kernel."""
-    from sdgrpo import engine as engine_module
-    from sdgrpo.engine import choose_int4_kernel
+    gemlite runs, else tinygemm with the reason; gemlite asked for is gemlite where it can run, its reference matmul
+    off CUDA, and on a GPU where it cannot run one line (UserError), never silently another kernel."""
+    from sdgrpo.engine import GEMLITE_AUTO, choose_int4_kernel
     from sdgrpo.errors import UserError
 
-    assert engine_module.GEMLITE_AUTO == ()  # gemlite's engine path failed its GPU test on the Qwen2.5-0.5B shape
-    monkeypatch.setattr(engine_module, "GEMLITE_AUTO", ((9, 0),))
+    assert GEMLITE_AUTO == ()  # gemlite's engine path failed its GPU test on the Qwen2.5-0.5B shape
+    patch_engine(monkeypatch, "GEMLITE_AUTO", ((9, 0),))
     capability = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
-    monkeypatch.setattr(engine_module, "gemlite_available", lambda: None)
+    patch_engine(monkeypatch, "gemlite_available", lambda: None)
     assert choose_int4_kernel("auto", "cuda") == ("gemlite", "auto: the fastest measured on sm 9.0")
     assert choose_int4_kernel("auto", "cpu") == ("tinygemm", "auto")
     assert choose_int4_kernel("tinygemm", "cuda") == ("tinygemm", "as asked")
     assert choose_int4_kernel("gemlite", "cuda") == ("gemlite", "as asked")
     assert choose_int4_kernel("gemlite", "cpu")[0] == "gemlite"
     capability[0] = (8, 9)
-    assert choose_int4_kernel("auto", "cuda") == ("tinygemm", "auto: gemlite not chosen on sm 8.9 (engine.GEMLITE_AUTO)")
+    assert choose_int4_kernel("auto", "cuda") == ("tinygemm",
+                                                  "auto: gemlite not chosen on sm 8.9 (engine.GEMLITE_AUTO)")
     capability[0] = (9, 0)
-    monkeypatch.setattr(engine_module, "gemlite_available", lambda: "gemlite is not installed (pip install gemlite)")
+    patch_engine(monkeypatch, "gemlite_available", lambda: "gemlite is not installed (pip install gemlite)")
     assert choose_int4_kernel("auto", "cuda") == ("tinygemm", "auto: gemlite is not installed (pip install gemlite)")
     with pytest.raises(UserError, match="--generation_int4_kernel gemlite: gemlite is not installed"):
         choose_int4_kernel("gemlite", "cuda")
@@ -973,13 +993,12 @@ def test_a_quantised_base_gets_int4_copies_first_where_the_int4_kernel_is_as_fas
     never; with tinygemm the 16-bit copies come first, as before."""
     import logging
 
-    from sdgrpo import engine as engine_module
     from sdgrpo.engine import _quantisable_lora_layers, cache_bytes, dense_bytes, int4_bytes
 
     lora = with_lora(make_llama(tiny_tokenizer, seed=73).to(torch.bfloat16), 0.3, seed=74)
     enc = encode(tiny_tokenizer)
-    monkeypatch.setattr(engine_module, "_quantised_base", lambda layers: True)
-    monkeypatch.setattr(engine_module, "_foldable_lora_layers", lambda model: None)
+    patch_engine(monkeypatch, "_quantised_base", lambda layers: True)
+    patch_engine(monkeypatch, "_foldable_lora_layers", lambda model: None)
     cache = cache_bytes(lora.get_base_model(), 4, 64)
     need4 = int4_bytes(_quantisable_lora_layers(lora, 4, "gemlite"), "gemlite")
     # room for either (at widths 64 gemlite's copies are not the smaller: 17 rows of scales for 1 group, as its kernels

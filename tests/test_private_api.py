@@ -3,7 +3,7 @@
 sdgrpo pins trl 1.15.0 and transformers <= 5.17.0 (Unsloth's range). An upgrade that renames, removes or re-orders
 any of these fails here, in CI, instead of silently changing what a run computes. Where each is used:
 ``grpo_trainer.py`` and ``grpo/`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the
-Triton stand-in), ``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals), ``engine.py`` (transformers'
+Triton stand-in), ``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals), ``engine/`` (transformers'
 generation config resolution, PEFT's per-layer adapter switch, transformers' SDPA attention and its head pairing),
 ``sft.py`` (SFTTrainer's ``compute_loss_func`` hook), ``progress.py`` (transformers' progress callback), ``replay.py``
 with ``sft.py`` and ``grpo/rollouts.py`` (the samplers of self-replay, the column its collator keeps).
@@ -113,9 +113,9 @@ def test_the_check_catches_a_changed_signature(monkeypatch):
 
 
 def test_the_grouped_attention_couplings():
-    """engine.grouped_sdpa stands in for transformers' SDPA function (same arguments; it calls it back), reads the
-    query heads in repeat_kv's pairing, and is chosen through the config's ``_attn_implementation``, which the
-    attention layers read at every forward."""
+    """engine.attention.grouped_sdpa stands in for transformers' SDPA function (same arguments; it calls it back),
+    reads the query heads in repeat_kv's pairing, and is chosen through the config's ``_attn_implementation``, which
+    the attention layers read at every forward."""
     import torch
     from transformers.integrations import sdpa_attention
     from transformers.masking_utils import sdpa_mask  # noqa: F401  (registered for the grouped name)
@@ -141,8 +141,9 @@ def test_sft_trainer_hands_its_logits_to_compute_loss_func():
 
 
 def test_the_class_declarations_the_engine_decides_support_from():
-    """engine.unsupported and engine._attention_through_registry read what transformers' model classes declare:
-    these names must still exist on PreTrainedModel, with Llama declaring them and Mamba not taking a Cache."""
+    """engine.support.unsupported and engine.attention._attention_through_registry read what transformers' model
+    classes declare: these names must still exist on PreTrainedModel, with Llama declaring them and Mamba not taking
+    a Cache."""
     import transformers
     from transformers import PreTrainedModel
     from transformers.generation.utils import GenerationMixin
@@ -157,7 +158,7 @@ def test_the_class_declarations_the_engine_decides_support_from():
 
 
 def test_peft_lora_bias_is_a_per_adapter_flag_on_lora_b():
-    """engine.Folded folds ``lora_bias`` as PEFT's merge does: ``bias + scaling * lora_B.bias``."""
+    """engine.folded.Folded folds ``lora_bias`` as PEFT's merge does: ``bias + scaling * lora_B.bias``."""
     from peft.tuners.lora import Linear
 
     merge = inspect.getsource(Linear.merge)
@@ -239,7 +240,7 @@ def test_what_the_topk_term_shadows_and_reuses():
 
 
 def test_the_int4_weight_only_kernels_the_engine_calls():
-    """engine.Int4Linear: ATen's int4 weight-only ops (CPU names here; CUDA's ``_convert_weight_to_int4pack`` takes
+    """engine.int4.Int4Linear: ATen's int4 weight-only ops (CPU names here; CUDA's ``_convert_weight_to_int4pack`` takes
     two values a byte, ``_weight_int4pack_mm`` the same scales) keep their arguments, and the CPU pair computes
     ``x @ ((q - 8) * scale + zero)^T`` with bf16 (scale, zero) pairs laid out [K / group, N, 2]."""
     import torch

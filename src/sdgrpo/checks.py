@@ -345,7 +345,7 @@ def check_machine(configs) -> None:
 
 def check_generation_memory(train_cfg, model_cfg, config) -> None:
     """Raise :class:`UserError` where ``--generation_memory_gib`` is below the decoding engine's KV cache for the
-    settings (``engine.cache_bytes``: the rows TRL generates at once, per_device_train_batch_size x
+    settings (``engine.budget.cache_bytes``: the rows TRL generates at once, per_device_train_batch_size x
     steps_per_generation, at max_prompt_length + max_completion_length positions rounded up to the engine's length
     bucket, in the dtype the model loads in), naming the smallest value that works. ``config``: the model's (None:
     not checked). The engine checks each call again, from the prompts it gets."""

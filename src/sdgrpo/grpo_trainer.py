@@ -1,7 +1,7 @@
 """TRL's GRPOTrainer with the few hooks self-distillation needs, one mixin per concern (``sdgrpo/grpo/``):
 
 - ``grpo/rollouts.py`` (RolloutMixin): the sampler's order, ``max_prompt_length`` (dropped by TRL 1.15: the last N
-  prompt tokens after the leading special tokens), generation through sdgrpo's decoding engine (engine.py).
+  prompt tokens after the leading special tokens), generation through sdgrpo's decoding engine (engine/).
 - ``grpo/reuse.py`` (RewardReuseMixin): rewards receive ``prompt_ids`` and, with beta > 0 and temperature 1, the
   log-probs of the KL term's reference pass, so the self-NLL reward costs no extra forward pass; collapse metrics.
 - ``grpo/distill.py`` (TokenDistillMixin): per-token advantages and the top-K distillation term.
@@ -16,7 +16,8 @@ checks), so every ``super()`` call in them reaches TRL's implementation (or Unsl
 Private TRL methods overridden (pinned: trl 1.15.0; signatures checked by tests/test_private_api.py):
 ``_tokenize_prompts``, ``_generate``, ``_get_per_token_logps_and_entropies``, ``_generate_and_score_completions``,
 ``_calculate_rewards``; attributes read: ``_metrics``, ``eos_token_ids``, ``beta``, ``temperature``, ``ref_model``.
-FSDP2 internals are in ``fsdp.py``.
+FSDP2 internals are in ``fsdp.py``; the decoding engine that answers TRL's ``unwrapped_model.generate`` call in
+``_generate`` (``--generation_engine``) in ``engine/decode.py``.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class SelfDistillMixin(RolloutMixin, RewardReuseMixin, TokenDistillMixin, Rollou
         self.reference_reuses = 0  # reward batches served from the KL pass
         if getattr(self.args, "generation_compile", False) and getattr(self, "generation_config", None) is not None:
             self.generation_config.disable_compile = False  # TRL sets it; transformers compiles static-cache decoding
-        # Rollouts through sdgrpo's decoding engine (engine.py): TRL's generate call is answered by it.
+        # Rollouts through sdgrpo's decoding engine (engine/): TRL's generate call is answered by it.
         self.engine = (DecodeEngine(compile=bool(getattr(self.args, "generation_compile", False)),
                                     memory_budget_gib=getattr(self.args, "generation_memory_gib", None),
                                     generation_weights=getattr(self.args, "generation_weights", "auto"),

@@ -121,7 +121,7 @@ def parameter_count(config) -> tuple[int, int]:
 
 
 def cache_bytes(config, rows: int, positions: int, width: int = 2) -> int:
-    """The engine's static cache (keys and values of every layer; engine.cache_bytes's formula)."""
+    """The engine's static cache (keys and values of every layer; engine.budget.cache_bytes's formula)."""
     c = _text(config)
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -133,8 +133,8 @@ def estimate(config, *, four_bit: bool, dtype_bytes: int = 2, lora_r: int = 16, 
              int4_kernel: str = "tinygemm", cap: float | None = None, engine: bool = True,
              offload: bool = False, tile: bool = False) -> Plan:
     """The plan of a run (see the module docstring); the engine mode is the one the decoding engine would choose
-    under ``cap`` (engine.DecodeEngine._decide_mode on its first call: what the cap leaves after the resident model,
-    less engine.TRAINING_SHARE of it for training)."""
+    under ``cap`` (``_decide_mode`` in engine/budget.py on its first call: what the cap leaves after the resident
+    model, less engine.budget.TRAINING_SHARE of it for training)."""
     from sdgrpo.engine import INT4_FIRST, TRAINING_SHARE, GemliteLinear, Int4Linear, gemlite_layout, int4_layout
 
     c = _text(config)

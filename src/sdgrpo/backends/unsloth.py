@@ -42,7 +42,7 @@ ALSO_PATCHED = ("peft.tuners.lora.layer", "peft.tuners.lora.bnb", "bitsandbytes.
 def remember_transformers_forwards(model_path: str, trust_remote_code: bool) -> None:
     """Before Unsloth is imported: record transformers' own forwards of the model's modeling module (and PEFT's and
     bitsandbytes' of :data:`ALSO_PATCHED`), which Unsloth replaces on import and load, so that sdgrpo's decoding
-    engine can decode with them (``--generation_engine true``; engine.originals_put_back). Where the module cannot
+    engine can decode with them (``--generation_engine true``; engine/originals.py). Where the module cannot
     be found the engine hands the calls to generate."""
     import importlib
     import sys

@@ -1,6 +1,6 @@
 """Importance correction of rollouts that are not the policy bit for bit (``--rollout_correction``).
 
-The decoding engine's rollouts (engine.py: generation copies of the weights, int4 copies, unmerged LoRA rounding)
+The decoding engine's rollouts (engine/: generation copies of the weights, int4 copies, unmerged LoRA rounding)
 are corrected as TRL 1.15 corrects vLLM's: truncated (or masked) importance sampling, the ratio policy / sampler
 multiplied into TRL's per-token loss. The pure functions (:func:`importance_weights`, :func:`ratio_stats`,
 :func:`rollout_mismatch`) are TRL's formulas; benchmarks/bench_mismatch.py uses them too.

@@ -1,5 +1,5 @@
 """Prompts and generation: the sampler's order, prompt truncation, and rollouts through sdgrpo's decoding engine
-(``--generation_engine``, engine.py), which answers TRL's ``unwrapped_model.generate`` call inside ``_generate``."""
+(``--generation_engine``, engine/), which answers TRL's ``unwrapped_model.generate`` call inside ``_generate``."""
 
 from __future__ import annotations
 
