@@ -79,8 +79,8 @@ def test_repeated_headings_get_numbered_anchors(tmp_path):
 
 
 def test_the_readme_and_the_gpu_reference_stay_within_their_word_budgets():
-    assert words(ROOT / "README.md") <= 1500
-    assert words(ROOT / "docs" / "gpu.md") <= 2600
+    assert words(ROOT / "README.md") < 1500
+    assert words(ROOT / "docs" / "gpu.md") <= 2500
 
 
 def test_the_log_is_dated_newest_first():
