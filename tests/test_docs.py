@@ -91,3 +91,10 @@ def test_the_log_is_dated_newest_first():
     assert len(entries) >= 20 and all(dates), [e for e, d in zip(entries, dates) if not d]
     dates = [d.group(1) for d in dates]
     assert dates == sorted(dates, reverse=True)
+
+
+def test_no_module_of_the_library_outgrows_what_a_newcomer_can_hold():
+    """No file in src/sdgrpo over ~400 lines (the engine and the GRPO hooks are packages of one concern a file)."""
+    long = {p.relative_to(ROOT).as_posix(): n for p in (ROOT / "src" / "sdgrpo").rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 420}
+    assert long == {}
