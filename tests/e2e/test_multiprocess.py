@@ -169,3 +169,32 @@ def test_leave_runs_the_exit_handlers_then_skips_the_teardown(tmp_path):
         assert (tmp_path / "teardown_0.txt").is_file() == torn_down
         for name in ("exit_0.txt", "teardown_0.txt"):
             (tmp_path / name).unlink(missing_ok=True)
+
+
+def test_the_exit_probe_leaves_out_a_thread_that_ends_while_it_reads_the_names(tmp_path):
+    """exit_watch's thread list: a thread whose name file is gone when opened, or whose process is gone when read
+    (ProcessLookupError, as gloo's threads ended under the exit handler of a DeepSpeed run on 2026-12-07), is left out
+    and the file still written (the test above failed for want of it)."""
+    sys.path.insert(0, str(PROBE.parent))
+    from exit_watch import _write_threads
+
+    fake = 10_000  # stand-in descriptors of the tasks' name files, above any real one
+
+    def read(fd, n):
+        if fd == fake + 2:
+            raise ProcessLookupError(3, "No such process")
+        return b"thread-%d" % (fd - fake)
+
+    def open_fd(path, flags, *mode):
+        if "/task/" in path:
+            task = int(path.split("/")[4])
+            if task == 3:
+                raise FileNotFoundError(path)
+            return fake + task
+        return os.open(path, flags, *mode)
+
+    closed = []
+    out = tmp_path / "exit_0.txt"
+    _write_threads(str(out), listdir=lambda _: ["1", "2", "3", "4"], open_fd=open_fd, read=read,
+                   close=lambda fd: closed.append(fd - fake) if fd >= fake else os.close(fd))
+    assert out.read_bytes() == b"thread-1\nthread-4" and closed == [1, 2, 4]

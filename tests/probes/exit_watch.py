@@ -18,17 +18,22 @@ from pathlib import Path
 
 
 def _write_threads(path: str, listdir=os.listdir, open_fd=os.open, read=os.read, write=os.write, close=os.close,
-                   reading=os.O_RDONLY, writing=os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> None:
+                   reading=os.O_RDONLY, writing=os.O_WRONLY | os.O_CREAT | os.O_TRUNC, gone=OSError) -> None:
     """Thread names into ``path``. Everything it uses is bound now: the audit event comes after the modules' names
-    are cleared."""
+    are cleared. A thread that ends between the listing and the reading of its name is left out (opening its file
+    raises FileNotFoundError, reading an open one ProcessLookupError)."""
     names = []
     for task in listdir("/proc/self/task"):
         try:
             fd = open_fd("/proc/self/task/" + task + "/comm", reading)
-        except FileNotFoundError:  # the thread ended meanwhile
+        except gone:
             continue
-        names.append(read(fd, 64).strip())
-        close(fd)
+        try:
+            names.append(read(fd, 64).strip())
+        except gone:
+            pass
+        finally:
+            close(fd)
     fd = open_fd(path, writing, 0o644)
     write(fd, b"\n".join(sorted(names)))
     close(fd)
