@@ -103,10 +103,8 @@ class TiledForward:
         if args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2 or x[..., 0].numel() <= self.tile:
             return self.inner(x, *args, **kwargs)
         self.tiled_calls += 1
-        if not torch.is_grad_enabled():
-            return _tiled_no_grad(self.inner, x, self.tile)
-        params = tuple(p for p in self.module.parameters() if p.requires_grad)
-        if not x.requires_grad and not params:
+        params = tuple(p for p in self.module.parameters() if p.requires_grad) if torch.is_grad_enabled() else ()
+        if not x.requires_grad and not params or not torch.is_grad_enabled():
             return _tiled_no_grad(self.inner, x, self.tile)
         return _Tiled.apply(x, self.inner, self.module, self.tile, *params)
 
