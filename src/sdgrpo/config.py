@@ -144,11 +144,11 @@ class SDGRPOConfig(GRPOConfig):
     )
     generation_int4_kernel: str = field(
         default="auto",
-        metadata={"help": "The kernel that reads int4 generation copies: auto (PyTorch's tinygemm), tinygemm, or "
-                  "gemlite (Triton, pip install gemlite; Ampere or newer). With gemlite, --generation_weights auto "
-                  "gives a 4-bit base int4 copies first: on one H100, a 7B under 24 GiB stepped in 4.25 s at "
-                  "11.9 GiB peak against 4.32 s at 20.7 GiB with 16-bit copies. Not the default yet: its decoding "
-                  "is not yet checked against a reference on a GPU (docs/gpu.md)."},
+        metadata={"help": "The kernel that reads int4 generation copies: auto (gemlite on an H100 where installed, "
+                  "else PyTorch's tinygemm), tinygemm, or gemlite (Triton, pip install gemlite; Ampere or newer). "
+                  "With gemlite, --generation_weights auto gives a 4-bit base int4 copies first: on one H100, a 7B "
+                  "under 24 GiB stepped in 4.34 s at 12.0 GiB peak against 4.32 s at 20.7 GiB with 16-bit copies "
+                  "(docs/gpu.md)."},
     )
     offload_activations: str = field(
         default="auto",

@@ -6,8 +6,8 @@
   scales zero-padded past the end where its split-K kernels read (:data:`GEMLITE_SPLIT_K_MAX`); off CUDA its
   reference matmul.
 - :func:`choose_int4_kernel`: the kernel asked for where it can run (one line, :class:`UserError`, where gemlite
-  cannot); auto is tinygemm except on the architectures of :data:`GEMLITE_AUTO` (none yet). :data:`INT4_FIRST`: the
-  kernels for which a quantised base gets int4 copies before 16-bit ones.
+  cannot); auto is gemlite on the architectures of :data:`GEMLITE_AUTO` (an H100's sm 9.0), else tinygemm.
+  :data:`INT4_FIRST`: the kernels for which a quantised base gets int4 copies before 16-bit ones.
 
 Their tensors keep their addresses when refreshed (``load`` rows, then ``pack``): a captured CUDA graph reads them.
 What fills them is quantised.py's.
@@ -271,21 +271,21 @@ class GemliteLinear(torch.nn.Module):
 # 4.34 ms at the copy bandwidth, int4's about 1.2): bf16 5.0 at 1-32 rows; gemlite (groups of 64) 2.4 / 4.1 / 5.1 /
 # 4.9 at 1 / 8 / 16 / 32 rows; tinygemm 2.1 / 4.7 / 7.9 / 14.7; bitsandbytes NF4 (the base as it is) 3.6 / 9.7 / 9.6
 # / 9.4. So on an H100 gemlite reads a quarter of the bytes at least as fast as bf16 at every row count a generation
-# decodes, tinygemm only below 16 rows. ``auto`` is still tinygemm everywhere (GEMLITE_AUTO empty): on 2026-12-07 the
-# engine's gemlite path decoded the Qwen2.5-0.5B shape (4 layers, NF4 base) to NaN log-probs on an H100
-# (tests/gpu/test_gpu.py::test_a_4bit_base_decodes_through_gemlite_int4_copies), while the shipped model (widths 256)
-# decodes as the reference does; suspected: gemlite's split-K kernels with K (896 there) not a multiple of
-# BLOCK_SIZE_K x SPLIT_K read group scales past the end (docs/gpu.md). It is there to be asked for
-# (``--generation_int4_kernel gemlite``).
+# decodes, tinygemm only below 16 rows. gemlite 0.6's split-K kernels read group scales and zeros past the last group,
+# unmasked, where the input width is not a multiple of BLOCK_SIZE_K x SPLIT_K (896 on the Qwen2.5-0.5B shape decoded to
+# NaN there on 2026-12-07); GemliteLinear holds them zero-padded that far (gemlite_meta_rows). With the padding, on one
+# H100 (2026-12-07, commit e53ce2f): the 0.5B's widths 896 / 1,152 / 4,864 / 9,728 and the 7B's read as gemlite's
+# reference eagerly and from a CUDA graph at 1-40 rows (NaN written into the padding shows the 8- and 40-row kernels
+# read it), and a 4-bit base decodes through them as the reference does (argmax agreement 1.000, 0.0055 nats a token).
 INT4_KERNELS = ("auto", "gemlite", "tinygemm")
 # The kernels that decode int4 copies at least as fast as 16-bit copies are read (above): with ``generation_weights``
 # auto, a quantised base then gets int4 copies first (a quarter of the memory), not 16-bit ones.
 INT4_FIRST = ("gemlite",)
 # Where auto picks gemlite: the architectures (compute capability) where it was measured to read int4 copies faster
-# than tinygemm at the engine's row counts and decodes as the reference does. An H100 (sm 9.0) is measured faster (7B
-# layers, ms per token step at 1 / 8 / 16 / 32 rows: gemlite g64 2.39 / 4.13 / 5.08 / 4.89, tinygemm 2.12 / 4.72 /
-# 7.89 / 14.7) but is not listed until the GPU test above passes there; nothing was measured on other architectures.
-GEMLITE_AUTO: tuple[tuple[int, int], ...] = ()
+# than tinygemm at the engine's row counts and decodes as the reference does: an H100 (sm 9.0; 7B layers, ms per token
+# step at 1 / 8 / 16 / 32 rows: gemlite g64 2.39 / 4.13 / 5.08 / 4.89, tinygemm 2.12 / 4.72 / 7.89 / 14.7). Nothing was
+# measured on other architectures (bitsandbytes' and gemlite's own calibrations differ there): tinygemm.
+GEMLITE_AUTO: tuple[tuple[int, int], ...] = ((9, 0),)
 
 
 def auto_int4_kernel(device=None) -> tuple[str, str]:
