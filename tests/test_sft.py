@@ -49,6 +49,53 @@ def test_sft_trains_logs_heldout_and_keeps_the_best(tmp_path, prepared, tiny_mod
     assert "learning_rate: 0.003" in (out / "resolved_config.yaml").read_text()
 
 
+def test_keep_best_heldout_measures_the_last_step_of_a_run_shorter_than_its_interval(tmp_path, prepared,
+                                                                                     tiny_model_dir):
+    """A run of 4 steps measured every 50 (and one of 4 measured every 3): the last step is measured too, so the
+    trained adapter is a candidate; before, only step 0 was, and the run ended with the untrained adapter (every
+    lora_B zero) while saying it kept the best."""
+    from safetensors.torch import load_file
+
+    for every, steps in ((50, [0, 4]), (3, [0, 3, 4])):
+        out = tmp_path / f"sft{every}"
+        r = run_cli("sft", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
+                    "--max_steps", 4, "--per_device_train_batch_size", 4, "--learning_rate", "3e-3", "--report_to",
+                    "none", "--heldout_eval_steps", every, "--heldout_eval_prompts", 8, "--keep_best_heldout", "true",
+                    "--save_strategy", "no")
+        assert r.returncode == 0, r.stderr[-3000:]
+        held = json.loads((out / "heldout.json").read_text())
+        assert [h["step"] for h in held["history"]] == steps
+        step, best = held["best"]
+        assert step == 4 and best < held["history"][0]["heldout_bpb"], held
+        weights = load_file(out / "adapter_model.safetensors")
+        assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)
+        assert independent_bpb(tiny_model_dir, out, prepared, 8) == pytest.approx(best, rel=1e-4)
+
+
+def test_keep_best_heldout_says_when_no_trained_step_beat_the_untrained_adapter(tmp_path, tiny_tokenizer, caplog,
+                                                                             monkeypatch):
+    """Where step 0 stays the best, the final adapter is the untrained one: a warning says so and what to do."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    import sdgrpo.callbacks as callbacks
+
+    rows = Dataset.from_dict({"prompt": ["In the beginning"], "continuation": [" God created"]})
+    heldout = callbacks.HeldoutEval(rows, tiny_tokenizer, 2, tmp_path, keep_best=True)
+    (tmp_path / callbacks.BEST_DIR).mkdir()
+    (tmp_path / callbacks.BEST_DIR / "adapter_model.safetensors").write_bytes(b"")
+    heldout.history = [{"step": 0, "heldout_bpb": 3.5}, {"step": 2, "heldout_bpb": 3.9}]
+    heldout.best = (0, 3.5)
+    copied = []
+    monkeypatch.setattr(callbacks, "copy_adapter", lambda src, dst: copied.append((src, dst)))
+    with caplog.at_level("INFO", logger="sdgrpo.callbacks"):
+        callbacks.keep_best_heldout(heldout, tmp_path, SimpleNamespace(args=SimpleNamespace(should_save=True)))
+    assert copied == [(tmp_path / callbacks.BEST_DIR, tmp_path)]
+    assert "untrained one, which changes nothing" in caplog.text and "3.9000 at step 2" in caplog.text
+    assert json.loads((tmp_path / "heldout.json").read_text())["best"] == [0, 3.5]
+
+
 def test_grpo_with_context_distill_logs_heldout(tmp_path, prepared, tiny_model_dir):
     out = tmp_path / "grpo"
     r = run_cli("train", "--model_name_or_path", tiny_model_dir, "--dataset_path", prepared, "--output_dir", out,
