@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sdgrpo.evaluate import verdict
 
 
@@ -16,3 +18,21 @@ def test_verdict_sentences():
     # the trained model's numbers equal to a temperature's (an adapter that changed nothing): said so, not "sharpened"
     same = verdict(trained, {1.0: dict(trained), 0.7: {"reward_mean": -2.6, "distinct_2": 0.6}})
     assert same.startswith("Training made no measurable difference") and "T=1.0" in same
+
+
+def test_a_difference_within_sampling_noise_is_not_called_a_win():
+    """An adapter whose reward is below the base's at T=1 and whose distinct-2 is 0.001 above it has beaten nothing
+    (the verdict said "beat" before); only a margin beyond two standard errors of the reward difference (each the
+    samples' deviation over the root of the prompts) or 0.01 of distinct-2 counts."""
+    from sdgrpo.evaluate import reward_tolerance
+
+    base = {1.0: {"reward_mean": -3.061, "distinct_2": 0.785, "reward_std": 0.4, "prompts": 16},
+            0.7: {"reward_mean": -2.2, "distinct_2": 0.6, "reward_std": 0.4, "prompts": 16}}
+    noisy = {"reward_mean": -3.128, "distinct_2": 0.786, "reward_std": 0.4, "prompts": 16}
+    assert reward_tolerance(base[1.0], noisy) == pytest.approx(2 * (2 * (0.4 / 4) ** 2) ** 0.5, rel=1e-12)
+    sentence = verdict(noisy, base)
+    assert sentence.startswith("Training made no measurable difference") and "T=1.0" in sentence, sentence
+    better = dict(noisy, reward_mean=-3.061 + 0.3)  # beyond the 0.283 the noise allows
+    assert verdict(better, base).startswith("Training beat"), verdict(better, base)
+    lower = dict(noisy, reward_mean=-3.6, distinct_2=0.78)  # worse on reward beyond noise: did not beat T=1.0
+    assert verdict(lower, base).startswith("Training did not beat") and "T=1.0" in verdict(lower, base)

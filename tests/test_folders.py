@@ -66,3 +66,39 @@ def test_a_run_folder_is_never_replaced_by_a_whole_result(tmp_path):
     (result / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"did not write \(notes.txt\)"):
         check_replaceable(result, "--output")
+
+
+def test_demo_refuses_a_folder_of_the_users_and_sets_an_earlier_demos_report_aside(tmp_path, monkeypatch):
+    """`sdgrpo demo --output DIR`: a folder holding the user's files is one line, exit 2, before anything is written
+    (it overwrote their report.md and demo.json before); an earlier demo's folder is reused with its report, figures
+    and results moved aside into previous-DATE/, never overwritten."""
+    import sdgrpo.demo as demo
+    from conftest import run_cli
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    (mine / "demo.json").write_text("{}")
+    r = run_cli("demo", "--output", mine, "--max_steps", 1)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"sdgrpo demo: error: --output {mine}: this folder holds "
+                                                        "files sdgrpo did not write"), r.stderr[-500:]
+    assert sorted(p.name for p in mine.iterdir()) == ["demo.json", "report.md"]
+    assert (mine / "report.md").read_text() == "my notes"
+
+    written = []
+
+    def fake_demo(cfg, out):  # what a demo writes at the top of its folder
+        for name in demo.DEMO_WRITES:
+            (out / name).write_text(f"run {len(written)}")
+        written.append(sorted(p.name for p in out.iterdir()))
+        return 0
+
+    monkeypatch.setattr(demo, "_demo", fake_demo)
+    out = tmp_path / "demo"
+    assert demo.main(demo.DemoConfig(output=str(out))) == 0
+    assert demo.main(demo.DemoConfig(output=str(out))) == 0
+    aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == sorted(demo.DEMO_WRITES)
+    assert all((aside[0] / n).read_text() == "run 0" and (out / n).read_text() == "run 1" for n in demo.DEMO_WRITES)
+    assert not (out / "sdgrpo.lock").exists() and (out / "sdgrpo_manifest.json").is_file()

@@ -17,6 +17,9 @@ from sdgrpo.config import TINY_MODEL, parse_train_args
 
 logger = logging.getLogger(__name__)
 
+# What a demo writes at the top of its folder beside data/ and adapter/: an earlier demo's are moved aside first.
+DEMO_WRITES = ("demo.json", "report.md", "curves.png", "rewards.png")
+
 DEMO_TEXT = Path(__file__).parent / "assets" / "demo" / "openings.txt"
 
 
@@ -37,6 +40,20 @@ class DemoConfig:
 
 
 def main(cfg: DemoConfig) -> int:
+    """The demo in ``cfg.output``: a new or empty folder, or an earlier demo's (sdgrpo's manifest), locked while it
+    runs; a folder holding anything else is refused in one line before anything is written."""
+    from sdgrpo.folders import set_aside
+    from sdgrpo.runs import run_folder
+
+    out = Path(cfg.output)
+    with run_folder(out, "demo", resume=False, start_over=False, option="--output"):
+        earlier = [name for name in DEMO_WRITES if (out / name).exists()]
+        if earlier:
+            logger.warning("an earlier demo's %s moved into %s", ", ".join(earlier), set_aside(out, earlier))
+        return _demo(cfg, out)
+
+
+def _demo(cfg: DemoConfig, out: Path) -> int:
     import torch
     from datasets import load_from_disk
     from peft import PeftModel
@@ -51,12 +68,10 @@ def main(cfg: DemoConfig) -> int:
 
     console = Console()
     t0 = time.time()
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = load_tokenizer(TINY_MODEL)
 
-    console.rule("[bold]1/4 prepare the demo text")
+    console.rule("[bold]1/3 prepare the demo text")
     summary = prepare(PrepareConfig(inputs=[str(DEMO_TEXT)], output=str(out / "data"), min_prompt_tokens=8,
                                     max_prompt_tokens=20, continuation_tokens=32, test_size=0.2, seed=cfg.seed),
                       tokenizer)
@@ -74,6 +89,12 @@ def main(cfg: DemoConfig) -> int:
     ])
     train_main(train_cfg, model_cfg, start_over=True)  # a demo run again: the last one is moved aside
     rows = read_metrics(out / "adapter" / "metrics.jsonl")
+    how_long = f"trained for {rows[-1]['step'] if rows else 0} steps"
+    guard = out / "adapter" / "collapse_guard.json"
+    tripped = json.loads(guard.read_text()) if guard.is_file() else {}
+    if tripped.get("tripped_at"):
+        how_long += (f" of {cfg.max_steps}: the collapse guard stopped it at step {tripped['tripped_at']} "
+                     f"({tripped['reason']})")
 
     console.rule("[bold]3/3 sample the base (at each temperature) and the trained adapters on held-out prompts")
     base = load_model(TINY_MODEL, torch.float32, "cpu")
@@ -89,7 +110,7 @@ def main(cfg: DemoConfig) -> int:
     elapsed = time.time() - t0
     result = {"config": dataclasses.asdict(cfg), "before": s_before, "after": s_after,
               "base_colder": {str(t): v for t, v in colder.items()},
-              "verdict": sentence, "steps": rows,
+              "verdict": sentence, "steps": rows, "trained": how_long,
               "held_out_prompts": len(held_out), "seconds": elapsed}
     (out / "demo.json").write_text(json.dumps(result, indent=2))
     keys = ["reward_mean", "reward_std", "length", "eos_rate", "distinct_2", "seq_rep_4", "compression_ratio"]
@@ -99,8 +120,8 @@ def main(cfg: DemoConfig) -> int:
     firsts = slice(0, None, cfg.eval_samples)  # the first sample of each prompt
     report = f"""# sdgrpo demo
 
-The shipped tiny model ({TINY_MODEL.rsplit('/', 1)[-1]}) trained for {cfg.max_steps} steps of self-distillation GRPO
-on {summary['train']} prompts from the demo text; evaluated on {len(held_out)} held-out prompts,
+The shipped tiny model ({TINY_MODEL.rsplit('/', 1)[-1]}), self-distillation GRPO on {summary['train']} prompts from
+the demo text, {how_long}; evaluated on {len(held_out)} held-out prompts,
 {cfg.eval_samples} samples each at temperature 1, same seed before and after. Reward = mean log-prob of the sample
 under the frozen base model. Took {elapsed:.0f} s.
 
@@ -122,6 +143,6 @@ temperature: the sharpening that needs no training at all.
 """
     (out / "report.md").write_text(report)
     console.print(table)
-    console.print(f"reward {s_before['reward_mean']:.3f} -> {s_after['reward_mean']:.3f}; report in "
-                  f"{out / 'report.md'} ({elapsed:.0f} s)")
+    console.print(f"{how_long}; reward {s_before['reward_mean']:.3f} -> {s_after['reward_mean']:.3f}. {sentence}")
+    console.print(f"report in {out / 'report.md'} ({elapsed:.0f} s)")
     return 0

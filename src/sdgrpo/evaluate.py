@@ -58,7 +58,8 @@ def summarize(model, tokenizer, base_scorer, prompts, k, max_new_tokens, tempera
     rewards = [r for r in base_rewards(base_scorer, tokenizer, samples) if r is not None]
     eos_ids = samples.eos_ids
     out = {"temperature": temperature, "reward_mean": statistics.fmean(rewards),
-           "reward_std": statistics.pstdev(rewards), "unscored": len(samples.texts) - len(rewards),
+           "reward_std": statistics.pstdev(rewards), "prompts": len(prompts),
+           "unscored": len(samples.texts) - len(rewards),
            **collapse_metrics(samples.completion_ids, samples.texts, eos_ids, group_size=k)}
     if keep_rewards:
         out["rewards"] = rewards
@@ -98,26 +99,50 @@ def continuation_nll(model, tokenizer, prompts: list[str], continuations: list[s
     return {"nll_per_token": total / tokens, "perplexity": math.exp(total / tokens), "tokens": tokens}
 
 
+# Differences of distinct-2 below this are not called either way: the sampling noise of a few hundred samples.
+DISTINCT_TOLERANCE = 0.01
+
+
+def reward_tolerance(a: dict, b: dict) -> float:
+    """Two standard errors of the difference of two mean rewards, each taken as its samples' standard deviation over
+    the square root of its prompts (samples of one prompt are not independent: this overstates the error rather than
+    understates it); 0 where a summary lacks ``reward_std`` or ``prompts``."""
+    def se(x: dict) -> float:
+        return x["reward_std"] / math.sqrt(x["prompts"]) if x.get("prompts") and "reward_std" in x else 0.0
+
+    return 2 * math.hypot(se(a), se(b))
+
+
 def verdict(trained: dict, baselines: dict) -> str:
     """One honest sentence: is the trained model dominated by the base sampled at some temperature?
 
-    A baseline dominates when its reward and its distinct-2 are both at least the trained model's.
+    A baseline dominates when its reward and its distinct-2 are both at least the trained model's, within sampling
+    noise (:func:`reward_tolerance`, :data:`DISTINCT_TOLERANCE`): a trained model better by less than the noise has
+    not beaten anything. Within the noise on both, the sentence says no measurable difference.
     """
+    def close(v: dict) -> tuple[bool, bool]:
+        return (abs(v["reward_mean"] - trained["reward_mean"]) <= reward_tolerance(v, trained),
+                abs(v["distinct_2"] - trained["distinct_2"]) <= DISTINCT_TOLERANCE)
+
     dominating = [(t, v) for t, v in baselines.items()
-                  if v["reward_mean"] >= trained["reward_mean"] and v["distinct_2"] >= trained["distinct_2"]]
+                  if v["reward_mean"] >= trained["reward_mean"] - reward_tolerance(v, trained)
+                  and v["distinct_2"] >= trained["distinct_2"] - DISTINCT_TOLERANCE]
     if dominating:
-        t, v = max(dominating, key=lambda tv: tv[1]["reward_mean"])
-        if v["reward_mean"] == trained["reward_mean"] and v["distinct_2"] == trained["distinct_2"]:
+        same = [(t, v) for t, v in dominating if all(close(v))]
+        if same:
+            t, v = same[0]
             return (f"Training made no measurable difference: the base model sampled at T={t} has the same reward "
-                    f"({v['reward_mean']:.3f}) and diversity (distinct-2 {v['distinct_2']:.3f}) as the trained "
-                    "model.")
+                    f"({v['reward_mean']:.3f} vs {trained['reward_mean']:.3f}, noise +-"
+                    f"{reward_tolerance(v, trained):.3f}) and diversity (distinct-2 {v['distinct_2']:.3f} vs "
+                    f"{trained['distinct_2']:.3f}) as the trained model.")
+        t, v = max(dominating, key=lambda tv: tv[1]["reward_mean"])
         return (f"Training did not beat the temperature frontier: the base model sampled at T={t} has at least the "
                 f"trained model's reward ({v['reward_mean']:.3f} vs {trained['reward_mean']:.3f}) and diversity "
-                f"(distinct-2 {v['distinct_2']:.3f} vs {trained['distinct_2']:.3f}); this run only sharpened the "
-                "base.")
+                f"(distinct-2 {v['distinct_2']:.3f} vs {trained['distinct_2']:.3f}) within sampling noise; this run "
+                "only sharpened the base.")
     return ("Training beat the temperature frontier: no temperature tried gives the base model both the trained "
             f"model's reward ({trained['reward_mean']:.3f}) and its diversity (distinct-2 "
-            f"{trained['distinct_2']:.3f}).")
+            f"{trained['distinct_2']:.3f}), beyond sampling noise.")
 
 
 def plot_frontier(baselines: dict, trained: dict | None, path: str | Path) -> Path:

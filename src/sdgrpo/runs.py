@@ -80,18 +80,19 @@ def earlier_run(out: Path) -> list[str]:
 
 
 @contextmanager
-def run_folder(out: Path, verb: str, resume: bool, start_over: bool) -> Iterator[None]:
+def run_folder(out: Path, verb: str, resume: bool, start_over: bool, option: str = "--output_dir") -> Iterator[None]:
     """``out`` made (or found) sdgrpo's and locked by this process for the block; an earlier run in it refused,
-    unless ``resume`` (continued) or ``start_over`` (moved aside). A folder this refused is left as it was."""
+    unless ``resume`` (continued) or ``start_over`` (moved aside). A folder this refused is left as it was.
+    ``option`` names the folder in what is refused."""
     if not is_writer():  # the main process checks and locks; the others write nothing here
         yield
         return
     existed = out.is_dir()
     if existed and not is_empty(out) and read_manifest(out) is None and not (out / "resolved_config.yaml").is_file():
         held = sorted(p.name for p in out.iterdir())
-        raise UserError(f"--output_dir {out}: this folder holds files sdgrpo did not write ({', '.join(held[:3])}"
+        raise UserError(f"{option} {out}: this folder holds files sdgrpo did not write ({', '.join(held[:3])}"
                         f"{', ...' if len(held) > 3 else ''}); sdgrpo writes only into a new or empty folder, or its "
-                        "own: pass another --output_dir")
+                        f"own: pass another {option}")
     was_empty = not existed or is_empty(out)
     made = out.absolute()  # the outermost folder this makes, removed again where the run is refused
     while not made.parent.exists():

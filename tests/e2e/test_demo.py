@@ -38,6 +38,7 @@ def test_short_demo_writes_report(tmp_path):
     assert set(result["base_colder"]) == {"0.7"}
     report = (out / "report.md").read_text()
     assert "| base, T=1 |" in report and "| trained, T=1 |" in report and result["verdict"] in report
+    assert result["trained"] == "trained for 3 steps" and "demo text, trained for 3 steps;" in report
     for png in ("curves.png", "rewards.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
