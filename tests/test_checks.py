@@ -326,3 +326,45 @@ def test_generate_refuses_an_output_file_in_a_missing_folder(tmp_path, capsys):
     assert _one_error_line(capsys, "generate").endswith(
         f"--output {target}: there is no folder {target.parent} to write it in; create it first")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_hub_name_that_cannot_load_here_is_one_line_at_once(tmp_path, monkeypatch, caplog):
+    """A hub name with the Hub unreachable and nothing in the cache: one line, exit 2, in seconds and before the
+    output folder exists (before, huggingface_hub retried for over a minute, a "Retrying in 8s" line each). Cached,
+    it goes on (with a warning naming HF_HUB_OFFLINE); with HF_HUB_OFFLINE set it is not probed."""
+    import time
+
+    from huggingface_hub import constants
+
+    from conftest import run_cli
+    from sdgrpo.checks import hub_problem
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("Some words of text. " * 20)
+    env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    start = time.monotonic()
+    r = run_cli("train", "--model_name_or_path", "someone/some-model", "--dataset_path", text, "--output_dir",
+                tmp_path / "out", env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Retrying" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "--model_name_or_path someone/some-model: not a local folder, and the Hugging Face Hub (http://127.0.0.1:9) "
+        "cannot be reached from here (Connection refused) to download it; pass a local model folder "
+        "(save_pretrained, or a download made where the Hub is reachable)"), r.stderr[-600:]
+    assert time.monotonic() - start < 60 and not (tmp_path / "out").exists()
+
+    cache = tmp_path / "cache"
+    snapshot = cache / "models--someone--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--someone--cached" / "refs").mkdir()
+    (cache / "models--someone--cached" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    with caplog.at_level("WARNING", logger="sdgrpo.checks"):
+        assert hub_problem("someone/cached") is None
+    assert "HF_HUB_OFFLINE=1" in caplog.text
+    assert "cannot be reached" in hub_problem("someone/elsewhere")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_problem("someone/elsewhere") is None
