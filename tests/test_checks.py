@@ -368,3 +368,28 @@ def test_a_hub_name_that_cannot_load_here_is_one_line_at_once(tmp_path, monkeypa
     assert "cannot be reached" in hub_problem("someone/elsewhere")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert hub_problem("someone/elsewhere") is None
+
+
+def test_a_missing_teacher_and_a_folder_that_is_no_model_are_refused_before_the_text_is_prepared(tmp_path,
+                                                                                                 tiny_model_dir):
+    """`--reward distill` without a teacher, and a teacher folder without config.json: one line, exit 2, before the
+    run folder (and its prepared copy of the text) exists; before, the text was prepared and the base loaded
+    first."""
+    from conftest import run_cli
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("Some words of text. " * 40)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for verb, extra, line in (
+            ("train", ["--reward", "distill"], "--reward distill needs a teacher: pass --teacher_adapter"),
+            ("train", ["--reward", "teacher_nll"], "--reward teacher_nll needs a teacher"),
+            ("sft", ["--teacher_model_name_or_path", empty],
+             f"--teacher_model_name_or_path {empty}: not a model folder (no config.json)")):
+        out = tmp_path / f"out-{verb}-{len(line)}"
+        r = run_cli(verb, "--model_name_or_path", tiny_model_dir, "--dataset_path", text, "--output_dir", out,
+                    "--max_steps", 1, *extra)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert line in r.stderr.strip().splitlines()[-1], r.stderr[-600:]
+        assert not out.exists()

@@ -197,6 +197,7 @@ ADAPTERS = {"EvalConfig": ("adapter",), "ExportConfig": ("adapter",), "GenerateC
             "SDGRPOConfig": ("teacher_adapter",)}
 # Model options: checked only where the value is written as a local path (a hub name is checked when loaded).
 MODEL_PATHS = ("model_name_or_path", "teacher_model_name_or_path", "tokenizer_path", "model")
+MODEL_FOLDERS = ("model_name_or_path", "teacher_model_name_or_path")  # a local one holds config.json
 
 
 def _local(value: str) -> bool:
@@ -305,8 +306,8 @@ def _option_values(configs) -> dict:
 def check_paths(configs, source: str = "command line") -> None:
     """Raise :class:`UserError` for the first path option of ``configs`` (a verb's parsed config objects) of the
     wrong kind: an output folder that is a file (or under one), an input that does not exist, an adapter folder
-    without ``adapter_config.json``, a local model path that does not exist, a hub name that cannot load here
-    (:func:`hub_problem`)."""
+    without ``adapter_config.json``, a local model path that does not exist or (a model's) holds no config.json, a
+    reward that needs a teacher without one, a hub name that cannot load here (:func:`hub_problem`)."""
     values, names = _option_values(configs), {type(cfg).__name__ for cfg in configs}
     files_out = {n for cls in names for n in OUTPUT_FILES.get(cls, ())}
     for name in (*OUTPUT_FOLDERS, "output"):
@@ -341,6 +342,14 @@ def check_paths(configs, source: str = "command line") -> None:
         value = values.get(name)
         if isinstance(value, str) and value and _local(value) and not Path(value).expanduser().exists():
             _fail(source, name, f"{value}: no such folder (a local path; a hub name looks like org/name)")
+        if (name in MODEL_FOLDERS and isinstance(value, str) and value and Path(value).expanduser().is_dir()
+                and not (Path(value).expanduser() / "config.json").is_file()):
+            _fail(source, name, f"{value}: not a model folder (no config.json); pass a folder saved with "
+                  "save_pretrained, or a hub name")
+    if values.get("reward") in ("teacher_nll", "distill") and not (values.get("teacher_model_name_or_path")
+                                                                   or values.get("teacher_adapter")):
+        _fail(source, "reward", f"{values['reward']} needs a teacher: pass --teacher_adapter (an adapter on the base, "
+              "e.g. the output folder of `sdgrpo sft`) or --teacher_model_name_or_path")
     hub = {values[n] for n in MODEL_PATHS if isinstance(values.get(n), str) and values[n] and not _local(values[n])}
     for value in sorted(hub):
         problem = hub_problem(value)
