@@ -136,8 +136,8 @@ def test_micro_batches_are_offered_where_activations_do_not_fit_and_planned_with
         tmp_path, corpus):
     """The 7B shape, a 4-bit base with gemlite's int4 copies, on a 12 GiB card: 8 rows a backward do not fit (without
     offloading or tiling) and the refusal offers 4 rows with 2 micro-batches (the same 8 rows a generation and an
-    optimizer step); that run fits, its activations those of 4 rows and its KV cache that of the 8 rows one generation decodes (TRL's
-    steps_per_generation defaults to gradient_accumulation_steps)."""
+    optimizer step); that run fits, its activations those of 4 rows and its KV cache that of the 8 rows one generation
+    decodes (TRL's steps_per_generation defaults to gradient_accumulation_steps)."""
     from sdgrpo.plan import cache_bytes
 
     common = dry_run_7b_4bit_on_12gib(tmp_path, corpus) + ["--generation_int4_kernel", "gemlite",

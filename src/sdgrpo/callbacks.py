@@ -213,9 +213,9 @@ def keep_best_heldout(heldout, out: Path, trainer) -> None:
         step, value = heldout.best
         if step == heldout.history[0]["step"] and len(heldout.history) > 1:
             logger.warning("final adapter: the one of step %d, as training began: no later step beat its held-out "
-                           "%.4f bits per byte (last: %.4f at step %d), so the adapter saved is the untrained one, which "
-                           "changes nothing; train longer or at a lower --learning_rate, or set --keep_best_heldout "
-                           "false to keep the last adapter",
+                           "%.4f bits per byte (last: %.4f at step %d), so the adapter saved is the untrained one, "
+                           "which changes nothing; train longer or at a lower --learning_rate, or set "
+                           "--keep_best_heldout false to keep the last adapter",
                            step, value, heldout.history[-1]["heldout_bpb"], heldout.history[-1]["step"])
         else:
             logger.info("final adapter: the one of step %d, lowest held-out bits per byte (%.4f)", step, value)

@@ -30,7 +30,8 @@ BUILTIN_PROMPTS = ["The morning was cold, and", "In the beginning", "She opened 
 
 @dataclass
 class ExportConfig:
-    adapter: str = field(default="", metadata={"help": "The LoRA adapter folder to merge (from `sdgrpo train` or `sft`)."})
+    adapter: str = field(default="", metadata={
+        "help": "The LoRA adapter folder to merge (from `sdgrpo train` or `sft`)."})
     output: str = field(default="", metadata={
         "help": "A new folder for the merged model (safetensors, tokenizer, export.json); an existing one is refused."})
     model_name_or_path: str = field(default="", metadata={

@@ -22,7 +22,8 @@ class GenerateConfig:
     prompts: str = field(default="", metadata={"help": "A text file with one prompt per line."})
     num_samples: int = field(default=1, metadata={"help": "Samples per prompt."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (above 0)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: the smallest set of tokens with this much probability."})
+    top_p: float = field(default=1.0, metadata={
+        "help": "Nucleus sampling: the smallest set of tokens with this much probability."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens sampled per completion."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output: str = field(default="", metadata={"help": "Also write a JSONL file: prompt, sample, mean_logprob."})

@@ -433,8 +433,9 @@ def test_hf_backend_trains_a_4bit_base_with_corrected_rollouts(weights, kernel, 
     if kernel == "auto":  # the defaults: gemlite's int4 copies first on an H100 (where installed), else 16-bit copies
         from sdgrpo.engine import auto_int4_kernel
 
-        mode, line = ((2.0, "int4 generation copies of the quantised base, read by gemlite")
-                      if auto_int4_kernel()[0] == "gemlite" else (3.0, "16-bit generation copies of the dequantised base"))
+        gemlite = auto_int4_kernel()[0] == "gemlite"
+        mode, line = ((2.0, "int4 generation copies of the quantised base, read by gemlite") if gemlite else
+                      (3.0, "16-bit generation copies of the dequantised base"))
     steps = _train(qwen_dir, prepared, tmp_path / "hf4", "hf", "--load_in_4bit", "true", "--generation_weights",
                    weights, "--generation_int4_kernel", kernel, compiled=True)
     for x in steps:
