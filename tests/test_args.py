@@ -153,3 +153,20 @@ def test_every_option_of_sdgrpos_own_verbs_says_what_it_does(verb):
     entries = re.split(r"\n(?=  --\w)", text)[1:]  # an option's lines, up to the next option
     bare = [entry.split()[0] for entry in entries if "(default:" not in entry]  # argparse shows it with help only
     assert len(entries) >= 6 and not bare, bare
+
+
+def test_a_negative_number_after_an_option_is_its_value(tmp_path):
+    """`--learning_rate -1e-4` (and `learning_rate: -1.0e-5` in YAML) reach the option's own check; argparse took
+    "-1e-4" for an option and said "expected one argument" before."""
+    from sdgrpo.config import parse_train_args
+    from sdgrpo.errors import UserError
+
+    for argv in (["--learning_rate", "-1e-4"], ["--learning_rate=-1e-4"]):
+        with pytest.raises(UserError, match=r"--learning_rate must be above 0, not -0.0001$"):
+            parse_train_args(argv)
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: -1.0e-5\n")
+    with pytest.raises(UserError, match=r"c.yaml: --learning_rate must be above 0, not -1e-05$"):
+        parse_train_args(["--config", str(path)])
+    cfg, _ = parse_train_args(["--temperature", "0.7", "--learning_rate", "2e-4"])
+    assert (cfg.temperature, cfg.learning_rate) == (0.7, 2e-4)

@@ -15,6 +15,7 @@ import difflib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -45,6 +46,22 @@ def _yaml_to_argv(data: dict) -> list[str]:
         else:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+# A value that starts with "-" and reads as a number. argparse (Python 3.12) takes "-1e-4" for an option (its own test
+# for negative numbers wants a decimal point) and says "expected one argument"; written "--name=-1e-4" it is a value.
+_NEGATIVE = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan")
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--name -1e-4`` as ``--name=-1e-4``: a negative number after an option is that option's value."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE.fullmatch(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def _check_known(keys, where: str, classes: tuple, prog: str) -> None:
@@ -226,6 +243,7 @@ def parse_args(argv: list[str], classes: tuple, prog: str, description: str = ""
     lists = {f.name for cls in classes for f in dataclasses.fields(cls)
              if f.init and str(f.type).startswith(("list", "List", "typing.List"))}
     argv = _merge_repeated(argv, lists)
+    yaml_argv, argv = _attach_negative_values(yaml_argv), _attach_negative_values(argv)
     parser = _parser(classes, prog, description, positional)
 
     def error(message: str):
