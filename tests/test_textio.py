@@ -16,7 +16,8 @@ def test_bom_and_every_line_ending_become_plain_utf8_lf(tmp_path):
 
 @pytest.mark.parametrize("raw, message", [
     ("hello".encode("utf-16"), "book.txt: looks like UTF-16 text; convert it to UTF-8"),
-    (b"ab\x00cd", "book.txt: contains NUL bytes"),
+    (b"ab\x00cd", "book.txt: contains NUL bytes, so it is binary or UTF-16, not UTF-8 text; leave it out of the "
+                  "inputs"),
     (b"caf\xe9", "book.txt: not valid UTF-8 (byte 3); re-save it as UTF-8"),
 ])
 def test_what_is_not_utf8_is_named_with_the_file_and_the_fix(raw, message):

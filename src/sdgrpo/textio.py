@@ -39,7 +39,8 @@ def decode_text(raw: bytes, where: str) -> str:
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise TextDecodeError(f"{where}: looks like UTF-16 text; convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
     if b"\x00" in raw[:4096]:
-        raise TextDecodeError(f"{where}: contains NUL bytes, so it is binary or UTF-16, not UTF-8 text")
+        raise TextDecodeError(f"{where}: contains NUL bytes, so it is binary or UTF-16, not UTF-8 text; leave it out "
+                              "of the inputs, or convert UTF-16 to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
