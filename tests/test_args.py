@@ -170,3 +170,15 @@ def test_a_negative_number_after_an_option_is_its_value(tmp_path):
         parse_train_args(["--config", str(path)])
     cfg, _ = parse_train_args(["--temperature", "0.7", "--learning_rate", "2e-4"])
     assert (cfg.temperature, cfg.learning_rate) == (0.7, 2e-4)
+
+
+def test_python_dash_m_sdgrpo_is_the_command(tmp_path):
+    """`python -m sdgrpo` runs the CLI (it said "No module named sdgrpo.__main__"), exit codes included."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "sdgrpo", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--reward" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "sdgrpo", "train", "--max_steps", "0"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "--max_steps must be" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
