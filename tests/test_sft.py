@@ -244,6 +244,7 @@ def test_sft_of_every_weight_distils_a_teacher_into_a_whole_model(tmp_path, prep
                 "none", "--save_strategy", "no", "--lr_scheduler_type", "constant")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "model (every weight trained) saved to" in r.stderr
+    assert r.stdout.strip().splitlines()[-1] == f"model, resolved_config.yaml and metrics.jsonl in {out}"
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     base, trained = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert set(trained) == set(base) and all(v.dtype == torch.float32 for v in trained.values())

@@ -80,7 +80,8 @@ def _training(verb: str, argv: list[str], parse, main) -> int:
         print(f"sdgrpo {verb}: {stop}", file=sys.stderr)
         return stop.code
     if out is not None:  # None: --dry_run
-        print(f"adapter, resolved_config.yaml and metrics.jsonl in {out}")
+        weights = "adapter" if getattr(model_cfg, "use_peft", True) else "model"
+        print(f"{weights}, resolved_config.yaml and metrics.jsonl in {out}")
     return 0
 
 

@@ -254,7 +254,8 @@ def load_prompts(path: str | None, split: str = "train", limit: int | None = Non
     from datasets import Dataset, DatasetDict, load_from_disk
 
     if not path:
-        raise UserError("no prompts: pass --dataset_path DIR (a folder written by `sdgrpo prepare`)")
+        raise UserError("no prompts: pass --dataset_path DIR (a folder of your text, or one written by `sdgrpo "
+                        "prepare`)")
     if not Path(path).is_dir():
         raise UserError(f"{path}: no such dataset folder; create it with `sdgrpo prepare TEXT --output {path}`")
     try:
