@@ -29,8 +29,9 @@ BENCH_STEPS - 1 whole generation cycles are timed, their mean per optimizer step
 (N rows a backward, G/N micro-batches a step: the same G rows a generation and an optimizer step), ``offload``
 (--offload_activations true: checkpointed layer inputs in CPU memory), ``tile`` (--tile_mlp true: the MLP over tiles of
 tokens), ``plain`` (both false; without either option they are auto: on where the plan needs them), ``model``
-(--generation_weights model: the base decoded as it is, no generation copies), e.g.
-``sdgrpo_hf_4bit+spg4+cap16``.
+(--generation_weights model: the base decoded as it is, no generation copies), ``expand`` (the variant's process
+with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: PyTorch's allocator grows segments in place, against
+fragmentation), e.g. ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
 r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
@@ -194,13 +195,13 @@ def original_recipe_reward(model, tokenizer):
 
 def variant_options(variant: str) -> tuple[str, dict]:
     """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N,
-    "offload": True, "tile": True, "plain": True, "model": True}."""
+    "offload": True, "tile": True, "plain": True, "model": True, "expand": True}."""
     name, *extra = variant.split("+")
     options = {}
     for item in extra:
         if item in ("tinygemm", "gemlite"):
             options["kernel"] = item
-        elif item in ("offload", "tile", "plain", "model"):
+        elif item in ("offload", "tile", "plain", "model", "expand"):
             options[item] = True
         elif item[:3] in ("spg", "cap", "len") and item[3:].replace(".", "", 1).isdigit():
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
@@ -209,6 +210,15 @@ def variant_options(variant: str) -> tuple[str, dict]:
         else:
             raise ValueError(f"unknown option {item!r} of variant {variant!r}")
     return name, options
+
+
+def child_env(variant: str) -> dict:
+    """The environment of a variant's own process: this one's, marked as a child, and with ``expand`` PyTorch's
+    expandable segments (set before the child initialises CUDA, as the allocator requires)."""
+    env = {**os.environ, "BENCH_CHILD": "1"}
+    if variant_options(variant)[1].get("expand"):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    return env
 
 
 def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dict:
@@ -385,7 +395,7 @@ def main():
         with log.open("w") as stderr:
             try:
                 proc = subprocess.run([sys.executable, __file__, str(out), shape, variant], stdout=subprocess.PIPE,
-                                      stderr=stderr, text=True, env={**os.environ, "BENCH_CHILD": "1"},
+                                      stderr=stderr, text=True, env=child_env(variant),
                                       timeout=VARIANT_SECONDS)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             except subprocess.TimeoutExpired:
