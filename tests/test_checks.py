@@ -337,7 +337,7 @@ def test_a_hub_name_that_cannot_load_here_is_one_line_at_once(tmp_path, monkeypa
     from huggingface_hub import constants
 
     from conftest import run_cli
-    from sdgrpo.checks import hub_problem
+    from sdgrpo.modeling import hub_problem
 
     text = tmp_path / "text"
     text.mkdir()
@@ -362,7 +362,7 @@ def test_a_hub_name_that_cannot_load_here_is_one_line_at_once(tmp_path, monkeypa
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    with caplog.at_level("WARNING", logger="sdgrpo.checks"):
+    with caplog.at_level("WARNING", logger="sdgrpo.modeling"):
         assert hub_problem("someone/cached") is None
     assert "HF_HUB_OFFLINE=1" in caplog.text
     assert "cannot be reached" in hub_problem("someone/elsewhere")

@@ -13,7 +13,6 @@ option no range applies to.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from typing import Any
 
 from sdgrpo.errors import UserError
 
-logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Rule:
@@ -204,39 +202,6 @@ def _local(value: str) -> bool:
     return value.startswith(("/", "./", "../", "~")) or Path(value).exists()
 
 
-def hub_problem(name: str, timeout: float = 3.0) -> str | None:
-    """Why the hub name ``name`` cannot load here, or None: the Hub cannot be reached (one connection, ``timeout``
-    seconds) and the local cache holds no config.json of it. Unchecked where ``HF_HUB_OFFLINE`` is set (the cache
-    only: transformers says at once what it lacks). Without this a hub name offline spent a minute or more in
-    huggingface_hub's retries (a "Retrying in 8s" line each) before its error."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if constants.HF_HUB_OFFLINE:
-        return None
-    endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-        return None
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-    try:
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError:  # not a valid repository id: the loader says so
-        return None
-    if cached:
-        logger.warning("%s: the Hugging Face Hub (%s) cannot be reached (%s): the model loads from the local cache "
-                       "after huggingface_hub's retries; set HF_HUB_OFFLINE=1 to skip them", name, constants.ENDPOINT,
-                       reason)
-        return None
-    return (f"{name}: not a local folder, and the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached from here "
-            f"({reason}) to download it; pass a local model folder (save_pretrained, or a download made where the "
-            "Hub is reachable)")
-
-
 def _fail(source: str, name: str, message: str):
     raise UserError(f"{source}: --{name} {message}")
 
@@ -307,7 +272,7 @@ def check_paths(configs, source: str = "command line") -> None:
     """Raise :class:`UserError` for the first path option of ``configs`` (a verb's parsed config objects) of the
     wrong kind: an output folder that is a file (or under one), an input that does not exist, an adapter folder
     without ``adapter_config.json``, a local model path that does not exist or (a model's) holds no config.json, a
-    reward that needs a teacher without one, a hub name that cannot load here (:func:`hub_problem`)."""
+    reward that needs a teacher without one, a hub name that cannot load here (:func:`sdgrpo.modeling.hub_problem`)."""
     values, names = _option_values(configs), {type(cfg).__name__ for cfg in configs}
     files_out = {n for cls in names for n in OUTPUT_FILES.get(cls, ())}
     for name in (*OUTPUT_FOLDERS, "output"):
@@ -352,6 +317,8 @@ def check_paths(configs, source: str = "command line") -> None:
               "e.g. the output folder of `sdgrpo sft`) or --teacher_model_name_or_path")
     hub = {values[n] for n in MODEL_PATHS if isinstance(values.get(n), str) and values[n] and not _local(values[n])}
     for value in sorted(hub):
+        from sdgrpo.modeling import hub_problem
+
         problem = hub_problem(value)
         if problem:
             name = next(n for n in MODEL_PATHS if values.get(n) == value)

@@ -53,6 +53,39 @@ def check_model_path(name_or_path: str) -> None:
                             "save_pretrained or a hub name")
 
 
+def hub_problem(name: str, timeout: float = 3.0) -> str | None:
+    """Why the hub name ``name`` cannot load here, or None: the Hub cannot be reached (one connection, ``timeout``
+    seconds) and the local cache holds no config.json of it. Unchecked where ``HF_HUB_OFFLINE`` is set (the cache
+    only: transformers says at once what it lacks). Without this a hub name offline spent a minute or more in
+    huggingface_hub's retries (a "Retrying in 8s" line each) before its error."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return None
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository id: the loader says so
+        return None
+    if cached:
+        logger.warning("%s: the Hugging Face Hub (%s) cannot be reached (%s): the model loads from the local cache "
+                       "after huggingface_hub's retries; set HF_HUB_OFFLINE=1 to skip them", name, constants.ENDPOINT,
+                       reason)
+        return None
+    return (f"{name}: not a local folder, and the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached from here "
+            f"({reason}) to download it; pass a local model folder (save_pretrained, or a download made where the "
+            "Hub is reachable)")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
