@@ -342,7 +342,11 @@ def test_a_hub_name_that_cannot_load_here_is_one_line_at_once(tmp_path, monkeypa
     text = tmp_path / "text"
     text.mkdir()
     (text / "a.txt").write_text("Some words of text. " * 20)
-    env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    proxies = ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")  # a proxy would skip the probe
+    for name in proxies:
+        monkeypatch.delenv(name, raising=False)
+    env = {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           **dict.fromkeys(proxies, "")}
     start = time.monotonic()
     r = run_cli("train", "--model_name_or_path", "someone/some-model", "--dataset_path", text, "--output_dir",
                 tmp_path / "out", env=env)
@@ -366,6 +370,9 @@ def test_a_hub_name_that_cannot_load_here_is_one_line_at_once(tmp_path, monkeypa
         assert hub_problem("someone/cached") is None
     assert "HF_HUB_OFFLINE=1" in caplog.text
     assert "cannot be reached" in hub_problem("someone/elsewhere")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")  # the Hub may be reachable through it
+    assert hub_problem("someone/elsewhere") is None
+    monkeypatch.delenv("HTTP_PROXY")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert hub_problem("someone/elsewhere") is None
 

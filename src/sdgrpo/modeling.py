@@ -56,16 +56,18 @@ def check_model_path(name_or_path: str) -> None:
 def hub_problem(name: str, timeout: float = 3.0) -> str | None:
     """Why the hub name ``name`` cannot load here, or None: the Hub cannot be reached (one connection, ``timeout``
     seconds) and the local cache holds no config.json of it. Unchecked where ``HF_HUB_OFFLINE`` is set (the cache
-    only: transformers says at once what it lacks). Without this a hub name offline spent a minute or more in
-    huggingface_hub's retries (a "Retrying in 8s" line each) before its error."""
+    only: transformers says at once what it lacks) or a proxy is (huggingface_hub's requests go through it). Without
+    this a hub name offline spent a minute or more in huggingface_hub's retries (a "Retrying in 8s" line each)
+    before its error."""
     import socket
     from urllib.parse import urlparse
+    from urllib.request import getproxies
 
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if constants.HF_HUB_OFFLINE:
-        return None
     endpoint = urlparse(constants.ENDPOINT)
+    if constants.HF_HUB_OFFLINE or getproxies().get(endpoint.scheme) or getproxies().get("all"):
+        return None  # behind a proxy a direct connection says nothing: huggingface_hub goes through the proxy
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
