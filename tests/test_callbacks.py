@@ -72,3 +72,24 @@ def test_resume_loads_the_checkpoints_own_adapter_not_the_best_kept_beside_it(la
     saved = load_file(ckpt / "adapter_model.safetensors")
     state = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+
+
+def test_heldout_measures_every_nth_step_and_the_last_but_not_a_step_a_stop_ended_on(tmp_path, tiny_tokenizer):
+    """Every N steps and at --max_steps; a run stopped before it (the collapse guard, a NaN, Ctrl-C) ends at a step
+    that is not measured, so its last adapter (what the stop is about) never becomes the best."""
+    from datasets import Dataset
+    from transformers import TrainerControl
+
+    from sdgrpo.callbacks import HeldoutEval
+
+    rows = Dataset.from_dict({"prompt": ["In the beginning"], "continuation": [" God created"]})
+    heldout = HeldoutEval(rows, tiny_tokenizer, 4, tmp_path, keep_best=True)
+    model = with_lora(make_llama(tiny_tokenizer, seed=5), 0.3, seed=1)
+    args = SimpleNamespace(should_save=False)
+    for step in range(1, 11):
+        heldout.on_step_end(args, SimpleNamespace(global_step=step, max_steps=10), TrainerControl(), model=model)
+    assert [h["step"] for h in heldout.history] == [4, 8, 10]
+    stopped = HeldoutEval(rows, tiny_tokenizer, 50, tmp_path, keep_best=True)
+    for step in range(1, 8):  # stopped at step 7 of 10
+        stopped.on_step_end(args, SimpleNamespace(global_step=step, max_steps=10), TrainerControl(), model=model)
+    assert stopped.history == []

@@ -36,3 +36,12 @@ def test_a_difference_within_sampling_noise_is_not_called_a_win():
     assert verdict(better, base).startswith("Training beat"), verdict(better, base)
     lower = dict(noisy, reward_mean=-3.6, distinct_2=0.78)  # worse on reward beyond noise: did not beat T=1.0
     assert verdict(lower, base).startswith("Training did not beat") and "T=1.0" in verdict(lower, base)
+
+
+def test_a_model_that_matches_a_colder_base_is_called_sharpened_not_unchanged():
+    """Trained at the colder base's reward and diversity, far above the base at T=1: not "no measurable difference"
+    (which it said when the nearest temperature was not 1) but "only sharpened"."""
+    base = {1.0: {"reward_mean": -3.0, "distinct_2": 0.80, "reward_std": 0.4, "prompts": 16},
+            0.7: {"reward_mean": -2.3, "distinct_2": 0.70, "reward_std": 0.4, "prompts": 16}}
+    sentence = verdict({"reward_mean": -2.25, "distinct_2": 0.705, "reward_std": 0.4, "prompts": 16}, base)
+    assert sentence.startswith("Training did not beat the temperature frontier") and "T=0.7" in sentence, sentence

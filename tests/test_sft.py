@@ -65,6 +65,8 @@ def test_keep_best_heldout_measures_the_last_step_of_a_run_shorter_than_its_inte
         assert r.returncode == 0, r.stderr[-3000:]
         held = json.loads((out / "heldout.json").read_text())
         assert [h["step"] for h in held["history"]] == steps
+        logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "heldout/bpb" in x]
+        assert [x["step"] for x in logged] == steps[1:]
         step, best = held["best"]
         assert step == 4 and best < held["history"][0]["heldout_bpb"], held
         weights = load_file(out / "adapter_model.safetensors")

@@ -74,14 +74,12 @@ class HeldoutEval(TrainerCallback):
         if self.every and not self.history:
             self._record(args, state, model)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        # The last step is measured too, whatever N is: else a run shorter than N steps, or the steps after the last
-        # multiple of N, would never be a candidate, and --keep_best_heldout would end with an earlier adapter.
-        if self.every and self.history and self.history[-1]["step"] != state.global_step:
-            self._record(args, state, model)
-
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if not self.every or state.global_step % self.every:
+        # The run's last step (--max_steps) is measured too, whatever N is: else a run shorter than N steps, or the
+        # steps after the last multiple of N, would never be a candidate for --keep_best_heldout. A run stopped
+        # before it (the collapse guard, a NaN, Ctrl-C) is not: its last adapter is what the stop is about.
+        last = state.max_steps > 0 and state.global_step >= state.max_steps
+        if not self.every or (state.global_step % self.every and not last):
             return
         value = self._record(args, state, model)
         if self.trainer is not None:
@@ -211,7 +209,7 @@ def keep_best_heldout(heldout, out: Path, trainer) -> None:
     if heldout.keep_best and heldout.best and (out / BEST_DIR / "adapter_model.safetensors").is_file():
         copy_adapter(out / BEST_DIR, out)
         step, value = heldout.best
-        if step == heldout.history[0]["step"] and len(heldout.history) > 1:
+        if step == 0 and len(heldout.history) > 1:
             logger.warning("final adapter: the one of step %d, as training began: no later step beat its held-out "
                            "%.4f bits per byte (last: %.4f at step %d), so the adapter saved is the untrained one, "
                            "which changes nothing; train longer or at a lower --learning_rate, or set "

@@ -118,7 +118,8 @@ def verdict(trained: dict, baselines: dict) -> str:
 
     A baseline dominates when its reward and its distinct-2 are both at least the trained model's, within sampling
     noise (:func:`reward_tolerance`, :data:`DISTINCT_TOLERANCE`): a trained model better by less than the noise has
-    not beaten anything. Within the noise on both, the sentence says no measurable difference.
+    not beaten anything. Within the noise of the base at T=1 (the temperature the trained model is sampled at) on
+    both, the sentence says no measurable difference; of a colder base, that training only sharpened.
     """
     def close(v: dict) -> tuple[bool, bool]:
         return (abs(v["reward_mean"] - trained["reward_mean"]) <= reward_tolerance(v, trained),
@@ -128,7 +129,7 @@ def verdict(trained: dict, baselines: dict) -> str:
                   if v["reward_mean"] >= trained["reward_mean"] - reward_tolerance(v, trained)
                   and v["distinct_2"] >= trained["distinct_2"] - DISTINCT_TOLERANCE]
     if dominating:
-        same = [(t, v) for t, v in dominating if all(close(v))]
+        same = [(t, v) for t, v in dominating if t == 1.0 and all(close(v))]  # the temperature it samples at
         if same:
             t, v = same[0]
             return (f"Training made no measurable difference: the base model sampled at T={t} has the same reward "
