@@ -102,3 +102,39 @@ def test_demo_refuses_a_folder_of_the_users_and_sets_an_earlier_demos_report_asi
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == sorted(demo.DEMO_WRITES)
     assert all((aside[0] / n).read_text() == "run 0" and (out / n).read_text() == "run 1" for n in demo.DEMO_WRITES)
     assert not (out / "sdgrpo.lock").exists() and (out / "sdgrpo_manifest.json").is_file()
+
+
+def test_demo_takes_an_earlier_versions_demo_folder_and_refuses_a_training_run(tmp_path, monkeypatch):
+    """A demo folder written before demos wrote manifests (only what a demo writes: demo.json, report, figures,
+    data/, adapter/) is an earlier demo's: reused, its report set aside. A train run's folder is refused naming
+    --output, not train's --resume / --start_over, which demo has not."""
+    import sdgrpo.demo as demo
+
+    monkeypatch.setattr(demo, "_demo", lambda cfg, out: 0)
+    old = tmp_path / "old"
+    (old / "adapter").mkdir(parents=True)
+    (old / "data").mkdir()
+    for name in demo.DEMO_WRITES:
+        (old / name).write_text("earlier")
+    assert demo.main(demo.DemoConfig(output=str(old))) == 0
+    aside = [p for p in old.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and (aside[0] / "report.md").read_text() == "earlier"
+    (old / "notes.txt").write_text("mine")  # with the manifest now, a user's file beside it stays where it is
+    assert demo.main(demo.DemoConfig(output=str(old))) == 0 and (old / "notes.txt").read_text() == "mine"
+
+    mixed = tmp_path / "mixed"  # the same, plus a file no demo writes: the user's folder
+    (mixed / "adapter").mkdir(parents=True)
+    (mixed / "data").mkdir()
+    (mixed / "demo.json").write_text("{}")
+    (mixed / "thesis.tex").write_text("mine")
+    with pytest.raises(UserError, match="this folder holds files sdgrpo did not write"):
+        demo.main(demo.DemoConfig(output=str(mixed)))
+    assert sorted(p.name for p in mixed.iterdir()) == ["adapter", "data", "demo.json", "thesis.tex"]
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "sdgrpo_manifest.json").write_text('{"written_by": "train"}')
+    (run / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"--output .*run holds a run of sdgrpo train or sft "
+                                        r"\(adapter_model.safetensors\); pass another --output$"):
+        demo.main(demo.DemoConfig(output=str(run)))

@@ -42,10 +42,14 @@ class DemoConfig:
 def main(cfg: DemoConfig) -> int:
     """The demo in ``cfg.output``: a new or empty folder, or an earlier demo's (sdgrpo's manifest), locked while it
     runs; a folder holding anything else is refused in one line before anything is written."""
-    from sdgrpo.folders import set_aside
+    from sdgrpo.folders import PREVIOUS, read_manifest, set_aside, write_manifest
     from sdgrpo.runs import run_folder
 
     out = Path(cfg.output)
+    if (out.is_dir() and read_manifest(out) is None and all((out / n).is_dir() for n in ("data", "adapter"))
+            and (out / "demo.json").is_file() and all(p.name in (*DEMO_WRITES, "data", "adapter")
+                                                      or p.name.startswith(PREVIOUS) for p in out.iterdir())):
+        write_manifest(out, "demo")  # a demo's folder from before demos wrote manifests: only what a demo writes
     with run_folder(out, "demo", resume=False, start_over=False, option="--output"):
         earlier = [name for name in DEMO_WRITES if (out / name).exists()]
         if earlier:

@@ -106,6 +106,9 @@ def run_folder(out: Path, verb: str, resume: bool, start_over: bool, option: str
         if read_manifest(out) is None:
             write_manifest(out, verb)
         earlier = [] if resume else earlier_run(out)
+        if earlier and option != "--output_dir":  # a verb without --resume / --start_over (demo)
+            raise UserError(f"{option} {out} holds a run of sdgrpo train or sft ({', '.join(earlier[:4])}"
+                            f"{', ...' if len(earlier) > 4 else ''}); pass another {option}")
         if earlier and not start_over:
             last = last_complete_checkpoint(out)
             cont = (f"continue it with --resume (from {last.name})" if last else
