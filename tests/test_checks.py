@@ -370,6 +370,25 @@ def test_a_hub_name_that_cannot_load_here_is_one_line_at_once(tmp_path, monkeypa
         assert hub_problem("someone/cached") is None
     assert "HF_HUB_OFFLINE=1" in caplog.text
     assert "cannot be reached" in hub_problem("someone/elsewhere")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:abc")  # malformed: huggingface_hub says so itself
+    assert hub_problem("someone/elsewhere") is None
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    import socket
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: __import__("time").sleep(5))
+    assert hub_problem("someone/elsewhere", timeout=0.2) is None  # not known in time: not refused
+    monkeypatch.undo()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    for name in proxies:
+        monkeypatch.delenv(name, raising=False)
+    tok = cache / "models--someone--tokenizer" / "snapshots" / ("0" * 40)  # a tokenizer only (prepare --model)
+    tok.mkdir(parents=True)
+    (tok / "tokenizer.json").write_text("{}")
+    (cache / "models--someone--tokenizer" / "refs").mkdir()
+    (cache / "models--someone--tokenizer" / "refs" / "main").write_text("0" * 40)
+    assert hub_problem("someone/tokenizer") is None
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")  # the Hub may be reachable through it
     assert hub_problem("someone/elsewhere") is None
     monkeypatch.delenv("HTTP_PROXY")

@@ -53,29 +53,56 @@ def check_model_path(name_or_path: str) -> None:
                             "save_pretrained or a hub name")
 
 
-def hub_problem(name: str, timeout: float = 3.0) -> str | None:
-    """Why the hub name ``name`` cannot load here, or None: the Hub cannot be reached (one connection, ``timeout``
-    seconds) and the local cache holds no config.json of it. Unchecked where ``HF_HUB_OFFLINE`` is set (the cache
-    only: transformers says at once what it lacks) or a proxy is (huggingface_hub's requests go through it). Without
-    this a hub name offline spent a minute or more in huggingface_hub's retries (a "Retrying in 8s" line each)
-    before its error."""
+def _hub_unreachable(endpoint: str, timeout: float) -> str | None:
+    """Why a TCP connection to the Hub's host cannot be made (a name that does not resolve, refused, timed out), or
+    None where it can, or where that is not known within ``timeout`` seconds in all (the name lookup has no timeout
+    of its own: it runs in a thread that is left behind)."""
     import socket
+    import threading
+    from urllib.parse import urlparse
+
+    try:
+        url = urlparse(endpoint)
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # a malformed HF_ENDPOINT: huggingface_hub says so itself
+        return None
+    if not host:
+        return None
+    result: list[str | None] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as err:
+            result.append(err.strerror or type(err).__name__)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else None
+
+
+def hub_problem(name: str, timeout: float = 3.0) -> str | None:
+    """Why the hub name ``name`` cannot load here, or None: the Hub cannot be reached (a connection to its host,
+    ``timeout`` seconds at most; not known in that time counts as reachable) and the local cache holds neither its
+    config.json nor a tokenizer file. Unchecked where ``HF_HUB_OFFLINE`` is set (the cache only: transformers says at
+    once what it lacks) or a proxy is (huggingface_hub's requests go through it). Without this a hub name offline
+    spent a minute or more in huggingface_hub's retries (a "Retrying in 8s" line each) before its error."""
     from urllib.parse import urlparse
     from urllib.request import getproxies
 
     from huggingface_hub import constants, try_to_load_from_cache
 
-    endpoint = urlparse(constants.ENDPOINT)
-    if constants.HF_HUB_OFFLINE or getproxies().get(endpoint.scheme) or getproxies().get("all"):
+    scheme = urlparse(constants.ENDPOINT).scheme
+    if constants.HF_HUB_OFFLINE or getproxies().get(scheme) or getproxies().get("all"):
         return None  # behind a proxy a direct connection says nothing: huggingface_hub goes through the proxy
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    reason = _hub_unreachable(constants.ENDPOINT, timeout)
+    if reason is None:
         return None
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
     try:
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+        cached = any(isinstance(try_to_load_from_cache(name, f), str)
+                     for f in ("config.json", "tokenizer_config.json", "tokenizer.json"))
     except ValueError:  # not a valid repository id: the loader says so
         return None
     if cached:
