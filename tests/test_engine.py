@@ -1048,3 +1048,18 @@ def test_the_budget_is_checked_again_when_a_call_needs_a_bigger_cache(tiny_token
     tight.generate(lora, **short, do_sample=False, **kw)
     with pytest.raises(UserError, match="for its cache alone"):
         tight.generate(lora, **long, do_sample=False, **kw)
+
+
+def test_gemlite_that_does_not_import_is_not_available_with_the_reason(tmp_path, monkeypatch):
+    """gemlite installed but failing to import (beside a Triton older than it needs): auto falls back to tinygemm
+    with that reason, asked for it is one line; before, only its presence was checked and auto failed mid-run."""
+    import sys
+
+    from sdgrpo.engine.int4 import gemlite_available
+
+    package = tmp_path / "gemlite"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('triton 3.5.0 is too old')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "gemlite", raising=False)
+    assert gemlite_available() == "gemlite does not import here (ImportError: triton 3.5.0 is too old)"

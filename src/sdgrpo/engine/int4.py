@@ -172,12 +172,16 @@ def unpack_gemlite(words: torch.Tensor) -> torch.Tensor:
 
 
 def gemlite_available() -> str | None:
-    """Why gemlite's kernels cannot run here (None when they can): not installed, no CUDA GPU, or a GPU older than
-    Ampere (its Triton kernels and tuned configurations start at sm 8.0)."""
+    """Why gemlite's kernels cannot run here (None when they can): not installed, not importable, no CUDA GPU, or a
+    GPU older than Ampere (its Triton kernels and tuned configurations start at sm 8.0)."""
     import importlib.util
 
     if importlib.util.find_spec("gemlite") is None:
         return "gemlite is not installed (pip install gemlite)"
+    try:  # installed beside a Triton it does not run on (it needs triton >= 3.6), or half installed
+        importlib.import_module("gemlite")
+    except Exception as err:  # any failure to import means its kernels cannot run here
+        return f"gemlite does not import here ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     if not torch.cuda.is_available():
         return "gemlite needs a CUDA GPU"
     major, minor = torch.cuda.get_device_capability()
