@@ -217,7 +217,8 @@ def child_env(variant: str) -> dict:
     expandable segments (set before the child initialises CUDA, as the allocator requires)."""
     env = {**os.environ, "BENCH_CHILD": "1"}
     if variant_options(variant)[1].get("expand"):
-        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [env.get("PYTORCH_CUDA_ALLOC_CONF"),
+                                                                 "expandable_segments:True"]))
     return env
 
 

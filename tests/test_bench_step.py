@@ -21,5 +21,8 @@ def test_variant_options_and_the_childs_environment(monkeypatch):
     assert bench_step.child_env("sdgrpo_hf_4bit+expand")["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     env = bench_step.child_env("sdgrpo_hf_4bit+cap16")
     assert env["BENCH_CHILD"] == "1" and "PYTORCH_CUDA_ALLOC_CONF" not in env
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's own settings kept
+    assert bench_step.child_env("sdgrpo_hf_4bit+expand")["PYTORCH_CUDA_ALLOC_CONF"] == \
+        "max_split_size_mb:512,expandable_segments:True"
     with pytest.raises(ValueError, match="unknown option 'expanded'"):
         bench_step.variant_options("sdgrpo_hf_4bit+expanded")
