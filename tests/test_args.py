@@ -168,6 +168,10 @@ def test_a_negative_number_after_an_option_is_its_value(tmp_path):
     path.write_text("learning_rate: -1.0e-5\n")
     with pytest.raises(UserError, match=r"c.yaml: --learning_rate must be above 0, not -1e-05$"):
         parse_train_args(["--config", str(path)])
+    from sdgrpo.args import _attach_negative_values
+
+    assert _attach_negative_values(["--beta", "-1", "--", "-2", "--x=-3", "--y", "-inf", "--z", "-abc"]) == [
+        "--beta=-1", "--", "-2", "--x=-3", "--y=-inf", "--z", "-abc"]
     cfg, _ = parse_train_args(["--temperature", "0.7", "--learning_rate", "2e-4"])
     assert (cfg.temperature, cfg.learning_rate) == (0.7, 2e-4)
 

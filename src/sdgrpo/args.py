@@ -57,7 +57,7 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
     """``--name -1e-4`` as ``--name=-1e-4``: a negative number after an option is that option's value."""
     out: list[str] = []
     for token in argv:
-        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE.fullmatch(token):
+        if out and out[-1].startswith("--") and out[-1] != "--" and "=" not in out[-1] and _NEGATIVE.fullmatch(token):
             out[-1] = f"{out[-1]}={token}"
         else:
             out.append(token)
