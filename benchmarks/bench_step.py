@@ -364,6 +364,9 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         "completion_tokens_per_s": (G * completion / (sum(timed["step"][: cycles * spg]) / (cycles * spg))
                                     if cycles else None),
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        # what the caching allocator held at most: above the peak by what fragmentation costs (the 14B under 16 GiB
+        # ran out of memory with 1.58 GiB reserved but unallocated, 2026-12-07)
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         "per_step_s": per_step, "medians_s": med, "per_step_diagnostics": diagnostics.rows[WARMUP:],
         "dynamo_stats": {k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("stats", "recompiles")},
     }
