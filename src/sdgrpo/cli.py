@@ -227,6 +227,11 @@ def _main(argv: list[str] | None) -> int:
         print(f"sdgrpo: error: unknown command {verb!r}; choose one of {', '.join(VERBS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if sys.platform == "linux" and not os.path.exists("/dev/nvidiactl"):
+        # No NVIDIA GPU here: DeepSpeed (imported by TRL where installed) would find none and print "Setting
+        # accelerator to CPU. If you have GPU ..." on stdout, in every run; named, it says nothing (sdgrpo trains on
+        # CUDA or the CPU only).
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         return HANDLERS[verb](rest)
     except UserError as err:

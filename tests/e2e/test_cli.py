@@ -55,6 +55,7 @@ def test_cli_prepare_then_two_training_steps(tmp_path, prepared, tiny_model_dir)
         assert float(line["s/step"]) > 0
     assert "{'" not in r.stdout and "completions/mean_length" not in r.stdout + r.stderr
     assert "trained to step 2/2 in" in r.stdout
+    assert "accelerator" not in r.stdout  # DeepSpeed's "Setting accelerator to CPU" (where installed), no more
     assert "Loading weights" not in r.stderr  # the training bar is the run's one
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
