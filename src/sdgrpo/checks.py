@@ -307,22 +307,26 @@ def check_paths(configs, source: str = "command line") -> None:
         value = values.get(name)
         if isinstance(value, str) and value and _local(value) and not Path(value).expanduser().exists():
             _fail(source, name, f"{value}: no such folder (a local path; a hub name looks like org/name)")
-        if (name in MODEL_FOLDERS and isinstance(value, str) and value and Path(value).expanduser().is_dir()
-                and not (Path(value).expanduser() / "config.json").is_file()):
-            _fail(source, name, f"{value}: not a model folder (no config.json); pass a folder saved with "
-                  "save_pretrained, or a hub name")
+        if name in MODEL_FOLDERS and isinstance(value, str) and value and Path(value).is_dir():
+            from sdgrpo.modeling import check_model_path  # what the loader refuses, refused before any work
+
+            try:
+                check_model_path(value)
+            except UserError as err:
+                _fail(source, name, str(err))
     if values.get("reward") in ("teacher_nll", "distill") and not (values.get("teacher_model_name_or_path")
                                                                    or values.get("teacher_adapter")):
         _fail(source, "reward", f"{values['reward']} needs a teacher: pass --teacher_adapter (an adapter on the base, "
               "e.g. the output folder of `sdgrpo sft`) or --teacher_model_name_or_path")
-    hub = {values[n] for n in MODEL_PATHS if isinstance(values.get(n), str) and values[n] and not _local(values[n])}
-    for value in sorted(hub):
-        from sdgrpo.modeling import hub_problem
+    probed = set()
+    for name in MODEL_PATHS:
+        value = values.get(name)
+        if isinstance(value, str) and value and not _local(value) and value not in probed:
+            from sdgrpo.modeling import hub_problem
 
-        problem = hub_problem(value)
-        if problem:
-            name = next(n for n in MODEL_PATHS if values.get(n) == value)
-            _fail(source, name, problem)
+            probed.add(value)
+            if problem := hub_problem(value):
+                _fail(source, name, problem)
 
 
 def check_machine(configs) -> None:

@@ -129,9 +129,8 @@ def verdict(trained: dict, baselines: dict) -> str:
                   if v["reward_mean"] >= trained["reward_mean"] - reward_tolerance(v, trained)
                   and v["distinct_2"] >= trained["distinct_2"] - DISTINCT_TOLERANCE]
     if dominating:
-        same = [(t, v) for t, v in dominating if t == 1.0 and all(close(v))]  # the temperature it samples at
-        if same:
-            t, v = same[0]
+        if 1.0 in baselines and all(close(baselines[1.0])):  # the base at the temperature the trained model samples at
+            t, v = 1.0, baselines[1.0]
             return (f"Training made no measurable difference: the base model sampled at T={t} has the same reward "
                     f"({v['reward_mean']:.3f} vs {trained['reward_mean']:.3f}, noise +-"
                     f"{reward_tolerance(v, trained):.3f}) and diversity (distinct-2 {v['distinct_2']:.3f} vs "
