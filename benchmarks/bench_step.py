@@ -102,30 +102,82 @@ def make_assets(work: Path, shape: str) -> tuple[Path, Path]:
     return model_dir, data_dir
 
 
-class Timer:
-    """Wraps trainer methods at class level and records (start, wall time) per call (CUDA-synchronised)."""
+class CudaMemory:
+    """The allocator's counters that :class:`Timer` reads: allocated and reserved bytes now and at their peaks."""
 
     def __init__(self):
-        self.records: dict[str, list[tuple[float, float]]] = {}
-
-    def wrap(self, cls, name: str, label: str):
         import torch
 
+        self.cuda = torch.cuda
+
+    def now(self) -> tuple[int, int]:
+        return self.cuda.memory_allocated(), self.cuda.memory_reserved()
+
+    def peak(self) -> tuple[int, int]:
+        return self.cuda.max_memory_allocated(), self.cuda.max_memory_reserved()
+
+    def reset(self) -> None:
+        self.cuda.reset_peak_memory_stats()
+
+    def synchronize(self) -> None:
+        self.cuda.synchronize()
+
+
+class Timer:
+    """Wraps trainer methods at class level and records (start, wall time) per call (CUDA-synchronised), and each
+    call's peak allocated bytes (``peaks``): the allocator's peak is reset as a wrapped call starts, so the counter
+    measures that call alone; what it had counted is folded first into every call still open and into the run's own
+    peak (:meth:`peak`: allocated and reserved, what ``max_memory_allocated`` would have said without the resets)."""
+
+    def __init__(self, memory=None):
+        self.records: dict[str, list[tuple[float, float]]] = {}
+        self.peaks: dict[str, list[int]] = {}
+        self.memory = memory
+        self._open: list[list[int]] = []  # the peak so far of every wrapped call in progress, outermost first
+        self._run = [0, 0]  # the run's peak allocated and reserved bytes, from the counters folded so far
+
+    def _fold(self) -> None:
+        allocated, reserved = self.memory.peak()
+        self._run = [max(self._run[0], allocated), max(self._run[1], reserved)]
+        for frame in self._open:
+            frame[0] = max(frame[0], allocated)
+
+    def peak(self) -> tuple[int, int]:
+        """The run's peak (allocated, reserved) bytes, the resets of wrapped calls included."""
+        if self.memory is not None:
+            self._fold()
+        return self._run[0], self._run[1]
+
+    def wrap(self, cls, name: str, label: str):
         original = getattr(cls, name)
         if getattr(original, "_bench_wrapped", False):
             return
+        if self.memory is None:
+            self.memory = CudaMemory()
 
         @functools.wraps(original)
         def timed(obj, *args, **kwargs):
-            torch.cuda.synchronize()
+            self.memory.synchronize()
+            self._fold()
+            self.memory.reset()
+            self._open.append([self.memory.now()[0]])
             t0 = time.perf_counter()
-            out = original(obj, *args, **kwargs)
-            torch.cuda.synchronize()
+            try:
+                out = original(obj, *args, **kwargs)
+                self.memory.synchronize()
+            finally:
+                self._fold()
+                frame = self._open.pop()
             self.records.setdefault(label, []).append((t0, time.perf_counter() - t0))
+            self.peaks.setdefault(label, []).append(frame[0])
             return out
 
         timed._bench_wrapped = True
         setattr(cls, name, timed)
+
+    def peak_gib(self) -> dict[str, float]:
+        """The highest peak allocated (GiB) of any call of each label."""
+        return {label: max(values) / 2**30 for label, values in self.peaks.items() if values}
 
     def per_step(self, ends: list[float]) -> list[dict[str, float]]:
         """Seconds per label summed within each optimizer step (the calls that started before that step's end)."""
@@ -363,10 +415,12 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         "policy_and_reference_s": step - med.get("generation", 0) - med.get("scoring", 0),
         "completion_tokens_per_s": (G * completion / (sum(timed["step"][: cycles * spg]) / (cycles * spg))
                                     if cycles else None),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gpu_gib": timer.peak()[0] / 2**30,
         # what the caching allocator held at most: above the peak by what fragmentation costs (the 14B under 16 GiB
         # ran out of memory with 1.58 GiB reserved but unallocated, 2026-12-07)
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "peak_reserved_gib": timer.peak()[1] / 2**30,
+        # where the peak is: the highest of each phase's calls (generation within prepare within training_step)
+        "peak_by_phase_gib": timer.peak_gib(),
         "per_step_s": per_step, "medians_s": med, "per_step_diagnostics": diagnostics.rows[WARMUP:],
         "dynamo_stats": {k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("stats", "recompiles")},
     }

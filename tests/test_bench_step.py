@@ -26,3 +26,70 @@ def test_variant_options_and_the_childs_environment(monkeypatch):
         "max_split_size_mb:512,expandable_segments:True"
     with pytest.raises(ValueError, match="unknown option 'expanded'"):
         bench_step.variant_options("sdgrpo_hf_4bit+expanded")
+
+
+class FakeMemory:
+    """An allocator's counters, driven by hand: allocated and reserved bytes, their peaks since the last reset."""
+
+    def __init__(self):
+        self.allocated = self.reserved = self.max_allocated = self.max_reserved = 0
+
+    def alloc(self, n: int) -> None:
+        self.allocated += n
+        self.reserved = max(self.reserved, self.allocated)
+        self.max_allocated = max(self.max_allocated, self.allocated)
+        self.max_reserved = max(self.max_reserved, self.reserved)
+
+    def now(self):
+        return self.allocated, self.reserved
+
+    def peak(self):
+        return self.max_allocated, self.max_reserved
+
+    def reset(self):
+        self.max_allocated, self.max_reserved = self.allocated, self.reserved
+
+    def synchronize(self):
+        pass
+
+
+def test_the_timer_gives_each_phase_its_own_peak_and_the_run_its_whole_peak():
+    """Nested wrapped calls (training_step > prepare > generation, as GRPOTrainer's are): each label's peak is the
+    highest allocated while one of its calls ran, though every call resets the allocator's counter; the run's peak is
+    what the counter would have said without the resets, allocated and reserved."""
+    import bench_step
+
+    memory = FakeMemory()
+    timer = bench_step.Timer(memory)
+
+    class Trainer:
+        def generate(self):
+            memory.alloc(5)  # the copies' refresh: a transient 5 above 10
+            memory.alloc(-5)
+
+        def prepare(self):
+            self.generate()
+            memory.alloc(1)  # the batch kept
+
+        def training_step(self):
+            self.prepare()
+            memory.alloc(7)  # the backward's activations
+            memory.alloc(-7)
+            memory.alloc(-1)
+
+    timer.wrap(Trainer, "generate", "generation")
+    timer.wrap(Trainer, "prepare", "prepare")
+    timer.wrap(Trainer, "training_step", "training_step")
+    memory.alloc(10)  # the model
+    memory.alloc(20)  # loading's transient, before the run
+    memory.alloc(-20)
+    memory.reset()
+    trainer = Trainer()
+    trainer.training_step()
+    memory.alloc(3)  # between steps
+    memory.alloc(-3)
+    trainer.training_step()
+    assert timer.peaks == {"generation": [15, 15], "prepare": [15, 15], "training_step": [18, 18]}
+    assert timer.peak() == (18, 30)  # the cache still holds what loading reserved
+    assert timer.peak_gib() == {k: v / 2**30 for k, v in (("generation", 15), ("prepare", 15), ("training_step", 18))}
+    assert [len(v) for v in timer.records.values()] == [2, 2, 2]

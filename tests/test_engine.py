@@ -873,6 +873,32 @@ def test_gemlite_packing_is_eight_values_a_word_along_k_transposed():
     assert pack_gemlite(q, out=out, rows=5) is out and torch.equal(out, words)
 
 
+def test_affine_words_in_place_are_quantise_affine_then_pack_gemlite_to_the_bit():
+    """quantise_affine_words_ (a refresh's one pass over a chunk it owns) against the two-step reference
+    (quantise_affine, then pack_gemlite): the same words (transposed), scales and lows to the bit, on weights with
+    constant groups, exact ties between levels and a wide range; the weight given up is overwritten, and
+    GemliteLinear.load leaves a weight it does not own untouched."""
+    from sdgrpo.engine import GemliteLinear, pack_gemlite, quantise_affine, quantise_affine_words_
+
+    torch.manual_seed(5)
+    w = torch.randn(40, 256) * torch.logspace(-3, 1, 256)
+    w[3, :64] = 0.25  # a constant group: scale clamped, every value on the low end
+    w[7, 64:128] = torch.arange(64) % 16 / 15.0  # values on the levels and half-way ties after rounding
+    w[9] = -w[9] * 1e4
+    q, scale, low = quantise_affine(w, 64)
+    given = w.clone()
+    words, scale2, low2 = quantise_affine_words_(given, 64)
+    assert words.dtype == torch.int32 and words.shape == (40, 32)
+    assert torch.equal(words.t(), pack_gemlite(q)) and torch.equal(scale2, scale) and torch.equal(low2, low)
+    assert not torch.equal(given, w)  # overwritten: the caller gave it up
+    layer, kept = GemliteLinear(40, 256, 64, "cpu", bias=False), w.clone()
+    layer.load(None, 0, w[:24])
+    layer.load(None, 24, w[24:])
+    layer.pack(None)
+    assert torch.equal(w, kept) and torch.equal(layer.W_q, pack_gemlite(q))
+    assert torch.equal(layer.scales, scale.t()) and torch.equal(layer.zeros, low.t())
+
+
 def test_affine_quantisation_is_round_to_nearest_within_half_a_step():
     """quantise_affine: levels 0..15 on the group's [low, high], each value within half a step of q * scale + low."""
     from sdgrpo.engine import quantise_affine

@@ -40,6 +40,7 @@ from sdgrpo.engine.int4 import (
     pack_gemlite,
     pack_int4,
     quantise_affine,
+    quantise_affine_words_,
     quantise_int4,
     unpack_gemlite,
 )
@@ -55,8 +56,8 @@ __all__ = [
     "SIBLINGS", "Folded", "StackedA",
     "GEMLITE_AUTO", "GEMLITE_GROUP", "GEMLITE_SPLIT_K_MAX", "INT4_FIRST", "INT4_GROUPS", "INT4_KERNELS",
     "GemliteLinear", "Int4Linear", "auto_int4_kernel", "choose_int4_kernel", "gemlite_available", "gemlite_layout",
-    "gemlite_meta_rows", "int4_layout", "pack_gemlite", "pack_int4", "quantise_affine", "quantise_int4",
-    "unpack_gemlite",
+    "gemlite_meta_rows", "int4_layout", "pack_gemlite", "pack_int4", "quantise_affine", "quantise_affine_words_",
+    "quantise_int4", "unpack_gemlite",
     "PATCHING_LIBRARIES", "originals_put_back", "remember_originals",
     "INT4_CHUNK", "Linear16", "Quantised", "_quantisable_lora_layers", "dense_bytes", "int4_bytes",
     "Decoded", "Sampling", "choose", "process_logits", "scaled",

@@ -82,8 +82,9 @@ def _base_weight_into(layer, out: torch.Tensor) -> None:
 
 
 # Elements of fp32 weight quantised at a time (rows of a weight, a multiple of 8): what a refresh takes beyond the
-# copies themselves is a few such temporaries (about 0.4 GiB), the widest group's values before packing (1.5 bytes
-# an element), and a dequantised weight for a quantised base.
+# copies themselves is a few such temporaries (about 0.2-0.4 GiB), for tinygemm the widest group's values before
+# packing (1.5 bytes an element; gemlite packs rows as they are loaded), and a dequantised weight for a quantised
+# base.
 INT4_CHUNK = 1 << 24
 
 
@@ -98,8 +99,11 @@ def int4_bytes(layers: list, kernel: str = "tinygemm") -> int:
         held = sum(Int4Linear.nbytes(layer.out_features, layer.in_features,
                                      int4_layout(layer.out_features, layer.in_features)[0]) for layer in layers)
     widest = max((layer.out_features * layer.in_features for layer in layers), default=0)
-    return (held + 6 * 4 * min(widest, INT4_CHUNK) + 3 * widest * 3 // 2
-            + (2 * widest if _quantised_base(layers) else 0))
+    if kernel == "gemlite":  # a chunk's fp32 rows and LoRA delta, its values and words (quantise_affine_words_)
+        temporaries = 3 * 4 * min(widest, INT4_CHUNK)
+    else:  # quantise_int4's fp32 temporaries, then the whole group's values and pack_int4's
+        temporaries = 6 * 4 * min(widest, INT4_CHUNK) + 3 * widest * 3 // 2
+    return held + temporaries + (2 * widest if _quantised_base(layers) else 0)
 
 
 def dense_bytes(layers: list) -> int:
@@ -123,8 +127,10 @@ class Linear16(torch.nn.Module):
         self.bias = (torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
+    packs_rows = True  # nothing to pack
+
     @torch.no_grad()
-    def load(self, values, start: int, weight: torch.Tensor) -> None:
+    def load(self, values, start: int, weight: torch.Tensor, owned: bool = False) -> None:
         self.weight[start:start + weight.size(0)] = weight
 
     def pack(self, values) -> None:
@@ -205,7 +211,7 @@ class Quantised(_PerModel):
                     device = next(members[0].parameters()).device
                     copy, stand_ins = self._module(parent, names, members, device, dtype)
                     start, biases = 0, []
-                    values = (None if self.bits == 16 else
+                    values = (None if self.bits == 16 or copy.packs_rows else
                               torch.empty(copy.out_features, copy.in_features, dtype=torch.uint8, device=device))
                     for m in members:
                         step = max(8, INT4_CHUNK // m.in_features // 8 * 8)
@@ -222,7 +228,8 @@ class Quantised(_PerModel):
                                 chunk = slice(first, min(first + step, m.out_features))
                                 delta = _lora_delta(m, chunk)
                                 part = base[chunk].to(torch.float32, copy=True)  # never the weight itself
-                                copy.load(values, start + first, part if delta is None else part.add_(delta))
+                                copy.load(values, start + first, part if delta is None else part.add_(delta),
+                                          owned=True)
                         start += m.out_features
                         bias = Folded._folded_bias(m)
                         bias = bias if bias is not None else m.base_layer.bias
