@@ -31,7 +31,8 @@ BENCH_STEPS - 1 whole generation cycles are timed, their mean per optimizer step
 tokens), ``plain`` (both false; without either option they are auto: on where the plan needs them), ``model``
 (--generation_weights model: the base decoded as it is, no generation copies), ``expand`` (the variant's process
 with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: PyTorch's allocator grows segments in place, against
-fragmentation), e.g. ``sdgrpo_hf_4bit+spg4+cap16``.
+fragmentation; sdgrpo's variants have it by default since 2026-12-07, as the CLI sets it), ``noexpand`` (an sdgrpo
+variant without it, as before), e.g. ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
 r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
@@ -253,7 +254,7 @@ def variant_options(variant: str) -> tuple[str, dict]:
     for item in extra:
         if item in ("tinygemm", "gemlite"):
             options["kernel"] = item
-        elif item in ("offload", "tile", "plain", "model", "expand"):
+        elif item in ("offload", "tile", "plain", "model", "expand", "noexpand"):
             options[item] = True
         elif item[:3] in ("spg", "cap", "len") and item[3:].replace(".", "", 1).isdigit():
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
@@ -265,12 +266,19 @@ def variant_options(variant: str) -> tuple[str, dict]:
 
 
 def child_env(variant: str) -> dict:
-    """The environment of a variant's own process: this one's, marked as a child, and with ``expand`` PyTorch's
-    expandable segments (set before the child initialises CUDA, as the allocator requires)."""
+    """The environment of a variant's own process: this one's, marked as a child; for sdgrpo's variants the
+    allocator's settings the CLI gives a run (``sdgrpo.cli.allocator_defaults``: expandable segments unless the user
+    configured the allocator) unless ``noexpand``; with ``expand`` expandable segments for any variant (set before the
+    child initialises CUDA, as the allocator requires)."""
     env = {**os.environ, "BENCH_CHILD": "1"}
-    if variant_options(variant)[1].get("expand"):
+    options = variant_options(variant)[1]
+    if options.get("expand"):
         env["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, [env.get("PYTORCH_CUDA_ALLOC_CONF"),
                                                                  "expandable_segments:True"]))
+    elif variant.startswith("sdgrpo") and not options.get("noexpand"):
+        from sdgrpo.cli import allocator_defaults
+
+        allocator_defaults(env)
     return env
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,11 +20,14 @@ def test_variant_options_and_the_childs_environment(monkeypatch):
     assert options == {"kernel": "gemlite", "spg": 4, "cap": 16.0, "len": 2048, "mb": 4, "tile": True,
                        "expand": True}
     assert bench_step.child_env("sdgrpo_hf_4bit+expand")["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    env = bench_step.child_env("sdgrpo_hf_4bit+cap16")
-    assert env["BENCH_CHILD"] == "1" and "PYTORCH_CUDA_ALLOC_CONF" not in env
+    env = bench_step.child_env("sdgrpo_hf_4bit+cap16")  # sdgrpo's variants: the CLI's allocator settings
+    assert env["BENCH_CHILD"] == "1" and env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in bench_step.child_env("sdgrpo_hf_4bit+cap16+noexpand")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in bench_step.child_env("unsloth_bare_4bit")
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")  # the user's own settings kept
     assert bench_step.child_env("sdgrpo_hf_4bit+expand")["PYTORCH_CUDA_ALLOC_CONF"] == \
         "max_split_size_mb:512,expandable_segments:True"
+    assert bench_step.child_env("sdgrpo_hf_4bit")["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
     with pytest.raises(ValueError, match="unknown option 'expanded'"):
         bench_step.variant_options("sdgrpo_hf_4bit+expanded")
 
@@ -93,3 +97,24 @@ def test_the_timer_gives_each_phase_its_own_peak_and_the_run_its_whole_peak():
     assert timer.peak() == (18, 30)  # the cache still holds what loading reserved
     assert timer.peak_gib() == {k: v / 2**30 for k, v in (("generation", 15), ("prepare", 15), ("training_step", 18))}
     assert [len(v) for v in timer.records.values()] == [2, 2, 2]
+
+
+def test_the_cli_gives_cuda_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch):
+    """sdgrpo.cli.allocator_defaults: expandable segments where neither of PyTorch's allocator variables is set (the
+    later slow steps of the 7B's 4-bit rows went with it); the user's own settings, under either name, untouched;
+    and `sdgrpo` sets it in its own process before a command runs."""
+    from sdgrpo import cli
+
+    env = {}
+    cli.allocator_defaults(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        env = {name: "max_split_size_mb:256"}
+        cli.allocator_defaults(env)
+        assert env == {name: "max_split_size_mb:256"}
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    seen = {}
+    monkeypatch.setitem(cli.HANDLERS, "eval",
+                        lambda rest: seen.update(conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF")) or 0)
+    assert cli.main(["eval"]) == 0 and seen == {"conf": "expandable_segments:True"}
