@@ -879,7 +879,6 @@ def test_affine_words_in_place_are_quantise_affine_then_pack_gemlite_to_the_bit(
     constant groups, exact ties between levels and a wide range; the weight given up is overwritten, and
     GemliteLinear.load leaves a weight it does not own untouched."""
     from sdgrpo.engine import GemliteLinear, pack_gemlite, quantise_affine, quantise_affine_words_
-    from sdgrpo.engine.int4 import affine_words
 
     torch.manual_seed(5)
     w = torch.randn(40, 256) * torch.logspace(-3, 1, 256)
@@ -892,8 +891,6 @@ def test_affine_words_in_place_are_quantise_affine_then_pack_gemlite_to_the_bit(
     assert words.dtype == torch.int32 and words.shape == (40, 32)
     assert torch.equal(words.t(), pack_gemlite(q)) and torch.equal(scale2, scale) and torch.equal(low2, low)
     assert not torch.equal(given, w)  # overwritten: the caller gave it up
-    pure = affine_words(w, 64)  # the form torch.compile fuses on a GPU, run eagerly: the same to the bit
-    assert all(torch.equal(a, b) for a, b in zip(pure, (words, scale, low)))
     layer, kept = GemliteLinear(40, 256, 64, "cpu", bias=False), w.clone()
     layer.load(None, 0, w[:24])
     layer.load(None, 24, w[24:])

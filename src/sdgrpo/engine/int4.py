@@ -153,8 +153,9 @@ def quantise_affine_words_(weight: torch.Tensor, group: int) -> tuple[torch.Tens
     operations in the same order, so q is the same to the bit). (int32 words [N, K / 8], bf16 scales and lows
     [N, K / group]). Two values a byte, low nibble first, four bytes a little-endian int32 word: value ``j`` in bits
     ``4 * (j % 8)`` of word ``j // 8``, as gemlite packs. A refresh of the 7B shape's int4 copies took 0.44 s a
-    generation through quantise_affine and pack_gemlite, about 180 bytes of temporaries moved per weight (one H100,
-    2026-12-07)."""
+    generation through quantise_affine and pack_gemlite (about 180 bytes of temporaries moved per weight), 0.31 s
+    through this; torch.compile's fusion of the same quantisation (a couple of kernels) left it at 0.30 s and cost 30 s
+    of compilation a machine, so it is not used: the rest of a refresh's time is elsewhere (one H100, 2026-12-07)."""
     n, k = weight.shape
     w = weight.view(n, k // group, group)
     lo, hi = torch.aminmax(w, dim=-1)
@@ -163,47 +164,6 @@ def quantise_affine_words_(weight: torch.Tensor, group: int) -> tuple[torch.Tens
     w.sub_(low.float()[..., None]).div_(scale.float()[..., None]).round_().clamp_(0, 15)
     q = weight.to(torch.uint8)
     return (q[:, 0::2] | q[:, 1::2] << 4).view(torch.int32), scale, low
-
-
-def affine_words(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`quantise_affine_words_` written without in-place operations (``weight`` only read; the words summed
-    from shifted nibbles, which equals or-ing them): the form ``torch.compile`` fuses into a couple of kernels on a
-    GPU (:func:`refresh_words`)."""
-    n, k = weight.shape
-    w = weight.view(n, k // group, group)
-    lo, hi = w.amin(-1), w.amax(-1)
-    scale = ((hi - lo).clamp(min=1e-6) / 15).to(torch.bfloat16)
-    low = lo.to(torch.bfloat16)
-    q = ((w - low.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.int32)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=weight.device)
-    return (q.view(n, k // 8, 8) << shifts).sum(-1, dtype=torch.int32), scale, low
-
-
-# torch.compile's fusion of affine_words that a refresh on a GPU quantises through ("fn": absent until first used;
-# False once it failed, eager from then on). In eager PyTorch every operation of the quantisation reads and writes the
-# chunk again: the 7B shape's int4 copies took 0.31 s a generation that way (quantise_affine_words_, one H100,
-# 2026-12-07), their bytes a few milliseconds.
-_COMPILED_WORDS: dict[str, object] = {}
-
-
-def refresh_words(weight: torch.Tensor, group: int, owned: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(words, scales, lows) of a float32 [N, K] weight: on CUDA by torch.compile's fusion of :func:`affine_words`,
-    where it compiles (else, and off CUDA, :func:`quantise_affine_words_`, in place on ``weight`` when ``owned``).
-    Division in a fused kernel may round a value that lies within an ulp of half a level the other way; the GPU test
-    bounds how many."""
-    if weight.is_cuda and _COMPILED_WORDS.get("fn", None) is not False:
-        try:
-            if "fn" not in _COMPILED_WORDS:
-                _COMPILED_WORDS["fn"] = torch.compile(affine_words, dynamic=True, fullgraph=True)
-            return _COMPILED_WORDS["fn"](weight, group)
-        except Exception as err:  # any failure to compile: eager, which is exact, from here on
-            import logging
-
-            logging.getLogger("sdgrpo.engine").warning(
-                "int4 copies: torch.compile of the quantisation failed (%s: %s); quantising eagerly (slower)",
-                type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-            _COMPILED_WORDS["fn"] = False
-    return quantise_affine_words_(weight if owned else weight.to(torch.float32, copy=True), group)
 
 
 def pack_gemlite(q: torch.Tensor, out: torch.Tensor | None = None, rows: int = 4096) -> torch.Tensor:
@@ -306,11 +266,11 @@ class GemliteLinear(torch.nn.Module):
     @torch.no_grad()
     def load(self, values, start: int, weight: torch.Tensor, owned: bool = False) -> None:
         """Rows ``start:start + len(weight)`` of a float weight quantised and packed into the copy, with their scales
-        and lows (:func:`refresh_words`); ``values`` is not used. ``owned``: ``weight`` is a float32 tensor
+        and lows (:func:`quantise_affine_words_`); ``values`` is not used. ``owned``: ``weight`` is a float32 tensor
         the caller gives up (overwritten), else a float32 copy is made."""
         owned = owned and weight.dtype == torch.float32 and weight.is_contiguous()
-        words, scale, low = refresh_words(weight if owned else weight.to(torch.float32).contiguous(), self.group,
-                                          owned)
+        words, scale, low = quantise_affine_words_(weight if owned else weight.to(torch.float32, copy=True),
+                                                   self.group)
         rows = slice(start, start + weight.size(0))
         self.W_q[:, rows] = words.t()
         self.scales[:, rows] = scale.t()
