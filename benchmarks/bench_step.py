@@ -190,10 +190,45 @@ class Timer:
         return steps
 
 
+class TritonEvents:
+    """Counts Triton's kernel compilations (``knobs.runtime.jit_cache_hook``: called before a kernel's specialisation
+    is compiled or loaded, once per process) and autotuning runs (``knobs.autotuning.listener``, those that were not
+    cache hits), chaining to hooks already set; the names of the kernels compiled since the last snapshot. A Triton
+    kernel is compiled again for every new specialisation (its integer arguments' divisibility by 16, its constexpr
+    heuristics), and gemlite's are autotuned per bucket of rows: a prefill whose rows (batch x prompt length) fall in a
+    new class pays for it in that step. Inactive (zeros) where Triton or its knobs are missing."""
+
+    def __init__(self):
+        self.compiles = self.autotunes = 0
+        self.names: list[str] = []
+        try:
+            from triton import knobs
+        except Exception:  # no Triton here (CPU), or one without knobs
+            return
+        previous_jit, previous_tune = knobs.runtime.jit_cache_hook, knobs.autotuning.listener
+
+        def on_jit(**kwargs):
+            if not kwargs.get("already_compiled", False):
+                self.compiles += 1
+                self.names.append(str(getattr(kwargs.get("fn"), "name", kwargs.get("repr", "?")))[:60])
+            return previous_jit(**kwargs) if previous_jit else None
+
+        def on_tune(**kwargs):
+            if not kwargs.get("cache_hit", False):
+                self.autotunes += 1
+            return previous_tune(**kwargs) if previous_tune else None
+
+        knobs.runtime.jit_cache_hook, knobs.autotuning.listener = on_jit, on_tune
+
+    def snapshot(self) -> dict:
+        names, self.names = sorted(set(self.names)), []
+        return {"triton_compiles": self.compiles, "triton_autotunes": self.autotunes, "triton_kernels": names}
+
+
 def step_diagnostics():
     """A callback that records, per optimizer step, what can make eager passes slow between steps: Python's garbage
     collector (seconds, collections of the oldest generation), the CUDA caching allocator (device mallocs and frees,
-    retries after a failed allocation) and torch.compile (graphs compiled so far)."""
+    retries after a failed allocation), torch.compile (graphs compiled) and Triton (:class:`TritonEvents`)."""
     import gc
 
     import torch
@@ -203,6 +238,7 @@ def step_diagnostics():
     class Diagnostics(TrainerCallback):
         def __init__(self):
             self.rows, self._gc, self._t0 = [], {"s": 0.0, "gen2": 0}, None
+            self._triton = TritonEvents()
             gc.callbacks.append(self._on_gc)
             self._last = self._snapshot()
 
@@ -217,11 +253,11 @@ def step_diagnostics():
             m = torch.cuda.memory_stats()
             return {"gc_s": self._gc["s"], "gc_gen2": self._gc["gen2"], "device_mallocs": m.get("num_device_alloc", 0),
                     "device_frees": m.get("num_device_free", 0), "alloc_retries": m.get("num_alloc_retries", 0),
-                    "graphs_compiled": dynamo_utils.counters["stats"]["unique_graphs"]}
+                    "graphs_compiled": dynamo_utils.counters["stats"]["unique_graphs"], **self._triton.snapshot()}
 
         def on_step_end(self, args, state, control, **kwargs):
             now = self._snapshot()
-            self.rows.append({k: now[k] - self._last[k] for k in now})
+            self.rows.append({k: v if isinstance(v, list) else v - self._last[k] for k, v in now.items()})
             self._last = now
 
     return Diagnostics()

@@ -118,3 +118,30 @@ def test_the_cli_gives_cuda_expandable_segments_unless_the_user_configured_the_a
     monkeypatch.setitem(cli.HANDLERS, "eval",
                         lambda rest: seen.update(conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF")) or 0)
     assert cli.main(["eval"]) == 0 and seen == {"conf": "expandable_segments:True"}
+
+
+def test_triton_events_count_compilations_and_autotuning_per_step_and_chain_earlier_hooks(monkeypatch):
+    """TritonEvents on Triton's own hooks (a stand-in module with knobs.runtime.jit_cache_hook and
+    knobs.autotuning.listener): a compilation counts once, a kernel already compiled and an autotuning cache hit do
+    not; hooks set before it still run and their answer is returned; a snapshot names the kernels since the last."""
+    import types
+
+    import bench_step
+
+    seen = []
+    runtime = types.SimpleNamespace(jit_cache_hook=lambda **kw: seen.append(kw["fn"].name) or False)
+    autotuning = types.SimpleNamespace(listener=None)
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(
+        knobs=types.SimpleNamespace(runtime=runtime, autotuning=autotuning)))
+    events = bench_step.TritonEvents()
+    kernel = types.SimpleNamespace(name="gemm_INT_kernel")
+    assert runtime.jit_cache_hook(key="k", repr="r", fn=kernel, compile={}, is_manual_warmup=False,
+                                  already_compiled=False) is False
+    runtime.jit_cache_hook(key="k", repr="r", fn=kernel, compile={}, is_manual_warmup=False, already_compiled=True)
+    autotuning.listener(fn=kernel, key="k", best_config=None, configs_timings={}, duration=0.1, cache_hit=False)
+    autotuning.listener(fn=kernel, key="k", best_config=None, configs_timings={}, duration=0.0, cache_hit=True)
+    assert seen == ["gemm_INT_kernel", "gemm_INT_kernel"]
+    assert events.snapshot() == {"triton_compiles": 1, "triton_autotunes": 1, "triton_kernels": ["gemm_INT_kernel"]}
+    assert events.snapshot()["triton_kernels"] == []
+    monkeypatch.setitem(sys.modules, "triton", None)  # no Triton: zeros
+    assert bench_step.TritonEvents().snapshot() == {"triton_compiles": 0, "triton_autotunes": 0, "triton_kernels": []}
