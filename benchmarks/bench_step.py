@@ -32,7 +32,8 @@ tokens), ``plain`` (both false; without either option they are auto: on where th
 (--generation_weights model: the base decoded as it is, no generation copies), ``expand`` (the variant's process
 with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: PyTorch's allocator grows segments in place, against
 fragmentation; sdgrpo's variants have it by default since 2026-12-07, as the CLI sets it), ``noexpand`` (an sdgrpo
-variant without it, as before), e.g. ``sdgrpo_hf_4bit+spg4+cap16``.
+variant without it, as before), ``release`` (--hold_generation_copies false: the generation copies freed between
+generations), e.g. ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
 r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
@@ -284,13 +285,13 @@ def original_recipe_reward(model, tokenizer):
 
 def variant_options(variant: str) -> tuple[str, dict]:
     """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N,
-    "offload": True, "tile": True, "plain": True, "model": True, "expand": True}."""
+    "offload": True, "tile": True, "plain": True, "model": True, "expand": True, "release": True}."""
     name, *extra = variant.split("+")
     options = {}
     for item in extra:
         if item in ("tinygemm", "gemlite"):
             options["kernel"] = item
-        elif item in ("offload", "tile", "plain", "model", "expand", "noexpand"):
+        elif item in ("offload", "tile", "plain", "model", "expand", "noexpand", "release"):
             options[item] = True
         elif item[:3] in ("spg", "cap", "len") and item[3:].replace(".", "", 1).isdigit():
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
@@ -392,6 +393,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--load_in_4bit", "true"]
         if "kernel" in options:
             argv += ["--generation_int4_kernel", options["kernel"]]
+        if options.get("release"):
+            argv += ["--hold_generation_copies", "false"]
         if spg > 1:
             argv += ["--steps_per_generation", str(spg)]
         if options.get("offload"):

@@ -983,6 +983,53 @@ def test_gemlite_copies_decode_as_the_model_with_their_weights_would(tiny_tokeni
     assert_decodes_as(reference, got, engine.record[0].logprobs, enc, tiny_tokenizer.eos_token_id)
 
 
+@pytest.mark.parametrize("kernel", ["gemlite", "tinygemm"])
+def test_copies_not_held_between_calls_are_freed_and_decode_as_held_ones(kernel, tiny_tokenizer):
+    """``hold_copies`` false: after every call the int4 copies' weights (and scales) take no memory, the next call
+    makes them again from the trained weights (changed in between, as an optimizer step changes them), and every
+    call's tokens and log-probs are those of an engine that holds its copies; the modules themselves are kept."""
+    base = make_llama(tiny_tokenizer, seed=65).to(torch.bfloat16)
+    lora = with_lora(base, 0.3, seed=66)
+    enc = encode(tiny_tokenizer)
+    held, freed = (DecodeEngine(generation_weights="int4", int4_kernel=kernel, hold_copies=hold) for hold in (True,
+                                                                                                            False))
+
+    def weight_bytes(engine):
+        return sum(p.numel() * p.element_size() for known in engine.quantised.groups.values()
+                   for copy, _ in known.values() for p in copy.parameters() if p.dim() > 1)
+
+    modules = None
+    for call in range(3):
+        got = [engine.generate(lora, **enc, do_sample=False, **settings(tiny_tokenizer)) for engine in (held, freed)]
+        assert torch.equal(got[0], got[1]), call
+        assert weight_bytes(held) > 0 and weight_bytes(freed) == 0 and freed.quantised.held() == 14
+        now = [c for known in freed.quantised.groups.values() for c, _ in known.values()]
+        assert modules is None or all(a is b for a, b in zip(now, modules))
+        modules = now
+        with torch.no_grad():  # a training step in between
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn_like(p) * 0.2)
+
+
+def test_sixteen_bit_copies_released_are_made_again_as_before():
+    """Linear16 (a quantised base's 16-bit copies): released, it holds nothing; made again and loaded, it computes
+    what it did."""
+    from sdgrpo.engine import Linear16
+
+    torch.manual_seed(7)
+    w, x = torch.randn(24, 16), torch.randn(3, 16)
+    layer = Linear16(24, 16, torch.float32, "cpu", bias=False)
+    layer.reacquire("cpu")
+    layer.load(None, 0, w)
+    want = layer(x)
+    layer.release()
+    assert layer.weight.numel() == 0
+    layer.reacquire("cpu")
+    layer.load(None, 0, w)
+    assert torch.equal(layer(x), want) and layer.weight.shape == (24, 16)
+
+
 def test_the_int4_kernel_is_gemlite_where_chosen_and_installed_else_tinygemm_and_never_silently_another(
         monkeypatch):
     """choose_int4_kernel: auto is gemlite on the architectures of GEMLITE_AUTO (an H100's sm 9.0) where

@@ -771,3 +771,23 @@ def test_topk_needs_a_teacher_based_reward():
         parse_train_args(["--distill_topk", "8"])
     with pytest.raises(UserError, match="--distill_topk must be 0 or more, not -1"):
         parse_train_args(["--distill_topk", "-1", "--reward", "distill"])
+
+
+def test_generation_copies_not_held_leave_the_training_passes_their_memory(tiny_model_dir, tiny_tokenizer, dataset,
+                                                                          tmp_path):
+    """``--hold_generation_copies false`` reaches the engine: after a generation the int4 copies hold no weights
+    while the loss's passes run, and the next generation makes them again."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer, _ = build_trainer(model, tiny_tokenizer, dataset, tmp_path, "--generation_engine", "true",
+                               "--generation_weights", "int4", "--hold_generation_copies", "false", lora_scale=0.3)
+    assert trainer.engine.quantised.hold is False and trainer.engine.dense.hold is False
+    trainer.model.train()
+    for _ in range(2):
+        batch = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+        assert trainer.engine.mode == "int4" and trainer.engine.quantised.held() > 0
+        copies = [c for known in trainer.engine.quantised.groups.values() for c, _ in known.values()]
+        assert all(p.numel() == 0 for c in copies for p in c.parameters() if p.dim() > 1)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.compute_loss(trainer.model, batch)

@@ -71,8 +71,7 @@ class SDGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "GiB the decoding engine may take beyond what is allocated (LoRA's generation copies and the "
                   "cache): LoRA is folded into copies only where they fit, else decoded unmerged (no copies). "
-                  "Default: decided from the GPU's free memory under the process's cap, with a reserve for "
-                  "training."},
+                  "Default: decided from the GPU's free memory under the process's cap, less a training reserve."},
     )
     generation_weights: str = field(
         default="auto",
@@ -93,8 +92,7 @@ class SDGRPOConfig(GRPOConfig):
     )
     sequence_advantage_weight: float = field(
         default=0.0,
-        metadata={"help": "With --advantage token: add this weight times the group-normalised sequence advantage to "
-                  "every token's."},
+        metadata={"help": "With --advantage token: every token's advantage plus this weight times the sequence one."},
     )
     distill_topk: int = field(
         default=0,
@@ -146,9 +144,13 @@ class SDGRPOConfig(GRPOConfig):
         default="auto",
         metadata={"help": "The kernel that reads int4 generation copies: auto (gemlite on an H100 where installed, "
                   "else PyTorch's tinygemm), tinygemm, or gemlite (Triton, pip install gemlite; Ampere or newer). "
-                  "With gemlite, --generation_weights auto gives a 4-bit base int4 copies first: on one H100, a 7B "
-                  "under 24 GiB stepped in 4.34 s at 12.0 GiB peak against 4.32 s at 20.7 GiB with 16-bit copies "
-                  "(docs/gpu.md)."},
+                  "With gemlite, --generation_weights auto gives a 4-bit base int4 copies first (docs/gpu.md)."},
+    )
+    hold_generation_copies: bool = field(
+        default=True,
+        metadata={"help": "Keep a 4-bit base's generation copies (int4 or 16-bit) allocated between generations. "
+                  "false: free them after each (3.8 GiB of int4 copies on a 7B) for the training passes, at a "
+                  "re-allocation and a new CUDA graph capture per generation; the memory plan still counts them."},
     )
     offload_activations: str = field(
         default="auto",

@@ -80,7 +80,8 @@ class SelfDistillMixin(RolloutMixin, RewardReuseMixin, TokenDistillMixin, Rollou
         self.engine = (DecodeEngine(compile=bool(getattr(self.args, "generation_compile", False)),
                                     memory_budget_gib=getattr(self.args, "generation_memory_gib", None),
                                     generation_weights=getattr(self.args, "generation_weights", "auto"),
-                                    int4_kernel=getattr(self.args, "generation_int4_kernel", "auto"))
+                                    int4_kernel=getattr(self.args, "generation_int4_kernel", "auto"),
+                                    hold_copies=bool(getattr(self.args, "hold_generation_copies", True)))
                        if getattr(self.args, "generation_engine", False) else None)
         # --offload_activations (true once the plan decided): checkpointed layer inputs in CPU memory (offload.py)
         # (checks.check_combinations refuses true with --backend unsloth or without gradient checkpointing)

@@ -94,6 +94,9 @@ class DecodeEngine(_ModeChoice):
     budget; otherwise the LoRA layers decode unmerged (PEFT's own forward, inside the same step and graph), which
     costs no memory. Decided once per model (``mode``: ``folded``, ``dequantised``, ``int4``, ``unmerged``, or
     ``plain`` with nothing to fold), logged in one line.
+    ``hold_copies`` false: a quantised base's int4 or 16-bit copies are freed after each call and made again by the
+    next (:class:`Quantised`'s ``hold``), leaving their memory to training between calls; the budget still counts
+    them (the mode is decided as if held).
     ``generation_weights``: ``model`` decodes the model's own weights (LoRA folded in their dtype, or unmerged);
     ``int4`` decodes int4 copies of base + LoRA (:class:`Quantised`; mode ``int4``) wherever the layers allow;
     ``auto`` folds in the model's dtype where that fits the budget; a quantised (bitsandbytes) base gets 16-bit
@@ -107,7 +110,7 @@ class DecodeEngine(_ModeChoice):
     def __init__(self, compile: bool | None = None, check_every: int = 16, length_bucket: int = 64,
                  compile_mode: str = "default", grouped_attention: bool = True, reserve: int = 0,
                  fuse_projections: bool = True, memory_budget_gib: float | None = None,
-                 generation_weights: str = "auto", int4_kernel: str = "auto"):
+                 generation_weights: str = "auto", int4_kernel: str = "auto", hold_copies: bool = True):
         if generation_weights not in WEIGHTS:
             raise ValueError(f"generation_weights {generation_weights!r} is not one of {list(WEIGHTS)}")
         if int4_kernel not in INT4_KERNELS:
@@ -116,8 +119,9 @@ class DecodeEngine(_ModeChoice):
         self.memory_budget_gib = memory_budget_gib
         self.generation_weights = generation_weights
         self.int4_kernel = int4_kernel  # as asked; the kernel in use is self.quantised.kernel once a mode is decided
-        self.quantised = Quantised(fuse=fuse_projections)
-        self.dense = Quantised(fuse=fuse_projections, bits=16)  # 16-bit copies of a dequantised quantised base
+        self.quantised = Quantised(fuse=fuse_projections, hold=hold_copies)
+        # 16-bit copies of a dequantised quantised base
+        self.dense = Quantised(fuse=fuse_projections, bits=16, hold=hold_copies)
         self.stacked = StackedA()
         self.fuse_projections = fuse_projections
         self.mode: str | None = None

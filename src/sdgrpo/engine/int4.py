@@ -78,6 +78,17 @@ class Int4Linear(torch.nn.Module):
 
     packs_rows = False  # the kernel's layout does not keep rows apart: pack once every row is loaded
 
+    def release(self) -> None:
+        """Free the copy's weights (a generation's copies between calls, ``Quantised.hold`` false); :meth:`reacquire`
+        (scales) and :meth:`pack` (the packed weight, in the kernel's shape) allocate them again."""
+        self.packed.data = self.packed.data.new_empty(0)
+        self.scales_zeros.data = self.scales_zeros.data.new_empty(0)
+
+    def reacquire(self, device) -> None:
+        if self.scales_zeros.numel() == 0:
+            self.scales_zeros.data = torch.zeros(self.in_features // self.group, self.out_features, 2,
+                                                 dtype=torch.bfloat16, device=device)
+
     @torch.no_grad()
     def load(self, values: torch.Tensor, start: int, weight: torch.Tensor, owned: bool = False) -> None:
         """Rows ``start:start + len(weight)`` of a float weight quantised: their values into ``values`` (uint8
@@ -89,7 +100,10 @@ class Int4Linear(torch.nn.Module):
 
     @torch.no_grad()
     def pack(self, values: torch.Tensor) -> None:
-        self.packed.copy_(pack_int4(values, self.tiles))
+        if self.packed.numel() == 0:  # released after the last call
+            self.packed.data = pack_int4(values, self.tiles)
+        else:
+            self.packed.copy_(pack_int4(values, self.tiles))
 
     def forward(self, x):
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -262,6 +276,22 @@ class GemliteLinear(torch.nn.Module):
     # gemlite's layout keeps rows apart ([K / 8, N]: row n is column n): rows are packed as they are loaded, with no
     # values tensor of the whole copy between load and pack
     packs_rows = True
+
+    def release(self) -> None:
+        """Free the copy's weights, scales and zeros (a generation's copies between calls, ``Quantised.hold``
+        false); :meth:`reacquire` allocates them again (the scales' padding zeroed, as gemlite's kernels read it)."""
+        self.W_q.data = self.W_q.data.new_empty(0)
+        self._meta_store = []
+        self.scales.data = self.scales.data.new_empty(0)
+        self.zeros.data = self.zeros.data.new_empty(0)
+
+    def reacquire(self, device) -> None:
+        if self.W_q.numel():
+            return
+        self.W_q.data = torch.empty(self.in_features // 8, self.out_features, dtype=torch.int32, device=device)
+        groups, rows = self.in_features // self.group, gemlite_meta_rows(self.in_features, self.group)
+        self._meta_store = [torch.zeros(rows, self.out_features, dtype=torch.bfloat16, device=device) for _ in range(2)]
+        self.scales.data, self.zeros.data = self._meta_store[0][:groups], self._meta_store[1][:groups]
 
     @torch.no_grad()
     def load(self, values, start: int, weight: torch.Tensor, owned: bool = False) -> None:

@@ -129,6 +129,13 @@ class Linear16(torch.nn.Module):
 
     packs_rows = True  # nothing to pack
 
+    def release(self) -> None:
+        self.weight.data = self.weight.data.new_empty(0)
+
+    def reacquire(self, device) -> None:
+        if self.weight.numel() == 0:
+            self.weight.data = self.weight.data.new_empty(self.out_features, self.in_features)
+
     @torch.no_grad()
     def load(self, values, start: int, weight: torch.Tensor, owned: bool = False) -> None:
         self.weight[start:start + weight.size(0)] = weight
@@ -152,11 +159,16 @@ class Quantised(_PerModel):
     copies (:func:`choose_int4_kernel`).
 
     ``bits`` 16: the copies are 16-bit (:class:`Linear16`, in the dtype of the model's embeddings): for a quantised
-    (bitsandbytes) base, its dequantised weights + LoRA, read by the same matmuls as the 16-bit fold."""
+    (bitsandbytes) base, its dequantised weights + LoRA, read by the same matmuls as the 16-bit fold.
 
-    def __init__(self, fuse: bool = True, bits: int = 4, kernel: str = "tinygemm"):
+    ``hold`` false: the copies' weights are freed when a call ends and allocated again by the next refresh (each
+    copy's ``release`` / ``reacquire``; the modules and their metadata stay), so that the training passes between
+    generations have that memory; a captured CUDA graph that read them is captured again (the engine keys its graph
+    on the weights' addresses)."""
+
+    def __init__(self, fuse: bool = True, bits: int = 4, kernel: str = "tinygemm", hold: bool = True):
         super().__init__()
-        self.fuse, self.bits, self.kernel = fuse, bits, kernel
+        self.fuse, self.bits, self.kernel, self.hold = fuse, bits, kernel, hold
         self.groups: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent -> {names: (copy, stand-ins)}
         self._tables = (self.groups,)
 
@@ -210,6 +222,7 @@ class Quantised(_PerModel):
                 for parent, names, members in self._plan(model, layers):
                     device = next(members[0].parameters()).device
                     copy, stand_ins = self._module(parent, names, members, device, dtype)
+                    copy.reacquire(device)
                     start, biases = 0, []
                     values = (None if self.bits == 16 or copy.packs_rows else
                               torch.empty(copy.out_features, copy.in_features, dtype=torch.uint8, device=device))
@@ -239,4 +252,10 @@ class Quantised(_PerModel):
                     if copy.bias is not None:
                         copy.bias.copy_(torch.cat(biases))
                     swap(parent, names, stand_ins)
-            yield
+            try:
+                yield
+            finally:
+                if not self.hold:  # the copies' memory to the training passes until the next call
+                    for known in self.groups.values():
+                        for copy, _ in known.values():
+                            copy.release()
