@@ -409,6 +409,41 @@ def test_a_4bit_base_decodes_through_gemlite_int4_copies(qwen_dir, tiny_tokenize
     _int4_agreement(base, qwen_dir, tiny_tokenizer, "NF4 base, gemlite int4 copies", seed=4, kernel="gemlite")
 
 
+def test_copies_not_held_free_their_memory_and_decode_from_a_new_graph_as_held_ones(qwen_dir, tiny_tokenizer):
+    """NF4 base, gemlite int4 copies, ``hold_copies`` false: after each call the copies' memory is allocated no more
+    (at least their weights' bytes below the engine that holds them), the next call captures its CUDA graph again on
+    the new addresses where they moved, and its greedy tokens are the held engine's (but for near-ties)."""
+    from peft import LoraConfig, get_peft_model
+
+    from sdgrpo.engine import DecodeEngine
+    from sdgrpo.modeling import load_model
+
+    base = load_model(str(qwen_dir), torch.bfloat16, "cuda", load_in_4bit=True)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    enc = tiny_tokenizer(["In the beginning God created", "Then the king"], return_tensors="pt", padding=True,
+                         padding_side="left").to("cuda")
+    kw = dict(max_new_tokens=32, pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    held = DecodeEngine(compile=True, generation_weights="int4", int4_kernel="gemlite")
+    want = [held.generate(model, **enc, do_sample=False, **kw) for _ in range(2)]
+    del held
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    freed = DecodeEngine(compile=True, generation_weights="int4", int4_kernel="gemlite", hold_copies=False)
+    for call in range(2):
+        got = freed.generate(model, **enc, do_sample=False, **kw)  # split-K sums in any order: near-ties may flip
+        assert got.shape == want[call].shape and (got == want[call]).float().mean() > 0.95
+        copies = [c for known in freed.quantised.groups.values() for c, _ in known.values()]
+        weights = sum(c.in_features * c.out_features // 2 for c in copies)
+        assert weights > 0 and all(c.W_q.numel() == 0 for c in copies)
+        assert torch.cuda.memory_allocated() - before < weights  # the cache and graph pool only
+    assert freed.captures >= 1
+
+
 def test_a_4bit_base_decodes_through_16bit_copies_where_they_fit(qwen_dir, tiny_tokenizer):
     """NF4 base, ``generation_weights`` auto with the card's memory and tinygemm reading int4 (with gemlite, int4
     copies come first): every LoRA layer served by a 16-bit copy of
