@@ -33,7 +33,8 @@ tokens), ``plain`` (both false; without either option they are auto: on where th
 with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: PyTorch's allocator grows segments in place, against
 fragmentation; sdgrpo's variants have it by default since 2026-12-07, as the CLI sets it), ``noexpand`` (an sdgrpo
 variant without it, as before), ``release`` (--hold_generation_copies false: the generation copies freed between
-generations), e.g. ``sdgrpo_hf_4bit+spg4+cap16``.
+generations), ``chunkN`` (a refresh quantises N Mi elements at a time: sdgrpo.engine.quantised.INT4_CHUNK, 16 by
+default; the 7B's refresh ran 532 chunks, 0.30 s), e.g. ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
 r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
@@ -285,7 +286,8 @@ def original_recipe_reward(model, tokenizer):
 
 def variant_options(variant: str) -> tuple[str, dict]:
     """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N,
-    "offload": True, "tile": True, "plain": True, "model": True, "expand": True, "release": True}."""
+    "offload": True, "tile": True, "plain": True, "model": True, "expand": True, "release": True,
+    "chunk": N}."""
     name, *extra = variant.split("+")
     options = {}
     for item in extra:
@@ -297,6 +299,8 @@ def variant_options(variant: str) -> tuple[str, dict]:
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
         elif item[:2] == "mb" and item[2:].isdigit() and G % int(item[2:]) == 0:
             options["mb"] = int(item[2:])
+        elif item[:5] == "chunk" and item[5:].isdigit():
+            options["chunk"] = int(item[5:])
         else:
             raise ValueError(f"unknown option {item!r} of variant {variant!r}")
     return name, options
@@ -395,6 +399,10 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             argv += ["--generation_int4_kernel", options["kernel"]]
         if options.get("release"):
             argv += ["--hold_generation_copies", "false"]
+        if "chunk" in options:  # a refresh's rows quantised at a time (benchmark only: the engine's constant)
+            import sdgrpo.engine.quantised as quantised
+
+            quantised.INT4_CHUNK = options["chunk"] << 20
         if spg > 1:
             argv += ["--steps_per_generation", str(spg)]
         if options.get("offload"):
