@@ -460,6 +460,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             values = [r[key] for r in rows if r.get(key) is not None]
             logged[key] = statistics.median(values) if values else None
     cycles = len(timed["step"]) // spg  # whole generation cycles timed
+    peak_allocated, peak_reserved = timer.peak()
     return {
         "variant": full, "memory_cap_gib": cap, "steps_per_generation": spg, "completion_tokens": completion,
         "steps_timed": len(timed["step"]), "step_times_s": timed["step"],
@@ -470,10 +471,10 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         "policy_and_reference_s": step - med.get("generation", 0) - med.get("scoring", 0),
         "completion_tokens_per_s": (G * completion / (sum(timed["step"][: cycles * spg]) / (cycles * spg))
                                     if cycles else None),
-        "peak_gpu_gib": timer.peak()[0] / 2**30,
+        "peak_gpu_gib": peak_allocated / 2**30,
         # what the caching allocator held at most: above the peak by what fragmentation costs (the 14B under 16 GiB
         # ran out of memory with 1.58 GiB reserved but unallocated, 2026-12-07)
-        "peak_reserved_gib": timer.peak()[1] / 2**30,
+        "peak_reserved_gib": peak_reserved / 2**30,
         # where the peak is: the highest of each phase's calls (generation within prepare within training_step)
         "peak_by_phase_gib": timer.peak_gib(),
         "per_step_s": per_step, "medians_s": med, "per_step_diagnostics": diagnostics.rows[WARMUP:],

@@ -67,8 +67,9 @@ class Int4Linear(torch.nn.Module):
         self.out_features, self.in_features, self.group, self.tiles = out_features, in_features, group, tiles
         empty = pack_int4(torch.zeros(out_features, in_features, dtype=torch.int32, device=device), tiles)
         self.packed = torch.nn.Parameter(empty, requires_grad=False)
-        self.scales_zeros = torch.nn.Parameter(torch.zeros(in_features // group, out_features, 2,
-                                                           dtype=torch.bfloat16, device=device), requires_grad=False)
+        self.scales_zeros = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16, device=device),
+                                               requires_grad=False)
+        self.reacquire(device)
         self.bias = (torch.nn.Parameter(torch.zeros(out_features, dtype=torch.bfloat16, device=device),
                                         requires_grad=False) if bias else None)
 
@@ -85,6 +86,7 @@ class Int4Linear(torch.nn.Module):
         self.scales_zeros.data = self.scales_zeros.data.new_empty(0)
 
     def reacquire(self, device) -> None:
+        """The scales and zeros allocated (zeros) where they are not: at construction, and after :meth:`release`."""
         if self.scales_zeros.numel() == 0:
             self.scales_zeros.data = torch.zeros(self.in_features // self.group, self.out_features, 2,
                                                  dtype=torch.bfloat16, device=device)
@@ -235,13 +237,11 @@ class GemliteLinear(torch.nn.Module):
     def __init__(self, out_features: int, in_features: int, group: int, device, bias: bool):
         super().__init__()
         self.out_features, self.in_features, self.group = out_features, in_features, group
-        self.W_q = torch.nn.Parameter(torch.zeros(in_features // 8, out_features, dtype=torch.int32, device=device),
-                                      requires_grad=False)
-        # K / group rows used, held in zeros to gemlite_meta_rows: the kernels read past the end (GEMLITE_SPLIT_K_MAX)
-        groups, rows = in_features // group, gemlite_meta_rows(in_features, group)
-        self._meta_store = [torch.zeros(rows, out_features, dtype=torch.bfloat16, device=device) for _ in range(2)]
-        self.scales = torch.nn.Parameter(self._meta_store[0][:groups], requires_grad=False)
-        self.zeros = torch.nn.Parameter(self._meta_store[1][:groups], requires_grad=False)
+        self.W_q = torch.nn.Parameter(torch.empty(0, dtype=torch.int32, device=device), requires_grad=False)
+        self.scales = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16, device=device), requires_grad=False)
+        self.zeros = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16, device=device), requires_grad=False)
+        self._meta_store: list[torch.Tensor] = []
+        self.reacquire(device)
         self.bias = (torch.nn.Parameter(torch.zeros(out_features, dtype=torch.bfloat16, device=device),
                                         requires_grad=False) if bias else None)
         self._meta_args = self._tensor_extra = None
@@ -286,9 +286,11 @@ class GemliteLinear(torch.nn.Module):
         self.zeros.data = self.zeros.data.new_empty(0)
 
     def reacquire(self, device) -> None:
+        """The copy's tensors allocated (zeros) where they are not: at construction, and after :meth:`release`."""
         if self.W_q.numel():
             return
-        self.W_q.data = torch.empty(self.in_features // 8, self.out_features, dtype=torch.int32, device=device)
+        self.W_q.data = torch.zeros(self.in_features // 8, self.out_features, dtype=torch.int32, device=device)
+        # K / group rows used, held in zeros to gemlite_meta_rows: the kernels read past the end (GEMLITE_SPLIT_K_MAX)
         groups, rows = self.in_features // self.group, gemlite_meta_rows(self.in_features, self.group)
         self._meta_store = [torch.zeros(rows, self.out_features, dtype=torch.bfloat16, device=device) for _ in range(2)]
         self.scales.data, self.zeros.data = self._meta_store[0][:groups], self._meta_store[1][:groups]

@@ -122,8 +122,8 @@ class Linear16(torch.nn.Module):
     def __init__(self, out_features: int, in_features: int, dtype, device, bias: bool):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
-        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
-                                         requires_grad=False)
+        self.weight = torch.nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+        self.reacquire(device)
         self.bias = (torch.nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
@@ -133,6 +133,7 @@ class Linear16(torch.nn.Module):
         self.weight.data = self.weight.data.new_empty(0)
 
     def reacquire(self, device) -> None:
+        """The weight allocated where it is not: at construction, and after :meth:`release`."""
         if self.weight.numel() == 0:
             self.weight.data = self.weight.data.new_empty(self.out_features, self.in_features)
 
