@@ -34,7 +34,9 @@ with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: PyTorch's allocator grows
 fragmentation; sdgrpo's variants have it by default since 2026-12-07, as the CLI sets it), ``noexpand`` (an sdgrpo
 variant without it, as before), ``release`` (--hold_generation_copies false: the generation copies freed between
 generations), ``chunkN`` (a refresh quantises N Mi elements at a time: sdgrpo.engine.quantised.INT4_CHUNK, 16 by
-default; the 7B's refresh ran 532 chunks, 0.30 s), e.g. ``sdgrpo_hf_4bit+spg4+cap16``.
+default; the 7B's refresh ran 532 chunks, 0.30 s), ``profile`` (the first timed generation's engine call under
+torch.profiler: its top operators by device and by host time, OUT_DIR/profile_<variant>.log), e.g.
+``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
 r 16 on all linear projections, beta 0.04. 1 warm-up step, then BENCH_STEPS-1 (default 3) timed steps (medians). A
@@ -287,13 +289,13 @@ def original_recipe_reward(model, tokenizer):
 def variant_options(variant: str) -> tuple[str, dict]:
     """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N,
     "offload": True, "tile": True, "plain": True, "model": True, "expand": True, "release": True,
-    "chunk": N}."""
+    "chunk": N, "profile": True}."""
     name, *extra = variant.split("+")
     options = {}
     for item in extra:
         if item in ("tinygemm", "gemlite"):
             options["kernel"] = item
-        elif item in ("offload", "tile", "plain", "model", "expand", "noexpand", "release"):
+        elif item in ("offload", "tile", "plain", "model", "expand", "noexpand", "release", "profile"):
             options[item] = True
         elif item[:3] in ("spg", "cap", "len") and item[3:].replace(".", "", 1).isdigit():
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
@@ -323,7 +325,31 @@ def child_env(variant: str) -> dict:
     return env
 
 
-def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dict:
+def profile_engine_call(call: int, path: Path) -> None:
+    """The engine's ``call``-th decode (1-based) run under torch.profiler, its operators' totals written to ``path``:
+    the top 30 by device time and by host time (where a refresh, a prefill and the decoding's graph replays spend)."""
+    import torch.profiler as tp
+
+    from sdgrpo.engine.decode import DecodeEngine
+
+    decode, seen = DecodeEngine.decode, [0]
+
+    def profiled(self, *args, **kwargs):
+        seen[0] += 1
+        if seen[0] != call:
+            return decode(self, *args, **kwargs)
+        with tp.profile(activities=[tp.ProfilerActivity.CPU, tp.ProfilerActivity.CUDA]) as prof:
+            out = decode(self, *args, **kwargs)
+        table = prof.key_averages()
+        path.write_text(f"engine call {call}: {self.timing}\n\n"
+                        + table.table(sort_by="self_cuda_time_total", row_limit=30) + "\n\n"
+                        + table.table(sort_by="self_cpu_time_total", row_limit=30) + "\n")
+        return out
+
+    DecodeEngine.decode = profiled
+
+
+def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: Path) -> dict:
     import torch
 
     full, (variant, options) = variant, variant_options(variant)
@@ -403,6 +429,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
             import sdgrpo.engine.quantised as quantised
 
             quantised.INT4_CHUNK = options["chunk"] << 20
+        if options.get("profile"):
+            profile_engine_call(warmup // spg + 1, logs / f"profile_{full}.log")
         if spg > 1:
             argv += ["--steps_per_generation", str(spg)]
         if options.get("offload"):
@@ -450,7 +478,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
     med = {k: statistics.median(v) for k, v in timed.items() if v}
     import torch._dynamo.utils as dynamo_utils
     step = med.get("step", float("nan"))
-    logged = {}
+    logged, engine_per_step = {}, []
     metrics_file = out / full / "metrics.jsonl"  # the whole name: variants of one base name apart
     if metrics_file.exists():  # sdgrpo's own per-step records: the engine's mode and the sampler-policy mismatch
         rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][warmup:]
@@ -459,6 +487,10 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
                     "engine/decode_s", "engine/decode_ms_per_step", "engine/calls", "engine/fallbacks"):
             values = [r[key] for r in rows if r.get(key) is not None]
             logged[key] = statistics.median(values) if values else None
+        engine_keys = ("engine/refresh_s", "engine/prefill_s", "engine/decode_s", "engine/decode_ms_per_step")
+        # each timed step's generation, not only the median: a slow step's phase shows (a step that did not
+        # generate, with --steps_per_generation, has none)
+        engine_per_step = [{k.split("/")[1]: r[k] for k in engine_keys if r.get(k) is not None} for r in rows]
     cycles = len(timed["step"]) // spg  # whole generation cycles timed
     peak_allocated, peak_reserved = timer.peak()
     return {
@@ -478,6 +510,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path) -> dic
         # where the peak is: the highest of each phase's calls (generation within prepare within training_step)
         "peak_by_phase_gib": timer.peak_gib(),
         "per_step_s": per_step, "medians_s": med, "per_step_diagnostics": diagnostics.rows[WARMUP:],
+        "engine_per_step": engine_per_step,
         "dynamo_stats": {k: dict(v) for k, v in dynamo_utils.counters.items() if k in ("stats", "recompiles")},
     }
 
@@ -489,7 +522,7 @@ def main():
     work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_step"))
     if os.environ.get("BENCH_CHILD"):
         model_dir, data_dir = make_assets(work, shape)
-        print("RESULT " + json.dumps(run_variant(variants[0], model_dir, data_dir, work)), flush=True)
+        print("RESULT " + json.dumps(run_variant(variants[0], model_dir, data_dir, work, out)), flush=True)
         return
     sys.path.insert(0, str(HERE))
     from common import device_tag, header, save

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -16,10 +17,10 @@ def test_variant_options_and_the_childs_environment(monkeypatch):
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     name, options = bench_step.variant_options(
-        "sdgrpo_hf_4bit+gemlite+spg4+cap16+len2048+mb4+tile+expand+release+chunk64")
+        "sdgrpo_hf_4bit+gemlite+spg4+cap16+len2048+mb4+tile+expand+release+chunk64+profile")
     assert name == "sdgrpo_hf_4bit"
     assert options == {"kernel": "gemlite", "spg": 4, "cap": 16.0, "len": 2048, "mb": 4, "tile": True,
-                       "expand": True, "release": True, "chunk": 64}
+                       "expand": True, "release": True, "chunk": 64, "profile": True}
     assert bench_step.child_env("sdgrpo_hf_4bit+expand")["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     env = bench_step.child_env("sdgrpo_hf_4bit+cap16")  # sdgrpo's variants: the CLI's allocator settings
     assert env["BENCH_CHILD"] == "1" and env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
@@ -146,3 +147,29 @@ def test_triton_events_count_compilations_and_autotuning_per_step_and_chain_earl
     assert events.snapshot()["triton_kernels"] == []
     monkeypatch.setitem(sys.modules, "triton", None)  # no Triton: zeros
     assert bench_step.TritonEvents().snapshot() == {"triton_compiles": 0, "triton_autotunes": 0, "triton_kernels": []}
+
+
+def test_the_profile_option_profiles_only_the_chosen_engine_call(tmp_path, monkeypatch, tiny_tokenizer):
+    """``+profile``: the engine's second decode runs under torch.profiler and its operator table (the call's own
+    timing first) is written; the first and third calls are not profiled, and every call returns what it would."""
+    import bench_step
+    from conftest import make_llama
+
+    from sdgrpo.engine.decode import DecodeEngine
+
+    monkeypatch.setattr(DecodeEngine, "decode", DecodeEngine.decode)  # put back after the test
+    path = tmp_path / "profile.log"
+    bench_step.profile_engine_call(2, path)
+    model = make_llama(tiny_tokenizer, seed=1)
+    enc = tiny_tokenizer(["a b c", "d e"], return_tensors="pt", padding=True, padding_side="left")
+    kwargs = dict(do_sample=False, max_new_tokens=4, pad_token_id=tiny_tokenizer.pad_token_id)
+    engine, plain = DecodeEngine(compile=False), DecodeEngine(compile=False)
+    outs = []
+    for call in (1, 2, 3):
+        outs.append(engine.generate(model, **enc, **kwargs))
+        assert path.exists() == (call == 2)
+        if call == 2:
+            text = path.read_text()
+            path.unlink()
+    assert text.startswith("engine call 2: {'refresh_s'") and "Self CPU" in text
+    assert all(torch.equal(out, plain.generate(model, **enc, **kwargs)) for out in outs)

@@ -853,6 +853,33 @@ def test_generation_room_is_what_the_cap_leaves_less_trainings_reserve(monkeypat
     assert generation_room("cuda")[0] / gib == pytest.approx(24 - 14.4 - 5.0)
 
 
+def test_the_lora_delta_added_in_place_is_scale_b_a_summed_over_active_adapters(tiny_tokenizer):
+    """_add_lora_delta_ (one addmm an adapter, no fp32 delta beside the rows; what an int4 refresh adds to each
+    chunk) against ``sum(scale * B @ A)`` written out from PEFT's own tensors, for a slice of rows, with two active
+    adapters of different scales; with the adapters disabled the rows are left as they are."""
+    from peft import LoraConfig
+
+    from sdgrpo.engine.folded import _add_lora_delta_
+
+    lora = with_lora(make_llama(tiny_tokenizer, seed=67), 0.3, seed=68)
+    lora.add_adapter("second", LoraConfig(r=2, lora_alpha=8, target_modules="all-linear"))
+    layer = lora.base_model.model.model.layers[0].mlp.up_proj
+    layer.set_adapter(["default", "second"])
+    with torch.no_grad():
+        layer.lora_B["second"].weight.normal_(0, 0.3)
+    rows = slice(3, 11)
+    base = torch.randn(8, layer.in_features)
+    want = base.double()
+    for name, scale in (("default", 8 / 4), ("second", 8 / 2)):
+        assert layer.scaling[name] == scale
+        want = want + scale * (layer.lora_B[name].weight[rows].double() @ layer.lora_A[name].weight.double())
+    got = _add_lora_delta_(layer, base.clone(), rows)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, rtol=0, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)  # the adapters change these rows
+    layer._disable_adapters = True
+    assert torch.equal(_add_lora_delta_(layer, base.clone(), rows), base)
+
+
 # --- int4 copies read by gemlite (its reference matmul off CUDA; the kernel itself in tests/gpu) -----------------
 def test_gemlite_packing_is_eight_values_a_word_along_k_transposed():
     """pack_gemlite against the layout written out by hand (value j of a row in bits 4 (j % 8) of word j // 8, words

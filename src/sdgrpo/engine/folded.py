@@ -94,6 +94,16 @@ def _lora_delta(layer, rows: slice = slice(None)) -> torch.Tensor | None:
     return delta
 
 
+def _add_lora_delta_(layer, out: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    """``out += sum(scale * B @ A)`` over the layer's active adapters (its output ``rows``), ``out`` fp32: one
+    ``addmm_`` an adapter, with no fp32 delta beside ``out`` (:func:`_lora_delta` makes one, then adds it)."""
+    for name in [] if layer._disable_adapters else layer.active_adapters:
+        if name in layer.lora_A:
+            out.addmm_(layer.lora_B[name].weight[rows].float(), layer.lora_A[name].weight.float(),
+                       alpha=layer.scaling[name])
+    return out
+
+
 def _lora_bias(layer) -> list[str]:
     """The active adapters of ``layer`` that train a bias of their own (PEFT's ``lora_bias``: ``lora_B`` has one)."""
     return [n for n in layer.active_adapters if getattr(layer, "lora_bias", {}).get(n) and n in layer.lora_B]

@@ -17,7 +17,8 @@ import weakref
 
 import torch
 
-from sdgrpo.engine.folded import Folded, _Fused, _lora_bias, _lora_delta, _Part, _PerModel, _sibling_groups, _swapping
+from sdgrpo.engine.folded import (Folded, _add_lora_delta_, _Fused, _lora_bias, _lora_delta, _Part, _PerModel,
+                                  _sibling_groups, _swapping)
 from sdgrpo.engine.int4 import GemliteLinear, Int4Linear, gemlite_layout, int4_layout
 
 
@@ -99,8 +100,8 @@ def int4_bytes(layers: list, kernel: str = "tinygemm") -> int:
         held = sum(Int4Linear.nbytes(layer.out_features, layer.in_features,
                                      int4_layout(layer.out_features, layer.in_features)[0]) for layer in layers)
     widest = max((layer.out_features * layer.in_features for layer in layers), default=0)
-    if kernel == "gemlite":  # a chunk's fp32 rows and LoRA delta, its values and words (quantise_affine_words_)
-        temporaries = 3 * 4 * min(widest, INT4_CHUNK)
+    if kernel == "gemlite":  # a chunk's fp32 rows (the LoRA delta added by addmm), its values and words
+        temporaries = 2 * 4 * min(widest, INT4_CHUNK)
     else:  # quantise_int4's fp32 temporaries, then the whole group's values and pack_int4's
         temporaries = 6 * 4 * min(widest, INT4_CHUNK) + 3 * widest * 3 // 2
     return held + temporaries + (2 * widest if _quantised_base(layers) else 0)
@@ -240,10 +241,8 @@ class Quantised(_PerModel):
                             base = _base_weight(m)
                             for first in range(0, m.out_features, step):
                                 chunk = slice(first, min(first + step, m.out_features))
-                                delta = _lora_delta(m, chunk)
                                 part = base[chunk].to(torch.float32, copy=True)  # never the weight itself
-                                copy.load(values, start + first, part if delta is None else part.add_(delta),
-                                          owned=True)
+                                copy.load(values, start + first, _add_lora_delta_(m, part, chunk), owned=True)
                         start += m.out_features
                         bias = Folded._folded_bias(m)
                         bias = bias if bias is not None else m.base_layer.bias
