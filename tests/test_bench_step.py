@@ -153,8 +153,8 @@ def test_the_profile_option_profiles_only_the_chosen_engine_call(tmp_path, monke
     """``+profile``: the engine's second decode runs under torch.profiler and its operator table (the call's own
     timing first) is written; the first and third calls are not profiled, and every call returns what it would."""
     import bench_step
-    from conftest import make_llama
 
+    from conftest import make_llama
     from sdgrpo.engine.decode import DecodeEngine
 
     monkeypatch.setattr(DecodeEngine, "decode", DecodeEngine.decode)  # put back after the test

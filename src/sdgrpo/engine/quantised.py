@@ -17,8 +17,17 @@ import weakref
 
 import torch
 
-from sdgrpo.engine.folded import (Folded, _add_lora_delta_, _Fused, _lora_bias, _lora_delta, _Part, _PerModel,
-                                  _sibling_groups, _swapping)
+from sdgrpo.engine.folded import (
+    Folded,
+    _add_lora_delta_,
+    _Fused,
+    _lora_bias,
+    _lora_delta,
+    _Part,
+    _PerModel,
+    _sibling_groups,
+    _swapping,
+)
 from sdgrpo.engine.int4 import GemliteLinear, Int4Linear, gemlite_layout, int4_layout
 
 
