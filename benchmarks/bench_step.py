@@ -196,37 +196,46 @@ class Timer:
 
 class TritonEvents:
     """Counts Triton's kernel compilations (``knobs.runtime.jit_cache_hook``: called before a kernel's specialisation
-    is compiled or loaded, once per process) and autotuning runs (``knobs.autotuning.listener``, those that were not
-    cache hits), chaining to hooks already set; the names of the kernels compiled since the last snapshot. A Triton
-    kernel is compiled again for every new specialisation (its integer arguments' divisibility by 16, its constexpr
-    heuristics), and gemlite's are autotuned per bucket of rows: a prefill whose rows (batch x prompt length) fall in a
-    new class pays for it in that step. Inactive (zeros) where Triton or its knobs are missing."""
+    is compiled or loaded, once per process; chained to a hook already set) and autotuning runs (an
+    ``Autotuner.run`` after which its cache holds a new key: Triton 3.6 has no autotuning hook), with the seconds
+    they benchmarked; the names of the kernels compiled since the last snapshot. A Triton kernel is compiled again
+    for every new specialisation (its integer arguments' divisibility by 16, its constexpr heuristics), and gemlite's
+    are autotuned per bucket of rows: a prefill whose rows (batch x prompt length) fall in a new bucket pays for it in
+    that step. Inactive (zeros) where Triton is missing."""
 
     def __init__(self):
         self.compiles = self.autotunes = 0
+        self.autotune_s = 0.0
         self.names: list[str] = []
         try:
             from triton import knobs
+            from triton.runtime.autotuner import Autotuner
         except Exception:  # no Triton here (CPU), or one without knobs
             return
-        previous_jit, previous_tune = knobs.runtime.jit_cache_hook, knobs.autotuning.listener
+        previous_jit, run = knobs.runtime.jit_cache_hook, Autotuner.run
+        events = self
 
         def on_jit(**kwargs):
             if not kwargs.get("already_compiled", False):
-                self.compiles += 1
-                self.names.append(str(getattr(kwargs.get("fn"), "name", kwargs.get("repr", "?")))[:60])
+                events.compiles += 1
+                events.names.append(str(getattr(kwargs.get("fn"), "name", kwargs.get("repr", "?")))[:60])
             return previous_jit(**kwargs) if previous_jit else None
 
-        def on_tune(**kwargs):
-            if not kwargs.get("cache_hit", False):
-                self.autotunes += 1
-            return previous_tune(**kwargs) if previous_tune else None
+        def counted_run(tuner, *args, **kwargs):
+            known = len(tuner.cache)
+            try:
+                return run(tuner, *args, **kwargs)
+            finally:
+                if len(tuner.cache) > known:
+                    events.autotunes += 1
+                    events.autotune_s += float(getattr(tuner, "bench_time", 0.0) or 0.0)
 
-        knobs.runtime.jit_cache_hook, knobs.autotuning.listener = on_jit, on_tune
+        knobs.runtime.jit_cache_hook, Autotuner.run = on_jit, counted_run
 
     def snapshot(self) -> dict:
         names, self.names = sorted(set(self.names)), []
-        return {"triton_compiles": self.compiles, "triton_autotunes": self.autotunes, "triton_kernels": names}
+        return {"triton_compiles": self.compiles, "triton_autotunes": self.autotunes,
+                "triton_autotune_s": self.autotune_s, "triton_kernels": names}
 
 
 def step_diagnostics():

@@ -123,30 +123,44 @@ def test_the_cli_gives_cuda_expandable_segments_unless_the_user_configured_the_a
 
 
 def test_triton_events_count_compilations_and_autotuning_per_step_and_chain_earlier_hooks(monkeypatch):
-    """TritonEvents on Triton's own hooks (a stand-in module with knobs.runtime.jit_cache_hook and
-    knobs.autotuning.listener): a compilation counts once, a kernel already compiled and an autotuning cache hit do
-    not; hooks set before it still run and their answer is returned; a snapshot names the kernels since the last."""
+    """TritonEvents on Triton's own hook (a stand-in module with knobs.runtime.jit_cache_hook) and its autotuner (a
+    stand-in Autotuner whose run fills its cache for a new key): a compilation counts once, a kernel already compiled
+    and a run on a key already tuned do not; the seconds benchmarked add up; a hook set before it still runs and its
+    answer is returned; a snapshot names the kernels since the last."""
     import types
 
     import bench_step
 
     seen = []
+
+    class Autotuner:
+        def __init__(self):
+            self.cache, self.bench_time = {}, 0.0
+
+        def run(self, key):
+            if key not in self.cache:
+                self.cache[key], self.bench_time = "best", 0.25
+            return key
+
     runtime = types.SimpleNamespace(jit_cache_hook=lambda **kw: seen.append(kw["fn"].name) or False)
-    autotuning = types.SimpleNamespace(listener=None)
-    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(
-        knobs=types.SimpleNamespace(runtime=runtime, autotuning=autotuning)))
+    triton = types.SimpleNamespace(knobs=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setitem(sys.modules, "triton", triton)
+    monkeypatch.setitem(sys.modules, "triton.runtime", types.SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "triton.runtime.autotuner", types.SimpleNamespace(Autotuner=Autotuner))
     events = bench_step.TritonEvents()
     kernel = types.SimpleNamespace(name="gemm_INT_kernel")
     assert runtime.jit_cache_hook(key="k", repr="r", fn=kernel, compile={}, is_manual_warmup=False,
                                   already_compiled=False) is False
     runtime.jit_cache_hook(key="k", repr="r", fn=kernel, compile={}, is_manual_warmup=False, already_compiled=True)
-    autotuning.listener(fn=kernel, key="k", best_config=None, configs_timings={}, duration=0.1, cache_hit=False)
-    autotuning.listener(fn=kernel, key="k", best_config=None, configs_timings={}, duration=0.0, cache_hit=True)
+    tuner = Autotuner()
+    assert [tuner.run(m) for m in (512, 512, 1024)] == [512, 512, 1024]
     assert seen == ["gemm_INT_kernel", "gemm_INT_kernel"]
-    assert events.snapshot() == {"triton_compiles": 1, "triton_autotunes": 1, "triton_kernels": ["gemm_INT_kernel"]}
+    assert events.snapshot() == {"triton_compiles": 1, "triton_autotunes": 2, "triton_autotune_s": 0.5,
+                                 "triton_kernels": ["gemm_INT_kernel"]}
     assert events.snapshot()["triton_kernels"] == []
     monkeypatch.setitem(sys.modules, "triton", None)  # no Triton: zeros
-    assert bench_step.TritonEvents().snapshot() == {"triton_compiles": 0, "triton_autotunes": 0, "triton_kernels": []}
+    assert bench_step.TritonEvents().snapshot() == {"triton_compiles": 0, "triton_autotunes": 0,
+                                                    "triton_autotune_s": 0.0, "triton_kernels": []}
 
 
 def test_the_profile_option_profiles_only_the_chosen_engine_call(tmp_path, monkeypatch, tiny_tokenizer):
