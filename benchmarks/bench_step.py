@@ -35,7 +35,8 @@ fragmentation; sdgrpo's variants have it by default since 2026-12-07, as the CLI
 variant without it, as before), ``release`` (--hold_generation_copies false: the generation copies freed between
 generations), ``chunkN`` (a refresh quantises N Mi elements at a time: sdgrpo.engine.quantised.INT4_CHUNK, 16 by
 default; the 7B's refresh ran 532 chunks, 0.30 s), ``profile`` (the first timed generation's engine call under
-torch.profiler: its top operators by device and by host time, OUT_DIR/profile_<variant>.log), e.g.
+torch.profiler: its top operators by device and by host time, OUT_DIR/profile_<variant>.log), ``sliceN`` (gemlite
+multiplies more than N rows N at a time: sdgrpo.engine.int4.GEMLITE_PREFILL_SLICE, off by default), e.g.
 ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
@@ -298,7 +299,7 @@ def original_recipe_reward(model, tokenizer):
 def variant_options(variant: str) -> tuple[str, dict]:
     """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N,
     "offload": True, "tile": True, "plain": True, "model": True, "expand": True, "release": True,
-    "chunk": N, "profile": True}."""
+    "chunk": N, "slice": N, "profile": True}."""
     name, *extra = variant.split("+")
     options = {}
     for item in extra:
@@ -310,8 +311,8 @@ def variant_options(variant: str) -> tuple[str, dict]:
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
         elif item[:2] == "mb" and item[2:].isdigit() and G % int(item[2:]) == 0:
             options["mb"] = int(item[2:])
-        elif item[:5] == "chunk" and item[5:].isdigit():
-            options["chunk"] = int(item[5:])
+        elif item[:5] in ("chunk", "slice") and item[5:].isdigit():
+            options[item[:5]] = int(item[5:])
         else:
             raise ValueError(f"unknown option {item!r} of variant {variant!r}")
     return name, options
@@ -438,6 +439,10 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: 
             import sdgrpo.engine.quantised as quantised
 
             quantised.INT4_CHUNK = options["chunk"] << 20
+        if "slice" in options:  # gemlite's prefill rows in slices (benchmark only: the engine's constant)
+            import sdgrpo.engine.int4 as int4
+
+            int4.GEMLITE_PREFILL_SLICE = options["slice"]
         if options.get("profile"):
             profile_engine_call(warmup // spg + 1, logs / f"profile_{full}.log")
         if spg > 1:

@@ -961,6 +961,24 @@ def test_gemlite_linear_off_cuda_is_the_dequantised_matmul():
     assert torch.allclose(got, want, atol=0.05 * want.abs().max().item())
 
 
+def test_gemlite_rows_in_slices_are_the_whole_matmul_and_every_call_is_one_bucket(monkeypatch):
+    """GEMLITE_PREFILL_SLICE 4: 11 rows go to the kernel as three calls of exactly 4 rows (the last zero-padded),
+    and the output is the unsliced layer's to the bit, bias included; 4 rows or fewer go whole."""
+    import sdgrpo.engine.int4 as int4
+
+    torch.manual_seed(3)
+    layer = int4.GemliteLinear(48, 128, 64, "cpu", bias=True)
+    layer.load(None, 0, torch.randn(48, 128))
+    layer.bias.data.normal_()
+    x = torch.randn(11, 128, dtype=torch.bfloat16)
+    whole = layer(x)
+    calls, matmul = [], layer._matmul
+    monkeypatch.setattr(layer, "_matmul", lambda flat: calls.append(flat.size(0)) or matmul(flat))
+    monkeypatch.setattr(int4, "GEMLITE_PREFILL_SLICE", 4)
+    assert torch.equal(layer(x), whole) and calls == [4, 4, 4]
+    assert torch.equal(layer(x[:3]), whole[:3]) and calls[3:] == [3]
+
+
 @pytest.mark.parametrize("in_features", [64, 256, 896, 3584, 4864, 18944])
 def test_gemlite_scales_are_held_zero_padded_as_far_as_its_split_k_kernels_read(in_features):
     """gemlite 0.6's split-K kernels read one row of scales and zeros per block of BLOCK_SIZE_K (32 or 64 columns, at

@@ -135,6 +135,13 @@ GEMLITE_GROUP = 64
 GEMLITE_SPLIT_K_MAX = 16
 
 
+# Rows above which GemliteLinear multiplies in slices of this many rows, the last zero-padded (0: never). gemlite
+# autotunes its kernels once per bucket of rows (M_CLOSEST: powers of two and points between, up to 4,096), so a
+# prefill (batch x prompt length rows, which vary per batch) meets new buckets, and pays for their autotuning, in
+# later steps; sliced, a prefill meets one bucket. Off until measured (benchmarks/bench_step.py ``+sliceN``).
+GEMLITE_PREFILL_SLICE = 0
+
+
 def gemlite_meta_rows(in_features: int, group: int) -> int:
     """Rows of scales (and of zeros) a :class:`GemliteLinear` holds: K / group used, the rest zeros that gemlite's
     split-K kernels read past the end (:data:`GEMLITE_SPLIT_K_MAX`)."""
@@ -319,14 +326,22 @@ class GemliteLinear(torch.nn.Module):
 
     def forward(self, x):
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self._meta_args is None:
-            out = torch.nn.functional.linear(flat, self.dequantised(), self.bias)
-        else:
-            from gemlite import forward_functional
-
-            out = forward_functional(flat, self.bias, [self.W_q, self.scales, self.zeros, *self._tensor_extra],
-                                     self._meta_args, self.matmul_type)
+        rows, slice_rows = flat.size(0), GEMLITE_PREFILL_SLICE
+        if not slice_rows or rows <= slice_rows:
+            out = self._matmul(flat)
+        else:  # slices of slice_rows, the last zero-padded: every call one of gemlite's row buckets
+            padded = flat.new_zeros(-(-rows // slice_rows) * slice_rows, self.in_features)
+            padded[:rows] = flat
+            out = torch.cat([self._matmul(part) for part in padded.split(slice_rows)])[:rows]
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _matmul(self, flat):
+        if self._meta_args is None:
+            return torch.nn.functional.linear(flat, self.dequantised(), self.bias)
+        from gemlite import forward_functional
+
+        return forward_functional(flat, self.bias, [self.W_q, self.scales, self.zeros, *self._tensor_extra],
+                                  self._meta_args, self.matmul_type)
 
 
 # Which kernel reads int4 generation copies. Measured on one H100 (benchmarks/results/bench_int4_qwen2.5-7b_h100_
