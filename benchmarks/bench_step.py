@@ -36,7 +36,7 @@ variant without it, as before), ``release`` (--hold_generation_copies false: the
 generations), ``chunkN`` (a refresh quantises N Mi elements at a time: sdgrpo.engine.quantised.INT4_CHUNK, 16 by
 default; the 7B's refresh ran 532 chunks, 0.30 s), ``profile`` (the first timed generation's engine call under
 torch.profiler: its top operators by device and by host time, OUT_DIR/profile_<variant>.log), ``sliceN`` (gemlite
-multiplies more than N rows N at a time: sdgrpo.engine.int4.GEMLITE_PREFILL_SLICE, off by default), e.g.
+multiplies more than N rows N at a time: sdgrpo.engine.int4.GEMLITE_PREFILL_SLICE, 1,024 by default; 0 whole), e.g.
 ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA

@@ -330,7 +330,8 @@ def test_a_4bit_base_decodes_through_int4_copies(qwen_dir, tiny_tokenizer):
 
 
 def test_gemlite_reads_the_copies_as_its_reference_and_packs_as_gemlite_does():
-    """GemliteLinear on the GPU (gemlite's A16W4 kernel) against its own dequantised matmul at 1, 8 and 32 rows, on
+    """GemliteLinear on the GPU (gemlite's A16W4 kernel) against its own dequantised matmul at 1, 8, 32 and 2,500 rows
+    (a prefill's, in slices), on
     the 7B shape's gate/up stack; and pack_gemlite's words equal those of gemlite's own packing
     (``GemLiteLinear.pack``) for the same values."""
     from gemlite import DType, GemLiteLinear
@@ -345,7 +346,7 @@ def test_gemlite_reads_the_copies_as_its_reference_and_packs_as_gemlite_does():
     layer.load(values, 0, w)
     layer.pack(values)
     reference = layer.dequantised()
-    for rows in (1, 8, 32):
+    for rows in (1, 8, 32, 2500):  # 2,500: a prefill, in slices of GEMLITE_PREFILL_SLICE (the last padded)
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         got, want = layer(x).float(), (x.float() @ reference.float().t())
         assert (got - want).abs().max() < 0.02 * want.abs().max(), rows

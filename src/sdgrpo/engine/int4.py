@@ -138,8 +138,11 @@ GEMLITE_SPLIT_K_MAX = 16
 # Rows above which GemliteLinear multiplies in slices of this many rows, the last zero-padded (0: never). gemlite
 # autotunes its kernels once per bucket of rows (M_CLOSEST: powers of two and points between, up to 4,096), so a
 # prefill (batch x prompt length rows, which vary per batch) meets new buckets, and pays for their autotuning, in
-# later steps; sliced, a prefill meets one bucket. Off until measured (benchmarks/bench_step.py ``+sliceN``).
-GEMLITE_PREFILL_SLICE = 0
+# later steps. On one H100 (2026-12-07, 7B shape, 24 GiB cap, benchmarks/results/bench_step_qwen2.5-7b_h100_
+# 2026-12-07_slice.json) the 3rd and 4th steps' prefills took 1.5 and 1.7 s (4 autotuning runs, 1.6 s, and 4
+# compilations of gemm_INT_kernel) against 0.08 s, steps 5.65 and 5.84 s against 4.17; in slices of 1,024 every
+# prefill took 0.08-0.14 s and the steps 4.14-4.25 s (median 4.19).
+GEMLITE_PREFILL_SLICE = 1024
 
 
 def gemlite_meta_rows(in_features: int, group: int) -> int:
