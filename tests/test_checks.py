@@ -375,7 +375,11 @@ def test_a_hub_name_that_cannot_load_here_is_one_line_at_once(tmp_path, monkeypa
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     import socket
 
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: __import__("time").sleep(5))
+    def slow(*args, **kwargs):  # answers after the probe stopped waiting (its thread ends quietly, later)
+        __import__("time").sleep(5)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", slow)
     assert hub_problem("someone/elsewhere", timeout=0.2) is None  # not known in time: not refused
     monkeypatch.undo()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
