@@ -495,7 +495,9 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: 
     logged, engine_per_step = {}, []
     metrics_file = out / full / "metrics.jsonl"  # the whole name: variants of one base name apart
     if metrics_file.exists():  # sdgrpo's own per-step records: the engine's mode and the sampler-policy mismatch
-        rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][warmup:]
+        # a row per generation (only a step that generates logs a reward): the warm-up's first WARMUP generations
+        # left out (with --steps_per_generation N, WARMUP x N steps are WARMUP generations)
+        rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][WARMUP:]
         for key in ("engine/mode", "sampling/sampling_logp_difference/mean", "sampling/kl",
                     "sampling/importance_sampling_ratio/mean", "engine/refresh_s", "engine/prefill_s",
                     "engine/decode_s", "engine/decode_ms_per_step", "engine/calls", "engine/fallbacks"):
