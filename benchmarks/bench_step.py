@@ -359,6 +359,27 @@ def profile_engine_call(call: int, path: Path) -> None:
     DecodeEngine.decode = profiled
 
 
+LOGGED = ("engine/mode", "sampling/sampling_logp_difference/mean", "sampling/kl",
+          "sampling/importance_sampling_ratio/mean", "engine/refresh_s", "engine/prefill_s", "engine/decode_s",
+          "engine/decode_ms_per_step", "engine/calls", "engine/fallbacks")
+
+
+def engine_records(metrics_file: Path) -> tuple[dict, list[dict]]:
+    """From sdgrpo's metrics file, the timed generations' records: the median of each of :data:`LOGGED` (the
+    engine's mode and phases, the sampler-policy mismatch) and each generation's phases (refresh, prefill, decode),
+    so that a slow one shows. A row per generation: only a step that generates logs a reward, so with
+    ``--steps_per_generation N`` the warm-up's WARMUP x N steps are its first WARMUP rows. ({}, []) without the file."""
+    if not metrics_file.exists():
+        return {}, []
+    rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][WARMUP:]
+    logged = {}
+    for key in LOGGED:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        logged[key] = statistics.median(values) if values else None
+    phases = ("engine/refresh_s", "engine/prefill_s", "engine/decode_s", "engine/decode_ms_per_step")
+    return logged, [{k.split("/")[1]: r[k] for k in phases if r.get(k) is not None} for r in rows]
+
+
 def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: Path) -> dict:
     import torch
 
@@ -492,21 +513,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: 
     med = {k: statistics.median(v) for k, v in timed.items() if v}
     import torch._dynamo.utils as dynamo_utils
     step = med.get("step", float("nan"))
-    logged, engine_per_step = {}, []
-    metrics_file = out / full / "metrics.jsonl"  # the whole name: variants of one base name apart
-    if metrics_file.exists():  # sdgrpo's own per-step records: the engine's mode and the sampler-policy mismatch
-        # a row per generation (only a step that generates logs a reward): the warm-up's first WARMUP generations
-        # left out (with --steps_per_generation N, WARMUP x N steps are WARMUP generations)
-        rows = [json.loads(x) for x in metrics_file.read_text().splitlines() if '"reward"' in x][WARMUP:]
-        for key in ("engine/mode", "sampling/sampling_logp_difference/mean", "sampling/kl",
-                    "sampling/importance_sampling_ratio/mean", "engine/refresh_s", "engine/prefill_s",
-                    "engine/decode_s", "engine/decode_ms_per_step", "engine/calls", "engine/fallbacks"):
-            values = [r[key] for r in rows if r.get(key) is not None]
-            logged[key] = statistics.median(values) if values else None
-        engine_keys = ("engine/refresh_s", "engine/prefill_s", "engine/decode_s", "engine/decode_ms_per_step")
-        # each timed step's generation, not only the median: a slow step's phase shows (a step that did not
-        # generate, with --steps_per_generation, has none)
-        engine_per_step = [{k.split("/")[1]: r[k] for k in engine_keys if r.get(k) is not None} for r in rows]
+    # the whole name: variants of one base name apart
+    logged, engine_per_step = engine_records(out / full / "metrics.jsonl")
     cycles = len(timed["step"]) // spg  # whole generation cycles timed
     peak_allocated, peak_reserved = timer.peak()
     return {

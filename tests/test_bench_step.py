@@ -188,3 +188,25 @@ def test_the_profile_option_profiles_only_the_chosen_engine_call(tmp_path, monke
             path.unlink()
     assert text.startswith("engine call 2: {'refresh_s'") and "Self CPU" in text
     assert all(torch.equal(out, plain.generate(model, **enc, **kwargs)) for out in outs)
+
+
+def test_engine_records_are_the_timed_generations_also_with_several_steps_a_generation(tmp_path):
+    """A metrics file as ``--steps_per_generation 4`` writes it (a reward only on the steps that generate): the
+    first generation (the warm-up) is left out, each later one's phases are listed, and the medians are theirs."""
+    import json
+
+    import bench_step
+
+    lines = []
+    for cycle, prefill in enumerate([9.0, 0.1, 1.5, 0.2]):
+        lines.append({"step": 4 * cycle + 1, "reward": -1.0, "engine/mode": 2.0, "engine/refresh_s": 0.25,
+                      "engine/prefill_s": prefill, "engine/decode_s": 3.0 + cycle})
+        lines += [{"step": 4 * cycle + k, "loss": 0.1} for k in (2, 3, 4)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    logged, phases = bench_step.engine_records(path)
+    assert [p["prefill_s"] for p in phases] == [0.1, 1.5, 0.2]
+    assert phases[0] == {"refresh_s": 0.25, "prefill_s": 0.1, "decode_s": 4.0}
+    assert logged["engine/prefill_s"] == 0.2 and logged["engine/decode_s"] == 5.0 and logged["engine/mode"] == 2.0
+    assert logged["sampling/kl"] is None
+    assert bench_step.engine_records(tmp_path / "none.jsonl") == ({}, [])
