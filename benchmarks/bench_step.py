@@ -214,12 +214,11 @@ class TritonEvents:
         except Exception:  # no Triton here (CPU), or one without knobs
             return
         previous_jit, run = knobs.runtime.jit_cache_hook, Autotuner.run
-        events = self
 
         def on_jit(**kwargs):
             if not kwargs.get("already_compiled", False):
-                events.compiles += 1
-                events.names.append(str(getattr(kwargs.get("fn"), "name", kwargs.get("repr", "?")))[:60])
+                self.compiles += 1
+                self.names.append(str(getattr(kwargs.get("fn"), "name", kwargs.get("repr", "?")))[:60])
             return previous_jit(**kwargs) if previous_jit else None
 
         def counted_run(tuner, *args, **kwargs):
@@ -228,8 +227,8 @@ class TritonEvents:
                 return run(tuner, *args, **kwargs)
             finally:
                 if len(tuner.cache) > known:
-                    events.autotunes += 1
-                    events.autotune_s += float(getattr(tuner, "bench_time", 0.0) or 0.0)
+                    self.autotunes += 1
+                    self.autotune_s += float(getattr(tuner, "bench_time", 0.0) or 0.0)
 
         knobs.runtime.jit_cache_hook, Autotuner.run = on_jit, counted_run
 

@@ -87,21 +87,24 @@ def _lora_delta(layer, rows: slice = slice(None)) -> torch.Tensor | None:
     """``sum(scale * B @ A)`` over the layer's active adapters (its output ``rows``), in fp32 (PEFT's
     ``get_delta_weight`` without its cast to the weight's dtype); None with the adapters off or none active."""
     delta = None
-    for name in [] if layer._disable_adapters else layer.active_adapters:
-        if name in layer.lora_A:
-            term = (layer.lora_B[name].weight[rows].float() @ layer.lora_A[name].weight.float()) * layer.scaling[name]
-            delta = term if delta is None else delta + term
+    for name in _active_lora(layer):
+        term = (layer.lora_B[name].weight[rows].float() @ layer.lora_A[name].weight.float()) * layer.scaling[name]
+        delta = term if delta is None else delta + term
     return delta
 
 
 def _add_lora_delta_(layer, out: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
     """``out += sum(scale * B @ A)`` over the layer's active adapters (its output ``rows``), ``out`` fp32: one
     ``addmm_`` an adapter, with no fp32 delta beside ``out`` (:func:`_lora_delta` makes one, then adds it)."""
-    for name in [] if layer._disable_adapters else layer.active_adapters:
-        if name in layer.lora_A:
-            out.addmm_(layer.lora_B[name].weight[rows].float(), layer.lora_A[name].weight.float(),
-                       alpha=layer.scaling[name])
+    for name in _active_lora(layer):
+        out.addmm_(layer.lora_B[name].weight[rows].float(), layer.lora_A[name].weight.float(),
+                   alpha=layer.scaling[name])
     return out
+
+
+def _active_lora(layer) -> list[str]:
+    """The layer's active LoRA adapters (none while its adapters are disabled)."""
+    return [] if layer._disable_adapters else [n for n in layer.active_adapters if n in layer.lora_A]
 
 
 def _lora_bias(layer) -> list[str]:
