@@ -118,3 +118,36 @@ def test_the_length_plot_groups_rows_by_variant_without_their_length_and_marks_w
                                                                "unsloth_bare_4bit": [2048]}
     plot_length.plot(paths, tmp_path / "length.png")
     assert (tmp_path / "length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_gpu_suite_record_counts_what_pytest_ran_and_keeps_every_tests_time(tmp_path):
+    """gpu_suite.py over a folder of GPU-marked tests (one passes, one fails, one is skipped, one is an expected
+    failure) and one unmarked test, left out: the counts, pytest's exit code and each test's outcome, in a results
+    file with the common header."""
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    gpu_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_suite)
+    tests = tmp_path / "suite"
+    tests.mkdir()
+    (tests / "test_four.py").write_text(
+        "import pytest\n"
+        "gpu = pytest.mark.gpu\n"
+        "@gpu\ndef test_passes(): assert True\n"
+        "@gpu\ndef test_fails(): assert 1 == 2\n"
+        "@gpu\ndef test_skips(): pytest.skip('no card')\n"
+        "@gpu\n@pytest.mark.xfail(reason='known')\ndef test_xfails(): assert False\n"
+        "def test_not_marked_gpu_is_left_out(): pass\n")
+    (tests / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: a GPU test\n")
+    out = tmp_path / "out"
+    rc = gpu_suite.main([str(out), "--workers", "1", "--timeout", "120", "--tests", str(tests)])
+    assert rc == 1
+    [path] = out.glob("gpu_tests_*.json")
+    data = json.loads(path.read_text())
+    assert [key for key in ("benchmark", "date", "commit", "command", "device", "versions", "config")
+            if key not in data] == []
+    [row] = data["rows"]
+    assert {k: row[k] for k in ("passed", "failed", "skipped", "xfailed", "exit_code")} == {
+        "passed": 1, "failed": 1, "skipped": 1, "xfailed": 1, "exit_code": 1}
+    outcomes = {t["test"].split("::")[-1]: t["outcome"] for t in row["tests"]}
+    assert outcomes == {"test_passes": "passed", "test_fails": "failed", "test_skips": "skipped",
+                        "test_xfails": "xfailed"}

@@ -1,0 +1,79 @@
+"""Run the GPU tests (``pytest -m gpu tests``) and record them as a results file: passed, failed, skipped, the suite's
+wall time and every test's own time, with the common header (``common.header``).
+
+    python benchmarks/gpu_suite.py OUT_DIR [--workers 4] [--timeout 400] [-k EXPR] [--tests tests]
+
+The target (docs/gpu.md): the whole suite in one device call with room to spare, <= 300 s on one H100.
+pytest's own junit XML is the record of each test; this file only counts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_tag, header, save  # noqa: E402
+
+
+def summarise(junit_xml: Path) -> dict:
+    """Counts and per-test times from pytest's junit XML. A test is ``failed`` on <failure> or <error>, ``skipped``
+    on <skipped> (pytest writes an xfail as a skip whose type is pytest.xfail), else ``passed``."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "xfailed": 0}
+    tests = []
+    for case in ET.parse(junit_xml).getroot().iter("testcase"):
+        outcome = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome = "failed"
+                break
+            if child.tag == "skipped":
+                outcome = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
+        counts[outcome] += 1
+        name = f"{case.get('classname', '')}::{case.get('name')}"
+        tests.append({"test": name, "outcome": outcome, "seconds": round(float(case.get("time", 0)), 2)})
+    tests.sort(key=lambda t: -t["seconds"])
+    return {**counts, "tests": tests}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--workers", type=int, default=4, help="pytest-xdist workers on the one GPU")
+    parser.add_argument("--timeout", type=int, default=400, help="seconds before the suite is stopped")
+    parser.add_argument("-k", dest="select", default=None, help="pytest -k expression (default: every GPU test)")
+    parser.add_argument("--tests", default="tests", help="the test folder")
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    xml = out / "gpu_tests.xml"
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rf", "--tb=short", "-p", "no:cacheprovider",
+           f"--junitxml={xml}", *(["-n", str(args.workers)] if args.workers > 1 else []),
+           *(["-k", args.select] if args.select else []), args.tests]
+    start = time.perf_counter()
+    try:
+        rc = subprocess.run(cmd, timeout=args.timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = 124
+    wall = time.perf_counter() - start
+    row = {"variant": "pytest -m gpu" + (f" -k '{args.select}'" if args.select else ""), "exit_code": rc,
+           "wall_s": round(wall, 1), "timed_out": rc == 124}
+    if xml.exists():
+        row.update(summarise(xml))
+    else:
+        row["error"] = f"pytest wrote no junit XML (exit {rc})"
+    config = {"selection": "pytest -m gpu tests", "workers": args.workers, "timeout_s": args.timeout,
+              "k": args.select, "target_s": 300}
+    payload = {**header("gpu_tests", config), "rows": [row]}
+    save(f"gpu_tests_{device_tag()}_{payload['date'][:10]}", payload, out)
+    print(f"gpu suite: {row.get('passed')} passed, {row.get('failed')} failed, {row.get('skipped')} skipped "
+          f"in {wall:.0f} s (exit {rc})")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
