@@ -331,9 +331,9 @@ def test_a_4bit_base_decodes_through_int4_copies(qwen_dir, tiny_tokenizer):
 
 def test_gemlite_reads_the_copies_as_its_reference_and_packs_as_gemlite_does():
     """GemliteLinear on the GPU (gemlite's A16W4 kernel) against its own dequantised matmul at 1, 8, 32 and 2,500 rows
-    (a prefill's, in slices), on
-    the 7B shape's gate/up stack; and pack_gemlite's words equal those of gemlite's own packing
-    (``GemLiteLinear.pack``) for the same values."""
+    (a prefill's, in slices), on the 7B shape's gate/up stack, loaded in two parts by the refresh's Triton kernel
+    (int4_pack, compiled): its words, scales and lows are quantise_affine then pack_gemlite's to the bit; and
+    pack_gemlite's words equal those of gemlite's own packing (``GemLiteLinear.pack``) for the same values."""
     from gemlite import DType, GemLiteLinear
 
     from sdgrpo.engine import GemliteLinear, pack_gemlite, quantise_affine
@@ -343,14 +343,17 @@ def test_gemlite_reads_the_copies_as_its_reference_and_packs_as_gemlite_does():
     w = torch.randn(n, k, device="cuda") * 0.02
     layer = GemliteLinear(n, k, 64, "cuda", bias=False)
     values = torch.empty(n, k, dtype=torch.uint8, device="cuda")
-    layer.load(values, 0, w)
+    layer.load(values, 0, w[:5000])
+    layer.load(values, 5000, w[5000:])
     layer.pack(values)
+    q, scale, low = quantise_affine(w, 64)
+    assert torch.equal(layer.W_q, pack_gemlite(q))
+    assert torch.equal(layer.scales, scale.t()) and torch.equal(layer.zeros, low.t())
     reference = layer.dequantised()
     for rows in (1, 8, 32, 2500):  # 2,500: a prefill, in slices of GEMLITE_PREFILL_SLICE (the last padded)
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         got, want = layer(x).float(), (x.float() @ reference.float().t())
         assert (got - want).abs().max() < 0.02 * want.abs().max(), rows
-    q, scale, low = quantise_affine(w, 64)
     theirs = GemLiteLinear(4, group_size=64, in_features=k, out_features=n, input_dtype=DType.BF16,
                            output_dtype=DType.BF16)
     theirs.pack(q, scale, -low.float() / scale.float(), fma_mode=True, packing_bitwidth=32)

@@ -309,7 +309,12 @@ class GemliteLinear(torch.nn.Module):
     def load(self, values, start: int, weight: torch.Tensor, owned: bool = False) -> None:
         """Rows ``start:start + len(weight)`` of a float weight quantised and packed into the copy, with their scales
         and lows (:func:`quantise_affine_words_`); ``values`` is not used. ``owned``: ``weight`` is a float32 tensor
-        the caller gives up (overwritten), else a float32 copy is made."""
+        the caller gives up (overwritten), else a float32 copy is made. On CUDA one Triton kernel does the same in
+        one read of ``weight`` (:mod:`.int4_pack`, the same values to the bit), which it leaves as it is."""
+        if weight.is_cuda:
+            from .int4_pack import quantise_pack_into
+
+            return quantise_pack_into(weight, self.W_q, self.scales, self.zeros, start, self.group)
         owned = owned and weight.dtype == torch.float32 and weight.is_contiguous()
         words, scale, low = quantise_affine_words_(weight if owned else weight.to(torch.float32, copy=True),
                                                    self.group)
