@@ -237,6 +237,9 @@ def gemlite_available() -> str | None:
     return None
 
 
+TRITON_PACK = True  # GemliteLinear.load on CUDA through int4_pack's kernel (false: the torch quantiser, to compare)
+
+
 class GemliteLinear(torch.nn.Module):
     """``y = x @ W^T + b`` with W held as 4-bit affine groups (:func:`quantise_affine`) in gemlite's layout and read
     by gemlite's A16W4 kernel (bf16 activations, its own choice of GEMV / split-K GEMM by rows) on CUDA. On other
@@ -311,7 +314,7 @@ class GemliteLinear(torch.nn.Module):
         and lows (:func:`quantise_affine_words_`); ``values`` is not used. ``owned``: ``weight`` is a float32 tensor
         the caller gives up (overwritten), else a float32 copy is made. On CUDA one Triton kernel does the same in
         one read of ``weight`` (:mod:`.int4_pack`, the same values to the bit), which it leaves as it is."""
-        if weight.is_cuda:
+        if weight.is_cuda and TRITON_PACK:
             from .int4_pack import quantise_pack_into
 
             return quantise_pack_into(weight, self.W_q, self.scales, self.zeros, start, self.group)
