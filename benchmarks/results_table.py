@@ -21,7 +21,7 @@ COLUMNS = ("memory_cap_gib", "steps_per_generation", "step_s", "cycle_mean_s", "
            "x_bytes", "peak_gpu_gib", "above_weights_gib", "peak_rss_gib", "engine_mode", "mismatch_mean",
            "sampling_logp_difference/mean", "token_truncate/mean_weight", "sequence_mask/mean_weight", "us_per_call",
            "passed",
-           "failed", "xfailed", "wall_s", "error")
+           "failed", "skipped", "xfailed", "wall_s", "error")
 
 
 def current_files() -> list[Path]:
