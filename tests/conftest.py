@@ -160,7 +160,7 @@ def affine_dequantised(weight: torch.Tensor, group: int) -> torch.Tensor:
     n, k = weight.shape
     w = weight.float().reshape(n, k // group, group)
     low = w.amin(-1).to(torch.bfloat16).float()
-    scale = ((w.amax(-1) - w.amin(-1)).clamp(min=1e-6) / 15).to(torch.bfloat16).float()
+    scale = ((w.amax(-1) - w.amin(-1)).clamp(min=1e-6) * (1 / 15)).to(torch.bfloat16).float()  # as the engine's
     q = ((w - low[..., None]) / scale[..., None]).round().clamp(0, 15)
     return (q * scale[..., None] + low[..., None]).reshape(n, k)
 

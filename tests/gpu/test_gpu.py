@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import subprocess
@@ -135,8 +136,10 @@ def test_unsloth_reward_reuses_the_left_packed_reference_pass(model, qwen_dir, p
 def test_unsloth_model_decodes_through_the_engine(four_bit, qwen_dir, prepared, tmp_path):
     """`--backend unsloth --generation_engine true`: the engine decodes Unsloth's model with transformers' forwards
     put back (recorded before Unsloth's import), every call served (no fallback to generate), the sampler within
-    bf16 rounding of the policy (16-bit: LoRA folded in bf16; 4-bit: 16-bit copies of the dequantised base)."""
-    extra = ("--load_in_4bit", "true") if four_bit else ()
+    bf16 rounding of the policy (16-bit: LoRA folded in bf16; 4-bit: 16-bit copies of the dequantised base, tinygemm
+    named: with gemlite installed the default plan reads int4 copies, mismatch 0.22 on this shape, one H100,
+    2026-12-07; the int4 modes are the hf tests')."""
+    extra = ("--load_in_4bit", "true", "--generation_int4_kernel", "tinygemm") if four_bit else ()
     steps = _train(qwen_dir, prepared, tmp_path / "us", "unsloth", "--generation_engine", "true",
                    "--rollout_correction", "true", *extra, compiled=True)
     log = (tmp_path / "us" / "stderr.log").read_text()
@@ -145,6 +148,7 @@ def test_unsloth_model_decodes_through_the_engine(four_bit, qwen_dir, prepared, 
         assert x["engine/fallbacks"] == 0 and x["engine/calls"] >= 1, x
         assert "sampling/sampling_logp_difference/mean" in x, (sorted(x), log[-3000:])
         assert x["sampling/sampling_logp_difference/mean"] < 0.1, x
+        assert not four_bit or x["engine/mode"] == 3.0, x  # 16-bit copies of the dequantised base
 
 
 @pytest.mark.skipif(not _unsloth_available(), reason="unsloth is not installed (see make-wheelhouse.sh)")
@@ -415,8 +419,9 @@ def test_a_4bit_base_decodes_through_gemlite_int4_copies(qwen_dir, tiny_tokenize
 
 def test_copies_not_held_free_their_memory_and_decode_from_a_new_graph_as_held_ones(qwen_dir, tiny_tokenizer):
     """NF4 base, gemlite int4 copies, ``hold_copies`` false: after each call the copies' memory is allocated no more
-    (at least their weights' bytes below the engine that holds them), the next call captures its CUDA graph again on
-    the new addresses where they moved, and its greedy tokens are the held engine's (but for near-ties)."""
+    (at least half their weights' bytes below what the engine that holds them keeps), the next call captures its
+    CUDA graph again on the new addresses where they moved, and its greedy tokens are the held engine's (but for
+    near-ties)."""
     from peft import LoraConfig, get_peft_model
 
     from sdgrpo.engine import DecodeEngine
@@ -432,9 +437,14 @@ def test_copies_not_held_free_their_memory_and_decode_from_a_new_graph_as_held_o
     enc = tiny_tokenizer(["In the beginning God created", "Then the king"], return_tensors="pt", padding=True,
                          padding_side="left").to("cuda")
     kw = dict(max_new_tokens=32, pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     held = DecodeEngine(compile=True, generation_weights="int4", int4_kernel="gemlite")
     want = [held.generate(model, **enc, do_sample=False, **kw) for _ in range(2)]
+    torch.cuda.synchronize()
+    held_growth = torch.cuda.memory_allocated() - before
     del held
+    gc.collect()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     freed = DecodeEngine(compile=True, generation_weights="int4", int4_kernel="gemlite", hold_copies=False)
@@ -444,7 +454,10 @@ def test_copies_not_held_free_their_memory_and_decode_from_a_new_graph_as_held_o
         copies = [c for known in freed.quantised.groups.values() for c, _ in known.values()]
         weights = sum(c.in_features * c.out_features // 2 for c in copies)
         assert weights > 0 and all(c.W_q.numel() == 0 for c in copies)
-        assert torch.cuda.memory_allocated() - before < weights  # the cache and graph pool only
+        # the cache and the graph's pool only: at least half the copies' weights below what the held engine kept (a
+        # bound of the weights' bytes alone failed on an H100 at 33.8 MB for 29.8 MB of weights, 2026-12-07: the
+        # cache and pool of this small shape weigh about as much as its copies)
+        assert held_growth - (torch.cuda.memory_allocated() - before) > weights / 2, (held_growth, weights)
     assert freed.captures >= 1
 
 

@@ -160,6 +160,12 @@ def gemlite_layout(out_features: int, in_features: int) -> int | None:
     return next((g for g in (GEMLITE_GROUP, 32) if in_features % g == 0), None)
 
 
+# The affine scale is (high - low) times float32(1 / 15), not divided by 15: torch's CUDA division by a Python number
+# multiplies by its reciprocal (ATen's div_true_kernel_cuda), its CPU division divides, and the two differ in the last
+# bit about half the time. Multiplying gives the same scales on CPU, on CUDA and in int4_pack's kernel.
+AFFINE_STEP = 1 / 15
+
+
 def quantise_affine(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric round-to-nearest 4-bit quantisation of a [N, K] weight in groups of ``group`` along K, in the form
     ``w = q * scale + low``: (q in 0..15 as uint8 [N, K], bf16 scales and lows [N, K / group]). The scale and low
@@ -167,7 +173,7 @@ def quantise_affine(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     n, k = weight.shape
     w = weight.float().reshape(n, k // group, group)
     lo, hi = w.amin(-1), w.amax(-1)
-    scale = ((hi - lo).clamp(min=1e-6) / 15).to(torch.bfloat16)
+    scale = ((hi - lo).clamp(min=1e-6) * AFFINE_STEP).to(torch.bfloat16)
     low = lo.to(torch.bfloat16)
     q = ((w - low.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15).to(torch.uint8)
     return q.reshape(n, k), scale, low
@@ -185,7 +191,7 @@ def quantise_affine_words_(weight: torch.Tensor, group: int) -> tuple[torch.Tens
     n, k = weight.shape
     w = weight.view(n, k // group, group)
     lo, hi = torch.aminmax(w, dim=-1)
-    scale = ((hi - lo).clamp(min=1e-6) / 15).to(torch.bfloat16)
+    scale = ((hi - lo).clamp(min=1e-6) * AFFINE_STEP).to(torch.bfloat16)
     low = lo.to(torch.bfloat16)
     w.sub_(low.float()[..., None]).div_(scale.float()[..., None]).round_().clamp_(0, 15)
     q = weight.to(torch.uint8)

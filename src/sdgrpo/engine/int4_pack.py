@@ -7,9 +7,10 @@ The torch version (``quantise_affine_words_``, then transposed copies into the m
 over a float32 chunk; the refresh of the 7B shape's copies spent most of its 0.26 s there (aminmax, sub, div,
 round, clamp, the uint8 cast and the transposes: one H100, 2026-12-07, profile_decode_qwen2.5-7b_h100_2026-12-07.txt).
 The kernel gives the same words, scales and lows to the bit: the same float32 arithmetic in the same order (the
-divisions rounded to nearest, as torch's are), bf16 rounded to nearest even by hand and q rounded half to even, as
-``torch.round`` does, both written out so that Triton's interpreter (``TRITON_INTERPRET=1``, the CPU test) computes
-them as the GPU does.
+scale multiplied by float32(1 / 15), ``int4.AFFINE_STEP``; q's division rounded to nearest, as torch's is), bf16
+rounded to nearest even by hand and q rounded half to even, as ``torch.round`` does, both written out so that Triton's
+interpreter (``TRITON_INTERPRET=1``, the CPU test) computes them as the GPU does. A first version divided the scale by
+15: bit for bit torch's CPU path, not its CUDA one (the GPU test found words that differed; one H100, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _quantise_pack(w_ptr, words_ptr, scales_ptr, lows_ptr, rows, stride_w, n, fi
                 other=0.0).to(tl.float32)
     lo = tl.min(tl.min(w, axis=2), axis=1)
     hi = tl.max(tl.max(w, axis=2), axis=1)
-    scale = _bf16_nearest_even(tl.math.div_rn(tl.maximum(hi - lo, 1e-6), 15.0))
+    scale = _bf16_nearest_even(tl.maximum(hi - lo, 1e-6) * 0.06666667014360428)  # float32(1 / 15): AFFINE_STEP
     low = _bf16_nearest_even(lo)
     x = tl.math.div_rn(w - low[:, None, None], scale[:, None, None])
     x = tl.minimum(tl.maximum(x, 0.0), 15.0)  # before rounding: the same q as torch's round, then clamp
