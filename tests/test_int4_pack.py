@@ -72,6 +72,27 @@ def test_a_bf16_weight_gives_what_its_float32_values_give(int4_pack):
     assert torch.equal(words, pack_gemlite(q)) and torch.equal(scales, scale.t()) and torch.equal(lows, low.t())
 
 
+def test_a_group_holding_nan_gets_nan_scales_as_the_torch_quantiser_gives(int4_pack):
+    """A diverged weight is not hidden: torch's aminmax propagates NaN into the group's scale and low, and so does
+    the kernel (Triton's own min / max drop it); the other groups are unchanged."""
+    from sdgrpo.engine import pack_gemlite, quantise_affine
+
+    w = weights(40, 256, 64)
+    w[5, 70] = float("nan")
+    _, scale, low = quantise_affine(w, 64)
+    assert bool(scale[5, 1].isnan()) and bool(low[5, 1].isnan())
+    words = torch.zeros(32, 40, dtype=torch.int32)
+    scales, lows = torch.zeros(4, 40, dtype=torch.bfloat16), torch.zeros(4, 40, dtype=torch.bfloat16)
+    int4_pack.quantise_pack_into(w, words, scales, lows, 0, 64)
+    assert bool(scales[1, 5].isnan()) and bool(lows[1, 5].isnan())
+    same = ~scale.t().isnan()
+    assert same.sum() == 40 * 4 - 1 and torch.equal(scales[same], scale.t()[same]) and torch.equal(lows[same],
+                                                                                                  low.t()[same])
+    clean = w.clone()
+    clean[5] = 0.0
+    assert torch.equal(words[:, :5], pack_gemlite(quantise_affine(clean, 64)[0])[:, :5])
+
+
 def test_shapes_that_do_not_fit_are_refused_before_the_kernel_runs(int4_pack):
     words = torch.zeros(32, 40, dtype=torch.int32)
     meta = torch.zeros(4, 40, dtype=torch.bfloat16)
@@ -79,5 +100,10 @@ def test_shapes_that_do_not_fit_are_refused_before_the_kernel_runs(int4_pack):
         int4_pack.quantise_pack_into(torch.zeros(8, 256), words, meta, meta, 36, 64)  # past the last column
     with pytest.raises(ValueError, match="does not fit"):
         int4_pack.quantise_pack_into(torch.zeros(8, 128), words, meta, meta, 0, 64)  # another width
+    with pytest.raises(ValueError, match="power of two"):
+        int4_pack.quantise_pack_into(torch.zeros(8, 240), torch.zeros(30, 40, dtype=torch.int32), meta, meta, 0, 48)
+    with pytest.raises(ValueError, match="bf16"):
+        int4_pack.quantise_pack_into(torch.zeros(8, 256), words, meta.float(), meta, 0, 64)
     with pytest.raises(ValueError, match="contiguous"):
-        int4_pack.quantise_pack_into(torch.zeros(8, 256), words, meta.t().contiguous().t(), meta, 0, 64)
+        int4_pack.quantise_pack_into(torch.zeros(8, 256), words, torch.zeros(40, 4, dtype=torch.bfloat16).t(), meta,
+                                     0, 64)

@@ -15,6 +15,8 @@ interpreter (``TRITON_INTERPRET=1``, the CPU test) computes them as the GPU does
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,16 @@ def _bf16_nearest_even(x):
 
 
 @triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out, as torch.aminmax
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quantise_pack(w_ptr, words_ptr, scales_ptr, lows_ptr, rows, stride_w, n, first,
                    GROUP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -42,9 +54,10 @@ def _quantise_pack(w_ptr, words_ptr, scales_ptr, lows_ptr, rows, stride_w, n, fi
     column = group * GROUP + word[:, None] * 8 + nibble[None, :]
     w = tl.load(w_ptr + row[:, None, None] * stride_w + column[None, :, :], mask=inside[:, None, None],
                 other=0.0).to(tl.float32)
-    lo = tl.min(tl.min(w, axis=2), axis=1)
-    hi = tl.max(tl.max(w, axis=2), axis=1)
-    scale = _bf16_nearest_even(tl.maximum(hi - lo, 1e-6) * 0.06666667014360428)  # float32(1 / 15): AFFINE_STEP
+    # tl.min / tl.max drop NaN (maxnum); a diverged weight must give NaN scales as the torch path's do, not hide
+    lo = tl.reduce(tl.reduce(w, 2, _min_nan), 1, _min_nan)
+    hi = tl.reduce(tl.reduce(w, 2, _max_nan), 1, _max_nan)
+    scale = _bf16_nearest_even(_max_nan(hi - lo, 1e-6) * 0.06666667014360428)  # float32(1 / 15): AFFINE_STEP
     low = _bf16_nearest_even(lo)
     x = tl.math.div_rn(w - low[:, None, None], scale[:, None, None])
     x = tl.minimum(tl.maximum(x, 0.0), 15.0)  # before rounding: the same q as torch's round, then clamp
@@ -67,14 +80,20 @@ def quantise_pack_into(weight: torch.Tensor, words: torch.Tensor, scales: torch.
     """``weight`` (float, [R, K], not changed) quantised into columns ``first:first + R`` of ``words`` (int32
     [K / 8, N]), ``scales`` and ``lows`` (bf16 [K / group, N], rows of N contiguous)."""
     rows, k = weight.shape
-    if k % group or group % 8 or words.shape != (k // 8, words.size(1)) or first + rows > words.size(1):
-        raise ValueError(f"a [{rows}, {k}] weight at column {first} does not fit words {tuple(words.shape)} in "
-                         f"groups of {group}")
     n = words.size(1)
+    if (group < 8 or group & (group - 1) or k % group or words.shape != (k // 8, n) or first + rows > n
+            or words.dtype != torch.int32):
+        raise ValueError(f"a [{rows}, {k}] weight at column {first} does not fit int32 words {tuple(words.shape)} "
+                         f"in groups of {group} (a power of two, at least 8)")
+    for t in (scales, lows):
+        if t.dtype != torch.bfloat16 or t.size(0) < k // group or t.size(1) != n:
+            raise ValueError(f"scales and lows must be bf16 [{k // group}, {n}], not {t.dtype} {tuple(t.shape)}")
     for t in (words, scales, lows):
-        if t.stride() != (n, 1):
-            raise ValueError(f"quantise_pack_into writes rows of {n} contiguous values, not strides {t.stride()}")
+        if t.stride() != (n, 1) or t.device != weight.device:
+            raise ValueError(f"quantise_pack_into writes rows of {n} contiguous values on {weight.device}, not "
+                             f"strides {t.stride()} on {t.device}")
     weight = weight.contiguous()
     grid = (triton.cdiv(rows, BLOCK_ROWS), k // group)
-    _quantise_pack[grid](weight, words, scales, lows, rows, weight.stride(0), n, first, GROUP=group,
-                         BLOCK=BLOCK_ROWS)
+    with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():  # Triton's current device
+        _quantise_pack[grid](weight, words, scales, lows, rows, weight.stride(0), n, first, GROUP=group,
+                             BLOCK=BLOCK_ROWS)
