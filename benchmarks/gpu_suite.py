@@ -1,7 +1,7 @@
 """Run the GPU tests (``pytest -m gpu tests``) and record them as a results file: passed, failed, skipped, the suite's
 wall time and every test's own time, with the common header (``common.header``).
 
-    python benchmarks/gpu_suite.py OUT_DIR [--workers 4] [--timeout 400] [-k EXPR] [--tests tests]
+    python benchmarks/gpu_suite.py OUT_DIR [--workers 6] [--timeout 400] [-k EXPR] [--tests tests]
 
 The target (docs/gpu.md): the whole suite in one device call with room to spare, <= 300 s on one H100.
 pytest's own junit XML is the record of each test; this file only counts it.
@@ -43,7 +43,7 @@ def summarise(junit_xml: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--workers", type=int, default=4, help="pytest-xdist workers on the one GPU")
+    parser.add_argument("--workers", type=int, default=6, help="pytest-xdist workers on the one GPU")
     parser.add_argument("--timeout", type=int, default=400, help="seconds before the suite is stopped")
     parser.add_argument("-k", dest="select", default=None, help="pytest -k expression (default: every GPU test)")
     parser.add_argument("--tests", default="tests", help="the test folder")
