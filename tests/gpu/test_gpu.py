@@ -364,6 +364,38 @@ def test_gemlite_reads_the_copies_as_its_reference_and_packs_as_gemlite_does():
     assert torch.equal(theirs.W_q, pack_gemlite(q))
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_the_refresh_kernel_compiled_writes_the_cuda_torch_quantisers_values(group):
+    """engine/int4_pack.py compiled (the CPU tests run it in Triton's interpreter): rows not a multiple of its block,
+    at a column offset, from float32 and bf16 weights, with constant groups, exact ties and a NaN group; the words,
+    scales and lows written are quantise_affine then pack_gemlite's on CUDA to the bit (NaN where torch gives NaN)."""
+    from sdgrpo.engine import pack_gemlite, quantise_affine
+    from sdgrpo.engine.int4_pack import quantise_pack_into
+
+    torch.manual_seed(group)
+    rows, k, first = 1000, 1024, 24
+    w = torch.randn(rows, k, device="cuda") * torch.logspace(-3, 1, k, device="cuda")
+    w[3, :group] = 0.25
+    w[8, :group] = 0.0
+    w[8, :16] = torch.arange(16, device="cuda") * 2.0 ** -7 + 2.0 ** -8
+    w[8, 15] = 15 * 2.0 ** -7
+    w[11, group + 1] = float("nan")
+    for weight in (w, w.to(torch.bfloat16)):
+        q, scale, low = quantise_affine(weight.float(), group)
+        words = torch.full((k // 8, first + rows + 8), -7, dtype=torch.int32, device="cuda")
+        meta = torch.full((2, k // group + 2, first + rows + 8), -3.0, dtype=torch.bfloat16, device="cuda")
+        quantise_pack_into(weight, words, meta[0, :k // group], meta[1, :k // group], first, group)
+        cols = slice(first, first + rows)
+        ok = ~scale.t().isnan()
+        assert int((~ok).sum()) == 1 and bool(meta[0, 1, first + 11].isnan()) and bool(meta[1, 1, first + 11].isnan())
+        assert torch.equal(meta[0, :k // group, cols][ok], scale.t()[ok])
+        assert torch.equal(meta[1, :k // group, cols][ok], low.t()[ok])
+        clean = torch.ones(rows, dtype=torch.bool, device="cuda")
+        clean[11] = False
+        assert torch.equal(words[:, cols][:, clean], pack_gemlite(q)[:, clean])
+        assert bool((words[:, :first] == -7).all()) and bool((meta[:, k // group:] == -3).all())
+
+
 @pytest.mark.parametrize("out_features, in_features, bias", [(1152, 896, True), (896, 896, False), (9728, 896, False),
                                                            (896, 4864, False), (4608, 3584, True),
                                                            (3584, 18944, False)])
