@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU machine, one call: the GPU tests (benchmarks/gpu_suite.py: a results file), then the whole CPU test suite with
-# the GPUs hidden (as CI runs it, but on 16 cores with pytest-xdist). Carry .whl (../shared/device/make-wheelhouse.sh). Logs to $OUT.
+# the GPUs hidden (as CI runs it, but on 16 cores with pytest-xdist). Carry .whl (../shared/device/make-wheelhouse.sh).
+# Logs to $OUT.
 # CPU_ONLY=1: the CPU suite alone; GPU_ONLY=1: the GPU tests alone.
 set -u
 source tools/device/env.sh

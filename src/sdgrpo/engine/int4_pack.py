@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .int4 import AFFINE_STEP
+
 BLOCK_ROWS = 32  # rows a program: a word of 32 neighbouring rows is one 128-byte store
 
 
@@ -45,7 +47,7 @@ def _max_nan(a, b):
 
 @triton.jit
 def _quantise_pack(w_ptr, words_ptr, scales_ptr, lows_ptr, rows, stride_w, n, first,
-                   GROUP: tl.constexpr, BLOCK: tl.constexpr):
+                   GROUP: tl.constexpr, BLOCK: tl.constexpr, STEP: tl.constexpr):
     row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     group = tl.program_id(1)
     word = tl.arange(0, GROUP // 8)
@@ -57,7 +59,7 @@ def _quantise_pack(w_ptr, words_ptr, scales_ptr, lows_ptr, rows, stride_w, n, fi
     # tl.min / tl.max drop NaN (maxnum); a diverged weight must give NaN scales as the torch path's do, not hide
     lo = tl.reduce(tl.reduce(w, 2, _min_nan), 1, _min_nan)
     hi = tl.reduce(tl.reduce(w, 2, _max_nan), 1, _max_nan)
-    scale = _bf16_nearest_even(_max_nan(hi - lo, 1e-6) * 0.06666667014360428)  # float32(1 / 15): AFFINE_STEP
+    scale = _bf16_nearest_even(_max_nan(hi - lo, 1e-6) * STEP)  # STEP: int4.AFFINE_STEP, a float32 constant
     low = _bf16_nearest_even(lo)
     x = tl.math.div_rn(w - low[:, None, None], scale[:, None, None])
     x = tl.minimum(tl.maximum(x, 0.0), 15.0)  # before rounding: the same q as torch's round, then clamp
@@ -96,4 +98,4 @@ def quantise_pack_into(weight: torch.Tensor, words: torch.Tensor, scales: torch.
     grid = (triton.cdiv(rows, BLOCK_ROWS), k // group)
     with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():  # Triton's current device
         _quantise_pack[grid](weight, words, scales, lows, rows, weight.stride(0), n, first, GROUP=group,
-                             BLOCK=BLOCK_ROWS)
+                             BLOCK=BLOCK_ROWS, STEP=AFFINE_STEP)
