@@ -38,7 +38,8 @@ default; the 7B's refresh ran 532 chunks, 0.30 s), ``profile`` (the first timed 
 torch.profiler: its top operators by device and by host time, OUT_DIR/profile_<variant>.log), ``sliceN`` (gemlite
 multiplies more than N rows N at a time: sdgrpo.engine.int4.GEMLITE_PREFILL_SLICE, 1,024 by default; 0 whole),
 ``torchpack`` (a refresh quantises and packs gemlite's copies with torch operations, not engine/int4_pack.py's
-Triton kernel: sdgrpo.engine.int4.TRITON_PACK false), e.g.
+Triton kernel: sdgrpo.engine.int4.TRITON_PACK false), ``shippedcfg`` (gemlite's own kernel configurations only, not
+sdgrpo's tuned ones: sdgrpo.engine.gemlite_tuned.ENABLED false), e.g.
 ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
@@ -300,13 +301,14 @@ def original_recipe_reward(model, tokenizer):
 def variant_options(variant: str) -> tuple[str, dict]:
     """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N,
     "offload": True, "tile": True, "plain": True, "model": True, "expand": True, "release": True,
-    "chunk": N, "slice": N, "profile": True, "torchpack": True}."""
+    "chunk": N, "slice": N, "profile": True, "torchpack": True, "shippedcfg": True}."""
     name, *extra = variant.split("+")
     options = {}
     for item in extra:
         if item in ("tinygemm", "gemlite"):
             options["kernel"] = item
-        elif item in ("offload", "tile", "plain", "model", "expand", "noexpand", "release", "profile", "torchpack"):
+        elif item in ("offload", "tile", "plain", "model", "expand", "noexpand", "release", "profile", "torchpack",
+                      "shippedcfg"):
             options[item] = True
         elif item[:3] in ("spg", "cap", "len") and item[3:].replace(".", "", 1).isdigit():
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
@@ -469,6 +471,10 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: 
             import sdgrpo.engine.int4 as int4
 
             int4.TRITON_PACK = False
+        if options.get("shippedcfg"):  # gemlite's configurations only (benchmark only)
+            import sdgrpo.engine.gemlite_tuned as gemlite_tuned
+
+            gemlite_tuned.ENABLED = False
         if options.get("profile"):
             profile_engine_call(warmup // spg + 1, logs / f"profile_{full}.log")
         if spg > 1:

@@ -277,6 +277,9 @@ class GemliteLinear(torch.nn.Module):
         # split-K partial sums added into an fp32 output (converted to bf16 once), not bf16 atomics, which gemlite
         # uses by default on sm90 and which round every partial sum: 3% off at 1 row on the 7B shape's gate/up stack
         gemlite.set_native_atomic_bfp16(False)
+        from .gemlite_tuned import load as load_tuned  # sdgrpo's tuned configurations over gemlite's, once
+
+        load_tuned(torch.cuda.get_device_name(device))
         probe = GemLiteLinear(4, group_size=self.group, in_features=self.in_features, out_features=self.out_features,
                               input_dtype=DType.BF16, output_dtype=DType.BF16)
         zeros = torch.zeros(self.out_features, self.in_features // self.group, dtype=torch.bfloat16, device=device)
