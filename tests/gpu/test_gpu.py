@@ -396,6 +396,48 @@ def test_the_refresh_kernel_compiled_writes_the_cuda_torch_quantisers_values(gro
         assert bool((words[:, :first] == -7).all()) and bool((meta[:, k // group:] == -3).all())
 
 
+def test_the_tuned_gemlite_configurations_reach_its_kernel_and_read_as_the_reference():
+    """engine.gemlite_tuned on this card: the shipped file's entries are in gemlite's table after the first
+    GemliteLinear (pins ``GemLiteLinear.load_config`` and ``gemlite.core.GEMLITE_TRITON_CONFIG_CACHE``), the kernel
+    runs each entry's configuration (its autotuner's choice), and every tuned shape reads as its dequantised
+    reference at the entry's rows, eagerly and from a CUDA graph (NaN in the scales' padding would show)."""
+    import gemlite.core
+    from gemlite.triton_kernels import gemm_splitK_kernels
+
+    from sdgrpo.engine import GemliteLinear, gemlite_tuned
+
+    path = gemlite_tuned.file_for(torch.cuda.get_device_name())
+    if path is None:
+        pytest.skip(f"no tuned gemlite file for {torch.cuda.get_device_name()}")
+    table = json.loads(path.read_text())["GEMM_SPLITK"]
+    torch.manual_seed(0)
+    for signature, entry in table.items():
+        rows, n, k, group, _, _ = json.loads(signature.replace("(", "[").replace(")", "]"))
+        layer = GemliteLinear(n, k, group, "cuda", bias=False)
+        layer.load(None, 0, torch.randn(n, k, device="cuda") * 0.02)
+        assert gemlite.core.GEMLITE_TRITON_CONFIG_CACHE["GEMM_SPLITK"][signature] == entry
+        reference = layer.dequantised().float()
+        gemm_splitK_kernels.gemm_splitK_INT_kernel.cache.clear()
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        want = x.float() @ reference.t()
+        got = layer(x).float()
+        assert torch.isfinite(got).all() and (got - want).abs().max() < 0.02 * want.abs().max(), signature
+        (chosen,) = gemm_splitK_kernels.gemm_splitK_INT_kernel.cache.values()
+        assert {name: chosen.kwargs[name] for name in ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "SPLIT_K")} == {
+            name: entry[name] for name in ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "SPLIT_K")}, signature
+        assert (chosen.num_warps, chosen.num_stages) == (entry["num_warps"], entry["num_stages"]), signature
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+        x.copy_(torch.randn(rows, k, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = x.float() @ reference.t()
+        assert torch.isfinite(out).all() and (out.float() - want).abs().max() < 0.02 * want.abs().max(), signature
+        del layer, graph
+        torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("out_features, in_features, bias", [(1152, 896, True), (896, 896, False), (9728, 896, False),
                                                            (896, 4864, False), (4608, 3584, True),
                                                            (3584, 18944, False)])

@@ -29,9 +29,11 @@ KEYS = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "SPLIT_K
 _loaded: dict[str, str | None] = {}
 
 
-def file_for(device_name: str, folder: Path = FOLDER) -> Path | None:
+def file_for(device_name: str, folder: Path | None = None) -> Path | None:
     """The shipped file for a card named ``device_name`` (torch's name): the longest file tag in the name, lowered and
-    with spaces as underscores, as gemlite picks its own (``h100`` in ``NVIDIA H100 80GB HBM3``); None if none."""
+    with spaces as underscores, as gemlite picks its own (``h100`` in ``NVIDIA H100 80GB HBM3``); None if none.
+    ``folder``: :data:`FOLDER` (the shipped files) unless given."""
+    folder = FOLDER if folder is None else folder
     name = device_name.lower().replace(" ", "_")
     tags = sorted((p.stem for p in folder.glob("*.json")), key=len, reverse=True)
     return next((folder / f"{tag}.json" for tag in tags if tag in name), None)
