@@ -17,11 +17,11 @@ def test_variant_options_and_the_childs_environment(monkeypatch):
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     name, options = bench_step.variant_options(
-        "sdgrpo_hf_4bit+gemlite+spg4+cap16+len2048+mb4+tile+expand+release+chunk64+slice1024+profile+torchpack")
+        "sdgrpo_hf_4bit+gemlite+spg4+cap16+len2048+mb4+tile+expand+release+chunk64+slice1024+profile+torchpack+shippedcfg")
     assert name == "sdgrpo_hf_4bit"
     assert options == {"kernel": "gemlite", "spg": 4, "cap": 16.0, "len": 2048, "mb": 4, "tile": True,
                        "expand": True, "release": True, "chunk": 64, "slice": 1024,
-                       "profile": True, "torchpack": True}
+                       "profile": True, "torchpack": True, "shippedcfg": True}
     assert bench_step.child_env("sdgrpo_hf_4bit+expand")["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     env = bench_step.child_env("sdgrpo_hf_4bit+cap16")  # sdgrpo's variants: the CLI's allocator settings
     assert env["BENCH_CHILD"] == "1" and env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
