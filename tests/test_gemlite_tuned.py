@@ -59,8 +59,8 @@ def test_loaded_into_gemlite_once_a_process_and_not_when_disabled(tmp_path, monk
 
 @pytest.mark.parametrize("path", sorted(gemlite_tuned.FOLDER.glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_file_is_what_a_tuning_run_measured(path):
-    """A shipped file is well formed and is exactly the winners of a tune_gemlite results file of that card (each
-    faster than gemlite's shipped configuration there, its output within 1e-2 of it)."""
+    """A shipped file is well formed and is exactly the winners of the tune_gemlite results files of that card (each
+    timed below the run's margin of gemlite's own configuration there, its output within 1e-2 of it)."""
     table = json.loads(path.read_text())
     gemlite_tuned.check(table)
     runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"tune_gemlite_*_{path.stem}_*.json"))]
@@ -68,6 +68,8 @@ def test_every_shipped_file_is_what_a_tuning_run_measured(path):
     winners = {}
     for run in runs:
         for row in run["results"]:
-            if row["best_ms"] < row["shipped_ms"] and row["max_rel_diff_vs_shipped"] < 1e-2:
+            if row["won"]:
+                assert row["best_ms"] < run["config"]["margin"] * row["shipped_ms"], row["signature"]
+                assert row["max_rel_diff_vs_shipped"] < 1e-2, row["signature"]
                 winners[row["signature"]] = row["best"]
     assert table == {"GEMM_SPLITK": winners}
