@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,28 @@ def test_the_gpu_suite_record_counts_what_pytest_ran_and_keeps_every_tests_time(
     outcomes = {t["test"].split("::")[-1]: t["outcome"] for t in row["tests"]}
     assert outcomes == {"test_passes": "passed", "test_fails": "failed", "test_skips": "skipped",
                         "test_xfails": "xfailed"}
+
+
+def test_a_gpu_suite_stopped_at_its_timeout_still_records_the_tests_that_finished(tmp_path):
+    """gpu_suite.py at its timeout interrupts pytest as Ctrl-C does: the tests that finished (one passed, one failed)
+    are in the results file with the run marked timed out, and the hung test is not waited for."""
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    gpu_suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_suite)
+    tests = tmp_path / "suite"
+    tests.mkdir()
+    (tests / "test_hangs.py").write_text(
+        "import time\nimport pytest\n"
+        "gpu = pytest.mark.gpu\n"
+        "@gpu\ndef test_a_passes(): assert True\n"
+        "@gpu\ndef test_b_fails(): assert 1 == 2\n"
+        "@gpu\ndef test_c_hangs(): time.sleep(600)\n")
+    (tests / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: a GPU test\n")
+    out = tmp_path / "out"
+    started = time.monotonic()
+    rc = gpu_suite.main([str(out), "--workers", "1", "--timeout", "20", "--tests", str(tests)])
+    assert rc == 124 and time.monotonic() - started < 20 + gpu_suite.GRACE_S
+    [row] = json.loads(next(out.glob("gpu_tests_*.json")).read_text())["rows"]
+    assert row["timed_out"] is True and "error" not in row and row["interrupted"] == 1
+    assert {t["test"].split("::")[-1]: t["outcome"] for t in row["tests"]} == {"test_a_passes": "passed",
+                                                                               "test_b_fails": "failed"}
