@@ -20,7 +20,7 @@ HEADER = ("benchmark", "date", "commit", "command", "device", "versions", "confi
 COLUMNS = ("memory_cap_gib", "steps_per_generation", "step_s", "cycle_mean_s", "generation_s", "ms_per_step",
            "x_bytes", "peak_gpu_gib", "above_weights_gib", "peak_rss_gib", "engine_mode", "mismatch_mean",
            "sampling_logp_difference/mean", "token_truncate/mean_weight", "sequence_mask/mean_weight", "us_per_call",
-           "passed",
+           "shipped_ms", "best_ms", "won", "passed",
            "failed", "skipped", "xfailed", "wall_s", "error")
 
 
@@ -36,6 +36,8 @@ def missing_header(path: Path) -> list[str]:
 def _name(row: dict) -> str:
     if "kernel" in row and "rows" in row:  # bench_int4: a kernel at a row count
         return f"{row['kernel']}, {row['rows']} rows"
+    if "projection" in row and "rows" in row:  # tune_gemlite: a projection at a row count
+        return f"{row['projection']}, {row['rows']} rows"
     if "new_tokens" in row:  # bench_mismatch: an engine mode on a base at a completion length
         kernel = f" ({row['kernel']})" if row.get("kernel") else ""
         return f"{row['base']} {row.get('mode')}{kernel}, {row['new_tokens']} tokens"
