@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -92,34 +91,16 @@ def build(kernel: str, n: int, k: int, weight: torch.Tensor):
 
 def step_ms(layers: list, rows: int) -> float:
     """ms per replay of one CUDA graph applying every layer once to its own [rows, k] input."""
+    from common import graph_ms
+
     inputs = [torch.randn(rows, m.in_features if hasattr(m, "in_features") else m.weight.shape[1], device="cuda",
                           dtype=torch.bfloat16) for m in layers]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(3):  # warm-up: Triton compiles and tunes here, outside the capture
-            for m, x in zip(layers, inputs):
-                m(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
+
+    def run():
         for m, x in zip(layers, inputs):
             m(x)
-    for _ in range(5):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        for _ in range(REPLAYS):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / REPLAYS)
-    del graph
-    return statistics.median(times)
+
+    return graph_ms(run, replays=REPLAYS)
 
 
 def agreement(layers: list, reference: list, rows: int = 8) -> float:

@@ -122,6 +122,36 @@ def cuda_time(fn, repeats: int = 5, warmup: int = 2) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
+def graph_ms(run, replays: int = 50, repeats: int = 5, warmups: int = 3, settle: int = 5) -> float:
+    """ms per replay of a CUDA graph capturing ``run()`` once (median of ``repeats`` timings of ``replays`` replays),
+    after ``warmups`` calls on a side stream (Triton compiles and tunes there, outside the capture) and ``settle``
+    untimed replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(warmups):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        run()
+    for _ in range(settle):
+        graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    del graph
+    return statistics.median(times)
+
+
 def save(name: str, payload: dict, out_dir: str | Path = Path(__file__).parent / "results") -> Path:
     path = Path(out_dir) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

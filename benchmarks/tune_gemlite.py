@@ -110,34 +110,19 @@ class Forcer:
 
 def replay_ms(layers: list, rows: int) -> tuple[float, torch.Tensor]:
     """(ms per replay of a CUDA graph applying every layer once to its own input, the first layer's output)."""
+    from common import graph_ms
+
     torch.manual_seed(1)
     inputs = [torch.randn(rows, m.in_features, device="cuda", dtype=torch.bfloat16) for m in layers]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for m, x in zip(layers, inputs):  # compiles here, outside the capture
-            m(x)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
+
+    def run():
         for m, x in zip(layers, inputs):
             m(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(3):
-        start.record()
-        for _ in range(REPLAYS):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / REPLAYS)
-    del graph
+
+    ms = graph_ms(run, replays=REPLAYS, repeats=3, warmups=1, settle=1)
     with torch.no_grad():
         out = layers[0](inputs[0]).float()
-    return sorted(times)[1], out
+    return ms, out
 
 
 def shipped_config(forcer: Forcer, signature: str) -> dict:

@@ -121,15 +121,22 @@ def test_the_length_plot_groups_rows_by_variant_without_their_length_and_marks_w
     assert (tmp_path / "length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_gpu_suite_record_counts_what_pytest_ran_and_keeps_every_tests_time(tmp_path):
-    """gpu_suite.py over a folder of GPU-marked tests (one passes, one fails, one is skipped, one is an expected
-    failure) and one unmarked test, left out: the counts, pytest's exit code and each test's outcome, in a results
-    file with the common header."""
+def _gpu_suite(tmp_path):
+    """benchmarks/gpu_suite.py as a module, and an empty test folder that knows the gpu mark."""
     spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
     gpu_suite = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_suite)
     tests = tmp_path / "suite"
     tests.mkdir()
+    (tests / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: a GPU test\n")
+    return gpu_suite, tests
+
+
+def test_the_gpu_suite_record_counts_what_pytest_ran_and_keeps_every_tests_time(tmp_path):
+    """gpu_suite.py over a folder of GPU-marked tests (one passes, one fails, one is skipped, one is an expected
+    failure) and one unmarked test, left out: the counts, pytest's exit code and each test's outcome, in a results
+    file with the common header."""
+    gpu_suite, tests = _gpu_suite(tmp_path)
     (tests / "test_four.py").write_text(
         "import pytest\n"
         "gpu = pytest.mark.gpu\n"
@@ -138,7 +145,6 @@ def test_the_gpu_suite_record_counts_what_pytest_ran_and_keeps_every_tests_time(
         "@gpu\ndef test_skips(): pytest.skip('no card')\n"
         "@gpu\n@pytest.mark.xfail(reason='known')\ndef test_xfails(): assert False\n"
         "def test_not_marked_gpu_is_left_out(): pass\n")
-    (tests / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: a GPU test\n")
     out = tmp_path / "out"
     rc = gpu_suite.main([str(out), "--workers", "1", "--timeout", "120", "--tests", str(tests)])
     assert rc == 1
@@ -157,18 +163,13 @@ def test_the_gpu_suite_record_counts_what_pytest_ran_and_keeps_every_tests_time(
 def test_a_gpu_suite_stopped_at_its_timeout_still_records_the_tests_that_finished(tmp_path):
     """gpu_suite.py at its timeout interrupts pytest as Ctrl-C does: the tests that finished (one passed, one failed)
     are in the results file with the run marked timed out, and the hung test is not waited for."""
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
-    gpu_suite = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_suite)
-    tests = tmp_path / "suite"
-    tests.mkdir()
+    gpu_suite, tests = _gpu_suite(tmp_path)
     (tests / "test_hangs.py").write_text(
         "import time\nimport pytest\n"
         "gpu = pytest.mark.gpu\n"
         "@gpu\ndef test_a_passes(): assert True\n"
         "@gpu\ndef test_b_fails(): assert 1 == 2\n"
         "@gpu\ndef test_c_hangs(): time.sleep(600)\n")
-    (tests / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: a GPU test\n")
     out = tmp_path / "out"
     started = time.monotonic()
     rc = gpu_suite.main([str(out), "--workers", "1", "--timeout", "20", "--tests", str(tests)])

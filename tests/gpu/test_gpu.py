@@ -396,6 +396,23 @@ def test_the_refresh_kernel_compiled_writes_the_cuda_torch_quantisers_values(gro
         assert bool((words[:, :first] == -7).all()) and bool((meta[:, k // group:] == -3).all())
 
 
+def _replayed(layer, static):
+    """``layer(static)`` captured as a CUDA graph (after a call on a side stream) and replayed once new random values
+    are written into ``static``: the graph's output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(static)
+    static.copy_(torch.randn_like(static))
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 def test_the_tuned_gemlite_configurations_reach_its_kernel_and_read_as_the_reference():
     """engine.gemlite_tuned on this card: the shipped file's entries are in gemlite's table after the first
     GemliteLinear (pins ``GemLiteLinear.load_config`` and ``gemlite.core.GEMLITE_TRITON_CONFIG_CACHE``), the kernel
@@ -426,15 +443,10 @@ def test_the_tuned_gemlite_configurations_reach_its_kernel_and_read_as_the_refer
         assert {name: chosen.kwargs[name] for name in ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "SPLIT_K")} == {
             name: entry[name] for name in ("BLOCK_SIZE_N", "BLOCK_SIZE_K", "SPLIT_K")}, signature
         assert (chosen.num_warps, chosen.num_stages) == (entry["num_warps"], entry["num_stages"]), signature
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer(x)
-        x.copy_(torch.randn(rows, k, device="cuda", dtype=torch.bfloat16))
-        graph.replay()
-        torch.cuda.synchronize()
+        out = _replayed(layer, x).float()
         want = x.float() @ reference.t()
-        assert torch.isfinite(out).all() and (out.float() - want).abs().max() < 0.02 * want.abs().max(), signature
-        del layer, graph
+        assert torch.isfinite(out).all() and (out - want).abs().max() < 0.02 * want.abs().max(), signature
+        del layer
         torch.cuda.empty_cache()
 
 
@@ -466,18 +478,7 @@ def test_gemlite_reads_the_qwen_widths_eagerly_and_from_a_cuda_graph(out_feature
         got = layer(x).float()
         assert torch.isfinite(got).all() and (got - want(x)).abs().max() < 0.02 * want(x).abs().max(), ("eager", rows)
         static = x.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            layer(static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer(static)
-        static.copy_(torch.randn(rows, k, device="cuda", dtype=torch.bfloat16))
-        graph.replay()
-        torch.cuda.synchronize()
-        got = out.float()
+        got = _replayed(layer, static).float()
         assert torch.isfinite(got).all() and (got - want(static)).abs().max() < 0.02 * want(static).abs().max(), (
             "graph", rows)
 
