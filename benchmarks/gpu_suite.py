@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
            f"--junitxml={xml}", *(["-n", str(args.workers)] if args.workers > 1 else []),
            *(["-k", args.select] if args.select else []), args.tests]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    # SIGINT back to its default in pytest's process: a parent that ignores it (a background job of a shell without
+    # job control) passes that on, and Python then never raises KeyboardInterrupt for it
+    proc = subprocess.Popen(cmd, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     timed_out = False
     try:
         rc = proc.wait(timeout=args.timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -161,8 +162,9 @@ def test_the_gpu_suite_record_counts_what_pytest_ran_and_keeps_every_tests_time(
 
 
 def test_a_gpu_suite_stopped_at_its_timeout_still_records_the_tests_that_finished(tmp_path):
-    """gpu_suite.py at its timeout interrupts pytest as Ctrl-C does: the tests that finished (one passed, one failed)
-    are in the results file with the run marked timed out, and the hung test is not waited for."""
+    """gpu_suite.py at its timeout interrupts pytest as Ctrl-C does, also from a process that ignores SIGINT (a
+    background job's; CI ran it so): the tests that finished (one passed, one failed) are in the results file with the
+    run marked timed out, and the hung test is not waited for."""
     gpu_suite, tests = _gpu_suite(tmp_path)
     (tests / "test_hangs.py").write_text(
         "import time\nimport pytest\n"
@@ -172,7 +174,11 @@ def test_a_gpu_suite_stopped_at_its_timeout_still_records_the_tests_that_finishe
         "@gpu\ndef test_c_hangs(): time.sleep(600)\n")
     out = tmp_path / "out"
     started = time.monotonic()
-    rc = gpu_suite.main([str(out), "--workers", "1", "--timeout", "20", "--tests", str(tests)])
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job: pytest must still be stopped
+    try:
+        rc = gpu_suite.main([str(out), "--workers", "1", "--timeout", "20", "--tests", str(tests)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert rc == 124 and time.monotonic() - started < 20 + gpu_suite.GRACE_S
     [row] = json.loads(next(out.glob("gpu_tests_*.json")).read_text())["rows"]
     assert row["timed_out"] is True and "error" not in row and row["interrupted"] == 1
