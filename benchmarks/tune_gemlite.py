@@ -131,8 +131,14 @@ def shipped_config(forcer: Forcer, signature: str) -> dict:
         config = next(iter(forcer.kernel.cache.values()))
         found = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages, "num_ctas": 1}
         found.pop("NUM_STAGES", None)
-    return {k: v for k, v in found.items() if k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M",
-                                                   "SPLIT_K", "A_load_order", "num_warps", "num_stages", "num_ctas")}
+    from sdgrpo.engine.gemlite_tuned import KEYS
+
+    return {k: v for k, v in found.items() if k in KEYS | {"num_ctas"}}
+
+
+def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |got - want| relative to the largest |want| (NaN where either holds NaN)."""
+    return ((got - want).abs().max() / want.abs().max()).item()
 
 
 def main() -> None:
@@ -173,7 +179,7 @@ def main() -> None:
             torch.manual_seed(1)
             x0 = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             want = (x0.float() @ layers[0].dequantised().float().t())
-            reference_error = ((base_out - want).abs().max() / want.abs().max()).item()
+            reference_error = rel_diff(base_out, want)
             tried = {json.dumps(base, sort_keys=True): base_ms}
             best, best_ms, errors = dict(base), base_ms, 0
             for _ in range(2):
@@ -196,7 +202,7 @@ def main() -> None:
                             tried[key], errors = None, errors + 1
                             print(proj, rows, config, type(err).__name__, str(err)[:120], flush=True)
                             continue
-                        diff = ((out_c - base_out).abs().max() / base_out.abs().max()).item()
+                        diff = rel_diff(out_c, base_out)
                         if not diff < 1e-2:  # NaN too
                             tried[key], errors = None, errors + 1
                             print(proj, rows, config, "output off by", diff, flush=True)
@@ -213,7 +219,7 @@ def main() -> None:
             base_again, _ = replay_ms(layers, rows)
             forcer.force(signature, best)
             again2, _ = replay_ms(layers, rows)
-            error = ((best_out - base_out).abs().max() / base_out.abs().max()).item()
+            error = rel_diff(best_out, base_out)
             won = best != base and max(again1, again2) < MARGIN * base_again and error < 1e-2
             if won:
                 winners[signature] = best

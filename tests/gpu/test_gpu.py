@@ -429,7 +429,7 @@ def test_the_tuned_gemlite_configurations_reach_its_kernel_and_read_as_the_refer
     table = json.loads(path.read_text())["GEMM_SPLITK"]
     torch.manual_seed(0)
     for signature, entry in table.items():
-        rows, n, k, group, _, _ = json.loads(signature.replace("(", "[").replace(")", "]"))
+        rows, n, k, group, _, _ = gemlite_tuned.signature_key(signature)
         layer = GemliteLinear(n, k, group, "cuda", bias=False)
         layer.load(None, 0, torch.randn(n, k, device="cuda") * 0.02)
         assert gemlite.core.GEMLITE_TRITON_CONFIG_CACHE["GEMM_SPLITK"][signature] == entry

@@ -7,8 +7,8 @@ set -u
 source tools/device/env.sh
 if [ "${CPU_ONLY:-0}" != 1 ]; then
   # six workers on the one GPU (30 tests in 286 s on one H100, 2026-12-07; eight were slower: 29 of 34 done at 330 s):
-  # the tests are independent subprocesses, each far from filling the card. The suite's record (counts, wall time, each test's time) is
-  # $OUT/gpu_tests_<device>_<date>.json (benchmarks/gpu_suite.py).
+  # the tests are independent subprocesses, each far from filling the card. The suite's record (counts, wall time,
+  # each test's time) is $OUT/gpu_tests_<device>_<date>.json (benchmarks/gpu_suite.py).
   python3 benchmarks/gpu_suite.py "$OUT" --workers "${GPU_WORKERS:-6}" --timeout "${GPU_SECONDS:-400}" \
     ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
 fi

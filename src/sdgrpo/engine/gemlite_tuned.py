@@ -9,9 +9,9 @@ the configurations that beat it as a file of gemlite's format; those shipped her
 Entries for other shapes and cards stay gemlite's. ``ENABLED = False`` (bench_step's ``+shippedcfg``) keeps gemlite's
 own.
 
-Shadowed upstream behaviour (gemlite 0.6, pinned in tests/test_private_api.py): ``GemLiteLinear.load_config`` and the
-table ``gemlite.core.GEMLITE_TRITON_CONFIG_CACHE`` its kernels' pruners read, keyed by kernel type and
-``str((M bucket, N, K, group, values a word, type id))``.
+Shadowed upstream behaviour (gemlite 0.6, which imports only with CUDA: pinned by the tuned-configuration test in
+tests/gpu/test_gpu.py): ``GemLiteLinear.load_config`` and the table ``gemlite.core.GEMLITE_TRITON_CONFIG_CACHE`` its
+kernels' pruners read, keyed by kernel type and ``str((M bucket, N, K, group, values a word, type id))``.
 """
 
 from __future__ import annotations
@@ -39,11 +39,16 @@ def file_for(device_name: str, folder: Path | None = None) -> Path | None:
     return next((folder / f"{tag}.json" for tag in tags if tag in name), None)
 
 
+def signature_key(signature: str) -> tuple:
+    """A gemlite table key, ``"(8, 37888, 3584, 64, 8, 104)"``, as the tuple it was written from."""
+    return tuple(json.loads(signature.replace("(", "[").replace(")", "]")))
+
+
 def check(table: dict) -> None:
     """Raises ValueError unless ``table`` is a gemlite config table whose every entry has the keys its pruner reads."""
     for kind, entries in table.items():
         for signature, config in entries.items():
-            key = tuple(json.loads(signature.replace("(", "[").replace(")", "]")))
+            key = signature_key(signature)
             if len(key) != 6 or not all(isinstance(v, int) for v in key):
                 raise ValueError(f"{kind} {signature}: not a gemlite signature (M, N, K, group, per word, type)")
             missing = KEYS - set(config)
