@@ -17,8 +17,36 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def recorded_seconds(results: Path = RESULTS) -> dict[str, float]:
+    """Each test's seconds in the newest GPU suite record (``gpu_tests_*.json`` by its date; benchmarks/gpu_suite.py),
+    keyed as pytest's junit XML names a test: ``tests.gpu.test_gpu::test_name[param]``."""
+    import json
+
+    records = [json.loads(f.read_text()) for f in results.glob("gpu_tests_*.json")]
+    if not records:
+        return {}
+    newest = max(records, key=lambda r: r["date"])
+    return {t["test"]: t["seconds"] for row in newest["rows"] for t in row.get("tests", [])}
+
+
+def longest_first(items: list, seconds: dict[str, float]) -> None:
+    """``items`` sorted in place by their recorded seconds, longest first, and tests without a record before them all
+    (a new test may be long). pytest-xdist's load scheduling hands tests out in this order, two queued a worker, so
+    the longest do not start last: from the record of 2026-12-07 (one H100, six workers) that order simulates to
+    255 s, random orders to 275-312 s."""
+    def key(item):
+        path, _, name = item.nodeid.partition("::")
+        return -seconds.get(f"{path.removesuffix('.py').replace('/', '.')}::{name}", float("inf"))
+
+    items.sort(key=key)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
+        longest_first(items, recorded_seconds())
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
     for item in items:

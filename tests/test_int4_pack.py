@@ -72,13 +72,17 @@ def test_a_bf16_weight_gives_what_its_float32_values_give(int4_pack):
     assert torch.equal(words, pack_gemlite(q)) and torch.equal(scales, scale.t()) and torch.equal(lows, low.t())
 
 
-def test_a_group_holding_nan_gets_nan_scales_as_the_torch_quantiser_gives(int4_pack):
+# NaN as Python writes it (0x7FC00000), CUDA's canonical NaN (0x7FFFFFFF: the bf16 rounding's carry ran into the
+# sign bit and wrote -0.0 on an H100, 2026-12-07) and negative NaNs
+@pytest.mark.parametrize("nan_bits", [0x7FC00000, 0x7FFFFFFF, -1, -0x400000])
+def test_a_group_holding_nan_gets_nan_scales_as_the_torch_quantiser_gives(int4_pack, nan_bits):
     """A diverged weight is not hidden: torch's aminmax propagates NaN into the group's scale and low, and so does
-    the kernel (Triton's own min / max drop it); the other groups are unchanged."""
+    the kernel (Triton's own min / max drop it), whatever the NaN's bits; the other groups are unchanged."""
     from sdgrpo.engine import pack_gemlite, quantise_affine
 
     w = weights(40, 256, 64)
-    w[5, 70] = float("nan")
+    w[5, 70] = torch.tensor([nan_bits], dtype=torch.int32).view(torch.float32)[0]
+    assert bool(w[5, 70].isnan())
     _, scale, low = quantise_affine(w, 64)
     assert bool(scale[5, 1].isnan()) and bool(low[5, 1].isnan())
     words = torch.zeros(32, 40, dtype=torch.int32)

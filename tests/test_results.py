@@ -184,3 +184,25 @@ def test_a_gpu_suite_stopped_at_its_timeout_still_records_the_tests_that_finishe
     assert row["timed_out"] is True and "error" not in row and row["interrupted"] == 1
     assert {t["test"].split("::")[-1]: t["outcome"] for t in row["tests"]} == {"test_a_passes": "passed",
                                                                                "test_b_fails": "failed"}
+
+
+def test_gpu_tests_are_ordered_longest_first_by_the_newest_suite_record(tmp_path):
+    """conftest.longest_first with conftest.recorded_seconds: the newest record by date decides (not the file name),
+    tests it does not know go first, and the rest by their seconds, longest first."""
+    from types import SimpleNamespace
+
+    import conftest
+
+    def record(date, times):
+        return {"date": date, "rows": [{"tests": [{"test": f"tests.gpu.test_gpu::{n}", "seconds": s}
+                                                  for n, s in times.items()]}]}
+
+    (tmp_path / "gpu_tests_h100_b.json").write_text(json.dumps(record("2026-12-01", {"a": 1.0, "b": 9.0})))
+    (tmp_path / "gpu_tests_h100_a.json").write_text(json.dumps(record("2026-12-07", {"a": 5.0, "b": 2.0,
+                                                                                     "c[x]": 7.5})))
+    seconds = conftest.recorded_seconds(tmp_path)
+    assert seconds == {"tests.gpu.test_gpu::a": 5.0, "tests.gpu.test_gpu::b": 2.0, "tests.gpu.test_gpu::c[x]": 7.5}
+    items = [SimpleNamespace(nodeid=f"tests/gpu/test_gpu.py::{n}") for n in ("b", "a", "new", "c[x]")]
+    conftest.longest_first(items, seconds)
+    assert [i.nodeid.split("::")[1] for i in items] == ["new", "c[x]", "a", "b"]
+    assert conftest.recorded_seconds(tmp_path / "none") == {}

@@ -29,10 +29,10 @@ BLOCK_ROWS = 32  # rows a program: a word of 32 neighbouring rows is one 128-byt
 @triton.jit
 def _bf16_nearest_even(x):
     """float32 ``x`` rounded to the nearest bf16 (ties to even), still as float32: by hand, as the interpreter's
-    conversion truncates."""
+    conversion truncates. NaN stays NaN: the carry of CUDA's canonical NaN (0x7FFFFFFF) runs into the sign bit."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16  # uint32: logical shifts
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
