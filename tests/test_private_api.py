@@ -4,9 +4,10 @@ sdgrpo pins trl 1.15.0 and transformers <= 5.17.0 (Unsloth's range). An upgrade 
 any of these fails here, in CI, instead of silently changing what a run computes. Where each is used:
 ``grpo_trainer.py`` and ``grpo/`` (GRPO hooks), ``checkpointing.py`` (checkpoint overrides), ``compat.py`` (the
 Triton stand-in), ``callbacks.py`` (TRL's metric store), ``fsdp.py`` (FSDP2 internals), ``engine/`` (transformers'
-generation config resolution, PEFT's per-layer adapter switch, transformers' SDPA attention and its head pairing),
-``sft.py`` (SFTTrainer's ``compute_loss_func`` hook), ``progress.py`` (transformers' progress callback), ``replay.py``
-with ``sft.py`` and ``grpo/rollouts.py`` (the samplers of self-replay, the column its collator keeps).
+generation config resolution, PEFT's per-layer adapter switch, transformers' SDPA attention and its head pairing,
+inductor's cuBLAS workspace guard around a capture), ``sft.py`` (SFTTrainer's ``compute_loss_func`` hook),
+``progress.py`` (transformers' progress callback), ``replay.py`` with ``sft.py`` and ``grpo/rollouts.py`` (the
+samplers of self-replay, the column its collator keeps).
 """
 
 from __future__ import annotations
@@ -350,3 +351,15 @@ def test_the_mlp_call_that_tiling_wraps(family):
     layer = getattr(module, f"{family.capitalize()}DecoderLayer")
     assert issubclass(layer, GradientCheckpointingLayer)
     assert "hidden_states = self.mlp(hidden_states)" in inspect.getsource(layer.forward)
+
+
+def test_the_cublas_workspace_guard_the_engines_capture_uses():
+    """engine/decode.py captures its step inside inductor's ``clear_cublas_manager``: a context manager that clears
+    PyTorch's per-(handle, stream) cuBLAS workspaces on entry and on exit, through ``_cuda_clearCublasWorkspaces``."""
+    from torch._inductor import cudagraph_trees
+
+    manager = cudagraph_trees.clear_cublas_manager
+    assert inspect.isfunction(inspect.unwrap(manager))
+    source = inspect.getsource(inspect.unwrap(manager))
+    assert source.count("clear_cublass_cache()") == 2
+    assert "torch._C._cuda_clearCublasWorkspaces()" in inspect.getsource(cudagraph_trees.clear_cublass_cache)

@@ -495,9 +495,9 @@ def test_a_4bit_base_decodes_through_gemlite_int4_copies(qwen_dir, tiny_tokenize
 
 def test_copies_not_held_free_their_memory_and_decode_from_a_new_graph_as_held_ones(qwen_dir, tiny_tokenizer):
     """NF4 base, gemlite int4 copies, ``hold_copies`` false: after each call the copies' memory is allocated no more
-    (at least half their weights' bytes below what the engine that holds them keeps), the next call captures its
-    CUDA graph again on the new addresses where they moved, and its greedy tokens are the held engine's (but for
-    near-ties)."""
+    (at least half their weights' bytes below what the engine that holds them keeps, and no more after the third
+    call than after the first), the next call captures its CUDA graph again on the new addresses where they moved,
+    and its greedy tokens are the held engine's (but for near-ties)."""
     from peft import LoraConfig, get_peft_model
 
     from sdgrpo.engine import DecodeEngine
@@ -516,7 +516,7 @@ def test_copies_not_held_free_their_memory_and_decode_from_a_new_graph_as_held_o
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     held = DecodeEngine(compile=True, generation_weights="int4", int4_kernel="gemlite")
-    want = [held.generate(model, **enc, do_sample=False, **kw) for _ in range(2)]
+    want = [held.generate(model, **enc, do_sample=False, **kw) for _ in range(3)]
     torch.cuda.synchronize()
     held_growth = torch.cuda.memory_allocated() - before
     del held
@@ -524,7 +524,8 @@ def test_copies_not_held_free_their_memory_and_decode_from_a_new_graph_as_held_o
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     freed = DecodeEngine(compile=True, generation_weights="int4", int4_kernel="gemlite", hold_copies=False)
-    for call in range(2):
+    grown = []
+    for call in range(3):
         got = freed.generate(model, **enc, do_sample=False, **kw)  # split-K sums in any order: near-ties may flip
         assert got.shape == want[call].shape and (got == want[call]).float().mean() > 0.95
         copies = [c for known in freed.quantised.groups.values() for c, _ in known.values()]
@@ -534,7 +535,10 @@ def test_copies_not_held_free_their_memory_and_decode_from_a_new_graph_as_held_o
         # bound of the weights' bytes alone failed on an H100 at 33.8 MB for 29.8 MB of weights, 2026-12-07: the
         # cache and pool of this small shape weigh about as much as its copies)
         assert held_growth - (torch.cuda.memory_allocated() - before) > weights / 2, (held_growth, weights)
-    assert freed.captures >= 1
+        grown.append(torch.cuda.memory_allocated() - before)
+    # later calls hold what the first held: the second once held exactly 32 MiB more (36.3 then 69.9 MB, one H100,
+    # 2026-12-07), the size of a cuBLAS workspace there; engine._capture now clears them as inductor does
+    assert freed.captures >= 1 and max(grown) - grown[0] < 2**20, grown
 
 
 def test_a_4bit_base_decodes_through_16bit_copies_where_they_fit(qwen_dir, tiny_tokenizer):

@@ -217,17 +217,25 @@ class DecodeEngine(_ModeChoice):
         st.step.fill_(1)
 
     def _capture(self, model, st: _State, s: Sampling):
-        """The step as a CUDA graph (after warm-up runs that compile it), or None if it cannot be captured."""
+        """The step as a CUDA graph (after warm-up runs that compile it), or None if it cannot be captured.
+
+        cuBLAS workspaces are cleared before and after, as inductor's own captures do (``clear_cublas_manager``):
+        PyTorch keeps one per (handle, stream) until cleared, so the warm-up's side stream and the capture each left
+        one behind (32 MiB on an H100): a second call of an engine that frees its copies held 32 MiB more than the
+        first (one H100, 2026-12-07), and a recapture at every call would have added one each time."""
+        from torch._inductor.cudagraph_trees import clear_cublas_manager
+
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):
+            with clear_cublas_manager():
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(3):
+                        self._advance(model, st, s)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
                     self._advance(model, st, s)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._advance(model, st, s)
             self.captures += 1
             return graph
         except Exception as e:  # noqa: BLE001 - a model whose step cannot be captured still decodes, step by step
