@@ -222,7 +222,7 @@ class DecodeEngine(_ModeChoice):
         cuBLAS workspaces are cleared before and after, as inductor's own captures do (``clear_cublas_manager``):
         PyTorch keeps one per (handle, stream) until cleared, so the warm-up's side stream and the capture each left
         one behind (32 MiB on an H100): a second call of an engine that frees its copies held 32 MiB more than the
-        first (one H100, 2026-12-07), and a recapture at every call would have added one each time."""
+        first (one H100, 2026-12-07); recaptures would have added one per stream of PyTorch's pool of 32."""
         from torch._inductor.cudagraph_trees import clear_cublas_manager
 
         try:
