@@ -308,3 +308,21 @@ def test_kd_loss_in_chunks_holds_no_batch_sized_fp32_tensor_for_backward(tiny_to
     assert torch.allclose(grads[0][3], grads[1][3], atol=1e-8)
     counted = int((labels[:, 1:] != -100).sum())
     assert largest < counted * vocab  # no [counted tokens, vocab] fp32 tensor held for backward
+
+
+def test_sft_leaves_its_prepared_folder_as_prepare_wrote_it(tmp_path, tiny_model_dir, corpus):
+    """SFTTrainer tokenises the dataset with ``map``: a dataset read from its folder would get the map's cache files
+    written beside its arrow files, in the user's folder, and `sdgrpo prepare` would then refuse to rebuild it (files
+    it did not write). Read into memory, nothing is written there: the folder holds what prepare wrote and is
+    rebuilt."""
+    data = tmp_path / "prepared"
+    args = ("prepare", corpus / "ruth.txt", "--output", data, "--model", tiny_model_dir, "--max_prompt_tokens", "24")
+    assert run_cli(*args).returncode == 0
+    written = sorted(p.relative_to(data) for p in data.rglob("*"))
+    r = run_cli("sft", "--model_name_or_path", tiny_model_dir, "--dataset_path", data, "--output_dir",
+                tmp_path / "sft", "--max_steps", 1, "--per_device_train_batch_size", 2, "--report_to", "none",
+                "--save_strategy", "no", "--heldout_eval_steps", 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == written
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]

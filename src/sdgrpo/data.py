@@ -258,8 +258,8 @@ def load_prompts(path: str | None, split: str = "train", limit: int | None = Non
                         "prepare`)")
     if not Path(path).is_dir():
         raise UserError(f"{path}: no such dataset folder; create it with `sdgrpo prepare TEXT --output {path}`")
-    try:
-        ds = load_from_disk(path)
+    try:  # into memory: a map over it (SFTTrainer's tokenising) then writes no cache files into the user's folder
+        ds = load_from_disk(path, keep_in_memory=True)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(f"{path}: not a saved dataset ({err}); create it with `sdgrpo prepare`") from None
     if isinstance(ds, DatasetDict):
