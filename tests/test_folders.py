@@ -138,3 +138,24 @@ def test_demo_takes_an_earlier_versions_demo_folder_and_refuses_a_training_run(t
     with pytest.raises(UserError, match=r"--output .*run holds a run of sdgrpo train or sft "
                                         r"\(adapter_model.safetensors\); pass another --output$"):
         demo.main(demo.DemoConfig(output=str(run)))
+
+
+def test_start_over_moves_an_eval_folder_only_where_sdgrpo_eval_wrote_it(tmp_path):
+    """An earlier run's entries are what --start_over moves aside; an eval/ among them only where `sdgrpo eval`
+    wrote it (its manifest names every file in it), never one the user made or added a file to."""
+    from sdgrpo.folders import write_manifest
+    from sdgrpo.runs import earlier_run
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    write_manifest(run, "train")
+    (run / "adapter_model.safetensors").write_bytes(b"x")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "eval" / "my_notes.txt").write_text("mine")
+    assert earlier_run(run) == ["adapter_model.safetensors", "metrics.jsonl"]
+    (run / "eval" / "my_notes.txt").unlink()
+    (run / "eval" / "eval.json").write_text("{}")
+    write_manifest(run / "eval", "eval", list_files=True)
+    assert earlier_run(run) == ["adapter_model.safetensors", "eval", "metrics.jsonl"]
+    (run / "eval" / "my_notes.txt").write_text("mine, added later")
+    assert earlier_run(run) == ["adapter_model.safetensors", "metrics.jsonl"]

@@ -36,6 +36,7 @@ from sdgrpo.folders import (
     PREVIOUS,
     cannot_write,
     is_empty,
+    is_replaceable,
     read_manifest,
     release_lock,
     set_aside,
@@ -76,7 +77,9 @@ def earlier_run(out: Path) -> list[str]:
     trained = any(next(out.glob(p), None) for p in PROGRESS) or (metrics.is_file() and metrics.stat().st_size > 0)
     if not trained:
         return []
-    return sorted(p.name for p in out.iterdir() if any(p.match(pattern) for pattern in RUN_WRITES))
+    # eval/ only where `sdgrpo eval` wrote it and nothing was added since: a user's own eval/ stays where it is
+    return sorted(p.name for p in out.iterdir() if any(p.match(pattern) for pattern in RUN_WRITES)
+                  and (p.name != "eval" or is_replaceable(p)))
 
 
 @contextmanager
