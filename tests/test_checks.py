@@ -423,3 +423,21 @@ def test_a_missing_teacher_and_a_folder_that_is_no_model_are_refused_before_the_
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert line in r.stderr.strip().splitlines()[-1], r.stderr[-600:]
         assert not out.exists()
+
+
+@pytest.mark.parametrize("verb", ["train", "sft"])
+@pytest.mark.parametrize("logger, says", [("tensorbord", "not a logger transformers knows; pass one of "),
+                                          ("swanlab", "its package is not installed here")])
+def test_a_logger_unknown_or_not_installed_is_one_line_before_the_text_is_prepared(verb, logger, says, tmp_path,
+                                                                                   capsys, corpus):
+    """`--report_to` is checked with transformers' own lists before any work: a typo, or a logger whose package this
+    machine lacks, is one line and exit 2, and the run folder is not made (transformers raised only when the trainer
+    was built, after the text was prepared and the model loaded: a traceback, exit 1)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    assert "swanlab" not in get_available_reporting_integrations()  # what the second case stands for
+    out = tmp_path / "out"
+    assert cli_main([verb, "--dataset_path", str(corpus), "--output_dir", str(out), "--report_to", logger]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sdgrpo {verb}: error: --report_to {logger}: {says}"), err
+    assert not out.exists()

@@ -356,6 +356,7 @@ def check_machine(configs) -> None:
 
         require_4bit("--load_in_4bit" if values.get("load_in_4bit") else "--teacher_load_in_4bit",
                      "cuda" if torch.cuda.is_available() else "cpu")
+    _check_loggers(values.get("report_to"))
     if values.get("generation_int4_kernel") == "gemlite":
         from sdgrpo.engine import gemlite_available
 
@@ -363,6 +364,22 @@ def check_machine(configs) -> None:
         if reason is not None:
             raise UserError(f"--generation_int4_kernel gemlite: {reason}; use --generation_int4_kernel tinygemm or "
                             "auto")
+
+
+def _check_loggers(report_to) -> None:
+    """``--report_to``: loggers transformers knows and this machine has (its own lists), else one line; transformers
+    would raise only once the trainer is built, after the text is prepared and the model loaded."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in (n for n in names if n not in ("all", "none")):
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise UserError(f"--report_to {name}: not a logger transformers knows; pass one of "
+                            f"{', '.join(INTEGRATION_TO_CALLBACK)}, or none")
+        if name not in get_available_reporting_integrations():
+            raise UserError(f"--report_to {name}: its package is not installed here; install it, or pass one of "
+                            f"{', '.join(get_available_reporting_integrations()) or 'none'} (or none)")
 
 
 def check_generation_memory(train_cfg, model_cfg, config) -> None:
