@@ -45,3 +45,18 @@ def test_a_model_that_matches_a_colder_base_is_called_sharpened_not_unchanged():
             0.7: {"reward_mean": -2.3, "distinct_2": 0.70, "reward_std": 0.4, "prompts": 16}}
     sentence = verdict({"reward_mean": -2.25, "distinct_2": 0.705, "reward_std": 0.4, "prompts": 16}, base)
     assert sentence.startswith("Training did not beat the temperature frontier") and "T=0.7" in sentence, sentence
+
+
+def test_a_model_behind_the_base_at_its_own_temperature_is_not_called_sharpened():
+    """An sft adapter below the base at T=1 on reward and on distinct-2 (one CPU run: -3.143 / 0.910 against
+    -2.894 / 0.940, the base at T=0.85 at -2.465) is not "a sharpened base": the verdict names the base at T=1 and
+    the colder temperature's higher reward, and no sharpening."""
+    base = {1.0: {"reward_mean": -2.894, "distinct_2": 0.940, "reward_std": 0.4, "prompts": 16},
+            0.85: {"reward_mean": -2.465, "distinct_2": 0.925, "reward_std": 0.4, "prompts": 16}}
+    sentence = verdict({"reward_mean": -3.143, "distinct_2": 0.910, "reward_std": 0.4, "prompts": 16}, base)
+    assert sentence == ("Training did not beat the base model at its own temperature: sampled at T=1.0, as the "
+                        "trained model is, the base has at least the trained model's reward (-2.894 vs -3.143) and "
+                        "diversity (distinct-2 0.940 vs 0.910) within sampling noise; at T=0.85 its reward is higher "
+                        "still (-2.465).")
+    hotter = {1.0: {"reward_mean": -3.0, "distinct_2": 0.8}, 1.2: {"reward_mean": -2.0, "distinct_2": 0.95}}
+    assert "sharpened" not in verdict({"reward_mean": -2.5, "distinct_2": 0.9}, hotter)

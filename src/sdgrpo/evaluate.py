@@ -119,7 +119,8 @@ def verdict(trained: dict, baselines: dict) -> str:
     A baseline dominates when its reward and its distinct-2 are both at least the trained model's, within sampling
     noise (:func:`reward_tolerance`, :data:`DISTINCT_TOLERANCE`): a trained model better by less than the noise has
     not beaten anything. Within the noise of the base at T=1 (the temperature the trained model is sampled at) on
-    both, the sentence says no measurable difference; of a colder base, that training only sharpened.
+    both, the sentence says no measurable difference; behind the base at T=1, that it did not beat the base at its own
+    temperature; behind a colder base only, that training only sharpened.
     """
     def close(v: dict) -> tuple[bool, bool]:
         return (abs(v["reward_mean"] - trained["reward_mean"]) <= reward_tolerance(v, trained),
@@ -136,10 +137,17 @@ def verdict(trained: dict, baselines: dict) -> str:
                     f"{reward_tolerance(v, trained):.3f}) and diversity (distinct-2 {v['distinct_2']:.3f} vs "
                     f"{trained['distinct_2']:.3f}) as the trained model.")
         t, v = max(dominating, key=lambda tv: tv[1]["reward_mean"])
+        if 1.0 in dict(dominating):  # behind the base at its own temperature: not a sharpened base, a worse one
+            one = baselines[1.0]
+            colder = f"; at T={t} its reward is higher still ({v['reward_mean']:.3f})" if t != 1.0 else ""
+            return (f"Training did not beat the base model at its own temperature: sampled at T=1.0, as the trained "
+                    f"model is, the base has at least the trained model's reward ({one['reward_mean']:.3f} vs "
+                    f"{trained['reward_mean']:.3f}) and diversity (distinct-2 {one['distinct_2']:.3f} vs "
+                    f"{trained['distinct_2']:.3f}) within sampling noise{colder}.")
         return (f"Training did not beat the temperature frontier: the base model sampled at T={t} has at least the "
                 f"trained model's reward ({v['reward_mean']:.3f} vs {trained['reward_mean']:.3f}) and diversity "
-                f"(distinct-2 {v['distinct_2']:.3f} vs {trained['distinct_2']:.3f}) within sampling noise; this run "
-                "only sharpened the base.")
+                f"(distinct-2 {v['distinct_2']:.3f} vs {trained['distinct_2']:.3f}) within sampling noise"
+                + ("; this run only sharpened the base." if t < 1.0 else "."))
     return ("Training beat the temperature frontier: no temperature tried gives the base model both the trained "
             f"model's reward ({trained['reward_mean']:.3f}) and its diversity (distinct-2 "
             f"{trained['distinct_2']:.3f}), beyond sampling noise.")
