@@ -76,3 +76,26 @@ def test_a_checkpoint_whose_file_changed_size_is_passed_over(tmp_path):
     (tmp_path / "checkpoint-2" / "sub" / "state.json").unlink()
     assert checkpoint_state.last_complete_checkpoint(tmp_path) is None
 
+
+
+def test_a_run_of_the_shipped_model_resumes_wherever_sdgrpo_is_installed_now(tmp_path):
+    """resolved_config.yaml holds the shipped model's absolute path (the default model_name_or_path): a resume
+    from another install of sdgrpo (a new environment, another checkout) names the same model and is not refused;
+    another shipped model, or a user's folder of that name, still is."""
+    import pytest
+    import yaml
+
+    from sdgrpo.errors import UserError
+
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"x")
+    checkpoint_state.write_marker(out / "checkpoint-2", {"step": 2})
+    old = "/old/env/lib/python3.11/site-packages/sdgrpo/assets/tiny-llama"
+    (out / "resolved_config.yaml").write_text(yaml.safe_dump({"model_name_or_path": old, "output_dir": str(out)}))
+    now = {"model_name_or_path": str(tmp_path / "checkout" / "src" / "sdgrpo" / "assets" / "tiny-llama"),
+           "output_dir": str(out)}
+    assert checkpoint_state.check_resume(out, now) == out / "checkpoint-2"
+    for other in (str(tmp_path / "src" / "sdgrpo" / "assets" / "tiny-qwen"), str(tmp_path / "models" / "tiny-llama")):
+        with pytest.raises(UserError, match="was trained with other settings .model_name_or_path"):
+            checkpoint_state.check_resume(out, {**now, "model_name_or_path": other})

@@ -170,8 +170,11 @@ _PATH_OPTION = re.compile(r"path|_dir$|adapter$")
 
 def _place(value: str, run_folder: str | None) -> tuple[str, str]:
     """A path option as the place it names: inside the run folder, relative to that folder (which may have moved
-    since, or be written ``run/`` one time and ``run`` the next); elsewhere, resolved."""
+    since, or be written ``run/`` one time and ``run`` the next); a model sdgrpo ships, by its name (the package may
+    be installed elsewhere since: a new environment, another checkout); elsewhere, resolved."""
     path = os.path.normpath(os.path.expanduser(value))
+    if Path(path).parts[-3:-1] == ("sdgrpo", "assets"):  # a model sdgrpo ships: the same wherever it is installed
+        return "shipped", Path(path).name
     if run_folder:
         root = os.path.normpath(os.path.expanduser(run_folder))
         if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
