@@ -42,3 +42,16 @@ def test_an_interrupted_atomic_write_leaves_the_old_file_whole(tmp_path, monkeyp
     with pytest.raises(OSError):
         write_atomic(path, '{"step": 2, "and much more": true}')
     assert path.read_text() == '{"step": 1}' and [p.name for p in tmp_path.iterdir()] == ["marker.json"]
+
+
+def test_a_utf8_character_cut_off_at_the_end_loses_only_itself(caplog):
+    """An excerpt cut by bytes ends in part of a character: the text before it is read, with a warning naming the
+    file and the bytes dropped (the whole file was skipped, 30 KB for 2 bytes). Where nothing before is beyond ASCII,
+    the bytes may as well be Latin-1: refused as before. A bad byte before the end is refused too."""
+    text = "Alice — «down the rabbit hole» and héllo"
+    raw = (text + "ö").encode()[:-1]
+    assert decode_text(raw, "alice.txt") == text
+    assert "alice.txt: its last character is cut off (1 of its bytes, not whole UTF-8)" in caplog.text
+    for bad in (b"plain ascii then \xe2\x80", text.encode() + b"\xff" + b"tail"):
+        with pytest.raises(TextDecodeError, match="not valid UTF-8"):
+            decode_text(bad, "x.txt")

@@ -3,8 +3,11 @@ small files that other processes or a later run read as markers, atomically."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -44,9 +47,14 @@ def decode_text(raw: bytes, where: str) -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise TextDecodeError(
-            f"{where}: not valid UTF-8 (byte {err.start}); re-save it as UTF-8"
-        ) from None
+        # a UTF-8 character cut off at the very end (an excerpt cut by bytes): the text before it is whole. Only where
+        # that text holds other UTF-8 characters: a Latin-1 "caf\xe9" also ends in what begins a UTF-8 character
+        head = raw[:err.start].decode("utf-8-sig") if err.reason == "unexpected end of data" else ""
+        if err.end != len(raw) or head.isascii():
+            raise TextDecodeError(f"{where}: not valid UTF-8 (byte {err.start}); re-save it as UTF-8") from None
+        text = head
+        logger.warning("%s: its last character is cut off (%d of its bytes, not whole UTF-8); read without it",
+                       where, len(raw) - err.start)
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
