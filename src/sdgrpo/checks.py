@@ -367,8 +367,7 @@ def check_machine(configs) -> None:
 
 
 def _check_loggers(report_to) -> None:
-    """``--report_to``: loggers transformers knows and this machine has (its own lists), else one line; transformers
-    would raise only once the trainer is built, after the text is prepared and the model loaded."""
+    """``--report_to``: loggers transformers knows and this machine has (its lists), before the text is prepared."""
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
