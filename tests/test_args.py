@@ -106,8 +106,9 @@ def test_every_verb_prints_its_options(verb, capsys):
     assert f"usage: sdgrpo {verb}" in out and OPTION[verb] in out
 
 
-@pytest.mark.parametrize("verb, first", [("train", ("--dataset_path", "--reward", "--beta")),
-                                         ("sft", ("--dataset_path", "--teacher_model_name_or_path", "--kd_weight"))])
+@pytest.mark.parametrize("verb, first", [
+    ("train", ("--model_name_or_path", "--dataset_path", "--output_dir", "--reward", "--max_steps")),
+    ("sft", ("--model_name_or_path", "--dataset_path", "--output_dir", "--max_steps", "--teacher_model_name_or_path"))])
 def test_help_leads_with_sdgrpos_options_and_lists_every_option_once(verb, first):
     """`sdgrpo train --help` (and sft's): sdgrpo's options, grouped, on the first screen; every option of the verb
     listed exactly once; TRL's and transformers' own after all of sdgrpo's, under their heading."""
@@ -126,7 +127,9 @@ def test_help_leads_with_sdgrpos_options_and_lists_every_option_once(verb, first
     screen = "\n".join(lines[:40])
     for option in first:
         assert re.search(rf"^  {option}\b", screen, re.M), (option, screen)
-    assert "sdgrpo: data:" in screen and "sdgrpo: reward:" in screen
+    assert "sdgrpo: the run:" in screen and "sdgrpo: reward:" in screen
+    assert all(flag in " ".join(screen.split()) for flag in ("--config FILE.yaml reads", "--resume continues",
+                                                             "--start_over moves it aside: both bare flags"))
     heading = next(i for i, line in enumerate(lines) if line.startswith(INHERITED))
     where = {}
     for f in (f for cls in classes for f in dataclasses.fields(cls) if f.init):
@@ -135,7 +138,7 @@ def test_help_leads_with_sdgrpos_options_and_lists_every_option_once(verb, first
         where[f.name] = at[0]
     ours = declared_by_sdgrpo(classes)
     assert ours and all(where[name] < heading for name in ours)
-    assert all(where[name] > heading for name in where.keys() - ours - {"log_level"})
+    assert all(where[name] > heading for name in where.keys() - ours - {"log_level", "max_steps"})
     assert where["per_device_train_batch_size"] > heading > where["learning_rate"]
 
 

@@ -124,14 +124,16 @@ def _merge_repeated(argv: list[str], lists: set[str]) -> list[str]:
 
 # `--help`: sdgrpo's options (the fields sdgrpo's dataclasses declare, new or with a changed default or meaning), in
 # these groups and this order; one of sdgrpo's in none of them is listed under "other sdgrpo options". An inherited
-# option named here is one whose meaning sdgrpo changes (log_level debug: the full metric dicts on the terminal).
+# option named here is one whose meaning sdgrpo changes (log_level debug: the full metric dicts on the terminal) or
+# one every run sets (max_steps, in the first group with what a run needs).
 HELP_GROUPS = {
-    "data": ("dataset_path", "max_train_prompts", "max_prompt_length", "max_length"),
-    "reward": ("reward", "reward_aggregation", "reward_token_budget", "score_with", "beta", "advantage",
+    "the run": ("model_name_or_path", "dataset_path", "output_dir", "reward", "max_steps"),
+    "data": ("max_train_prompts", "max_prompt_length", "max_length"),
+    "reward": ("reward_aggregation", "reward_token_budget", "score_with", "beta", "advantage",
                "sequence_advantage_weight", "distill_topk", "distill_topk_weight", "teacher_model_name_or_path",
                "teacher_adapter", "teacher_load_in_4bit", "teacher_retokenize", "kd_weight",
                "reuse_reference_logprobs"),
-    "model and LoRA": ("model_name_or_path", "use_peft", "dtype", "lora_target_modules", "backend", "cudnn_attention",
+    "model and LoRA": ("use_peft", "dtype", "lora_target_modules", "backend", "cudnn_attention",
                        "learning_rate", "disable_dropout"),
     "engine (rollouts)": ("generation_engine", "generation_compile", "generation_weights", "generation_int4_kernel",
                           "rollout_correction", "rollout_correction_mode", "max_completion_length",
@@ -141,11 +143,12 @@ HELP_GROUPS = {
     "collapse guard and held-out text": ("collapse_guard", "guard_max_seq_rep_increase", "guard_max_distinct2_drop",
                                          "guard_min_length_fraction", "guard_max_heldout_increase", "guard_patience",
                                          "heldout_eval_steps", "heldout_eval_prompts", "keep_best_heldout"),
-    "run folder and logging": ("output_dir", "save_steps", "logging_steps", "report_to", "log_level"),
+    "run folder and logging": ("save_steps", "logging_steps", "report_to", "log_level"),
 }
 INHERITED = "inherited from TRL and transformers"  # the heading of the options sdgrpo leaves as they are
 # what sdgrpo adds to the help of an inherited option it gives another meaning
-HELP_NOTES = {"log_level": "sdgrpo: debug or detail prints each logging step's whole metric record instead of its "
+HELP_NOTES = {"max_steps": "sdgrpo: without it a run lasts --num_train_epochs passes over the prompts (3 by default).",
+              "log_level": "sdgrpo: debug or detail prints each logging step's whole metric record instead of its "
                            "compact line, and keeps every library's progress bar (sdgrpo.progress)."}
 
 
@@ -175,8 +178,10 @@ def _group_help(parser, classes: tuple) -> None:
     other = parser.add_argument_group("other sdgrpo options")
     base = parser.add_argument_group(f"{INHERITED} ({', '.join(owners)}): their own meanings and defaults")
     if "output_dir" in ours:
-        groups["run folder and logging"].description = (
-            "--resume continues the run in --output_dir from its last checkpoint; --start_over moves it aside")
+        groups["the run"].description = (
+            "--config FILE.yaml reads options from a YAML file (the command line overrides it). --resume continues "
+            "the run in --output_dir from its last checkpoint, --start_over moves it aside: both bare flags, on the "
+            "command line only.")
     # argparse keeps each group's options in ``_group_actions`` and the groups in ``_action_groups``, which its help
     # formatter reads (private names of the standard library, unchanged since Python 3.2): moving an option between
     # groups changes the help only.
