@@ -189,3 +189,17 @@ def test_python_dash_m_sdgrpo_is_the_command(tmp_path):
     r = subprocess.run([sys.executable, "-m", "sdgrpo", "train", "--max_steps", "0"], capture_output=True, text=True,
                        timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "--max_steps must be" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("verb", ["train", "sft"])
+def test_resume_and_start_over_with_a_value_or_in_a_config_say_they_are_bare_flags(verb, tmp_path, capsys):
+    """`--resume=true` or `resume: true` in a YAML file was "unknown option(s) resume": the flags exist, as bare
+    words of the command line; the line says so, exit 2, nothing written."""
+    (tmp_path / "c.yaml").write_text("start_over: true\n")
+    for argv, where, flag in ((["--resume=true"], "command line", "resume"),
+                              (["--config", str(tmp_path / "c.yaml")], str(tmp_path / "c.yaml"), "start_over")):
+        assert cli_main([verb, "--output_dir", str(tmp_path / "out"), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"sdgrpo {verb}: error: {where}: --{flag} is a bare flag of the command line "
+                       f"(`sdgrpo {verb} ... --{flag}`): no value, and not in a config file"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]

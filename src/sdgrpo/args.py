@@ -67,6 +67,10 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
 def _check_known(keys, where: str, classes: tuple, prog: str) -> None:
     known = field_names(*classes)
     unknown = [k for k in keys if k not in known]
+    flag = next((k for k in unknown if k in ("resume", "start_over")), None)  # cli.RUN_FLAGS, read before parsing
+    if flag:
+        raise UserError(f"{where}: --{flag} is a bare flag of the command line (`{prog} ... --{flag}`): no value, "
+                        "and not in a config file")
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
                  for k in unknown]
