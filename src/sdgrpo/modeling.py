@@ -47,7 +47,8 @@ def check_model_path(name_or_path: str) -> None:
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local:
         if not path.is_dir():
-            raise UserError(f"{name_or_path}: no such model folder")
+            what = "a file, not a model folder" if path.exists() else "no such model folder"
+            raise UserError(f"{name_or_path}: {what}; pass a folder saved with save_pretrained, or a hub name")
         if not (path / "config.json").is_file():
             raise UserError(f"{name_or_path}: not a model folder (no config.json); pass a folder saved with "
                             "save_pretrained or a hub name")
@@ -122,7 +123,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"{name_or_path}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{name_or_path}: cannot load a tokenizer ({str(err).splitlines()[0]}); the folder needs its "
+                        "tokenizer's files (tokenizer.json or tokenizer.model, tokenizer_config.json) as "
+                        "save_pretrained writes them") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
