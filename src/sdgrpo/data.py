@@ -336,7 +336,7 @@ def prepared_or_raw(path: str | None, output_dir: str, model: str, args=None) ->
 
         cfg = PrepareConfig(inputs=[path], output=str(target), model=model)
         result = prepare(cfg, load_tokenizer(model), extra={"fingerprint": fingerprint})
-        logger.warning("raw text %s: prepared with the default options into %s (%d prompts: %d train, %d test)",
+        logger.info("raw text %s: prepared with the default options into %s (%d prompts: %d train, %d test)",
                        path, target, result["prompts"], result["train"], result["test"])
         return str(target)
 
