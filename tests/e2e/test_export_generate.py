@@ -35,7 +35,7 @@ def test_raw_folder_trains_in_one_command(trained):
     root, raw, out, first, again = trained
     assert (out / "data" / "prepare.json").is_file() and (out / "adapter_model.safetensors").is_file()
     said = [line for line in first.stderr.splitlines() if "prepared with the default options" in line]
-    assert len(said) == 1 and str(raw) in said[0]
+    assert len(said) == 1 and str(raw) in said[0] and said[0].startswith("INFO sdgrpo.data: raw text")
     skipped = [line for line in first.stderr.splitlines() if "skipping 1 file(s) of a type" in line]
     assert len(skipped) == 1 and "cover.png" in skipped[0]
     assert "using the prepared data" in again.stderr and "prepared with the default options" not in again.stderr
