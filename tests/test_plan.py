@@ -110,6 +110,29 @@ def test_dry_run_prints_the_plan_and_prepares_and_writes_nothing(tmp_path, corpu
     assert not out.exists()
 
 
+def test_dry_run_refuses_what_the_run_would_refuse_in_its_output_folder(tmp_path, corpus):
+    """`--dry_run` checks the output folder as the run does, writing nothing: a folder of the user's and an earlier run
+    (without --resume or --start_over) are the run's one-line refusals, exit 2; with --start_over the plan prints."""
+    from sdgrpo.folders import write_manifest
+
+    mine, run = tmp_path / "mine", tmp_path / "run"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    run.mkdir()
+    write_manifest(run, "train")
+    (run / "adapter_model.safetensors").write_bytes(b"x")
+    args = ("train", "--dry_run", "true", "--dataset_path", corpus / "jonah.txt", "--gpu_memory_gib", "16",
+            "--max_completion_length", "256", "--output_dir")
+    before = sorted(tmp_path.rglob("*"))
+    for out, says in ((mine, "this folder holds files sdgrpo did not write"), (run, "holds an earlier run")):
+        r = run_cli(*args, out)
+        errors = [line for line in r.stderr.splitlines() if "error" in line]
+        assert r.returncode == 2 and len(errors) == 1 and says in errors[0], r.stderr[-2000:]
+    r = run_cli(*args, run, "--start_over")
+    assert r.returncode == 0 and "fits, with" in r.stdout, r.stderr[-2000:]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_a_run_above_its_memory_is_refused_in_one_line_before_anything_is_written(tmp_path, corpus):
     out = tmp_path / "run"
     r = run_cli("train", "--dataset_path", corpus / "jonah.txt", "--output_dir", out, "--gpu_memory_gib", "0.01")

@@ -82,6 +82,32 @@ def earlier_run(out: Path) -> list[str]:
                   and (p.name != "eval" or is_replaceable(p)))
 
 
+def refuse_foreign(out: Path, option: str = "--output_dir") -> None:
+    """A folder of the user's (not empty, no manifest, no run's config) refused, as :func:`run_folder` does."""
+    if (out.is_dir() and not is_empty(out) and read_manifest(out) is None
+            and not (out / "resolved_config.yaml").is_file()):
+        held = sorted(p.name for p in out.iterdir())
+        raise UserError(f"{option} {out}: this folder holds files sdgrpo did not write ({', '.join(held[:3])}"
+                        f"{', ...' if len(held) > 3 else ''}); sdgrpo writes only into a new or empty folder, or its "
+                        f"own: pass another {option}")
+
+
+def refuse_earlier(out: Path, resume: bool, start_over: bool, option: str = "--output_dir") -> list[str]:
+    """An earlier run in ``out`` refused unless ``resume`` or ``start_over``; the entries --start_over moves aside."""
+    earlier = [] if resume or not out.is_dir() else earlier_run(out)
+    if earlier and option != "--output_dir":  # a verb without --resume / --start_over (demo)
+        raise UserError(f"{option} {out} holds a run of sdgrpo train or sft ({', '.join(earlier[:4])}"
+                        f"{', ...' if len(earlier) > 4 else ''}); pass another {option}")
+    if earlier and not start_over:
+        last = last_complete_checkpoint(out)
+        cont = (f"continue it with --resume (from {last.name})" if last else
+                "it has no complete checkpoint to continue from")
+        raise UserError(f"--output_dir {out} holds an earlier run ({', '.join(earlier[:4])}"
+                        f"{', ...' if len(earlier) > 4 else ''}): {cont}, or pass --start_over to move it aside "
+                        f"into {out}/{PREVIOUS}DATE and start again")
+    return earlier
+
+
 @contextmanager
 def run_folder(out: Path, verb: str, resume: bool, start_over: bool, option: str = "--output_dir") -> Iterator[None]:
     """``out`` made (or found) sdgrpo's and locked by this process for the block; an earlier run in it refused,
@@ -91,11 +117,7 @@ def run_folder(out: Path, verb: str, resume: bool, start_over: bool, option: str
         yield
         return
     existed = out.is_dir()
-    if existed and not is_empty(out) and read_manifest(out) is None and not (out / "resolved_config.yaml").is_file():
-        held = sorted(p.name for p in out.iterdir())
-        raise UserError(f"{option} {out}: this folder holds files sdgrpo did not write ({', '.join(held[:3])}"
-                        f"{', ...' if len(held) > 3 else ''}); sdgrpo writes only into a new or empty folder, or its "
-                        f"own: pass another {option}")
+    refuse_foreign(out, option)
     was_empty = not existed or is_empty(out)
     made = out.absolute()  # the outermost folder this makes, removed again where the run is refused
     while not made.parent.exists():
@@ -108,17 +130,7 @@ def run_folder(out: Path, verb: str, resume: bool, start_over: bool, option: str
     try:
         if read_manifest(out) is None:
             write_manifest(out, verb)
-        earlier = [] if resume else earlier_run(out)
-        if earlier and option != "--output_dir":  # a verb without --resume / --start_over (demo)
-            raise UserError(f"{option} {out} holds a run of sdgrpo train or sft ({', '.join(earlier[:4])}"
-                            f"{', ...' if len(earlier) > 4 else ''}); pass another {option}")
-        if earlier and not start_over:
-            last = last_complete_checkpoint(out)
-            cont = (f"continue it with --resume (from {last.name})" if last else
-                    "it has no complete checkpoint to continue from")
-            raise UserError(f"--output_dir {out} holds an earlier run ({', '.join(earlier[:4])}"
-                            f"{', ...' if len(earlier) > 4 else ''}): {cont}, or pass --start_over to move it aside "
-                            f"into {out}/{PREVIOUS}DATE and start again")
+        earlier = refuse_earlier(out, resume, start_over, option)
         if earlier:
             aside = set_aside(out, earlier)
             logger.warning("--start_over: the earlier run (%s) moved into %s", ", ".join(earlier), aside)

@@ -126,14 +126,19 @@ def resolve(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> None:
     choose_attention_kernels(model_cfg.cudnn_attention)
 
 
-def dry_run(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig) -> None:
-    """``--dry_run``: the machine's checks and the run's memory plan, printed; nothing loaded, prepared or written.
-    Raises :class:`UserError` where the plan does not fit (as the run would be refused). With --gpu_memory_gib on a
-    machine without a GPU it plans for a card of that size elsewhere, so this machine's own lacks are not refused."""
+def dry_run(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False, start_over: bool = False) -> None:
+    """``--dry_run``: the machine's checks, the output folder's and the run's memory plan, printed; nothing loaded,
+    prepared or written. Raises :class:`UserError` where the run would be refused (a folder of the user's, an earlier
+    run without --resume or --start_over, a plan that does not fit). With --gpu_memory_gib on a machine without a GPU
+    it plans for a card of that size elsewhere, so this machine's own lacks are not refused."""
     import torch
+
+    from sdgrpo.runs import refuse_earlier, refuse_foreign
 
     if train_cfg.gpu_memory_gib is None or torch.cuda.is_available():
         check_machine([train_cfg, model_cfg])
+    refuse_foreign(Path(train_cfg.output_dir))
+    refuse_earlier(Path(train_cfg.output_dir), resume, start_over)
     resolve_runtime(train_cfg)
     estimate, cap = plan.for_run(train_cfg, model_cfg)
     where = (f"{train_cfg.gpu_memory_gib:g} GiB (--gpu_memory_gib)" if train_cfg.gpu_memory_gib is not None
@@ -188,7 +193,7 @@ def main(train_cfg: SDGRPOConfig, model_cfg: SDModelConfig, resume: bool = False
     (:func:`sdgrpo.runs.open_run`).
     """
     if train_cfg.dry_run:
-        return dry_run(train_cfg, model_cfg)
+        return dry_run(train_cfg, model_cfg, resume, start_over)
     resolve(train_cfg, model_cfg)
     with open_run(train_cfg, model_cfg, "train", resume, start_over) as (out, resolved, checkpoint):
         return _train(train_cfg, model_cfg, out, resolved, checkpoint, callbacks)
