@@ -203,3 +203,10 @@ def test_resume_and_start_over_with_a_value_or_in_a_config_say_they_are_bare_fla
         assert err == [f"sdgrpo {verb}: error: {where}: --{flag} is a bare flag of the command line "
                        f"(`sdgrpo {verb} ... --{flag}`): no value, and not in a config file"], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_version_is_printed(capsys):
+    from sdgrpo import __version__
+
+    assert cli_main(["--version"]) == 0
+    assert capsys.readouterr().out == f"sdgrpo {__version__}\n" and __version__

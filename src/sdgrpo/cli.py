@@ -233,6 +233,11 @@ def _main(argv: list[str] | None) -> int:
         for verb, text in VERBS.items():
             print(f"  {verb:<9} {text}")
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from sdgrpo import __version__
+
+        print(f"sdgrpo {__version__}")
+        return 0
     verb, rest = argv[0], argv[1:]
     if verb not in HANDLERS:
         print(f"sdgrpo: error: unknown command {verb!r}; choose one of {', '.join(VERBS)}", file=sys.stderr)
