@@ -19,6 +19,7 @@ def test_bom_and_every_line_ending_become_plain_utf8_lf(tmp_path):
     (b"ab\x00cd", "book.txt: contains NUL bytes, so it is binary or UTF-16, not UTF-8 text; leave it out of the "
                   "inputs"),
     (b"caf\xe9", "book.txt: not valid UTF-8 (byte 3); re-save it as UTF-8"),
+    (b"\xef\xbb\xbfcaf\xe9 au lait", "book.txt: not valid UTF-8 (byte 6); re-save it as UTF-8"),  # the file's byte
 ])
 def test_what_is_not_utf8_is_named_with_the_file_and_the_fix(raw, message):
     with pytest.raises(TextDecodeError) as err:
@@ -52,6 +53,7 @@ def test_a_utf8_character_cut_off_at_the_end_loses_only_itself(caplog):
     raw = (text + "ö").encode()[:-1]
     assert decode_text(raw, "alice.txt") == text
     assert "alice.txt: its last character is cut off (1 of its bytes, not whole UTF-8)" in caplog.text
+    assert decode_text(b"\xef\xbb\xbf" + raw, "bom.txt") == text  # a BOM's 3 bytes do not shift the error's place
     for bad in (b"plain ascii then \xe2\x80", text.encode() + b"\xff" + b"tail"):
         with pytest.raises(TextDecodeError, match="not valid UTF-8"):
             decode_text(bad, "x.txt")

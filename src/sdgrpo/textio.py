@@ -3,6 +3,7 @@ small files that other processes or a later run read as markers, atomically."""
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from pathlib import Path
@@ -44,17 +45,18 @@ def decode_text(raw: bytes, where: str) -> str:
     if b"\x00" in raw[:4096]:
         raise TextDecodeError(f"{where}: contains NUL bytes, so it is binary or UTF-16, not UTF-8 text; leave it out "
                               "of the inputs, or convert UTF-16 to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)")
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    body = raw[bom:]  # decoded without the BOM, so that an error's offsets are the body's ("utf-8-sig" counts so too)
     try:
-        text = raw.decode("utf-8-sig")
+        text = body.decode("utf-8")
     except UnicodeDecodeError as err:
         # a UTF-8 character cut off at the very end (an excerpt cut by bytes): the text before it is whole. Only where
         # that text holds other UTF-8 characters: a Latin-1 "caf\xe9" also ends in what begins a UTF-8 character
-        head = raw[:err.start].decode("utf-8-sig") if err.reason == "unexpected end of data" else ""
-        if err.end != len(raw) or head.isascii():
-            raise TextDecodeError(f"{where}: not valid UTF-8 (byte {err.start}); re-save it as UTF-8") from None
-        text = head
+        text = body[:err.start].decode("utf-8") if err.reason == "unexpected end of data" else ""
+        if err.end != len(body) or text.isascii():
+            raise TextDecodeError(f"{where}: not valid UTF-8 (byte {bom + err.start}); re-save it as UTF-8") from None
         logger.warning("%s: its last character is cut off (%d of its bytes, not whole UTF-8); read without it",
-                       where, len(raw) - err.start)
+                       where, len(body) - err.start)
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
