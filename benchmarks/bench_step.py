@@ -39,7 +39,8 @@ torch.profiler: its top operators by device and by host time, OUT_DIR/profile_<v
 multiplies more than N rows N at a time: sdgrpo.engine.int4.GEMLITE_PREFILL_SLICE, 1,024 by default; 0 whole),
 ``torchpack`` (a refresh quantises and packs gemlite's copies with torch operations, not engine/int4_pack.py's
 Triton kernel: sdgrpo.engine.int4.TRITON_PACK false), ``shippedcfg`` (gemlite's own kernel configurations only, not
-sdgrpo's tuned ones: sdgrpo.engine.gemlite_tuned.ENABLED false), e.g.
+sdgrpo's tuned ones: sdgrpo.engine.gemlite_tuned.ENABLED false), ``stepsN`` (N optimizer steps for this variant, not
+BENCH_STEPS; with 1 that step is timed with what it compiles: for a peak of a slow variant), e.g.
 ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
@@ -300,7 +301,7 @@ def original_recipe_reward(model, tokenizer):
 
 def variant_options(variant: str) -> tuple[str, dict]:
     """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N,
-    "offload": True, "tile": True, "plain": True, "model": True, "expand": True, "release": True,
+    "offload": True, "tile": True, "plain": True, "model": True, "expand": True, "release": True, "steps": N,
     "chunk": N, "slice": N, "profile": True, "torchpack": True, "shippedcfg": True}."""
     name, *extra = variant.split("+")
     options = {}
@@ -310,6 +311,8 @@ def variant_options(variant: str) -> tuple[str, dict]:
         elif item in ("offload", "tile", "plain", "model", "expand", "noexpand", "release", "profile", "torchpack",
                       "shippedcfg"):
             options[item] = True
+        elif item[:5] == "steps" and item[5:].isdigit() and int(item[5:]) >= 1:
+            options["steps"] = int(item[5:])
         elif item[:3] in ("spg", "cap", "len") and item[3:].replace(".", "", 1).isdigit():
             options[item[:3]] = float(item[3:]) if item[:3] == "cap" else int(item[3:])
         elif item[:2] == "mb" and item[2:].isdigit() and G % int(item[2:]) == 0:
@@ -389,7 +392,10 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: 
     full, (variant, options) = variant, variant_options(variant)
     cap = options.get("cap", CAP_GIB)
     spg = options.get("spg", 1)
-    warmup = WARMUP * spg  # the whole first generation cycle (it compiles)
+    steps = options.get("steps", STEPS)
+    # the whole first generation cycle (it compiles); none where the variant runs one step (its time then includes
+    # what the first step compiles: a peak for a slow variant, not a speed)
+    warmup = WARMUP * spg if steps > 1 else 0
     completion = options.get("len", COMPLETION)
     unsloth = "unsloth" in variant
     four_bit = "_4bit" in variant
@@ -417,7 +423,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: 
     step_clock = StepClock()
     diagnostics = step_diagnostics()
     mb = options.get("mb", G)  # rows a backward; the same G rows a generation and an optimizer step
-    common = dict(max_steps=STEPS * spg, per_device_train_batch_size=mb, gradient_accumulation_steps=G // mb,
+    common = dict(max_steps=steps * spg, per_device_train_batch_size=mb, gradient_accumulation_steps=G // mb,
                   num_generations=G,
                   max_completion_length=completion, beta=0.04, learning_rate=1e-5, bf16=True, report_to="none",
                   save_strategy="no", logging_steps=1)

@@ -17,10 +17,10 @@ def test_variant_options_and_the_childs_environment(monkeypatch):
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     name, options = bench_step.variant_options(
-        "sdgrpo_hf_4bit+gemlite+spg4+cap16+len2048+mb4+tile+expand+release+chunk64+slice1024+profile+torchpack+shippedcfg")
+        "sdgrpo_hf_4bit+gemlite+spg4+cap16+len2048+mb4+tile+expand+release+chunk64+slice1024+profile+torchpack+shippedcfg+steps1")
     assert name == "sdgrpo_hf_4bit"
     assert options == {"kernel": "gemlite", "spg": 4, "cap": 16.0, "len": 2048, "mb": 4, "tile": True,
-                       "expand": True, "release": True, "chunk": 64, "slice": 1024,
+                       "expand": True, "release": True, "chunk": 64, "slice": 1024, "steps": 1,
                        "profile": True, "torchpack": True, "shippedcfg": True}
     assert bench_step.child_env("sdgrpo_hf_4bit+expand")["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     env = bench_step.child_env("sdgrpo_hf_4bit+cap16")  # sdgrpo's variants: the CLI's allocator settings
@@ -33,6 +33,8 @@ def test_variant_options_and_the_childs_environment(monkeypatch):
     assert bench_step.child_env("sdgrpo_hf_4bit")["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
     with pytest.raises(ValueError, match="unknown option 'expanded'"):
         bench_step.variant_options("sdgrpo_hf_4bit+expanded")
+    with pytest.raises(ValueError, match="unknown option 'steps0'"):
+        bench_step.variant_options("sdgrpo_hf_4bit+steps0")
 
 
 class FakeMemory:
