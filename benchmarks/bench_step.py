@@ -40,7 +40,9 @@ multiplies more than N rows N at a time: sdgrpo.engine.int4.GEMLITE_PREFILL_SLIC
 ``torchpack`` (a refresh quantises and packs gemlite's copies with torch operations, not engine/int4_pack.py's
 Triton kernel: sdgrpo.engine.int4.TRITON_PACK false), ``shippedcfg`` (gemlite's own kernel configurations only, not
 sdgrpo's tuned ones: sdgrpo.engine.gemlite_tuned.ENABLED false), ``stepsN`` (N optimizer steps for this variant, not
-BENCH_STEPS; with 1 that step is timed with what it compiles: for a peak of a slow variant), e.g.
+BENCH_STEPS; with 1 that step is timed with what it compiles: for a peak of a slow variant), ``memsites`` (the
+allocator's trace recorded with Python stacks from the model's loading on, its peak's blocks summed by the code that
+allocated them: OUT_DIR/memsites_<variant>.log, benchmarks/memsites.py; slower), e.g.
 ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
@@ -309,7 +311,7 @@ def variant_options(variant: str) -> tuple[str, dict]:
         if item in ("tinygemm", "gemlite"):
             options["kernel"] = item
         elif item in ("offload", "tile", "plain", "model", "expand", "noexpand", "release", "profile", "torchpack",
-                      "shippedcfg"):
+                      "shippedcfg", "memsites"):
             options[item] = True
         elif item[:5] == "steps" and item[5:].isdigit() and int(item[5:]) >= 1:
             options["steps"] = int(item[5:])
@@ -401,6 +403,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: 
     four_bit = "_4bit" in variant
     if cap:
         torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    if options.get("memsites"):  # every allocation from here on, with its Python stack: memsites.py reads them
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
     if unsloth:
         if variant.startswith("sdgrpo"):  # as `sdgrpo train` does: transformers' forwards, for the engine
             from sdgrpo.backends.unsloth import remember_transformers_forwards
@@ -524,6 +528,11 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: 
                                   train_dataset=load_from_disk(str(data_dir))["train"], processing_class=tok,
                                   peft_config=peft_config, callbacks=[step_clock, diagnostics])
         trainer.train()
+    if options.get("memsites"):
+        from memsites import report
+
+        (logs / f"memsites_{full}.log").write_text(report(torch.cuda.memory._snapshot()))
+        torch.cuda.memory._record_memory_history(enabled=None)
     per_step = timer.per_step(step_clock.ends)[warmup:]
     timed = {k: [row.get(k, 0.0) for row in per_step] for k in timer.records}
     timed["step"] = step_clock.durations[warmup:]

@@ -17,11 +17,11 @@ def test_variant_options_and_the_childs_environment(monkeypatch):
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     name, options = bench_step.variant_options(
-        "sdgrpo_hf_4bit+gemlite+spg4+cap16+len2048+mb4+tile+expand+release+chunk64+slice1024+profile+torchpack+shippedcfg+steps1")
+        "sdgrpo_hf_4bit+gemlite+spg4+cap16+len2048+mb4+tile+expand+release+chunk64+slice1024+profile+torchpack+shippedcfg+steps1+memsites")
     assert name == "sdgrpo_hf_4bit"
     assert options == {"kernel": "gemlite", "spg": 4, "cap": 16.0, "len": 2048, "mb": 4, "tile": True,
                        "expand": True, "release": True, "chunk": 64, "slice": 1024, "steps": 1,
-                       "profile": True, "torchpack": True, "shippedcfg": True}
+                       "profile": True, "torchpack": True, "shippedcfg": True, "memsites": True}
     assert bench_step.child_env("sdgrpo_hf_4bit+expand")["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     env = bench_step.child_env("sdgrpo_hf_4bit+cap16")  # sdgrpo's variants: the CLI's allocator settings
     assert env["BENCH_CHILD"] == "1" and env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
@@ -212,3 +212,37 @@ def test_engine_records_are_the_timed_generations_also_with_several_steps_a_gene
     assert logged["engine/prefill_s"] == 0.2 and logged["engine/decode_s"] == 5.0 and logged["engine/mode"] == 2.0
     assert logged["sampling/kl"] is None
     assert bench_step.engine_records(tmp_path / "none.jsonl") == ({}, [])
+
+
+def test_memsites_finds_the_peak_and_sums_its_blocks_by_site():
+    """A trace as torch.cuda.memory._snapshot() records it: the peak is where the bytes alive are highest (a block
+    counted until its free completes), and its blocks are summed by the innermost frame outside torch."""
+    import memsites
+
+    def frames(file, line, name="forward"):
+        return [{"filename": "/x/torch/nn/functional.py", "line": 1, "name": "linear"},
+                {"filename": file, "line": line, "name": name}]
+
+    weights, act, head = frames("/x/peft/lora.py", 7), frames("/x/sdgrpo/offload.py", 40, "pack"), frames(
+        "/x/trl/utils.py", 9)
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": weights},
+        {"action": "alloc", "addr": 2, "size": 30, "frames": act},
+        {"action": "alloc", "addr": 3, "size": 30, "frames": act},
+        {"action": "free_requested", "addr": 2, "size": 30},  # still counted until the free completes
+        {"action": "alloc", "addr": 4, "size": 50, "frames": head},  # the peak: 100 + 30 + 30 + 50 = 210
+        {"action": "free_completed", "addr": 2, "size": 30},
+        {"action": "free_completed", "addr": 99, "size": 500},  # allocated before recording: ignored
+        {"action": "alloc", "addr": 5, "size": 20, "frames": head},  # 200: below the peak
+    ]
+    peak, at, live = memsites.replay(trace)
+    assert (peak, at, sorted(live)) == (210, 4, [1, 2, 3, 4])
+    assert memsites.replay(trace, stop=7)[0] == 200
+    assert memsites.site(act) == "sdgrpo/offload.py:40 pack <- linear"
+    assert memsites.site([{"filename": "/x/torch/utils/checkpoint.py", "line": 3, "name": "f"}]).startswith("(torch)")
+    text = memsites.report({"device_traces": [trace]})
+    assert text.splitlines()[0] == "peak 0.000 GiB allocated at event 4 of 8 (blocks alive: 4)"
+    rows = [ln.split(None, 2) for ln in text.splitlines()[3:6]]
+    assert [(r[1], r[2]) for r in rows] == [("1", "peft/lora.py:7 forward <- linear"),
+                                            ("2", "sdgrpo/offload.py:40 pack <- linear"),
+                                            ("1", "trl/utils.py:9 forward <- linear")]
