@@ -311,7 +311,7 @@ def variant_options(variant: str) -> tuple[str, dict]:
         if item in ("tinygemm", "gemlite"):
             options["kernel"] = item
         elif item in ("offload", "tile", "plain", "model", "expand", "noexpand", "release", "profile", "torchpack",
-                      "shippedcfg", "memsites"):
+                      "shippedcfg", "memsites", "memblocks"):
             options[item] = True
         elif item[:5] == "steps" and item[5:].isdigit() and int(item[5:]) >= 1:
             options["steps"] = int(item[5:])
@@ -388,6 +388,26 @@ def engine_records(metrics_file: Path) -> tuple[dict, list[dict]]:
     return logged, [{k.split("/")[1]: r[k] for k in phases if r.get(k) is not None} for r in rows]
 
 
+def blocks_around(cls, path: Path) -> None:
+    """``cls.compute_loss`` wrapped: the allocated blocks by size (memsites.blocks) before the loss's forward, after
+    it, and after the backward that follows (at the next call's start), appended to ``path``."""
+    import torch
+    from memsites import blocks
+
+    inner = cls.compute_loss
+
+    def compute_loss(self, *args, **kwargs):
+        with path.open("a") as f:
+            f.write(blocks(torch.cuda.memory_snapshot(), "before the loss forward (after the last backward)"))
+            f.write(f"  peak so far {torch.cuda.max_memory_allocated() / 2**30:.3f} GiB\n")
+        out = inner(self, *args, **kwargs)
+        with path.open("a") as f:
+            f.write(blocks(torch.cuda.memory_snapshot(), "after the loss forward"))
+        return out
+
+    cls.compute_loss = compute_loss
+
+
 def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: Path) -> dict:
     import torch
 
@@ -404,7 +424,7 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: 
     if cap:
         torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     if options.get("memsites"):  # every allocation from here on, with its Python stack: memsites.py reads them
-        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+        torch.cuda.memory._record_memory_history(context="alloc", max_entries=4_000_000, stacks="python")
     if unsloth:
         if variant.startswith("sdgrpo"):  # as `sdgrpo train` does: transformers' forwards, for the engine
             from sdgrpo.backends.unsloth import remember_transformers_forwards
@@ -422,6 +442,8 @@ def run_variant(variant: str, model_dir: Path, data_dir: Path, out: Path, logs: 
     timer.wrap(trl.GRPOTrainer, "_generate_and_score_completions", "prepare")
     timer.wrap(trl.GRPOTrainer, "compute_loss", "loss_forward")
     timer.wrap(trl.GRPOTrainer, "training_step", "training_step")
+    if options.get("memblocks"):
+        blocks_around(trl.GRPOTrainer, logs / f"memblocks_{full}.log")
     from common import StepClock
 
     step_clock = StepClock()

@@ -72,3 +72,18 @@ def report(snapshot: dict, top: int = 25, device: int = 0) -> str:
     for size, frames in sorted(live.values(), key=lambda v: -v[0])[:15]:
         lines.append(f"{size / gib:8.3f}  {site(frames)}")
     return "\n".join(lines) + "\n"
+
+
+def blocks(segments: list[dict], label: str, top: int = 20) -> str:
+    """The allocated blocks of ``torch.cuda.memory_snapshot()`` (no recording needed) summed by size: a
+    ``label`` line with the total, then the sizes holding the most bytes (MiB, count, GiB in all)."""
+    sizes: dict[int, int] = defaultdict(int)
+    for seg in segments:
+        for b in seg["blocks"]:
+            if b["state"] == "active_allocated":
+                sizes[b["size"]] += 1
+    total = sum(s * n for s, n in sizes.items())
+    lines = [f"{label}: {total / 2**30:.3f} GiB in {sum(sizes.values())} blocks"]
+    for size, n in sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:top]:
+        lines.append(f"  {size / 2**20:10.2f} MiB x {n:4d} = {size * n / 2**30:7.3f} GiB")
+    return "\n".join(lines) + "\n"

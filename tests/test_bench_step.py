@@ -17,11 +17,12 @@ def test_variant_options_and_the_childs_environment(monkeypatch):
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     name, options = bench_step.variant_options(
-        "sdgrpo_hf_4bit+gemlite+spg4+cap16+len2048+mb4+tile+expand+release+chunk64+slice1024+profile+torchpack+shippedcfg+steps1+memsites")
+        "sdgrpo_hf_4bit+gemlite+spg4+cap16+len2048+mb4+tile+expand+release+chunk64+slice1024+profile+torchpack+shippedcfg+steps1+memsites+memblocks")
     assert name == "sdgrpo_hf_4bit"
     assert options == {"kernel": "gemlite", "spg": 4, "cap": 16.0, "len": 2048, "mb": 4, "tile": True,
                        "expand": True, "release": True, "chunk": 64, "slice": 1024, "steps": 1,
-                       "profile": True, "torchpack": True, "shippedcfg": True, "memsites": True}
+                       "profile": True, "torchpack": True, "shippedcfg": True, "memsites": True,
+                       "memblocks": True}
     assert bench_step.child_env("sdgrpo_hf_4bit+expand")["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     env = bench_step.child_env("sdgrpo_hf_4bit+cap16")  # sdgrpo's variants: the CLI's allocator settings
     assert env["BENCH_CHILD"] == "1" and env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
@@ -246,3 +247,16 @@ def test_memsites_finds_the_peak_and_sums_its_blocks_by_site():
     assert [(r[1], r[2]) for r in rows] == [("1", "peft/lora.py:7 forward <- linear"),
                                             ("2", "sdgrpo/offload.py:40 pack <- linear"),
                                             ("1", "trl/utils.py:9 forward <- linear")]
+
+
+def test_memblocks_sums_the_allocated_blocks_by_size():
+    import memsites
+
+    mib = 2**20
+    segments = [{"blocks": [{"state": "active_allocated", "size": 125 * mib}] * 3
+                 + [{"state": "inactive", "size": 900 * mib}]},
+                {"blocks": [{"state": "active_allocated", "size": 300 * mib}]}]
+    lines = memsites.blocks(segments, "after").splitlines()
+    assert lines[0] == "after: 0.659 GiB in 4 blocks"
+    assert lines[1].split() == ["125.00", "MiB", "x", "3", "=", "0.366", "GiB"]
+    assert lines[2].split()[:4] == ["300.00", "MiB", "x", "1"]
