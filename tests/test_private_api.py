@@ -338,6 +338,25 @@ def test_the_checkpoint_function_that_offload_wraps():
     assert source.index(saver) < source.index("with _checkpoint_hook(")
 
 
+def test_trls_no_grad_passes_set_the_checkpoint_function_anew(tiny_model_dir):
+    """TRL 1.15 runs its reference and old-policy passes inside ``disable_gradient_checkpointing``, which turns
+    checkpointing back on with ``gradient_checkpointing_enable``: every layer's ``_gradient_checkpointing_func`` is
+    then a new one, so a wrapper set on it before is gone. This is why the GRPO trainer installs offload's wrappers
+    before every pass (grpo_trainer._offload_layer_inputs), not once."""
+    from transformers import AutoModelForCausalLM
+    from trl.models.utils import disable_gradient_checkpointing
+
+    from sdgrpo import offload
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert offload.install(model, [0]) == model.config.num_hidden_layers
+    with disable_gradient_checkpointing(model, {"use_reentrant": False}):
+        pass
+    layers = offload.checkpointed_layers(model)
+    assert layers and not any(isinstance(m._gradient_checkpointing_func, offload.OffloadedCheckpoint) for m in layers)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_the_mlp_call_that_tiling_wraps(family):
     """tiling.install replaces the ``forward`` of each decoder layer's ``mlp`` on the instance: the decoder layers of

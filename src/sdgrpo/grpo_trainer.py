@@ -149,22 +149,27 @@ class SelfDistillMixin(RolloutMixin, RewardReuseMixin, TokenDistillMixin, Rollou
         return output
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        if self._offloaded is not None:
-            self._offload_layer_inputs(model)
-        return self._compute_loss_corrected(model, inputs, *args, **kwargs)
+        if self._offloaded is None:
+            return self._compute_loss_corrected(model, inputs, *args, **kwargs)
+        self._offload_layer_inputs(model)
+        out = self._compute_loss_corrected(model, inputs, *args, **kwargs)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["memory/offloaded_gib"].append(self._offloaded[0] / 2**30)  # what this pass sent
+        return out
 
     def _offload_layer_inputs(self, model) -> None:
-        """--offload_activations: the checkpointed layers' inputs of this pass kept in CPU memory (offload.py, installed
-        on the first call, with one line); the GiB the last pass sent logged as memory/offloaded_gib."""
+        """--offload_activations: the checkpointed layers' inputs of this pass kept in CPU memory (offload.py; one
+        line the first time). Installed before every pass, not once: TRL's no-grad passes run inside
+        ``trl.models.utils.disable_gradient_checkpointing``, whose ``gradient_checkpointing_enable`` sets every
+        layer's checkpoint function anew (TRL 1.15, transformers 5; pinned in tests/test_private_api.py), which
+        dropped the wrappers after the first generation (a 7B at 2,048 tokens kept its 3.4 GiB of layer inputs on
+        the card from its second step on, one H100, 2026-12-08)."""
         from sdgrpo import offload
 
-        if self._offloaded[0]:
-            mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["memory/offloaded_gib"].append(self._offloaded[0] / 2**30)
         self._offloaded[0] = 0
-        if not getattr(self, "_told_offload", False):  # once: the layers keep their wrappers
+        layers = offload.install(model, self._offloaded)
+        if not getattr(self, "_told_offload", False):
             self._told_offload = True
-            layers = offload.install(model, self._offloaded)
             if layers:
                 logger.info("activations offloaded: the inputs of %d checkpointed layers wait in CPU memory for the "
                             "backward (--offload_activations)", layers)
