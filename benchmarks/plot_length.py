@@ -29,6 +29,13 @@ def series(paths: list[Path]) -> dict[str, list[tuple[int, dict]]]:
     return {k: sorted(v, key=lambda item: item[0]) for k, v in out.items()}
 
 
+def mark_height(all_series: dict[str, list[tuple[int, dict]]]) -> float:
+    """Where a length that did not run is marked: above every peak that ran, of any variant (one height for all, so
+    the marks line up; a variant with no length that ran was marked at the bottom, 2026-12-08)."""
+    return 1.05 * max([r["peak_gpu_gib"] for points in all_series.values() for _, r in points
+                       if r.get("peak_gpu_gib") is not None and not r.get("error")] or [1])
+
+
 def plot(paths: list[Path], out: Path) -> None:
     import matplotlib
 
@@ -36,25 +43,26 @@ def plot(paths: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (mem, time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, points in series(paths).items():
+    all_series = series(paths)
+    top = mark_height(all_series)
+    for label, points in all_series.items():
         ran = [(n, r) for n, r in points if r.get("peak_gpu_gib") is not None and not r.get("error")]
         failed = [n for n, r in points if r.get("error") or r.get("peak_gpu_gib") is None]
+        color = None
         if ran:
             line = mem.plot([n for n, _ in ran], [r["peak_gpu_gib"] for _, r in ran], marker="o", label=label)[0]
             time.plot([n for n, _ in ran], [r.get("cycle_mean_s") or r["step_s"] for _, r in ran], marker="o",
                       color=line.get_color(), label=label)
             color = line.get_color()
-        else:
-            color = None
         if failed:
-            top = max([r["peak_gpu_gib"] for _, r in ran] or [1])
-            mem.scatter(failed, [top * 1.05] * len(failed), marker="x", color=color, s=60,
+            mem.scatter(failed, [top] * len(failed), marker="x", color=color, s=60,
                         label=f"{label}: did not run" if not ran else None)
     mem.set(xlabel="completion tokens", ylabel="peak GPU memory (GiB)", xscale="log", title="memory")
     time.set(xlabel="completion tokens", ylabel="seconds a step", xscale="log", title="step time")
     for ax in (mem, time):
-        ax.set_xticks(sorted({n for points in series(paths).values() for n, _ in points}))
+        ax.set_xticks(sorted({n for points in all_series.values() for n, _ in points}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())  # log scale's own labels overlap ours
         ax.grid(alpha=0.3)
     mem.legend(fontsize=7)
     fig.tight_layout()

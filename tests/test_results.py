@@ -110,14 +110,18 @@ def test_the_length_plot_groups_rows_by_variant_without_their_length_and_marks_w
         {"variant": "sdgrpo_hf_4bit+model+len2048", "peak_gpu_gib": 9.7, "step_s": 33.0},
         {"variant": "unsloth_bare_4bit+len2048", "peak_gpu_gib": 17.0, "step_s": 85.4}]}
     second = {"config": {"completion_tokens": 512}, "results": [
-        {"variant": "sdgrpo_hf_4bit+model+len4096", "error": "CUDA out of memory", "peak_gpu_gib": None}]}
+        {"variant": "sdgrpo_hf_4bit+model+len4096", "error": "CUDA out of memory", "peak_gpu_gib": None},
+        {"variant": "sdgrpo_hf_4bit+model+cap16+len4096", "error": "timed out", "peak_gpu_gib": None}]}
     paths = []
     for i, data in enumerate((first, second)):
         paths.append(tmp_path / f"r{i}.json")
         paths[-1].write_text(json.dumps(data))
     got = plot_length.series(paths)
     assert {k: [n for n, _ in v] for k, v in got.items()} == {"sdgrpo_hf_4bit+model": [512, 2048, 4096],
-                                                               "unsloth_bare_4bit": [2048]}
+                                                               "unsloth_bare_4bit": [2048],
+                                                               "sdgrpo_hf_4bit+model+cap16": [4096]}
+    assert plot_length.mark_height(got) == pytest.approx(17.0 * 1.05)  # above every peak, also for a series that
+    # never ran (it was marked at 1.05 GiB)
     plot_length.plot(paths, tmp_path / "length.png")
     assert (tmp_path / "length.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
