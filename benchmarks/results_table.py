@@ -68,7 +68,9 @@ def table() -> str:
              "header, are in `benchmarks/results/archive/`. Compare rows only within one file: each file is one run "
              "on one machine.", ""]
     for benchmark in sorted({k[0] for k in latest}):
-        keys = sorted(k for k in latest if k[0] == benchmark)
+        # no cap (None) before the capped rows: None and numbers do not compare
+        keys = sorted((k for k in latest if k[0] == benchmark),
+                      key=lambda k: (str(k[1]), str(k[2]), -1.0 if k[3] is None else float(k[3]), k[4]))
         shown = [c for c in COLUMNS if any(c in latest[k][2] for k in keys)]
         header = ["shape", "vocabulary", "variant", *shown, "device", "date", "file"]
         lines += [f"## {benchmark}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
