@@ -19,8 +19,9 @@ completion), G rows decoded at a time:
   bytes each) and the fused LM head's fp32 gradient of its input (4 x H); times R x T. With the layer inputs offloaded
   to CPU memory (``--offload_activations``, sdgrpo.offload), the first term is off the card; with the MLP run over
   tiles of tokens (``--tile_mlp``, sdgrpo.tiling) the MLP's 6 x I is held for one tile (engine: TILE_TOKENS tokens;
-  Unsloth's: H tokens) instead of every token; auto turns on what the run needs to fit, offloading first (it moves
-  bytes; tiling recomputes the MLP once more);
+  Unsloth's: H tokens) instead of every token, and every token keeps 2 x H (the recomputed MLP's input and its
+  gradient, whole while the layer's backward runs; without them a 7B at 2,048 tokens measured 4% above the plan);
+  auto turns on what the run needs to fit, offloading first (it moves bytes; tiling recomputes the MLP once more);
 - ``head``: TRL's fused LM head's tile (4,096 tokens x 32,768 vocabulary columns, 16-bit), the one part of the
   head that does not grow with tokens.
 
@@ -56,6 +57,7 @@ class Plan:
     may_offload: bool = False  # --offload_activations auto could turn it on (decide_activations)
     mlp: int = 0  # of per_token: the recomputed layer's MLP activations, which tiling holds for one tile only
     tile: bool = False  # the MLP run over tiles of tile_tokens tokens (--tile_mlp)
+    tiled_keep: int = 0  # what a token still costs the tiled MLP's backward: its input and that input's gradient
     may_tile: bool = False  # --tile_mlp auto could turn it on (decide_activations)
     tile_tokens: int = 1024  # sdgrpo.tiling.TILE_TOKENS; Unsloth's tiles are H tokens
     head: int = HEAD_TILE
@@ -67,7 +69,7 @@ class Plan:
         tiled or not (default: as planned)."""
         offload = self.offload if offload is None else offload
         tile = self.tile if tile is None else tile
-        return self.per_token - (self.layer_inputs if offload else 0) - (self.mlp if tile else 0)
+        return self.per_token - (self.layer_inputs if offload else 0) - (self.mlp - self.tiled_keep if tile else 0)
 
     def activations(self, tokens: int | None = None, offload: bool | None = None, tile: bool | None = None) -> int:
         """Activation bytes of a training pass over ``tokens`` (default: the plan's): per token, and one tile's MLP
@@ -163,6 +165,7 @@ def estimate(config, *, four_bit: bool, dtype_bytes: int = 2, lora_r: int = 16, 
     per_token = c.num_hidden_layers * h * 2 + (6 * i + 6 * h) * 2 + 4 * h
     plan = Plan(weights=weights, adapters=adapters, copies=copies, cache=cache, per_token=per_token,
                 layer_inputs=c.num_hidden_layers * h * 2, offload=offload, mlp=6 * i * 2, tile=tile,
+                tiled_keep=2 * h * 2,
                 train_tokens=train_rows * positions)
     plan.mode = _engine_mode(plan, four_bit, generation_weights, int4_kernel, cap, engine,
                              INT4_FIRST, TRAINING_SHARE)
