@@ -277,7 +277,8 @@ def test_the_estimate_is_within_ten_percent_of_the_long_completion_and_14b_peaks
     from transformers import Qwen2Config
 
     rows = {}
-    for name in ("bench_step_qwen2.5-7b_h100_2026-12-08_length.json", "bench_step_qwen2.5-14b_h100_2026-12-08_cap16.json"):
+    for name in ("bench_step_qwen2.5-7b_h100_2026-12-08_length.json",
+                 "bench_step_qwen2.5-14b_h100_2026-12-08_cap16.json"):
         data = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
         rows.update({row["variant"]: row["peak_gpu_gib"] for row in data["results"] if row.get("peak_gpu_gib")})
     q14 = Qwen2Config(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
