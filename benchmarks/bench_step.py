@@ -42,7 +42,9 @@ Triton kernel: sdgrpo.engine.int4.TRITON_PACK false), ``shippedcfg`` (gemlite's 
 sdgrpo's tuned ones: sdgrpo.engine.gemlite_tuned.ENABLED false), ``stepsN`` (N optimizer steps for this variant, not
 BENCH_STEPS; with 1 that step is timed with what it compiles: for a peak of a slow variant), ``memsites`` (the
 allocator's trace recorded with Python stacks from the model's loading on, its peak's blocks summed by the code that
-allocated them: OUT_DIR/memsites_<variant>.log, benchmarks/memsites.py; slower), e.g.
+allocated them: OUT_DIR/memsites_<variant>.log, benchmarks/memsites.py; slower; with full stacks it stopped a tiled
+backward with a SystemError on one H100, 2026-12-08), ``memblocks`` (no recording: the allocated blocks by size before
+and after each loss forward, OUT_DIR/memblocks_<variant>.log), e.g.
 ``sdgrpo_hf_4bit+spg4+cap16``.
 Model: Qwen2.5 shapes with random bf16 weights and a 32k vocabulary (BENCH_VOCAB=real: the shape's own, 151,936 or
 152,064, where memory is the question: logits dominate); G=8 completions of 512 tokens, prompts of ~128 tokens, LoRA
@@ -304,7 +306,8 @@ def original_recipe_reward(model, tokenizer):
 def variant_options(variant: str) -> tuple[str, dict]:
     """A variant's name and its '+' options: {"kernel": ..., "spg": N, "cap": GiB, "len": N, "mb": N,
     "offload": True, "tile": True, "plain": True, "model": True, "expand": True, "release": True, "steps": N,
-    "chunk": N, "slice": N, "profile": True, "torchpack": True, "shippedcfg": True}."""
+    "chunk": N, "slice": N, "profile": True, "torchpack": True, "shippedcfg": True, "memsites": True,
+    "memblocks": True}."""
     name, *extra = variant.split("+")
     options = {}
     for item in extra:
