@@ -163,7 +163,7 @@ class SDGRPOConfig(GRPOConfig):
         default="auto",
         metadata={"help": "Run each layer's MLP over tiles of 1,024 tokens in the training passes, keeping only its "
                   "input for the backward and running each tile again there (sdgrpo.tiling; Arctic's and "
-                  "Unsloth's tiled MLP): 0.23 MB less GPU memory per training token on a 7B, for one more MLP "
+                  "Unsloth's tiled MLP): 0.20 MB less GPU memory per training token on a 7B, for one more MLP "
                   "forward a layer. auto: on where the memory plan says the run fits only so (after "
                   "--offload_activations); true; false. --backend unsloth uses Unsloth's own (unsloth_tiled_mlp)."},
     )
@@ -182,7 +182,7 @@ class SDGRPOConfig(GRPOConfig):
     memory_check: bool = field(
         default=True,
         metadata={"help": "Refuse, before loading anything, a run whose estimated peak GPU memory is above what it "
-                  "may use (the estimate ran 1-5% above measured peaks; false: try anyway)."},
+                  "may use (the estimate ran from 1% below to 5% above measured peaks; false: try anyway)."},
     )
     fsdp_gather_for_generation: bool = field(
         default=True,

@@ -153,8 +153,8 @@ class SelfDistillMixin(RolloutMixin, RewardReuseMixin, TokenDistillMixin, Rollou
             return self._compute_loss_corrected(model, inputs, *args, **kwargs)
         self._offload_layer_inputs(model)
         out = self._compute_loss_corrected(model, inputs, *args, **kwargs)
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["memory/offloaded_gib"].append(self._offloaded[0] / 2**30)  # what this pass sent
+        if self.model.training:  # what this pass sent (an eval pass checkpoints nothing)
+            self._metrics["train"]["memory/offloaded_gib"].append(self._offloaded[0] / 2**30)
         return out
 
     def _offload_layer_inputs(self, model) -> None:

@@ -19,16 +19,18 @@ completion), G rows decoded at a time:
   bytes each) and the fused LM head's fp32 gradient of its input (4 x H); times R x T. With the layer inputs offloaded
   to CPU memory (``--offload_activations``, sdgrpo.offload), the first term is off the card; with the MLP run over
   tiles of tokens (``--tile_mlp``, sdgrpo.tiling) the MLP's 6 x I is held for one tile (engine: TILE_TOKENS tokens;
-  Unsloth's: H tokens) instead of every token, and every token keeps 2 x H (the recomputed MLP's input and its
-  gradient, whole while the layer's backward runs; without them a 7B at 2,048 tokens measured 4% above the plan);
+  Unsloth's: H tokens) instead of every token, and every token keeps 4 x H while its layer's backward runs (the
+  MLP's input and that input's gradient, 2 x H; measured, as much again, as the norm before the MLP computes in
+  fp32: a 7B at 2,048 tokens peaked at 12.10 GiB, planned 11.63 without the 4 x H, 12.09 with);
   auto turns on what the run needs to fit, offloading first (it moves bytes; tiling recomputes the MLP once more);
 - ``head``: TRL's fused LM head's tile (4,096 tokens x 32,768 vocabulary columns, 16-bit), the one part of the
   head that does not grow with tokens.
 
 Checked against the peaks measured on one H100 (tests/test_plan.py reads benchmarks/results/): the Qwen2.5-7B shape
 with a 4-bit base at 512 completion tokens, 16-bit copies 20.7 GiB, int4 copies 11.9 GiB, and with
-``--generation_weights model`` at 512 / 1024 / 2048 tokens 8.5 / 10.6 / 15.0 GiB; the estimate is within 10% of
-each, and 1-5% above it. A run is refused where the estimate is above its cap: the one measured run so placed (int4
+``--generation_weights model`` at 512 / 1024 / 2048 tokens 8.5 / 10.6 / 15.0 GiB (2026-12-06), at 2,048 tokens with
+the MLP tiled 12.1 GiB and the 14B shape under 16 GiB 13.3 GiB (2026-12-08); the estimate is within 10% of each, from
+1% below to 5% above it. A run is refused where the estimate is above its cap: the one measured run so placed (int4
 copies under 12 GiB, 12.3 estimated) ran out of memory in its first step.
 """
 
@@ -57,7 +59,7 @@ class Plan:
     may_offload: bool = False  # --offload_activations auto could turn it on (decide_activations)
     mlp: int = 0  # of per_token: the recomputed layer's MLP activations, which tiling holds for one tile only
     tile: bool = False  # the MLP run over tiles of tile_tokens tokens (--tile_mlp)
-    tiled_keep: int = 0  # what a token still costs the tiled MLP's backward: its input and that input's gradient
+    tiled_keep: int = 0  # what a token still costs a tiled layer's backward (the MLP's input, its gradient, ...)
     may_tile: bool = False  # --tile_mlp auto could turn it on (decide_activations)
     tile_tokens: int = 1024  # sdgrpo.tiling.TILE_TOKENS; Unsloth's tiles are H tokens
     head: int = HEAD_TILE
@@ -165,7 +167,7 @@ def estimate(config, *, four_bit: bool, dtype_bytes: int = 2, lora_r: int = 16, 
     per_token = c.num_hidden_layers * h * 2 + (6 * i + 6 * h) * 2 + 4 * h
     plan = Plan(weights=weights, adapters=adapters, copies=copies, cache=cache, per_token=per_token,
                 layer_inputs=c.num_hidden_layers * h * 2, offload=offload, mlp=6 * i * 2, tile=tile,
-                tiled_keep=2 * h * 2,
+                tiled_keep=4 * h * 2,
                 train_tokens=train_rows * positions)
     plan.mode = _engine_mode(plan, four_bit, generation_weights, int4_kernel, cap, engine,
                              INT4_FIRST, TRAINING_SHARE)
