@@ -224,7 +224,8 @@ def test_the_mlp_is_tiled_where_the_run_fits_only_so_after_offloading(tmp_path, 
     are nor with offloading alone, and fit with both (two lines logged; the activations those of the layer inputs off
     the card and the MLP's 6 x I x 2 bytes held for one tile of 1,024 tokens, not for each of the 33,792); 8,192 do
     not fit and the refusal names the longest that fits with both; with offloading off, tiling alone is chosen where
-    it suffices (1,792; 2,048 is refused); the Unsloth backend (no offloading of ours) plans its own tiles of H tokens (1,536)."""
+    it suffices (1,792; 2,048 is refused); the Unsloth backend (no offloading of ours) plans its own tiles of H tokens
+    (1,536)."""
     from sdgrpo.plan import decide_activations
 
     common = dry_run_7b_4bit_on_12gib(tmp_path, corpus) + ["--generation_weights", "model",

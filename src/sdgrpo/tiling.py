@@ -7,7 +7,8 @@ most of that is its MLP: the gate, up, activation and product rows, 4-6 x the in
 ``TILE_TOKENS`` tokens: the forward runs it tile by tile without keeping anything but its input; the backward runs
 each tile again with gradients and takes the gradients of that tile's input and of the MLP's trainable weights (the
 LoRA adapters) before going on to the next. What a token costs then is its input and that input's gradient while its
-layer's backward runs (2 x H values); the tiles' activations are one fixed tile's. The price is one more MLP forward a layer in the backward.
+layer's backward runs (2 x H values); the tiles' activations are one fixed tile's. The price is one more MLP forward a
+layer in the backward.
 
 This is the tiling of Arctic's long-sequence training (DeepSpeed's ``TiledMLP``) and of Unsloth's
 ``unsloth_tiled_mlp`` (unsloth_zoo.tiled_mlp), which the Unsloth backend uses as it is (``from_pretrained(...,
