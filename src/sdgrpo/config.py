@@ -182,7 +182,7 @@ class SDGRPOConfig(GRPOConfig):
     memory_check: bool = field(
         default=True,
         metadata={"help": "Refuse, before loading anything, a run whose estimated peak GPU memory is above what it "
-                  "may use (the estimate ran from 1% below to 5% above measured peaks; false: try anyway)."},
+                  "may use (the estimate ran from 0.99x to 1.05x the measured peaks; false: try anyway)."},
     )
     fsdp_gather_for_generation: bool = field(
         default=True,
